@@ -1,0 +1,35 @@
+# sweeplab: every target that needs Python creates .venv first (make install), so each is the only command
+# needed on a fresh machine. Versions are pinned in constraints.txt (torch==2.13.0, a CPU build here).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SWEEPLAB := $(VENV)/bin/sweeplab
+EXPERIMENT ?= experiments/training_loop_lab.yaml
+
+.PHONY: install test run bench clean help
+
+help:
+	@echo "make sweep    run the default sweep (sets up .venv on first use)"
+	@echo "make test     run the test suite"
+	@echo "make run      train the seed's lab once (EXPERIMENT=...)"
+	@echo "make bench    benchmarks, printed as ratios against the baseline"
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
+	touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: install
+	$(SWEEPLAB) run $(EXPERIMENT)
+
+bench: install
+	$(PY) benchmarks/bench_run.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

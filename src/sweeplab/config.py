@@ -1,0 +1,238 @@
+"""Validated, frozen configuration: what one training run is (ExperimentConfig) and how to load it.
+
+Every YAML file is checked here, at the edge, so a typo fails before anything trains or anything is
+written to MLflow or Optuna. Errors are ConfigError with one line that names the file and the field.
+The search space (sweeps/*.yaml) lives in sweep_spec.py; it builds on the models here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Task = Literal["regression", "binary", "multiclass"]
+OptimizerName = Literal["Adam", "AdamW", "SGD", "RMSprop"]
+Activation = Literal["relu", "tanh", "gelu", "silu"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration or input: the message is one line naming the file and the field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Frozen):
+    """Where the samples come from and how they are split.
+
+    `synthetic` is the seed's generator: X ~ N(0, 1) of shape [n_samples, 2], y = 3*x1 + 2*x2 + 5 + noise*N(0, 1);
+    binary labels are y > 5, multi-class labels cut y at the quantiles of the noiseless target.
+    `csv` reads feature columns and a target column with pandas.
+    """
+
+    source: Literal["synthetic", "csv"] = "synthetic"
+    n_samples: int = Field(240, gt=1)
+    noise: float = Field(0.3, ge=0)
+    n_classes: int = Field(3, ge=2, description="multiclass only")
+    path: str | None = Field(None, description="csv only: the file, relative to the experiment file")
+    features: list[str] | None = Field(None, description="csv only: feature columns (default: all but target)")
+    target: str | None = Field(None, description="csv only: the target column")
+    val_size: Union[int, float] = Field(48, gt=0, description="validation samples, or a fraction < 1")
+    split_seed: int = 42
+
+    @model_validator(mode="after")
+    def _csv_needs_path(self) -> "DataConfig":
+        if self.source == "csv" and (self.path is None or self.target is None):
+            missing = "path" if self.path is None else "target"
+            raise ValueError(f"{missing}: required when source is csv")
+        if isinstance(self.val_size, float) and not self.val_size < 1:
+            raise ValueError("val_size: a fraction must be below 1 (or give a whole number of samples)")
+        return self
+
+
+class ModelConfig(_Frozen):
+    """An MLP: in_features -> hidden... -> out_features (out_features comes from the task)."""
+
+    hidden: Union[int, list[int]] = 16
+    activation: Activation = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, value: int | list[int]) -> int | list[int]:
+        sizes = [value] if isinstance(value, int) else value
+        if not sizes or any(size <= 0 for size in sizes):
+            raise ValueError("hidden sizes must be positive integers")
+        return value
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [self.hidden] if isinstance(self.hidden, int) else list(self.hidden)
+
+
+class TrainConfig(_Frozen):
+    optimizer: OptimizerName = "Adam"
+    lr: float = Field(0.03, gt=0)
+    weight_decay: float | None = Field(None, ge=0, description="default: the optimizer's own (AdamW 0.01, others 0)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD and RMSprop only")
+    epochs: int = Field(80, gt=0)
+    batch_size: int = Field(32, gt=0)
+    val_batch_size: int | None = Field(None, gt=0, description="default: the whole validation set")
+    shuffle: bool = True
+    shuffle_seed: int | None = 7
+    loss: Literal["mse", "l1"] = Field("mse", description="regression only")
+    loader: Literal["tensor", "dataloader"] = Field(
+        "tensor", description="tensor: batch in-memory tensors by indexing (same numbers, ~5x faster)"
+    )
+
+
+class ExperimentConfig(_Frozen):
+    """One training run, fully described."""
+
+    name: str = "experiment"
+    task: Task = "regression"
+    seed: int = 42
+    device: str = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    predict_x: list[list[float]] = Field(
+        default_factory=lambda: [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]],
+        description="points to predict after training (the seed's three by default)",
+    )
+    print_every: int = Field(20, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        if self.data.source == "synthetic":
+            bad = [i for i, row in enumerate(self.predict_x) if len(row) != 2]
+            if bad:
+                raise ValueError(f"predict_x: row {bad[0]} has {len(self.predict_x[bad[0]])} values, the data has 2 features")
+        return self
+
+
+# Flat override keys (`optimizer=SGD lr=0.05`) and the field each one sets. Any dotted path works too.
+ALIASES: dict[str, str] = {
+    "optimizer": "train.optimizer",
+    "lr": "train.lr",
+    "weight_decay": "train.weight_decay",
+    "momentum": "train.momentum",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "val_batch_size": "train.val_batch_size",
+    "loader": "train.loader",
+    "loss": "train.loss",
+    "hidden": "model.hidden",
+    "activation": "model.activation",
+    "dropout": "model.dropout",
+    "noise": "data.noise",
+    "n_samples": "data.n_samples",
+    "n_classes": "data.n_classes",
+    "val_size": "data.val_size",
+    "split_seed": "data.split_seed",
+    "shuffle_seed": "train.shuffle_seed",
+}
+
+
+def parse_overrides(pairs: list[str], source: str = "command line") -> dict[str, Any]:
+    """`key=value` strings -> {dotted.key: value}; values are parsed as YAML scalars (`0.05`, `true`, `[8, 8]`)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: override {pair!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of the raw (nested) dict with each dotted or flat key set."""
+    result = _deep_copy(raw)
+    for key, value in overrides.items():
+        path = ALIASES.get(key, key).split(".")
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """The first problem, as `source: field.path: message (got value)` on one line."""
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-after"))
+    message = first["msg"].replace("Value error, ", "")
+    got = first.get("input")
+    detail = ""
+    if first["type"] not in ("missing", "model_type") and not isinstance(got, (dict, BaseModel)):
+        detail = f" (got {got!r})"
+    where = f"{source}: {loc}: " if loc else f"{source}: "
+    more = len(error.errors()) - 1
+    suffix = f" [and {more} more]" if more else ""
+    return f"{where}{message}{detail}{suffix}"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+    return raw
+
+
+def build_experiment(raw: dict[str, Any], source: str, base_dir: Path | None = None) -> ExperimentConfig:
+    """Validate a raw dict; csv paths are made relative to base_dir (the experiment file's folder)."""
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+    if config.data.source == "csv" and base_dir is not None:
+        path = Path(config.data.path)  # type: ignore[arg-type]
+        if not path.is_absolute():
+            path = base_dir / path
+        data = config.data.model_copy(update={"path": str(path)})
+        config = config.model_copy(update={"data": data})
+    return config
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment file."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or {})
+    return build_experiment(raw, str(path), base_dir=path.parent)

@@ -1,0 +1,275 @@
+"""The core training loop: train_epoch / evaluate / fit -> History, and predict.
+
+This is the seed's loop (batch -> forward -> loss -> zero_grad -> backward -> step; validate in eval mode under
+no_grad; per-sample averaged losses; the best state copied, restored before predicting), generalised to three
+tasks and per-epoch callbacks. It knows nothing of MLflow or Optuna: logging and pruning hang on the callbacks
+(see tracking.py and search.py), and experiment.py wires a config to it.
+
+Batching in-memory tensors goes through `TensorBatches`, which indexes instead of collating one sample at a time
+(~5x less work than a DataLoader here) and consumes the random generators exactly as `DataLoader` does, so a run
+is bit-identical to the seed's DataLoader loop for the same seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sized
+
+import torch
+from torch import nn
+
+from .model import state_to_cpu
+
+
+class ShapeError(ValueError):
+    """Labels that do not fit the model output for the loss (the seed's debugging checklist, items 1-2)."""
+
+
+class TensorBatches:
+    """Mini-batches of in-memory tensors, drawn as `DataLoader(TensorDataset(x, y), batch_size, shuffle,
+    generator)` draws them: each pass first takes a base seed from the loader's generator (or the global RNG),
+    then, when shuffling, two `randperm`s from the same generator (the second one RandomSampler discards). Tensors are moved to the device once."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
+        self.x = x.to(device)
+        self.y = y.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # DataLoader's _BaseDataLoaderIter draws this seed on every pass, used or not (it seeds worker RNGs).
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        x, y = self.x, self.y
+        if self.shuffle:
+            generator = self.generator
+            if generator is None:  # RandomSampler without a generator seeds a fresh one from the global RNG
+                seed = int(torch.empty((), dtype=torch.int64).random_().item())
+                generator = torch.Generator().manual_seed(seed)
+            perm = torch.randperm(len(self), generator=generator)
+            # RandomSampler ends each pass with `randperm(n)[:num_samples % n]`, an empty slice of a full
+            # permutation that still advances the generator; the generator is the loader's own, so drawing it
+            # now rather than after the last batch changes nothing else.
+            torch.randperm(len(self), generator=generator)
+            if self.device.type != "cpu":
+                perm = perm.to(self.device)
+            x, y = x[perm], y[perm]
+        return zip(x.split(self.batch_size), y.split(self.batch_size))
+
+
+class LoaderBatches:
+    """A real `DataLoader` over the tensors, for datasets that need one (and as the reference in tests)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        self.loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader.dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            yield x.to(self.device), y.to(self.device)
+
+
+class Batches(Protocol, Sized):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch produced; callbacks receive it."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    metrics: dict[str, float]
+    best_val_loss: float
+    best_epoch: int
+    improved: bool
+
+
+# A callback sees each epoch and may return a reason to stop (a pruner does); None carries on.
+Callback = Callable[[EpochRecord], Optional[str]]
+
+
+@dataclass
+class History:
+    """Per-epoch curves and the best epoch (1-based; 0 when no epoch was finite)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    confusion_matrix: list[list[int]] | None = None
+    status: str = "completed"  # completed | diverged | stopped
+    stop_reason: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.train_loss)
+
+
+def loss_for_task(task: str, regression_loss: str = "mse") -> nn.Module:
+    if task == "binary":
+        return nn.BCEWithLogitsLoss()
+    if task == "multiclass":
+        return nn.CrossEntropyLoss()
+    return nn.L1Loss() if regression_loss == "l1" else nn.MSELoss()
+
+
+def check_batch(pred: torch.Tensor, target: torch.Tensor, loss_fn: nn.Module) -> None:
+    """Fail with both shapes when the labels cannot be what the loss expects, instead of letting MSELoss
+    broadcast [N] against [N, 1] into a wrong number, or CrossEntropy fail deep inside."""
+    name = type(loss_fn).__name__
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if target.dtype != torch.long or target.dim() != 1 or target.shape[0] != pred.shape[0]:
+            raise ShapeError(f"{name}: labels {list(target.shape)} {target.dtype} do not fit output "
+                             f"{list(pred.shape)}: it needs class indices of shape [{pred.shape[0]}] torch.int64")
+        return
+    if target.shape != pred.shape or not target.is_floating_point():
+        raise ShapeError(f"{name}: labels {list(target.shape)} {target.dtype} do not fit output "
+                         f"{list(pred.shape)} {pred.dtype}: they must have the same shape and a float dtype")
+
+
+def _sample_average(losses: list[torch.Tensor], sizes: list[int], n_samples: int) -> float:
+    # One host transfer per epoch instead of .item() per batch; the sum runs in the seed's order and precision
+    # (Python floats of the float32 batch means, weighted by batch size), so the result is bit-identical.
+    total = 0.0
+    for value, size in zip(torch.stack(losses).tolist(), sizes):
+        total += value * size
+    return total / n_samples
+
+
+def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                check_shapes: bool = False) -> float:
+    """One pass over the training batches; returns the per-sample average loss."""
+    model.train()
+    losses: list[torch.Tensor] = []
+    sizes: list[int] = []
+    for batch_x, batch_y in batches:
+        pred = model(batch_x)
+        if check_shapes:
+            check_batch(pred, batch_y, loss_fn)
+            check_shapes = False
+        loss = loss_fn(pred, batch_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        sizes.append(batch_x.shape[0])
+    return _sample_average(losses, sizes, len(batches))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, loss_fn: nn.Module, task: str = "regression"
+             ) -> tuple[float, dict[str, float], list[list[int]] | None]:
+    """Validation in eval mode without gradients: (per-sample average loss, task metrics, confusion matrix)."""
+    model.eval()
+    losses: list[torch.Tensor] = []
+    sizes: list[int] = []
+    preds: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    for batch_x, batch_y in batches:
+        pred = model(batch_x)
+        losses.append(loss_fn(pred, batch_y))
+        sizes.append(batch_x.shape[0])
+        if task != "regression":
+            preds.append(pred)
+            targets.append(batch_y)
+    loss = _sample_average(losses, sizes, len(batches))
+    if task == "regression":
+        return loss, {}, None
+    return loss, *classification_metrics(torch.cat(preds), torch.cat(targets), task)
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor, task: str
+                           ) -> tuple[dict[str, float], list[list[int]]]:
+    """Validation metrics: binary -> accuracy, precision, recall, F1 (positive class 1); multiclass -> accuracy,
+    macro-F1. Undefined ratios (no predicted or no actual positives) count as 0, as scikit-learn's default does."""
+    if task == "binary":
+        predicted = (logits[:, 0] > 0).long()
+        actual = target[:, 0].long()
+        n_classes = 2
+    else:
+        predicted = logits.argmax(dim=1)
+        actual = target.long()
+        n_classes = logits.shape[1]
+    confusion = torch.bincount(actual * n_classes + predicted, minlength=n_classes * n_classes)
+    confusion = confusion.reshape(n_classes, n_classes).cpu()  # rows: actual, columns: predicted
+    tp = confusion.diagonal().double()
+    predicted_count = confusion.sum(dim=0).double()
+    actual_count = confusion.sum(dim=1).double()
+    precision = torch.where(predicted_count > 0, tp / predicted_count.clamp(min=1), 0.0)
+    recall = torch.where(actual_count > 0, tp / actual_count.clamp(min=1), 0.0)
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-300), 0.0)
+    metrics = {"val_accuracy": float(tp.sum() / confusion.sum())}
+    if task == "binary":
+        metrics.update(val_precision=float(precision[1]), val_recall=float(recall[1]), val_f1=float(f1[1]))
+    else:
+        metrics["val_macro_f1"] = float(f1.mean())
+    return metrics, confusion.tolist()
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train_batches: Batches,
+        val_batches: Batches, epochs: int, task: str = "regression", callbacks: Iterable[Callback] = (),
+        restore_best: bool = True) -> History:
+    """Train for `epochs`, keep the best validation state (a CPU copy), and restore it at the end.
+
+    A non-finite loss ends the run with status "diverged" at that epoch; a callback returning a reason ends it
+    with status "stopped". Either way the History holds the curves up to that epoch.
+    """
+    callbacks = list(callbacks)
+    history = History()
+    started = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        train_loss = train_epoch(model, train_batches, loss_fn, optimizer, check_shapes=epoch == 1)
+        val_loss, metrics, confusion = evaluate(model, val_batches, loss_fn, task)
+        history.train_loss.append(train_loss)
+        history.val_loss.append(val_loss)
+        for name, value in metrics.items():
+            history.metrics.setdefault(name, []).append(value)
+        improved = val_loss < history.best_val_loss
+        if improved:
+            history.best_val_loss = val_loss
+            history.best_epoch = epoch
+            history.best_state = state_to_cpu(model.state_dict())
+            history.best_metrics = dict(metrics)
+            history.confusion_matrix = confusion
+        record = EpochRecord(epoch, train_loss, val_loss, metrics, history.best_val_loss, history.best_epoch, improved)
+        reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            history.status = "diverged"
+            history.stop_reason = f"diverged at epoch {epoch} (train_loss={train_loss}, val_loss={val_loss})"
+            break
+        if reasons:
+            history.status = "stopped"
+            history.stop_reason = reasons[0]
+            break
+    if restore_best and history.best_state is not None:
+        model.load_state_dict(history.best_state)
+    history.seconds = time.perf_counter() - started
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Outputs (values or logits) for x in eval mode, without gradients, returned on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    return model(x.to(device)).cpu()

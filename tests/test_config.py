@@ -1,0 +1,106 @@
+"""Configs are validated at the edge: every mistake is one line naming the file and the field, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from reference import seed_run
+from sweeplab.cli import main
+from sweeplab.config import ConfigError, load_experiment
+from sweeplab.data import make_dataset
+from sweeplab.experiment import run_experiment
+
+
+def _write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ("train:\n  lrr: 0.1\n", "train.lrr", "Extra inputs are not permitted"),             # typo
+    ("train:\n  epochs: many\n", "train.epochs", "valid integer"),                      # wrong type
+    ("model:\n  hidden: -4\n", "model.hidden", "positive"),                               # negative size
+    ("train:\n  batch_size: 0\n", "train.batch_size", "greater than 0"),
+    ("train:\n  optimizer: Adagrad\n", "train.optimizer", "'Adam', 'AdamW', 'SGD' or 'RMSprop'"),
+    ("task: ranking\n", "task", "'regression', 'binary' or 'multiclass'"),
+    ("device: tpu\n", "device", "auto, cpu, cuda"),
+    ("data:\n  source: csv\n", "data", "path: required when source is csv"),
+])
+def test_bad_experiment_is_one_line_naming_file_and_field(tmp_path, capsys, body, field, words):
+    path = _write(tmp_path, body)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"sweeplab: error: {path}: {field}")
+    assert words in err
+
+
+def test_bad_override_names_the_field(lab_path, capsys):
+    assert main(["run", str(lab_path), "lr=-1"]) == 2
+    assert "train.lr: Input should be greater than 0 (got -1)" in capsys.readouterr().err
+    assert main(["run", str(lab_path), "optimiser=SGD"]) == 2
+    assert "optimiser: Extra inputs are not permitted" in capsys.readouterr().err
+    assert main(["run", str(lab_path), "lr"]) == 2
+    assert "override 'lr' is not key=value" in capsys.readouterr().err
+
+
+def test_missing_file_and_broken_yaml(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"sweeplab: error: {tmp_path / 'nope.yaml'}: no such file"
+    assert main(["run", str(_write(tmp_path, "train: [unclosed\n"))]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_cli_exit_code_and_no_traceback_in_a_real_process(tmp_path):
+    path = _write(tmp_path, "train:\n  optimizer: Adagrad\n")
+    proc = subprocess.run([sys.executable, "-m", "sweeplab", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_json_has_the_curves_and_matches_the_seed(lab_path, capsys):
+    assert main(["run", str(lab_path), "--json", "epochs=20"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = seed_run(epochs=20)
+    assert summary["train_loss"] == expected["train_loss"] and summary["val_loss"] == expected["val_loss"]
+    assert summary["best_val"] == expected["best_val"] and summary["best_epoch"] == expected["best_epoch"]
+    assert summary["predictions"] == expected["predictions"]
+
+
+def test_flat_overrides_set_nested_fields(lab_path):
+    config = load_experiment(lab_path, {"optimizer": "SGD", "lr": 0.05, "hidden": 32, "noise": 1.0,
+                                        "data.val_size": 0.25, "device": "cpu"})
+    assert (config.train.optimizer, config.train.lr, config.model.hidden, config.data.noise) == ("SGD", 0.05, 32, 1.0)
+    assert config.data.val_size == 0.25 and config.device == "cpu"
+
+
+def test_csv_data_round_trips_and_trains(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(50, 3)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 1
+    frame = pd.DataFrame({"a": x[:, 0].tolist(), "b": x[:, 1].tolist(), "c": x[:, 2].tolist(), "target": y[:, 0].tolist()})
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    path = _write(tmp_path, "data:\n  source: csv\n  path: data.csv\n  target: target\n  val_size: 10\n"
+                            "predict_x: [[1.0, 2.0, 3.0]]\ntrain:\n  epochs: 5\n")
+    config = load_experiment(path)
+    dataset = make_dataset(config)
+    assert dataset.feature_names == ("a", "b", "c") and dataset.x_train.shape == (40, 3)
+    # the split is random_split's permutation with split_seed 42, applied to the rows as written
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(42))
+    assert torch.equal(dataset.x_train, x[perm[:40]]) and torch.equal(dataset.y_val, y[perm[40:]])
+    assert run_experiment(config).history.epochs_run == 5
+
+
+def test_csv_errors_name_the_column(tmp_path):
+    pd.DataFrame({"a": [1.0, "x"], "y": [1.0, 2.0]}).to_csv(tmp_path / "bad.csv", index=False)
+    path = _write(tmp_path, "data:\n  source: csv\n  path: bad.csv\n  target: y\n  val_size: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.csv: column 'a' row 3 is not a number: 'x'"):
+        make_dataset(load_experiment(path))
+    path = _write(tmp_path, "data:\n  source: csv\n  path: bad.csv\n  target: label\n")
+    with pytest.raises(ConfigError, match="data.target column 'label' not found"):
+        make_dataset(load_experiment(path))
