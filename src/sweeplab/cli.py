@@ -109,6 +109,130 @@ def _run_summary(result, tracker) -> dict:
     return summary
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .config import load_sweep, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    sweep = load_sweep(args.sweep, overrides)  # a bad sweep file fails here, before any study or run exists
+    from ._eager import skip_dynamo_wrappers
+    from .search import budget, count, resolve_storage_url
+    from .sweep import run_sweep
+    from .tracking import resolve_tracking_uri
+
+    skip_dynamo_wrappers()
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    storage_url = resolve_storage_url(args.storage, tracking_uri)
+    spec = sweep.spec
+    workers = spec.workers
+    bar = _Progress(spec.study, enabled=not args.quiet)
+    outcome = run_sweep(sweep, tracking_uri, storage_url, workers=workers, progress=bar.update,
+                        extra_args=list(args.overrides))
+    bar.close()
+    _print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
+    return 0
+
+
+class _Progress:
+    """Trials finished out of the budget and the best value so far, redrawn in place on a terminal."""
+
+    def __init__(self, study_name: str, enabled: bool = True):
+        self.study_name, self.enabled = study_name, enabled
+        self.tty = sys.stderr.isatty()
+        self.last = None
+
+    def update(self, study, n_trials: int) -> None:
+        from .search import FINISHED, count
+        from .sweep import best_trials
+
+        if not self.enabled:
+            return
+        done = count(study, FINISHED)
+        top = best_trials(study, 1)
+        best = f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -"
+        width = 30
+        filled = int(width * min(done, n_trials) / max(n_trials, 1))
+        line = f"{self.study_name} [{'#' * filled}{'.' * (width - filled)}] {done}/{n_trials} trials, {best}"
+        if line == self.last:
+            return
+        self.last = line
+        if self.tty:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.last:
+            print(file=sys.stderr)
+
+
+def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> None:
+    from .search import redact
+    from .sweep import best_trials, state_counts
+
+    study = outcome.study
+    counts = state_counts(study)
+    print(f"study {sweep.spec.study}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+          + f" ({outcome.ran} run now)")
+    top = best_trials(study, 5)
+    if top:
+        print(f"{'trial':>5}  {'optimizer':<9} {'hidden':>6} {'noise':>5} {'lr':>9}  {'best_val_loss':>13} {'best_epoch':>10}  run")
+        for trial in top:
+            config = sweep.config_for(_trial_overrides(trial, sweep))
+            print(f"{trial.number:>5}  {config.train.optimizer:<9} {str(config.model.hidden):>6} {config.data.noise:>5g} "
+                  f"{config.train.lr:>9.3g}  {trial.value:>13.4f} {trial.user_attrs.get('best_epoch', ''):>10}  "
+                  f"{trial.user_attrs.get('mlflow_run_id', '')}")
+    champion = outcome.champion
+    if champion:
+        state = "registered" if champion["new"] else "unchanged"
+        print(f"champion: models:/{champion['name']}@champion (version {champion['version']}, trial "
+              f"#{champion['trial']}, {state})")
+    print(f"browse:   make ui   (mlflow ui --backend-store-uri {redact(tracking_uri)} --host 127.0.0.1)")
+    if champion:
+        print(f"predict:  .venv/bin/sweeplab predict models:/{champion['name']}@champion --tracking-uri {redact(tracking_uri)}")
+
+
+def _trial_overrides(trial, sweep) -> dict:
+    from .search import optuna_name
+
+    values = {}
+    for name, param in sweep.spec.space.items():
+        key = optuna_name(name, str(values[param.by])) if param.cases else name
+        if key in trial.params:
+            values[name] = trial.params[key]
+    return values
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .config import load_sweep, parse_overrides
+
+    sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
+    from ._eager import skip_dynamo_wrappers
+    from .search import resolve_storage_url
+    from .sweep import run_worker
+    from .tracking import resolve_tracking_uri
+
+    skip_dynamo_wrappers()
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    storage_url = resolve_storage_url(args.storage, tracking_uri)
+    ran = run_worker(sweep, tracking_uri, storage_url, args.parent_run_id, args.worker_index)
+    if not args.quiet:
+        print(f"worker done: {ran} trials run")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from .tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    if uri.startswith("sqlite:///"):
+        command += ["--default-artifact-root", (os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) + "/mlartifacts")]
+    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+    os.execv(sys.executable, command)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweeplab", description="Optuna sweeps over a PyTorch loop, tracked in MLflow.")
     parser.add_argument("--version", action="version", version=f"sweeplab {__version__}")
@@ -123,6 +247,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log the run to MLflow (default: off)")
     run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     run.set_defaults(func=_run)
+
+    def store_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+        p.add_argument("--storage", default=None,
+                       help="Optuna storage: a journal file path, or an RDB URL such as postgresql+psycopg://USER@HOST/DB "
+                            "(default: $SWEEPLAB_STORAGE, else optuna.journal beside the MLflow database)")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    sweep = sub.add_parser("sweep", help="run a sweep (sweeps/*.yaml); re-running resumes it")
+    sweep.add_argument("sweep", help="sweep YAML file")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="n_trials=N workers=N study=NAME sampler=random pruner=none, or any experiment key (epochs=20)")
+    store_options(sweep)
+    sweep.set_defaults(func=_sweep)
+
+    worker = sub.add_parser("worker", help="join a sweep's study as one more worker (any machine)")
+    worker.add_argument("sweep", help="sweep YAML file")
+    worker.add_argument("overrides", nargs="*", metavar="key=value")
+    store_options(worker)
+    worker.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--worker-index", type=int, default=0, help="offsets the sampler seed (default 0)")
+    worker.set_defaults(func=_worker)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI over the tracking store")
+    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=_ui)
     return parser
 
 
@@ -147,11 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as exc:
-        from .loop import ShapeError
-
-        if isinstance(exc, ShapeError):
+        # Errors with a message for the user, whose modules may not be loaded (so no import just to compare):
+        # ShapeError (labels that do not fit the loss) is bad input; SweepError is a sweep that cannot go on.
+        kind = type(exc).__name__
+        if kind in ("ShapeError", "SweepError"):
             print(f"sweeplab: error: {exc}", file=sys.stderr)
-            return 2
+            return 2 if kind == "ShapeError" else 1
         raise
 
 

@@ -7,6 +7,7 @@ The search space (sweeps/*.yaml) lives in sweep_spec.py; it builds on the models
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -236,3 +237,189 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or {})
     return build_experiment(raw, str(path), base_dir=path.parent)
+
+
+# --- sweeps -----------------------------------------------------------------------------------------------------
+
+class ParamSpec(_Frozen):
+    """One searched parameter. `choices` makes it categorical; `low`/`high` make it int or float (`log`, `step`);
+    `by` + `cases` make it conditional on another parameter (each optimizer its own learning-rate range)."""
+
+    choices: list[Any] | None = None
+    low: Union[int, float, None] = None
+    high: Union[int, float, None] = None
+    log: bool = False
+    step: Union[int, float, None] = None
+    type: Literal["categorical", "int", "float"] | None = None
+    by: str | None = None
+    cases: dict[str, "ParamSpec"] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ParamSpec":
+        if self.by is not None or self.cases is not None:
+            if self.by is None or not self.cases:
+                raise ValueError("a conditional parameter needs both `by` and `cases`")
+            if self.choices is not None or self.low is not None or self.high is not None:
+                raise ValueError("a conditional parameter gives its choices or range per case, under `cases`")
+            return self
+        if self.choices is not None:
+            if not self.choices:
+                raise ValueError("choices: give at least one value")
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give choices, or low and high")
+        if not self.low <= self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    @property
+    def kind(self) -> str:
+        if self.cases is not None:
+            return "conditional"
+        if self.choices is not None:
+            return "categorical"
+        if self.type is not None:
+            return self.type
+        ints = all(isinstance(v, int) for v in (self.low, self.high)) and isinstance(self.step, (int, type(None)))
+        return "int" if ints else "float"
+
+
+class SamplerSpec(_Frozen):
+    type: Literal["tpe", "random", "grid"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(10, ge=0, description="tpe: random trials before the model kicks in")
+
+
+class PrunerSpec(_Frozen):
+    type: Literal["none", "median", "hyperband"] = "none"
+    n_startup_trials: int = Field(5, ge=0, description="median: trials that are never pruned")
+    n_warmup_steps: int = Field(10, ge=0, description="median: epochs before a trial can be pruned")
+    min_resource: int = Field(5, ge=1, description="hyperband: epochs the shortest rung trains")
+    reduction_factor: int = Field(3, ge=2)
+
+
+class SweepSpec(_Frozen):
+    """A search: a base experiment, fixed overrides, a search space, a sampler, a pruner and a budget."""
+
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    experiment: str | None = Field(None, description="base experiment file, relative to the sweep file")
+    base: dict[str, Any] = Field(default_factory=dict, description="inline base experiment (or changes to `experiment`)")
+    space: dict[str, ParamSpec] = Field(min_length=1)
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    n_trials: int = Field(40, gt=0, description="finished trials in total, across runs and workers")
+    workers: int = Field(1, gt=0)
+    repeats: int = Field(1, gt=0, description="seeds per configuration (seed, seed+1, ...)")
+    engine: Literal["reference"] = "reference"
+
+    @model_validator(mode="after")
+    def _conditions_exist(self) -> "SweepSpec":
+        for name, param in self.space.items():
+            if param.by is not None:
+                parent = self.space.get(param.by)
+                if parent is None or parent.kind != "categorical":
+                    raise ValueError(f"space.{name}.by: {param.by!r} must be a categorical parameter of the space")
+                unknown = sorted(set(param.cases or {}) - {str(c) for c in parent.choices or []})
+                missing = sorted({str(c) for c in parent.choices or []} - set(param.cases or {}))
+                if unknown or missing:
+                    raise ValueError(f"space.{name}.cases: must have one case per {param.by} choice"
+                                     + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
+        if self.sampler.type == "grid":
+            for name, param in self.space.items():
+                cases = param.cases.values() if param.cases else [param]
+                for case in cases:
+                    if case.kind != "categorical":
+                        raise ValueError(f"space.{name}: the grid sampler needs choices for every parameter")
+                if param.cases and any(len(case.choices or []) != 1 for case in cases):
+                    raise ValueError(f"space.{name}: with the grid sampler, give one value per case "
+                                     "(a conditional grid would repeat the same configuration)")
+        return self
+
+
+# sweep-level override keys; any other key=value given to `sweeplab sweep` changes the base experiment
+SWEEP_KEYS = {"study", "n_trials", "workers", "repeats", "engine", "sampler", "pruner"}
+
+
+
+def split_sweep_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sweep-level, base-experiment) overrides: `n_trials=10 sampler=random` vs `epochs=20`."""
+    sweep, experiment = {}, {}
+    for key, value in overrides.items():
+        head = key.split(".")[0]
+        if head in SWEEP_KEYS:
+            sweep[f"{key}.type" if key in ("sampler", "pruner") else key] = value
+        else:
+            experiment[key] = value
+    return sweep, experiment
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep: the spec, the raw base experiment it varies, and where it came from."""
+
+    spec: SweepSpec
+    base: dict[str, Any]
+    source: str
+    base_dir: Path
+
+    def config_for(self, params: dict[str, Any]) -> ExperimentConfig:
+        """The experiment for one point of the space (params keyed as in `space`)."""
+        return build_experiment(apply_overrides(self.base, params), self.source, self.base_dir)
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
+    """Read and validate a sweep file, its base experiment and every parameter of its space, so that a bad
+    sweep fails here, before any study or run exists."""
+    path = Path(path)
+    raw = read_yaml(path)
+    sweep_overrides, experiment_overrides = split_sweep_overrides(overrides or {})
+    raw = apply_overrides(raw, sweep_overrides)
+    space = raw.get("space")
+    if isinstance(space, dict):  # pinning a searched key on the command line takes it out of the space
+        pinned = {k for k in experiment_overrides if k in space or ALIASES.get(k) in space}
+        raw["space"] = {k: v for k, v in space.items() if k not in pinned and ALIASES.get(k, k) not in pinned}
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(path), exc)) from None
+    base: dict[str, Any] = {}
+    base_dir = path.parent
+    if spec.experiment:
+        experiment_path = (path.parent / spec.experiment).resolve()
+        if not experiment_path.is_file():
+            raise ConfigError(f"{path}: experiment: no such file {spec.experiment}")
+        base = read_yaml(experiment_path)
+        base_dir = experiment_path.parent
+    base = apply_overrides(base, spec.base)
+    base = apply_overrides(base, experiment_overrides)
+    sweep = Sweep(spec, base, str(path), base_dir)
+    sweep.config_for({})
+    for name, param in spec.space.items():
+        for value in _probe_values(name, param, spec.space):
+            try:
+                sweep.config_for(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: space.{name}: {str(exc).split(': ', 1)[1]}") from None
+    return sweep
+
+
+def _probe_values(name: str, param: ParamSpec, space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
+    """Points that exercise each end of a parameter's range (per case for a conditional one)."""
+    if param.cases:
+        parent = param.by
+        return [{parent: _choice_value(space[parent], case), **probe}
+                for case, sub in param.cases.items() for probe in _probe_values(name, sub, space)]
+    values = list(param.choices) if param.choices is not None else [param.low, param.high]
+    if param.kind == "int":
+        values = [int(v) for v in values]
+    return [{name: v} for v in values]
+
+
+def _choice_value(param: ParamSpec, case: str) -> Any:
+    return next(c for c in param.choices or [] if str(c) == case)

@@ -1,0 +1,212 @@
+"""Everything Optuna: storage, study, sampler, pruner, and turning a trial into an ExperimentConfig.
+
+The search space is data (SweepSpec.space in config.py); `suggest` is the only place that sees a `trial`.
+The sweep driver that ties this to training and MLflow is sweep.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .config import ConfigError, ParamSpec, SweepSpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# TPE's multivariate/group/constant_liar options are marked experimental; they are what conditional spaces and
+# parallel workers need, and the versions are pinned.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Trials that hold a place in the budget: finished, running, or queued to run again.
+ALIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+HEARTBEAT_INTERVAL_S = 10
+GRACE_PERIOD_S = 30
+
+
+def optuna_name(name: str, case: str | None = None) -> str:
+    """Optuna parameter name: each case of a conditional parameter is its own (`lr_Adam`, `lr_SGD`), so the
+    sampler never mixes Adam's learning rates with SGD's."""
+    return f"{name}_{case}" if case is not None else name
+
+
+def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """Ask the trial for a value of every parameter; returns {override key: value}."""
+    values: dict[str, Any] = {}
+    for name, param in space.items():  # a condition's parent comes first: dicts keep the file's order
+        case = None
+        if param.cases is not None:
+            case = str(values[param.by])
+            param = param.cases[case]
+        values[name] = _suggest_one(trial, optuna_name(name, case), param)
+    return values
+
+
+def _suggest_one(trial: optuna.Trial, name: str, param: ParamSpec) -> Any:
+    kind = param.kind
+    if kind == "categorical":
+        return trial.suggest_categorical(name, param.choices)
+    if kind == "int":
+        return trial.suggest_int(name, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
+    return trial.suggest_float(name, float(param.low), float(param.high), step=param.step, log=param.log)
+
+
+def grid_space(space: dict[str, ParamSpec]) -> dict[str, list[Any]]:
+    """GridSampler's space: every categorical parameter; a conditional one contributes one fixed value per case
+    (config validation made sure of that), so no two grid points are the same configuration."""
+    grid: dict[str, list[Any]] = {}
+    for name, param in space.items():
+        if param.cases is not None:
+            for case, sub in param.cases.items():
+                grid[optuna_name(name, case)] = list(sub.choices or [])
+        else:
+            grid[name] = list(param.choices or [])
+    return grid
+
+
+def grid_size(space: dict[str, ParamSpec]) -> int:
+    size = 1
+    for name, param in space.items():
+        if param.cases is None:
+            size *= len(param.choices or [])
+    return size
+
+
+def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    """Seeded samplers; each worker gets its own seed (seed + index) or they would all propose the same
+    points, and TPE uses the constant liar so parallel workers do not pile onto one region."""
+    seed = None if spec.sampler.seed is None else spec.sampler.seed + worker_index
+    if spec.sampler.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler.type == "grid":
+        return optuna.samplers.GridSampler(grid_space(spec.space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+                                                      multivariate=True, group=True, constant_liar=True)
+
+
+def make_pruner(spec: SweepSpec, epochs: int) -> optuna.pruners.BasePruner:
+    pruner = spec.pruner
+    if pruner.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps)
+    if pruner.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min(pruner.min_resource, epochs), max_resource=epochs,
+                                              reduction_factor=pruner.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+def budget(spec: SweepSpec) -> int:
+    """n_trials, capped at the number of grid points for the grid sampler."""
+    return min(spec.n_trials, grid_size(spec.space)) if spec.sampler.type == "grid" else spec.n_trials
+
+
+# --- storage ----------------------------------------------------------------------------------------------------
+
+def default_storage(tracking_uri: str) -> str:
+    """A journal file beside the local MLflow database (or in the working directory): file-locked, so several
+    local worker processes share it without SQLite's "database is locked"."""
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "optuna.journal")
+    return str(Path("optuna.journal").resolve())
+
+
+def resolve_storage_url(cli_value: str | None, tracking_uri: str) -> str:
+    return cli_value or os.environ.get("SWEEPLAB_STORAGE") or default_storage(tracking_uri)
+
+
+def redact(url: str) -> str:
+    """A storage URL fit to print or log: any password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """RDB URLs (postgresql, mysql, sqlite) get heartbeats so a killed worker's trial is failed and retried;
+    anything else is a journal file path."""
+    if "://" in url:
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except Exception as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"--storage {redact(url)}: cannot open the Optuna storage: "
+                              f"{message.replace(url, redact(url))}") from None
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url.removeprefix("journal:"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage, worker_index: int = 0,
+               epochs: int = 80) -> optuna.Study:
+    return optuna.create_study(storage=storage, study_name=spec.study, direction="minimize",
+                               sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs),
+                               load_if_exists=True)
+
+
+def distributions(space: dict[str, ParamSpec]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of every parameter name the space can suggest."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name, param in space.items():
+        cases = param.cases.items() if param.cases is not None else [(None, param)]
+        for case, sub in cases:
+            kind = sub.kind
+            if kind == "categorical":
+                dist = optuna.distributions.CategoricalDistribution(sub.choices)
+            elif kind == "int":
+                dist = optuna.distributions.IntDistribution(int(sub.low), int(sub.high), log=sub.log, step=int(sub.step or 1))
+            else:
+                dist = optuna.distributions.FloatDistribution(float(sub.low), float(sub.high), log=sub.log, step=sub.step)
+            out[optuna_name(name, case)] = dist
+    return out
+
+
+def check_compatible(study: optuna.Study, spec: SweepSpec, source: str) -> None:
+    """A study resumed with a changed space must fail before it runs, not on every trial: Optuna refuses
+    other choices for a categorical parameter, or another kind of distribution, under the same name."""
+    wanted = distributions(spec.space)
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            new = wanted.get(name)
+            if new is None:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(old, new)
+            except ValueError:
+                raise ConfigError(f"{source}: space: study {spec.study!r} already searched {name} over {_show(old)}; "
+                                  f"this file gives {_show(new)}. Use another study name (study=NAME) to change it")
+        return  # one trial holds every name it suggested; the first is enough for the common case
+
+
+def _show(dist: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return f"choices {list(dist.choices)}"
+    return f"[{dist.low}, {dist.high}]" + (" log" if getattr(dist, "log", False) else "")
+
+
+def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def is_surplus(study: optuna.Study, trial_number: int, n_trials: int) -> bool:
+    """True when `n_trials` trials numbered before this one already hold the budget. Trial numbers come from
+    the storage in order, so when several workers race for the last places exactly one set wins."""
+    earlier = [t for t in study.get_trials(deepcopy=False, states=ALIVE) if t.number < trial_number]
+    return len(earlier) >= n_trials
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"

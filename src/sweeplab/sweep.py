@@ -1,0 +1,273 @@
+"""The sweep driver: Optuna asks, the loop trains, MLflow records; then the champion is registered.
+
+`run_sweep` is `sweeplab sweep`: it opens the study and the MLflow experiment, starts one parent run, works
+through the budget in this process or in N worker processes (`sweeplab worker`), and registers the study's best
+model. `work` is one worker's loop; `run_trial` is one trial, from suggestion to finished run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from .config import ConfigError, Sweep
+from .experiment import run_experiment
+from .loop import EpochRecord
+from .search import (ALIVE, FINISHED, budget, check_compatible, count, is_surplus, open_storage, open_study, redact, suggest,
+                     worker_id)
+from .tracking import (TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_STUDY_TRIAL_ATTR, Tracker, finite,
+                       run_name_for)
+
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class SweepError(Exception):
+    """The sweep cannot go on (every trial fails, say): one line for the user, exit code 1."""
+
+
+class PruningCallback:
+    """Reports each epoch's validation loss to Optuna and asks the pruner whether to stop."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+
+    def __call__(self, record: EpochRecord) -> str | None:
+        if not finite(record.val_loss):
+            return None  # the loop stops a diverging run itself
+        self.trial.report(record.val_loss, record.epoch)
+        if self.trial.should_prune():
+            return f"pruned at epoch {record.epoch} (val_loss={record.val_loss:.4g})"
+        return None
+
+
+@dataclass
+class SweepContext:
+    """What a worker needs: the sweep, where to record, and under which parent run."""
+
+    sweep: Sweep
+    study: optuna.Study
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str | None
+    n_trials: int
+
+
+def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
+    """Train one trial and record it in MLflow, then in Optuna (in that order: a finished trial always has its
+    finished run). Returns the outcome: completed | pruned | diverged | failed."""
+    params = suggest(trial, ctx.sweep.spec.space)
+    trial.set_user_attr("worker", worker_id())
+    try:
+        config = ctx.sweep.config_for(params)
+    except ConfigError as exc:
+        trial.set_user_attr("fail_reason", str(exc))
+        ctx.study.tell(trial, state=TrialState.FAIL)
+        return "failed"
+    tags = {TAG_ROLE: "trial", TAG_STUDY: ctx.sweep.spec.study, TAG_TRIAL: str(trial.number)}
+    run = ctx.tracker.trial_run(ctx.experiment_id, run_name_for(config, trial.number), config, tags,
+                                parent_run_id=ctx.parent_run_id)
+    trial.set_user_attr(TAG_STUDY_TRIAL_ATTR, run.run_id)
+    try:
+        result = run_experiment(config, callbacks=[run.epoch_callback, PruningCallback(trial)])
+    except BaseException as exc:
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        reason = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
+        _quietly(run.end, "killed" if interrupted else "failed", reason, {TAG_STATE: "FAIL"})
+        trial.set_user_attr("fail_reason", reason)
+        _quietly(ctx.study.tell, trial, state=TrialState.FAIL)
+        if interrupted:
+            raise
+        return "failed"
+    history = result.history
+    trial.set_user_attr("best_epoch", history.best_epoch)
+    if history.status == "completed":
+        run.finish(result, "completed", tags={TAG_STATE: "COMPLETE"})
+        ctx.study.tell(trial, history.best_val_loss)
+        return "completed"
+    outcome = "diverged" if history.status == "diverged" else "pruned"
+    # Both are PRUNED to Optuna: the trial ended early by design and counts towards the budget; a diverged
+    # trial carries its reason so reports can tell the two apart.
+    trial.set_user_attr("outcome", outcome)
+    trial.set_user_attr("reason", history.stop_reason)
+    run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: "PRUNED"})
+    ctx.study.tell(trial, state=TrialState.PRUNED)
+    return outcome
+
+
+def _quietly(fn: Callable, *args: Any, **kwargs: Any) -> None:
+    """Best effort while already failing: the original error is what the user needs to see."""
+    try:
+        fn(*args, **kwargs)
+    except Exception:
+        pass
+
+
+def work(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = None) -> int:
+    """One worker: ask, train, tell, until the study holds n_trials finished trials. Returns trials run."""
+    ran = 0
+    failures = 0
+    while count(ctx.study, FINISHED) < ctx.n_trials:
+        trial = ctx.study.ask()
+        if is_surplus(ctx.study, trial.number, ctx.n_trials):
+            # Another worker took the last place between our count and our ask: give this one back unrun.
+            trial.set_user_attr("surplus", True)
+            ctx.study.tell(trial, state=TrialState.FAIL)
+            break
+        outcome = run_trial(ctx, trial)
+        ran += 1
+        failures = failures + 1 if outcome == "failed" else 0
+        if on_trial_end:
+            on_trial_end(trial.number, outcome)
+        if failures >= MAX_CONSECUTIVE_FAILURES:
+            reason = ctx.study.get_trials(deepcopy=False)[trial.number].user_attrs.get("fail_reason", "")
+            raise SweepError(f"{failures} trials in a row failed; the last: {reason}")
+    return ran
+
+
+# --- the coordinator ------------------------------------------------------------------------------------------
+
+@dataclass
+class SweepOutcome:
+    study: optuna.Study
+    parent_run_id: str
+    experiment_id: str
+    ran: int
+    champion: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0
+            ) -> tuple[optuna.Study, Tracker, str]:
+    storage = open_storage(storage_url)
+    tracker = Tracker(tracking_uri)
+    epochs = sweep.config_for({}).train.epochs
+    study = open_study(sweep.spec, storage, worker_index, epochs)
+    check_compatible(study, sweep.spec, sweep.source)
+    experiment_id = tracker.experiment_id(sweep.spec.study)
+    return study, tracker, experiment_id
+
+
+def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int,
+                     role: str = "sweep") -> str:
+    spec = sweep.spec
+    name = f"{role} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    run_id = tracker.start_run(experiment_id, name, {TAG_ROLE: role, TAG_STUDY: spec.study,
+                                                      "sweeplab.sweep_file": sweep.source,
+                                                      "sweeplab.storage": redact(storage_url)})
+    from mlflow.entities import Param
+
+    params = {"study": spec.study, "sampler": spec.sampler.type, "sampler_seed": str(spec.sampler.seed),
+              "pruner": spec.pruner.type, "n_trials": str(spec.n_trials), "workers": str(workers),
+              "repeats": str(spec.repeats), "space": ",".join(spec.space)}
+    tracker.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    return run_id
+
+
+def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 1,
+              progress: Callable[[optuna.Study, int], None] | None = None, register: bool = True,
+              extra_args: list[str] | None = None) -> SweepOutcome:
+    spec = sweep.spec
+    n_trials = budget(spec)
+    study, tracker, experiment_id = prepare(sweep, tracking_uri, storage_url)
+    parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
+    ctx = SweepContext(sweep, study, tracker, experiment_id, parent, n_trials)
+    try:
+        if workers == 1:
+            ran = work(ctx, on_trial_end=(lambda number, outcome: progress(study, n_trials)) if progress else None)
+        else:
+            ran = _run_workers(sweep, tracking_uri, storage_url, parent, workers, study, n_trials, progress,
+                               extra_args or [])
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        _quietly(tracker.end_run, parent, "killed" if interrupted else "failed",
+                 "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
+        raise
+    outcome = SweepOutcome(study, parent, experiment_id, ran)
+    if register and count(study, (TrialState.COMPLETE,)):
+        from .champion import register_champion
+
+        outcome.champion = register_champion(tracker, study, spec.study, parent)
+    tracker.end_run(parent, "completed")
+    return outcome
+
+
+def _run_workers(sweep: Sweep, tracking_uri: str, storage_url: str, parent: str, workers: int,
+                 study: optuna.Study, n_trials: int, progress, extra_args: list[str]) -> int:
+    """N `sweeplab worker` processes on this machine, one torch thread each, sharing the study."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SWEEPLAB_STORAGE": storage_url,
+           "MLFLOW_TRACKING_URI": tracking_uri}
+    before = count(study, FINISHED)
+    procs = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", sweep.source, *extra_args,
+                               "--parent-run-id", parent, "--worker-index", str(i), "--quiet"], env=env)
+             for i in range(workers)]
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+            if progress:
+                progress(study, n_trials)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    if progress:
+        progress(study, n_trials)
+    failed = [p.returncode for p in procs if p.returncode != 0]
+    if failed and count(study, FINISHED) < n_trials:
+        raise SweepError(f"{len(failed)} of {workers} workers failed (exit codes {failed}); see their messages above")
+    return count(study, FINISHED) - before
+
+
+def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str | None,
+               worker_index: int) -> int:
+    """`sweeplab worker`: join the study and work until the budget is reached. Without a parent run id (a
+    worker on another machine), it opens a parent run of its own for this invocation."""
+    import torch
+
+    torch.set_num_threads(1)
+    study, tracker, experiment_id = prepare(sweep, tracking_uri, storage_url, worker_index)
+    own_parent = parent_run_id is None
+    if own_parent:
+        parent_run_id = start_parent_run(tracker, experiment_id, sweep, storage_url, 1, role="worker")
+    ctx = SweepContext(sweep, study, tracker, experiment_id, parent_run_id, budget(sweep.spec))
+    try:
+        ran = work(ctx)
+    except BaseException as exc:
+        if own_parent:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            _quietly(tracker.end_run, parent_run_id, "killed" if interrupted else "failed", str(exc) or "interrupted")
+        raise
+    if own_parent:
+        tracker.end_run(parent_run_id, "completed")
+    return ran
+
+
+def best_trials(study: optuna.Study, top: int = 5) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return sorted(done, key=lambda t: t.value)[:top]
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get("surplus"):
+            continue
+        label = trial.user_attrs.get("outcome") or trial.state.name.lower()
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+__all__ = ["run_sweep", "run_worker", "work", "run_trial", "SweepError", "best_trials", "ALIVE"]

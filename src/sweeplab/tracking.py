@@ -1,0 +1,276 @@
+"""Everything MLflow: experiments, parent and child runs, batched metric logging, artifacts, the champion model.
+
+All calls go through an explicit `MlflowClient` and run ids (never the fluent active-run stack, which is
+per thread), so runs nest correctly across threads and processes. One set of metric names, logged from one
+place (`TrialRun`): train_loss, val_loss and the task metrics with step=epoch; best_val_loss and best_epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+from . import __version__
+from .config import ExperimentConfig
+from .loop import EpochRecord
+
+warnings.filterwarnings("ignore", module=r"mlflow\..*")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+FLUSH_EVERY_S = 5.0  # long trials show their curves live; short ones log once, at the end
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
+
+TAG_ROLE = "sweeplab.role"
+TAG_STUDY = "sweeplab.study"
+TAG_TRIAL = "sweeplab.trial_number"
+TAG_STATE = "sweeplab.trial_state"
+TAG_OUTCOME = "sweeplab.outcome"  # completed | pruned | diverged | failed | killed
+TAG_REASON = "sweeplab.reason"
+TAG_VERSION = "sweeplab.version"
+TAG_COMMIT = "sweeplab.git_commit"
+TAG_STUDY_TRIAL_ATTR = "mlflow_run_id"  # the Optuna user attribute that points back at the run
+CHECKPOINT_PATH = "checkpoint"  # artifacts: checkpoint/best.pt, checkpoint/model_spec.json, config.json
+
+STATUS_FOR_OUTCOME = {"completed": "FINISHED", "pruned": "KILLED", "killed": "KILLED", "diverged": "FAILED",
+                      "failed": "FAILED"}
+
+
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative SQLite path is made
+    absolute, so worker processes and MLflow's per-URI store cache all mean the same file."""
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def display_uri(uri: str) -> str:
+    from .search import redact
+
+    return redact(uri)
+
+
+def flatten(config: ExperimentConfig) -> dict[str, str]:
+    """The resolved config as MLflow params: dotted keys (`train.lr`), every field, defaults included."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        else:
+            out[prefix[:-1]] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk("", config.model_dump())
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def common_tags() -> dict[str, str]:
+    tags = {TAG_VERSION: __version__}
+    commit = git_commit()
+    if commit:
+        tags[TAG_COMMIT] = commit
+    return tags
+
+
+class Tracker:
+    """A tracking store: creates experiments and runs, and logs what a trial leaves behind."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        self._tags = common_tags()
+
+    def experiment_id(self, name: str) -> str:
+        """Get or create; two workers creating it at once is fine (the loser reads the winner's)."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+        except Exception:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _artifact_location(self, name: str) -> str | None:
+        # A local SQLite store keeps artifacts beside the database (mlartifacts/), where `make ui` finds them;
+        # a tracking server decides for itself (served artifacts).
+        if self.tracking_uri.startswith("sqlite:///"):
+            root = Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name
+            return root.as_uri()
+        return None
+
+    def start_run(self, experiment_id: str, run_name: str, tags: dict[str, str] | None = None,
+                  parent_run_id: str | None = None) -> str:
+        all_tags = {**self._tags, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        return self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+    def trial_run(self, experiment_id: str, run_name: str, config: ExperimentConfig, tags: dict[str, str],
+                  parent_run_id: str | None = None) -> "TrialRun":
+        run_id = self.start_run(experiment_id, run_name, tags, parent_run_id)
+        params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=params[start:start + 100])
+        return TrialRun(self.client, run_id, config)
+
+    def end_run(self, run_id: str, outcome: str, reason: str | None = None) -> None:
+        tags = [RunTag(TAG_OUTCOME, outcome)]
+        if reason:
+            tags.append(RunTag(TAG_REASON, reason[:5000]))
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, STATUS_FOR_OUTCOME[outcome])
+
+
+class TrialRun:
+    """One training run in MLflow. `epoch_callback` buffers the per-epoch metrics (one log_batch per flush,
+    not one call per value); `finish` logs the summary, the checkpoint and the data, and ends the run."""
+
+    def __init__(self, client: MlflowClient, run_id: str, config: ExperimentConfig):
+        self.client = client
+        self.run_id = run_id
+        self.config = config
+        self._pending: list[Metric] = []
+        self._last_flush = time.monotonic()
+        self.ended = False
+
+    def epoch_callback(self, record: EpochRecord) -> None:
+        now = int(time.time() * 1000)
+        step = record.epoch
+        self._pending.append(Metric("train_loss", record.train_loss, now, step))
+        self._pending.append(Metric("val_loss", record.val_loss, now, step))
+        for name, value in record.metrics.items():
+            self._pending.append(Metric(name, value, now, step))
+        if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+            self.flush()
+        return None
+
+    def flush(self, extra: list[Metric] | None = None) -> None:
+        metrics = self._pending + (extra or [])
+        self._pending = []
+        self._last_flush = time.monotonic()
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+
+    def finish(self, result, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
+        """Log the summary metrics and artifacts of a finished (or stopped) training run and end the run."""
+        history = result.history
+        now = int(time.time() * 1000)
+        summary = []
+        if history.best_epoch:
+            summary = [Metric("best_val_loss", history.best_val_loss, now, history.best_epoch),
+                       Metric("best_epoch", float(history.best_epoch), now, history.best_epoch)]
+            for name, value in history.best_metrics.items():
+                summary.append(Metric(f"best_{name}", value, now, history.best_epoch))
+        summary.append(Metric("epochs_run", float(history.epochs_run), now, history.epochs_run))
+        summary.append(Metric("train_seconds", history.seconds, now, history.epochs_run))
+        self.flush(summary)
+        self.log_artifacts(result)
+        self.log_dataset(result)
+        self.end(outcome, reason, tags)
+
+    def end(self, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
+        if self.ended:
+            return
+        if self._pending:
+            self.flush()
+        all_tags = [RunTag(TAG_OUTCOME, outcome)] + [RunTag(k, v) for k, v in (tags or {}).items()]
+        if reason:
+            all_tags.append(RunTag(TAG_REASON, reason[:5000]))
+        self.client.log_batch(self.run_id, tags=all_tags)
+        self.client.set_terminated(self.run_id, STATUS_FOR_OUTCOME[outcome])
+        self.ended = True
+
+    def log_artifacts(self, result) -> None:
+        from .model import save_checkpoint, spec_json
+
+        with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
+            folder = Path(tmp) / CHECKPOINT_PATH
+            folder.mkdir()
+            if result.history.best_state is not None:
+                save_checkpoint(folder / "best.pt", result.history.best_state, result.spec)
+            (folder / "model_spec.json").write_text(spec_json(result.spec))
+            (folder / "config.json").write_text(json.dumps(result.config.model_dump(), indent=2))
+            if result.history.confusion_matrix is not None:
+                (folder / "confusion_matrix.json").write_text(json.dumps(result.history.confusion_matrix))
+            self.client.log_artifacts(self.run_id, str(folder), CHECKPOINT_PATH)
+
+    def log_dataset(self, result) -> None:
+        """The training split, described with MLflow's dataset entity (name, digest, schema, source)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.numpy_dataset import from_numpy
+        from mlflow.entities import DatasetInput, InputTag
+
+        data = result.dataset
+        source = CodeDatasetSource(tags={"sweeplab.data": data.description})
+        dataset = from_numpy(data.x_train.numpy(), source=source, targets=data.y_train.numpy(),
+                             name=f"{result.config.name}-train")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            entity = dataset._to_mlflow_entity()
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
+
+
+def finite(value: float) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def run_name_for(config: ExperimentConfig, trial_number: int | None = None) -> str:
+    """What the trial is, at a glance: `adam-h16-n0.3-lr0.03 #12`."""
+    train = config.train
+    hidden = "x".join(str(h) for h in config.model.hidden_sizes)
+    name = f"{train.optimizer.lower()}-h{hidden}-n{config.data.noise:g}-lr{train.lr:.3g}"
+    return f"{name} #{trial_number}" if trial_number is not None else name
+
+
+class RunTracker:
+    """`sweeplab run` with tracking: one run in the experiment named after the config."""
+
+    def __init__(self, tracker: Tracker, run: TrialRun):
+        self.tracker, self.run = tracker, run
+        self.epoch_callback = run.epoch_callback
+        self.run_id = run.run_id
+        self.tracking_uri_display = display_uri(tracker.tracking_uri)
+
+    @classmethod
+    def for_experiment(cls, config: ExperimentConfig, tracking_uri: str, source: str) -> "RunTracker":
+        tracker = Tracker(tracking_uri)
+        experiment_id = tracker.experiment_id(config.name)
+        run = tracker.trial_run(experiment_id, run_name_for(config), config,
+                                {TAG_ROLE: "run", "sweeplab.experiment_file": str(source)})
+        return cls(tracker, run)
+
+    def finish(self, result) -> None:
+        history = result.history
+        outcome = {"completed": "completed", "diverged": "diverged"}.get(history.status, "killed")
+        self.run.finish(result, outcome, history.stop_reason)
+
+    def fail(self, exc: BaseException) -> None:
+        outcome = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
+        self.run.end(outcome, f"{type(exc).__name__}: {exc}")

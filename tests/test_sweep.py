@@ -1,0 +1,262 @@
+"""A real sweep against real stores (temporary SQLite MLflow database, Optuna journal file): what it leaves
+behind, checked against values recomputed independently (the seed's plain loop, plain torch arithmetic)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from reference import seed_run
+from sweeplab.cli import main
+
+LAB = "experiments/training_loop_lab.yaml"
+
+
+def write_sweep(path, root, study, space, n_trials, sampler="random", pruner="none", extra=""):
+    path.write_text(f"study: {study}\nexperiment: {root / LAB}\nspace:\n{textwrap.indent(space, '  ')}"
+                    f"sampler: {{type: {sampler}, seed: 1}}\npruner: {{type: {pruner}}}\nn_trials: {n_trials}\n{extra}")
+    return path
+
+
+SPACE = """\
+optimizer: {choices: [Adam, AdamW, SGD, RMSprop]}
+lr:
+  by: optimizer
+  cases:
+    Adam: {low: 0.001, high: 0.1, log: true}
+    AdamW: {low: 0.001, high: 0.1, log: true}
+    SGD: {low: 0.001, high: 0.1, log: true}
+    RMSprop: {low: 0.001, high: 0.03, log: true}
+hidden: {choices: [4, 16]}
+noise: {choices: [0.3, 1.0]}
+"""
+EPOCHS = 6
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SWEEPLAB_STORAGE", raising=False)
+    return tmp_path
+
+
+def runs_of(client, study):
+    experiment = client.get_experiment_by_name(study)
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def study_of(tmp_path, name):
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory):
+    """One 4-trial sweep shared by the read-only checks below."""
+    from pathlib import Path
+    import os
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    root = Path(__file__).resolve().parents[1]
+    sweep = write_sweep(tmp / "s.yaml", root, "small", SPACE, 4)
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        assert main(["sweep", str(sweep), f"epochs={EPOCHS}", "--quiet"]) == 0
+    finally:
+        os.chdir(cwd)
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    return tmp, client, runs_of(client, "small"), study_of(tmp, "small")
+
+
+def test_one_parent_run_and_one_child_run_per_trial(small_sweep):
+    _, _, runs, study = small_sweep
+    parents = [r for r in runs if r.data.tags.get("sweeplab.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("sweeplab.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    by_run = {r.info.run_id: r for r in children}
+    assert sorted(t.user_attrs["mlflow_run_id"] for t in trials) == sorted(by_run)
+    for trial in trials:
+        run = by_run[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["sweeplab.trial_number"] == str(trial.number)
+        assert run.data.tags["sweeplab.study"] == "small" and run.data.tags["sweeplab.trial_state"] == "COMPLETE"
+        assert run.data.tags["sweeplab.version"]
+        # params: the full resolved config, the trial's suggestions included
+        optimizer = trial.params["optimizer"]
+        assert run.data.params["train.optimizer"] == optimizer
+        assert float(run.data.params["train.lr"]) == trial.params[f"lr_{optimizer}"]
+        assert run.data.params["model.hidden"] == str(trial.params["hidden"])
+        assert run.data.params["train.epochs"] == str(EPOCHS) and run.data.params["data.n_samples"] == "240"
+        assert run.info.run_name.endswith(f"#{trial.number}") and run.info.run_name.startswith(optimizer.lower())
+
+
+def test_curves_summary_metrics_match_an_independent_run_of_the_seed_loop(small_sweep):
+    _, client, runs, study = small_sweep
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        run_id = trial.user_attrs["mlflow_run_id"]
+        history = {key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+                   for key in ("train_loss", "val_loss")}
+        assert [m.step for m in history["val_loss"]] == list(range(1, EPOCHS + 1))
+        optimizer = trial.params["optimizer"]
+        expected = seed_run(optimizer=optimizer, lr=trial.params[f"lr_{optimizer}"], hidden=trial.params["hidden"],
+                            noise=trial.params["noise"], epochs=EPOCHS)
+        assert [m.value for m in history["train_loss"]] == expected["train_loss"]
+        assert [m.value for m in history["val_loss"]] == expected["val_loss"]
+        metrics = client.get_run(run_id).data.metrics
+        val = [m.value for m in history["val_loss"]]
+        assert metrics["best_val_loss"] == min(val) == trial.value
+        assert metrics["best_epoch"] == val.index(min(val)) + 1
+
+
+def test_logged_checkpoint_rebuilds_the_model_and_reproduces_best_val_loss(small_sweep, tmp_path):
+    _, client, _, study = small_sweep
+    trial = study.best_trial
+    run_id = trial.user_attrs["mlflow_run_id"]
+    folder = client.download_artifacts(run_id, "checkpoint", str(tmp_path))
+    spec = json.loads(open(f"{folder}/model_spec.json").read())
+    payload = torch.load(f"{folder}/best.pt", weights_only=True)
+    # rebuild with plain torch from the logged spec, and regenerate the validation split as the seed does
+    hidden = spec["hidden"][0]
+    net = torch.nn.Sequential(torch.nn.Linear(spec["in_features"], hidden), torch.nn.ReLU(),
+                              torch.nn.Linear(hidden, spec["out_features"]))
+    net.load_state_dict({k.removeprefix("net."): v for k, v in payload["state_dict"].items()})
+    torch.manual_seed(42)
+    x = torch.randn(240, 2)
+    y = 3 * x[:, [0]] + 2 * x[:, [1]] + 5 + torch.randn(240, 1) * trial.params["noise"]
+    val = torch.randperm(240, generator=torch.Generator().manual_seed(42))[192:]
+    with torch.no_grad():
+        loss = torch.nn.functional.mse_loss(net(x[val]), y[val]).item()
+    assert loss == pytest.approx(trial.value, rel=1e-6)
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].tags[0].value == "training"
+
+
+def test_champion_is_registered_and_predicts_without_sweeplab(small_sweep):
+    tmp, client, _, study = small_sweep
+    version = client.get_model_version_by_alias("small", "champion")
+    assert version.tags["sweeplab.source_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    script = textwrap.dedent("""\
+        import json, sys
+        import numpy as np, mlflow
+        mlflow.set_tracking_uri("sqlite:///mlflow.db")
+        model = mlflow.pyfunc.load_model("models:/small@champion")
+        rows = np.random.default_rng(0).normal(size=(1000, 2)).astype(np.float32)
+        out = {n: np.asarray(model.predict(rows[:n])).ravel().tolist() for n in (1, 3, 1000)}
+        assert "sweeplab" not in sys.modules
+        print(json.dumps(out))
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp, capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the same rows through the logged checkpoint, in plain torch
+    folder = client.download_artifacts(version.tags["sweeplab.source_run_id"], "checkpoint", str(tmp / "dl"))
+    state = torch.load(f"{folder}/best.pt", weights_only=True)["state_dict"]
+    import numpy as np
+
+    rows = torch.tensor(np.random.default_rng(0).normal(size=(1000, 2)).astype(np.float32))
+    hidden = torch.relu(rows @ state["net.0.weight"].T + state["net.0.bias"])
+    expected = (hidden @ state["net.2.weight"].T + state["net.2.bias"])[:, 0].tolist()
+    for n in (1, 3, 1000):
+        assert out[str(n)] == pytest.approx(expected[:n], rel=1e-5, abs=1e-5)
+
+
+def test_resume_reaches_exactly_n_trials(store):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "resume", SPACE, 3)
+    assert main(["sweep", str(sweep), "epochs=3", "--quiet"]) == 0
+    assert main(["sweep", str(sweep), "epochs=3", "--quiet"]) == 0  # nothing left to do
+    assert main(["sweep", str(sweep), "epochs=3", "n_trials=5", "--quiet"]) == 0
+    study = study_of(store, "resume")
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 5
+    assert len(study.trials) == 5
+    children = [r for r in runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "resume")
+                if r.data.tags.get("sweeplab.role") == "trial"]
+    assert len(children) == 5
+
+
+def test_two_workers_finish_the_budget_without_duplicates(store):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "pair", SPACE, 6, sampler="tpe")
+    assert main(["sweep", str(sweep), "epochs=4", "workers=2", "--quiet"]) == 0
+    study = study_of(store, "pair")
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(finished) == 6
+    assert len({t.number for t in finished}) == 6
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers took part
+    runs = runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "pair")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    children = [r for r in runs if r.data.tags.get("sweeplab.role") == "trial" and r.info.status == "FINISHED"]
+    assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in finished)
+
+
+def test_diverged_and_pruned_trials_are_recorded_and_the_sweep_goes_on(store):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "outcomes", "optimizer: {choices: [SGD]}\nlr: {low: 0.0001, high: 10.0}\n",
+                        3, pruner="median", extra="")
+    sweep.write_text(sweep.read_text().replace("pruner: {type: median}",
+                                               "pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 2}"))
+    # Fix the order with Optuna's own queue: a good trial, then SGD at lr=10 (diverges), then lr=1e-4, which
+    # barely moves and is stopped by the median pruner as soon as its warm-up (2 epochs) allows.
+    study = optuna.create_study(study_name="outcomes", storage=optuna.storages.JournalStorage(
+        __import__("optuna.storages.journal", fromlist=["x"]).JournalFileBackend(str(store / "optuna.journal"))),
+        load_if_exists=True)
+    for lr in (0.05, 10.0, 0.0001):
+        study.enqueue_trial({"optimizer": "SGD", "lr": lr})
+    assert main(["sweep", str(sweep), "epochs=8", "--quiet"]) == 0
+    study = study_of(store, "outcomes")
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    outcomes = {}
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        outcome = run.data.tags["sweeplab.outcome"]
+        outcomes[trial.params["lr"]] = outcome
+        epochs_run = len(client.get_metric_history(run.info.run_id, "val_loss"))
+        if outcome == "completed":
+            assert trial.state == optuna.trial.TrialState.COMPLETE and run.info.status == "FINISHED"
+            continue
+        assert trial.state == optuna.trial.TrialState.PRUNED
+        assert run.data.tags["sweeplab.reason"] == trial.user_attrs["reason"]
+        if outcome == "diverged":
+            assert run.info.status == "FAILED" and trial.user_attrs["reason"].startswith(f"diverged at epoch {epochs_run}")
+        else:
+            assert run.info.status == "KILLED" and trial.user_attrs["reason"].startswith(f"pruned at epoch {epochs_run}")
+            assert epochs_run == 2  # steps are epochs (1-based); MedianPruner may prune once step >= n_warmup_steps
+    assert outcomes == {0.05: "completed", 10.0: "diverged", 0.0001: "pruned"}
+
+
+def test_resuming_with_a_changed_space_fails_before_running(store, capsys):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    first = write_sweep(store / "a.yaml", root, "changed", "hidden: {choices: [4, 8]}\n", 1)
+    assert main(["sweep", str(first), "epochs=2", "--quiet"]) == 0
+    runs_before = len(runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "changed"))
+    second = write_sweep(store / "b.yaml", root, "changed", "hidden: {choices: [16, 32]}\n", 2)
+    assert main(["sweep", str(second), "epochs=2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already searched hidden over choices [4, 8]; this file gives choices [16, 32]" in err
+    assert len(runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "changed")) == runs_before
+
+
+@pytest.mark.parametrize("space, words", [
+    ("optimizer: {choices: [Adam, Adagrad]}\n", "space.optimizer: train.optimizer: Input should be"),
+    ("lr: {low: 0.1, high: 0.01}\n", "low (0.1) must not exceed high (0.01)"),
+    ("lr: {by: optimizer, cases: {Adam: {choices: [0.1]}}}\n", "must be a categorical parameter of the space"),
+    ("hidden: {choices: [4, -1]}\n", "space.hidden: model.hidden"),
+    ("widht: {choices: [4]}\n", "space.widht: widht: Extra inputs are not permitted"),
+])
+def test_a_bad_sweep_file_creates_nothing(store, capsys, space, words):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "bad.yaml", root, "bad", space, 2)
+    assert main(["sweep", str(sweep)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"sweeplab: error: {sweep}: ") and words in err
+    assert not (store / "mlflow.db").exists() and not (store / "optuna.journal").exists()
