@@ -5,13 +5,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SWEEPLAB := $(VENV)/bin/sweeplab
 EXPERIMENT ?= experiments/training_loop_lab.yaml
+SWEEP ?= sweeps/optimizer_hidden_noise.yaml
+ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 5000
 
-.PHONY: install test run bench clean help
+.PHONY: install test run sweep ui bench clean help
 
 help:
 	@echo "make sweep    run the default sweep (sets up .venv on first use)"
 	@echo "make test     run the test suite"
-	@echo "make run      train the seed's lab once (EXPERIMENT=...)"
+	@echo "make ui       MLflow UI on http://127.0.0.1:5000 (HOST=, PORT=)"
+	@echo "make run      train the seed's lab once (EXPERIMENT=..., ARGS='lr=0.1')"
 	@echo "make bench    benchmarks, printed as ratios against the baseline"
 
 install: $(VENV)/.installed
@@ -26,10 +31,17 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: install
-	$(SWEEPLAB) run $(EXPERIMENT)
+	$(SWEEPLAB) run $(EXPERIMENT) $(ARGS)
+
+sweep: install
+	$(SWEEPLAB) sweep $(SWEEP) $(ARGS)
+
+ui: install
+	$(SWEEPLAB) ui --host $(HOST) --port $(PORT)
 
 bench: install
 	$(PY) benchmarks/bench_run.py
+	$(PY) benchmarks/bench_sweep.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

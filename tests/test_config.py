@@ -64,7 +64,7 @@ def test_cli_exit_code_and_no_traceback_in_a_real_process(tmp_path):
 
 
 def test_run_json_has_the_curves_and_matches_the_seed(lab_path, capsys):
-    assert main(["run", str(lab_path), "--json", "epochs=20"]) == 0
+    assert main(["run", str(lab_path), "--json", "epochs=20", "--no-track"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = seed_run(epochs=20)
     assert summary["train_loss"] == expected["train_loss"] and summary["val_loss"] == expected["val_loss"]

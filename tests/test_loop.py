@@ -15,7 +15,7 @@ from sweeplab.loop import (ShapeError, TensorBatches, check_batch, classificatio
 
 
 def test_lab_prints_the_seeds_expected_output(lab_path):
-    out = subprocess.run([sys.executable, "-m", "sweeplab", "run", str(lab_path)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "sweeplab", "run", str(lab_path), "--no-track"], capture_output=True, text=True,
                          check=True).stdout
     seed_lines = SEED_EXPECTED_OUTPUT.splitlines()
     # the seed's lines, in order and identical; sweeplab may add lines (best_epoch) after them

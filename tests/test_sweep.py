@@ -192,11 +192,32 @@ def test_two_workers_finish_the_budget_without_duplicates(store):
     finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
     assert len(finished) == 6
     assert len({t.number for t in finished}) == 6
-    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers took part
     runs = runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "pair")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     children = [r for r in runs if r.data.tags.get("sweeplab.role") == "trial" and r.info.status == "FINISHED"]
     assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in finished)
+
+
+def test_independent_worker_processes_share_one_budget(store):
+    """Two `sweeplab worker` processes (as on two machines) against one study: exactly n_trials, no trial twice."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "shared", SPACE, 10, sampler="tpe")
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
+           "SWEEPLAB_STORAGE": str(store / "optuna.journal")}
+    procs = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=20",
+                               "--worker-index", str(i)], cwd=store, env=env, stdout=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    study = study_of(store, "shared")
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    ran = sum(int(out.split("worker done: ")[1].split()[0]) for out in outputs)
+    assert len(finished) == 10 and ran == 10
+    runs = runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "shared")
+    trial_runs = [r for r in runs if r.data.tags.get("sweeplab.role") == "trial"]
+    assert sorted(r.data.tags["sweeplab.trial_number"] for r in trial_runs) == sorted(str(t.number) for t in finished)
+    workers = [r for r in runs if r.data.tags.get("sweeplab.role") == "worker"]
+    assert len(workers) == 2 and all(r.info.status == "FINISHED" for r in runs)
 
 
 def test_diverged_and_pruned_trials_are_recorded_and_the_sweep_goes_on(store):
@@ -260,3 +281,20 @@ def test_a_bad_sweep_file_creates_nothing(store, capsys, space, words):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"sweeplab: error: {sweep}: ") and words in err
     assert not (store / "mlflow.db").exists() and not (store / "optuna.journal").exists()
+
+
+def test_sweeplab_run_tracks_one_run_with_the_same_names_and_artifacts(store, capsys):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    assert main(["run", str(root / LAB), "epochs=20"]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    (run,) = runs_of(client, "training_loop_lab")
+    assert f"mlflow run: {run.info.run_id}" in out and run.info.status == "FINISHED"
+    assert run.data.tags["sweeplab.role"] == "run" and run.data.params["train.lr"] == "0.03"
+    expected = seed_run(epochs=20)
+    history = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)
+    assert [m.value for m in history] == expected["val_loss"]
+    assert run.data.metrics["best_val_loss"] == expected["best_val"]
+    assert run.data.metrics["best_epoch"] == expected["best_epoch"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/best.pt", "checkpoint/model_spec.json", "checkpoint/config.json"} <= names

@@ -53,13 +53,25 @@ def register_champion(tracker: Tracker, study: optuna.Study, name: str, parent_r
     with mlflow.start_run(run_id=parent_run_id):
         info = mlflow.pytorch.log_model(model, name=ALIAS, input_example=example, pip_requirements=requirements,
                                         serialization_format="pt2")
-    version = mlflow.register_model(info.model_uri, name, tags={TAG_CHAMPION_RUN: run_id,
-                                                                "sweeplab.trial_number": str(best.number),
-                                                                "best_val_loss": repr(best.value)})
-    tracker.client.set_registered_model_alias(name, ALIAS, version.version)
+    client = tracker.client
+    if _registered_model(tracker, name) is None:
+        try:
+            client.create_registered_model(name, description=f"Best model of the sweeplab study {name!r}")
+        except Exception:  # another process registered it first
+            pass
+    version = client.create_model_version(name, info.model_uri, run_id=parent_run_id, tags={
+        TAG_CHAMPION_RUN: run_id, "sweeplab.trial_number": str(best.number), "best_val_loss": repr(best.value)})
+    client.set_registered_model_alias(name, ALIAS, version.version)
     tracker.client.set_model_version_tag(name, version.version, "sweeplab.model_spec", json.dumps(spec.to_dict()))
     return {"name": name, "version": version.version, "trial": best.number, "run_id": run_id, "new": True,
             "best_val_loss": best.value}
+
+
+def _registered_model(tracker: Tracker, name: str):
+    try:
+        return tracker.client.get_registered_model(name)
+    except Exception:
+        return None
 
 
 def _current_champion(tracker: Tracker, name: str):

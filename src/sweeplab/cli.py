@@ -214,7 +214,7 @@ def _worker(args: argparse.Namespace) -> int:
     skip_dynamo_wrappers()
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     storage_url = resolve_storage_url(args.storage, tracking_uri)
-    ran = run_worker(sweep, tracking_uri, storage_url, args.parent_run_id, args.worker_index)
+    ran = run_worker(sweep, tracking_uri, storage_url, args.parent_run_id or None, args.worker_index)
     if not args.quiet:
         print(f"worker done: {ran} trials run")
     return 0
@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="override fields: optimizer=SGD lr=0.05 hidden=32 noise=1.0 epochs=20 ... or data.val_size=0.2")
     run.add_argument("--json", action="store_true", help="print one JSON object with the curves and results")
-    run.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
-                     help="log the run to MLflow (default: off)")
+    run.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
+                     help="log the run to MLflow like a sweep trial (default: on; --no-track skips MLflow entirely)")
     run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     run.set_defaults(func=_run)
 

@@ -183,8 +183,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         if workers == 1:
             ran = work(ctx, on_trial_end=(lambda number, outcome: progress(study, n_trials)) if progress else None)
         else:
-            ran = _run_workers(sweep, tracking_uri, storage_url, parent, workers, study, n_trials, progress,
-                               extra_args or [])
+            ran = _run_workers(ctx, tracking_uri, storage_url, workers, progress, extra_args or [])
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         _quietly(tracker.end_run, parent, "killed" if interrupted else "failed",
@@ -199,36 +198,51 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     return outcome
 
 
-def _run_workers(sweep: Sweep, tracking_uri: str, storage_url: str, parent: str, workers: int,
-                 study: optuna.Study, n_trials: int, progress, extra_args: list[str]) -> int:
-    """N `sweeplab worker` processes on this machine, one torch thread each, sharing the study."""
+def _run_workers(ctx: SweepContext, tracking_uri: str, storage_url: str, workers: int, progress,
+                 extra_args: list[str]) -> int:
+    """This process works as worker 0 beside N-1 `sweeplab worker` processes on this machine, one torch thread
+    each, sharing the study. (This process has paid its imports already; the others start while it trains.)"""
+    import torch
+
+    sweep, study, n_trials = ctx.sweep, ctx.study, ctx.n_trials
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SWEEPLAB_STORAGE": storage_url,
            "MLFLOW_TRACKING_URI": tracking_uri}
     before = count(study, FINISHED)
     procs = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", sweep.source, *extra_args,
-                               "--parent-run-id", parent, "--worker-index", str(i), "--quiet"], env=env)
-             for i in range(workers)]
+                               "--parent-run-id", ctx.parent_run_id or "", "--worker-index", str(i), "--quiet"],
+                              env=env)
+             for i in range(1, workers)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
+        work(ctx, on_trial_end=(lambda number, outcome: progress(study, n_trials)) if progress else None)
         while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
+            time.sleep(0.2)
             if progress:
                 progress(study, n_trials)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    except BaseException:
+        _stop(procs)
         raise
-    if progress:
-        progress(study, n_trials)
+    finally:
+        torch.set_num_threads(threads)
     failed = [p.returncode for p in procs if p.returncode != 0]
     if failed and count(study, FINISHED) < n_trials:
-        raise SweepError(f"{len(failed)} of {workers} workers failed (exit codes {failed}); see their messages above")
+        raise SweepError(f"{len(failed)} of {workers - 1} worker processes failed (exit codes {failed}); "
+                         "see their messages above")
     return count(study, FINISHED) - before
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Ctrl-C reaches the whole process group anyway; SIGINT again for the ones started otherwise, then wait
+    for each to end its trial's run as killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str | None,

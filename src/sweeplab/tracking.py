@@ -99,8 +99,24 @@ class Tracker:
 
     def __init__(self, tracking_uri: str):
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        self.client = self._open_client(tracking_uri)
         self._tags = common_tags()
+
+    @staticmethod
+    def _open_client(tracking_uri: str) -> MlflowClient:
+        """MLflow creates and migrates a SQLite schema when a client first opens it; two processes doing so at
+        once collide ("duplicate column name"). A file lock beside the database lets one at a time do it."""
+        if not tracking_uri.startswith("sqlite:///"):
+            return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        import fcntl
+
+        database = Path(tracking_uri[len("sqlite:///"):])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{database}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            client.search_registered_models(max_results=1)  # the registry's store opens lazily
+        return client
 
     def experiment_id(self, name: str) -> str:
         """Get or create; two workers creating it at once is fine (the loser reads the winner's)."""
@@ -250,27 +266,40 @@ def run_name_for(config: ExperimentConfig, trial_number: int | None = None) -> s
 
 
 class RunTracker:
-    """`sweeplab run` with tracking: one run in the experiment named after the config."""
+    """`sweeplab run` with tracking: one run in the experiment named after the config.
 
-    def __init__(self, tracker: Tracker, run: TrialRun):
-        self.tracker, self.run = tracker, run
-        self.epoch_callback = run.epoch_callback
-        self.run_id = run.run_id
-        self.tracking_uri_display = display_uri(tracker.tracking_uri)
+    The run is created when the first epoch has trained, so input the loop rejects up front (labels that do
+    not fit the loss, an absent device) leaves nothing half-written in MLflow."""
+
+    def __init__(self, tracking_uri: str, config: ExperimentConfig, source: str):
+        self.tracking_uri = tracking_uri
+        self.tracking_uri_display = display_uri(tracking_uri)
+        self.config, self.source = config, source
+        self.run: TrialRun | None = None
 
     @classmethod
     def for_experiment(cls, config: ExperimentConfig, tracking_uri: str, source: str) -> "RunTracker":
-        tracker = Tracker(tracking_uri)
-        experiment_id = tracker.experiment_id(config.name)
-        run = tracker.trial_run(experiment_id, run_name_for(config), config,
-                                {TAG_ROLE: "run", "sweeplab.experiment_file": str(source)})
-        return cls(tracker, run)
+        return cls(tracking_uri, config, source)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run else None
+
+    def epoch_callback(self, record: EpochRecord) -> None:
+        if self.run is None:
+            tracker = Tracker(self.tracking_uri)
+            experiment_id = tracker.experiment_id(self.config.name)
+            self.run = tracker.trial_run(experiment_id, run_name_for(self.config), self.config,
+                                         {TAG_ROLE: "run", "sweeplab.experiment_file": str(self.source)})
+        return self.run.epoch_callback(record)
 
     def finish(self, result) -> None:
         history = result.history
         outcome = {"completed": "completed", "diverged": "diverged"}.get(history.status, "killed")
-        self.run.finish(result, outcome, history.stop_reason)
+        if self.run:
+            self.run.finish(result, outcome, history.stop_reason)
 
     def fail(self, exc: BaseException) -> None:
         outcome = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
-        self.run.end(outcome, f"{type(exc).__name__}: {exc}")
+        if self.run:
+            self.run.end(outcome, f"{type(exc).__name__}: {exc}")
