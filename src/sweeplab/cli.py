@@ -125,8 +125,7 @@ def _sweep(args: argparse.Namespace) -> int:
     spec = sweep.spec
     workers = spec.workers
     bar = _Progress(spec.study, enabled=not args.quiet)
-    outcome = run_sweep(sweep, tracking_uri, storage_url, workers=workers, progress=bar.update,
-                        extra_args=list(args.overrides))
+    outcome = run_sweep(sweep, tracking_uri, storage_url, workers=workers, progress=bar.update)
     bar.close()
     _print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
     return 0

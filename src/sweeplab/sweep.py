@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,24 +171,39 @@ def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage
 
 
 def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 1,
-              progress: Callable[[optuna.Study, int], None] | None = None, register: bool = True,
-              extra_args: list[str] | None = None) -> SweepOutcome:
+              progress: Callable[[optuna.Study, int], None] | None = None, register: bool = True) -> SweepOutcome:
+    """`sweeplab sweep`: this process works as worker 0; with workers=N it forks N-1 helpers first."""
     spec = sweep.spec
     n_trials = budget(spec)
-    study, tracker, experiment_id = prepare(sweep, tracking_uri, storage_url)
-    parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
-    ctx = SweepContext(sweep, study, tracker, experiment_id, parent, n_trials)
+    helpers = _fork_helpers(sweep, tracking_uri, storage_url, n_trials, workers - 1)
     try:
-        if workers == 1:
-            ran = work(ctx, on_trial_end=(lambda number, outcome: progress(study, n_trials)) if progress else None)
-        else:
-            ran = _run_workers(ctx, tracking_uri, storage_url, workers, progress, extra_args or [])
+        study, tracker, experiment_id = prepare(sweep, tracking_uri, storage_url)
+        parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
+    except BaseException:
+        _release(helpers, "")
+        _wait(helpers)
+        raise
+    _release(helpers, parent)
+    ctx = SweepContext(sweep, study, tracker, experiment_id, parent, n_trials)
+    before = count(study, FINISHED)
+    report = (lambda number, outcome: progress(study, n_trials)) if progress else None
+    try:
+        if helpers:
+            import torch
+
+            torch.set_num_threads(1)  # one core per worker
+        work(ctx, on_trial_end=report)
+        failed = _wait(helpers, lambda: progress(study, n_trials) if progress else None)
+        if failed and count(study, FINISHED) < n_trials:
+            raise SweepError(f"{len(failed)} of {len(helpers)} helper workers failed (exit codes {failed}); "
+                             "see their messages above")
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
+        _wait(helpers, timeout=20)
         _quietly(tracker.end_run, parent, "killed" if interrupted else "failed",
                  "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
         raise
-    outcome = SweepOutcome(study, parent, experiment_id, ran)
+    outcome = SweepOutcome(study, parent, experiment_id, count(study, FINISHED) - before)
     if register and count(study, (TrialState.COMPLETE,)):
         from .champion import register_champion
 
@@ -198,51 +212,81 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     return outcome
 
 
-def _run_workers(ctx: SweepContext, tracking_uri: str, storage_url: str, workers: int, progress,
-                 extra_args: list[str]) -> int:
-    """This process works as worker 0 beside N-1 `sweeplab worker` processes on this machine, one torch thread
-    each, sharing the study. (This process has paid its imports already; the others start while it trains.)"""
-    import torch
+@dataclass
+class _Helper:
+    pid: int
+    pipe: int  # write end: the parent run id, once it exists ("" means: exit without working)
 
-    sweep, study, n_trials = ctx.sweep, ctx.study, ctx.n_trials
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SWEEPLAB_STORAGE": storage_url,
-           "MLFLOW_TRACKING_URI": tracking_uri}
-    before = count(study, FINISHED)
-    procs = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", sweep.source, *extra_args,
-                               "--parent-run-id", ctx.parent_run_id or "", "--worker-index", str(i), "--quiet"],
-                              env=env)
-             for i in range(1, workers)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+
+def _fork_helpers(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: int, n: int) -> list[_Helper]:
+    """Fork the extra local workers right away, before this process opens any store or starts any thread (only
+    the main thread exists after the imports), so each starts with the imports already paid for and opens its
+    own database connections. Each waits on a pipe for the parent run id, then works like `sweeplab worker`."""
+    helpers = []
+    for index in range(1, n + 1):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(write_end)
+            _helper_main(sweep, tracking_uri, storage_url, n_trials, index, read_end)
+        os.close(read_end)
+        helpers.append(_Helper(pid, write_end))
+    return helpers
+
+
+def _helper_main(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: int, index: int, pipe: int) -> None:
+    code = 0
     try:
-        work(ctx, on_trial_end=(lambda number, outcome: progress(study, n_trials)) if progress else None)
-        while any(p.poll() is None for p in procs):
-            time.sleep(0.2)
-            if progress:
-                progress(study, n_trials)
-    except BaseException:
-        _stop(procs)
-        raise
+        with os.fdopen(pipe) as reader:
+            parent = reader.read().strip()
+        if parent:
+            import torch
+
+            torch.set_num_threads(1)
+            study, tracker, experiment_id = prepare(sweep, tracking_uri, storage_url, worker_index=index)
+            work(SweepContext(sweep, study, tracker, experiment_id, parent, n_trials))
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as exc:
+        print(f"sweeplab: worker {index}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
     finally:
-        torch.set_num_threads(threads)
-    failed = [p.returncode for p in procs if p.returncode != 0]
-    if failed and count(study, FINISHED) < n_trials:
-        raise SweepError(f"{len(failed)} of {workers - 1} worker processes failed (exit codes {failed}); "
-                         "see their messages above")
-    return count(study, FINISHED) - before
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # never return into the parent's code path
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Ctrl-C reaches the whole process group anyway; SIGINT again for the ones started otherwise, then wait
-    for each to end its trial's run as killed."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    for p in procs:
+def _release(helpers: list[_Helper], parent_run_id: str) -> None:
+    for helper in helpers:
         try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+            os.write(helper.pipe, parent_run_id.encode())
+        finally:
+            os.close(helper.pipe)
+
+
+def _wait(helpers: list[_Helper], tick: Callable[[], None] | None = None, timeout: float | None = None) -> list[int]:
+    """Wait for the helpers; returns the non-zero exit codes. With a timeout (after Ctrl-C, which reached the
+    whole process group), helpers still running then are killed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = {h.pid for h in helpers}
+    failed = []
+    while pending:
+        for pid in list(pending):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                pending.discard(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if code:
+                    failed.append(code)
+        if pending:
+            if deadline is not None and time.monotonic() > deadline:
+                for pid in pending:
+                    os.kill(pid, signal.SIGKILL)
+                deadline = None
+            time.sleep(0.1)
+            if tick:
+                tick()
+    return failed
 
 
 def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str | None,
