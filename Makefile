@@ -10,11 +10,12 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install test run sweep ui bench clean help
+.PHONY: install test run sweep ui predict bench clean help
 
 help:
 	@echo "make sweep    run the default sweep (sets up .venv on first use)"
 	@echo "make test     run the test suite"
+	@echo "make predict  predict with the default sweep's champion (MODEL=..., ARGS='--x 1,2')"
 	@echo "make ui       MLflow UI on http://127.0.0.1:5000 (HOST=, PORT=)"
 	@echo "make run      train the seed's lab once (EXPERIMENT=..., ARGS='lr=0.1')"
 	@echo "make bench    benchmarks, printed as ratios against the baseline"
@@ -35,6 +36,11 @@ run: install
 
 sweep: install
 	$(SWEEPLAB) sweep $(SWEEP) $(ARGS)
+
+MODEL ?= models:/optimizer_hidden_noise@champion
+
+predict: install
+	$(SWEEPLAB) predict $(MODEL) $(ARGS)
 
 ui: install
 	$(SWEEPLAB) ui --host $(HOST) --port $(PORT)

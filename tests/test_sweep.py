@@ -298,3 +298,21 @@ def test_sweeplab_run_tracks_one_run_with_the_same_names_and_artifacts(store, ca
     assert run.data.metrics["best_epoch"] == expected["best_epoch"]
     names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert {"checkpoint/best.pt", "checkpoint/model_spec.json", "checkpoint/config.json"} <= names
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")))
+def test_shipped_sweep_files_are_valid(path):
+    from sweeplab.config import load_sweep
+
+    sweep = load_sweep(path)
+    assert sweep.config_for({}).name == "training_loop_lab"
+
+
+def test_seed_exercises_grid_runs_every_configuration_once(store):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    assert main(["sweep", str(root / "sweeps/seed_exercises.yaml"), "epochs=3", "--quiet"]) == 0
+    study = study_of(store, "seed_exercises")
+    configs = {(t.params["optimizer"], t.params[f"lr_{t.params['optimizer']}"], t.params["hidden"], t.params["noise"])
+               for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    expected = {(o, lr, h, n) for o, lr in (("Adam", 0.03), ("SGD", 0.05)) for h in (4, 16, 32) for n in (0.3, 1.0)}
+    assert configs == expected and len(study.trials) == 12

@@ -1,6 +1,43 @@
 """sweeplab: Optuna sweeps over a PyTorch training loop, every trial tracked in MLflow.
 
-Start at cli.py for the commands, loop.py for the training loop, experiment.py for how a config becomes a run.
+Start at cli.py for the commands, loop.py for the training loop, experiment.py for how a config becomes a run,
+sweep.py for the sweep driver. In a notebook:
+
+    import sweeplab
+    model = sweeplab.load_model("models:/optimizer_hidden_noise@champion")   # torch.nn.Module, eval mode
+    sweeplab.predict("optimizer_hidden_noise", [[1.0, 2.0]])                 # values, or class probabilities
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+
+def load_model(model: str, tracking_uri: str | None = None, device: str = "cpu"):
+    """A logged model as a torch.nn.Module in eval mode. `model` is a run id, a study (its best trial), or a
+    `models:/NAME@ALIAS` / `models:/NAME/VERSION` URI; the weights load with torch.load(weights_only=True)."""
+    from .serve import load_logged_model
+
+    return load_logged_model(model, tracking_uri, device)[0]
+
+
+def predict(model, x, tracking_uri: str | None = None, device: str = "cpu"):
+    """Predictions for rows x (a list of rows, an array or a tensor): regression values [N], a binary model's
+    probability of class 1 [N], or a multi-class model's class probabilities [N, K], as a torch.Tensor."""
+    import torch
+
+    from .loop import predict as forward
+    from .serve import load_logged_model
+
+    if isinstance(model, str):
+        module, spec, _ = load_logged_model(model, tracking_uri, device)
+    else:
+        module, spec = model, getattr(model, "spec", None)
+    rows = torch.as_tensor(x, dtype=torch.float32)
+    outputs = forward(module, rows.unsqueeze(0) if rows.dim() == 1 else rows)
+    task = getattr(spec, "task", "regression")
+    if task == "binary":
+        return torch.sigmoid(outputs[:, 0])
+    if task == "multiclass":
+        return torch.softmax(outputs, dim=1)
+    return outputs[:, 0]

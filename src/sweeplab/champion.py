@@ -8,7 +8,9 @@ so it works the same for a sweep that ran in many processes. Saved in MLflow's p
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,11 +48,9 @@ def register_champion(tracker: Tracker, study: optuna.Study, name: str, parent_r
     if len(rows) < 2:  # an example of one row would fix the batch dimension to 1
         rows = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(0)).tolist()
     example = np.asarray(rows, dtype=np.float32)
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    mlflow.set_registry_uri(tracker.tracking_uri)
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                     f"numpy=={np.__version__}"]
-    with mlflow.start_run(run_id=parent_run_id):
+    with _fluent_uri(tracker.tracking_uri), mlflow.start_run(run_id=parent_run_id):
         info = mlflow.pytorch.log_model(model, name=ALIAS, input_example=example, pip_requirements=requirements,
                                         serialization_format="pt2")
     client = tracker.client
@@ -65,6 +65,26 @@ def register_champion(tracker: Tracker, study: optuna.Study, name: str, parent_r
     tracker.client.set_model_version_tag(name, version.version, "sweeplab.model_spec", json.dumps(spec.to_dict()))
     return {"name": name, "version": version.version, "trial": best.number, "run_id": run_id, "new": True,
             "best_val_loss": best.value}
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """log_model only exists in MLflow's fluent API, whose tracking URI is process-global (and copied into
+    $MLFLOW_TRACKING_URI): point it at our store for the call, then put back what the caller had."""
+    import mlflow
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved_uri = mlflow.get_tracking_uri() if saved_env else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            mlflow.set_tracking_uri(None)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            mlflow.set_tracking_uri(saved_uri)
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def _registered_model(tracker: Tracker, name: str):

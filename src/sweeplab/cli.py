@@ -219,6 +219,42 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from ._eager import skip_dynamo_wrappers
+    from .serve import (ModelNotFound, load_logged_model, parse_rows, predict_rows, read_csv_rows,
+                        read_json_rows)
+
+    skip_dynamo_wrappers()
+    sources = [name for name, given in (("--x", args.x), ("INPUT", args.input)) if given]
+    if len(sources) > 1:
+        raise UsageError("give the input once: --x rows, a CSV file, or - for JSON on stdin")
+    try:
+        model, spec, found = load_logged_model(args.model, args.tracking_uri, args.device)
+        extra: list[str] = []
+        if args.x:
+            rows = parse_rows(args.x)
+        elif args.input == "-":
+            rows = read_json_rows(sys.stdin.read(), spec)
+        elif args.input:
+            rows, extra = read_csv_rows(args.input, spec)
+        else:
+            rows = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]]  # the seed's three test points
+        results = predict_rows(model, spec, rows)
+    except (ModelNotFound, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if extra:
+        print(f"note: ignoring column(s) {', '.join(extra)} (the model takes {', '.join(spec.feature_names)})",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps({"model": found, "task": spec.task, "features": list(spec.feature_names),
+                          "predictions": results}))
+        return 0
+    print(f"model: {found}", file=sys.stderr)
+    for item in results:
+        print(f"x={item['x']} -> {item['text']}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from .tracking import resolve_tracking_uri
 
@@ -269,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
     worker.add_argument("--worker-index", type=int, default=0, help="offsets the sampler seed (default 0)")
     worker.set_defaults(func=_worker)
+
+    predict = sub.add_parser("predict", help="predict with a logged model (run id, study name, models:/ URI)")
+    predict.add_argument("model", help="an MLflow run id, a sweep/study name (its best trial), a sweep file, "
+                                       "or models:/NAME@ALIAS, models:/NAME/VERSION")
+    predict.add_argument("input", nargs="?", help="a CSV file of feature columns, or - for JSON rows on stdin "
+                                                  "(default: the seed's three test points)")
+    predict.add_argument("--x", action="append", metavar="V1,V2", help="one input row; repeat for more")
+    predict.add_argument("--tracking-uri", default=None)
+    predict.add_argument("--device", default="cpu", help="where to load the weights (default cpu)")
+    predict.add_argument("--json", action="store_true", help="one JSON object with every prediction")
+    predict.set_defaults(func=_predict)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the tracking store")
     ui.add_argument("--tracking-uri", default=None)

@@ -77,6 +77,14 @@ def grid_size(space: dict[str, ParamSpec]) -> int:
     return size
 
 
+class BudgetGridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its own stop: it calls `study.stop()` once the grid is used up, which only works
+    inside `study.optimize`; with ask-and-tell the budget (capped at the grid's size) stops the workers."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
     """Seeded samplers; each worker gets its own seed (seed + index) or they would all propose the same
     points, and TPE uses the constant liar so parallel workers do not pile onto one region."""
@@ -84,7 +92,7 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.Base
     if spec.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler.type == "grid":
-        return optuna.samplers.GridSampler(grid_space(spec.space), seed=seed)
+        return BudgetGridSampler(grid_space(spec.space), seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
                                                       multivariate=True, group=True, constant_liar=True)
 

@@ -27,3 +27,167 @@ def describe_outputs(outputs: torch.Tensor, spec: ModelSpec) -> list[dict[str, A
         label = max(range(len(row)), key=row.__getitem__)
         rows.append({"prediction": label, "probabilities": row, "text": f"label={label} p={row[label]:.2f}"})
     return rows
+
+
+# --- loading a logged model -------------------------------------------------------------------------------------
+
+class ModelNotFound(LookupError):
+    """An unknown run, study or registered model, or a run without a best state: one line for the user."""
+
+
+def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
+    """(run id, how it was found) for a run id, a study/sweep name (its best completed trial), a sweep file, or a
+    `models:/NAME@ALIAS` / `models:/NAME/VERSION` URI of a model that sweeplab registered."""
+    from .tracking import TAG_OUTCOME, Tracker
+
+    client = Tracker(tracking_uri).client
+    if reference.startswith("models:/"):
+        return _registered_run(client, reference), reference
+    if reference.endswith((".yaml", ".yml")):
+        from .config import read_yaml
+
+        study = read_yaml(reference).get("study")
+        if not study:
+            raise ModelNotFound(f"{reference}: no study name in this sweep file")
+        reference = str(study)
+    experiment = client.get_experiment_by_name(reference)
+    if experiment is not None:
+        runs = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{TAG_OUTCOME}` = 'completed' and metrics.best_val_loss < 1e308",
+                                  order_by=["metrics.best_val_loss ASC"], max_results=1)
+        if not runs:
+            raise ModelNotFound(f"{reference}: the study has no completed trial yet")
+        run = runs[0]
+        trial = run.data.tags.get("sweeplab.trial_number")
+        return run.info.run_id, f"best of {reference}" + (f" (trial #{trial})" if trial else "")
+    try:
+        run = client.get_run(reference)
+    except Exception:
+        raise ModelNotFound(f"{reference}: no such run id, study or sweep in {_display(tracking_uri)}") from None
+    return run.info.run_id, f"run {reference}"
+
+
+def _registered_run(client, uri: str) -> str:
+    from .champion import TAG_CHAMPION_RUN
+
+    rest = uri[len("models:/"):]
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = rest.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except Exception:
+        raise ModelNotFound(f"{uri}: no such registered model version") from None
+    run_id = version.tags.get(TAG_CHAMPION_RUN)
+    if not run_id:
+        raise ModelNotFound(f"{uri}: not registered by sweeplab (no {TAG_CHAMPION_RUN} tag); "
+                            "load it with mlflow.pyfunc.load_model instead")
+    return run_id
+
+
+def _display(uri: str) -> str:
+    from .search import redact
+
+    return redact(uri)
+
+
+def load_logged_model(reference: str, tracking_uri: str | None = None, device: str = "cpu"):
+    """(model in eval mode on `device`, its ModelSpec, description). The checkpoint is read with
+    torch.load(weights_only=True) and mapped to `device`, so a GPU-trained model loads on a CPU machine."""
+    import tempfile
+
+    from .model import load_checkpoint
+    from .tracking import CHECKPOINT_PATH, Tracker, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    run_id, found = resolve_run_id(reference, tracking_uri)
+    client = Tracker(tracking_uri).client
+    with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", tmp)
+        except Exception:
+            raise ModelNotFound(f"{reference}: run {run_id} has no best state ({CHECKPOINT_PATH}/best.pt)") from None
+        model, spec = load_checkpoint(path, map_location=device)
+    return model, spec, f"{found}, run {run_id}"
+
+
+def parse_rows(values: list[str]) -> list[list[float]]:
+    """`--x 1.0,2.0 --x -1,0.5` -> [[1.0, 2.0], [-1.0, 0.5]]; a non-number is named."""
+    rows = []
+    for value in values:
+        row = []
+        for item in value.split(","):
+            try:
+                row.append(float(item))
+            except ValueError:
+                raise ValueError(f"--x {value}: {item.strip()!r} is not a number") from None
+        rows.append(row)
+    return rows
+
+
+def read_json_rows(text: str, spec: ModelSpec) -> list[list[float]]:
+    """JSON on stdin: [[1, 2], ...], {"x": [[...]]}, or [{"x1": 1, "x2": 2}, ...] keyed by feature name."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"stdin: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict):
+        data = data.get("x", data.get("inputs"))
+    if not isinstance(data, list):
+        raise ValueError('stdin: expected a list of rows, or {"x": [rows]}')
+    rows = []
+    for i, row in enumerate(data):
+        if isinstance(row, dict):
+            missing = [name for name in spec.feature_names if name not in row]
+            if missing:
+                raise ValueError(f"stdin: row {i} lacks feature(s) {', '.join(missing)}")
+            row = [row[name] for name in spec.feature_names]
+        if not isinstance(row, list):
+            raise ValueError(f"stdin: row {i} is not a list of numbers")
+        try:
+            rows.append([float(v) for v in row])
+        except (TypeError, ValueError):
+            raise ValueError(f"stdin: row {i} holds a value that is not a number: {row!r}") from None
+    return rows
+
+
+def read_csv_rows(path: str, spec: ModelSpec) -> tuple[list[list[float]], list[str]]:
+    """Rows of the model's feature columns, by name; (rows, extra column names, which are ignored)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
+    names = list(spec.feature_names)
+    missing = [name for name in names if name not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing feature column(s) {', '.join(missing)} (the model takes {', '.join(names)})")
+    extra = [str(c) for c in frame.columns if c not in names]
+    numeric = frame[names].apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna() & frame[names].notna() | frame[names].isna()
+    if bad.any().any():
+        column = bad.any()[bad.any()].index[0]
+        row = int(bad[column].to_numpy().nonzero()[0][0])
+        raise ValueError(f"{path}: column {column!r} row {row + 2} is not a number: {frame[column].iloc[row]!r}")
+    return numeric.to_numpy(dtype="float64").tolist(), extra
+
+
+def predict_rows(model, spec: ModelSpec, rows: list[list[float]]) -> list[dict[str, Any]]:
+    from .loop import predict
+
+    wrong = [i for i, row in enumerate(rows) if len(row) != spec.in_features]
+    if wrong:
+        raise ValueError(f"input row {wrong[0]} has {len(rows[wrong[0]])} values; the model takes "
+                         f"{spec.in_features} ({', '.join(spec.feature_names)})")
+    outputs = predict(model, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), spec.in_features))
+    described = describe_outputs(outputs, spec)
+    for row, item in zip(rows, described):
+        item["x"] = row
+    return described
