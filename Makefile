@@ -10,11 +10,12 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install test run sweep ui predict bench clean help
+.PHONY: install test run sweep ui predict report bench clean help
 
 help:
 	@echo "make sweep    run the default sweep (sets up .venv on first use)"
 	@echo "make test     run the test suite"
+	@echo "make report   tables and pictures for the default sweep (reports/<study>/)"
 	@echo "make predict  predict with the default sweep's champion (MODEL=..., ARGS='--x 1,2')"
 	@echo "make ui       MLflow UI on http://127.0.0.1:5000 (HOST=, PORT=)"
 	@echo "make run      train the seed's lab once (EXPERIMENT=..., ARGS='lr=0.1')"
@@ -36,6 +37,9 @@ run: install
 
 sweep: install
 	$(SWEEPLAB) sweep $(SWEEP) $(ARGS)
+
+report: install
+	$(SWEEPLAB) report $(SWEEP) $(ARGS)
 
 MODEL ?= models:/optimizer_hidden_noise@champion
 

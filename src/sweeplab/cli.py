@@ -128,6 +128,20 @@ def _sweep(args: argparse.Namespace) -> int:
     outcome = run_sweep(sweep, tracking_uri, storage_url, workers=workers, progress=bar.update)
     bar.close()
     _print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
+    if args.report:
+        from pathlib import Path
+
+        from .report import build_report, terminal_tables
+
+        out = Path(f"reports/{spec.study}")
+        try:
+            report = build_report(spec.study, tracking_uri, out)
+        except Exception as exc:  # the sweep itself succeeded; say why there is no report and carry on
+            print(f"report: not written ({type(exc).__name__}: {exc})", file=sys.stderr)
+        else:
+            print()
+            print(terminal_tables(report))
+            print(f"report:   {out / 'report.html'}")
     return 0
 
 
@@ -219,6 +233,36 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_name(reference: str) -> str:
+    """A sweep file gives its study's name; anything else is a study name already."""
+    if reference.endswith((".yaml", ".yml")):
+        from .config import read_yaml
+
+        study = read_yaml(reference).get("study")
+        if not study:
+            raise UsageError(f"{reference}: study: missing (the sweep file names its study)")
+        return str(study)
+    return reference
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    study = _study_name(args.study)
+    from .report import ReportError, build_report, terminal_tables
+    from .tracking import resolve_tracking_uri
+
+    out = Path(args.out or f"reports/{study}")
+    try:
+        report = build_report(study, resolve_tracking_uri(args.tracking_uri), out)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    print(terminal_tables(report))
+    print(f"\nreport: {out / 'report.html'} (CSV, PNG and summary.md beside it"
+          + (", also logged to the sweep's MLflow run)" if report.data.parent_run_id else ")"))
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from ._eager import skip_dynamo_wrappers
     from .serve import (ModelNotFound, load_logged_model, parse_rows, predict_rows, read_csv_rows,
@@ -296,7 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", metavar="key=value",
                        help="n_trials=N workers=N study=NAME sampler=random pruner=none, or any experiment key (epochs=20)")
     store_options(sweep)
+    sweep.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                       help="write the report (reports/STUDY/) at the end (default: on)")
     sweep.set_defaults(func=_sweep)
+
+    report = sub.add_parser("report", help="tables and pictures comparing how a sweep's trials converged")
+    report.add_argument("study", metavar="SWEEP_OR_STUDY", help="a sweep file or a study name")
+    report.add_argument("--tracking-uri", default=None)
+    report.add_argument("--out", default=None, help="output folder (default: reports/STUDY/)")
+    report.set_defaults(func=_report)
 
     worker = sub.add_parser("worker", help="join a sweep's study as one more worker (any machine)")
     worker.add_argument("sweep", help="sweep YAML file")
