@@ -52,6 +52,7 @@ ui: install
 bench: install
 	$(PY) benchmarks/bench_run.py
 	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_report.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -77,6 +77,9 @@ def _curves(client, run_ids: list[str]) -> pd.DataFrame:
     """train_loss and val_loss of every run, as rows (run_id, epoch, split, loss)."""
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     rows: list[tuple[str, int, str, float]] = []
+    fast = _select_curves(store, run_ids)
+    if fast is not None:
+        return fast
     for key, split in (("train_loss", "train"), ("val_loss", "val")):
         if hasattr(store, "get_metric_history_bulk"):  # a database store: one query per chunk of runs
             for start in range(0, len(run_ids), BULK_RUNS):
@@ -90,6 +93,34 @@ def _curves(client, run_ids: list[str]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["run_id", "epoch", "split", "loss"])
     # a metric logged twice for one step (a retried flush) counts once
     return frame.drop_duplicates(["run_id", "epoch", "split"], keep="last")
+
+
+def _select_curves(store, run_ids: list[str]) -> pd.DataFrame | None:
+    """For a database-backed store: one plain SELECT on MLflow's metrics table (its ORM model and engine),
+    returning rows instead of building a Metric object per value: ~10x faster than get_metric_history_bulk for
+    80,000 values. None when the store is not a SQLAlchemy one (a tracking server), or this MLflow lacks them."""
+    try:
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+        from sqlalchemy import select
+
+        engine = store.engine
+    except (ImportError, AttributeError):
+        return None
+    frames = []
+    with engine.connect() as connection:
+        for start in range(0, len(run_ids), BULK_RUNS):
+            query = (select(SqlMetric.run_uuid, SqlMetric.step, SqlMetric.key, SqlMetric.value, SqlMetric.is_nan,
+                            SqlMetric.timestamp)
+                     .where(SqlMetric.key.in_(["train_loss", "val_loss"]),
+                            SqlMetric.run_uuid.in_(run_ids[start:start + BULK_RUNS])))
+            frames.append(pd.DataFrame(connection.execute(query).all(),
+                                       columns=["run_id", "epoch", "key", "loss", "is_nan", "timestamp"]))
+    frame = pd.concat(frames, ignore_index=True)
+    frame["loss"] = frame["loss"].astype(float).where(~frame["is_nan"].astype(bool), math.nan)
+    frame["epoch"] = frame["epoch"].astype(int)
+    frame["split"] = frame["key"].map({"train_loss": "train", "val_loss": "val"})
+    frame = frame.sort_values(["run_id", "split", "epoch", "timestamp"])
+    return frame.drop_duplicates(["run_id", "epoch", "split"], keep="last")[["run_id", "epoch", "split", "loss"]]
 
 
 def _trial_frame(runs, curves: pd.DataFrame) -> pd.DataFrame:
@@ -212,7 +243,9 @@ def param_importances(trials: pd.DataFrame) -> pd.Series:
                   for c in columns}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
                                                   value=float(row["best_val_loss"])))
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    # Optuna's defaults (64 trees of depth 64) take ~8 s on 500 trials; 16 shallower trees rank the same handful
+    # of parameters in a fraction of that.
+    evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0)
     return pd.Series(optuna.importance.get_param_importances(study, evaluator=evaluator), name="importance")
 
 
@@ -282,6 +315,7 @@ def _pictures(data: SweepData, importances: pd.Series) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
 
     trials, curves = data.trials, data.curves
     factors = [f for f in FACTORS if f in trials.columns]
@@ -292,9 +326,14 @@ def _pictures(data: SweepData, importances: pd.Series) -> dict[str, bytes]:
         levels = _levels(trials[factor])
         colors = dict(zip(levels, plt.cm.tab10.colors))
         level_of = dict(zip(trials["trial"], trials[factor]))
+        segments, segment_colors = [], []
         for trial, curve in val.groupby("trial"):
             finite = curve[np.isfinite(curve["loss"]) & (curve["loss"] > 0)]
-            ax.plot(finite["epoch"], finite["loss"], color=colors.get(level_of.get(trial)), alpha=0.5, lw=0.8)
+            segments.append(np.column_stack([finite["epoch"].to_numpy(), finite["loss"].to_numpy()]))
+            segment_colors.append(colors.get(level_of.get(trial), "grey"))
+        # one LineCollection draws hundreds of curves far faster than one plot() each
+        ax.add_collection(LineCollection(segments, colors=segment_colors, alpha=0.5, linewidths=0.8))
+        ax.autoscale()
         for level in levels:
             ax.plot([], [], color=colors[level], label=str(level))
         ax.set_yscale("log")
