@@ -59,7 +59,7 @@ def register_champion(tracker: Tracker, study: optuna.Study, name: str, parent_r
             client.create_registered_model(name, description=f"Best model of the sweeplab study {name!r}")
         except Exception:  # another process registered it first
             pass
-    version = client.create_model_version(name, info.model_uri, run_id=parent_run_id, tags={
+    version = client.create_model_version(name, info.model_uri, run_id=parent_run_id, model_id=info.model_id, tags={
         TAG_CHAMPION_RUN: run_id, "sweeplab.trial_number": str(best.number), "best_val_loss": repr(best.value)})
     client.set_registered_model_alias(name, ALIAS, version.version)
     tracker.client.set_model_version_tag(name, version.version, "sweeplab.model_spec", json.dumps(spec.to_dict()))

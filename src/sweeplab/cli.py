@@ -115,11 +115,13 @@ def _sweep(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     sweep = load_sweep(args.sweep, overrides)  # a bad sweep file fails here, before any study or run exists
     from ._eager import skip_dynamo_wrappers
-    from .search import budget, count, resolve_storage_url
+    from .recovery import raise_on_sigterm
+    from .search import resolve_storage_url
     from .sweep import run_sweep
     from .tracking import resolve_tracking_uri
 
     skip_dynamo_wrappers()
+    raise_on_sigterm()
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     storage_url = resolve_storage_url(args.storage, tracking_uri)
     spec = sweep.spec
@@ -220,11 +222,13 @@ def _worker(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
     from ._eager import skip_dynamo_wrappers
+    from .recovery import raise_on_sigterm
     from .search import resolve_storage_url
     from .sweep import run_worker
     from .tracking import resolve_tracking_uri
 
     skip_dynamo_wrappers()
+    raise_on_sigterm()
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     storage_url = resolve_storage_url(args.storage, tracking_uri)
     ran = run_worker(sweep, tracking_uri, storage_url, args.parent_run_id or None, args.worker_index)
@@ -392,7 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sweeplab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sweeplab: interrupted", file=sys.stderr)
+        again = " (the trial in flight is recorded as failed; run the same command again to resume)" \
+            if args.command in ("sweep", "worker") else ""
+        print(f"sweeplab: interrupted{again}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `sweeplab run ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -401,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Errors with a message for the user, whose modules may not be loaded (so no import just to compare):
         # ShapeError (labels that do not fit the loss) is bad input; SweepError is a sweep that cannot go on.
         kind = type(exc).__name__
-        if kind in ("ShapeError", "SweepError"):
+        if kind in ("ShapeError", "SweepError", "OutageError"):
             print(f"sweeplab: error: {exc}", file=sys.stderr)
             return 2 if kind == "ShapeError" else 1
         raise

@@ -25,8 +25,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that hold a place in the budget: finished, running, or queued to run again.
 ALIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-HEARTBEAT_INTERVAL_S = 10
-GRACE_PERIOD_S = 30
+# A worker records its running trial's heartbeat this often; one silent for the grace period is declared lost.
+HEARTBEAT_INTERVAL_S = int(os.environ.get("SWEEPLAB_HEARTBEAT_INTERVAL", "10"))
+GRACE_PERIOD_S = int(os.environ.get("SWEEPLAB_GRACE_PERIOD", "30"))
 
 
 def optuna_name(name: str, case: str | None = None) -> str:

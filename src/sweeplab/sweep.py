@@ -7,6 +7,7 @@ model. `work` is one worker's loop; `run_trial` is one trial, from suggestion to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from optuna.trial import TrialState
 from .config import ConfigError, Sweep
 from .experiment import run_experiment
 from .loop import EpochRecord
+from .recovery import Heartbeat, OutageError, heartbeat_interval, raise_on_sigterm, recover, shielded, with_retries
 from .search import (ALIVE, FINISHED, budget, check_compatible, count, is_surplus, open_storage, open_study, redact, suggest,
                      worker_id)
 from .tracking import (TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_STUDY_TRIAL_ATTR, Tracker, finite,
@@ -41,8 +43,8 @@ class PruningCallback:
     def __call__(self, record: EpochRecord) -> str | None:
         if not finite(record.val_loss):
             return None  # the loop stops a diverging run itself
-        self.trial.report(record.val_loss, record.epoch)
-        if self.trial.should_prune():
+        with_retries(self.trial.report, record.val_loss, record.epoch)
+        if with_retries(self.trial.should_prune):
             return f"pruned at epoch {record.epoch} (val_loss={record.val_loss:.4g})"
         return None
 
@@ -57,6 +59,8 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str | None
     n_trials: int
+    storage: optuna.storages.BaseStorage | None = None
+    handled_failures: set[int] = field(default_factory=set)  # failed trials whose runs were already settled
 
 
 def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
@@ -73,32 +77,46 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
     tags = {TAG_ROLE: "trial", TAG_STUDY: ctx.sweep.spec.study, TAG_TRIAL: str(trial.number)}
     run = ctx.tracker.trial_run(ctx.experiment_id, run_name_for(config, trial.number), config, tags,
                                 parent_run_id=ctx.parent_run_id)
-    trial.set_user_attr(TAG_STUDY_TRIAL_ATTR, run.run_id)
+    with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run.run_id)
     try:
-        result = run_experiment(config, callbacks=[run.epoch_callback, PruningCallback(trial)])
+        with Heartbeat(ctx.storage, trial._trial_id) if ctx.storage else contextlib.nullcontext():
+            result = run_experiment(config, callbacks=[run.epoch_callback, PruningCallback(trial)])
     except BaseException as exc:
-        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
-        reason = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
-        _quietly(run.end, "killed" if interrupted else "failed", reason, {TAG_STATE: "FAIL"})
-        trial.set_user_attr("fail_reason", reason)
-        _quietly(ctx.study.tell, trial, state=TrialState.FAIL)
-        if interrupted:
+        with shielded():
+            interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            reason = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
+            _quietly(run.end, "killed" if interrupted else "failed", reason, {TAG_STATE: "FAIL"})
+            _quietly(trial.set_user_attr, "fail_reason", reason)
+            _quietly(ctx.study.tell, trial, state=TrialState.FAIL)
+            ctx.handled_failures.add(trial.number)
+        if interrupted or isinstance(exc, OutageError):
             raise
         return "failed"
     history = result.history
-    trial.set_user_attr("best_epoch", history.best_epoch)
+    with_retries(trial.set_user_attr, "best_epoch", history.best_epoch)
     if history.status == "completed":
         run.finish(result, "completed", tags={TAG_STATE: "COMPLETE"})
-        ctx.study.tell(trial, history.best_val_loss)
+        _tell(ctx.study, trial, history.best_val_loss)
         return "completed"
     outcome = "diverged" if history.status == "diverged" else "pruned"
     # Both are PRUNED to Optuna: the trial ended early by design and counts towards the budget; a diverged
     # trial carries its reason so reports can tell the two apart.
-    trial.set_user_attr("outcome", outcome)
-    trial.set_user_attr("reason", history.stop_reason)
+    with_retries(trial.set_user_attr, "outcome", outcome)
+    with_retries(trial.set_user_attr, "reason", history.stop_reason)
     run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: "PRUNED"})
-    ctx.study.tell(trial, state=TrialState.PRUNED)
+    _tell(ctx.study, trial, state=TrialState.PRUNED)
     return outcome
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
+    """tell, retried through outages; a retry that finds its first attempt already landed is done."""
+    def once() -> None:
+        try:
+            study.tell(trial, value, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+    with_retries(once)
 
 
 def _quietly(fn: Callable, *args: Any, **kwargs: Any) -> None:
@@ -110,16 +128,31 @@ def _quietly(fn: Callable, *args: Any, **kwargs: Any) -> None:
 
 
 def work(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = None) -> int:
-    """One worker: ask, train, tell, until the study holds n_trials finished trials. Returns trials run."""
+    """One worker: ask, train, tell, until the study holds n_trials finished trials. Returns trials run.
+
+    Before each trial it recovers lost trials (stale heartbeats, dead local workers). When every remaining
+    place is held by a running trial it waits rather than leaves: that trial may yet fail and be requeued."""
     ran = 0
     failures = 0
-    while count(ctx.study, FINISHED) < ctx.n_trials:
-        trial = ctx.study.ask()
-        if is_surplus(ctx.study, trial.number, ctx.n_trials):
-            # Another worker took the last place between our count and our ask: give this one back unrun.
-            trial.set_user_attr("surplus", True)
-            ctx.study.tell(trial, state=TrialState.FAIL)
+    poll = min(heartbeat_interval(ctx.storage) or 1.0, 1.0) if ctx.storage else 1.0
+    while True:
+        if ctx.storage is not None:
+            recover(ctx.study, ctx.storage, ctx.tracker.end_if_running, ctx.handled_failures)
+        states = [t.state for t in with_retries(ctx.study.get_trials, deepcopy=False)]
+        finished = sum(state in FINISHED for state in states)
+        if finished >= ctx.n_trials:
             break
+        running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+        if finished + running >= ctx.n_trials and not queued:
+            time.sleep(poll)
+            continue
+        trial = with_retries(ctx.study.ask)
+        if with_retries(is_surplus, ctx.study, trial.number, ctx.n_trials):
+            # Another worker took the last free place between our count and our ask: give this one back unrun.
+            with_retries(trial.set_user_attr, "surplus", True)
+            _tell(ctx.study, trial, state=TrialState.FAIL)
+            ctx.handled_failures.add(trial.number)
+            continue
         outcome = run_trial(ctx, trial)
         ran += 1
         failures = failures + 1 if outcome == "failed" else 0
@@ -143,15 +176,16 @@ class SweepOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0
-            ) -> tuple[optuna.Study, Tracker, str]:
+def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> SweepContext:
+    """Open the storage, the study and the MLflow experiment: a context without a parent run yet."""
     storage = open_storage(storage_url)
     tracker = Tracker(tracking_uri)
     epochs = sweep.config_for({}).train.epochs
     study = open_study(sweep.spec, storage, worker_index, epochs)
     check_compatible(study, sweep.spec, sweep.source)
     experiment_id = tracker.experiment_id(sweep.spec.study)
-    return study, tracker, experiment_id
+    with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
+    return SweepContext(sweep, study, tracker, experiment_id, None, budget(sweep.spec), storage)
 
 
 def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int,
@@ -177,14 +211,14 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     n_trials = budget(spec)
     helpers = _fork_helpers(sweep, tracking_uri, storage_url, n_trials, workers - 1)
     try:
-        study, tracker, experiment_id = prepare(sweep, tracking_uri, storage_url)
-        parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
+        ctx = prepare(sweep, tracking_uri, storage_url)
+        study, tracker, experiment_id = ctx.study, ctx.tracker, ctx.experiment_id
+        parent = ctx.parent_run_id = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
     except BaseException:
         _release(helpers, "")
         _wait(helpers)
         raise
     _release(helpers, parent)
-    ctx = SweepContext(sweep, study, tracker, experiment_id, parent, n_trials)
     before = count(study, FINISHED)
     report = (lambda number, outcome: progress(study, n_trials)) if progress else None
     try:
@@ -198,10 +232,12 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             raise SweepError(f"{len(failed)} of {len(helpers)} helper workers failed (exit codes {failed}); "
                              "see their messages above")
     except BaseException as exc:
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        _wait(helpers, timeout=20)
-        _quietly(tracker.end_run, parent, "killed" if interrupted else "failed",
-                 "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
+        with shielded():
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            _signal_helpers(helpers)
+            _wait(helpers, timeout=20)
+            _quietly(tracker.end_run, parent, "killed" if interrupted else "failed",
+                     "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
         raise
     outcome = SweepOutcome(study, parent, experiment_id, count(study, FINISHED) - before)
     if register and count(study, (TrialState.COMPLETE,)):
@@ -236,6 +272,7 @@ def _fork_helpers(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: i
 
 def _helper_main(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: int, index: int, pipe: int) -> None:
     code = 0
+    raise_on_sigterm()
     try:
         with os.fdopen(pipe) as reader:
             parent = reader.read().strip()
@@ -243,8 +280,9 @@ def _helper_main(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: in
             import torch
 
             torch.set_num_threads(1)
-            study, tracker, experiment_id = prepare(sweep, tracking_uri, storage_url, worker_index=index)
-            work(SweepContext(sweep, study, tracker, experiment_id, parent, n_trials))
+            ctx = prepare(sweep, tracking_uri, storage_url, worker_index=index)
+            ctx.parent_run_id = parent
+            work(ctx)
     except KeyboardInterrupt:
         code = 130
     except BaseException as exc:
@@ -254,6 +292,13 @@ def _helper_main(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: in
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # never return into the parent's code path
+
+
+def _signal_helpers(helpers: list[_Helper]) -> None:
+    """Pass a stop on to the helpers (Ctrl-C reaches them anyway; SIGTERM or an error here does not)."""
+    for helper in helpers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper.pid, signal.SIGTERM)
 
 
 def _release(helpers: list[_Helper], parent_run_id: str) -> None:
@@ -296,11 +341,12 @@ def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id:
     import torch
 
     torch.set_num_threads(1)
-    study, tracker, experiment_id = prepare(sweep, tracking_uri, storage_url, worker_index)
+    ctx = prepare(sweep, tracking_uri, storage_url, worker_index)
+    tracker = ctx.tracker
     own_parent = parent_run_id is None
     if own_parent:
-        parent_run_id = start_parent_run(tracker, experiment_id, sweep, storage_url, 1, role="worker")
-    ctx = SweepContext(sweep, study, tracker, experiment_id, parent_run_id, budget(sweep.spec))
+        parent_run_id = start_parent_run(tracker, ctx.experiment_id, sweep, storage_url, 1, role="worker")
+    ctx.parent_run_id = parent_run_id
     try:
         ran = work(ctx)
     except BaseException as exc:

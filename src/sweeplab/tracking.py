@@ -39,6 +39,7 @@ TAG_TRIAL = "sweeplab.trial_number"
 TAG_STATE = "sweeplab.trial_state"
 TAG_OUTCOME = "sweeplab.outcome"  # completed | pruned | diverged | failed | killed
 TAG_REASON = "sweeplab.reason"
+TAG_WORKER = "sweeplab.worker"  # host:pid of the process that owns the run
 TAG_VERSION = "sweeplab.version"
 TAG_COMMIT = "sweeplab.git_commit"
 TAG_STUDY_TRIAL_ATTR = "mlflow_run_id"  # the Optuna user attribute that points back at the run
@@ -143,7 +144,9 @@ class Tracker:
 
     def start_run(self, experiment_id: str, run_name: str, tags: dict[str, str] | None = None,
                   parent_run_id: str | None = None) -> str:
-        all_tags = {**self._tags, **(tags or {})}
+        from .search import worker_id
+
+        all_tags = {**self._tags, TAG_WORKER: worker_id(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         return self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
@@ -155,6 +158,34 @@ class Tracker:
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=params[start:start + 100])
         return TrialRun(self.client, run_id, config)
+
+    def end_if_running(self, run_id: str, reason: str) -> None:
+        """End a run that a lost worker left RUNNING as KILLED, and the worker's own parent run with it (a
+        `sweeplab worker` that stopped heartbeating is gone); leave any other run as it is."""
+        from .recovery import with_retries
+
+        run = with_retries(self.client.get_run, run_id, what="the MLflow tracking store")
+        if run.info.status == "RUNNING":
+            self.end_run(run_id, "killed", reason)
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        if parent_id:
+            parent = with_retries(self.client.get_run, parent_id, what="the MLflow tracking store")
+            if parent.info.status == "RUNNING" and parent.data.tags.get(TAG_ROLE) == "worker":
+                self.end_run(parent_id, "killed", f"worker lost ({reason})")
+
+    def reap_dead_local_runs(self, experiment_id: str) -> int:
+        """End as KILLED the RUNNING runs whose process on this machine no longer exists (a SIGKILLed sweep's
+        parent and trial runs, say). Returns how many."""
+        from .recovery import process_gone
+
+        reaped = 0
+        for run in self.client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=1000):
+            worker = run.data.tags.get(TAG_WORKER)
+            if worker and process_gone(worker):
+                self.end_run(run.info.run_id, "killed", f"process {worker} ended without closing the run")
+                reaped += 1
+        return reaped
 
     def end_run(self, run_id: str, outcome: str, reason: str | None = None) -> None:
         tags = [RunTag(TAG_OUTCOME, outcome)]

@@ -1,0 +1,163 @@
+"""Fault tolerance for sweep workers: no trial lost, none counted twice, nothing left looking alive.
+
+- Heartbeats (RDB storages): a thread records the running trial's heartbeat; before each trial every worker
+  fails the trials whose heartbeat went stale (Optuna's `fail_stale_trials`), and Optuna's
+  RetryHeartbeatStaleTrialCallback queues them again.
+- Local dead workers (any storage, the default journal file included): a RUNNING trial whose worker process on
+  this machine no longer exists is failed and queued again the same way.
+- Either way the lost trial's MLflow run, left RUNNING by the dead worker, is ended as KILLED.
+- Transient outages of the database or the tracking server are retried with backoff (`with_retries`).
+- Ctrl-C / SIGTERM: the trial in flight is recorded (run KILLED, trial FAIL) under `shielded()`, which holds
+  off a second signal until that bookkeeping is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+import optuna
+from optuna.trial import TrialState
+
+T = TypeVar("T")
+RETRY_WAITS_S = (0.5, 1, 2, 4, 8)  # ~15 s in all, then the outage is reported
+
+
+class OutageError(RuntimeError):
+    """The storage or the tracking server stayed unreachable through every retry."""
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, optuna.exceptions.StorageInternalError]
+    with contextlib.suppress(ImportError):
+        import sqlalchemy.exc
+
+        errors += [sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError]
+    with contextlib.suppress(ImportError):
+        import requests
+
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    return tuple(errors)
+
+
+TRANSIENT = _transient_errors()
+
+
+def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna storage", **kwargs: Any) -> T:
+    """Call fn, retrying connection-level failures with backoff; after ~15 s raise OutageError in one line."""
+    for wait in (*RETRY_WAITS_S, None):
+        try:
+            return fn(*args, **kwargs)
+        except TRANSIENT as exc:
+            if wait is None:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise OutageError(f"{what} unreachable for {sum(RETRY_WAITS_S):.0f} s: {first}") from None
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def heartbeat_interval(storage: optuna.storages.BaseStorage) -> float | None:
+    getter = getattr(storage, "get_heartbeat_interval", None)
+    return getter() if getter else None
+
+
+class Heartbeat:
+    """Records a trial's heartbeat every interval while it trains (Optuna does this only inside optimize(); an
+    ask-and-tell worker must do it itself). A no-op for storages without heartbeats."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.interval = heartbeat_interval(storage)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Heartbeat":
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self._thread = threading.Thread(target=self._beat, name="sweeplab-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a missed beat is survivable; the grace period covers outages
+                self.storage.record_heartbeat(self.trial_id)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def process_gone(worker: str) -> bool:
+    """True for `host:pid` of a process on this machine that no longer exists."""
+    host, _, pid = worker.rpartition(":")
+    if host != this_host() or not pid.isdigit():
+        return False  # another machine's worker: heartbeats, not us, decide
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def recover(study: optuna.Study, storage: optuna.storages.BaseStorage, end_lost_run: Callable[[str, str], None],
+            handled: set[int]) -> None:
+    """Fail and requeue lost trials, and end their MLflow runs as KILLED. Safe to run in every worker at once:
+    only the worker whose state change succeeds requeues a trial."""
+    if heartbeat_interval(storage):
+        with_retries(optuna.storages.fail_stale_trials, study)
+    trials = with_retries(study.get_trials, deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL))
+    for trial in (t for t in trials if t.state == TrialState.RUNNING):
+        worker = trial.user_attrs.get("worker")
+        if worker and process_gone(worker):
+            try:
+                with_retries(storage.set_trial_state_values, trial._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker got there first
+            with_retries(storage.set_trial_user_attr, trial._trial_id, "fail_reason",
+                         f"worker {worker} died during the trial")
+            with_retries(study.enqueue_trial, trial.params, user_attrs={"retry_of": trial.number},
+                         skip_if_exists=False)
+            trials.append(with_retries(study._storage.get_trial, trial._trial_id))
+    for trial in (t for t in trials if t.state == TrialState.FAIL):
+        if trial.number in handled:
+            continue
+        handled.add(trial.number)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            end_lost_run(run_id, trial.user_attrs.get("fail_reason") or "worker lost: no heartbeat within the grace period")
+
+
+@contextlib.contextmanager
+def shielded():
+    """Hold off SIGINT/SIGTERM while recording an interrupted trial, so a second Ctrl-C cannot leave its run
+    RUNNING. Only the main thread can set handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def raise_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends a worker the way Ctrl-C does."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
