@@ -52,6 +52,10 @@ class Postgres:
         subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"),
                        capture_output=True)
 
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data.parent, ignore_errors=True)
+
     def create_database(self, name: str) -> None:
         import psycopg
 
@@ -60,11 +64,15 @@ class Postgres:
             connection.execute(f'CREATE DATABASE "{name}"')
 
 
-def start_postgres(folder: Path) -> Postgres:
+def start_postgres() -> Postgres:
+    """A new cluster in its own /tmp folder (pytest's folders are private to root, and PostgreSQL refuses to run
+    as root, so as root the cluster belongs to the `postgres` user)."""
+    import tempfile
+
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql); .ci/run installs it")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="sweeplab-pg-"))
     password_file = folder / "pw"
     password_file.write_text(PASSWORD + "\n")
     if os.geteuid() == 0:

@@ -49,11 +49,14 @@ TRANSIENT = _transient_errors()
 
 
 def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna storage", **kwargs: Any) -> T:
-    """Call fn, retrying connection-level failures with backoff; after ~15 s raise OutageError in one line."""
+    """Call fn as a critical section, retrying connection-level failures with backoff (between attempts a stop
+    signal acts at once); after ~15 s raise OutageError in one line."""
     for wait in (*RETRY_WAITS_S, None):
         try:
-            return fn(*args, **kwargs)
+            with critical():
+                return fn(*args, **kwargs)
         except TRANSIENT as exc:
+            check_stop()
             if wait is None:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise OutageError(f"{what} unreachable for {sum(RETRY_WAITS_S):.0f} s: {first}") from None
@@ -116,18 +119,19 @@ def recover(study: optuna.Study, storage: optuna.storages.BaseStorage, end_lost_
             handled: set[int]) -> None:
     """Fail and requeue lost trials, and end their MLflow runs as KILLED. Safe to run in every worker at once:
     only the worker whose state change succeeds requeues a trial."""
-    if heartbeat_interval(storage):
+    beating = bool(heartbeat_interval(storage))
+    if beating:  # Optuna fails stale trials and RetryHeartbeatStaleTrialCallback queues them again
         with_retries(optuna.storages.fail_stale_trials, study)
     trials = with_retries(study.get_trials, deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL))
-    for trial in (t for t in trials if t.state == TrialState.RUNNING):
+    for trial in (t for t in trials if t.state == TrialState.RUNNING and not beating):
         worker = trial.user_attrs.get("worker")
         if worker and process_gone(worker):
-            try:
+            try:  # the reason first: a finished trial takes no more attributes
+                with_retries(storage.set_trial_user_attr, trial._trial_id, "fail_reason",
+                             f"worker {worker} died during the trial")
                 with_retries(storage.set_trial_state_values, trial._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker got there first
-            with_retries(storage.set_trial_user_attr, trial._trial_id, "fail_reason",
-                         f"worker {worker} died during the trial")
             with_retries(study.enqueue_trial, trial.params, user_attrs={"retry_of": trial.number},
                          skip_if_exists=False)
             trials.append(with_retries(study._storage.get_trial, trial._trial_id))
@@ -155,9 +159,46 @@ def shielded():
             signal.signal(sig, handler)
 
 
-def raise_on_sigterm() -> None:
-    """SIGTERM (a scheduler's stop, `kill`) ends a worker the way Ctrl-C does."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
+_critical_depth = 0
+_pending_stop: str | None = None
 
-    signal.signal(signal.SIGTERM, handler)
+
+@contextlib.contextmanager
+def critical():
+    """A stop signal that arrives in here takes effect at the next `check_stop`. Storage writes run in here: the
+    journal file's lock, taken and released in Python, would otherwise be left behind by an interrupt that
+    lands between the two, stalling every other worker until Optuna's lock grace period ends."""
+    global _critical_depth, _pending_stop
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _critical_depth += 1
+    try:
+        yield
+    finally:
+        _critical_depth -= 1
+
+
+def check_stop() -> None:
+    """Raise the interrupt that arrived during a critical section. Called at safe points: between trials,
+    once a trial's run exists, and after every epoch, so a stop never waits longer than an epoch."""
+    global _pending_stop
+    if _pending_stop and not _critical_depth:
+        reason, _pending_stop = _pending_stop, None
+        raise KeyboardInterrupt(reason)
+
+
+def _stop_handler(signum, frame) -> None:
+    global _pending_stop
+    name = signal.Signals(signum).name
+    if _critical_depth:
+        _pending_stop = name
+        return
+    raise KeyboardInterrupt(name)
+
+
+def raise_on_sigterm() -> None:
+    """Ctrl-C and SIGTERM (a scheduler's stop, `kill`) both end a worker as an interrupt, deferred while a
+    storage write is in progress (see `critical`)."""
+    signal.signal(signal.SIGINT, _stop_handler)
+    signal.signal(signal.SIGTERM, _stop_handler)

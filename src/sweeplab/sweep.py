@@ -21,7 +21,8 @@ from optuna.trial import TrialState
 from .config import ConfigError, Sweep
 from .experiment import run_experiment
 from .loop import EpochRecord
-from .recovery import Heartbeat, OutageError, heartbeat_interval, raise_on_sigterm, recover, shielded, with_retries
+from .recovery import (Heartbeat, OutageError, check_stop, critical, heartbeat_interval, raise_on_sigterm,
+                       recover, shielded, with_retries)
 from .search import (ALIVE, FINISHED, budget, check_compatible, count, is_surplus, open_storage, open_study, redact, suggest,
                      worker_id)
 from .tracking import (TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_STUDY_TRIAL_ATTR, Tracker, finite,
@@ -65,27 +66,33 @@ class SweepContext:
 
 def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
     """Train one trial and record it in MLflow, then in Optuna (in that order: a finished trial always has its
-    finished run). Returns the outcome: completed | pruned | diverged | failed."""
-    params = suggest(trial, ctx.sweep.spec.space)
-    trial.set_user_attr("worker", worker_id())
+    finished run). Returns the outcome: completed | pruned | diverged | failed. An interrupt at any point leaves
+    the trial FAIL and its run KILLED."""
+    run = None
     try:
-        config = ctx.sweep.config_for(params)
-    except ConfigError as exc:
-        trial.set_user_attr("fail_reason", str(exc))
-        ctx.study.tell(trial, state=TrialState.FAIL)
-        return "failed"
-    tags = {TAG_ROLE: "trial", TAG_STUDY: ctx.sweep.spec.study, TAG_TRIAL: str(trial.number)}
-    run = ctx.tracker.trial_run(ctx.experiment_id, run_name_for(config, trial.number), config, tags,
-                                parent_run_id=ctx.parent_run_id)
-    with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run.run_id)
-    try:
+        with critical():  # each suggestion is a storage write
+            params = suggest(trial, ctx.sweep.spec.space)
+        with_retries(trial.set_user_attr, "worker", worker_id())
+        try:
+            config = ctx.sweep.config_for(params)
+        except ConfigError as exc:
+            with_retries(trial.set_user_attr, "fail_reason", str(exc))
+            _tell(ctx.study, trial, state=TrialState.FAIL)
+            return "failed"
+        tags = {TAG_ROLE: "trial", TAG_STUDY: ctx.sweep.spec.study, TAG_TRIAL: str(trial.number)}
+        with critical():  # the run and our handle on it come into being together
+            run = ctx.tracker.trial_run(ctx.experiment_id, run_name_for(config, trial.number), config, tags,
+                                        parent_run_id=ctx.parent_run_id)
+        with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run.run_id)
+        check_stop()
         with Heartbeat(ctx.storage, trial._trial_id) if ctx.storage else contextlib.nullcontext():
-            result = run_experiment(config, callbacks=[run.epoch_callback, PruningCallback(trial)])
+            result = run_experiment(config, callbacks=[run.epoch_callback, PruningCallback(trial), _stop_point])
     except BaseException as exc:
         with shielded():
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
             reason = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
-            _quietly(run.end, "killed" if interrupted else "failed", reason, {TAG_STATE: "FAIL"})
+            if run is not None:
+                _quietly(run.end, "killed" if interrupted else "failed", reason, {TAG_STATE: "FAIL"})
             _quietly(trial.set_user_attr, "fail_reason", reason)
             _quietly(ctx.study.tell, trial, state=TrialState.FAIL)
             ctx.handled_failures.add(trial.number)
@@ -106,6 +113,11 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
     run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: "PRUNED"})
     _tell(ctx.study, trial, state=TrialState.PRUNED)
     return outcome
+
+
+def _stop_point(record: EpochRecord) -> None:
+    check_stop()
+    return None
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
@@ -136,6 +148,7 @@ def work(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = No
     failures = 0
     poll = min(heartbeat_interval(ctx.storage) or 1.0, 1.0) if ctx.storage else 1.0
     while True:
+        check_stop()
         if ctx.storage is not None:
             recover(ctx.study, ctx.storage, ctx.tracker.end_if_running, ctx.handled_failures)
         states = [t.state for t in with_retries(ctx.study.get_trials, deepcopy=False)]

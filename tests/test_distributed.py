@@ -1,0 +1,211 @@
+"""Scale-out and fault tolerance against real servers: a throwaway PostgreSQL cluster (Optuna's RDB storage and
+the MLflow backend store) and a real `mlflow server` on 127.0.0.1; worker processes killed and interrupted."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from servers import PASSWORD, postgres_bin, start_mlflow_server, start_postgres
+
+ROOT = Path(__file__).resolve().parents[1]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+pytestmark = pytest.mark.skipif(postgres_bin() is None and not os.environ.get("CI"),
+                                reason="PostgreSQL is not installed here (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cluster")
+    postgres = start_postgres()
+    postgres.create_database("mlflow")
+    postgres.create_database("optuna")
+    env = {**os.environ, "PGPASSWORD": PASSWORD}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = start_mlflow_server(postgres.url("mlflow"), folder, env)
+    yield postgres, server
+    server.stop()
+    postgres.destroy()
+
+
+def sweep_file(folder: Path, study: str, n_trials: int) -> Path:
+    path = folder / f"{study}.yaml"
+    path.write_text(f"study: {study}\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
+                    "  optimizer: {choices: [Adam, SGD]}\n  lr: {low: 0.005, high: 0.05, log: true}\n"
+                    "  hidden: {choices: [8, 16, 32]}\n"
+                    f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\n")
+    return path
+
+
+def worker_env(postgres, server, **extra) -> dict[str, str]:
+    env = {**os.environ, "PGPASSWORD": PASSWORD, "MLFLOW_TRACKING_URI": server.url,
+           "SWEEPLAB_STORAGE": postgres.url("optuna"), "SWEEPLAB_HEARTBEAT_INTERVAL": "1",
+           "SWEEPLAB_GRACE_PERIOD": "3", **extra}
+    return env
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def load(study: str, storage):
+    try:
+        return optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        return None
+
+
+def running_trial_of(storage, study: str, pid: int):
+    found = load(study, storage)
+    if found is None:
+        return None
+    me = f"{socket.gethostname()}:{pid}"
+    return next((t for t in found.get_trials(states=(TrialState.RUNNING,)) if t.user_attrs.get("worker") == me
+                 and "mlflow_run_id" in t.user_attrs), None)
+
+
+def check_records(study: optuna.Study, client: MlflowClient, n_trials: int, epochs: int) -> None:
+    """Exactly n finished trials, each with exactly one FINISHED child run holding its full curves and
+    checkpoint; no run left RUNNING; no trial number twice."""
+    finished = study.get_trials(states=FINISHED)
+    assert len(finished) == n_trials
+    experiment = client.get_experiment_by_name(study.study_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    trial_runs = [r for r in runs if r.data.tags.get("sweeplab.role") == "trial"]
+    done_numbers = [r.data.tags["sweeplab.trial_number"] for r in trial_runs if r.info.status == "FINISHED"]
+    assert len(done_numbers) == len(set(done_numbers)) == n_trials
+    assert sorted(done_numbers) == sorted(str(t.number) for t in finished)
+    for trial in finished:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert len(client.get_metric_history(run_id, "val_loss")) == epochs
+        assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+
+
+def test_three_workers_share_a_study_and_survive_a_sigkill(cluster, tmp_path):
+    postgres, server = cluster
+    storage = postgres.url("optuna", password=True)
+    sweep = sweep_file(tmp_path, "kill3", 12)
+    epochs = 120
+    env = worker_env(postgres, server)
+    workers = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), f"epochs={epochs}",
+                                 "--worker-index", str(i), "--quiet"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    victim = workers[0]
+    lost = wait_for(lambda: running_trial_of(storage, "kill3", victim.pid), 120, "the victim to start a trial")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    for worker in workers[1:]:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+    study = load("kill3", storage)
+    client = MlflowClient(server.url)
+    check_records(study, client, 12, epochs)
+    # the killed trial failed after the grace period, was retried by a survivor, and its run ended KILLED
+    assert study.trials[lost.number].state == TrialState.FAIL
+    retries = [t for t in study.trials
+               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == lost.number]
+    assert len(retries) == 1 and retries[0].state in FINISHED
+    lost_run = client.get_run(lost.user_attrs["mlflow_run_id"])
+    assert lost_run.info.status == "KILLED" and lost_run.data.tags["sweeplab.outcome"] == "killed"
+
+
+def test_wrong_database_password_is_one_line_without_the_password(cluster, tmp_path):
+    postgres, server = cluster
+    wrong = "not-the-" + PASSWORD
+    url = postgres.url("optuna").replace("@", f":{wrong}@")
+    env = worker_env(postgres, server)
+    env.pop("PGPASSWORD")
+    proc = subprocess.run([sys.executable, "-m", "sweeplab", "worker", str(sweep_file(tmp_path, "pw", 2)),
+                           "--storage", url], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "password authentication failed" in proc.stderr and ":***@" in proc.stderr
+    assert wrong not in proc.stderr + proc.stdout
+    assert MlflowClient(server.url).get_experiment_by_name("pw") is None  # nothing half-written
+
+
+def test_credentials_stay_out_of_runs(cluster, tmp_path):
+    postgres, server = cluster
+    env = worker_env(postgres, server)
+    env["SWEEPLAB_STORAGE"] = postgres.url("optuna", password=True)  # even when the URL carries it
+    proc = subprocess.run([sys.executable, "-m", "sweeplab", "worker", str(sweep_file(tmp_path, "secret", 2)),
+                           "epochs=3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert PASSWORD not in proc.stdout + proc.stderr
+    client = MlflowClient(server.url)
+    for run in client.search_runs([client.get_experiment_by_name("secret").experiment_id]):
+        text = repr(run.data.params) + repr(run.data.tags)
+        assert PASSWORD not in text
+
+
+def test_a_database_outage_of_a_few_seconds_does_not_kill_a_worker(cluster, tmp_path):
+    postgres, server = cluster
+    storage = postgres.url("optuna", password=True)
+    sweep = sweep_file(tmp_path, "outage", 8)
+    worker = subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=80", "--quiet"],
+                              cwd=tmp_path, env=worker_env(postgres, server), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (s := load("outage", storage)) and len(s.get_trials(states=FINISHED)) >= 2, 120,
+             "two finished trials")
+    postgres.stop()
+    time.sleep(3)
+    postgres.start()
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    check_records(load("outage", storage), MlflowClient(server.url), 8, 80)
+
+
+# --- the local default storage (journal file + SQLite): interrupts and kills, then a re-run ---------------
+
+def local_sweep(folder: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE")}
+    return subprocess.Popen([sys.executable, "-m", "sweeplab", "sweep", str(sweep_file(folder, "local", 8)),
+                             "--quiet", "--no-report", *args], cwd=folder, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def journal(folder: Path):
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
+
+
+@pytest.mark.parametrize("how, workers", [(signal.SIGINT, 1), (signal.SIGTERM, 2), (signal.SIGKILL, 1)])
+def test_a_stopped_local_sweep_resumes_to_exactly_the_budget(tmp_path, how, workers):
+    proc = local_sweep(tmp_path, "epochs=300", f"workers={workers}")
+    wait_for(lambda: (tmp_path / "optuna.journal").exists() and (s := load("local", journal(tmp_path)))
+             and len(s.get_trials(states=FINISHED)) >= 2 and s.get_trials(states=(TrialState.RUNNING,)),
+             120, "a trial in flight")
+    stopped_at = time.monotonic()
+    proc.send_signal(how)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - stopped_at < 10
+    if how == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("sweeplab: interrupted"), err
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        runs = client.search_runs([client.get_experiment_by_name("local").experiment_id])
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        assert [r for r in runs if r.info.status == "KILLED" and r.data.tags.get("sweeplab.role") == "trial"]
+    rerun = local_sweep(tmp_path, "epochs=300")
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    study = load("local", journal(tmp_path))
+    check_records(study, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), 8, 300)
