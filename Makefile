@@ -10,11 +10,12 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install test run sweep ui predict report bench clean help
+.PHONY: install test run sweep ui server predict report bench clean help
 
 help:
 	@echo "make sweep    run the default sweep (sets up .venv on first use)"
 	@echo "make test     run the test suite"
+	@echo "make server   MLflow tracking server for many workers (BACKEND=postgresql+psycopg://..., HOST=)"
 	@echo "make report   tables and pictures for the default sweep (reports/<study>/)"
 	@echo "make predict  predict with the default sweep's champion (MODEL=..., ARGS='--x 1,2')"
 	@echo "make ui       MLflow UI on http://127.0.0.1:5000 (HOST=, PORT=)"
@@ -49,10 +50,16 @@ predict: install
 ui: install
 	$(SWEEPLAB) ui --host $(HOST) --port $(PORT)
 
+# BACKEND=postgresql+psycopg://USER@DBHOST/mlflow (password from $$PGPASSWORD or ~/.pgpass); default SQLite
+BACKEND ?=
+server: install
+	$(SWEEPLAB) server --host $(HOST) --port $(PORT) $(if $(BACKEND),--backend-store-uri $(BACKEND))
+
 bench: install
 	$(PY) benchmarks/bench_run.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_report.py
+	$(PY) benchmarks/bench_cluster.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -103,9 +103,9 @@ class MlflowServer:
 def start_mlflow_server(backend_uri: str, folder: Path, env: dict[str, str]) -> MlflowServer:
     port = free_port()
     log = folder / "mlflow-server.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-         str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+    process = subprocess.Popen(  # through `sweeplab server`, the command users run
+        [sys.executable, "-m", "sweeplab", "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+         str(folder / "artifacts"), "--port", str(port), "--workers", "2"],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

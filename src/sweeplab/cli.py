@@ -316,6 +316,27 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    """An MLflow tracking server for many workers: a database backend store and served artifacts."""
+    from .search import redact
+
+    backend = args.backend_store_uri or os.environ.get("SWEEPLAB_BACKEND_STORE_URI") or "sqlite:///mlflow-server.db"
+    artifacts = os.path.abspath(args.artifacts_destination)
+    if "@" in backend and ":" in backend.split("@")[0].split("//")[-1]:
+        raise UsageError("--backend-store-uri: leave the password out of the URI; PostgreSQL reads it from "
+                         "$PGPASSWORD or ~/.pgpass")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
+               "--artifacts-destination", artifacts, "--host", args.host, "--port", str(args.port),
+               "--workers", str(args.workers)]
+    print(f"MLflow tracking server on http://{args.host}:{args.port}: runs in {redact(backend)}, artifacts in "
+          f"{artifacts} (Ctrl-C stops it)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {args.host}: anyone who can reach this port can read and write runs",
+              file=sys.stderr)
+    os.execv(sys.executable, command)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweeplab", description="Optuna sweeps over a PyTorch loop, tracked in MLflow.")
     parser.add_argument("--version", action="version", version=f"sweeplab {__version__}")
@@ -372,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", help="where to load the weights (default cpu)")
     predict.add_argument("--json", action="store_true", help="one JSON object with every prediction")
     predict.set_defaults(func=_predict)
+
+    server = sub.add_parser("server", help="an MLflow tracking server for workers on many machines")
+    server.add_argument("--backend-store-uri", default=None,
+                        help="runs database: postgresql+psycopg://USER@HOST/DB (password from $PGPASSWORD or "
+                             "~/.pgpass) or sqlite:///FILE (default: $SWEEPLAB_BACKEND_STORE_URI, else "
+                             "sqlite:///mlflow-server.db)")
+    server.add_argument("--artifacts-destination", default="mlartifacts", help="where served artifacts are kept")
+    server.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for a cluster)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=int, default=4, help="server worker processes")
+    server.set_defaults(func=_server)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the tracking store")
     ui.add_argument("--tracking-uri", default=None)

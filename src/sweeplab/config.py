@@ -302,6 +302,7 @@ class PrunerSpec(_Frozen):
     n_warmup_steps: int = Field(10, ge=0, description="median: epochs before a trial can be pruned")
     min_resource: int = Field(5, ge=1, description="hyperband: epochs the shortest rung trains")
     reduction_factor: int = Field(3, ge=2)
+    report_every: int | None = Field(None, gt=0, description="epochs between pruning checks (default: epochs // 20)")
 
 
 class SweepSpec(_Frozen):

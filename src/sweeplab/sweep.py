@@ -36,13 +36,17 @@ class SweepError(Exception):
 
 
 class PruningCallback:
-    """Reports each epoch's validation loss to Optuna and asks the pruner whether to stop."""
+    """Reports the validation loss to Optuna every `every` epochs and asks the pruner whether to stop.
 
-    def __init__(self, trial: optuna.Trial):
-        self.trial = trial
+    Each report is a storage write and each question reads every trial's values: on PostgreSQL ~6 ms together,
+    a second per 80-epoch trial if done every epoch. All trials report at the same epochs, so the pruner still
+    compares like with like; the curves themselves go to MLflow every epoch."""
+
+    def __init__(self, trial: optuna.Trial, every: int = 1):
+        self.trial, self.every = trial, every
 
     def __call__(self, record: EpochRecord) -> str | None:
-        if not finite(record.val_loss):
+        if not finite(record.val_loss) or record.epoch % self.every:
             return None  # the loop stops a diverging run itself
         with_retries(self.trial.report, record.val_loss, record.epoch)
         if with_retries(self.trial.should_prune):
@@ -86,7 +90,10 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
         with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run.run_id)
         check_stop()
         with Heartbeat(ctx.storage, trial._trial_id) if ctx.storage else contextlib.nullcontext():
-            result = run_experiment(config, callbacks=[run.epoch_callback, PruningCallback(trial), _stop_point])
+            callbacks = [run.epoch_callback, _stop_point]
+            if ctx.sweep.spec.pruner.type != "none":
+                callbacks.append(PruningCallback(trial, report_every(ctx.sweep.spec, config.train.epochs)))
+            result = run_experiment(config, callbacks=callbacks)
     except BaseException as exc:
         with shielded():
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
@@ -113,6 +120,11 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
     run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: "PRUNED"})
     _tell(ctx.study, trial, state=TrialState.PRUNED)
     return outcome
+
+
+def report_every(spec, epochs: int) -> int:
+    """Epochs between pruning checks: the sweep's `pruner.report_every`, else about 20 checks per trial."""
+    return spec.pruner.report_every or max(1, epochs // 20)
 
 
 def _stop_point(record: EpochRecord) -> None:
