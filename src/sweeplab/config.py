@@ -317,7 +317,8 @@ class SweepSpec(_Frozen):
     n_trials: int = Field(40, gt=0, description="finished trials in total, across runs and workers")
     workers: int = Field(1, gt=0)
     repeats: int = Field(1, gt=0, description="seeds per configuration (seed, seed+1, ...)")
-    engine: Literal["reference"] = "reference"
+    engine: Literal["reference", "vectorized"] = "reference"
+    batch_trials: int = Field(256, gt=0, description="vectorized engine: trials trained together at most")
 
     @model_validator(mode="after")
     def _conditions_exist(self) -> "SweepSpec":
@@ -344,7 +345,7 @@ class SweepSpec(_Frozen):
 
 
 # sweep-level override keys; any other key=value given to `sweeplab sweep` changes the base experiment
-SWEEP_KEYS = {"study", "n_trials", "workers", "repeats", "engine", "sampler", "pruner"}
+SWEEP_KEYS = {"study", "n_trials", "workers", "repeats", "engine", "batch_trials", "sampler", "pruner"}
 
 
 
@@ -400,7 +401,10 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     base = apply_overrides(base, spec.base)
     base = apply_overrides(base, experiment_overrides)
     sweep = Sweep(spec, base, str(path), base_dir)
-    sweep.config_for({})
+    base_config = sweep.config_for({})
+    if spec.engine == "vectorized":
+        if len(base_config.model.hidden_sizes) != 1 or base_config.model.dropout:
+            raise ConfigError(f"{path}: engine: vectorized trains one-hidden-layer MLPs without dropout")
     for name, param in spec.space.items():
         for value in _probe_values(name, param, spec.space):
             try:

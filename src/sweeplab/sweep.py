@@ -65,6 +65,8 @@ class SweepContext:
     parent_run_id: str | None
     n_trials: int
     storage: optuna.storages.BaseStorage | None = None
+    tracking_uri: str = ""
+    storage_url: str = ""
     handled_failures: set[int] = field(default_factory=set)  # failed trials whose runs were already settled
 
 
@@ -189,6 +191,202 @@ def work(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = No
     return ran
 
 
+def run_workload(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = None) -> int:
+    """The sweep's engine: the reference loop one trial at a time, or the vectorized engine in batches."""
+    if ctx.sweep.spec.engine == "vectorized":
+        return work_vectorized(ctx, on_trial_end)
+    return work(ctx, on_trial_end)
+
+
+class _LoggerProcess:
+    """Writes finished vectorized members to MLflow, then tells Optuna, in a process of its own: MLflow's
+    store spends ~35 ms per run in Python, and a thread would fight the training for the GIL. The process is
+    spawned (not forked: this one holds open database connections) and opens its own stores."""
+
+    def __init__(self, ctx: SweepContext, processes: int = 2):
+        import multiprocessing
+
+        mp = multiprocessing.get_context("spawn")
+        self.todo, self.done, self.abort = mp.Queue(), mp.Queue(), mp.Event()
+        # Two writers: much of a log_batch is Python work outside SQLite's write lock, so they overlap.
+        self.processes = [mp.Process(target=_logger_main, name=f"sweeplab-logger-{i}", daemon=True, args=(
+            ctx.sweep.spec.study, ctx.tracking_uri, ctx.storage_url, ctx.experiment_id, ctx.parent_run_id,
+            self.todo, self.done, self.abort)) for i in range(processes)]
+        for process in self.processes:
+            process.start()
+        self.sent: dict[int, object] = {}  # trial number -> member, until acknowledged
+
+    def submit(self, member) -> None:
+        self.sent[member.key.number] = member
+        self.todo.put({"number": member.key.number, "trial_id": member.key._trial_id, "config": member.config,
+                       "spec": member.spec, "history": member.history, "dataset": member.dataset,
+                       "started": member.started})
+
+    def poll(self, on_trial_end=None, block: bool = False) -> None:
+        import queue
+
+        while self.sent:
+            try:
+                kind, number, detail = self.done.get(timeout=1.0) if block else self.done.get_nowait()
+            except queue.Empty:
+                dead = [p for p in self.processes if not p.is_alive()]
+                if block and dead:
+                    raise SweepError(f"an MLflow logger process ended unexpectedly (exit code {dead[0].exitcode})")
+                if block:
+                    continue
+                return
+            if kind == "error":
+                raise SweepError(f"logging trial #{number} failed: {detail}")
+            self.sent.pop(number, None)
+            if kind == "logged" and on_trial_end:
+                on_trial_end(number, detail)
+
+    def close(self, on_trial_end=None) -> None:
+        self.poll(on_trial_end, block=True)
+        self._stop()
+
+    def _stop(self) -> None:
+        for _ in self.processes:
+            self.todo.put(None)
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+    def abandon(self) -> list:
+        """Stop logging; the members not written are handed back (their trials are then failed)."""
+        self.abort.set()
+        self._stop()
+        import queue
+
+        while True:
+            try:
+                kind, number, _ = self.done.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                break
+            if kind == "logged":
+                self.sent.pop(number, None)
+        return list(self.sent.values())
+
+
+def _logger_main(study_name, tracking_uri, storage_url, experiment_id, parent_run_id, todo, done, abort) -> None:
+    import signal as signals
+
+    signals.signal(signals.SIGINT, signals.SIG_IGN)  # the sweep process decides; this one finishes its item
+    signals.signal(signals.SIGTERM, signals.SIG_IGN)
+    from .experiment import RunResult
+
+    tracker = Tracker(tracking_uri)
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    while True:
+        item = todo.get()
+        if item is None:
+            return
+        if abort.is_set():
+            done.put(("skipped", item["number"], None))
+            continue
+        try:
+            trial = optuna.trial.Trial(study, item["trial_id"])
+            history = item["history"]
+            result = RunResult(item["config"], item["dataset"], item["spec"], None, history, None, None)
+            outcome = _record_member(tracker, study, trial, item["number"], result, study_name, experiment_id,
+                                     parent_run_id, item["started"])
+            done.put(("logged", item["number"], outcome))
+        except Exception as exc:
+            done.put(("error", item["number"], f"{type(exc).__name__}: {exc}"))
+
+
+def _record_member(tracker: Tracker, study: optuna.Study, trial, number: int, result, study_name: str,
+                   experiment_id: str, parent_run_id: str | None, started: float) -> str:
+    """One vectorized member: its whole MLflow run, then its Optuna outcome, as run_trial records a trial."""
+    history = result.history
+    outcome = {"completed": "completed", "diverged": "diverged"}.get(history.status, "pruned")
+    state = {"completed": "COMPLETE"}.get(outcome, "PRUNED")
+    run_id = tracker.log_finished_run(
+        experiment_id, run_name_for(result.config, number), result, outcome, history.stop_reason,
+        {TAG_ROLE: "trial", TAG_STUDY: study_name, TAG_TRIAL: str(number), TAG_STATE: state,
+         "sweeplab.engine": "vectorized"},
+        parent_run_id, int(started * 1000), int(time.time() * 1000))
+    with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run_id)
+    with_retries(trial.set_user_attr, "best_epoch", history.best_epoch)
+    if outcome == "completed":
+        _tell(study, trial, history.best_val_loss)
+    else:
+        with_retries(trial.set_user_attr, "outcome", outcome)
+        with_retries(trial.set_user_attr, "reason", history.stop_reason)
+        _tell(study, trial, state=TrialState.PRUNED)
+    return outcome
+
+
+def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = None) -> int:
+    """Ask up to `batch_trials` trials, train them stacked (grouped by shape), log and tell each; repeat until
+    the budget holds. Pruners see each member's validation loss at the same epochs as in the reference loop."""
+    from .vectorized import group_members, prepare_member, train_group
+
+    import torch
+
+    spec = ctx.sweep.spec
+    logger = _LoggerProcess(ctx)
+    torch.set_num_threads(1)  # the two cores go to training and to the MLflow writers
+    pending: list = []  # asked and not yet handed to the logger
+    ran = 0
+    try:
+        while True:
+            check_stop()
+            logger.poll(on_trial_end)
+            if ctx.storage is not None:
+                recover(ctx.study, ctx.storage, ctx.tracker.end_if_running, ctx.handled_failures)
+            states = [t.state for t in with_retries(ctx.study.get_trials, deepcopy=False)]
+            finished = sum(state in FINISHED for state in states)
+            if finished >= ctx.n_trials:
+                break
+            free = ctx.n_trials - finished - states.count(TrialState.RUNNING)
+            if free <= 0:
+                # the last places are held by running trials: ours in the logger, or another worker's
+                logger.poll(on_trial_end, block=bool(logger.sent)) if logger.sent else time.sleep(0.2)
+                continue
+            pending = []
+            for _ in range(min(spec.batch_trials, free)):
+                trial = with_retries(ctx.study.ask)
+                if with_retries(is_surplus, ctx.study, trial.number, ctx.n_trials):
+                    with_retries(trial.set_user_attr, "surplus", True)
+                    _tell(ctx.study, trial, state=TrialState.FAIL)
+                    ctx.handled_failures.add(trial.number)
+                    break
+                with critical():
+                    params = suggest(trial, spec.space)
+                with_retries(trial.set_user_attr, "worker", worker_id())
+                pending.append(prepare_member(trial, ctx.sweep.config_for(params)))
+            every = report_every(spec, pending[0].config.train.epochs) if pending else 1
+
+            def prune(member, epoch: int, val_loss: float) -> str | None:
+                check_stop()
+                if spec.pruner.type == "none" or epoch % every or not finite(val_loss):
+                    return None
+                with_retries(member.key.report, val_loss, epoch)
+                if with_retries(member.key.should_prune):
+                    return f"pruned at epoch {epoch} (val_loss={val_loss:.4g})"
+                return None
+
+            for group in group_members(pending):
+                train_group(group, on_epoch=prune)
+            for member in pending:
+                logger.submit(member)
+            ran += len(pending)
+            pending = []
+        logger.close(on_trial_end)
+    except BaseException as exc:
+        with shielded():
+            left = logger.abandon() + pending
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            for member in left:
+                _quietly(member.key.set_user_attr, "fail_reason", reason)
+                _quietly(ctx.study.tell, member.key, state=TrialState.FAIL)
+                ctx.handled_failures.add(member.key.number)
+        raise
+    return ran
+
+
 # --- the coordinator ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -210,7 +408,8 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     check_compatible(study, sweep.spec, sweep.source)
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
-    return SweepContext(sweep, study, tracker, experiment_id, None, budget(sweep.spec), storage)
+    return SweepContext(sweep, study, tracker, experiment_id, None, budget(sweep.spec), storage, tracking_uri,
+                        storage_url)
 
 
 def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int,
@@ -251,7 +450,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             import torch
 
             torch.set_num_threads(1)  # one core per worker
-        work(ctx, on_trial_end=report)
+        run_workload(ctx, on_trial_end=report)
         failed = _wait(helpers, lambda: progress(study, n_trials) if progress else None)
         if failed and count(study, FINISHED) < n_trials:
             raise SweepError(f"{len(failed)} of {len(helpers)} helper workers failed (exit codes {failed}); "
@@ -307,7 +506,7 @@ def _helper_main(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: in
             torch.set_num_threads(1)
             ctx = prepare(sweep, tracking_uri, storage_url, worker_index=index)
             ctx.parent_run_id = parent
-            work(ctx)
+            run_workload(ctx)
     except KeyboardInterrupt:
         code = 130
     except BaseException as exc:
@@ -373,7 +572,7 @@ def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id:
         parent_run_id = start_parent_run(tracker, ctx.experiment_id, sweep, storage_url, 1, role="worker")
     ctx.parent_run_id = parent_run_id
     try:
-        ran = work(ctx)
+        ran = run_workload(ctx)
     except BaseException as exc:
         if own_parent:
             interrupted = isinstance(exc, KeyboardInterrupt)

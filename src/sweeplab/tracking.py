@@ -7,6 +7,7 @@ place (`TrialRun`): train_loss, val_loss and the task metrics with step=epoch; b
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ TAG_COMMIT = "sweeplab.git_commit"
 TAG_STUDY_TRIAL_ATTR = "mlflow_run_id"  # the Optuna user attribute that points back at the run
 CHECKPOINT_PATH = "checkpoint"  # artifacts: checkpoint/best.pt, checkpoint/model_spec.json, config.json
 
+_DATASET_ENTITIES: dict = {}  # (description, name, data bytes) -> MLflow dataset entity
 STATUS_FOR_OUTCOME = {"completed": "FINISHED", "pruned": "KILLED", "killed": "KILLED", "diverged": "FAILED",
                       "failed": "FAILED"}
 
@@ -159,6 +161,32 @@ class Tracker:
             self.client.log_batch(run_id, params=params[start:start + 100])
         return TrialRun(self.client, run_id, config)
 
+    def log_finished_run(self, experiment_id: str, run_name: str, result, outcome: str, reason: str | None,
+                         tags: dict[str, str], parent_run_id: str | None, start_ms: int, end_ms: int) -> str:
+        """A whole trial run written after the fact (the vectorized engine): the same params, curves, summary,
+        tags and artifacts as a live TrialRun, in four store calls plus the artifact copies."""
+        from .search import worker_id
+
+        history = result.history
+        all_tags = {**self._tags, TAG_WORKER: worker_id(), **tags, TAG_OUTCOME: outcome}
+        if reason:
+            all_tags[TAG_REASON] = reason[:5000]
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = self.client.create_run(experiment_id, start_time=start_ms, tags=all_tags,
+                                        run_name=run_name).info.run_id
+        metrics = curve_metrics(history, end_ms) + summary_metrics(history, end_ms)
+        params = [Param(k, v[:6000]) for k, v in flatten(result.config).items()]
+        metric_chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
+        param_chunks = [params[i:i + 100] for i in range(0, len(params), 100)]
+        for chunk_metrics, chunk_params in itertools.zip_longest(metric_chunks, param_chunks, fillvalue=[]):
+            self.client.log_batch(run_id, metrics=chunk_metrics, params=chunk_params)
+        run = TrialRun(self.client, run_id, result.config)
+        run.log_artifacts(result)
+        run.log_dataset(result)
+        self.client.set_terminated(run_id, STATUS_FOR_OUTCOME[outcome], end_time=end_ms)
+        return run_id
+
     def end_if_running(self, run_id: str, reason: str) -> None:
         """End a run that a lost worker left RUNNING as KILLED, and the worker's own parent run with it (a
         `sweeplab worker` that stopped heartbeating is gone); leave any other run as it is."""
@@ -227,19 +255,9 @@ class TrialRun:
 
     def finish(self, result, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
         """Log the summary metrics and artifacts of a finished (or stopped) training run and end the run."""
-        history = result.history
-        now = int(time.time() * 1000)
-        summary = []
-        if history.best_epoch:
-            summary = [Metric("best_val_loss", history.best_val_loss, now, history.best_epoch),
-                       Metric("best_epoch", float(history.best_epoch), now, history.best_epoch)]
-            for name, value in history.best_metrics.items():
-                summary.append(Metric(f"best_{name}", value, now, history.best_epoch))
-        summary.append(Metric("epochs_run", float(history.epochs_run), now, history.epochs_run))
-        summary.append(Metric("train_seconds", history.seconds, now, history.epochs_run))
         self.log_artifacts(result)
         self.log_dataset(result)
-        self.end(outcome, reason, tags, metrics=summary)
+        self.end(outcome, reason, tags, metrics=summary_metrics(result.history, int(time.time() * 1000)))
 
     def end(self, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None,
             metrics: list[Metric] | None = None) -> None:
@@ -279,13 +297,38 @@ class TrialRun:
         from mlflow.entities import DatasetInput, InputTag
 
         data = result.dataset
-        source = CodeDatasetSource(tags={"sweeplab.data": data.description})
-        dataset = from_numpy(data.x_train.numpy(), source=source, targets=data.y_train.numpy(),
-                             name=f"{result.config.name}-train")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            entity = dataset._to_mlflow_entity()
+        key = (data.description, result.config.name, data.x_train.numpy().tobytes(), data.y_train.numpy().tobytes())
+        entity = _DATASET_ENTITIES.get(key)
+        if entity is None:  # trials of one sweep mostly share a few datasets: describe each once
+            source = CodeDatasetSource(tags={"sweeplab.data": data.description})
+            dataset = from_numpy(data.x_train.numpy(), source=source, targets=data.y_train.numpy(),
+                                 name=f"{result.config.name}-train")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                entity = _DATASET_ENTITIES[key] = dataset._to_mlflow_entity()
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
+
+
+def curve_metrics(history, now: int) -> list[Metric]:
+    """train_loss, val_loss and the task metrics of every epoch (step=epoch), as epoch_callback logs them."""
+    metrics = []
+    for epoch, (train, val) in enumerate(zip(history.train_loss, history.val_loss), start=1):
+        metrics += [Metric("train_loss", train, now, epoch), Metric("val_loss", val, now, epoch)]
+        metrics += [Metric(name, values[epoch - 1], now, epoch) for name, values in history.metrics.items()]
+    return metrics
+
+
+def summary_metrics(history, now: int) -> list[Metric]:
+    """best_val_loss, best_epoch (and best_<task metric>) at step=best_epoch; epochs_run, train_seconds."""
+    summary = []
+    if history.best_epoch:
+        summary = [Metric("best_val_loss", history.best_val_loss, now, history.best_epoch),
+                   Metric("best_epoch", float(history.best_epoch), now, history.best_epoch)]
+        for name, value in history.best_metrics.items():
+            summary.append(Metric(f"best_{name}", value, now, history.best_epoch))
+    summary.append(Metric("epochs_run", float(history.epochs_run), now, history.epochs_run))
+    summary.append(Metric("train_seconds", history.seconds, now, history.epochs_run))
+    return summary
 
 
 def finite(value: float) -> bool:

@@ -1,0 +1,295 @@
+"""The vectorized engine: train a whole batch of trials at once.
+
+For the small models sweeplab sweeps, a trial's time goes to Python and dispatch overhead, not arithmetic. So
+trials that share a shape (hidden size, optimizer kind, batch size, split sizes, epochs, task) are stacked: the
+K members' weights live in [K, ...] tensors, one batched matmul (`baddbmm`) runs all K forwards, one backward
+computes every member's own gradients (the members are independent, so d(sum of losses)/d(member k) is member
+k's gradient), and the optimizer update is the torch.optim formula applied to the stacked state with per-member
+hyperparameters. Mixed hidden sizes are zero-padded (proof at the padding) and mixed optimizers masked.
+
+Each member is set up exactly as the reference loop would set it up (same seed, data, split, initial weights,
+shuffling generator consumed as a DataLoader consumes it), and keeps what the reference keeps: per-epoch
+train/val loss and task metrics, best_epoch, best state (CPU), divergence, pruning. Summation order inside the
+batched matmul differs, so curves agree to float rounding, not bit for bit (see tests/test_vectorized.py).
+
+Supported: one hidden layer MLPs without dropout (the lab's family), Adam/AdamW/SGD/RMSprop, all three tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, ExperimentConfig
+from .data import Dataset, make_dataset
+from .experiment import model_spec_for, resolve_device
+from .loop import History, classification_metrics
+from .model import ACTIVATIONS, ModelSpec, build_model
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
+
+
+def check_supported(config: ExperimentConfig) -> None:
+    if len(config.model.hidden_sizes) != 1:
+        raise ConfigError("engine: vectorized trains one-hidden-layer MLPs; model.hidden must be one size")
+    if config.model.dropout:
+        raise ConfigError("engine: vectorized does not support model.dropout")
+
+
+@dataclass
+class Member:
+    """One trial inside a stacked group: its config, data and random generators, and what it has produced."""
+
+    key: object  # the caller's handle (an Optuna trial)
+    config: ExperimentConfig
+    dataset: Dataset
+    spec: ModelSpec
+    init_state: dict[str, torch.Tensor]
+    shuffle_gen: torch.Generator | None
+    global_gen: torch.Generator  # the global RNG as the reference loop would see it after building the model
+    history: History = field(default_factory=History)
+    active: bool = True
+    started: float = field(default_factory=time.time)
+
+
+def prepare_member(key: object, config: ExperimentConfig) -> Member:
+    """Seed, data, split and initial weights exactly as `run_experiment` draws them."""
+    check_supported(config)
+    torch.manual_seed(config.seed)
+    dataset = make_dataset(config)
+    spec = model_spec_for(config, dataset)
+    model = build_model(spec)
+    global_gen = torch.Generator()
+    global_gen.set_state(torch.get_rng_state())
+    train = config.train
+    shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
+    return Member(key, config, dataset, spec, {k: v.detach().clone() for k, v in model.state_dict().items()},
+                  shuffle_gen, global_gen)
+
+
+def group_key(member: Member) -> tuple:
+    """Members that can share one stacked model. Hidden sizes and optimizers may differ (padding and masks,
+    below); everything that shapes the batches may not."""
+    c, d = member.config, member.dataset
+    return (c.model.activation, c.train.batch_size, c.train.val_batch_size or d.x_val.shape[0], c.train.epochs,
+            c.train.shuffle, c.task, c.train.loss, d.x_train.shape, d.x_val.shape, d.n_outputs, c.device)
+
+
+def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, regression_loss: str) -> torch.Tensor:
+    """Per-member mean loss, [K]: the reference's loss, reduced over each member's batch only."""
+    if task == "multiclass":
+        k, b, c = out.shape
+        return F.cross_entropy(out.reshape(k * b, c), target.reshape(k * b), reduction="none").view(k, b).mean(1)
+    if task == "binary":
+        return F.binary_cross_entropy_with_logits(out, target, reduction="none").mean(dim=(1, 2))
+    if regression_loss == "l1":
+        return (out - target).abs().mean(dim=(1, 2))
+    return (out - target).pow(2).mean(dim=(1, 2))
+
+
+class _StackedOptimizer:
+    """torch.optim's single-tensor update formulas (Adam, AdamW, SGD, RMSprop with their defaults) on one
+    [K, P] tensor holding every member's parameters, with each member's own kind, lr, weight decay and momentum.
+    Each kind present is computed for all rows and selected by mask: a handful of ops per step for any K."""
+
+    def __init__(self, flat: torch.Tensor, configs: list[ExperimentConfig]):
+        self.flat = flat
+        device = flat.device
+
+        def column(values, dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+        kinds = [c.train.optimizer for c in configs]
+        self.masks = {kind: column([k == kind for k in kinds], torch.bool) for kind in sorted(set(kinds))}
+        self.lr = column([c.train.lr for c in configs])
+        self.decay = column([(0.01 if c.train.optimizer == "AdamW" else 0.0) if c.train.weight_decay is None
+                             else c.train.weight_decay for c in configs])
+        self.momentum = column([c.train.momentum for c in configs])
+        self.coupled_decay = bool(((self.decay != 0) & ~self.masks.get("AdamW", torch.zeros_like(self.lr,
+                                                                                                  dtype=torch.bool))).any())
+        zeros = lambda: torch.zeros_like(flat)  # noqa: E731
+        self.adam = (zeros(), zeros()) if {"Adam", "AdamW"} & self.masks.keys() else None
+        self.square_avg = zeros() if "RMSprop" in self.masks else None
+        self.rms_buf = zeros() if "RMSprop" in self.masks else None
+        self.sgd_buf: torch.Tensor | None = None
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        param, grad, lr = self.flat, self.flat.grad, self.lr
+        if "AdamW" in self.masks:  # decoupled decay, before the Adam update
+            param.mul_(torch.where(self.masks["AdamW"], 1 - lr * self.decay, 1.0))
+        if self.coupled_decay:
+            grad = grad + torch.where(self.masks.get("AdamW", False), 0.0, self.decay) * param
+        delta = torch.zeros_like(param)
+        if self.adam is not None:
+            beta1, beta2 = ADAM_BETAS
+            exp_avg, exp_avg_sq = self.adam
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            correction1 = 1 - beta1 ** self.steps
+            denom = (exp_avg_sq.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(ADAM_EPS)
+            adam_mask = self.masks.get("Adam", False) | self.masks.get("AdamW", False)
+            delta = torch.where(adam_mask, lr / correction1 * exp_avg / denom, delta)
+        if self.square_avg is not None:
+            self.square_avg.mul_(RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - RMSPROP_ALPHA)
+            avg = self.square_avg.sqrt().add_(RMSPROP_EPS)
+            self.rms_buf.mul_(self.momentum).add_(grad / avg)  # momentum 0: the buffer is this step's grad/avg
+            delta = torch.where(self.masks["RMSprop"], lr * self.rms_buf, delta)
+        if "SGD" in self.masks:
+            if self.sgd_buf is None:
+                self.sgd_buf = grad.clone()
+            else:
+                self.sgd_buf.mul_(self.momentum).add_(grad)  # momentum 0: the buffer is this step's grad
+            delta = torch.where(self.masks["SGD"], lr * self.sgd_buf, delta)
+        param.sub_(delta)
+
+
+def _draw_order(member: Member, n: int, shuffle: bool) -> torch.Tensor | None:
+    """The member's batch order for one epoch, consuming its generators as DataLoader does (see TensorBatches)."""
+    torch.empty((), dtype=torch.int64).random_(generator=member.shuffle_gen or member.global_gen)
+    if not shuffle:
+        return None
+    generator = member.shuffle_gen
+    if generator is None:
+        seed = int(torch.empty((), dtype=torch.int64).random_(generator=member.global_gen).item())
+        generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=generator)
+    torch.randperm(n, generator=generator)
+    return perm
+
+
+def _sample_average(batch_losses: list[torch.Tensor], sizes: list[int], n: int) -> torch.Tensor:
+    """Per member, sum(batch mean * batch size) / n in float64, in batch order (as the reference, in Python)."""
+    total = torch.zeros(batch_losses[0].shape[0], dtype=torch.float64)
+    for losses, size in zip(torch.stack(batch_losses).double().cpu(), sizes):
+        total += losses * size
+    return total / n
+
+
+def train_group(members: list[Member], on_epoch=None) -> None:
+    """Train a group of same-shaped members together. `on_epoch(member, record_fields)` may return a reason
+    to stop recording that member (its pruner's decision); it keeps computing with the others."""
+    first = members[0]
+    config, dataset = first.config, first.dataset
+    device = resolve_device(config.device)
+    train, task = config.train, config.task
+    k = len(members)
+    x_train = torch.stack([m.dataset.x_train for m in members]).to(device)
+    y_train = torch.stack([m.dataset.y_train for m in members]).to(device)
+    x_val = torch.stack([m.dataset.x_val for m in members]).to(device)
+    y_val = torch.stack([m.dataset.y_val for m in members]).to(device)
+    # Every member padded to the group's widest hidden layer with zero rows in W1, b1 and zero columns in W2.
+    # A padded unit outputs act(0) = 0 (relu, tanh, gelu, silu) into a zero column, so it changes no output;
+    # its gradients are zero (dL/dW2 = dL/dout * 0, dL/dh = W2_pad^T dL/dout = 0), so no optimizer moves it
+    # (Adam, RMSprop: 0 / (0 + eps) = 0; SGD, momentum, weight decay: 0), and the padding stays exactly zero.
+    width = max(m.spec.hidden[0] for m in members)
+    n_in, n_out = dataset.x_train.shape[1], dataset.n_outputs
+    shapes = [(width, n_in), (width,), (n_out, width), (n_out,)]
+    sizes_p = [math.prod(shape) for shape in shapes]
+    flat = torch.zeros(k, sum(sizes_p), device=device)
+    for row, m in enumerate(members):
+        h = m.spec.hidden[0]
+        padded = [torch.zeros(shape) for shape in shapes]
+        padded[0][:h] = m.init_state["net.0.weight"]
+        padded[1][:h] = m.init_state["net.0.bias"]
+        padded[2][:, :h] = m.init_state["net.2.weight"]
+        padded[3][:] = m.init_state["net.2.bias"]
+        flat[row] = torch.cat([t.reshape(-1) for t in padded]).to(device)
+    flat.requires_grad_()
+    activation = ACTIVATIONS[config.model.activation]()
+    optimizer = _StackedOptimizer(flat, [m.config for m in members])
+
+    def unpack(values: torch.Tensor) -> list[torch.Tensor]:
+        return [part.view(k, *shape) for part, shape in zip(values.split(sizes_p, dim=1), shapes)]
+    n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
+    val_batch = train.val_batch_size or n_val
+    rows = torch.arange(k, device=device).unsqueeze(1)
+    best = flat.detach().clone()
+    best_val = torch.full((k,), math.inf, dtype=torch.float64)
+    started = time.perf_counter()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = unpack(flat)
+        hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
+        return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
+
+    for epoch in range(1, train.epochs + 1):
+        orders = [_draw_order(m, n_train, train.shuffle) for m in members]
+        if train.shuffle:
+            index = torch.stack(orders).to(device)
+            xs, ys = x_train[rows, index], y_train[rows, index]
+        else:
+            xs, ys = x_train, y_train
+        batch_losses, sizes = [], []
+        for start in range(0, n_train, train.batch_size):
+            xb, yb = xs[:, start:start + train.batch_size], ys[:, start:start + train.batch_size]
+            losses = _member_loss(forward(xb), yb, task, train.loss)
+            flat.grad = None
+            losses.sum().backward()
+            optimizer.step()
+            batch_losses.append(losses.detach())
+            sizes.append(xb.shape[1])
+        train_loss = _sample_average(batch_losses, sizes, n_train)
+        for m in members:  # the reference's validation loader draws a base seed from the global RNG
+            torch.empty((), dtype=torch.int64).random_(generator=m.global_gen)
+        with torch.no_grad():
+            val_losses, val_sizes, outputs = [], [], []
+            for start in range(0, n_val, val_batch):
+                out = forward(x_val[:, start:start + val_batch])
+                val_losses.append(_member_loss(out, y_val[:, start:start + val_batch], task, train.loss))
+                val_sizes.append(out.shape[1])
+                outputs.append(out)
+            val_loss = _sample_average(val_losses, val_sizes, n_val)
+            improved = val_loss < best_val
+            if improved.any():
+                best.copy_(torch.where(improved.to(device).unsqueeze(1), flat.detach(), best))
+                best_val = torch.where(improved, val_loss, best_val)
+            logits = torch.cat(outputs, dim=1) if task != "regression" else None
+        train_values, val_values = train_loss.tolist(), val_loss.tolist()
+        for i, m in enumerate(members):
+            if not m.active:
+                continue
+            history = m.history
+            metrics, confusion = {}, None
+            if logits is not None:
+                metrics, confusion = classification_metrics(logits[i], y_val[i], task)
+            history.train_loss.append(train_values[i])
+            history.val_loss.append(val_values[i])
+            for name, value in metrics.items():
+                history.metrics.setdefault(name, []).append(value)
+            if bool(improved[i]):
+                history.best_val_loss, history.best_epoch = val_values[i], epoch
+                history.best_metrics, history.confusion_matrix = dict(metrics), confusion
+            if not (math.isfinite(train_values[i]) and math.isfinite(val_values[i])):
+                history.status = "diverged"
+                history.stop_reason = (f"diverged at epoch {epoch} (train_loss={train_values[i]}, "
+                                       f"val_loss={val_values[i]})")
+                m.active = False
+            elif on_epoch is not None:
+                reason = on_epoch(m, epoch, val_values[i])
+                if reason:
+                    history.status, history.stop_reason, m.active = "stopped", reason, False
+        if not any(m.active for m in members):
+            break
+    elapsed = time.perf_counter() - started
+    w1, b1, w2, b2 = unpack(best.cpu())
+    for i, m in enumerate(members):
+        m.history.seconds = elapsed / k
+        if m.history.best_epoch:
+            h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
+            m.history.best_state = {"net.0.weight": w1[i, :h].clone(), "net.0.bias": b1[i, :h].clone(),
+                                    "net.2.weight": w2[i, :, :h].clone(), "net.2.bias": b2[i].clone()}
+
+
+def group_members(members: list[Member]) -> list[list[Member]]:
+    groups: dict[tuple, list[Member]] = {}
+    for member in members:
+        groups.setdefault(group_key(member), []).append(member)
+    return list(groups.values())

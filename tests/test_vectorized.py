@@ -1,0 +1,111 @@
+"""The vectorized engine against the reference loop, member by member, and its records against a reference
+trial's. Tolerances: best_val_loss within 0.5% relative and best_epoch equal for at least 90% of members
+(the batched matmul sums in another order, so agreement is to float rounding, not bit for bit)."""
+
+import random
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from sweeplab.cli import main
+from sweeplab.config import load_experiment
+from sweeplab.experiment import run_experiment
+from sweeplab.vectorized import group_members, prepare_member, train_group
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = ROOT / "experiments" / "training_loop_lab.yaml"
+
+
+def mixed_configs(n: int, epochs: int, seed: int = 0):
+    rng = random.Random(seed)
+    configs = []
+    for i in range(n):
+        optimizer = ["Adam", "AdamW", "SGD", "RMSprop"][i % 4]
+        lr = 10 ** rng.uniform(-3, -1.3) if optimizer != "SGD" else 10 ** rng.uniform(-2.5, -1)
+        configs.append(load_experiment(LAB, {"optimizer": optimizer, "lr": lr, "hidden": [4, 16, 64][i % 3],
+                                             "noise": [0.3, 1.0][(i // 3) % 2], "epochs": epochs,
+                                             "seed": 42 + i % 2, "momentum": 0.5 if i % 8 == 2 else 0.0}))
+    return configs
+
+
+def test_each_member_agrees_with_the_reference_loop():
+    configs = mixed_configs(40, epochs=40)
+    members = [prepare_member(i, c) for i, c in enumerate(configs)]
+    assert len(group_members(members)) == 1  # mixed optimizers and hidden sizes share one stacked model
+    train_group(members)
+    deviations, same_epoch = [], 0
+    for member, config in zip(members, configs):
+        reference = run_experiment(config).history
+        deviations.append(abs(member.history.best_val_loss - reference.best_val_loss) / reference.best_val_loss)
+        same_epoch += member.history.best_epoch == reference.best_epoch
+        assert len(member.history.val_loss) == len(reference.val_loss)
+    worst = max(deviations)
+    print(f"worst best_val_loss deviation {worst:.2e} (tolerance 5e-3); best_epoch equal {same_epoch}/40")
+    assert worst < 5e-3 and same_epoch >= 36
+
+
+def test_zero_padding_leaves_a_narrow_member_unchanged():
+    narrow, wide = mixed_configs(2, epochs=25)[0], load_experiment(LAB, {"hidden": 64, "epochs": 25})
+    alone = prepare_member("alone", narrow)
+    train_group([alone])
+    padded = prepare_member("padded", narrow)
+    train_group([padded, prepare_member("wide", wide)])
+    assert padded.history.val_loss == pytest.approx(alone.history.val_loss, rel=1e-5)
+    assert padded.history.best_epoch == alone.history.best_epoch
+    for name, tensor in padded.history.best_state.items():  # unpadded back to the member's own shapes
+        assert tensor.shape == alone.history.best_state[name].shape
+
+
+def test_a_diverging_member_stops_alone():
+    good = load_experiment(LAB, {"epochs": 20})
+    bad = load_experiment(LAB, {"epochs": 20, "optimizer": "SGD", "lr": 10.0})
+    members = [prepare_member("good", good), prepare_member("bad", bad)]
+    train_group(members)
+    reference = run_experiment(good).history
+    assert members[1].history.status == "diverged"
+    assert members[1].history.stop_reason.startswith(f"diverged at epoch {members[1].history.epochs_run}")
+    assert members[0].history.status == "completed"
+    assert members[0].history.val_loss == pytest.approx(reference.val_loss, rel=1e-4)
+
+
+def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep = tmp_path / "v.yaml"
+    sweep.write_text(f"study: vec\nexperiment: {LAB}\nspace:\n  optimizer: {{choices: [Adam, SGD, RMSprop]}}\n"
+                     "  lr: {low: 0.005, high: 0.05, log: true}\n  hidden: {choices: [8, 32]}\n"
+                     "sampler: {type: random, seed: 1}\nengine: vectorized\nbatch_trials: 5\nn_trials: 12\n")
+    assert main(["sweep", str(sweep), "epochs=15", "--quiet", "--no-report"]) == 0
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="vec", storage=optuna.storages.JournalStorage(
+        JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == 12 == len(study.trials)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for trial in done:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["sweeplab.trial_number"] == str(trial.number)
+        assert run.data.tags["sweeplab.role"] == "trial" and run.data.tags["sweeplab.outcome"] == "completed"
+        assert run.data.params["train.optimizer"] == trial.params["optimizer"]
+        val = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)]
+        assert len(val) == 15 and run.data.metrics["best_val_loss"] == min(val) == trial.value
+        assert run.data.metrics["best_epoch"] == val.index(min(val)) + 1
+        assert {"checkpoint/best.pt", "checkpoint/model_spec.json", "checkpoint/config.json"} <= {
+            a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+        # the logged checkpoint rebuilds the member's model, which reproduces its best_val_loss
+        from sweeplab.serve import load_logged_model
+        from sweeplab.loop import TensorBatches, evaluate
+        from sweeplab.data import make_dataset
+
+        model, spec, _ = load_logged_model(run.info.run_id, f"sqlite:///{tmp_path}/mlflow.db")
+        config = load_experiment(LAB, {"epochs": 15, "optimizer": trial.params["optimizer"]})
+        torch.manual_seed(config.seed)
+        data = make_dataset(config)
+        loss, _, _ = evaluate(model, TensorBatches(data.x_val, data.y_val, 48), torch.nn.MSELoss())
+        assert loss == pytest.approx(trial.value, rel=1e-6)
+    capsys.readouterr()
+    assert main(["predict", "vec"]) == 0 and len(capsys.readouterr().out.splitlines()) == 3
