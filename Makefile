@@ -60,6 +60,7 @@ bench: install
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_report.py
 	$(PY) benchmarks/bench_cluster.py
+	$(PY) benchmarks/bench_vectorized.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
