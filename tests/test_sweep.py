@@ -316,3 +316,15 @@ def test_seed_exercises_grid_runs_every_configuration_once(store):
                for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
     expected = {(o, lr, h, n) for o, lr in (("Adam", 0.03), ("SGD", 0.05)) for h in (4, 16, 32) for n in (0.3, 1.0)}
     assert configs == expected and len(study.trials) == 12
+
+
+def test_repeats_run_every_grid_configuration_with_each_seed(store):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "r.yaml", root, "rep", "hidden: {choices: [4, 16]}\n", 10, sampler="grid",
+                        extra="repeats: 3\n")
+    assert main(["sweep", str(sweep), "epochs=3", "--quiet", "--no-report"]) == 0
+    study = study_of(store, "rep")
+    pairs = sorted((t.params["hidden"], t.params["seed"]) for t in study.trials)
+    assert pairs == [(h, s) for h in (4, 16) for s in (42, 43, 44)]  # budget capped at 2 x 3 grid points
+    bad = write_sweep(store / "b.yaml", root, "rep2", "hidden: {choices: [4]}\n", 2, extra="repeats: 2\n")
+    assert main(["sweep", str(bad)]) == 2

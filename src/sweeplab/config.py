@@ -316,7 +316,7 @@ class SweepSpec(_Frozen):
     pruner: PrunerSpec = PrunerSpec()
     n_trials: int = Field(40, gt=0, description="finished trials in total, across runs and workers")
     workers: int = Field(1, gt=0)
-    repeats: int = Field(1, gt=0, description="seeds per configuration (seed, seed+1, ...)")
+    repeats: int = Field(1, gt=0, description="grid only: seeds per configuration (seed, seed+1, ...)")
     engine: Literal["reference", "vectorized"] = "reference"
     batch_trials: int = Field(256, gt=0, description="vectorized engine: trials trained together at most")
 
@@ -332,6 +332,11 @@ class SweepSpec(_Frozen):
                 if unknown or missing:
                     raise ValueError(f"space.{name}.cases: must have one case per {param.by} choice"
                                      + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
+        if self.repeats > 1 and self.sampler.type != "grid":
+            raise ValueError("repeats: needs sampler grid (every configuration with each seed); with tpe or "
+                             "random, put seed in the space instead")
+        if self.repeats > 1 and "seed" in self.space:
+            raise ValueError("repeats: seed is already in the space")
         if self.sampler.type == "grid":
             for name, param in self.space.items():
                 cases = param.cases.values() if param.cases else [param]
@@ -400,6 +405,10 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         base_dir = experiment_path.parent
     base = apply_overrides(base, spec.base)
     base = apply_overrides(base, experiment_overrides)
+    if spec.repeats > 1:  # each configuration once per seed: seed becomes one more grid dimension
+        first = int(base.get("seed", ExperimentConfig.model_fields["seed"].default))
+        seeds = ParamSpec(choices=list(range(first, first + spec.repeats)))
+        spec = spec.model_copy(update={"space": {**spec.space, "seed": seeds}})
     sweep = Sweep(spec, base, str(path), base_dir)
     base_config = sweep.config_for({})
     if spec.engine == "vectorized":

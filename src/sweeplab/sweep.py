@@ -109,29 +109,31 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
             raise
         return "failed"
     history = result.history
+    outcome = outcome_of(history)
+    run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome]})
+    return settle(ctx.study, trial, history)
+
+
+STATE_FOR_OUTCOME = {"completed": "COMPLETE", "pruned": "PRUNED", "diverged": "PRUNED"}
+
+
+def outcome_of(history) -> str:
+    return {"completed": "completed", "diverged": "diverged"}.get(history.status, "pruned")
+
+
+def settle(study: optuna.Study, trial: optuna.Trial, history) -> str:
+    """Tell Optuna how a trial ended, once its MLflow run is finished. Diverged and pruned trials are both
+    PRUNED to Optuna (ended early by design, counted in the budget), with the reason, so reports can tell the
+    two apart."""
+    outcome = outcome_of(history)
     with_retries(trial.set_user_attr, "best_epoch", history.best_epoch)
-    if history.status == "completed":
-        run.finish(result, "completed", tags={TAG_STATE: "COMPLETE"})
-        _tell(ctx.study, trial, history.best_val_loss)
-        return "completed"
-    outcome = "diverged" if history.status == "diverged" else "pruned"
-    # Both are PRUNED to Optuna: the trial ended early by design and counts towards the budget; a diverged
-    # trial carries its reason so reports can tell the two apart.
+    if outcome == "completed":
+        _tell(study, trial, history.best_val_loss)
+        return outcome
     with_retries(trial.set_user_attr, "outcome", outcome)
     with_retries(trial.set_user_attr, "reason", history.stop_reason)
-    run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: "PRUNED"})
-    _tell(ctx.study, trial, state=TrialState.PRUNED)
+    _tell(study, trial, state=TrialState.PRUNED)
     return outcome
-
-
-def report_every(spec, epochs: int) -> int:
-    """Epochs between pruning checks: the sweep's `pruner.report_every`, else about 20 checks per trial."""
-    return spec.pruner.report_every or max(1, epochs // 20)
-
-
-def _stop_point(record: EpochRecord) -> None:
-    check_stop()
-    return None
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
@@ -145,12 +147,43 @@ def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, 
     with_retries(once)
 
 
+def report_every(spec, epochs: int) -> int:
+    """Epochs between pruning checks: the sweep's `pruner.report_every`, else about 20 checks per trial."""
+    return spec.pruner.report_every or max(1, epochs // 20)
+
+
+def _stop_point(record: EpochRecord) -> None:
+    check_stop()
+    return None
+
+
 def _quietly(fn: Callable, *args: Any, **kwargs: Any) -> None:
     """Best effort while already failing: the original error is what the user needs to see."""
     try:
         fn(*args, **kwargs)
     except Exception:
         pass
+
+
+def _take_stock(ctx: SweepContext) -> tuple[int, int, int]:
+    """Recover lost trials, then count (finished, running, queued): a worker's view before it asks."""
+    check_stop()
+    if ctx.storage is not None:
+        recover(ctx.study, ctx.storage, ctx.tracker.end_if_running, ctx.handled_failures)
+    states = [t.state for t in with_retries(ctx.study.get_trials, deepcopy=False)]
+    return sum(state in FINISHED for state in states), states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+
+
+def _ask_place(ctx: SweepContext) -> optuna.Trial | None:
+    """A new trial, or None when another worker took the last free place between our count and our ask (the
+    asked trial is then given back unrun)."""
+    trial = with_retries(ctx.study.ask)
+    if with_retries(is_surplus, ctx.study, trial.number, ctx.n_trials):
+        with_retries(trial.set_user_attr, "surplus", True)
+        _tell(ctx.study, trial, state=TrialState.FAIL)
+        ctx.handled_failures.add(trial.number)
+        return None
+    return trial
 
 
 def work(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = None) -> int:
@@ -162,23 +195,14 @@ def work(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = No
     failures = 0
     poll = min(heartbeat_interval(ctx.storage) or 1.0, 1.0) if ctx.storage else 1.0
     while True:
-        check_stop()
-        if ctx.storage is not None:
-            recover(ctx.study, ctx.storage, ctx.tracker.end_if_running, ctx.handled_failures)
-        states = [t.state for t in with_retries(ctx.study.get_trials, deepcopy=False)]
-        finished = sum(state in FINISHED for state in states)
+        finished, running, queued = _take_stock(ctx)
         if finished >= ctx.n_trials:
             break
-        running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
         if finished + running >= ctx.n_trials and not queued:
             time.sleep(poll)
             continue
-        trial = with_retries(ctx.study.ask)
-        if with_retries(is_surplus, ctx.study, trial.number, ctx.n_trials):
-            # Another worker took the last free place between our count and our ask: give this one back unrun.
-            with_retries(trial.set_user_attr, "surplus", True)
-            _tell(ctx.study, trial, state=TrialState.FAIL)
-            ctx.handled_failures.add(trial.number)
+        trial = _ask_place(ctx)
+        if trial is None:
             continue
         outcome = run_trial(ctx, trial)
         ran += 1
@@ -300,22 +324,14 @@ def _record_member(tracker: Tracker, study: optuna.Study, trial, number: int, re
                    experiment_id: str, parent_run_id: str | None, started: float) -> str:
     """One vectorized member: its whole MLflow run, then its Optuna outcome, as run_trial records a trial."""
     history = result.history
-    outcome = {"completed": "completed", "diverged": "diverged"}.get(history.status, "pruned")
-    state = {"completed": "COMPLETE"}.get(outcome, "PRUNED")
+    outcome = outcome_of(history)
     run_id = tracker.log_finished_run(
         experiment_id, run_name_for(result.config, number), result, outcome, history.stop_reason,
-        {TAG_ROLE: "trial", TAG_STUDY: study_name, TAG_TRIAL: str(number), TAG_STATE: state,
+        {TAG_ROLE: "trial", TAG_STUDY: study_name, TAG_TRIAL: str(number), TAG_STATE: STATE_FOR_OUTCOME[outcome],
          "sweeplab.engine": "vectorized"},
         parent_run_id, int(started * 1000), int(time.time() * 1000))
     with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run_id)
-    with_retries(trial.set_user_attr, "best_epoch", history.best_epoch)
-    if outcome == "completed":
-        _tell(study, trial, history.best_val_loss)
-    else:
-        with_retries(trial.set_user_attr, "outcome", outcome)
-        with_retries(trial.set_user_attr, "reason", history.stop_reason)
-        _tell(study, trial, state=TrialState.PRUNED)
-    return outcome
+    return settle(study, trial, history)
 
 
 def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = None) -> int:
@@ -332,26 +348,19 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
     ran = 0
     try:
         while True:
-            check_stop()
             logger.poll(on_trial_end)
-            if ctx.storage is not None:
-                recover(ctx.study, ctx.storage, ctx.tracker.end_if_running, ctx.handled_failures)
-            states = [t.state for t in with_retries(ctx.study.get_trials, deepcopy=False)]
-            finished = sum(state in FINISHED for state in states)
+            finished, running, _ = _take_stock(ctx)
             if finished >= ctx.n_trials:
                 break
-            free = ctx.n_trials - finished - states.count(TrialState.RUNNING)
+            free = ctx.n_trials - finished - running
             if free <= 0:
                 # the last places are held by running trials: ours in the logger, or another worker's
                 logger.poll(on_trial_end, block=bool(logger.sent)) if logger.sent else time.sleep(0.2)
                 continue
             pending = []
             for _ in range(min(spec.batch_trials, free)):
-                trial = with_retries(ctx.study.ask)
-                if with_retries(is_surplus, ctx.study, trial.number, ctx.n_trials):
-                    with_retries(trial.set_user_attr, "surplus", True)
-                    _tell(ctx.study, trial, state=TrialState.FAIL)
-                    ctx.handled_failures.add(trial.number)
+                trial = _ask_place(ctx)
+                if trial is None:
                     break
                 with critical():
                     params = suggest(trial, spec.space)
