@@ -328,3 +328,12 @@ def test_repeats_run_every_grid_configuration_with_each_seed(store):
     assert pairs == [(h, s) for h in (4, 16) for s in (42, 43, 44)]  # budget capped at 2 x 3 grid points
     bad = write_sweep(store / "b.yaml", root, "rep2", "hidden: {choices: [4]}\n", 2, extra="repeats: 2\n")
     assert main(["sweep", str(bad)]) == 2
+
+
+def test_an_unreachable_tracking_server_is_one_line_and_writes_nothing(store, capsys):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "nowhere", "hidden: {choices: [4]}\n", 1)
+    assert main(["sweep", str(sweep), "--tracking-uri", "http://127.0.0.1:9", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tracking-uri http://127.0.0.1:9: cannot reach the MLflow" in err
+    assert not (store / "optuna.journal").exists()

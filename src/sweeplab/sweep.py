@@ -410,8 +410,9 @@ class SweepOutcome:
 
 def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> SweepContext:
     """Open the storage, the study and the MLflow experiment: a context without a parent run yet."""
+    tracker = Tracker(tracking_uri)  # both stores are reached before either is written to
+    tracker.check_reachable()
     storage = open_storage(storage_url)
-    tracker = Tracker(tracking_uri)
     epochs = sweep.config_for({}).train.epochs
     study = open_study(sweep.spec, storage, worker_index, epochs)
     check_compatible(study, sweep.spec, sweep.source)

@@ -28,6 +28,10 @@ from .loop import EpochRecord
 
 warnings.filterwarnings("ignore", module=r"mlflow\..*")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's HTTP client retries on its own; its default backoff waits minutes before giving up. Bound it to
+# ~15 s (1 + 2 + 4 + 8), as the Optuna storage retries are, so an outage or a wrong URL ends in one line.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -104,6 +108,17 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.client = self._open_client(tracking_uri)
         self._tags = common_tags()
+
+    def check_reachable(self) -> None:
+        """One read, so an unreachable or wrong tracking URI fails in one line before anything is written."""
+        from .config import ConfigError
+
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"--tracking-uri {display_uri(self.tracking_uri)}: cannot reach the MLflow tracking "
+                              f"store ({first[:300]})") from None
 
     @staticmethod
     def _open_client(tracking_uri: str) -> MlflowClient:
