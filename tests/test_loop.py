@@ -181,3 +181,11 @@ def test_classification_tasks_train_to_high_accuracy(lab_path, task, metric, flo
     result = run_experiment(load_experiment(lab_path, {"task": task, "epochs": 60}))
     assert result.history.best_metrics[metric] >= floor
     assert result.history.status == "completed"
+
+
+def test_run_without_tracking_imports_neither_mlflow_nor_optuna(lab_path):
+    script = ("import sys; from sweeplab.cli import main; "
+              f"main(['run', {str(lab_path)!r}, '--no-track', 'epochs=2']); "
+              "print('loaded:', sorted({'mlflow', 'optuna', 'torch._dynamo'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "loaded: []"
