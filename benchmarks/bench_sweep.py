@@ -117,7 +117,8 @@ def run_sweeplab(folder: Path, n_trials: int, workers: int = 1, trials=None) -> 
     if trials:
         enqueue(folder, trials)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep), f"workers={workers}", "--quiet"],
+    subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep), f"workers={workers}", "--quiet",
+                    "--no-report"],  # the report is a product of its own, measured by bench_report
                    cwd=folder, check=True, stdout=subprocess.DEVNULL)
     whole = time.perf_counter() - start
     from mlflow import MlflowClient

@@ -21,6 +21,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # TPE's multivariate/group/constant_liar options are marked experimental; they are what conditional spaces and
 # parallel workers need, and the versions are pinned.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Optuna warns that heartbeats are meant for Study.optimize; our ask-and-tell workers record them themselves
+# (recovery.Heartbeat) and fail stale trials before each ask, which is what optimize() does.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that hold a place in the budget: finished, running, or queued to run again.
