@@ -110,8 +110,9 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
         return "failed"
     history = result.history
     outcome = outcome_of(history)
-    run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome]})
-    return settle(ctx.study, trial, history)
+    with critical():  # the run and the trial are recorded together; a stop waits the ~60 ms this takes
+        run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome]})
+        return settle(ctx.study, trial, history)
 
 
 STATE_FOR_OUTCOME = {"completed": "COMPLETE", "pruned": "PRUNED", "diverged": "PRUNED"}
@@ -461,10 +462,18 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
 
             torch.set_num_threads(1)  # one core per worker
         run_workload(ctx, on_trial_end=report)
+        check_stop()  # a stop that arrived while the last trial was being recorded
         failed = _wait(helpers, lambda: progress(study, n_trials) if progress else None)
         if failed and count(study, FINISHED) < n_trials:
             raise SweepError(f"{len(failed)} of {len(helpers)} helper workers failed (exit codes {failed}); "
                              "see their messages above")
+        outcome = SweepOutcome(study, parent, experiment_id, count(study, FINISHED) - before)
+        if register and count(study, (TrialState.COMPLETE,)):
+            from .champion import register_champion
+
+            outcome.champion = register_champion(tracker, study, spec.study, parent)
+        with critical():
+            tracker.end_run(parent, "completed")
     except BaseException as exc:
         with shielded():
             interrupted = isinstance(exc, KeyboardInterrupt)
@@ -473,12 +482,6 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             _quietly(tracker.end_run, parent, "killed" if interrupted else "failed",
                      "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
         raise
-    outcome = SweepOutcome(study, parent, experiment_id, count(study, FINISHED) - before)
-    if register and count(study, (TrialState.COMPLETE,)):
-        from .champion import register_champion
-
-        outcome.champion = register_champion(tracker, study, spec.study, parent)
-    tracker.end_run(parent, "completed")
     return outcome
 
 
