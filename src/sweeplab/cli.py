@@ -1,4 +1,6 @@
-"""`sweeplab run | sweep | worker | report | predict | ui`: parse, call, print. Nothing else lives here.
+"""`sweeplab run | sweep | worker | server | report | predict | ui`: parse, call, print.
+
+Nothing else lives here.
 
 Heavy libraries are imported inside the command that needs them: `sweeplab run --no-track` never imports
 MLflow or Optuna, so it starts as fast as torch allows.
