@@ -132,3 +132,13 @@ def test_a_checkpoint_saved_from_cuda_loads_on_the_cpu(tmp_path, monkeypatch):
     model, _ = load_checkpoint(tmp_path / "gpu.pt", map_location="cpu")
     for name, tensor in model.state_dict().items():
         assert tensor.device.type == "cpu" and torch.equal(tensor, state[name])
+
+
+@pytest.mark.parametrize("command", [["run", str(ROOT / "experiments/training_loop_lab.yaml")], ["predict", "lab"],
+                                     ["report", "lab"]])
+def test_an_unreachable_tracking_server_is_one_line(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the one line, without ~15 s of retries
+    assert main([*command, "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot reach the MLflow tracking store" in err

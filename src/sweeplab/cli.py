@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.track:
         from .tracking import RunTracker, resolve_tracking_uri
 
-        tracker = RunTracker.for_experiment(config, resolve_tracking_uri(args.tracking_uri), args.experiment)
+        tracker = RunTracker(resolve_tracking_uri(args.tracking_uri), config, args.experiment)
         callbacks.append(tracker.epoch_callback)
     try:
         result = run_experiment(config, callbacks=callbacks)

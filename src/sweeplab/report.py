@@ -47,6 +47,7 @@ class SweepData:
 
 def load_runs(study: str, tracking_uri: str) -> SweepData:
     tracker = Tracker(tracking_uri)
+    tracker.check_reachable()
     client = tracker.client
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
@@ -76,20 +77,14 @@ def _search_all(client, experiment_id: str):
 def _curves(client, run_ids: list[str]) -> pd.DataFrame:
     """train_loss and val_loss of every run, as rows (run_id, epoch, split, loss)."""
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    rows: list[tuple[str, int, str, float]] = []
-    fast = _select_curves(store, run_ids)
+    fast = _select_curves(store, run_ids)  # a database store: one SELECT per chunk of runs
     if fast is not None:
         return fast
-    for key, split in (("train_loss", "train"), ("val_loss", "val")):
-        if hasattr(store, "get_metric_history_bulk"):  # a database store: one query per chunk of runs
-            for start in range(0, len(run_ids), BULK_RUNS):
-                chunk = run_ids[start:start + BULK_RUNS]
-                for item in store.get_metric_history_bulk(chunk, key, max_results=10**9):
-                    rows.append((item.run_id, item.step, split, item.value))
-        else:  # a tracking server: histories in parallel requests
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                for run_id, history in zip(run_ids, pool.map(lambda r: client.get_metric_history(r, key), run_ids)):
-                    rows.extend((run_id, m.step, split, m.value) for m in history)
+    rows: list[tuple[str, int, str, float]] = []
+    for key, split in (("train_loss", "train"), ("val_loss", "val")):  # a tracking server: parallel requests
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for run_id, history in zip(run_ids, pool.map(lambda r: client.get_metric_history(r, key), run_ids)):
+                rows.extend((run_id, m.step, split, m.value) for m in history)
     frame = pd.DataFrame(rows, columns=["run_id", "epoch", "split", "loss"])
     # a metric logged twice for one step (a retried flush) counts once
     return frame.drop_duplicates(["run_id", "epoch", "split"], keep="last")

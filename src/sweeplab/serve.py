@@ -40,7 +40,9 @@ def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
     `models:/NAME@ALIAS` / `models:/NAME/VERSION` URI of a model that sweeplab registered."""
     from .tracking import TAG_OUTCOME, Tracker
 
-    client = Tracker(tracking_uri).client
+    tracker = Tracker(tracking_uri)
+    tracker.check_reachable()
+    client = tracker.client
     if reference.startswith("models:/"):
         return _registered_run(client, reference), reference
     if reference.endswith((".yaml", ".yml")):

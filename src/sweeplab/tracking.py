@@ -231,10 +231,7 @@ class Tracker:
         return reaped
 
     def end_run(self, run_id: str, outcome: str, reason: str | None = None) -> None:
-        tags = [RunTag(TAG_OUTCOME, outcome)]
-        if reason:
-            tags.append(RunTag(TAG_REASON, reason[:5000]))
-        self.client.log_batch(run_id, tags=tags)
+        self.client.log_batch(run_id, tags=outcome_tags(outcome, reason))
         self.client.set_terminated(run_id, STATUS_FOR_OUTCOME[outcome])
 
 
@@ -280,9 +277,7 @@ class TrialRun:
         matters against a tracking server (~60 ms a call on a busy one)."""
         if self.ended:
             return
-        all_tags = [RunTag(TAG_OUTCOME, outcome)] + [RunTag(k, v) for k, v in (tags or {}).items()]
-        if reason:
-            all_tags.append(RunTag(TAG_REASON, reason[:5000]))
+        all_tags = outcome_tags(outcome, reason, tags)
         metrics = self._pending + (metrics or [])
         self._pending = []
         for start in range(0, max(len(metrics), 1), MAX_METRICS_PER_BATCH):
@@ -322,6 +317,14 @@ class TrialRun:
                 warnings.simplefilter("ignore")
                 entity = _DATASET_ENTITIES[key] = dataset._to_mlflow_entity()
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
+
+
+def outcome_tags(outcome: str, reason: str | None = None, extra: dict[str, str] | None = None) -> list[RunTag]:
+    """How a run ended, as tags: sweeplab.outcome, sweeplab.reason (when there is one), and any extra."""
+    tags = [RunTag(TAG_OUTCOME, outcome)] + [RunTag(k, v) for k, v in (extra or {}).items()]
+    if reason:
+        tags.append(RunTag(TAG_REASON, reason[:5000]))
+    return tags
 
 
 def curve_metrics(history, now: int) -> list[Metric]:
@@ -365,14 +368,12 @@ class RunTracker:
     not fit the loss, an absent device) leaves nothing half-written in MLflow."""
 
     def __init__(self, tracking_uri: str, config: ExperimentConfig, source: str):
+        self.tracker = Tracker(tracking_uri)
+        self.tracker.check_reachable()  # a wrong URI fails in one line, before training
         self.tracking_uri = tracking_uri
         self.tracking_uri_display = display_uri(tracking_uri)
         self.config, self.source = config, source
         self.run: TrialRun | None = None
-
-    @classmethod
-    def for_experiment(cls, config: ExperimentConfig, tracking_uri: str, source: str) -> "RunTracker":
-        return cls(tracking_uri, config, source)
 
     @property
     def run_id(self) -> str | None:
@@ -380,7 +381,7 @@ class RunTracker:
 
     def epoch_callback(self, record: EpochRecord) -> None:
         if self.run is None:
-            tracker = Tracker(self.tracking_uri)
+            tracker = self.tracker
             experiment_id = tracker.experiment_id(self.config.name)
             self.run = tracker.trial_run(experiment_id, run_name_for(self.config), self.config,
                                          {TAG_ROLE: "run", "sweeplab.experiment_file": str(self.source)})
