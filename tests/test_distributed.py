@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def sweep_file(folder: Path, study: str, n_trials: int) -> Path:
 def worker_env(postgres, server, **extra) -> dict[str, str]:
     env = {**os.environ, "PGPASSWORD": PASSWORD, "MLFLOW_TRACKING_URI": server.url,
            "SWEEPLAB_STORAGE": postgres.url("optuna"), "SWEEPLAB_HEARTBEAT_INTERVAL": "1",
-           "SWEEPLAB_GRACE_PERIOD": "3", **extra}
+           "SWEEPLAB_GRACE_PERIOD": "3", "SWEEPLAB_ORPHAN_AFTER": "10", **extra}
     return env
 
 
@@ -61,6 +62,21 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def finish(worker: subprocess.Popen, timeout: float, storage: str, study: str, server) -> tuple[str, str]:
+    """communicate(); a worker still running after `timeout` is killed and the failure says where things
+    stood: the study's trials, the worker's output, the tracking server's log."""
+    try:
+        return worker.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        out, err = worker.communicate()
+        found = load(study, storage)
+        trials = [(t.number, t.state.name, t.user_attrs.get("worker"), t.user_attrs.get("fail_reason"))
+                  for t in (found.trials if found else [])]
+        raise AssertionError(f"worker still running after {timeout} s\ntrials: {trials}\nstdout: {out[-3000:]}\n"
+                             f"stderr: {err[-3000:]}\nserver log: {server.log.read_text()[-3000:]}") from None
 
 
 def load(study: str, storage):
@@ -111,7 +127,7 @@ def test_three_workers_share_a_study_and_survive_a_sigkill(cluster, tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     for worker in workers[1:]:
-        _, err = worker.communicate(timeout=300)
+        _, err = finish(worker, 300, storage, "kill3", server)
         assert worker.returncode == 0, err
     study = load("kill3", storage)
     client = MlflowClient(server.url)
@@ -166,7 +182,7 @@ def test_a_database_outage_of_a_few_seconds_does_not_kill_a_worker(cluster, tmp_
     postgres.stop()
     time.sleep(3)
     postgres.start()
-    _, err = worker.communicate(timeout=300)
+    _, err = finish(worker, 300, storage, "outage", server)
     assert worker.returncode == 0, err
     check_records(load("outage", storage), MlflowClient(server.url), 8, 80)
 
@@ -209,3 +225,67 @@ def test_a_stopped_local_sweep_resumes_to_exactly_the_budget(tmp_path, how, work
     assert rerun.returncode == 0, err
     study = load("local", journal(tmp_path))
     check_records(study, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), 8, 300)
+
+
+# --- connection drops at the worst moments, injected into a real SQLite RDB storage ------------------------
+
+class DroppedConnections:
+    """Fails chosen SQL statements once each, as SQLAlchemy does when the database goes away mid-statement.
+    `plan` is a list of (after, statement): once `after` has been executed (None: at once), the next statement
+    starting with `statement` fails."""
+
+    def __init__(self, engine, plan):
+        import sqlalchemy
+
+        self.plan = [[after, statement, after is None] for after, statement in plan]
+        self.dropped: list[str] = []
+        sqlalchemy.event.listen(engine, "before_cursor_execute", self)
+
+    def __call__(self, conn, cursor, statement, parameters, context, executemany):
+        import sqlalchemy.exc
+
+        if threading.current_thread().name == "sweeplab-heartbeat":
+            return  # the worker's own sequence of statements only, so the plan lands where it says
+        for step in self.plan:
+            after, prefix, armed = step
+            if armed and statement.lstrip().startswith(prefix):
+                step[2] = None  # spent
+                self.dropped.append(statement.split("\n")[0])
+                raise sqlalchemy.exc.OperationalError(statement, parameters,
+                                                      Exception("server closed the connection unexpectedly"))
+            if armed is False and statement.lstrip().startswith(after):
+                step[2] = True
+
+
+def test_dropped_connections_inside_ask_suggest_and_tell_lose_no_trial_and_leave_none_running(tmp_path, monkeypatch):
+    """Each drop lands where a retry alone is not enough: inside `ask` after the trial row exists (its retry
+    creates a second trial; the first is orphaned and must not hold a place of the budget forever), in the
+    middle of the suggestions, and in the tell. Before the fix the orphan made the worker wait forever."""
+    from sweeplab import recovery
+    from sweeplab.config import load_sweep
+    from sweeplab.sweep import prepare, start_parent_run, work
+
+    monkeypatch.setattr(recovery, "ORPHAN_AFTER_S", 0.5)
+    monkeypatch.setattr(recovery, "RETRY_WAITS_S", (0.05, 0.1))
+    sweep = load_sweep(sweep_file(tmp_path, "drops", 4), {"epochs": 4})
+    tracking, storage_url = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    ctx = prepare(sweep, tracking, storage_url)
+    ctx.parent_run_id = start_parent_run(ctx.tracker, ctx.experiment_id, sweep, storage_url, 1)
+    drops = DroppedConnections(ctx.storage.engine, [
+        ("UPDATE trials SET number", "SELECT"),   # the read inside ask, once trial #0's row is committed
+        ("INSERT INTO trial_params", "INSERT INTO trial_params"),  # the second suggestion of a trial
+        ("UPDATE trials SET state", "UPDATE trials SET state"),    # the tell of the second trial told
+    ])
+    worker = threading.Thread(target=work, args=(ctx,), daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "the worker is stuck: a trial it cannot finish holds a place of the budget"
+    assert len(drops.dropped) == 3, drops.dropped
+    ctx.tracker.end_run(ctx.parent_run_id, "completed")
+
+    study = optuna.load_study(study_name="drops", storage=storage_url)
+    orphan = study.trials[0]
+    assert orphan.state == TrialState.FAIL and orphan.user_attrs["fail_reason"].startswith("orphaned")
+    assert orphan.params == {} and "mlflow_run_id" not in orphan.user_attrs
+    assert [t.state for t in study.trials[1:]] == [TrialState.COMPLETE] * 4  # every drop was retried through
+    check_records(study, MlflowClient(tracking), 4, 4)

@@ -1,10 +1,11 @@
 """Fault tolerance for sweep workers: no trial lost, none counted twice, nothing left looking alive.
 
-- Heartbeats (RDB storages): a thread records the running trial's heartbeat; before each trial every worker
-  fails the trials whose heartbeat went stale (Optuna's `fail_stale_trials`), and Optuna's
-  RetryHeartbeatStaleTrialCallback queues them again.
+- Heartbeats (RDB storages): a thread records the heartbeat of each trial the worker holds, from its claim
+  right after the ask until the tell; before each trial every worker fails the trials whose heartbeat went
+  stale (Optuna's `fail_stale_trials`), and Optuna's RetryHeartbeatStaleTrialCallback queues them again.
 - Local dead workers (any storage, the default journal file included): a RUNNING trial whose worker process on
   this machine no longer exists is failed and queued again the same way.
+- Orphans (any storage): a trial created by an ask that failed half-way is never claimed; it is failed.
 - Either way the lost trial's MLflow run, left RUNNING by the dead worker, is ended as KILLED.
 - Transient outages of the database or the tracking server are retried with backoff (`with_retries`).
 - Ctrl-C / SIGTERM: the trial in flight is recorded (run KILLED, trial FAIL) under `shielded()`, which holds
@@ -69,32 +70,48 @@ def heartbeat_interval(storage: optuna.storages.BaseStorage) -> float | None:
     return getter() if getter else None
 
 
-class Heartbeat:
-    """Records a trial's heartbeat every interval while it trains (Optuna does this only inside optimize(); an
-    ask-and-tell worker must do it itself). A no-op for storages without heartbeats."""
+class Heartbeats:
+    """Records the heartbeat of every trial this worker holds, from the moment it claims the trial (right after
+    asking) until Optuna has been told how it ended. Optuna does this only inside optimize(); an ask-and-tell
+    worker must do it itself. One thread per worker, started on the first claim; a no-op for storages without
+    heartbeats."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
-        self.storage, self.trial_id = storage, trial_id
-        self.interval = heartbeat_interval(storage)
+    def __init__(self, storage: optuna.storages.BaseStorage | None):
+        self.storage = storage
+        self.interval = heartbeat_interval(storage) if storage is not None else None
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Heartbeat":
-        if self.interval:
-            self.storage.record_heartbeat(self.trial_id)
+    def hold(self, trial_id: int) -> None:
+        """Beat for this trial from now on; the first beat is written before this returns."""
+        if not self.interval:
+            return
+        with_retries(self.storage.record_heartbeat, trial_id)
+        with self._lock:
+            self._held.add(trial_id)
+        if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="sweeplab-heartbeat", daemon=True)
             self._thread.start()
-        return self
+
+    def release(self, trial_id: int) -> None:
+        with self._lock:
+            self._held.discard(trial_id)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
-            with contextlib.suppress(Exception):  # a missed beat is survivable; the grace period covers outages
-                self.storage.record_heartbeat(self.trial_id)
+            with self._lock:
+                held = sorted(self._held)
+            for trial_id in held:
+                with contextlib.suppress(Exception):  # a missed beat is survivable; the grace period covers outages
+                    self.storage.record_heartbeat(trial_id)
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join()
+            self._thread = None
 
 
 def this_host() -> str:
@@ -116,21 +133,27 @@ def process_gone(worker: str) -> bool:
 
 
 def recover(study: optuna.Study, storage: optuna.storages.BaseStorage, end_lost_run: Callable[[str, str], None],
-            handled: set[int]) -> None:
+            handled: set[int], unclaimed: dict[int, float] | None = None) -> None:
     """Fail and requeue lost trials, and end their MLflow runs as KILLED. Safe to run in every worker at once:
-    only the worker whose state change succeeds requeues a trial."""
+    only the worker whose state change succeeds requeues a trial.
+
+    A worker claims a trial (its `worker` attribute, and on RDB storages its first heartbeat) right after asking
+    for it. A RUNNING trial nobody claims was orphaned inside `ask` (the storage failed after creating it, and
+    the ask was retried): `unclaimed` remembers when this worker first saw each one, and after ORPHAN_AFTER_S
+    of its own clock (no clocks are compared across machines) the trial is failed. It never ran, so it is
+    not queued again."""
     beating = bool(heartbeat_interval(storage))
     if beating:  # Optuna fails stale trials and RetryHeartbeatStaleTrialCallback queues them again
         with_retries(optuna.storages.fail_stale_trials, study)
     trials = with_retries(study.get_trials, deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL))
-    for trial in (t for t in trials if t.state == TrialState.RUNNING and not beating):
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if unclaimed is not None:
+        by_number = {t.number: t for t in trials}
+        _fail_orphans(study, storage, [t for t in running if not _claimed(t, by_number)], unclaimed, handled)
+    for trial in (t for t in running if not beating):
         worker = trial.user_attrs.get("worker")
         if worker and process_gone(worker):
-            try:  # the reason first: a finished trial takes no more attributes
-                with_retries(storage.set_trial_user_attr, trial._trial_id, "fail_reason",
-                             f"worker {worker} died during the trial")
-                with_retries(storage.set_trial_state_values, trial._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
+            if not _fail(storage, trial, f"worker {worker} died during the trial"):
                 continue  # another worker got there first
             with_retries(study.enqueue_trial, trial.params, user_attrs={"retry_of": trial.number},
                          skip_if_exists=False)
@@ -142,6 +165,44 @@ def recover(study: optuna.Study, storage: optuna.storages.BaseStorage, end_lost_
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             end_lost_run(run_id, trial.user_attrs.get("fail_reason") or "worker lost: no heartbeat within the grace period")
+
+
+def _claimed(trial, by_number: dict[int, Any]) -> bool:
+    """Claimed by a worker: it has a `worker`, and not just the one Optuna's RetryHeartbeatStaleTrialCallback
+    copied from the failed trial it retries (that worker is gone)."""
+    worker = trial.user_attrs.get("worker")
+    if worker is None:
+        return False
+    retried = by_number.get((trial.system_attrs.get("retry_history") or [None])[-1])
+    return retried is None or retried.user_attrs.get("worker") != worker
+
+
+ORPHAN_AFTER_S = float(os.environ.get("SWEEPLAB_ORPHAN_AFTER", "60"))
+
+
+def _fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage, trials: list,
+                  unclaimed: dict[int, float], handled: set[int]) -> None:
+    now = time.monotonic()
+    ids = {t._trial_id for t in trials}
+    for trial_id in [i for i in unclaimed if i not in ids]:
+        del unclaimed[trial_id]  # claimed or finished since
+    for trial in trials:
+        first_seen = unclaimed.setdefault(trial._trial_id, now)
+        if now - first_seen >= ORPHAN_AFTER_S:
+            del unclaimed[trial._trial_id]
+            if _fail(storage, trial, f"orphaned: no worker claimed it within {ORPHAN_AFTER_S:.0f} s (created "
+                                     "while the storage was failing); it never ran"):
+                handled.add(trial.number)
+
+
+def _fail(storage: optuna.storages.BaseStorage, trial, reason: str) -> bool:
+    """Mark a RUNNING trial FAIL with its reason; False when another worker (or its owner) finished it first."""
+    try:  # the reason first: a finished trial takes no more attributes
+        with_retries(storage.set_trial_user_attr, trial._trial_id, "fail_reason", reason)
+        with_retries(storage.set_trial_state_values, trial._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

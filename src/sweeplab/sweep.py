@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from .config import ConfigError, Sweep
 from .experiment import run_experiment
 from .loop import EpochRecord
-from .recovery import (Heartbeat, OutageError, check_stop, critical, heartbeat_interval, raise_on_sigterm,
+from .recovery import (Heartbeats, OutageError, check_stop, critical, heartbeat_interval, raise_on_sigterm,
                        recover, shielded, with_retries)
 from .search import (ALIVE, FINISHED, budget, check_compatible, count, is_surplus, open_storage, open_study, redact, suggest,
                      worker_id)
@@ -68,22 +68,24 @@ class SweepContext:
     tracking_uri: str = ""
     storage_url: str = ""
     handled_failures: set[int] = field(default_factory=set)  # failed trials whose runs were already settled
+    heartbeats: Heartbeats = field(default_factory=lambda: Heartbeats(None))
+    unsettled: dict[int, str] = field(default_factory=dict)  # trial id -> fail reason whose FAIL did not land
+    unclaimed: dict[int, float] = field(default_factory=dict)  # RUNNING trials nobody claimed -> first seen
 
 
 def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
-    """Train one trial and record it in MLflow, then in Optuna (in that order: a finished trial always has its
-    finished run). Returns the outcome: completed | pruned | diverged | failed. An interrupt at any point leaves
-    the trial FAIL and its run KILLED."""
+    """Train one claimed trial and record it in MLflow, then in Optuna (in that order: a finished trial always
+    has its finished run). Returns the outcome: completed | pruned | diverged | failed. An interrupt at any
+    point leaves the trial FAIL and its run KILLED."""
     run = None
     try:
-        with critical():  # each suggestion is a storage write
-            params = suggest(trial, ctx.sweep.spec.space)
-        with_retries(trial.set_user_attr, "worker", worker_id())
+        params = with_retries(suggest, trial, ctx.sweep.spec.space)  # a retry keeps the values already stored
         try:
             config = ctx.sweep.config_for(params)
         except ConfigError as exc:
             with_retries(trial.set_user_attr, "fail_reason", str(exc))
             _tell(ctx.study, trial, state=TrialState.FAIL)
+            ctx.heartbeats.release(trial._trial_id)
             return "failed"
         tags = {TAG_ROLE: "trial", TAG_STUDY: ctx.sweep.spec.study, TAG_TRIAL: str(trial.number)}
         with critical():  # the run and our handle on it come into being together
@@ -91,20 +93,15 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
                                         parent_run_id=ctx.parent_run_id)
         with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run.run_id)
         check_stop()
-        with Heartbeat(ctx.storage, trial._trial_id) if ctx.storage else contextlib.nullcontext():
-            callbacks = [run.epoch_callback, _stop_point]
-            if ctx.sweep.spec.pruner.type != "none":
-                callbacks.append(PruningCallback(trial, report_every(ctx.sweep.spec, config.train.epochs)))
-            result = run_experiment(config, callbacks=callbacks)
+        callbacks = [run.epoch_callback, _stop_point]
+        if ctx.sweep.spec.pruner.type != "none":
+            callbacks.append(PruningCallback(trial, report_every(ctx.sweep.spec, config.train.epochs)))
+        result = run_experiment(config, callbacks=callbacks)
     except BaseException as exc:
         with shielded():
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
             reason = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
-            if run is not None:
-                _quietly(run.end, "killed" if interrupted else "failed", reason, {TAG_STATE: "FAIL"})
-            _quietly(trial.set_user_attr, "fail_reason", reason)
-            _quietly(ctx.study.tell, trial, state=TrialState.FAIL)
-            ctx.handled_failures.add(trial.number)
+            _fail_trial(ctx, trial, run, reason, interrupted)
         if interrupted or isinstance(exc, OutageError):
             raise
         return "failed"
@@ -112,7 +109,44 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
     outcome = outcome_of(history)
     with critical():  # the run and the trial are recorded together; a stop waits the ~60 ms this takes
         run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome]})
-        return settle(ctx.study, trial, history)
+        told = settle(ctx.study, trial, history)
+    ctx.heartbeats.release(trial._trial_id)
+    return told
+
+
+def _fail_trial(ctx: SweepContext, trial: optuna.Trial, run, reason: str, interrupted: bool) -> None:
+    """Record a trial that ended in an exception: its run ended (KILLED when interrupted), the trial FAIL with
+    the reason. Interrupted, one attempt each (the user is waiting; a trial left RUNNING is recovered by the
+    others once this process is gone). Otherwise the writes are retried through an outage, and what still did
+    not land is settled before this worker's next trial."""
+    attempt = (lambda fn, *a, **k: fn(*a, **k)) if interrupted else with_retries
+    ended = run is None
+    if run is not None:
+        with contextlib.suppress(Exception):
+            attempt(run.end, "killed" if interrupted else "failed", reason, {TAG_STATE: "FAIL"})
+            ended = True
+    try:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            attempt(trial.set_user_attr, "fail_reason", reason)
+            attempt(ctx.study.tell, trial, state=TrialState.FAIL)
+    except Exception:
+        ctx.unsettled[trial._trial_id] = reason  # still held: its heartbeat goes on until it is settled
+        return
+    ctx.heartbeats.release(trial._trial_id)
+    if ended:
+        ctx.handled_failures.add(trial.number)  # else recover() ends its run once it sees the FAIL
+
+
+def _settle_unsettled(ctx: SweepContext) -> None:
+    """Tell Optuna about the failed trials whose FAIL did not land (the storage was failing at the time)."""
+    for trial_id, reason in list(ctx.unsettled.items()):
+        try:
+            with_retries(ctx.storage.set_trial_user_attr, trial_id, "fail_reason", reason)
+            with_retries(ctx.storage.set_trial_state_values, trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # already failed by another worker that found it stale
+        del ctx.unsettled[trial_id]
+        ctx.heartbeats.release(trial_id)
 
 
 STATE_FOR_OUTCOME = {"completed": "COMPLETE", "pruned": "PRUNED", "diverged": "PRUNED"}
@@ -167,21 +201,26 @@ def _quietly(fn: Callable, *args: Any, **kwargs: Any) -> None:
 
 
 def _take_stock(ctx: SweepContext) -> tuple[int, int, int]:
-    """Recover lost trials, then count (finished, running, queued): a worker's view before it asks."""
+    """Settle and recover lost trials, then count (finished, running, queued): a worker's view before it asks."""
     check_stop()
     if ctx.storage is not None:
-        recover(ctx.study, ctx.storage, ctx.tracker.end_if_running, ctx.handled_failures)
+        _settle_unsettled(ctx)
+        recover(ctx.study, ctx.storage, ctx.tracker.end_if_running, ctx.handled_failures, ctx.unclaimed)
     states = [t.state for t in with_retries(ctx.study.get_trials, deepcopy=False)]
     return sum(state in FINISHED for state in states), states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
 
 
 def _ask_place(ctx: SweepContext) -> optuna.Trial | None:
-    """A new trial, or None when another worker took the last free place between our count and our ask (the
+    """A new trial, claimed by this worker (its `worker` attribute, and its first heartbeat on storages that
+    have them); or None when another worker took the last free place between our count and our ask (the
     asked trial is then given back unrun)."""
     trial = with_retries(ctx.study.ask)
+    with_retries(trial.set_user_attr, "worker", worker_id())
+    ctx.heartbeats.hold(trial._trial_id)
     if with_retries(is_surplus, ctx.study, trial.number, ctx.n_trials):
         with_retries(trial.set_user_attr, "surplus", True)
         _tell(ctx.study, trial, state=TrialState.FAIL)
+        ctx.heartbeats.release(trial._trial_id)
         ctx.handled_failures.add(trial.number)
         return None
     return trial
@@ -218,9 +257,12 @@ def work(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = No
 
 def run_workload(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = None) -> int:
     """The sweep's engine: the reference loop one trial at a time, or the vectorized engine in batches."""
-    if ctx.sweep.spec.engine == "vectorized":
-        return work_vectorized(ctx, on_trial_end)
-    return work(ctx, on_trial_end)
+    try:
+        if ctx.sweep.spec.engine == "vectorized":
+            return work_vectorized(ctx, on_trial_end)
+        return work(ctx, on_trial_end)
+    finally:
+        ctx.heartbeats.close()
 
 
 class _LoggerProcess:
@@ -240,6 +282,7 @@ class _LoggerProcess:
         for process in self.processes:
             process.start()
         self.sent: dict[int, object] = {}  # trial number -> member, until acknowledged
+        self.heartbeats = ctx.heartbeats
 
     def submit(self, member) -> None:
         self.sent[member.key.number] = member
@@ -262,7 +305,9 @@ class _LoggerProcess:
                 return
             if kind == "error":
                 raise SweepError(f"logging trial #{number} failed: {detail}")
-            self.sent.pop(number, None)
+            member = self.sent.pop(number, None)
+            if member is not None:
+                self.heartbeats.release(member.key._trial_id)  # told (or failed) by the logger
             if kind == "logged" and on_trial_end:
                 on_trial_end(number, detail)
 
@@ -290,7 +335,9 @@ class _LoggerProcess:
             except (queue.Empty, OSError, ValueError):
                 break
             if kind == "logged":
-                self.sent.pop(number, None)
+                member = self.sent.pop(number, None)
+                if member is not None:
+                    self.heartbeats.release(member.key._trial_id)
         return list(self.sent.values())
 
 
@@ -363,9 +410,7 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
                 trial = _ask_place(ctx)
                 if trial is None:
                     break
-                with critical():
-                    params = suggest(trial, spec.space)
-                with_retries(trial.set_user_attr, "worker", worker_id())
+                params = with_retries(suggest, trial, spec.space)
                 pending.append(prepare_member(trial, ctx.sweep.config_for(params)))
             every = report_every(spec, pending[0].config.train.epochs) if pending else 1
 
@@ -390,9 +435,7 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
             left = logger.abandon() + pending
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             for member in left:
-                _quietly(member.key.set_user_attr, "fail_reason", reason)
-                _quietly(ctx.study.tell, member.key, state=TrialState.FAIL)
-                ctx.handled_failures.add(member.key.number)
+                _fail_trial(ctx, member.key, None, reason, interrupted=True)
         raise
     return ran
 
@@ -420,7 +463,7 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
     return SweepContext(sweep, study, tracker, experiment_id, None, budget(sweep.spec), storage, tracking_uri,
-                        storage_url)
+                        storage_url, heartbeats=Heartbeats(storage))
 
 
 def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int,
