@@ -71,12 +71,23 @@ def finish(worker: subprocess.Popen, timeout: float, storage: str, study: str, s
         return worker.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         worker.kill()
-        out, err = worker.communicate()
+        try:
+            out, err = worker.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a child of the worker still holds the pipes
+            out, err = "(unreadable)", "(unreadable)"
         found = load(study, storage)
         trials = [(t.number, t.state.name, t.user_attrs.get("worker"), t.user_attrs.get("fail_reason"))
                   for t in (found.trials if found else [])]
         raise AssertionError(f"worker still running after {timeout} s\ntrials: {trials}\nstdout: {out[-3000:]}\n"
                              f"stderr: {err[-3000:]}\nserver log: {server.log.read_text()[-3000:]}") from None
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
 def load(study: str, storage):
@@ -139,6 +150,43 @@ def test_three_workers_share_a_study_and_survive_a_sigkill(cluster, tmp_path):
     assert len(retries) == 1 and retries[0].state in FINISHED
     lost_run = client.get_run(lost.user_attrs["mlflow_run_id"])
     assert lost_run.info.status == "KILLED" and lost_run.data.tags["sweeplab.outcome"] == "killed"
+
+
+def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
+    """The vectorized engine holds a whole batch of trials at once: every one of them must be heartbeating, or a
+    SIGKILL leaves them RUNNING for ever (Optuna skips trials that never beat) and the budget is never reached."""
+    postgres, server = cluster
+    storage = postgres.url("optuna", password=True)
+    sweep = sweep_file(tmp_path, "vkill", 24)
+    env = worker_env(postgres, server)
+    args = [sys.executable, "-m", "sweeplab", "worker", str(sweep), "engine=vectorized", "batch_trials=8",
+            "epochs=300", "--quiet"]
+    victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def batch_in_flight():
+        found = load("vkill", storage)
+        if found is None:
+            return None
+        mine = [t for t in found.get_trials(states=(TrialState.RUNNING,))
+                if t.user_attrs.get("worker") == f"{socket.gethostname()}:{victim.pid}"]
+        return mine if len(found.get_trials(states=FINISHED)) >= 8 and len(mine) >= 4 else None
+
+    lost = wait_for(batch_in_flight, 180, "a second batch in flight")
+    loggers = [int(pid) for pid in Path(f"/proc/{victim.pid}/task/{victim.pid}/children").read_text().split()]
+    assert len(loggers) >= 2  # its MLflow logger processes
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    wait_for(lambda: not [pid for pid in loggers if alive(pid)], 15, "the killed worker's logger processes to exit")
+    survivor = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    _, err = finish(survivor, 300, storage, "vkill", server)
+    assert survivor.returncode == 0, err
+    study = load("vkill", storage)
+    check_records(study, MlflowClient(server.url), 24, 300)
+    retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in study.trials}
+    for trial in lost:
+        state = study.trials[trial.number].state
+        assert state in FINISHED or (state == TrialState.FAIL and trial.number in retried), (trial.number, state)
 
 
 def test_wrong_database_password_is_one_line_without_the_password(cluster, tmp_path):

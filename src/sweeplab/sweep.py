@@ -348,12 +348,23 @@ def _logger_main(study_name, tracking_uri, storage_url, experiment_id, parent_ru
     signals.signal(signals.SIGTERM, signals.SIG_IGN)
     from .experiment import RunResult
 
+    import multiprocessing
+    import queue
+
     tracker = Tracker(tracking_uri)
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    sweep_process = multiprocessing.parent_process()
     while True:
-        item = todo.get()
+        try:
+            item = todo.get(timeout=1.0)
+        except queue.Empty:
+            item = ...
+        if sweep_process is not None and not sweep_process.is_alive():
+            return  # killed: its trials stopped heartbeating and go to the surviving workers, not to us
         if item is None:
             return
+        if item is ...:
+            continue
         if abort.is_set():
             done.put(("skipped", item["number"], None))
             continue
