@@ -384,12 +384,12 @@ def _record_member(tracker: Tracker, study: optuna.Study, trial, number: int, re
     """One vectorized member: its whole MLflow run, then its Optuna outcome, as run_trial records a trial."""
     history = result.history
     outcome = outcome_of(history)
-    run_id = tracker.log_finished_run(
+    tracker.log_finished_run(
         experiment_id, run_name_for(result.config, number), result, outcome, history.stop_reason,
         {TAG_ROLE: "trial", TAG_STUDY: study_name, TAG_TRIAL: str(number), TAG_STATE: STATE_FOR_OUTCOME[outcome],
          "sweeplab.engine": "vectorized"},
-        parent_run_id, int(started * 1000), int(time.time() * 1000))
-    with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run_id)
+        parent_run_id, int(started * 1000), int(time.time() * 1000),
+        on_created=lambda run_id: with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run_id))
     return settle(study, trial, history)
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -177,9 +177,12 @@ class Tracker:
         return TrialRun(self.client, run_id, config)
 
     def log_finished_run(self, experiment_id: str, run_name: str, result, outcome: str, reason: str | None,
-                         tags: dict[str, str], parent_run_id: str | None, start_ms: int, end_ms: int) -> str:
+                         tags: dict[str, str], parent_run_id: str | None, start_ms: int, end_ms: int,
+                         on_created: Callable[[str], None] | None = None) -> str:
         """A whole trial run written after the fact (the vectorized engine): the same params, curves, summary,
-        tags and artifacts as a live TrialRun, in four store calls plus the artifact copies."""
+        tags and artifacts as a live TrialRun, in four store calls plus the artifact copies. `on_created` gets
+        the run id as soon as the run exists (to link it to its trial, so a writer killed half-way leaves a run
+        that recovery can find and end)."""
         from .search import worker_id
 
         history = result.history
@@ -190,6 +193,8 @@ class Tracker:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run_id = self.client.create_run(experiment_id, start_time=start_ms, tags=all_tags,
                                         run_name=run_name).info.run_id
+        if on_created:
+            on_created(run_id)
         metrics = curve_metrics(history, end_ms) + summary_metrics(history, end_ms)
         params = [Param(k, v[:6000]) for k, v in flatten(result.config).items()]
         metric_chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
