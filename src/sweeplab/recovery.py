@@ -112,6 +112,7 @@ class Heartbeats:
         if self._thread:
             self._thread.join()
             self._thread = None
+        self._stop = threading.Event()  # a later hold() starts beating again
 
 
 def this_host() -> str:

@@ -215,8 +215,10 @@ def _ask_place(ctx: SweepContext) -> optuna.Trial | None:
     have them); or None when another worker took the last free place between our count and our ask (the
     asked trial is then given back unrun)."""
     trial = with_retries(ctx.study.ask)
-    with_retries(trial.set_user_attr, "worker", worker_id())
+    # the heartbeat first: if the storage goes away between the two writes, the trial is either stale (it has a
+    # heartbeat) or unclaimed (it has no worker), and both are recovered; a worker without a heartbeat is not
     ctx.heartbeats.hold(trial._trial_id)
+    with_retries(trial.set_user_attr, "worker", worker_id())
     if with_retries(is_surplus, ctx.study, trial.number, ctx.n_trials):
         with_retries(trial.set_user_attr, "surplus", True)
         _tell(ctx.study, trial, state=TrialState.FAIL)

@@ -28,6 +28,9 @@ from .loop import EpochRecord
 
 warnings.filterwarnings("ignore", module=r"mlflow\..*")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Against a tracking server, every ended run would print two "View run/experiment at" lines (and cost one more
+# request to read the run back); the sweep prints its own progress and the UI command once.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's HTTP client retries on its own; its default backoff waits minutes before giving up. Bound it to
 # ~15 s (1 + 2 + 4 + 8), as the Optuna storage retries are, so an outage or a wrong URL ends in one line.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
