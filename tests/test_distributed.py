@@ -189,6 +189,22 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
         assert state in FINISHED or (state == TrialState.FAIL and trial.number in retried), (trial.number, state)
 
 
+def test_workers_started_together_on_a_fresh_database_all_join(cluster, tmp_path):
+    """All of them create Optuna's tables at the same moment; PostgreSQL lets one win and fails the others
+    ("duplicate key ... pg_type_typname_nsp_index"), which must not end a worker."""
+    postgres, server = cluster
+    postgres.create_database("fresh")
+    env = worker_env(postgres, server, SWEEPLAB_STORAGE=postgres.url("fresh"))
+    sweep = sweep_file(tmp_path, "together", 4)
+    workers = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=3",
+                                 "--worker-index", str(i), "--quiet"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for worker in workers:
+        _, err = finish(worker, 300, postgres.url("fresh", password=True), "together", server)
+        assert worker.returncode == 0, err
+    check_records(load("together", postgres.url("fresh", password=True)), MlflowClient(server.url), 4, 3)
+
+
 def test_wrong_database_password_is_one_line_without_the_password(cluster, tmp_path):
     postgres, server = cluster
     wrong = "not-the-" + PASSWORD

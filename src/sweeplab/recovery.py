@@ -49,6 +49,15 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 TRANSIENT = _transient_errors()
 
 
+def lost_insert_race(exc: BaseException) -> bool:
+    """The error of a writer that lost a check-then-insert race to another worker (Optuna creating its tables,
+    MLflow recording a dataset both workers use): PostgreSQL, MySQL and SQLite each in their words. Doing it
+    again finds the other writer's row."""
+    text = str(exc)
+    return any(words in text for words in ("already exists", "duplicate key", "Duplicate entry", "UniqueViolation",
+                                           "UNIQUE constraint failed"))
+
+
 def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna storage", **kwargs: Any) -> T:
     """Call fn as a critical section, retrying connection-level failures with backoff (between attempts a stop
     signal acts at once); after ~15 s raise OutageError in one line."""

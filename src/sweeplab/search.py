@@ -7,7 +7,9 @@ The sweep driver that ties this to training and MLflow is sweep.py.
 from __future__ import annotations
 
 import os
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import ConfigError, ParamSpec, SweepSpec
+from .recovery import lost_insert_race
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # TPE's multivariate/group/constant_liar options are marked experimental; they are what conditional spaces and
@@ -141,20 +144,27 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+SCHEMA_RACE_ATTEMPTS = 5  # workers started together on a fresh database all create Optuna's tables at once
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """RDB URLs (postgresql, mysql, sqlite) get heartbeats so a killed worker's trial is failed and retried;
     anything else is a journal file path."""
     if "://" in url:
-        try:
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs={"pool_pre_ping": True},
-            )
-        except Exception as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"--storage {redact(url)}: cannot open the Optuna storage: "
-                              f"{message.replace(url, redact(url))}") from None
+        for attempt in range(SCHEMA_RACE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+            except Exception as exc:
+                if lost_insert_race(exc) and attempt + 1 < SCHEMA_RACE_ATTEMPTS:
+                    time.sleep(random.uniform(0.1, 0.5))  # another worker is creating the tables: they exist now
+                    continue
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ConfigError(f"--storage {redact(url)}: cannot open the Optuna storage: "
+                                  f"{message.replace(url, redact(url))}") from None
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(url.removeprefix("journal:"))

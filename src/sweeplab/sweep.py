@@ -97,6 +97,11 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
         if ctx.sweep.spec.pruner.type != "none":
             callbacks.append(PruningCallback(trial, report_every(ctx.sweep.spec, config.train.epochs)))
         result = run_experiment(config, callbacks=callbacks)
+        history = result.history
+        outcome = outcome_of(history)
+        with critical():  # the run and the trial are recorded together; a stop waits the ~60 ms this takes
+            run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome]})
+            told = settle(ctx.study, trial, history)
     except BaseException as exc:
         with shielded():
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
@@ -105,11 +110,6 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
         if interrupted or isinstance(exc, OutageError):
             raise
         return "failed"
-    history = result.history
-    outcome = outcome_of(history)
-    with critical():  # the run and the trial are recorded together; a stop waits the ~60 ms this takes
-        run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome]})
-        told = settle(ctx.study, trial, history)
     ctx.heartbeats.release(trial._trial_id)
     return told
 

@@ -324,7 +324,17 @@ class TrialRun:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 entity = _DATASET_ENTITIES[key] = dataset._to_mlflow_entity()
-        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
+        inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
+        from .recovery import lost_insert_race
+
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, inputs)
+                return
+            except Exception as exc:  # MLflow checks for the dataset, then inserts it: two workers can both insert
+                if attempt == 2 or not lost_insert_race(exc):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
 
 def outcome_tags(outcome: str, reason: str | None = None, extra: dict[str, str] | None = None) -> list[RunTag]:
