@@ -270,8 +270,9 @@ def journal(folder: Path):
 def test_a_stopped_local_sweep_resumes_to_exactly_the_budget(tmp_path, how, workers):
     proc = local_sweep(tmp_path, "epochs=300", f"workers={workers}")
     wait_for(lambda: (tmp_path / "optuna.journal").exists() and (s := load("local", journal(tmp_path)))
-             and len(s.get_trials(states=FINISHED)) >= 2 and s.get_trials(states=(TrialState.RUNNING,)),
-             120, "a trial in flight")
+             and len(s.get_trials(states=FINISHED)) >= 2
+             and [t for t in s.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs],
+             120, "a trial training (its run started)")
     stopped_at = time.monotonic()
     proc.send_signal(how)
     _, err = proc.communicate(timeout=30)
