@@ -163,7 +163,7 @@ def recover(study: optuna.Study, storage: optuna.storages.BaseStorage, end_lost_
     for trial in (t for t in running if not beating):
         worker = trial.user_attrs.get("worker")
         if worker and process_gone(worker):
-            if not _fail(storage, trial, f"worker {worker} died during the trial"):
+            if not fail_trial(storage, trial._trial_id, f"worker {worker} died during the trial"):
                 continue  # another worker got there first
             with_retries(study.enqueue_trial, trial.params, user_attrs={"retry_of": trial.number},
                          skip_if_exists=False)
@@ -200,16 +200,16 @@ def _fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage, tri
         first_seen = unclaimed.setdefault(trial._trial_id, now)
         if now - first_seen >= ORPHAN_AFTER_S:
             del unclaimed[trial._trial_id]
-            if _fail(storage, trial, f"orphaned: no worker claimed it within {ORPHAN_AFTER_S:.0f} s (created "
+            if fail_trial(storage, trial._trial_id, f"orphaned: no worker claimed it within {ORPHAN_AFTER_S:.0f} s (created "
                                      "while the storage was failing); it never ran"):
                 handled.add(trial.number)
 
 
-def _fail(storage: optuna.storages.BaseStorage, trial, reason: str) -> bool:
+def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
     """Mark a RUNNING trial FAIL with its reason; False when another worker (or its owner) finished it first."""
     try:  # the reason first: a finished trial takes no more attributes
-        with_retries(storage.set_trial_user_attr, trial._trial_id, "fail_reason", reason)
-        with_retries(storage.set_trial_state_values, trial._trial_id, state=TrialState.FAIL)
+        with_retries(storage.set_trial_user_attr, trial_id, "fail_reason", reason)
+        with_retries(storage.set_trial_state_values, trial_id, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
     return True

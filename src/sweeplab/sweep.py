@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from .config import ConfigError, Sweep
 from .experiment import run_experiment
 from .loop import EpochRecord
-from .recovery import (Heartbeats, OutageError, check_stop, critical, heartbeat_interval, raise_on_sigterm,
+from .recovery import (Heartbeats, OutageError, check_stop, critical, fail_trial, heartbeat_interval, raise_on_sigterm,
                        recover, shielded, with_retries)
 from .search import (ALIVE, FINISHED, budget, check_compatible, count, is_surplus, open_storage, open_study, redact, suggest,
                      worker_id)
@@ -106,7 +106,7 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
         with shielded():
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
             reason = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
-            _fail_trial(ctx, trial, run, reason, interrupted)
+            _record_failure(ctx, trial, run, reason, interrupted)
         if interrupted or isinstance(exc, OutageError):
             raise
         return "failed"
@@ -114,7 +114,7 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
     return told
 
 
-def _fail_trial(ctx: SweepContext, trial: optuna.Trial, run, reason: str, interrupted: bool) -> None:
+def _record_failure(ctx: SweepContext, trial: optuna.Trial, run, reason: str, interrupted: bool) -> None:
     """Record a trial that ended in an exception: its run ended (KILLED when interrupted), the trial FAIL with
     the reason. Interrupted, one attempt each (the user is waiting; a trial left RUNNING is recovered by the
     others once this process is gone). Otherwise the writes are retried through an outage, and what still did
@@ -140,11 +140,7 @@ def _fail_trial(ctx: SweepContext, trial: optuna.Trial, run, reason: str, interr
 def _settle_unsettled(ctx: SweepContext) -> None:
     """Tell Optuna about the failed trials whose FAIL did not land (the storage was failing at the time)."""
     for trial_id, reason in list(ctx.unsettled.items()):
-        try:
-            with_retries(ctx.storage.set_trial_user_attr, trial_id, "fail_reason", reason)
-            with_retries(ctx.storage.set_trial_state_values, trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # already failed by another worker that found it stale
+        fail_trial(ctx.storage, trial_id, reason)  # False: already failed by a worker that found it stale
         del ctx.unsettled[trial_id]
         ctx.heartbeats.release(trial_id)
 
@@ -448,7 +444,7 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
             left = logger.abandon() + pending
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             for member in left:
-                _fail_trial(ctx, member.key, None, reason, interrupted=True)
+                _record_failure(ctx, member.key, None, reason, interrupted=True)
         raise
     return ran
 
