@@ -48,7 +48,7 @@ predict: install
 	$(SWEEPLAB) predict $(MODEL) $(ARGS)
 
 ui: install
-	$(SWEEPLAB) ui --host $(HOST) --port $(PORT)
+	$(SWEEPLAB) ui $(SWEEP) --host $(HOST) --port $(PORT)
 
 # BACKEND=postgresql+psycopg://USER@DBHOST/mlflow (password from $$PGPASSWORD or ~/.pgpass); default SQLite
 BACKEND ?=

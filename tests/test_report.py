@@ -116,3 +116,19 @@ def test_report_of_a_real_sweep_matches_the_raw_metric_histories(tmp_path, monke
 def test_unknown_study_is_one_line(tmp_path, capsys):
     assert main(["report", "ghost", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
     assert capsys.readouterr().err.strip() == "sweeplab: error: ghost: no such study (MLflow experiment) in the tracking store"
+
+
+def test_a_run_that_never_learned_has_no_epochs_to_converge(tmp_path):
+    """Trial 30 of the default sweep went 38.7 -> 36.9: within 5% of its own best from epoch 1, yet predicting no
+    better than a constant (baseline_val_loss ~14 for noise 1.0: var(y) = 9 + 4 + 1). By hand: it never learned;
+    the learner's best 0.5 <= 14 / 2, and its first epoch within 5% of 0.5 is epoch 4 (0.52)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("learn")
+    never = log_run(client, experiment, 0, {"train.lr": 1e-4}, [39, 38, 37.5, 37], [38.7, 37.8, 37.2, 36.9])
+    learner = log_run(client, experiment, 1, {"train.lr": 1e-2}, [20, 5, 1, 0.5], [12, 3, 0.9, 0.52, 0.5])
+    for run_id in (never, learner):
+        client.log_metric(run_id, "baseline_val_loss", 14.0, step=0)
+    trials = load_runs("learn", uri).trials.set_index("trial")
+    assert not trials.loc[0, "learned"] and math.isnan(trials.loc[0, "epochs_to_converge"])
+    assert trials.loc[1, "learned"] and trials.loc[1, "epochs_to_converge"] == 4

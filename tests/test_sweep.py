@@ -241,7 +241,9 @@ def test_diverged_and_pruned_trials_are_recorded_and_the_sweep_goes_on(store):
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         outcome = run.data.tags["sweeplab.outcome"]
         outcomes[trial.params["lr"]] = outcome
-        epochs_run = len(client.get_metric_history(run.info.run_id, "val_loss"))
+        curve = client.get_metric_history(run.info.run_id, "val_loss")
+        epochs_run = int(run.data.metrics["epochs_run"])
+        assert len(curve) == epochs_run - (outcome == "diverged")  # a diverged run's last, non-finite epoch is left out
         if outcome == "completed":
             assert trial.state == optuna.trial.TrialState.COMPLETE and run.info.status == "FINISHED"
             continue

@@ -71,18 +71,24 @@ def test_a_diverging_member_stops_alone():
     assert members[0].history.val_loss == pytest.approx(reference.val_loss, rel=1e-4)
 
 
-def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    sweep = tmp_path / "v.yaml"
-    sweep.write_text(f"study: vec\nexperiment: {LAB}\nspace:\n  optimizer: {{choices: [Adam, SGD, RMSprop]}}\n"
-                     "  lr: {low: 0.005, high: 0.05, log: true}\n  hidden: {choices: [8, 32]}\n"
-                     "sampler: {type: random, seed: 1}\nengine: vectorized\nbatch_trials: 5\nn_trials: 12\n")
-    assert main(["sweep", str(sweep), "epochs=15", "--quiet", "--no-report"]) == 0
+def run_sweep_here(tmp_path, monkeypatch, study: str, text: str, *args: str) -> optuna.Study:
+    """`sweeplab sweep` of this sweep text in tmp_path (a fresh local store); its study, read back."""
     from optuna.storages.journal import JournalFileBackend
 
-    study = optuna.load_study(study_name="vec", storage=optuna.storages.JournalStorage(
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "s.yaml").write_text(text)
+    assert main(["sweep", str(tmp_path / "s.yaml"), *args, "--quiet", "--no-report"]) == 0
+    return optuna.load_study(study_name=study, storage=optuna.storages.JournalStorage(
         JournalFileBackend(str(tmp_path / "optuna.journal"))))
+
+
+def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, monkeypatch, capsys):
+    study = run_sweep_here(tmp_path, monkeypatch, "vec", f"study: vec\nexperiment: {LAB}\nspace:\n"
+                           "  optimizer: {choices: [Adam, SGD, RMSprop]}\n"
+                           "  lr: {low: 0.005, high: 0.05, log: true}\n  hidden: {choices: [8, 32]}\n"
+                           "sampler: {type: random, seed: 1}\nengine: vectorized\nbatch_trials: 5\nn_trials: 12\n",
+                           "epochs=15")
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(done) == 12 == len(study.trials)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -109,3 +115,52 @@ def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, mon
         assert loss == pytest.approx(trial.value, rel=1e-6)
     capsys.readouterr()
     assert main(["predict", "vec"]) == 0 and len(capsys.readouterr().out.splitlines()) == 3
+
+
+def val_loss_of(state: dict, config) -> float:
+    """A best_state scored on the member's validation split, in plain torch (the seed's MSE, one batch)."""
+    from sweeplab.data import make_dataset
+
+    torch.manual_seed(config.seed)
+    data = make_dataset(config)
+    hidden = torch.relu(data.x_val @ state["net.0.weight"].T + state["net.0.bias"])
+    return float(((hidden @ state["net.2.weight"].T + state["net.2.bias"] - data.y_val) ** 2).mean())
+
+
+def test_a_stopped_member_keeps_the_state_of_its_logged_best_epoch():
+    """Issue #10: a member stopped at epoch 5 went on updating its best state from the still-training batch."""
+    configs = mixed_configs(4, epochs=30)
+    members = [prepare_member(i, c) for i, c in enumerate(configs)]
+    stop_at = {0: 5, 2: 9}
+    train_group(members, on_epoch=lambda m, epoch, val: "stop" if stop_at.get(m.key) == epoch else None)
+    for member, config in zip(members, configs):
+        history = member.history
+        if member.key in stop_at:
+            assert history.status == "stopped" and history.epochs_run == stop_at[member.key]
+            # the reference loop stopped by a callback at the same epoch keeps the same record
+            stopper = lambda record, at=stop_at[member.key]: "stop" if record.epoch == at else None  # noqa: E731
+            reference = run_experiment(config, callbacks=[stopper]).history
+            assert history.best_epoch == reference.best_epoch
+            assert history.best_val_loss == pytest.approx(reference.best_val_loss, rel=1e-4)
+        assert val_loss_of(history.best_state, config) == pytest.approx(history.best_val_loss, rel=1e-5)
+
+
+def test_a_vectorized_sweep_with_a_median_pruner_prunes(tmp_path, monkeypatch):
+    """Issue #10: with its writers still starting, the pipelined engine told Optuna nothing before the last batch
+    had trained, so the median pruner (which compares with COMPLETE trials) never had anything to compare with.
+    lr from 1e-5 (never learns in 12 epochs: val_loss stays ~35) to 0.05 (learns: below 1)."""
+    study = run_sweep_here(tmp_path, monkeypatch, "vprune", f"study: vprune\nexperiment: {LAB}\nspace:\n"
+                           "  lr: {low: 1.0e-5, high: 0.05, log: true}\n"
+                           "sampler: {type: random, seed: 3}\npruner: {type: median, n_startup_trials: 3, "
+                           "n_warmup_steps: 3}\nengine: vectorized\nbatch_trials: 4\nn_trials: 16\n", "epochs=12")
+    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    assert len(study.trials) == 16 and len(pruned) >= 3
+    assert all(len(t.intermediate_values) < 12 for t in pruned)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for trial in pruned:  # every pruned run's checkpoint scores the best_val_loss its run logged
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["sweeplab.outcome"] == "pruned"
+        state = torch.load(client.download_artifacts(run.info.run_id, "checkpoint/best.pt", str(tmp_path)),
+                           weights_only=True)["state_dict"]
+        config = load_experiment(LAB, {"lr": trial.params["lr"], "epochs": 12})
+        assert val_loss_of(state, config) == pytest.approx(run.data.metrics["best_val_loss"], rel=1e-5)

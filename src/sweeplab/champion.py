@@ -2,15 +2,16 @@
 
 Built from what the best trial logged (its checkpoint artifact, loaded with weights_only=True), not from memory,
 so it works the same for a sweep that ran in many processes. Saved in MLflow's pickle-free `pt2` format
-(torch.export) with a signature and a multi-row input example, so
-`mlflow.pyfunc.load_model("models:/STUDY@champion")` predicts any batch size without sweeplab installed.
+(torch.export) and logged as a model of the best trial's own run (its lineage: the version's source run is that
+trial), so `mlflow.pyfunc.load_model("models:/STUDY@champion")` predicts any batch size without sweeplab.
+
+Every call goes through our `MlflowClient`, never MLflow's fluent API, whose tracking URI is process-global: a
+store named anything but ./mlflow.db must not be looked up in ./mlflow.db.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,63 +29,98 @@ def download_checkpoint(tracker: Tracker, run_id: str, dest: Path) -> Path:
     return Path(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", str(dest)))
 
 
-def register_champion(tracker: Tracker, study: optuna.Study, name: str, parent_run_id: str) -> dict[str, Any]:
+def register_champion(tracker: Tracker, study: optuna.Study, name: str, experiment_id: str) -> dict[str, Any]:
     """Log and register the best COMPLETE trial's model unless it already is the champion."""
-    import mlflow
-    import torch
-
-    from .model import load_checkpoint
-
     best = study.best_trial
     run_id = best.user_attrs[TAG_STUDY_TRIAL_ATTR]
     current = _current_champion(tracker, name)
+    summary = {"name": name, "trial": best.number, "run_id": run_id, "best_val_loss": best.value}
     if current is not None and current.tags.get(TAG_CHAMPION_RUN) == run_id:
-        return {"name": name, "version": current.version, "trial": best.number, "run_id": run_id, "new": False,
-                "best_val_loss": best.value}
+        return {**summary, "version": current.version, "new": False}
+    version = register_run_model(tracker, run_id, name, experiment_id, ALIAS,
+                                 description=f"trial #{best.number} of study {name!r}: best_val_loss "
+                                             f"{best.value:.6g} (run {run_id})",
+                                 tags={"sweeplab.trial_number": str(best.number), "best_val_loss": repr(best.value)})
+    tracker.client.set_registered_model_alias(name, ALIAS, version.version)
+    return {**summary, "version": version.version, "new": True}
+
+
+def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: str, model_name: str,
+                       description: str = "", tags: dict[str, str] | None = None):
+    """Log the run's best checkpoint as an MLflow model of that run, and register it as a new version of `name`."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from .model import load_checkpoint
+
+    client = tracker.client
     with tempfile.TemporaryDirectory(prefix="sweeplab-champion-") as tmp:
         model, spec = load_checkpoint(download_checkpoint(tracker, run_id, Path(tmp)))
-    config = json.loads(_read_artifact(tracker, run_id, f"{CHECKPOINT_PATH}/config.json"))
-    rows = config.get("predict_x") or []
-    if len(rows) < 2:  # an example of one row would fix the batch dimension to 1
-        rows = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(0)).tolist()
-    example = np.asarray(rows, dtype=np.float32)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                    f"numpy=={np.__version__}"]
-    with _fluent_uri(tracker.tracking_uri), mlflow.start_run(run_id=parent_run_id):
-        info = mlflow.pytorch.log_model(model, name=ALIAS, input_example=example, pip_requirements=requirements,
-                                        serialization_format="pt2")
-    client = tracker.client
+        config = json.loads(Path(client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/config.json", tmp)).read_text())
+        logged = client.create_logged_model(experiment_id, name=model_name, source_run_id=run_id,
+                                            tags={TAG_CHAMPION_RUN: run_id})
+        try:
+            local = Path(tmp) / "model"
+            save_pyfunc_model(model, spec, config.get("predict_x") or [], local, logged, run_id)
+            client.log_model_artifacts(logged.model_id, str(local))
+        except BaseException:
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run's page lists it
     if _registered_model(tracker, name) is None:
         try:
             client.create_registered_model(name, description=f"Best model of the sweeplab study {name!r}")
         except Exception:  # another process registered it first
             pass
-    version = client.create_model_version(name, info.model_uri, run_id=parent_run_id, model_id=info.model_id, tags={
-        TAG_CHAMPION_RUN: run_id, "sweeplab.trial_number": str(best.number), "best_val_loss": repr(best.value)})
-    client.set_registered_model_alias(name, ALIAS, version.version)
-    tracker.client.set_model_version_tag(name, version.version, "sweeplab.model_spec", json.dumps(spec.to_dict()))
-    return {"name": name, "version": version.version, "trial": best.number, "run_id": run_id, "new": True,
-            "best_val_loss": best.value}
+    # The source is the model's own artifact location: a `models:/m-...` source would make the registry look the
+    # model up through the default tracking URI (MLflow 3.17's SQL registry uses a fresh MlflowClient()).
+    version = client.create_model_version(name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+                                          description=description,
+                                          tags={TAG_CHAMPION_RUN: run_id, **(tags or {}),
+                                                "sweeplab.model_spec": json.dumps(spec.to_dict())})
+    return version
 
 
-@contextlib.contextmanager
-def _fluent_uri(uri: str):
-    """log_model only exists in MLflow's fluent API, whose tracking URI is process-global (and copied into
-    $MLFLOW_TRACKING_URI): point it at our store for the call, then put back what the caller had."""
+def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_id: str) -> None:
+    """The model in MLflow's pt2 format with a signature people can call: one float64 column per feature, in
+    the model's feature order, so a float64 or float32 array, a list of rows and a DataFrame all pass the schema
+    (MLflow's PyTorch wrapper turns them into float32 for the exported graph). The columns are positional: MLflow
+    rejects an array or a list outright under a signature with named columns, and those are what people try
+    first. The names go into the input example and the model's metadata (`feature_names`).
+
+    torch.export needs a tensor signature while it traces, so the model is saved with one, then its MLmodel file
+    gets the column signature and a named input example."""
     import mlflow
+    import pandas as pd
+    import torch
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    saved_uri = mlflow.get_tracking_uri() if saved_env else None
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        if saved_env is None:
-            mlflow.set_tracking_uri(None)
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            mlflow.set_tracking_uri(saved_uri)
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+    rows = [list(map(float, row)) for row in example_rows]
+    if len(rows) < 2:  # an example of one row would fix the batch dimension to 1
+        rows = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(0)).tolist()
+    names = list(spec.feature_names) or [f"x{i + 1}" for i in range(spec.in_features)]
+    example = np.asarray(rows, dtype=np.float32)
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, spec.out_features))])
+    traced = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, spec.in_features))]), outputs)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                    f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+    meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
+                 model_id=logged.model_id)
+    mlflow.pytorch.save_model(model, str(path), mlflow_model=meta, signature=traced, input_example=example,
+                              pip_requirements=requirements, serialization_format="pt2")
+    saved = Model.load(str(path))
+    for name in ("serving_input_example.json", saved.saved_input_example_info.get("artifact_path", "")
+                 if saved.saved_input_example_info else ""):
+        if name and (path / name).exists():
+            (path / name).unlink()
+    saved.saved_input_example_info = None
+    saved.signature = ModelSignature(Schema([ColSpec("double") for _ in names]), outputs)
+    saved.metadata = {**(saved.metadata or {}), "feature_names": names, "task": spec.task}
+    from mlflow.models.utils import _save_example
+
+    _save_example(saved, pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=names), str(path))
+    saved.save(str(path / "MLmodel"))
 
 
 def _registered_model(tracker: Tracker, name: str):
@@ -99,8 +135,3 @@ def _current_champion(tracker: Tracker, name: str):
         return tracker.client.get_model_version_by_alias(name, ALIAS)
     except Exception:  # no such model or alias yet
         return None
-
-
-def _read_artifact(tracker: Tracker, run_id: str, path: str) -> str:
-    with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
-        return Path(tracker.client.download_artifacts(run_id, path, tmp)).read_text()

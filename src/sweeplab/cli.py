@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Sequence
 
@@ -183,7 +184,7 @@ class _Progress:
 
 
 def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> None:
-    from .search import redact
+    from .secrets import redact
     from .sweep import best_trials, state_counts
 
     study = outcome.study
@@ -203,9 +204,26 @@ def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) ->
         state = "registered" if champion["new"] else "unchanged"
         print(f"champion: models:/{champion['name']}@champion (version {champion['version']}, trial "
               f"#{champion['trial']}, {state})")
-    print(f"browse:   make ui   (mlflow ui --backend-store-uri {redact(tracking_uri)} --host 127.0.0.1)")
+    me = invocation()
+    store = f" --tracking-uri {shlex.quote(redact(tracking_uri))}"
+    print(f"browse:   {me} ui {shlex.quote(sweep.spec.study)}{store}")
     if champion:
-        print(f"predict:  .venv/bin/sweeplab predict models:/{champion['name']}@champion --tracking-uri {redact(tracking_uri)}")
+        print(f"predict:  {me} predict models:/{champion['name']}@champion{store}")
+
+
+def invocation() -> str:
+    """sweeplab as the user invoked it, so a printed command works pasted in the folder it ran in: `sweeplab`
+    when that is what PATH finds, else the path they typed (`.venv/bin/sweeplab` in the checkout), else
+    `python -m sweeplab` with this interpreter."""
+    import shutil
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "sweeplab":
+        found = shutil.which("sweeplab")
+        if found and os.path.realpath(found) == os.path.realpath(argv0):
+            return "sweeplab"
+        return shlex.quote(argv0)
+    return f"{shlex.quote(sys.executable)} -m sweeplab"
 
 
 def _trial_overrides(trial, sweep) -> dict:
@@ -306,21 +324,74 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .tracking import resolve_tracking_uri
+    """The MLflow UI over the store, one server worker unless asked (four take 16-40 s to start on two cores).
+    The URL is printed once the server answers; with a study, the link opens its runs best first."""
+    import subprocess
+    import time
+
+    from .tracking import display_uri, resolve_tracking_uri, runs_link
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port)]
+    experiment_id = None
+    if args.study:
+        experiment_id = _experiment_id_of(_study_name(args.study), uri)
+    command = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
+               "--workers", str(args.workers), "--uvicorn-opts", "--log-level warning"]
     if uri.startswith("sqlite:///"):
         command += ["--default-artifact-root", (os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) + "/mlartifacts")]
-    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
-    os.execv(sys.executable, command)
-    return 0
+    # the store goes through the environment, not the command line, where `ps` would show its password
+    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **os.environ,
+           "MLFLOW_BACKEND_STORE_URI": uri}
+    _warn_if_public(args.host)
+    print(f"starting the MLflow UI over {display_uri(uri)} ...", file=sys.stderr, flush=True)
+    process = subprocess.Popen(command, env=env, stdout=sys.stderr.fileno())  # stdout: only our URL line
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    try:
+        while not _answers(f"{base}/health"):
+            if process.poll() is not None:
+                print(f"sweeplab: error: the MLflow UI did not start (exit code {process.returncode}; is port "
+                      f"{args.port} taken? try --port)", file=sys.stderr)
+                return 1
+            time.sleep(0.25)
+        link = runs_link(base, experiment_id) if experiment_id else base
+        print(f"MLflow UI: {link}  (Ctrl-C stops it)", flush=True)
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=20)
+        return 0
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _experiment_id_of(study: str, tracking_uri: str) -> str:
+    from .tracking import Tracker
+
+    tracker = Tracker(tracking_uri)
+    tracker.check_reachable()
+    experiment = tracker.client.get_experiment_by_name(study)
+    if experiment is None:
+        raise UsageError(f"{study}: no such study (MLflow experiment) in {tracker.display_uri}")
+    return experiment.experiment_id
+
+
+def _warn_if_public(host: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {host}: anyone who can reach this port can read and write runs",
+              file=sys.stderr)
 
 
 def _server(args: argparse.Namespace) -> int:
     """An MLflow tracking server for many workers: a database backend store and served artifacts."""
-    from .search import redact
+    from .secrets import redact
 
     backend = args.backend_store_uri or os.environ.get("SWEEPLAB_BACKEND_STORE_URI") or "sqlite:///mlflow-server.db"
     artifacts = os.path.abspath(args.artifacts_destination)
@@ -332,9 +403,7 @@ def _server(args: argparse.Namespace) -> int:
                "--workers", str(args.workers)]
     print(f"MLflow tracking server on http://{args.host}:{args.port}: runs in {redact(backend)}, artifacts in "
           f"{artifacts} (Ctrl-C stops it)", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {args.host}: anyone who can reach this port can read and write runs",
-              file=sys.stderr)
+    _warn_if_public(args.host)
     os.execv(sys.executable, command)
     return 0
 
@@ -408,7 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.set_defaults(func=_server)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the tracking store")
+    ui.add_argument("study", nargs="?", metavar="SWEEP_OR_STUDY",
+                    help="print the link to this study's runs, best first (a sweep file or a study name)")
     ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=_ui)
@@ -427,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, UsageError) as exc:
-        print(f"sweeplab: error: {exc}", file=sys.stderr)
+        print(f"sweeplab: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = " (the trial in flight is recorded as failed; run the same command again to resume)" \
@@ -438,13 +510,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as exc:
-        # Errors with a message for the user, whose modules may not be loaded (so no import just to compare):
-        # ShapeError (labels that do not fit the loss) is bad input; SweepError is a sweep that cannot go on.
+        # Every failure ends in one line (SWEEPLAB_DEBUG=1 shows the traceback). ShapeError (labels that do not
+        # fit the loss) is bad input, exit 2; SweepError and OutageError say why the sweep cannot go on; any other
+        # error (a damaged or read-only store, a full disk) is named by its type, exit 1.
+        if os.environ.get("SWEEPLAB_DEBUG"):
+            raise
         kind = type(exc).__name__
-        if kind in ("ShapeError", "SweepError", "OutageError"):
-            print(f"sweeplab: error: {exc}", file=sys.stderr)
-            return 2 if kind == "ShapeError" else 1
-        raise
+        named = kind in ("ShapeError", "SweepError", "OutageError")
+        print(f"sweeplab: error: {one_line(exc, with_type=not named)}", file=sys.stderr)
+        return 2 if kind == "ShapeError" else 1
+
+
+MAX_MESSAGE = 500  # characters of an error message we print: a 57 MB line helps nobody
+
+
+def one_line(exc: BaseException, with_type: bool = False) -> str:
+    """An error as one printable line: its first line, cut to MAX_MESSAGE, every URL and password redacted (the
+    message may be MLflow's or a driver's, quoting the URI it was given)."""
+    from .secrets import redact_text
+
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE] + " [...]"
+    text = redact_text(text)
+    if with_type or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text
 
 
 def entry_point() -> None:

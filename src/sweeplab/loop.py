@@ -123,6 +123,34 @@ class History:
     def epochs_run(self) -> int:
         return len(self.train_loss)
 
+    def record(self, epoch: int, train_loss: float, val_loss: float, metrics: dict[str, float],
+               confusion: list[list[int]] | None = None) -> bool:
+        """Append one epoch's results; True when it is the new best, and the caller must then keep the model's
+        state as `best_state` (fit copies the module's, the vectorized engine its member's row). The one place
+        both engines decide what the best epoch is."""
+        self.train_loss.append(train_loss)
+        self.val_loss.append(val_loss)
+        for name, value in metrics.items():
+            self.metrics.setdefault(name, []).append(value)
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_epoch = val_loss, epoch
+            self.best_metrics, self.confusion_matrix = dict(metrics), confusion
+        return improved
+
+    def stop(self, epoch: int, reasons: list[str]) -> bool:
+        """After an epoch is recorded: True, with status and reason set, when the run ends here. A non-finite
+        loss ends it as "diverged"; a reason (a pruner's, say) as "stopped"."""
+        train_loss, val_loss = self.train_loss[-1], self.val_loss[-1]
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            self.status = "diverged"
+            self.stop_reason = f"diverged at epoch {epoch} (train_loss={train_loss}, val_loss={val_loss})"
+            return True
+        if reasons:
+            self.status, self.stop_reason = "stopped", reasons[0]
+            return True
+        return False
+
 
 def loss_for_task(task: str, regression_loss: str = "mse") -> nn.Module:
     if task == "binary":
@@ -130,6 +158,24 @@ def loss_for_task(task: str, regression_loss: str = "mse") -> nn.Module:
     if task == "multiclass":
         return nn.CrossEntropyLoss()
     return nn.L1Loss() if regression_loss == "l1" else nn.MSELoss()
+
+
+def baseline_loss(y_train: torch.Tensor, y_val: torch.Tensor, task: str, regression_loss: str = "mse") -> float:
+    """The validation loss of the best constant prediction fitted on the training labels: a model that learned
+    nothing about x. Regression: the training mean (MSE) or median (L1); binary: the training rate of class 1;
+    multiclass: the training class frequencies. A run that does not get well below it never learned."""
+    y_train, y_val = y_train.detach().cpu(), y_val.detach().cpu()
+    if task == "multiclass":
+        counts = torch.bincount(y_train.long(), minlength=int(max(y_train.max(), y_val.max())) + 1).double()
+        logits = (counts.clamp(min=0.5) / counts.sum()).log()  # a class never seen still gets a finite loss
+        return float(nn.functional.cross_entropy(logits.expand(len(y_val), -1), y_val.long()))
+    if task == "binary":
+        rate = float(y_train.double().mean().clamp(1e-6, 1 - 1e-6))
+        logit = torch.full_like(y_val, math.log(rate / (1 - rate)), dtype=torch.float64)
+        return float(nn.functional.binary_cross_entropy_with_logits(logit, y_val.double()))
+    if regression_loss == "l1":
+        return float((y_val.double() - y_train.double().median()).abs().mean())
+    return float((y_val.double() - y_train.double().mean()).pow(2).mean())
 
 
 def check_batch(pred: torch.Tensor, target: torch.Tensor, loss_fn: nn.Module) -> None:
@@ -240,26 +286,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, 
     for epoch in range(1, epochs + 1):
         train_loss = train_epoch(model, train_batches, loss_fn, optimizer, check_shapes=epoch == 1)
         val_loss, metrics, confusion = evaluate(model, val_batches, loss_fn, task)
-        history.train_loss.append(train_loss)
-        history.val_loss.append(val_loss)
-        for name, value in metrics.items():
-            history.metrics.setdefault(name, []).append(value)
-        improved = val_loss < history.best_val_loss
+        improved = history.record(epoch, train_loss, val_loss, metrics, confusion)
         if improved:
-            history.best_val_loss = val_loss
-            history.best_epoch = epoch
             history.best_state = state_to_cpu(model.state_dict())
-            history.best_metrics = dict(metrics)
-            history.confusion_matrix = confusion
         record = EpochRecord(epoch, train_loss, val_loss, metrics, history.best_val_loss, history.best_epoch, improved)
         reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            history.status = "diverged"
-            history.stop_reason = f"diverged at epoch {epoch} (train_loss={train_loss}, val_loss={val_loss})"
-            break
-        if reasons:
-            history.status = "stopped"
-            history.stop_reason = reasons[0]
+        if history.stop(epoch, reasons):
             break
     if restore_best and history.best_state is not None:
         model.load_state_dict(history.best_state)

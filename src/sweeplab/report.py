@@ -26,7 +26,8 @@ PARAM_COLUMNS = {"train.optimizer": "optimizer", "model.hidden": "hidden", "data
                  "seed": "seed", "task": "task", "train.epochs": "epochs", "train.batch_size": "batch_size",
                  "model.activation": "activation", "model.dropout": "dropout", "train.weight_decay": "weight_decay",
                  "train.momentum": "momentum"}
-CONVERGED_WITHIN = 0.05  # epochs to converge: first epoch within 5% of the trial's own best val loss
+CONVERGED_WITHIN = 0.05  # epochs to converge: first epoch within 5% of the trial's own best val loss ...
+LEARNED_BELOW = 0.5  # ... counted only for a run that learned: best_val_loss at most half its baseline_val_loss
 BULK_RUNS = 500  # run ids per bulk metric query
 
 
@@ -129,7 +130,10 @@ def _trial_frame(runs, curves: pd.DataFrame) -> pd.DataFrame:
         for param, column in PARAM_COLUMNS.items():
             if param in params:
                 record[column] = _number(params[param])
-        record.update(_curve_stats(by_run.get(run.info.run_id)))
+        record["baseline_val_loss"] = metrics.get("baseline_val_loss", math.nan)
+        record.update(_curve_stats(by_run.get(run.info.run_id), record["baseline_val_loss"]))
+        if "epochs_run" in metrics:  # the curves leave out a diverged run's last, non-finite epoch
+            record["epochs_run"] = int(metrics["epochs_run"])
         if "best_val_loss" in metrics and record["state"] == "completed":
             record["best_val_loss"] = metrics["best_val_loss"]  # the logged summary is the system of record
         end = run.info.end_time or run.info.start_time
@@ -150,9 +154,12 @@ def _number(text: str):
     return text
 
 
-def _curve_stats(curve: pd.DataFrame | None) -> dict:
-    """Per-trial convergence numbers, computed from the logged curves alone."""
-    empty = {"best_val_loss": math.nan, "best_epoch": 0, "epochs_run": 0, "final_train_loss": math.nan,
+def _curve_stats(curve: pd.DataFrame | None, baseline: float = math.nan) -> dict:
+    """Per-trial convergence numbers, computed from the logged curves. `learned`: the best validation loss is at
+    most LEARNED_BELOW times the baseline (a constant prediction fitted on the training labels; for MSE, R^2 of
+    at least 0.5); unknown (True) for runs logged without a baseline. A run that never learned has no
+    epochs_to_converge: being within 5% of a best that is no better than guessing is not converging."""
+    empty = {"learned": False, "best_val_loss": math.nan, "best_epoch": 0, "epochs_run": 0, "final_train_loss": math.nan,
              "final_val_loss": math.nan, "gap_at_best": math.nan, "epochs_to_converge": math.nan,
              "auc_val_loss": math.nan}
     if curve is None or curve.empty:
@@ -165,14 +172,16 @@ def _curve_stats(curve: pd.DataFrame | None) -> dict:
     best_epoch = int(finite.idxmin())  # first epoch of the minimum, as the loop keeps the first best
     best = float(finite.min())
     within = finite[finite <= best + CONVERGED_WITHIN * abs(best)]
+    learned = not best > LEARNED_BELOW * baseline  # NaN baseline: not known, so not ruled out
     return {
+        "learned": learned,
         "best_val_loss": best,
         "best_epoch": best_epoch,
         "epochs_run": int(val.index.max()),
         "final_train_loss": float(train.iloc[-1]) if len(train) else math.nan,
         "final_val_loss": float(val.iloc[-1]),
         "gap_at_best": best - float(train.get(best_epoch, math.nan)),
-        "epochs_to_converge": int(within.index.min()),
+        "epochs_to_converge": int(within.index.min()) if learned else math.nan,
         "auc_val_loss": float(np.trapezoid(finite.to_numpy(), finite.index.to_numpy())) if len(finite) > 1 else best,
     }
 

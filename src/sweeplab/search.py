@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from .secrets import redact  # noqa: F401  (re-exported: search.redact)
 from .config import ConfigError, ParamSpec, SweepSpec
 from .recovery import lost_insert_race
 
@@ -133,17 +135,6 @@ def resolve_storage_url(cli_value: str | None, tracking_uri: str) -> str:
     return cli_value or os.environ.get("SWEEPLAB_STORAGE") or default_storage(tracking_uri)
 
 
-def redact(url: str) -> str:
-    """A storage URL fit to print or log: any password replaced by ***."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 SCHEMA_RACE_ATTEMPTS = 5  # workers started together on a fresh database all create Optuna's tables at once
 
 
@@ -169,6 +160,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
     path = Path(url.removeprefix("journal:"))
     path.parent.mkdir(parents=True, exist_ok=True)
+    repaired = repair_journal(path)
+    if repaired:
+        print(repaired, file=sys.stderr)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
@@ -232,3 +226,61 @@ def is_surplus(study: optuna.Study, trial_number: int, n_trials: int) -> bool:
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def repair_journal(path: Path) -> str | None:
+    """Make a journal whose last write was cut short (a full disk, a killed writer) readable again; None when it
+    was whole, else one line saying what was done.
+
+    A cut write leaves a partial last line. Optuna then appends the next operation onto it, and that line (and
+    every read after it) fails to parse. The cut operation was never acknowledged to anyone, so it is dropped: a
+    torn tail is cut off, and a torn prefix glued to a complete operation is cut from its front (the operation,
+    which was acknowledged, stays). The original is kept beside the journal. Runs under the journal's own lock."""
+    import json
+    import shutil
+
+    from optuna.storages.journal import JournalFileOpenLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    lock = JournalFileOpenLock(str(path))
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        kept, dropped = [], len(tail)
+        for line in lines:
+            start = _last_whole_operation(line)
+            if start is None:
+                dropped += len(line) + 1
+                continue
+            kept.append(line[start:])
+            dropped += start
+        if dropped == 0:
+            return None
+        copy = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.copy2(path, copy)
+        temporary = path.with_name(f".{path.name}.repair-{os.getpid()}")
+        temporary.write_bytes(b"".join(line + b"\n" for line in kept))
+        os.replace(temporary, path)
+        return (f"note: {path}: dropped {dropped} bytes of an interrupted write (the operation was never "
+                f"acknowledged); the journal as it was is kept in {copy.name}")
+    finally:
+        lock.release()
+
+
+def _last_whole_operation(line: bytes) -> int | None:
+    """Where the line's complete JSON operation starts: 0 for a whole line, later for one glued onto a torn
+    prefix, None when nothing in it parses."""
+    import json
+
+    start = 0
+    while start != -1:
+        try:
+            if isinstance(json.loads(line[start:]), dict):
+                return start
+        except ValueError:
+            pass
+        start = line.find(b'{"op_code"', start + 1)
+    return None

@@ -90,7 +90,7 @@ def _registered_run(client, uri: str) -> str:
 
 
 def _display(uri: str) -> str:
-    from .search import redact
+    from .secrets import redact
 
     return redact(uri)
 

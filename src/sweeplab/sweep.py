@@ -427,6 +427,11 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
                 check_stop()
                 if spec.pruner.type == "none" or epoch % every or not finite(val_loss):
                     return None
+                if logger.sent:
+                    # Optuna's pruners compare with COMPLETE trials only: the batches before this one must be
+                    # told before its first check, or a pipelined sweep prunes nothing (the writers, starting
+                    # up, would tell every trial after the last batch had trained).
+                    logger.poll(on_trial_end, block=True)
                 with_retries(member.key.report, val_loss, epoch)
                 if with_retries(member.key.should_prune):
                     return f"pruned at epoch {epoch} (val_loss={val_loss:.4g})"
@@ -523,7 +528,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         if register and count(study, (TrialState.COMPLETE,)):
             from .champion import register_champion
 
-            outcome.champion = register_champion(tracker, study, spec.study, parent)
+            outcome.champion = register_champion(tracker, study, spec.study, experiment_id)
         with critical():
             tracker.end_run(parent, "completed")
     except BaseException as exc:

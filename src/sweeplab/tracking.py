@@ -2,11 +2,12 @@
 
 All calls go through an explicit `MlflowClient` and run ids (never the fluent active-run stack, which is
 per thread), so runs nest correctly across threads and processes. One set of metric names, logged from one
-place (`TrialRun`): train_loss, val_loss and the task metrics with step=epoch; best_val_loss and best_epoch.
+place (`TrialRun`): train_loss, val_loss and the task metrics with step=epoch; summaries (best_val_loss, best_epoch, ...) at step 0.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -68,9 +69,15 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
 
 
 def display_uri(uri: str) -> str:
-    from .search import redact
+    from .secrets import redact
 
     return redact(uri)
+
+
+def runs_link(base_url: str, experiment_id: str) -> str:
+    """The study's runs in the MLflow UI's model-training view, best (lowest best_val_loss) first."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            "&orderByKey=metrics.%60best_val_loss%60&orderByAsc=true")
 
 
 def flatten(config: ExperimentConfig) -> dict[str, str]:
@@ -88,12 +95,20 @@ def flatten(config: ExperimentConfig) -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """The commit of the sweeplab source that is running: the checkout this package was imported from, whatever
+    folder the command runs in. None when the package is not a git checkout (an installed wheel), including
+    one installed inside somebody else's repository: recording that repository's commit would be wrong."""
+    package = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              check=True).stdout.strip() or None
+        out = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None
+    if len(out) != 2 or Path(out[0]).resolve() / "src" / "sweeplab" != package:
+        return None
+    return out[1]
 
 
 def common_tags() -> dict[str, str]:
@@ -109,6 +124,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str):
         self.tracking_uri = tracking_uri
+        self.display_uri = display_uri(tracking_uri)
         self.client = self._open_client(tracking_uri)
         self._tags = common_tags()
 
@@ -198,7 +214,7 @@ class Tracker:
                                         run_name=run_name).info.run_id
         if on_created:
             on_created(run_id)
-        metrics = curve_metrics(history, end_ms) + summary_metrics(history, end_ms)
+        metrics = curve_metrics(history, end_ms) + summary_metrics(result, end_ms)
         params = [Param(k, v[:6000]) for k, v in flatten(result.config).items()]
         metric_chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
         param_chunks = [params[i:i + 100] for i in range(0, len(params), 100)]
@@ -258,10 +274,9 @@ class TrialRun:
     def epoch_callback(self, record: EpochRecord) -> None:
         now = int(time.time() * 1000)
         step = record.epoch
-        self._pending.append(Metric("train_loss", record.train_loss, now, step))
-        self._pending.append(Metric("val_loss", record.val_loss, now, step))
-        for name, value in record.metrics.items():
-            self._pending.append(Metric(name, value, now, step))
+        values = {"train_loss": record.train_loss, "val_loss": record.val_loss, **record.metrics}
+        self._pending += [Metric(name, value, now, step) for name, value in values.items()
+                          if math.isfinite(value)]  # as curve_metrics: a NaN would hide the whole curve
         if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self.flush()
         return None
@@ -277,7 +292,7 @@ class TrialRun:
         """Log the summary metrics and artifacts of a finished (or stopped) training run and end the run."""
         self.log_artifacts(result)
         self.log_dataset(result)
-        self.end(outcome, reason, tags, metrics=summary_metrics(result.history, int(time.time() * 1000)))
+        self.end(outcome, reason, tags, metrics=summary_metrics(result, int(time.time() * 1000)))
 
     def end(self, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None,
             metrics: list[Metric] | None = None) -> None:
@@ -346,25 +361,46 @@ def outcome_tags(outcome: str, reason: str | None = None, extra: dict[str, str] 
 
 
 def curve_metrics(history, now: int) -> list[Metric]:
-    """train_loss, val_loss and the task metrics of every epoch (step=epoch), as epoch_callback logs them."""
+    """train_loss, val_loss and the task metrics of every epoch (step=epoch), as epoch_callback logs them.
+    Non-finite values are left out: MLflow's run page drops a whole curve that holds a NaN, and a diverged
+    run's curve up to where it diverged is what a reader needs (its reason tag says where)."""
     metrics = []
     for epoch, (train, val) in enumerate(zip(history.train_loss, history.val_loss), start=1):
         metrics += [Metric("train_loss", train, now, epoch), Metric("val_loss", val, now, epoch)]
         metrics += [Metric(name, values[epoch - 1], now, epoch) for name, values in history.metrics.items()]
-    return metrics
+    return [metric for metric in metrics if math.isfinite(metric.value)]
 
 
-def summary_metrics(history, now: int) -> list[Metric]:
-    """best_val_loss, best_epoch (and best_<task metric>) at step=best_epoch; epochs_run, train_seconds."""
+SUMMARY_STEP = 0  # every summary at one step, so MLflow charts it as one value per run (not a line over epochs)
+
+
+def summary_metrics(result, now: int) -> list[Metric]:
+    """best_val_loss, best_epoch (and best_<task metric>), epochs_run, train_seconds and baseline_val_loss (the
+    loss of a constant prediction: what "never learned" means), all at SUMMARY_STEP. A diverged run has no
+    best_*: its loss before diverging is not its result, and would sort among the real ones."""
+    history = result.history
     summary = []
-    if history.best_epoch:
-        summary = [Metric("best_val_loss", history.best_val_loss, now, history.best_epoch),
-                   Metric("best_epoch", float(history.best_epoch), now, history.best_epoch)]
+    if history.best_epoch and history.status != "diverged":
+        summary = [Metric("best_val_loss", history.best_val_loss, now, SUMMARY_STEP),
+                   Metric("best_epoch", float(history.best_epoch), now, SUMMARY_STEP)]
         for name, value in history.best_metrics.items():
-            summary.append(Metric(f"best_{name}", value, now, history.best_epoch))
-    summary.append(Metric("epochs_run", float(history.epochs_run), now, history.epochs_run))
-    summary.append(Metric("train_seconds", history.seconds, now, history.epochs_run))
+            summary.append(Metric(f"best_{name}", value, now, SUMMARY_STEP))
+    summary.append(Metric("epochs_run", float(history.epochs_run), now, SUMMARY_STEP))
+    summary.append(Metric("train_seconds", history.seconds, now, SUMMARY_STEP))
+    baseline = baseline_val_loss(result)
+    if baseline is not None:
+        summary.append(Metric("baseline_val_loss", baseline, now, SUMMARY_STEP))
     return summary
+
+
+def baseline_val_loss(result) -> float | None:
+    from .loop import baseline_loss
+
+    data, config = result.dataset, result.config
+    if data is None:
+        return None
+    value = baseline_loss(data.y_train, data.y_val, config.task, config.train.loss)  # ~50 us: not worth a cache
+    return value if math.isfinite(value) else None
 
 
 def finite(value: float) -> bool:

@@ -212,7 +212,6 @@ def train_group(members: list[Member], on_epoch=None) -> None:
     val_batch = train.val_batch_size or n_val
     rows = torch.arange(k, device=device).unsqueeze(1)
     best = flat.detach().clone()
-    best_val = torch.full((k,), math.inf, dtype=torch.float64)
     started = time.perf_counter()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -247,35 +246,25 @@ def train_group(members: list[Member], on_epoch=None) -> None:
                 val_sizes.append(out.shape[1])
                 outputs.append(out)
             val_loss = _sample_average(val_losses, val_sizes, n_val)
-            improved = val_loss < best_val
-            if improved.any():
-                best.copy_(torch.where(improved.to(device).unsqueeze(1), flat.detach(), best))
-                best_val = torch.where(improved, val_loss, best_val)
             logits = torch.cat(outputs, dim=1) if task != "regression" else None
         train_values, val_values = train_loss.tolist(), val_loss.tolist()
+        improved = torch.zeros(k, dtype=torch.bool)
         for i, m in enumerate(members):
-            if not m.active:
+            if not m.active:  # a stopped member's weights still move (the batch trains on); its record does not
                 continue
-            history = m.history
             metrics, confusion = {}, None
             if logits is not None:
                 metrics, confusion = classification_metrics(logits[i], y_val[i], task)
-            history.train_loss.append(train_values[i])
-            history.val_loss.append(val_values[i])
-            for name, value in metrics.items():
-                history.metrics.setdefault(name, []).append(value)
-            if bool(improved[i]):
-                history.best_val_loss, history.best_epoch = val_values[i], epoch
-                history.best_metrics, history.confusion_matrix = dict(metrics), confusion
-            if not (math.isfinite(train_values[i]) and math.isfinite(val_values[i])):
-                history.status = "diverged"
-                history.stop_reason = (f"diverged at epoch {epoch} (train_loss={train_values[i]}, "
-                                       f"val_loss={val_values[i]})")
+            improved[i] = m.history.record(epoch, train_values[i], val_values[i], metrics, confusion)
+        if improved.any():  # each improved member's row, in one masked copy: its best_state, taken at the end
+            best.copy_(torch.where(improved.to(device).unsqueeze(1), flat.detach(), best))
+        for i, m in enumerate(members):
+            if not m.active:
+                continue
+            finite = math.isfinite(train_values[i]) and math.isfinite(val_values[i])
+            reason = on_epoch(m, epoch, val_values[i]) if finite and on_epoch is not None else None
+            if m.history.stop(epoch, [reason] if reason else []):
                 m.active = False
-            elif on_epoch is not None:
-                reason = on_epoch(m, epoch, val_values[i])
-                if reason:
-                    history.status, history.stop_reason, m.active = "stopped", reason, False
         if not any(m.active for m in members):
             break
     elapsed = time.perf_counter() - started
