@@ -220,6 +220,37 @@ def test_wrong_database_password_is_one_line_without_the_password(cluster, tmp_p
     assert MlflowClient(server.url).get_experiment_by_name("pw") is None  # nothing half-written
 
 
+def test_a_wrong_storage_password_creates_no_local_store(cluster, tmp_path):
+    """Issue #11: the default local MLflow database was created before the Optuna storage refused the password."""
+    postgres, _ = cluster
+    url = postgres.url("optuna").replace("@", ":wrong-password@")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE", "PGPASSWORD")}
+    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep_file(tmp_path, "pw2", 2)),
+                           "--storage", url], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "password authentication failed" in proc.stderr
+    assert "wrong-password" not in proc.stderr + proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pw2.yaml"]
+
+
+def test_a_champion_is_registered_through_a_tracking_server(cluster, tmp_path):
+    """Issue #10: registering resolved the logged model through the default tracking URI, not the server."""
+    postgres, server = cluster
+    env = worker_env(postgres, server, SWEEPLAB_STORAGE=str(tmp_path / "optuna.journal"))
+    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep_file(tmp_path, "champ", 2)),
+                           "epochs=3", "--quiet", "--no-report"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["champ.yaml", "optuna.journal", "optuna.journal.lock"] \
+        or sorted(p.name for p in tmp_path.iterdir()) == ["champ.yaml", "optuna.journal"]
+    client = MlflowClient(server.url)
+    version = client.get_model_version_by_alias("champ", "champion")
+    assert client.get_run(version.run_id).data.tags["sweeplab.role"] == "trial"
+    script = ("import mlflow, numpy as np; mlflow.set_tracking_uri(%r); "
+              "print(mlflow.pyfunc.load_model('models:/champ@champion').predict(np.array([[1.0, 2.0]])).shape)")
+    out = subprocess.run([sys.executable, "-c", script % server.url], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "(1, 1)", out.stderr
+
+
 def test_credentials_stay_out_of_runs(cluster, tmp_path):
     postgres, server = cluster
     env = worker_env(postgres, server)

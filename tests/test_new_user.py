@@ -7,6 +7,7 @@ val_loss of ~923 at epoch 1 (`sweeplab run ... optimizer=SGD lr=0.3 epochs=8` pr
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -143,7 +144,7 @@ def test_the_printed_ui_command_answers_when_it_says_so_and_links_the_runs_best_
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
             assert response.status == 200  # ... and it is, at once
     finally:
-        ui.terminate()
+        os.killpg(ui.pid, signal.SIGTERM)  # sweeplab and the MLflow server it started
         ui.wait(timeout=30)
     experiment_id = client.get_experiment_by_name("sgd_lr").experiment_id
     assert line.startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?"

@@ -38,7 +38,12 @@ def _run(args: argparse.Namespace) -> int:
     callbacks = [printer] if printer else []
     tracker = None
     if args.track:
+        import signal
+
         from .tracking import RunTracker, resolve_tracking_uri
+
+        # SIGTERM as Ctrl-C: the run is ended KILLED instead of left RUNNING forever
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
         tracker = RunTracker(resolve_tracking_uri(args.tracking_uri), config, args.experiment)
         callbacks.append(tracker.epoch_callback)
@@ -230,8 +235,9 @@ def _trial_overrides(trial, sweep) -> dict:
     from .search import optuna_name
 
     values = {}
-    for name, param in sweep.spec.space.items():
-        key = optuna_name(name, str(values[param.by])) if param.cases else name
+    space = sweep.spec.space
+    for name, param in sorted(space.items(), key=lambda item: item[1].cases is not None):  # parents first
+        key = optuna_name(name, str(values.get(param.by))) if param.cases else name
         if key in trial.params:
             values[name] = trial.params[key]
     return values
@@ -240,6 +246,8 @@ def _trial_overrides(trial, sweep) -> dict:
 def _worker(args: argparse.Namespace) -> int:
     from .config import load_sweep, parse_overrides
 
+    if args.worker_index < 0:
+        raise UsageError(f"--worker-index {args.worker_index}: must be 0 or more")
     sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
     from ._eager import skip_dynamo_wrappers
     from .recovery import raise_on_sigterm
@@ -277,6 +285,8 @@ def _report(args: argparse.Namespace) -> int:
     from .tracking import resolve_tracking_uri
 
     out = Path(args.out or f"reports/{study}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; the report is a folder (report.html, CSV and PNG files)")
     try:
         report = build_report(study, resolve_tracking_uri(args.tracking_uri), out)
     except ReportError as exc:
@@ -293,6 +303,12 @@ def _predict(args: argparse.Namespace) -> int:
                         read_json_rows)
 
     skip_dynamo_wrappers()
+    from .experiment import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except (ConfigError, RuntimeError):  # RuntimeError: a name torch does not know
+        raise UsageError(f"--device {args.device}: not a device here (cpu, cuda, cuda:N or mps where present)") from None
     sources = [name for name, given in (("--x", args.x), ("INPUT", args.input)) if given]
     if len(sources) > 1:
         raise UsageError("give the input once: --x rows, a CSV file, or - for JSON on stdin")
@@ -335,6 +351,10 @@ def _ui(args: argparse.Namespace) -> int:
     experiment_id = None
     if args.study:
         experiment_id = _experiment_id_of(_study_name(args.study), uri)
+    elif not uri.startswith("sqlite:///"):
+        from .tracking import Tracker
+
+        Tracker(uri).check_reachable()  # one line now, not a server retrying in the background
     command = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
                "--workers", str(args.workers), "--uvicorn-opts", "--log-level warning"]
     if uri.startswith("sqlite:///"):
@@ -344,6 +364,9 @@ def _ui(args: argparse.Namespace) -> int:
            "MLFLOW_BACKEND_STORE_URI": uri}
     _warn_if_public(args.host)
     print(f"starting the MLflow UI over {display_uri(uri)} ...", file=sys.stderr, flush=True)
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped either way, the server goes with us
     process = subprocess.Popen(command, env=env, stdout=sys.stderr.fileno())  # stdout: only our URL line
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     try:
@@ -358,7 +381,10 @@ def _ui(args: argparse.Namespace) -> int:
         return process.wait()
     except KeyboardInterrupt:
         process.terminate()
-        process.wait(timeout=20)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
         return 0
 
 
@@ -395,7 +421,9 @@ def _server(args: argparse.Namespace) -> int:
 
     backend = args.backend_store_uri or os.environ.get("SWEEPLAB_BACKEND_STORE_URI") or "sqlite:///mlflow-server.db"
     artifacts = os.path.abspath(args.artifacts_destination)
-    if "@" in backend and ":" in backend.split("@")[0].split("//")[-1]:
+    from .secrets import has_secret
+
+    if has_secret(backend):
         raise UsageError("--backend-store-uri: leave the password out of the URI; PostgreSQL reads it from "
                          "$PGPASSWORD or ~/.pgpass")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",

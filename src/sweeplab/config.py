@@ -24,7 +24,17 @@ class ConfigError(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are refused everywhere (lr=inf, noise=.inf, a range bound of .inf)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+SEED = dict(ge=-(2**63), lt=2**64)  # what torch.manual_seed and torch.Generator accept
+# Bounds on sizes, so a typo (hidden=1000000000, epochs=1e12) fails here instead of running until the machine
+# runs out of memory or the user gives up.
+MAX_SAMPLES = 10_000_000
+MAX_HIDDEN = 65_536
+MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights, before the optimizer's state
+MAX_EPOCHS = 1_000_000
 
 
 class DataConfig(_Frozen):
@@ -36,14 +46,14 @@ class DataConfig(_Frozen):
     """
 
     source: Literal["synthetic", "csv"] = "synthetic"
-    n_samples: int = Field(240, gt=1)
+    n_samples: int = Field(240, gt=1, le=MAX_SAMPLES)
     noise: float = Field(0.3, ge=0)
     n_classes: int = Field(3, ge=2, description="multiclass only")
     path: str | None = Field(None, description="csv only: the file, relative to the experiment file")
     features: list[str] | None = Field(None, description="csv only: feature columns (default: all but target)")
     target: str | None = Field(None, description="csv only: the target column")
     val_size: Union[int, float] = Field(48, gt=0, description="validation samples, or a fraction < 1")
-    split_seed: int = 42
+    split_seed: int = Field(42, **SEED)
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataConfig":
@@ -68,6 +78,11 @@ class ModelConfig(_Frozen):
         sizes = [value] if isinstance(value, int) else value
         if not sizes or any(size <= 0 for size in sizes):
             raise ValueError("hidden sizes must be positive integers")
+        if any(size > MAX_HIDDEN for size in sizes) or len(sizes) > 64:
+            raise ValueError(f"at most 64 hidden layers of at most {MAX_HIDDEN} units")
+        widths = [2, *sizes, 1]
+        if sum(a * b for a, b in zip(widths, widths[1:])) > MAX_PARAMETERS:
+            raise ValueError(f"more than {MAX_PARAMETERS:,} weights")
         return value
 
     @property
@@ -80,11 +95,11 @@ class TrainConfig(_Frozen):
     lr: float = Field(0.03, gt=0)
     weight_decay: float | None = Field(None, ge=0, description="default: the optimizer's own (AdamW 0.01, others 0)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD and RMSprop only")
-    epochs: int = Field(80, gt=0)
-    batch_size: int = Field(32, gt=0)
+    epochs: int = Field(80, gt=0, le=MAX_EPOCHS)
+    batch_size: int = Field(32, gt=0, le=MAX_SAMPLES)
     val_batch_size: int | None = Field(None, gt=0, description="default: the whole validation set")
     shuffle: bool = True
-    shuffle_seed: int | None = 7
+    shuffle_seed: int | None = Field(7, **SEED)
     loss: Literal["mse", "l1"] = Field("mse", description="regression only")
     loader: Literal["tensor", "dataloader"] = Field(
         "tensor", description="tensor: batch in-memory tensors by indexing (same numbers, ~5x faster)"
@@ -94,9 +109,10 @@ class TrainConfig(_Frozen):
 class ExperimentConfig(_Frozen):
     """One training run, fully described."""
 
-    name: str = "experiment"
+    # the name becomes an MLflow experiment and a folder of artifacts: a plain name, never a path
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
     task: Task = "regression"
-    seed: int = 42
+    seed: int = Field(42, **SEED)
     device: str = "auto"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -202,16 +218,44 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return f"{where}{message}{detail}{suffix}"
 
 
+MAX_FILE_BYTES = 1_000_000  # a sweep or experiment file is a page of YAML; a 50 MB one is a mistake
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice is an error (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: {size / 1e6:.1f} MB; a sweep or experiment file is at most "
+                              f"{MAX_FILE_BYTES // 1_000_000} MB of YAML")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
+    except OSError as exc:  # a symlink loop, a folder, no permission
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', None) or 'cannot be parsed'}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a sweep or experiment file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
     return raw
@@ -249,7 +293,7 @@ class ParamSpec(_Frozen):
     low: Union[int, float, None] = None
     high: Union[int, float, None] = None
     log: bool = False
-    step: Union[int, float, None] = None
+    step: Union[int, float, None] = Field(None, gt=0)
     type: Literal["categorical", "int", "float"] | None = None
     by: str | None = None
     cases: dict[str, "ParamSpec"] | None = None
@@ -292,7 +336,7 @@ class ParamSpec(_Frozen):
 
 class SamplerSpec(_Frozen):
     type: Literal["tpe", "random", "grid"] = "tpe"
-    seed: int | None = 0
+    seed: int | None = Field(0, ge=0, lt=2**32, description="numpy's RandomState takes 0 .. 2**32 - 1")
     n_startup_trials: int = Field(10, ge=0, description="tpe: random trials before the model kicks in")
 
 
@@ -398,7 +442,10 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     base: dict[str, Any] = {}
     base_dir = path.parent
     if spec.experiment:
-        experiment_path = (path.parent / spec.experiment).resolve()
+        try:
+            experiment_path = (path.parent / spec.experiment).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            raise ConfigError(f"{path}: experiment: {spec.experiment} cannot be resolved (a symlink loop?)") from None
         if not experiment_path.is_file():
             raise ConfigError(f"{path}: experiment: no such file {spec.experiment}")
         base = read_yaml(experiment_path)
@@ -410,17 +457,33 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         seeds = ParamSpec(choices=list(range(first, first + spec.repeats)))
         spec = spec.model_copy(update={"space": {**spec.space, "seed": seeds}})
     sweep = Sweep(spec, base, str(path), base_dir)
-    base_config = sweep.config_for({})
-    if spec.engine == "vectorized":
-        if len(base_config.model.hidden_sizes) != 1 or base_config.model.dropout:
-            raise ConfigError(f"{path}: engine: vectorized trains one-hidden-layer MLPs without dropout")
+    check_runnable(sweep.config_for({}), spec.engine, f"{path}: ")
     for name, param in spec.space.items():
         for value in _probe_values(name, param, spec.space):
             try:
-                sweep.config_for(value)
+                check_runnable(sweep.config_for(value), spec.engine)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: space.{name}: {str(exc).split(': ', 1)[1]}") from None
     return sweep
+
+
+def check_runnable(config: ExperimentConfig, engine: str, where: str = "") -> None:
+    """What a valid config still needs to run here: its device, and the engine's support for it (the engine
+    says what it supports; config does not restate it)."""
+    if config.device not in ("auto", "cpu"):
+        from .experiment import resolve_device
+
+        try:
+            resolve_device(config.device)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{exc}") from None
+    if engine == "vectorized":
+        from .vectorized import check_supported
+
+        try:
+            check_supported(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{exc}") from None
 
 
 def _probe_values(name: str, param: ParamSpec, space: dict[str, ParamSpec]) -> list[dict[str, Any]]:

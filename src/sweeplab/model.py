@@ -82,13 +82,24 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], spec: Mode
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MLP, ModelSpec]:
-    """Rebuild the model from a checkpoint file; tensors saved on a GPU land on `map_location`."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    """Rebuild the model from a checkpoint file; tensors saved on a GPU land on `map_location`. Anything but a
+    sweeplab checkpoint (truncated, tampered with, a pickle carrying code) is a ValueError naming the file."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled code; a truncated file fails to unzip
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{Path(path).name}: not a loadable checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "model_spec" not in payload:
-        raise ValueError(f"{path}: not a sweeplab checkpoint (needs state_dict and model_spec)")
-    spec = ModelSpec.from_dict(payload["model_spec"])
-    model = build_model(spec)
-    model.load_state_dict(payload["state_dict"])
+        raise ValueError(f"{Path(path).name}: not a sweeplab checkpoint (needs state_dict and model_spec)")
+    try:
+        spec = ModelSpec.from_dict(payload["model_spec"])
+        if spec.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {spec.activation!r}")
+        model = build_model(spec)
+        model.load_state_dict(payload["state_dict"])
+    except Exception as exc:  # wrong shapes or names, a spec that is not one
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{Path(path).name}: the weights do not fit the model spec ({first[:200]})") from None
     model.to(map_location)
     model.eval()
     return model, spec

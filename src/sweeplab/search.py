@@ -45,14 +45,22 @@ def optuna_name(name: str, case: str | None = None) -> str:
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
-    """Ask the trial for a value of every parameter; returns {override key: value}."""
+    """Ask the trial for a value of every parameter, in the file's order except that a condition's parent is
+    asked before the parameter that depends on it; returns {override key: value}."""
     values: dict[str, Any] = {}
-    for name, param in space.items():  # a condition's parent comes first: dicts keep the file's order
-        case = None
+
+    def take(name: str) -> None:
+        if name in values:
+            return
+        param, case = space[name], None
         if param.cases is not None:
+            take(param.by)
             case = str(values[param.by])
             param = param.cases[case]
         values[name] = _suggest_one(trial, optuna_name(name, case), param)
+
+    for name in space:
+        take(name)
     return values
 
 
@@ -194,17 +202,19 @@ def check_compatible(study: optuna.Study, spec: SweepSpec, source: str) -> None:
     """A study resumed with a changed space must fail before it runs, not on every trial: Optuna refuses
     other choices for a categorical parameter, or another kind of distribution, under the same name."""
     wanted = distributions(spec.space)
-    for trial in study.get_trials(deepcopy=False):
+    seen: set[tuple[str, str]] = set()
+    for trial in study.get_trials(deepcopy=False):  # every distribution any trial used: each case is its own name
         for name, old in trial.distributions.items():
             new = wanted.get(name)
-            if new is None:
+            key = (name, optuna.distributions.distribution_to_json(old))
+            if new is None or key in seen:
                 continue
+            seen.add(key)
             try:
                 optuna.distributions.check_distribution_compatibility(old, new)
             except ValueError:
                 raise ConfigError(f"{source}: space: study {spec.study!r} already searched {name} over {_show(old)}; "
                                   f"this file gives {_show(new)}. Use another study name (study=NAME) to change it")
-        return  # one trial holds every name it suggested; the first is enough for the common case
 
 
 def _show(dist: optuna.distributions.BaseDistribution) -> str:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -122,9 +123,12 @@ def parse_rows(values: list[str]) -> list[list[float]]:
         row = []
         for item in value.split(","):
             try:
-                row.append(float(item))
+                number = float(item)
             except ValueError:
                 raise ValueError(f"--x {value}: {item.strip()!r} is not a number") from None
+            if not math.isfinite(number):
+                raise ValueError(f"--x {value}: {item.strip()!r} is not a finite number")
+            row.append(number)
         rows.append(row)
     return rows
 
@@ -137,6 +141,8 @@ def read_json_rows(text: str, spec: ModelSpec) -> list[list[float]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"stdin: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise ValueError("stdin: JSON nested too deeply to be rows of numbers") from None
     if isinstance(data, dict):
         data = data.get("x", data.get("inputs"))
     if not isinstance(data, list):
@@ -151,9 +157,12 @@ def read_json_rows(text: str, spec: ModelSpec) -> list[list[float]]:
         if not isinstance(row, list):
             raise ValueError(f"stdin: row {i} is not a list of numbers")
         try:
-            rows.append([float(v) for v in row])
+            values = [float(v) for v in row]
         except (TypeError, ValueError):
-            raise ValueError(f"stdin: row {i} holds a value that is not a number: {row!r}") from None
+            raise ValueError(f"stdin: row {i} holds a value that is not a number: {str(row)[:100]}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"stdin: row {i} holds a value that is not a finite number (NaN or infinity)")
+        rows.append(values)
     return rows
 
 
@@ -165,19 +174,19 @@ def read_csv_rows(path: str, spec: ModelSpec) -> tuple[list[list[float]], list[s
         frame = pd.read_csv(path)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
+    except Exception as exc:  # its message may quote the file's content: name only the kind of failure
+        raise ValueError(f"{path}: not a readable CSV file ({type(exc).__name__})") from None
     names = list(spec.feature_names)
     missing = [name for name in names if name not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing feature column(s) {', '.join(missing)} (the model takes {', '.join(names)})")
     extra = [str(c) for c in frame.columns if c not in names]
     numeric = frame[names].apply(pd.to_numeric, errors="coerce")
-    bad = numeric.isna() & frame[names].notna() | frame[names].isna()
+    bad = numeric.isna() | numeric.isin([math.inf, -math.inf])  # empty, not a number, or infinite
     if bad.any().any():
         column = bad.any()[bad.any()].index[0]
         row = int(bad[column].to_numpy().nonzero()[0][0])
-        raise ValueError(f"{path}: column {column!r} row {row + 2} is not a number: {frame[column].iloc[row]!r}")
+        raise ValueError(f"{path}: column {column!r} row {row + 2} is not a finite number")
     return numeric.to_numpy(dtype="float64").tolist(), extra
 
 

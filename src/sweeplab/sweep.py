@@ -468,9 +468,14 @@ class SweepOutcome:
 
 def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> SweepContext:
     """Open the storage, the study and the MLflow experiment: a context without a parent run yet."""
-    tracker = Tracker(tracking_uri)  # both stores are reached before either is written to
-    tracker.check_reachable()
+    check_separate_stores(tracking_uri, storage_url)
+    # Both stores are reached before either is written to: a remote tracking store is probed (reading), then the
+    # Optuna storage opened, and only then a local MLflow database created.
+    remote = None if tracking_uri.startswith("sqlite:///") else Tracker(tracking_uri)
+    if remote is not None:
+        remote.check_reachable()
     storage = open_storage(storage_url)
+    tracker = remote or Tracker(tracking_uri)
     epochs = sweep.config_for({}).train.epochs
     study = open_study(sweep.spec, storage, worker_index, epochs)
     check_compatible(study, sweep.spec, sweep.source)
@@ -478,6 +483,19 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
     return SweepContext(sweep, study, tracker, experiment_id, None, budget(sweep.spec), storage, tracking_uri,
                         storage_url, heartbeats=Heartbeats(storage))
+
+
+def check_separate_stores(tracking_uri: str, storage_url: str) -> None:
+    """Optuna's tables inside MLflow's SQLite database would mix two schemas in one file that both tools migrate
+    on their own: refuse it."""
+    from pathlib import Path
+
+    def sqlite_file(url: str) -> Path | None:
+        return Path(url[len("sqlite:///"):]).resolve() if url.startswith("sqlite:///") else None
+
+    if sqlite_file(storage_url) is not None and sqlite_file(storage_url) == sqlite_file(tracking_uri):
+        raise ConfigError(f"--storage {redact(storage_url)}: that is the MLflow tracking database; give Optuna a file "
+                          "of its own (or leave --storage out: optuna.journal beside the database)")
 
 
 def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int,

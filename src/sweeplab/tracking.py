@@ -36,7 +36,46 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # ~15 s (1 + 2 + 4 + 8), as the Optuna storage retries are, so an outage or a wrong URL ends in one line.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+# ... and a server that stops answering (a stopped process, a dead link) ends a request after 10 s, not 120 s: at
+# most ~65 s in all (5 tries), not the 15 minutes MLflow's defaults allow. A log_batch of 1,000 metrics to a busy
+# server takes well under a second.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def http_patience_s() -> float:
+    """How long MLflow's HTTP client keeps trying one request: every try's timeout plus urllib3's backoff."""
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
+    retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 7))
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 2))
+    return timeout * (retries + 1) + factor * (2 ** retries - 1)
+
+
+class _SayWhatWeWaitFor(logging.Filter):
+    """urllib3 logs each HTTP retry as `Retrying (Retry(total=3, ...)) after connection broken by ...: /api/2.0/
+    mlflow/runs/log-batch`. Say instead, once per outage of a server that stopped answering, what is being waited
+    for and for how long at most; the retries of a refused connection stay quiet (one error line follows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_said = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Retrying" not in message:
+            return True
+        # a refused connection fails within seconds and its error says why; a server that accepts and then says
+        # nothing is the wait worth explaining
+        if "Timeout" in message and time.monotonic() - self.last_said > 120:
+            import sys
+
+            print(f"sweeplab: the MLflow tracking server is not answering; retrying for up to ~{http_patience_s():.0f} s "
+                  "(MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES)", file=sys.stderr, flush=True)
+        self.last_said = time.monotonic()
+        return False
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_SayWhatWeWaitFor())
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 5.0  # long trials show their curves live; short ones log once, at the end
@@ -119,6 +158,56 @@ def common_tags() -> dict[str, str]:
     return tags
 
 
+def create_sqlite_store(database: Path) -> None:
+    """Create a local MLflow store so that it appears whole or not at all. MLflow builds a fresh schema in some
+    forty migrations (~2 s); an interrupt between two of them used to leave a database that no later command could
+    open (`_alembic_tmp_experiments already exists`). The schema is built in a hidden file beside the database and
+    renamed into place; a lock file beside it lets one process at a time do it (two migrating at once collide)."""
+    import fcntl
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if database.exists():  # another process created it while we waited
+            return
+        for stale in database.parent.glob(f".{database.name}.creating-*"):  # an earlier, interrupted creation
+            stale.unlink(missing_ok=True)
+        temporary = database.with_name(f".{database.name}.creating-{os.getpid()}")
+        try:
+            uri = f"sqlite:///{temporary}"
+            client = MlflowClient(uri, registry_uri=uri)
+            client.search_registered_models(max_results=1)
+            os.replace(temporary, database)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+def probe_database(uri: str, timeout_s: int = 5) -> None:
+    """Connect to a database tracking store once, with a connect timeout, retried through a short outage
+    (`with_retries`' ~15 s); then say in one line that it is unreachable, with the URI redacted."""
+    import sqlalchemy
+
+    from .config import ConfigError
+
+    connect_args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        for wait in (0.5, 1, 2, 4, 8, None):  # as recovery.RETRY_WAITS_S, without loading Optuna for `run`
+            try:
+                engine.connect().close()
+                return
+            except sqlalchemy.exc.OperationalError as exc:
+                refused = any(words in str(exc) for words in ("authentication failed", "does not exist", "denied"))
+                if wait is None or refused:  # a wrong password or database name will not come right by waiting
+                    first = (str(exc.orig or exc).strip().splitlines() or ["unreachable"])[0]
+                    waited = "" if refused else " for 15 s"
+                    raise ConfigError(f"--tracking-uri {display_uri(uri)}: cannot reach the MLflow tracking store"
+                                      f"{waited} ({first[:300]})") from None
+                time.sleep(wait)
+    finally:
+        engine.dispose()
+
+
 class Tracker:
     """A tracking store: creates experiments and runs, and logs what a trial leaves behind."""
 
@@ -134,6 +223,8 @@ class Tracker:
 
         try:
             self.client.search_experiments(max_results=1)
+        except ConfigError:
+            raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"--tracking-uri {display_uri(self.tracking_uri)}: cannot reach the MLflow tracking "
@@ -141,18 +232,26 @@ class Tracker:
 
     @staticmethod
     def _open_client(tracking_uri: str) -> MlflowClient:
-        """MLflow creates and migrates a SQLite schema when a client first opens it; two processes doing so at
-        once collide ("duplicate column name"). A file lock beside the database lets one at a time do it."""
+        """A client on the store. A local SQLite store that does not exist yet is created whole first
+        (`create_sqlite_store`); one that exists is only read, so a read-only store serves predict and report."""
         if not tracking_uri.startswith("sqlite:///"):
+            if "://" in tracking_uri and not tracking_uri.startswith(("sqlite:", "http:", "https:", "file:",
+                                                                      "databricks")):
+                # a database store: MLflow's engine set-up retries for ~106 s, a warning per attempt
+                probe_database(tracking_uri)
             return MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        import fcntl
+        from .config import ConfigError
 
         database = Path(tracking_uri[len("sqlite:///"):])
-        database.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{database}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not database.exists():
+            create_sqlite_store(database)
+        try:
             client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-            client.search_registered_models(max_results=1)  # the registry's store opens lazily
+            client.search_registered_models(max_results=1)  # opens (and checks) the store now, not mid-sweep
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"--tracking-uri {display_uri(tracking_uri)}: not a usable MLflow database "
+                              f"({first[:300]})") from None
         return client
 
     def experiment_id(self, name: str) -> str:
