@@ -10,7 +10,7 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install test run sweep ui server predict report bench clean help
+.PHONY: install test run sweep ui server predict report bench screenshots clean help
 
 help:
 	@echo "make sweep    run the default sweep (sets up .venv on first use)"
@@ -21,6 +21,7 @@ help:
 	@echo "make ui       MLflow UI on http://127.0.0.1:5000 (HOST=, PORT=)"
 	@echo "make run      train the seed's lab once (EXPERIMENT=..., ARGS='lr=0.1')"
 	@echo "make bench    benchmarks, printed as ratios against the baseline"
+	@echo "make screenshots  docs/*.png: the runs table and the report in headless Chromium"
 
 install: $(VENV)/.installed
 
@@ -61,6 +62,10 @@ bench: install
 	$(PY) benchmarks/bench_report.py
 	$(PY) benchmarks/bench_cluster.py
 	$(PY) benchmarks/bench_vectorized.py
+
+# docs/mlflow-ui.png and docs/report.png: the default sweep as headless Chromium shows it (Debian's chromium)
+screenshots: install
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

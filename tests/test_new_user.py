@@ -148,7 +148,10 @@ def test_the_printed_ui_command_answers_when_it_says_so_and_links_the_runs_best_
         ui.wait(timeout=30)
     experiment_id = client.get_experiment_by_name("sgd_lr").experiment_id
     assert line.startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?"
-                           "workflowType=machine_learning&orderByKey=metrics.%60best_val_loss%60&orderByAsc=true")
+                           "viewStateShareKey=sweeplab&workflowType=machine_learning")
+    view = json.loads(client.get_experiment(experiment_id).tags["mlflow.sharedViewState.sweeplab"])
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`best_val_loss`", True)
+    assert {"metrics.`best_val_loss`", "params.`train.lr`"} <= set(view["selectedColumns"])
 
 
 def test_runs_record_the_commit_of_the_running_source(user_sweep):

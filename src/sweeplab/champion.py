@@ -29,19 +29,24 @@ def download_checkpoint(tracker: Tracker, run_id: str, dest: Path) -> Path:
     return Path(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", str(dest)))
 
 
-def register_champion(tracker: Tracker, study: optuna.Study, name: str, experiment_id: str) -> dict[str, Any]:
-    """Log and register the best COMPLETE trial's model unless it already is the champion."""
+def register_champion(tracker: Tracker, study: optuna.Study, name: str, experiment_id: str, alias: str = ALIAS,
+                      condition: dict | None = None) -> dict[str, Any]:
+    """Log and register the best COMPLETE trial's model under `alias` (one per condition of a sweep that has
+    them), unless it already is that alias's model."""
     best = study.best_trial
     run_id = best.user_attrs[TAG_STUDY_TRIAL_ATTR]
-    current = _current_champion(tracker, name)
-    summary = {"name": name, "trial": best.number, "run_id": run_id, "best_val_loss": best.value}
+    current = _current_champion(tracker, name, alias)
+    summary = {"name": name, "alias": alias, "trial": best.number, "run_id": run_id, "best_val_loss": best.value,
+               "condition": condition or {}}
     if current is not None and current.tags.get(TAG_CHAMPION_RUN) == run_id:
         return {**summary, "version": current.version, "new": False}
-    version = register_run_model(tracker, run_id, name, experiment_id, ALIAS,
-                                 description=f"trial #{best.number} of study {name!r}: best_val_loss "
+    where = "".join(f", {key}={value}" for key, value in (condition or {}).items())
+    version = register_run_model(tracker, run_id, name, experiment_id, alias,
+                                 description=f"trial #{best.number} of study {name!r}{where}: best_val_loss "
                                              f"{best.value:.6g} (run {run_id})",
-                                 tags={"sweeplab.trial_number": str(best.number), "best_val_loss": repr(best.value)})
-    tracker.client.set_registered_model_alias(name, ALIAS, version.version)
+                                 tags={"sweeplab.trial_number": str(best.number), "best_val_loss": repr(best.value),
+                                       **{f"sweeplab.condition.{k}": str(v) for k, v in (condition or {}).items()}})
+    tracker.client.set_registered_model_alias(name, alias, version.version)
     return {**summary, "version": version.version, "new": True}
 
 
@@ -130,8 +135,8 @@ def _registered_model(tracker: Tracker, name: str):
         return None
 
 
-def _current_champion(tracker: Tracker, name: str):
+def _current_champion(tracker: Tracker, name: str, alias: str = ALIAS):
     try:
-        return tracker.client.get_model_version_by_alias(name, ALIAS)
+        return tracker.client.get_model_version_by_alias(name, alias)
     except Exception:  # no such model or alias yet
         return None

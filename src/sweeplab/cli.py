@@ -163,7 +163,7 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self.last = None
 
-    def update(self, study, n_trials: int) -> None:
+    def update(self, study, n_trials: int, condition: str = "") -> None:
         from .search import FINISHED, count
         from .sweep import best_trials
 
@@ -174,9 +174,12 @@ class _Progress:
         best = f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -"
         width = 30
         filled = int(width * min(done, n_trials) / max(n_trials, 1))
-        line = f"{self.study_name} [{'#' * filled}{'.' * (width - filled)}] {done}/{n_trials} trials, {best}"
+        name = f"{self.study_name} {condition}" if condition else self.study_name
+        line = f"{name} [{'#' * filled}{'.' * (width - filled)}] {done}/{n_trials} trials, {best}"
         if line == self.last:
             return
+        if self.tty and self.last and not self.last.startswith(f"{name} ["):
+            print(file=sys.stderr)  # the next condition starts its own line
         self.last = line
         if self.tty:
             print(f"\r{line}", end="", file=sys.stderr, flush=True)
@@ -189,31 +192,47 @@ class _Progress:
 
 
 def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> None:
+    """Per condition (or for the whole sweep): trial counts, the best trials with their searched values, the
+    champion; then the commands to browse and to predict, as they work pasted here."""
     from .secrets import redact
     from .sweep import best_trials, state_counts
+    from .tracking import condition_label
 
-    study = outcome.study
-    counts = state_counts(study)
-    print(f"study {sweep.spec.study}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-          + f" ({outcome.ran} run now)")
-    top = best_trials(study, 5)
-    if top:
-        print(f"{'trial':>5}  {'optimizer':<9} {'hidden':>6} {'noise':>5} {'lr':>9}  {'best_val_loss':>13} {'best_epoch':>10}  run")
-        for trial in top:
-            config = sweep.config_for(_trial_overrides(trial, sweep))
-            print(f"{trial.number:>5}  {config.train.optimizer:<9} {str(config.model.hidden):>6} {config.data.noise:>5g} "
-                  f"{config.train.lr:>9.3g}  {trial.value:>13.4f} {trial.user_attrs.get('best_epoch', ''):>10}  "
-                  f"{trial.user_attrs.get('mlflow_run_id', '')}")
-    champion = outcome.champion
-    if champion:
-        state = "registered" if champion["new"] else "unchanged"
-        print(f"champion: models:/{champion['name']}@champion (version {champion['version']}, trial "
-              f"#{champion['trial']}, {state})")
+    champions = []
+    for part in outcome.parts:
+        counts = state_counts(part.study)
+        where = f", {condition_label(part.sweep.spec.condition)}" if part.sweep.spec.condition else ""
+        print(f"study {sweep.spec.study}{where}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+              + f" ({part.ran} run now)")
+        top = best_trials(part.study, 5)
+        if top:
+            names = list(sweep.spec.space)
+            widths = [max(len(name), 9) for name in names]
+            print(f"{'trial':>5}  " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
+                  + f"  {'best_val_loss':>13} {'best_epoch':>10}  run")
+            for trial in top:
+                values = _trial_overrides(trial, part.sweep)
+                cells = " ".join(f"{_cell(values.get(name)):>{w}}" for name, w in zip(names, widths))
+                print(f"{trial.number:>5}  {cells}  {trial.value:>13.4f} {trial.user_attrs.get('best_epoch', ''):>10}  "
+                      f"{trial.user_attrs.get('mlflow_run_id', '')}")
+        if part.champion:
+            champion = part.champion
+            champions.append(champion)
+            state = "registered" if champion["new"] else "unchanged"
+            print(f"champion: models:/{champion['name']}@{champion['alias']} (version {champion['version']}, trial "
+                  f"#{champion['trial']}, {state})")
+        print()
     me = invocation()
     store = f" --tracking-uri {shlex.quote(redact(tracking_uri))}"
     print(f"browse:   {me} ui {shlex.quote(sweep.spec.study)}{store}")
-    if champion:
-        print(f"predict:  {me} predict models:/{champion['name']}@champion{store}")
+    for champion in champions:
+        print(f"predict:  {me} predict models:/{champion['name']}@{champion['alias']}{store}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value)
 
 
 def invocation() -> str:
@@ -291,6 +310,9 @@ def _report(args: argparse.Namespace) -> int:
         report = build_report(study, resolve_tracking_uri(args.tracking_uri), out)
     except ReportError as exc:
         raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report.to_json(), default=str))
+        return 0
     print(terminal_tables(report))
     print(f"\nreport: {out / 'report.html'} (CSV, PNG and summary.md beside it"
           + (", also logged to the sweep's MLflow run)" if report.data.parent_run_id else ")"))
@@ -472,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("study", metavar="SWEEP_OR_STUDY", help="a sweep file or a study name")
     report.add_argument("--tracking-uri", default=None)
     report.add_argument("--out", default=None, help="output folder (default: reports/STUDY/)")
+    report.add_argument("--json", action="store_true",
+                        help="print the answer as JSON: per condition, the best run (id, params, best_val_loss), "
+                             "the settings close to it, factor importances and trial counts")
     report.set_defaults(func=_report)
 
     worker = sub.add_parser("worker", help="join a sweep's study as one more worker (any machine)")

@@ -7,6 +7,8 @@ The search space (sweeps/*.yaml) lives in sweep_spec.py; it builds on the models
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -363,6 +365,16 @@ class SweepSpec(_Frozen):
     repeats: int = Field(1, gt=0, description="grid only: seeds per configuration (seed, seed+1, ...)")
     engine: Literal["reference", "vectorized"] = "reference"
     batch_trials: int = Field(256, gt=0, description="vectorized engine: trials trained together at most")
+    conditions: dict[str, list[Any]] = Field(default_factory=dict, description=(
+        "factors compared, not optimised (noise: the data): each combination of values gets its own search (its "
+        "own Optuna study) and an equal share of n_trials; results are compared within a condition"))
+    condition: dict[str, Any] = Field(default_factory=dict, description="set by sweeplab: the one condition a "
+                                                                        "part of the sweep runs")
+
+    @property
+    def optuna_study(self) -> str:
+        """The Optuna study of this part: `study` itself, or `study[noise=0.3]` for one condition."""
+        return self.study + "".join(f"[{key}={value}]" for key, value in self.condition.items())
 
     @model_validator(mode="after")
     def _conditions_exist(self) -> "SweepSpec":
@@ -376,6 +388,13 @@ class SweepSpec(_Frozen):
                 if unknown or missing:
                     raise ValueError(f"space.{name}.cases: must have one case per {param.by} choice"
                                      + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
+        for name, values in self.conditions.items():
+            if not values or len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"conditions.{name}: give two or more distinct values")
+            if name in self.space or ALIASES.get(name, name) in {ALIASES.get(k, k) for k in self.space}:
+                raise ValueError(f"conditions.{name}: also in the space; a factor is either compared or searched")
+        if self.conditions and self.n_trials < math.prod(len(v) for v in self.conditions.values()):
+            raise ValueError("n_trials: fewer than the conditions; each condition needs at least one trial")
         if self.repeats > 1 and self.sampler.type != "grid":
             raise ValueError("repeats: needs sampler grid (every configuration with each seed); with tpe or "
                              "random, put seed in the space instead")
@@ -418,10 +437,35 @@ class Sweep:
     base: dict[str, Any]
     source: str
     base_dir: Path
+    own_setting: bool = True  # a part whose condition is the base experiment's own (its champion is `champion`)
 
     def config_for(self, params: dict[str, Any]) -> ExperimentConfig:
         """The experiment for one point of the space (params keyed as in `space`)."""
         return build_experiment(apply_overrides(self.base, params), self.source, self.base_dir)
+
+    def parts(self) -> list["Sweep"]:
+        """The sweep as it runs: one part per condition (its values fixed in the base experiment, its own study,
+        an equal share of n_trials, the first parts one more when it does not divide), or itself."""
+        conditions = self.spec.conditions
+        if not conditions or self.spec.condition:
+            return [self]
+        combos = [dict(zip(conditions, values)) for values in itertools.product(*conditions.values())]
+        share, extra = divmod(self.spec.n_trials, len(combos))
+        base = self.config_for({})
+        own = {key: value_at(base, key) for key in conditions}
+        mine = combos.index(own) if own in combos else 0  # none is the base's own: the first stands for it
+        return [Sweep(self.spec.model_copy(update={"condition": combo, "n_trials": share + (i < extra)}),
+                      apply_overrides(self.base, combo), self.source, self.base_dir, own_setting=i == mine)
+                for i, combo in enumerate(combos)]
+
+
+
+def value_at(config: ExperimentConfig, key: str) -> Any:
+    """A config's value for an override key (`lr`) or dotted path (`train.lr`)."""
+    node: Any = config.model_dump()
+    for part in ALIASES.get(key, key).split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
@@ -458,6 +502,12 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         spec = spec.model_copy(update={"space": {**spec.space, "seed": seeds}})
     sweep = Sweep(spec, base, str(path), base_dir)
     check_runnable(sweep.config_for({}), spec.engine, f"{path}: ")
+    for name, values in spec.conditions.items():
+        for value in values:
+            try:
+                check_runnable(sweep.config_for({name: value}), spec.engine)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: conditions.{name}: {str(exc).split(': ', 1)[1]}") from None
     for name, param in spec.space.items():
         for value in _probe_values(name, param, spec.space):
             try:

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import itertools
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class SweepData:
     curves: pd.DataFrame  # long: trial, run_id, epoch, split, loss
     parent_run_id: str | None = None
     notes: list[str] = field(default_factory=list)
+    factors: list[str] = field(default_factory=list)  # the searched parameters (the sweep's space)
+    conditions: list[str] = field(default_factory=list)  # the compared conditions (noise), each its own search
+    continuous: set[str] = field(default_factory=set)  # factors searched over a range (lr): plotted, not tabled
+    experiment_id: str = ""
 
 
 # --- reading MLflow -----------------------------------------------------------------------------------------------
@@ -57,12 +62,21 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
     trial_runs = [r for r in runs if r.data.tags.get(TAG_ROLE) in ("trial", "run")]
     if not trial_runs:
         raise ReportError(f"{study}: the study has no trial runs yet")
-    parents = sorted((r for r in runs if r.data.tags.get(TAG_ROLE) == "sweep"), key=lambda r: r.info.start_time)
+    parents = sorted((r for r in runs if r.data.tags.get(TAG_ROLE) in ("sweep", "worker")),
+                     key=lambda r: r.info.start_time)
+    params = parents[-1].data.params if parents else {}
+    factors = [k for k in params.get("space", "").split(",") if k]
+    conditions = [k for k in params.get("conditions", "").split(",") if k]
+    continuous = {k for k in params.get("continuous", "").split(",") if k}
     curves = _curves(client, [r.info.run_id for r in trial_runs])
-    trials = _trial_frame(trial_runs, curves)
+    trials = _trial_frame(trial_runs, curves, factors + conditions)
+    if not parents:  # runs of `sweeplab run`: whatever varies among the usual factors
+        factors = [f for f in FACTORS + ["lr"] if f in trials.columns and trials[f].nunique() > 1]
     curves = curves.merge(trials[["run_id", "trial"]], on="run_id")[["trial", "run_id", "epoch", "split", "loss"]]
+    parent_id = next((r.info.run_id for r in reversed(parents) if r.data.tags.get(TAG_ROLE) == "sweep"), None)
     return SweepData(study, trials, curves.sort_values(["trial", "split", "epoch"], ignore_index=True),
-                     parents[-1].info.run_id if parents else None)
+                     parent_id, factors=factors, conditions=conditions, experiment_id=experiment.experiment_id,
+                     continuous=continuous)
 
 
 def _search_all(client, experiment_id: str):
@@ -119,7 +133,12 @@ def _select_curves(store, run_ids: list[str]) -> pd.DataFrame | None:
     return frame.drop_duplicates(["run_id", "epoch", "split"], keep="last")[["run_id", "epoch", "split", "loss"]]
 
 
-def _trial_frame(runs, curves: pd.DataFrame) -> pd.DataFrame:
+def _trial_frame(runs, curves: pd.DataFrame, keys: list[str] = ()) -> pd.DataFrame:
+    """One row per run; `keys` (the sweep's searched and compared keys, `lr` or `train.lr`) become columns of
+    their own, named as the sweep file names them."""
+    from .config import ALIASES
+
+    columns = {**PARAM_COLUMNS, **{ALIASES.get(key, key): key for key in keys}}
     records = []
     by_run = {run_id: group for run_id, group in curves.groupby("run_id")}
     for run in runs:
@@ -127,7 +146,7 @@ def _trial_frame(runs, curves: pd.DataFrame) -> pd.DataFrame:
         record = {"trial": int(tags[TAG_TRIAL]) if TAG_TRIAL in tags else -1, "run_id": run.info.run_id,
                   "run_name": run.info.run_name, "state": tags.get(TAG_OUTCOME, run.info.status.lower()),
                   "reason": tags.get("sweeplab.reason", "")}
-        for param, column in PARAM_COLUMNS.items():
+        for param, column in columns.items():
             if param in params:
                 record[column] = _number(params[param])
         record["baseline_val_loss"] = metrics.get("baseline_val_loss", math.nan)
@@ -189,8 +208,9 @@ def _curve_stats(curve: pd.DataFrame | None, baseline: float = math.nan) -> dict
 # --- tables ---------------------------------------------------------------------------------------------------
 
 def factor_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
-    """One row per value (or pair of values) of the factors: how many trials ended how, and the spread of
-    best_val_loss, best_epoch and epochs-to-converge over the completed ones, with the best trial of each."""
+    """One row per value (or pair of values) of the factors: how many trials ended how and how many learned, and
+    the quartiles of best_val_loss (never a mean: a few trials that never learned would decide it), the median
+    best epoch and epochs-to-converge over the completed ones, with the best trial of each."""
     present = [f for f in factors if f in trials.columns]
     if len(present) != len(factors):
         return pd.DataFrame()
@@ -202,48 +222,65 @@ def factor_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
         row["trials"] = len(group)
         for state in ("completed", "pruned", "diverged", "failed"):
             row[state] = int((group["state"] == state).sum())
-        for metric in ("best_val_loss", "best_epoch", "epochs_to_converge"):
-            values = done[metric].astype(float)
-            row[f"{metric}_mean"] = values.mean()
-            row[f"{metric}_median"] = values.median()
-            row[f"{metric}_std"] = values.std()
-            row[f"{metric}_min"] = values.min()
+        row["learned"] = int(group["learned"].fillna(False).astype(bool).sum()) if "learned" in group else 0
+        values = done["best_val_loss"].astype(float)
+        row["best_val_loss_q1"] = values.quantile(0.25)
+        row["best_val_loss_median"] = values.median()
+        row["best_val_loss_q3"] = values.quantile(0.75)
+        row["best_val_loss_min"] = values.min()
+        row["best_epoch_median"] = done["best_epoch"].astype(float).median()
+        row["epochs_to_converge_median"] = done["epochs_to_converge"].astype(float).median()
         row["best_trial"] = int(done.loc[done["best_val_loss"].idxmin(), "trial"]) if len(done) else None
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def all_factor_tables(trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Every single factor and every pair, keyed by name ("optimizer", "optimizer x hidden")."""
+MAX_LEVELS = 12  # a factor with more distinct values (a learning rate) is continuous: plotted, not tabled
+
+
+def level_factors(trials: pd.DataFrame, factors: list[str], continuous: set[str] = frozenset()) -> list[str]:
+    return [f for f in factors
+            if f in trials.columns and 1 < trials[f].nunique() and not _continuous(trials[f], continuous)]
+
+
+def all_factor_tables(trials: pd.DataFrame, factors: list[str] | None = None, conditions: list[str] = (),
+                      continuous: set[str] = frozenset()) -> dict[str, pd.DataFrame]:
+    """Every single factor with levels and every pair, within each condition (the condition's columns come
+    first), keyed by name ("optimizer", "optimizer x hidden")."""
+    levels = level_factors(trials, FACTORS if factors is None else factors, continuous)
     tables = {}
     for size in (1, 2):
-        for combo in itertools.combinations(FACTORS, size):
-            table = factor_table(trials, list(combo))
+        for combo in itertools.combinations(levels, size):
+            table = factor_table(trials, [*conditions, *combo])
             if not table.empty:
                 tables[" x ".join(combo)] = table
     return tables
 
 
-def param_importances(trials: pd.DataFrame) -> pd.Series:
-    """Optuna's fANOVA importances of optimizer, hidden, noise and lr for best_val_loss, computed on the trials
-    as MLflow recorded them (an in-memory study rebuilt from the table)."""
+def param_importances(trials: pd.DataFrame, factors: list[str] | None = None,
+                      continuous: set[str] = frozenset({"lr"})) -> pd.Series:
+    """Optuna's fANOVA importances of the searched factors for best_val_loss, computed on the trials as MLflow
+    recorded them (an in-memory study rebuilt from the table). A factor with many distinct positive values that
+    span more than a decade (a learning rate) is taken on a log scale."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    factors = ["optimizer", "hidden", "noise", "lr"] if factors is None else factors
     done = trials[trials["state"] == "completed"].dropna(subset=["best_val_loss"])
-    columns = [c for c in ["optimizer", "hidden", "noise", "lr"] if c in done.columns and done[c].nunique() > 1]
+    columns = [c for c in factors if c in done.columns and done[c].nunique() > 1]
     if len(done) < 4 or not columns:
         return pd.Series(dtype=float)
     distributions = {}
     for column in columns:
-        if column == "lr":
-            distributions[column] = optuna.distributions.FloatDistribution(float(done[column].min()),
-                                                                           float(done[column].max()), log=True)
+        values = done[column]
+        if _continuous(values, continuous):
+            low, high = float(values.min()), float(values.max())
+            distributions[column] = optuna.distributions.FloatDistribution(low, high, log=low > 0 and high / low > 10)
         else:
-            distributions[column] = optuna.distributions.CategoricalDistribution(sorted(done[column].unique().tolist()))
+            distributions[column] = optuna.distributions.CategoricalDistribution(_levels(values))
     study = optuna.create_study(direction="minimize")
     for _, row in done.iterrows():
-        params = {c: (float(row[c]) if c == "lr" else row[c].item() if hasattr(row[c], "item") else row[c])
+        params = {c: (float(row[c]) if isinstance(distributions[c], optuna.distributions.FloatDistribution) else row[c].item() if hasattr(row[c], "item") else row[c])
                   for c in columns}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
                                                   value=float(row["best_val_loss"])))
@@ -253,24 +290,47 @@ def param_importances(trials: pd.DataFrame) -> pd.Series:
     return pd.Series(optuna.importance.get_param_importances(study, evaluator=evaluator), name="importance")
 
 
+def _continuous(values: pd.Series, continuous: set[str] = frozenset()) -> bool:
+    """A range rather than levels: searched as one (the sweep says so), or a float column of many values."""
+    return values.name in continuous or (pd.api.types.is_float_dtype(values) and values.nunique() > MAX_LEVELS)
+
+
 # --- output ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class Report:
     data: SweepData
     tables: dict[str, pd.DataFrame]
-    importances: pd.Series
+    importances: pd.Series  # over all trials (a sweep without conditions), else the first condition's
     files: list[Path]
+    answers: list = field(default_factory=list)  # answer.ConditionAnswer, one per condition
+
+    def to_json(self) -> dict:
+        return {"study": self.data.study, "experiment_id": self.data.experiment_id, "factors": self.data.factors,
+                "conditions": self.data.conditions, "answers": [a.to_json() for a in self.answers]}
 
 
-def build_report(study: str, tracking_uri: str, out: Path, log_to_mlflow: bool = True) -> Report:
+def answers_of(data: SweepData) -> list:
+    """The answer per condition: its best setting, what comes close, and which factor matters most there."""
+    from .answer import answer_for, conditions_of
+
+    answers = []
+    for condition, trials in conditions_of(data.trials, data.conditions):
+        try:
+            importances = param_importances(trials, data.factors, data.continuous)
+        except Exception as exc:  # fANOVA needs variety; an answer without it is still an answer
+            importances = pd.Series(dtype=float)
+            data.notes.append(f"parameter importances unavailable for {condition or 'the study'}: {exc}")
+        answers.append(answer_for(condition, trials, data.factors, importances))
+    return answers
+
+
+def build_report(study: str, tracking_uri: str, out: Path, log_to_mlflow: bool = True,
+                 ui_url: str = "http://127.0.0.1:5000") -> Report:
     data = load_runs(study, tracking_uri)
-    tables = all_factor_tables(data.trials)
-    try:
-        importances = param_importances(data.trials)
-    except Exception as exc:  # fANOVA needs variety; a report without it is still a report
-        importances = pd.Series(dtype=float)
-        data.notes.append(f"parameter importances unavailable: {exc}")
+    tables = all_factor_tables(data.trials, data.factors, data.conditions, data.continuous)
+    answers = answers_of(data)
+    importances = pd.Series(dict(answers[0].important), dtype=float) if answers else pd.Series(dtype=float)
     out.mkdir(parents=True, exist_ok=True)
     files = []
     data.trials.to_csv(out / "trials.csv", index=False)
@@ -280,97 +340,220 @@ def build_report(study: str, tracking_uri: str, out: Path, log_to_mlflow: bool =
         path = out / f"by_{name.replace(' x ', '_x_')}.csv"
         table.to_csv(path, index=False)
         files.append(path)
-    pictures = _pictures(data, importances)
+    report = Report(data, tables, importances, files, answers)
+    (out / "answer.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
+    pictures = _pictures(data, answers)
     for name, png in pictures.items():
         (out / f"{name}.png").write_bytes(png)
         files.append(out / f"{name}.png")
-    (out / "summary.md").write_text(_markdown(data, tables, importances))
-    (out / "report.html").write_text(_html(data, tables, importances, pictures))
-    files += [out / "summary.md", out / "report.html"]
+    (out / "summary.md").write_text(_markdown(report))
+    (out / "report.html").write_text(_html(report, pictures, ui_url))
+    files += [out / "answer.json", out / "summary.md", out / "report.html"]
     if log_to_mlflow and data.parent_run_id:
-        Tracker(tracking_uri).client.log_artifacts(data.parent_run_id, str(out), "report")
-    return Report(data, tables, importances, files)
+        client = Tracker(tracking_uri).client
+        client.log_artifacts(data.parent_run_id, str(out), "report")
+        client.set_tag(data.parent_run_id, "mlflow.note.content", "\n\n".join(answer_text(report)))
+    return report
 
 
-SHOWN = ["trials", "completed", "pruned", "diverged", "failed", "best_val_loss_mean", "best_val_loss_median",
-         "best_val_loss_std", "best_val_loss_min", "best_epoch_median", "epochs_to_converge_median", "best_trial"]
+SHOWN = ["trials", "completed", "pruned", "diverged", "failed", "learned", "best_val_loss_q1", "best_val_loss_median",
+         "best_val_loss_q3", "best_val_loss_min", "best_epoch_median", "epochs_to_converge_median", "best_trial"]
+SHORT = {"best_val_loss_": "bvl_", "epochs_to_converge_median": "conv_med", "best_epoch_median": "best_ep_med"}
+
+
+def _short(column: str) -> str:
+    for long, short in SHORT.items():
+        column = column.replace(long, short)
+    return column
+
+
+def answer_text(report: Report) -> list[str]:
+    """The answer, first: one paragraph per condition."""
+    factors = report.data.factors
+    return [answer.sentence(factors) for answer in report.answers]
 
 
 def terminal_tables(report: Report) -> str:
-    """The per-factor tables, compact, for the terminal."""
+    """The answer, then the per-factor tables (within each condition), compact, for the terminal."""
     counts = report.data.trials["state"].value_counts().to_dict()
     lines = [f"report for {report.data.study}: {len(report.data.trials)} trials ("
-             + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + ")"]
-    for name in FACTORS:
-        table = report.tables.get(name)
-        if table is None:
+             + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + ")", ""]
+    lines += answer_text(report)
+    for name, table in report.tables.items():
+        if " x " in name:
             continue
-        shown = table[[name] + [c for c in SHOWN if c in table.columns]].copy()
-        shown.columns = [c.replace("best_val_loss", "bvl").replace("epochs_to_converge", "conv")
-                         .replace("best_epoch", "best_ep") for c in shown.columns]
+        shown = table[[c for c in table.columns if c not in SHOWN] + [c for c in SHOWN if c in table.columns]]
+        shown = shown.rename(columns=_short)
         lines += ["", shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
-    if len(report.importances):
-        lines += ["", "parameter importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in report.importances.items())]
+    lines += ["", f"(bvl: best_val_loss over completed trials: quartiles q1, median, q3 and the minimum; learned: "
+                  f"best_val_loss at most {LEARNED_BELOW:g} x the baseline of a constant prediction)"]
     return "\n".join(lines)
 
 
-def _pictures(data: SweepData, importances: pd.Series) -> dict[str, bytes]:
-    import matplotlib
+# --- pictures -------------------------------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import LineCollection
+def _pictures(data: SweepData, answers: list) -> dict[str, bytes]:
+    """Drawn with matplotlib's Figure API (no global backend or pyplot state): loss against each continuous
+    factor, the median validation curve with its quartile band per level of each factor, parallel coordinates
+    over the searched factors, and the optimization history. One row of panels per condition."""
+    from .answer import conditions_of
 
-    trials, curves = data.trials, data.curves
-    factors = [f for f in FACTORS if f in trials.columns]
-    pictures = {}
-    val = curves[curves["split"] == "val"]
-    fig, axes = plt.subplots(1, max(len(factors), 1), figsize=(5 * max(len(factors), 1), 4), squeeze=False)
-    for ax, factor in zip(axes[0], factors):
-        levels = _levels(trials[factor])
-        colors = dict(zip(levels, plt.cm.tab10.colors))
-        level_of = dict(zip(trials["trial"], trials[factor]))
-        segments, segment_colors = [], []
-        for trial, curve in val.groupby("trial"):
-            finite = curve[np.isfinite(curve["loss"]) & (curve["loss"] > 0)]
-            segments.append(np.column_stack([finite["epoch"].to_numpy(), finite["loss"].to_numpy()]))
-            segment_colors.append(colors.get(level_of.get(trial), "grey"))
-        # one LineCollection draws hundreds of curves far faster than one plot() each
-        ax.add_collection(LineCollection(segments, colors=segment_colors, alpha=0.5, linewidths=0.8))
-        ax.autoscale()
+    groups = conditions_of(data.trials, data.conditions)
+    pictures = {"best_val_loss_vs_lr": _loss_vs_continuous(data, groups),
+                "val_curves": _median_curves(data, groups),
+                "parallel_coordinates": _parallel(data, groups),
+                "optuna_history_importance": _history(data, groups, answers)}
+    return {name: png for name, png in pictures.items() if png is not None}
+
+
+def _figure(rows: int, cols: int, width: float = 5.0, height: float = 3.8):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    return fig, axes
+
+
+def _title(condition: dict, what: str) -> str:
+    from .answer import condition_label
+
+    return f"{what} ({condition_label(condition)})" if condition else what
+
+
+def _colors(levels: list) -> dict:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    return {level: palette[i % len(palette)] for i, level in enumerate(levels)}
+
+
+def _loss_vs_continuous(data: SweepData, groups) -> bytes | None:
+    """best_val_loss against each continuous factor (lr), log-log, one colour per level of the first factor with
+    levels (optimizer): where each setting's good range lies."""
+    continuous = [f for f in data.factors if f in data.trials.columns and _continuous(data.trials[f], data.continuous)]
+    if not continuous:
+        return None
+    x_name = continuous[0]
+    hue = next(iter(level_factors(data.trials, data.factors, data.continuous)), None)
+    fig, axes = _figure(1, len(groups))
+    for ax, (condition, trials) in zip(axes[0], groups):
+        done = trials[(trials["state"] == "completed") & np.isfinite(trials["best_val_loss"].astype(float))]
+        levels = _levels(done[hue]) if hue else [None]
+        colors = _colors(levels)
         for level in levels:
-            ax.plot([], [], color=colors[level], label=str(level))
+            subset = done if level is None else done[done[hue] == level]
+            ax.scatter(subset[x_name], subset["best_val_loss"], s=18, alpha=0.8, color=colors[level],
+                       label=str(level) if level is not None else None)
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"validation loss by {factor}")
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
-    pictures["val_curves"] = _png(fig)
-    done = trials[trials["state"] == "completed"]
-    fig, axes = plt.subplots(1, max(len(factors), 1), figsize=(5 * max(len(factors), 1), 4), squeeze=False)
-    for ax, factor in zip(axes[0], factors):
-        levels = _levels(done[factor])
-        groups = [done.loc[done[factor] == level, "best_val_loss"].dropna().to_numpy() for level in levels]
-        if any(len(g) for g in groups):
-            ax.boxplot(groups, showfliers=False)
-            for i, group in enumerate(groups, start=1):
-                ax.scatter(np.full(len(group), i) + np.linspace(-0.15, 0.15, len(group)), group, s=10, alpha=0.7)
-            ax.set_xticks(range(1, len(levels) + 1), [str(level) for level in levels])
+        ax.set_xlabel(f"{x_name} (log scale)")
+        ax.set_ylabel("best validation loss (MSE, log scale)" if _is_mse(data) else "best validation loss (log scale)")
+        ax.set_title(_title(condition, f"best_val_loss against {x_name}"))
+        ax.grid(True, which="major", alpha=0.3)
+        if hue:
+            ax.legend(title=hue, fontsize=8)
+    return _png(fig)
+
+
+def _is_mse(data: SweepData) -> bool:
+    return "task" not in data.trials.columns or (data.trials["task"] == "regression").all()
+
+
+def _median_curves(data: SweepData, groups) -> bytes | None:
+    """Per level of each factor with levels: the median validation curve of its completed trials and the band
+    between their quartiles, log y: how each level converges, not a tangle of single curves."""
+    factors = level_factors(data.trials, data.factors, data.continuous) or [None]
+    fig, axes = _figure(len(groups), len(factors))
+    val = data.curves[data.curves["split"] == "val"]
+    for row, (condition, trials) in zip(axes, groups):
+        done = trials[trials["state"] == "completed"]
+        for ax, factor in zip(row, factors):
+            levels = _levels(done[factor]) if factor else [None]
+            colors = _colors(levels)
+            for level in levels:
+                # by run: trial numbers start again in each condition's study
+                members = done["run_id"] if level is None else done.loc[done[factor] == level, "run_id"]
+                curves = val[val["run_id"].isin(members)].pivot_table(index="epoch", columns="run_id", values="loss")
+                if curves.empty:
+                    continue
+                median = curves.median(axis=1)
+                ax.plot(median.index, median.values, color=colors[level],
+                        label=f"{level} ({curves.shape[1]})" if level is not None else f"all ({curves.shape[1]})")
+                ax.fill_between(median.index, curves.quantile(0.25, axis=1), curves.quantile(0.75, axis=1),
+                                color=colors[level], alpha=0.15, linewidth=0)
             ax.set_yscale("log")
-        ax.set_title(f"best_val_loss by {factor}")
-    pictures["best_val_loss_by_factor"] = _png(fig)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    ordered = done.sort_values("trial")
-    left.scatter(ordered["trial"], ordered["best_val_loss"], s=10, label="trial")
-    left.plot(ordered["trial"], ordered["best_val_loss"].cummin(), color="C1", label="best so far")
-    left.set_yscale("log")
-    left.set_title("optimization history")
-    left.set_xlabel("trial")
-    left.legend()
-    if len(importances):
-        right.barh(list(importances.index)[::-1], list(importances.values)[::-1])
-    right.set_title("parameter importance (fANOVA)")
-    pictures["optuna_history_importance"] = _png(fig)
-    return pictures
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("validation loss (median, quartile band; log scale)")
+            ax.set_title(_title(condition, f"validation loss by {factor}" if factor else "validation loss"))
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(title=f"{factor} (trials)" if factor else None, fontsize=8)
+    return _png(fig)
+
+
+def _parallel(data: SweepData, groups) -> bytes | None:
+    """Parallel coordinates: one line per completed trial across the searched factors (levels in order,
+    continuous ones on a log scale, each axis scaled to 0..1), coloured by its best_val_loss (log): which
+    combinations the good trials share."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    axes_names = [f for f in data.factors if f in data.trials.columns and data.trials[f].nunique() > 1]
+    if len(axes_names) < 2:
+        return None
+    fig, axes = _figure(1, len(groups), width=6.5)
+    for ax, (condition, trials) in zip(axes[0], groups):
+        done = trials[(trials["state"] == "completed") & np.isfinite(trials["best_val_loss"].astype(float))]
+        if done.empty:
+            continue
+        scaled = {}
+        ticks = {}
+        for name in axes_names:
+            values = done[name]
+            if _continuous(data.trials[name], data.continuous):
+                logs = np.log10(values.astype(float))
+                low, high = logs.min(), logs.max()
+                scaled[name] = (logs - low) / ((high - low) or 1)
+                ticks[name] = (f"{10 ** low:.2g}", f"{10 ** high:.2g}")
+            else:
+                levels = _levels(data.trials[name])
+                position = {level: i / max(len(levels) - 1, 1) for i, level in enumerate(levels)}
+                scaled[name] = values.map(position)
+                ticks[name] = (str(levels[0]), str(levels[-1]))
+        losses = done["best_val_loss"].astype(float)
+        norm = LogNorm(vmin=max(losses.min(), 1e-12), vmax=max(losses.max(), losses.min() * 1.0001, 1e-12))
+        cmap = colormaps["viridis_r"]
+        order = np.argsort(-losses.to_numpy())  # the best drawn last, on top
+        xs = np.arange(len(axes_names))
+        for i in order:
+            ys = [scaled[name].iloc[i] for name in axes_names]
+            ax.plot(xs, ys, color=cmap(norm(losses.iloc[i])), alpha=0.7, linewidth=1.2)
+        ax.set_xticks(xs, [f"{name}\n{ticks[name][0]} .. {ticks[name][1]}" for name in axes_names])
+        ax.set_yticks([0, 1], ["low", "high"])
+        ax.set_ylabel("position on each axis (levels in order; continuous: log)")
+        ax.set_title(_title(condition, "parallel coordinates"))
+        from matplotlib.cm import ScalarMappable
+
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="best validation loss (log)")
+    return _png(fig)
+
+
+def _history(data: SweepData, groups, answers: list) -> bytes:
+    fig, axes = _figure(len(groups), 2)
+    for (left, right), (condition, trials), answer in zip(axes, groups, answers):
+        done = trials[trials["state"] == "completed"].sort_values("trial")
+        left.scatter(done["trial"], done["best_val_loss"], s=12, label="trial")
+        left.plot(done["trial"], done["best_val_loss"].astype(float).cummin(), color="C1", label="best so far")
+        left.set_yscale("log")
+        left.set_xlabel("trial number")
+        left.set_ylabel("best validation loss (log scale)")
+        left.set_title(_title(condition, "optimization history"))
+        left.legend()
+        if answer.important:
+            names = [name for name, _ in answer.important][::-1]
+            right.barh(names, [value for _, value in answer.important][::-1])
+        right.set_xlabel("share of best_val_loss variance explained (fANOVA)")
+        right.set_title(_title(condition, "parameter importance"))
+    return _png(fig)
 
 
 def _levels(column: pd.Series) -> list:
@@ -379,14 +562,13 @@ def _levels(column: pd.Series) -> list:
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
     return buffer.getvalue()
 
+
+# --- text -----------------------------------------------------------------------------------------------------
 
 def _markdown_table(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
@@ -400,38 +582,58 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def _top(trials: pd.DataFrame, n: int = 10) -> pd.DataFrame:
-    columns = [c for c in ["trial", "state", "optimizer", "hidden", "noise", "lr", "best_val_loss", "best_epoch",
+def _top(data: SweepData, n: int = 10) -> pd.DataFrame:
+    trials = data.trials
+    columns = [c for c in ["trial", *data.conditions, *data.factors, "best_val_loss", "best_epoch",
                            "epochs_to_converge", "gap_at_best", "run_id"] if c in trials.columns]
-    return trials[trials["state"] == "completed"].sort_values("best_val_loss")[columns].head(n)
+    done = trials[trials["state"] == "completed"]
+    if data.conditions:  # the best of each condition, then the next best
+        done = done.assign(_rank=done.groupby(data.conditions)["best_val_loss"].rank(method="first"))
+        return done.sort_values(["_rank", "best_val_loss"])[columns].head(n)
+    return done.sort_values("best_val_loss")[columns].head(n)
 
 
-def _markdown(data: SweepData, tables: dict[str, pd.DataFrame], importances: pd.Series) -> str:
-    parts = [f"# Sweep report: {data.study}", "", f"{len(data.trials)} trials: "
+def _shown(table: pd.DataFrame) -> pd.DataFrame:
+    return table[[c for c in table.columns if c not in SHOWN and not c.startswith(("best_val_loss", "best_epoch",
+                                                                                    "epochs_to"))]
+                 + [c for c in SHOWN if c in table.columns]]
+
+
+def _markdown(report: Report) -> str:
+    data = report.data
+    parts = [f"# Sweep report: {data.study}", "", *answer_text(report), "", f"{len(data.trials)} trials: "
              + ", ".join(f"{n} {s}" for s, n in sorted(data.trials['state'].value_counts().items())), "",
-             "## Best trials", "", _markdown_table(_top(data.trials))]
-    for name, table in tables.items():
-        parts += ["", f"## By {name}", "", _markdown_table(table[[c for c in table.columns
-                                                                   if c in name.split(' x ') or c in SHOWN]])]
-    if len(importances):
-        parts += ["", "## Parameter importance (fANOVA)", "",
-                  _markdown_table(importances.rename_axis("parameter").reset_index())]
+             "## Best trials", "", _markdown_table(_top(data))]
+    for name, table in report.tables.items():
+        parts += ["", f"## By {name}", "", _markdown_table(_shown(table))]
     parts += [""] + [f"Note: {note}" for note in data.notes]
     return "\n".join(parts) + "\n"
 
 
-def _html(data: SweepData, tables: dict[str, pd.DataFrame], importances: pd.Series, pictures: dict[str, bytes]) -> str:
-    body = [f"<h1>Sweep report: {html.escape(data.study)}</h1>",
-            f"<p>{len(data.trials)} trials: " + ", ".join(
-                f"{n} {html.escape(str(s))}" for s, n in sorted(data.trials['state'].value_counts().items())) + "</p>"]
+def _html(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
+    data = report.data
+    esc = html.escape
+    body = [f"<h1>Sweep report: {esc(data.study)}</h1>", "<section id='answer'><h2>The answer</h2>"]
+    body += [f"<p>{esc(text)}</p>" for text in answer_text(report)]
+    body.append(f"<p class='small'>{len(data.trials)} trials: " + ", ".join(
+        f"{n} {esc(str(s))}" for s, n in sorted(data.trials['state'].value_counts().items())) + ". Losses are "
+        "validation MSE per sample; <i>learned</i>: best_val_loss at most half the loss of a constant prediction. "
+        f"Statistics are medians and quartiles over completed trials, compared within a condition.</p></section>")
+    top = _top(data)
+    links = top.copy()
+    if "run_id" in links.columns and data.experiment_id:
+        links["run_id"] = [f'<a href="{esc(ui_url)}/#/experiments/{data.experiment_id}/runs/{run}">{run[:8]}</a>'
+                           for run in links["run_id"]]
+    body += ["<h2>Best trials</h2>",
+             f"<p class='small'>Run links open the MLflow UI at {esc(ui_url)} (<code>sweeplab ui {esc(data.study)}"
+             "</code>).</p>", links.to_html(index=False, escape=False, float_format=lambda v: f"{v:.4g}")]
     for name, png in pictures.items():
         body.append(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-    body += ["<h2>Best trials</h2>", _top(data.trials).to_html(index=False, float_format=lambda v: f"{v:.4g}")]
-    for name, table in tables.items():
-        body += [f"<h2>By {html.escape(name)}</h2>", table.to_html(index=False, float_format=lambda v: f"{v:.4g}")]
-    if len(importances):
-        body += ["<h2>Parameter importance (fANOVA)</h2>", importances.to_frame().to_html(float_format=lambda v: f"{v:.3f}")]
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%;display:block}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.study)}</title>"
+    for name, table in report.tables.items():
+        body += [f"<h2>By {esc(name)}</h2>", _shown(table).to_html(index=False, float_format=lambda v: f"{v:.4g}")]
+    body += [f"<p class='small'>Note: {esc(note)}</p>" for note in data.notes]
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%;display:block;"
+             "margin:1em 0}#answer p{font-size:16px;line-height:1.45;max-width:70em}.small{font-size:12px;color:#555}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(data.study)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")

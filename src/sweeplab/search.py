@@ -176,7 +176,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage, worker_index: int = 0,
                epochs: int = 80) -> optuna.Study:
-    return optuna.create_study(storage=storage, study_name=spec.study, direction="minimize",
+    return optuna.create_study(storage=storage, study_name=spec.optuna_study, direction="minimize",
                                sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs),
                                load_if_exists=True)
 
@@ -213,7 +213,7 @@ def check_compatible(study: optuna.Study, spec: SweepSpec, source: str) -> None:
             try:
                 optuna.distributions.check_distribution_compatibility(old, new)
             except ValueError:
-                raise ConfigError(f"{source}: space: study {spec.study!r} already searched {name} over {_show(old)}; "
+                raise ConfigError(f"{source}: space: study {spec.optuna_study!r} already searched {name} over {_show(old)}; "
                                   f"this file gives {_show(new)}. Use another study name (study=NAME) to change it")
 
 

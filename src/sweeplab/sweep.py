@@ -25,7 +25,7 @@ from .recovery import (Heartbeats, OutageError, check_stop, critical, fail_trial
                        recover, shielded, with_retries)
 from .search import (ALIVE, FINISHED, budget, check_compatible, count, is_surplus, open_storage, open_study, redact, suggest,
                      worker_id)
-from .tracking import (TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_STUDY_TRIAL_ATTR, Tracker, finite,
+from .tracking import (TAG_CONDITION, TAG_NOTE, TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_STUDY_TRIAL_ATTR, Tracker, condition_label, finite,
                        run_name_for)
 
 MAX_CONSECUTIVE_FAILURES = 3
@@ -87,7 +87,7 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
             _tell(ctx.study, trial, state=TrialState.FAIL)
             ctx.heartbeats.release(trial._trial_id)
             return "failed"
-        tags = {TAG_ROLE: "trial", TAG_STUDY: ctx.sweep.spec.study, TAG_TRIAL: str(trial.number)}
+        tags = trial_tags(ctx.sweep, trial.number)
         with critical():  # the run and our handle on it come into being together
             run = ctx.tracker.trial_run(ctx.experiment_id, run_name_for(config, trial.number), config, tags,
                                         parent_run_id=ctx.parent_run_id)
@@ -100,7 +100,9 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
         history = result.history
         outcome = outcome_of(history)
         with critical():  # the run and the trial are recorded together; a stop waits the ~60 ms this takes
-            run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome]})
+            run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome],
+                                                                   TAG_NOTE: trial_note(ctx.sweep, trial.number,
+                                                                                        config, history)})
             told = settle(ctx.study, trial, history)
     except BaseException as exc:
         with shielded():
@@ -112,6 +114,35 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
         return "failed"
     ctx.heartbeats.release(trial._trial_id)
     return told
+
+
+def trial_tags(sweep: Sweep, number: int | None) -> dict[str, str]:
+    """The tags that say what a trial run is: role, study, trial number and, in a sweep with conditions, which."""
+    tags = {TAG_ROLE: "trial", TAG_STUDY: sweep.spec.study}
+    if number is not None:
+        tags[TAG_TRIAL] = str(number)
+    if sweep.spec.condition:
+        tags[TAG_CONDITION] = condition_label(sweep.spec.condition)
+    return tags
+
+
+def trial_note(sweep: Sweep, number: int, config, history) -> str:
+    """The trial run's description in the MLflow UI: its setting and how it ended."""
+    from .config import value_at
+
+    setting = ", ".join(f"{key} {_short(value_at(config, key))}" for key in sweep.spec.space)
+    where = f" ({condition_label(sweep.spec.condition)})" if sweep.spec.condition else ""
+    outcome = outcome_of(history)
+    if outcome == "completed":
+        result = (f"completed: best validation loss {history.best_val_loss:.4g} at epoch {history.best_epoch} of "
+                  f"{history.epochs_run}")
+    else:
+        result = f"{outcome}: {history.stop_reason}"
+    return f"Trial #{number}{where}: {setting}. {result}."
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _record_failure(ctx: SweepContext, trial: optuna.Trial, run, reason: str, interrupted: bool) -> None:
@@ -275,18 +306,19 @@ class _LoggerProcess:
         self.todo, self.done, self.abort = mp.Queue(), mp.Queue(), mp.Event()
         # Two writers: much of a log_batch is Python work outside SQLite's write lock, so they overlap.
         self.processes = [mp.Process(target=_logger_main, name=f"sweeplab-logger-{i}", daemon=True, args=(
-            ctx.sweep.spec.study, ctx.tracking_uri, ctx.storage_url, ctx.experiment_id, ctx.parent_run_id,
+            ctx.sweep.spec.optuna_study, trial_tags(ctx.sweep, None), ctx.tracking_uri, ctx.storage_url,
+            ctx.experiment_id, ctx.parent_run_id,
             self.todo, self.done, self.abort)) for i in range(processes)]
         for process in self.processes:
             process.start()
         self.sent: dict[int, object] = {}  # trial number -> member, until acknowledged
         self.heartbeats = ctx.heartbeats
 
-    def submit(self, member) -> None:
+    def submit(self, member, note: str) -> None:
         self.sent[member.key.number] = member
         self.todo.put({"number": member.key.number, "trial_id": member.key._trial_id, "config": member.config,
                        "spec": member.spec, "history": member.history, "dataset": member.dataset,
-                       "started": member.started})
+                       "started": member.started, "note": note})
 
     def poll(self, on_trial_end=None, block: bool = False) -> None:
         import queue
@@ -339,7 +371,7 @@ class _LoggerProcess:
         return list(self.sent.values())
 
 
-def _logger_main(study_name, tracking_uri, storage_url, experiment_id, parent_run_id, todo, done, abort) -> None:
+def _logger_main(study_name, tags, tracking_uri, storage_url, experiment_id, parent_run_id, todo, done, abort) -> None:
     import signal as signals
 
     signals.signal(signals.SIGINT, signals.SIG_IGN)  # the sweep process decides; this one finishes its item
@@ -370,22 +402,21 @@ def _logger_main(study_name, tracking_uri, storage_url, experiment_id, parent_ru
             trial = optuna.trial.Trial(study, item["trial_id"])
             history = item["history"]
             result = RunResult(item["config"], item["dataset"], item["spec"], None, history, None, None)
-            outcome = _record_member(tracker, study, trial, item["number"], result, study_name, experiment_id,
-                                     parent_run_id, item["started"])
+            outcome = _record_member(tracker, study, trial, item["number"], result, {**tags, TAG_NOTE: item["note"]},
+                                     experiment_id, parent_run_id, item["started"])
             done.put(("logged", item["number"], outcome))
         except Exception as exc:
             done.put(("error", item["number"], f"{type(exc).__name__}: {exc}"))
 
 
-def _record_member(tracker: Tracker, study: optuna.Study, trial, number: int, result, study_name: str,
+def _record_member(tracker: Tracker, study: optuna.Study, trial, number: int, result, tags: dict[str, str],
                    experiment_id: str, parent_run_id: str | None, started: float) -> str:
     """One vectorized member: its whole MLflow run, then its Optuna outcome, as run_trial records a trial."""
     history = result.history
     outcome = outcome_of(history)
     tracker.log_finished_run(
         experiment_id, run_name_for(result.config, number), result, outcome, history.stop_reason,
-        {TAG_ROLE: "trial", TAG_STUDY: study_name, TAG_TRIAL: str(number), TAG_STATE: STATE_FOR_OUTCOME[outcome],
-         "sweeplab.engine": "vectorized"},
+        {**tags, TAG_TRIAL: str(number), TAG_STATE: STATE_FOR_OUTCOME[outcome], "sweeplab.engine": "vectorized"},
         parent_run_id, int(started * 1000), int(time.time() * 1000),
         on_created=lambda run_id: with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run_id))
     return settle(study, trial, history)
@@ -440,7 +471,7 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
             for group in group_members(pending):
                 train_group(group, on_epoch=prune)
             for member in pending:
-                logger.submit(member)
+                logger.submit(member, trial_note(ctx.sweep, member.key.number, member.config, member.history))
             ran += len(pending)
             pending = []
         logger.close(on_trial_end)
@@ -457,13 +488,25 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
 # --- the coordinator ------------------------------------------------------------------------------------------
 
 @dataclass
-class SweepOutcome:
+class PartOutcome:
+    """One condition of a sweep (the whole sweep when it has none): its study, trials run now, its champion."""
+
+    sweep: Sweep
     study: optuna.Study
-    parent_run_id: str
-    experiment_id: str
     ran: int
     champion: dict[str, Any] | None = None
+
+
+@dataclass
+class SweepOutcome:
+    parts: list[PartOutcome]
+    parent_run_id: str
+    experiment_id: str
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def ran(self) -> int:
+        return sum(part.ran for part in self.parts)
 
 
 def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> SweepContext:
@@ -509,45 +552,61 @@ def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage
 
     params = {"study": spec.study, "sampler": spec.sampler.type, "sampler_seed": str(spec.sampler.seed),
               "pruner": spec.pruner.type, "n_trials": str(spec.n_trials), "workers": str(workers),
-              "repeats": str(spec.repeats), "space": ",".join(spec.space)}
+              "repeats": str(spec.repeats), "space": ",".join(spec.space), "conditions": ",".join(spec.conditions),
+              "continuous": ",".join(name for name, param in spec.space.items()  # ranges, not levels: plotted
+                                     if any(case.kind != "categorical" for case in (param.cases or {"": param}).values()))}
     tracker.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     return run_id
 
 
 def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 1,
-              progress: Callable[[optuna.Study, int], None] | None = None, register: bool = True) -> SweepOutcome:
-    """`sweeplab sweep`: this process works as worker 0; with workers=N it forks N-1 helpers first."""
-    spec = sweep.spec
-    n_trials = budget(spec)
-    helpers = _fork_helpers(sweep, tracking_uri, storage_url, n_trials, workers - 1)
+              progress: Callable[[optuna.Study, int, str], None] | None = None, register: bool = True) -> SweepOutcome:
+    """`sweeplab sweep`: this process works as worker 0; with workers=N it forks N-1 helpers first. A sweep with
+    conditions runs them one after the other, each its own study with its share of the budget, under one parent
+    run; each condition gets its champion."""
+    parts = sweep.parts()
+    helpers = _fork_helpers(parts, tracking_uri, storage_url, workers - 1)
     try:
-        ctx = prepare(sweep, tracking_uri, storage_url)
-        study, tracker, experiment_id = ctx.study, ctx.tracker, ctx.experiment_id
-        parent = ctx.parent_run_id = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
+        contexts = [prepare(part, tracking_uri, storage_url) for part in parts]  # every study checked first
+        tracker, experiment_id = contexts[0].tracker, contexts[0].experiment_id
+        parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
+        describe_study(tracker, experiment_id, sweep)
+        for ctx in contexts:
+            ctx.parent_run_id = parent
     except BaseException:
         _release(helpers, "")
         _wait(helpers)
         raise
     _release(helpers, parent)
-    before = count(study, FINISHED)
-    report = (lambda number, outcome: progress(study, n_trials)) if progress else None
     try:
         if helpers:
             import torch
 
             torch.set_num_threads(1)  # one core per worker
-        run_workload(ctx, on_trial_end=report)
+        outcome = SweepOutcome([], parent, experiment_id)
+        for ctx in contexts:
+            before = count(ctx.study, FINISHED)
+            label = condition_label(ctx.sweep.spec.condition)
+            report = (lambda number, result, ctx=ctx, label=label: progress(ctx.study, ctx.n_trials, label)) \
+                if progress else None
+            run_workload(ctx, on_trial_end=report)
+            outcome.parts.append(PartOutcome(ctx.sweep, ctx.study, count(ctx.study, FINISHED) - before))
         check_stop()  # a stop that arrived while the last trial was being recorded
-        failed = _wait(helpers, lambda: progress(study, n_trials) if progress else None)
-        if failed and count(study, FINISHED) < n_trials:
+        last = contexts[-1]
+        failed = _wait(helpers, lambda: progress(last.study, last.n_trials, condition_label(last.sweep.spec.condition))
+                       if progress else None)
+        if failed and any(count(ctx.study, FINISHED) < ctx.n_trials for ctx in contexts):
             raise SweepError(f"{len(failed)} of {len(helpers)} helper workers failed (exit codes {failed}); "
                              "see their messages above")
-        outcome = SweepOutcome(study, parent, experiment_id, count(study, FINISHED) - before)
-        if register and count(study, (TrialState.COMPLETE,)):
+        if register:
             from .champion import register_champion
 
-            outcome.champion = register_champion(tracker, study, spec.study, experiment_id)
+            for part in outcome.parts:
+                if count(part.study, (TrialState.COMPLETE,)):
+                    part.champion = register_champion(tracker, part.study, sweep.spec.study, experiment_id,
+                                                      champion_alias(part.sweep), part.sweep.spec.condition)
         with critical():
+            tracker.client.set_tag(parent, TAG_NOTE, outcome_note(outcome))
             tracker.end_run(parent, "completed")
     except BaseException as exc:
         with shielded():
@@ -560,13 +619,55 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     return outcome
 
 
+def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
+    """The experiment's description (what the study compares) and the view the printed UI link opens."""
+    from .tracking import share_view
+
+    spec = sweep.spec
+    searched = ", ".join(spec.space)
+    compared = "; ".join(f"{key} in {values}" for key, values in spec.conditions.items())
+    text = (f"sweeplab study {spec.study}: searches {searched} ({spec.sampler.type} sampler, {spec.n_trials} trials"
+            + (f") separately for each condition: {compared}, an equal share of trials each" if compared else ")")
+            + f". Lower best_val_loss (validation loss at the best epoch) is better. Sweep file: {sweep.source}.")
+    tracker.client.set_experiment_tag(experiment_id, TAG_NOTE, text)
+    share_view(tracker.client, experiment_id, [*spec.space, *spec.conditions])
+
+
+def outcome_note(outcome: SweepOutcome) -> str:
+    """The parent run's description: the best trial of each condition (the report, when written, says more)."""
+    lines = []
+    for part in outcome.parts:
+        where = f"{condition_label(part.sweep.spec.condition)}: " if part.sweep.spec.condition else ""
+        top = best_trials(part.study, 1)
+        if not top:
+            lines.append(f"{where}no trial completed.")
+            continue
+        best = top[0]
+        alias = f" (models:/{part.champion['name']}@{part.champion['alias']})" if part.champion else ""
+        lines.append(f"{where}best is trial #{best.number}, best_val_loss {best.value:.4g}{alias}.")
+    return "\n\n".join(lines)
+
+
+def champion_alias(part: Sweep) -> str:
+    """`champion` for the base experiment's own condition (or a sweep without conditions); `champion-noise-1_0`
+    for another (MLflow's aliases take letters, digits, _ and - only)."""
+    import re
+
+    from .champion import ALIAS
+
+    if part.own_setting:
+        return ALIAS
+    words = [f"{key}-{value}" for key, value in part.spec.condition.items()]
+    return re.sub(r"[^\w-]", "_", "-".join([ALIAS, *words]))
+
+
 @dataclass
 class _Helper:
     pid: int
     pipe: int  # write end: the parent run id, once it exists ("" means: exit without working)
 
 
-def _fork_helpers(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: int, n: int) -> list[_Helper]:
+def _fork_helpers(parts: list[Sweep], tracking_uri: str, storage_url: str, n: int) -> list[_Helper]:
     """Fork the extra local workers right away, before this process opens any store or starts any thread (only
     the main thread exists after the imports), so each starts with the imports already paid for and opens its
     own database connections. Each waits on a pipe for the parent run id, then works like `sweeplab worker`."""
@@ -576,13 +677,13 @@ def _fork_helpers(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: i
         pid = os.fork()
         if pid == 0:
             os.close(write_end)
-            _helper_main(sweep, tracking_uri, storage_url, n_trials, index, read_end)
+            _helper_main(parts, tracking_uri, storage_url, index, read_end)
         os.close(read_end)
         helpers.append(_Helper(pid, write_end))
     return helpers
 
 
-def _helper_main(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: int, index: int, pipe: int) -> None:
+def _helper_main(parts: list[Sweep], tracking_uri: str, storage_url: str, index: int, pipe: int) -> None:
     code = 0
     raise_on_sigterm()
     try:
@@ -592,9 +693,10 @@ def _helper_main(sweep: Sweep, tracking_uri: str, storage_url: str, n_trials: in
             import torch
 
             torch.set_num_threads(1)
-            ctx = prepare(sweep, tracking_uri, storage_url, worker_index=index)
-            ctx.parent_run_id = parent
-            run_workload(ctx)
+            for part in parts:
+                ctx = prepare(part, tracking_uri, storage_url, worker_index=index)
+                ctx.parent_run_id = parent
+                run_workload(ctx)
     except KeyboardInterrupt:
         code = 130
     except BaseException as exc:
@@ -653,14 +755,16 @@ def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id:
     import torch
 
     torch.set_num_threads(1)
-    ctx = prepare(sweep, tracking_uri, storage_url, worker_index)
-    tracker = ctx.tracker
+    contexts = [prepare(part, tracking_uri, storage_url, worker_index) for part in sweep.parts()]
+    tracker = contexts[0].tracker
     own_parent = parent_run_id is None
     if own_parent:
-        parent_run_id = start_parent_run(tracker, ctx.experiment_id, sweep, storage_url, 1, role="worker")
-    ctx.parent_run_id = parent_run_id
+        parent_run_id = start_parent_run(tracker, contexts[0].experiment_id, sweep, storage_url, 1, role="worker")
+    ran = 0
     try:
-        ran = run_workload(ctx)
+        for ctx in contexts:
+            ctx.parent_run_id = parent_run_id
+            ran += run_workload(ctx)
     except BaseException as exc:
         if own_parent:
             interrupted = isinstance(exc, KeyboardInterrupt)

@@ -87,6 +87,7 @@ TAG_TRIAL = "sweeplab.trial_number"
 TAG_STATE = "sweeplab.trial_state"
 TAG_OUTCOME = "sweeplab.outcome"  # completed | pruned | diverged | failed | killed
 TAG_REASON = "sweeplab.reason"
+TAG_CONDITION = "sweeplab.condition"  # noise=0.3: the condition a trial ran under, in a sweep that has them
 TAG_WORKER = "sweeplab.worker"  # host:pid of the process that owns the run
 TAG_VERSION = "sweeplab.version"
 TAG_COMMIT = "sweeplab.git_commit"
@@ -113,10 +114,32 @@ def display_uri(uri: str) -> str:
     return redact(uri)
 
 
+def condition_label(condition: dict) -> str:
+    return ",".join(f"{key}={value}" for key, value in condition.items())
+
+
+VIEW_KEY = "sweeplab"  # the experiment's shared view (`mlflow.sharedViewState.sweeplab`) that runs_link opens
+TAG_NOTE = "mlflow.note.content"  # the description the MLflow UI shows for an experiment or a run
+
+
 def runs_link(base_url: str, experiment_id: str) -> str:
-    """The study's runs in the MLflow UI's model-training view, best (lowest best_val_loss) first."""
-    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            "&orderByKey=metrics.%60best_val_loss%60&orderByAsc=true")
+    """The study's trial runs in the MLflow UI's model-training view, best (lowest best_val_loss) first, with
+    best_val_loss and the searched parameters as columns: MLflow 3.17's UI restores a shared view state (sort,
+    filter, columns) from the experiment tag that `viewStateShareKey` names (see share_view)."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+            "&workflowType=machine_learning")
+
+
+def share_view(client: MlflowClient, experiment_id: str, keys: list[str]) -> None:
+    """Store the view runs_link opens: trial runs only, sorted by best_val_loss, with columns best_val_loss,
+    best_epoch, the outcome and the parameters `keys` (the sweep's searched and compared keys)."""
+    from .config import ALIASES
+
+    columns = ["metrics.`best_val_loss`", "metrics.`best_epoch`", f"tags.`{TAG_OUTCOME}`",
+               *(f"params.`{ALIASES.get(key, key)}`" for key in keys)]
+    state = {"orderByKey": "metrics.`best_val_loss`", "orderByAsc": True,
+             "searchFilter": f"tags.`{TAG_ROLE}` = 'trial'", "selectedColumns": columns}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
 
 
 def flatten(config: ExperimentConfig) -> dict[str, str]:

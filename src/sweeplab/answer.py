@@ -1,0 +1,137 @@
+"""The sweep's answer, per condition: which setting wins, what else comes close, which factor matters most.
+
+Built on report.py's tidy frame of trials (one row per run, read back from MLflow). Statistics are robust: a
+level's median and quartiles of best_val_loss, never a mean that a few non-learners decide; diverged and failed
+trials are counted, not dropped. A trial "learned" when its best_val_loss is at most half its baseline (the loss
+of a constant prediction fitted on the training labels: report.LEARNED_BELOW).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+NEAR_BEST = 0.10  # "close to the best": best_val_loss within 10% of the condition's best
+OUTCOMES = ("completed", "pruned", "diverged", "failed", "killed")
+
+
+@dataclass
+class ConditionAnswer:
+    condition: dict  # {"noise": 0.3}, {} without conditions
+    counts: dict[str, int]
+    best: dict | None  # trial, run_id, params, best_val_loss, best_epoch
+    near: dict[str, list]  # factor -> the values seen among trials within NEAR_BEST of the best
+    n_near: int
+    important: list[tuple[str, float]] = field(default_factory=list)  # (factor, fANOVA importance), largest first
+    any_value: list[str] = field(default_factory=list)  # factors whose every level tried comes close to the best
+
+    @property
+    def label(self) -> str:
+        return condition_label(self.condition)
+
+    def sentence(self, factors: list[str]) -> str:
+        where = f"{self.label}: " if self.condition else ""
+        if self.best is None:
+            return f"{where}no trial completed ({_counts_text(self.counts)})."
+        setting = ", ".join(f"{f} {_value_text(self.best['params'].get(f))}" for f in factors
+                            if f in self.best["params"])
+        text = (f"{where}best is {setting}: validation loss {self.best['best_val_loss']:.4g} "
+                f"(trial #{self.best['trial']}, epoch {self.best['best_epoch']}).")
+        spread = "; ".join(f"any {f}" if f in self.any_value else f"{f} {_range_text(values)}"
+                           for f, values in self.near.items() if values)
+        if self.n_near > 1 and spread:
+            text += f" Within {NEAR_BEST:.0%} of it ({self.n_near} trials): {spread}."
+        if self.important:
+            name, share = self.important[0]
+            text += f" {name} matters most (fANOVA importance {share:.2f})."
+        return f"{text} {_counts_text(self.counts).capitalize()}."
+
+    def to_json(self) -> dict:
+        return {"condition": self.condition, "best": self.best, "near_best": {"within": NEAR_BEST, "trials": self.n_near,
+                                                                                "values": self.near},
+                "importance": dict(self.important), "trials": self.counts}
+
+
+def condition_label(condition: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in condition.items()) or "all trials"
+
+
+def _value_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _range_text(values: list) -> str:
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and len(values) > 2:
+        return f"{_value_text(min(values))}-{_value_text(max(values))}"
+    return " or ".join(_value_text(v) for v in values)
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    parts = [f"{n} {state}" for state, n in counts.items() if n]
+    return f"{total} trials: " + ", ".join(parts) if parts else "no trials"
+
+
+def conditions_of(trials: pd.DataFrame, condition_keys: list[str]) -> list[tuple[dict, pd.DataFrame]]:
+    """(condition values, its trials) for each condition, in natural order; one group of all without."""
+    if not condition_keys:
+        return [({}, trials)]
+    groups = []
+    for key, group in trials.groupby(condition_keys, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        groups.append(({k: _plain(v) for k, v in zip(condition_keys, key)}, group))
+    return groups
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def answer_for(condition: dict, trials: pd.DataFrame, factors: list[str], importances: pd.Series) -> ConditionAnswer:
+    counts = {state: int((trials["state"] == state).sum()) for state in OUTCOMES}
+    done = trials[(trials["state"] == "completed") & np.isfinite(trials["best_val_loss"].astype(float))]
+    if done.empty:
+        return ConditionAnswer(condition, counts, None, {}, 0)
+    best_row = done.loc[done["best_val_loss"].astype(float).idxmin()]
+    best_value = float(best_row["best_val_loss"])
+    near = done[done["best_val_loss"].astype(float) <= best_value * (1 + NEAR_BEST)]
+    params = {f: _plain(best_row[f]) for f in factors if f in done.columns and not _missing(best_row[f])}
+    best = {"trial": int(best_row["trial"]), "run_id": best_row["run_id"], "params": params,
+            "best_val_loss": best_value, "best_epoch": int(best_row["best_epoch"])}
+    spread = {f: sorted({_plain(v) for v in near[f].dropna()}, key=lambda v: (isinstance(v, str), v))
+              for f in factors if f in near.columns}
+    every = {f: {_plain(v) for v in trials[f].dropna()} for f in spread}
+    important = [(str(k), float(v)) for k, v in importances.sort_values(ascending=False).items()]
+    return ConditionAnswer(condition, counts, best, spread, len(near), important,
+                           any_value=[f for f in spread if len(every[f]) > 1 and set(spread[f]) == every[f]])
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def level_table(trials: pd.DataFrame, factor: str) -> pd.DataFrame:
+    """One row per level of a factor: trials and how they ended, the share that learned, and the median and
+    quartiles of best_val_loss over completed trials, the best, and the median best epoch."""
+    rows = []
+    for level, group in trials.groupby(factor, sort=True, dropna=False):
+        done = group[group["state"] == "completed"]
+        values = done["best_val_loss"].astype(float).dropna()
+        row = {factor: _plain(level), "trials": len(group)}
+        for state in ("completed", "pruned", "diverged", "failed"):
+            row[state] = int((group["state"] == state).sum())
+        learned = group["learned"].fillna(False).astype(bool) if "learned" in group else pd.Series(dtype=bool)
+        row["learned"] = f"{int(learned.sum())}/{len(group)}"
+        row["median"] = values.median() if len(values) else math.nan
+        row["q1"] = values.quantile(0.25) if len(values) else math.nan
+        row["q3"] = values.quantile(0.75) if len(values) else math.nan
+        row["best"] = values.min() if len(values) else math.nan
+        row["median_best_epoch"] = done["best_epoch"].median() if len(done) else math.nan
+        row["best_trial"] = int(done.loc[values.idxmin(), "trial"]) if len(values) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
