@@ -530,10 +530,11 @@ def finite(value: float) -> bool:
 
 
 def run_name_for(config: ExperimentConfig, trial_number: int | None = None) -> str:
-    """What the trial is, at a glance: `adam-h16-n0.3-lr0.03 #12`."""
+    """What the trial is, at a glance, most telling first (the UI's run column shows ~20 characters):
+    `adam-h16-lr0.03-n0.3 #12`."""
     train = config.train
     hidden = "x".join(str(h) for h in config.model.hidden_sizes)
-    name = f"{train.optimizer.lower()}-h{hidden}-n{config.data.noise:g}-lr{train.lr:.3g}"
+    name = f"{train.optimizer.lower()}-h{hidden}-lr{train.lr:.2g}-n{config.data.noise:g}"
     return f"{name} #{trial_number}" if trial_number is not None else name
 
 
