@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -104,3 +105,28 @@ def test_csv_errors_name_the_column(tmp_path):
     path = _write(tmp_path, "data:\n  source: csv\n  path: bad.csv\n  target: label\n")
     with pytest.raises(ConfigError, match="data.target column 'label' not found"):
         make_dataset(load_experiment(path))
+
+
+def test_engine_auto_chooses_vectorized_only_when_it_supports_every_trial(tmp_path):
+    from sweeplab.config import load_sweep
+
+    lab = Path(__file__).resolve().parents[1] / "experiments" / "training_loop_lab.yaml"
+    path = tmp_path / "s.yaml"
+    path.write_text(f"study: a\nexperiment: {lab}\nspace:\n  hidden: {{choices: [4, 16]}}\nengine: auto\n")
+    sweep = load_sweep(path)
+    assert sweep.spec.engine == "vectorized" and "supports every trial" in sweep.engine_reason
+    path.write_text(f"study: a\nexperiment: {lab}\nspace:\n  hidden: {{choices: [4, [8, 8]]}}\nengine: auto\n")
+    sweep = load_sweep(path)
+    assert sweep.spec.engine == "reference" and "one-hidden-layer" in sweep.engine_reason
+    assert load_sweep(path, {"engine": "reference"}).spec.engine == "reference"
+
+
+def test_tpe_is_asked_in_batches_it_can_learn_between(tmp_path):
+    """By hand: 10 random start-up trials in one batch, then the other 10 of 20 in 4 rounds: ceil(10 / 4) = 3."""
+    from sweeplab.config import SweepSpec
+    from sweeplab.sweep import batch_size
+
+    spec = SweepSpec(study="b", space={"hidden": {"choices": [4]}}, n_trials=20, batch_trials=256)
+    assert [batch_size(spec, asked, 20) for asked in (0, 4, 10, 13, 19)] == [10, 6, 3, 3, 3]
+    random = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"type": "random"})})
+    assert batch_size(random, 0, 20) == 256

@@ -43,7 +43,7 @@ def sweep_file(folder: Path, study: str, n_trials: int) -> Path:
     path.write_text(f"study: {study}\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
                     "  optimizer: {choices: [Adam, SGD]}\n  lr: {low: 0.005, high: 0.05, log: true}\n"
                     "  hidden: {choices: [8, 16, 32]}\n"
-                    f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\n")
+                    f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\nengine: reference\n")
     return path
 
 

@@ -17,9 +17,12 @@ from sweeplab.cli import main
 LAB = "experiments/training_loop_lab.yaml"
 
 
-def write_sweep(path, root, study, space, n_trials, sampler="random", pruner="none", extra=""):
+def write_sweep(path, root, study, space, n_trials, sampler="random", pruner="none", extra="", engine="reference"):
+    """A sweep file; the reference engine unless asked (these tests pin down its runtime: workers, resume,
+    interrupts; test_vectorized.py and the user-level tests run the default, auto)."""
     path.write_text(f"study: {study}\nexperiment: {root / LAB}\nspace:\n{textwrap.indent(space, '  ')}"
-                    f"sampler: {{type: {sampler}, seed: 1}}\npruner: {{type: {pruner}}}\nn_trials: {n_trials}\n{extra}")
+                    f"sampler: {{type: {sampler}, seed: 1}}\npruner: {{type: {pruner}}}\nn_trials: {n_trials}\n"
+                    f"engine: {engine}\n{extra}")
     return path
 
 
@@ -339,3 +342,14 @@ def test_an_unreachable_tracking_server_is_one_line_and_writes_nothing(store, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--tracking-uri http://127.0.0.1:9: cannot reach the MLflow" in err
     assert not (store / "optuna.journal").exists()
+
+
+def test_a_resumed_random_sweep_proposes_new_points(store):
+    """Found while testing #11: a resumed study's sampler was seeded as the first run's, so it proposed the very
+    points the first run had tried (trial 2 was trial 0 again)."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "again", "lr: {low: 0.001, high: 0.1, log: true}\n", 2)
+    assert main(["sweep", str(sweep), "epochs=2", "--quiet", "--no-report"]) == 0
+    assert main(["sweep", str(sweep), "n_trials=4", "epochs=2", "--quiet", "--no-report"]) == 0
+    lrs = [trial.params["lr"] for trial in study_of(store, "again").trials]
+    assert len(lrs) == 4 and len(set(lrs)) == 4

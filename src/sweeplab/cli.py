@@ -134,7 +134,8 @@ def _sweep(args: argparse.Namespace) -> int:
     storage_url = resolve_storage_url(args.storage, tracking_uri)
     spec = sweep.spec
     workers = spec.workers
-    bar = _Progress(spec.study, enabled=not args.quiet)
+    bar = _Progress(spec.study, enabled=not args.quiet,
+                    header=f"engine: {spec.engine} ({sweep.engine_reason})" if sweep.engine_reason else "")
     outcome = run_sweep(sweep, tracking_uri, storage_url, workers=workers, progress=bar.update)
     bar.close()
     _print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
@@ -158,8 +159,8 @@ def _sweep(args: argparse.Namespace) -> int:
 class _Progress:
     """Trials finished out of the budget and the best value so far, redrawn in place on a terminal."""
 
-    def __init__(self, study_name: str, enabled: bool = True):
-        self.study_name, self.enabled = study_name, enabled
+    def __init__(self, study_name: str, enabled: bool = True, header: str = ""):
+        self.study_name, self.enabled, self.header = study_name, enabled, header  # header: before the first bar
         self.tty = sys.stderr.isatty()
         self.last = None
 
@@ -178,6 +179,8 @@ class _Progress:
         line = f"{name} [{'#' * filled}{'.' * (width - filled)}] {done}/{n_trials} trials, {best}"
         if line == self.last:
             return
+        if self.header and self.last is None:  # said once the sweep runs (not before an error that stops it)
+            print(self.header, file=sys.stderr, flush=True)
         if self.tty and self.last and not self.last.startswith(f"{name} ["):
             print(file=sys.stderr)  # the next condition starts its own line
         self.last = line

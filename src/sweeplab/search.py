@@ -102,10 +102,15 @@ class BudgetGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+RESUME_SEED_STRIDE = 7919  # a prime, so a resumed worker's seed does not land on another worker's
+
+
+def make_sampler(spec: SweepSpec, worker_index: int = 0, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
     """Seeded samplers; each worker gets its own seed (seed + index) or they would all propose the same
-    points, and TPE uses the constant liar so parallel workers do not pile onto one region."""
-    seed = None if spec.sampler.seed is None else spec.sampler.seed + worker_index
+    points, and TPE uses the constant liar so parallel workers do not pile onto one region. A study resumed
+    with `resumed_at` trials already in it gets another seed again: the same seed would replay the same random
+    draws, proposing the points the first run already tried."""
+    seed = None if spec.sampler.seed is None else spec.sampler.seed + worker_index + RESUME_SEED_STRIDE * resumed_at
     if spec.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler.type == "grid":
@@ -176,9 +181,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage, worker_index: int = 0,
                epochs: int = 80) -> optuna.Study:
-    return optuna.create_study(storage=storage, study_name=spec.optuna_study, direction="minimize",
-                               sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs),
-                               load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=spec.optuna_study, direction="minimize",
+                                sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs),
+                                load_if_exists=True)
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        study.sampler = make_sampler(spec, worker_index, resumed_at=existing)
+    return study
 
 
 def distributions(space: dict[str, ParamSpec]) -> dict[str, optuna.distributions.BaseDistribution]:

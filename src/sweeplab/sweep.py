@@ -8,6 +8,7 @@ model. `work` is one worker's loop; `run_trial` is one trial, from suggestion to
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -422,6 +423,26 @@ def _record_member(tracker: Tracker, study: optuna.Study, trial, number: int, re
     return settle(study, trial, history)
 
 
+LEARNING_ROUNDS = 4  # batches after TPE's random start-up, so that it learns between them
+
+
+def learns(spec) -> bool:
+    """Whether the sampler proposes from earlier results (TPE) rather than independently (random, grid)."""
+    return spec.sampler.type == "tpe"
+
+
+def batch_size(spec, asked: int, n_trials: int) -> int:
+    """Trials to ask together. A sampler that learns must see results between batches, or a batch of 256 asked
+    at once is a random search: TPE's random start-up trials go in one batch, the rest of the budget in
+    LEARNING_ROUNDS batches. Random and grid samplers learn nothing: as many as batch_trials allows."""
+    if not learns(spec):
+        return spec.batch_trials
+    startup = spec.sampler.n_startup_trials
+    if asked < startup:
+        return min(spec.batch_trials, startup - asked)
+    return min(spec.batch_trials, max(1, math.ceil((n_trials - startup) / LEARNING_ROUNDS)))
+
+
 def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] | None = None) -> int:
     """Ask up to `batch_trials` trials, train them stacked (grouped by shape), log and tell each; repeat until
     the budget holds. Pruners see each member's validation loss at the same epochs as in the reference loop."""
@@ -430,7 +451,8 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
     import torch
 
     spec = ctx.sweep.spec
-    logger = _LoggerProcess(ctx)
+    # a writer process costs ~3 s of imports to start; a second one pays off only for many trials
+    logger = _LoggerProcess(ctx, processes=1 if ctx.n_trials <= 100 else 2)
     torch.set_num_threads(1)  # the two cores go to training and to the MLflow writers
     pending: list = []  # asked and not yet handed to the logger
     ran = 0
@@ -445,8 +467,12 @@ def work_vectorized(ctx: SweepContext, on_trial_end: Callable[[int, str], None] 
                 # the last places are held by running trials: ours in the logger, or another worker's
                 logger.poll(on_trial_end, block=bool(logger.sent)) if logger.sent else time.sleep(0.2)
                 continue
+            if learns(spec) and logger.sent and finished + running >= spec.sampler.n_startup_trials:
+                # TPE proposes from the results it has been told: the previous batch's first
+                logger.poll(on_trial_end, block=True)
+                continue
             pending = []
-            for _ in range(min(spec.batch_trials, free)):
+            for _ in range(min(batch_size(spec, finished + running, ctx.n_trials), free)):
                 trial = _ask_place(ctx)
                 if trial is None:
                     break
@@ -550,7 +576,7 @@ def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage
                                                       "sweeplab.storage": redact(storage_url)})
     from mlflow.entities import Param
 
-    params = {"study": spec.study, "sampler": spec.sampler.type, "sampler_seed": str(spec.sampler.seed),
+    params = {"study": spec.study, "engine": spec.engine, "sampler": spec.sampler.type, "sampler_seed": str(spec.sampler.seed),
               "pruner": spec.pruner.type, "n_trials": str(spec.n_trials), "workers": str(workers),
               "repeats": str(spec.repeats), "space": ",".join(spec.space), "conditions": ",".join(spec.conditions),
               "continuous": ",".join(name for name, param in spec.space.items()  # ranges, not levels: plotted
