@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from .config import ConfigError, Sweep
 from .experiment import run_experiment
 from .loop import EpochRecord
+from .outcome import Outcome
 from .recovery import (Heartbeats, OutageError, check_stop, critical, fail_trial, heartbeat_interval, raise_on_sigterm,
                        recover, shielded, with_retries)
 from .search import (ALIVE, FINISHED, budget, check_compatible, count, is_surplus, open_storage, open_study, redact, suggest,
@@ -101,7 +102,7 @@ def run_trial(ctx: SweepContext, trial: optuna.Trial) -> str:
         history = result.history
         outcome = outcome_of(history)
         with critical():  # the run and the trial are recorded together; a stop waits the ~60 ms this takes
-            run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: STATE_FOR_OUTCOME[outcome],
+            run.finish(result, outcome, history.stop_reason, tags={TAG_STATE: outcome.trial_state,
                                                                    TAG_NOTE: trial_note(ctx.sweep, trial.number,
                                                                                         config, history)})
             told = settle(ctx.study, trial, history)
@@ -177,11 +178,8 @@ def _settle_unsettled(ctx: SweepContext) -> None:
         ctx.heartbeats.release(trial_id)
 
 
-STATE_FOR_OUTCOME = {"completed": "COMPLETE", "pruned": "PRUNED", "diverged": "PRUNED"}
-
-
-def outcome_of(history) -> str:
-    return {"completed": "completed", "diverged": "diverged"}.get(history.status, "pruned")
+def outcome_of(history) -> Outcome:
+    return Outcome.of_history(history)
 
 
 def settle(study: optuna.Study, trial: optuna.Trial, history) -> str:
@@ -193,7 +191,7 @@ def settle(study: optuna.Study, trial: optuna.Trial, history) -> str:
     if outcome == "completed":
         _tell(study, trial, history.best_val_loss)
         return outcome
-    with_retries(trial.set_user_attr, "outcome", outcome)
+    with_retries(trial.set_user_attr, "outcome", str(outcome))
     with_retries(trial.set_user_attr, "reason", history.stop_reason)
     _tell(study, trial, state=TrialState.PRUNED)
     return outcome
@@ -417,7 +415,7 @@ def _record_member(tracker: Tracker, study: optuna.Study, trial, number: int, re
     outcome = outcome_of(history)
     tracker.log_finished_run(
         experiment_id, run_name_for(result.config, number), result, outcome, history.stop_reason,
-        {**tags, TAG_TRIAL: str(number), TAG_STATE: STATE_FOR_OUTCOME[outcome], "sweeplab.engine": "vectorized"},
+        {**tags, TAG_TRIAL: str(number), TAG_STATE: outcome.trial_state, "sweeplab.engine": "vectorized"},
         parent_run_id, int(started * 1000), int(time.time() * 1000),
         on_created=lambda run_id: with_retries(trial.set_user_attr, TAG_STUDY_TRIAL_ATTR, run_id))
     return settle(study, trial, history)

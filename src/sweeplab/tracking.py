@@ -26,6 +26,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from . import __version__
 from .config import ExperimentConfig
 from .loop import EpochRecord
+from .outcome import Outcome
 
 warnings.filterwarnings("ignore", module=r"mlflow\..*")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -95,8 +96,6 @@ TAG_STUDY_TRIAL_ATTR = "mlflow_run_id"  # the Optuna user attribute that points 
 CHECKPOINT_PATH = "checkpoint"  # artifacts: checkpoint/best.pt, checkpoint/model_spec.json, config.json
 
 _DATASET_ENTITIES: dict = {}  # (description, name, data bytes) -> MLflow dataset entity
-STATUS_FOR_OUTCOME = {"completed": "FINISHED", "pruned": "KILLED", "killed": "KILLED", "diverged": "FAILED",
-                      "failed": "FAILED"}
 
 
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
@@ -327,7 +326,7 @@ class Tracker:
         from .search import worker_id
 
         history = result.history
-        all_tags = {**self._tags, TAG_WORKER: worker_id(), **tags, TAG_OUTCOME: outcome}
+        all_tags = {**self._tags, TAG_WORKER: worker_id(), **tags, TAG_OUTCOME: str(outcome)}
         if reason:
             all_tags[TAG_REASON] = reason[:5000]
         if parent_run_id:
@@ -345,7 +344,7 @@ class Tracker:
         run = TrialRun(self.client, run_id, result.config)
         run.log_artifacts(result)
         run.log_dataset(result)
-        self.client.set_terminated(run_id, STATUS_FOR_OUTCOME[outcome], end_time=end_ms)
+        self.client.set_terminated(run_id, Outcome(outcome).run_status, end_time=end_ms)
         return run_id
 
     def end_if_running(self, run_id: str, reason: str) -> None:
@@ -378,7 +377,7 @@ class Tracker:
 
     def end_run(self, run_id: str, outcome: str, reason: str | None = None) -> None:
         self.client.log_batch(run_id, tags=outcome_tags(outcome, reason))
-        self.client.set_terminated(run_id, STATUS_FOR_OUTCOME[outcome])
+        self.client.set_terminated(run_id, Outcome(outcome).run_status)
 
 
 class TrialRun:
@@ -428,7 +427,7 @@ class TrialRun:
         for start in range(0, max(len(metrics), 1), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH],
                                   tags=all_tags if start == 0 else [])
-        self.client.set_terminated(self.run_id, STATUS_FOR_OUTCOME[outcome])
+        self.client.set_terminated(self.run_id, Outcome(outcome).run_status)
         self.ended = True
 
     def log_artifacts(self, result) -> None:
@@ -476,7 +475,7 @@ class TrialRun:
 
 def outcome_tags(outcome: str, reason: str | None = None, extra: dict[str, str] | None = None) -> list[RunTag]:
     """How a run ended, as tags: sweeplab.outcome, sweeplab.reason (when there is one), and any extra."""
-    tags = [RunTag(TAG_OUTCOME, outcome)] + [RunTag(k, v) for k, v in (extra or {}).items()]
+    tags = [RunTag(TAG_OUTCOME, str(outcome))] + [RunTag(k, v) for k, v in (extra or {}).items()]
     if reason:
         tags.append(RunTag(TAG_REASON, reason[:5000]))
     return tags
@@ -566,11 +565,11 @@ class RunTracker:
 
     def finish(self, result) -> None:
         history = result.history
-        outcome = {"completed": "completed", "diverged": "diverged"}.get(history.status, "killed")
+        outcome = Outcome.of_history(history, stopped=Outcome.KILLED)
         if self.run:
             self.run.finish(result, outcome, history.stop_reason)
 
     def fail(self, exc: BaseException) -> None:
-        outcome = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
+        outcome = Outcome.KILLED if isinstance(exc, KeyboardInterrupt) else Outcome.FAILED
         if self.run:
             self.run.end(outcome, f"{type(exc).__name__}: {exc}")
