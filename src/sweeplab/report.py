@@ -529,7 +529,7 @@ def _parallel(data: SweepData, groups) -> bytes | None:
             ax.plot(xs, ys, color=cmap(norm(losses.iloc[i])), alpha=0.7, linewidth=1.2)
         ax.set_xticks(xs, [f"{name}\n{ticks[name][0]} .. {ticks[name][1]}" for name in axes_names])
         ax.set_yticks([0, 1], ["low", "high"])
-        ax.set_ylabel("position on each axis (levels in order; continuous: log)")
+        ax.set_ylabel("scaled position (log for ranges)")
         ax.set_title(_title(condition, "parallel coordinates"))
         from matplotlib.cm import ScalarMappable
 
