@@ -145,3 +145,4 @@ def test_the_printed_link_and_the_report_in_a_browser(compared):
     overall = min(best.values(), key=lambda item: item[1])[0]
     assert positions and min(positions, key=positions.get) == overall
     assert "sweep 20" not in dom  # the parent runs are filtered out of the trials' table
+    assert dom.find("Group: 0.3") < dom.find("Group: 1.0")  # grouped by condition

@@ -654,7 +654,7 @@ def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
             + (f") separately for each condition: {compared}, an equal share of trials each" if compared else ")")
             + f". Lower best_val_loss (validation loss at the best epoch) is better. Sweep file: {sweep.source}.")
     tracker.client.set_experiment_tag(experiment_id, TAG_NOTE, text)
-    share_view(tracker.client, experiment_id, [*spec.space, *spec.conditions])
+    share_view(tracker.client, experiment_id, [*spec.space, *spec.conditions], list(spec.conditions))
 
 
 def outcome_note(outcome: SweepOutcome) -> str:

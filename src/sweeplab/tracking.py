@@ -129,15 +129,19 @@ def runs_link(base_url: str, experiment_id: str) -> str:
             "&workflowType=machine_learning")
 
 
-def share_view(client: MlflowClient, experiment_id: str, keys: list[str]) -> None:
+def share_view(client: MlflowClient, experiment_id: str, keys: list[str], conditions: list[str] = ()) -> None:
     """Store the view runs_link opens: trial runs only, sorted by best_val_loss, with columns best_val_loss,
-    best_epoch, the outcome and the parameters `keys` (the sweep's searched and compared keys)."""
+    best_epoch, the outcome and the parameters `keys` (the sweep's searched and compared keys); in a sweep with
+    conditions, grouped by them (each group headed by its best loss), since results compare within a condition."""
     from .config import ALIASES
 
     columns = ["metrics.`best_val_loss`", "metrics.`best_epoch`", f"tags.`{TAG_OUTCOME}`",
                *(f"params.`{ALIASES.get(key, key)}`" for key in keys)]
     state = {"orderByKey": "metrics.`best_val_loss`", "orderByAsc": True,
              "searchFilter": f"tags.`{TAG_ROLE}` = 'trial'", "selectedColumns": columns}
+    if conditions:
+        state["groupBy"] = {"aggregateFunction": "min", "groupByKeys": [
+            {"mode": "param", "groupByData": ALIASES.get(key, key)} for key in conditions]}
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
 
 
