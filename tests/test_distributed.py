@@ -365,7 +365,7 @@ def test_dropped_connections_inside_ask_suggest_and_tell_lose_no_trial_and_leave
     monkeypatch.setattr(recovery, "RETRY_WAITS_S", (0.05, 0.1))
     sweep = load_sweep(sweep_file(tmp_path, "drops", 4), {"epochs": 4})
     tracking, storage_url = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
-    ctx = prepare(sweep, tracking, storage_url)
+    (ctx,) = prepare(sweep, tracking, storage_url)
     ctx.parent_run_id = start_parent_run(ctx.tracker, ctx.experiment_id, sweep, storage_url, 1)
     drops = DroppedConnections(ctx.storage.engine, [
         ("UPDATE trials SET number", "SELECT"),   # the read inside ask, once trial #0's row is committed

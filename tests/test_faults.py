@@ -25,11 +25,8 @@ SECRET = "hunter2-not-for-logs"
 
 
 @pytest.fixture
-def here(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("SWEEPLAB_STORAGE", raising=False)
-    return tmp_path
+def here(store):
+    return store  # conftest's fresh folder, entered, with no store named by the environment
 
 
 def one_line(capsys, code: int, expected_code: int) -> str:

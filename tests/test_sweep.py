@@ -41,14 +41,6 @@ noise: {choices: [0.3, 1.0]}
 EPOCHS = 6
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("SWEEPLAB_STORAGE", raising=False)
-    return tmp_path
-
-
 def runs_of(client, study):
     experiment = client.get_experiment_by_name(study)
     return client.search_runs([experiment.experiment_id], max_results=1000)

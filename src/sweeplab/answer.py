@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .tracking import condition_label, value_text
+
 NEAR_BEST = 0.10  # "close to the best": best_val_loss within 10% of the condition's best
 OUTCOMES = ("completed", "pruned", "diverged", "failed", "killed")
 
@@ -36,7 +38,7 @@ class ConditionAnswer:
         where = f"{self.label}: " if self.condition else ""
         if self.best is None:
             return f"{where}no trial completed ({_counts_text(self.counts)})."
-        setting = ", ".join(f"{f} {_value_text(self.best['params'].get(f))}" for f in factors
+        setting = ", ".join(f"{f} {value_text(self.best['params'].get(f))}" for f in factors
                             if f in self.best["params"])
         text = (f"{where}best is {setting}: validation loss {self.best['best_val_loss']:.4g} "
                 f"(trial #{self.best['trial']}, epoch {self.best['best_epoch']}).")
@@ -55,20 +57,10 @@ class ConditionAnswer:
                 "importance": dict(self.important), "trials": self.counts}
 
 
-def condition_label(condition: dict) -> str:
-    return ", ".join(f"{key}={value}" for key, value in condition.items()) or "all trials"
-
-
-def _value_text(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
 def _range_text(values: list) -> str:
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and len(values) > 2:
-        return f"{_value_text(min(values))}-{_value_text(max(values))}"
-    return " or ".join(_value_text(v) for v in values)
+        return f"{value_text(min(values))}-{value_text(max(values))}"
+    return " or ".join(value_text(v) for v in values)
 
 
 def _counts_text(counts: dict[str, int]) -> str:

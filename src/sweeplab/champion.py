@@ -115,11 +115,9 @@ def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_i
     mlflow.pytorch.save_model(model, str(path), mlflow_model=meta, signature=traced, input_example=example,
                               pip_requirements=requirements, serialization_format="pt2")
     saved = Model.load(str(path))
-    for name in ("serving_input_example.json", saved.saved_input_example_info.get("artifact_path", "")
-                 if saved.saved_input_example_info else ""):
-        if name and (path / name).exists():
-            (path / name).unlink()
-    saved.saved_input_example_info = None
+    for name in (saved.saved_input_example_info or {}).values():  # the traced example's files, replaced below
+        if isinstance(name, str) and name.endswith(".json"):
+            (path / name).unlink(missing_ok=True)
     saved.signature = ModelSignature(Schema([ColSpec("double") for _ in names]), outputs)
     saved.metadata = {**(saved.metadata or {}), "feature_names": names, "task": spec.task}
     from mlflow.models.utils import _save_example

@@ -199,7 +199,7 @@ def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) ->
     champion; then the commands to browse and to predict, as they work pasted here."""
     from .secrets import redact
     from .sweep import best_trials, state_counts
-    from .tracking import condition_label
+    from .tracking import condition_label, value_text
 
     champions = []
     for part in outcome.parts:
@@ -215,7 +215,7 @@ def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) ->
                   + f"  {'best_val_loss':>13} {'best_epoch':>10}  run")
             for trial in top:
                 values = _trial_overrides(trial, part.sweep)
-                cells = " ".join(f"{_cell(values.get(name)):>{w}}" for name, w in zip(names, widths))
+                cells = " ".join(f"{value_text(values.get(name)):>{w}}" for name, w in zip(names, widths))
                 print(f"{trial.number:>5}  {cells}  {trial.value:>13.4f} {trial.user_attrs.get('best_epoch', ''):>10}  "
                       f"{trial.user_attrs.get('mlflow_run_id', '')}")
         if part.champion:
@@ -230,12 +230,6 @@ def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) ->
     print(f"browse:   {me} ui {shlex.quote(sweep.spec.study)}{store}")
     for champion in champions:
         print(f"predict:  {me} predict models:/{champion['name']}@{champion['alias']}{store}")
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return "" if value is None else str(value)
 
 
 def invocation() -> str:

@@ -508,40 +508,43 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         seeds = ParamSpec(choices=list(range(first, first + spec.repeats)))
         spec = spec.model_copy(update={"space": {**spec.space, "seed": seeds}})
     sweep = Sweep(spec, base, str(path), base_dir)
+    points = probe_points(spec)
+    configs = []
+    for field, point in points:  # every config is built (and so validated) once
+        try:
+            configs.append(sweep.config_for(point))
+        except ConfigError as exc:  # `FILE: train.lr: ...`, said of the field that led to it
+            raise ConfigError(f"{path}: {field}: {str(exc).split(': ', 1)[1]}" if field else str(exc)) from None
     if spec.engine == "auto":
-        engine, reason = choose_engine(sweep)
+        engine, reason = choose_engine(configs)
         sweep = Sweep(spec.model_copy(update={"engine": engine}), base, str(path), base_dir, engine_reason=reason)
-        spec = sweep.spec
-    check_runnable(sweep.config_for({}), spec.engine, f"{path}: ")
-    for name, values in spec.conditions.items():
-        for value in values:
-            try:
-                check_runnable(sweep.config_for({name: value}), spec.engine)
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: conditions.{name}: {str(exc).split(': ', 1)[1]}") from None
-    for name, param in spec.space.items():
-        for value in _probe_values(name, param, spec.space):
-            try:
-                check_runnable(sweep.config_for(value), spec.engine)
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: space.{name}: {str(exc).split(': ', 1)[1]}") from None
+    for (field, _), config in zip(points, configs):
+        try:
+            check_runnable(config, sweep.spec.engine)
+        except ConfigError as exc:  # `device: ...` or `engine: ...`, said of the field that led to it
+            raise ConfigError(f"{path}: {field}: {str(exc).split(': ', 1)[1]}" if field else f"{path}: {exc}") from None
     return sweep
 
 
-def choose_engine(sweep: Sweep) -> tuple[str, str]:
-    """`engine: auto`: the vectorized engine when it supports every trial the sweep can ask for (the base, each
-    condition, both ends of every parameter), else the reference loop; and why, in a few words."""
+def probe_points(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
+    """The trials a sweep can ask for, at their edges, each with the field it comes from: the base experiment
+    (""), each condition's values, and both ends of every parameter of the space (per case)."""
+    return [("", {}),
+            *((f"conditions.{name}", {name: value}) for name, values in spec.conditions.items() for value in values),
+            *((f"space.{name}", probe) for name, param in spec.space.items()
+              for probe in _probe_values(name, param, spec.space))]
+
+
+def choose_engine(configs: list[ExperimentConfig]) -> tuple[str, str]:
+    """`engine: auto`: the vectorized engine when it supports every one of the sweep's probe configs, else the
+    reference loop; and why, in a few words."""
     from .vectorized import check_supported
 
-    points = [{}, *({name: value} for name, values in sweep.spec.conditions.items() for value in values),
-              *(probe for name, param in sweep.spec.space.items() for probe in _probe_values(name, param, sweep.spec.space))]
-    for point in points:
+    for config in configs:
         try:
-            check_supported(sweep.config_for(point))
+            check_supported(config)
         except ConfigError as exc:
             return "reference", f"auto: {str(exc).split(': ', 1)[-1]}"
-        except Exception:  # an invalid point: load_sweep's own checks say what is wrong with it
-            return "reference", "auto"
     return "vectorized", "auto: the vectorized engine supports every trial of this sweep"
 
 

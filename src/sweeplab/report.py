@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .tracking import TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker
+from .tracking import TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker, condition_label
 
 FACTORS = ["optimizer", "hidden", "noise"]  # the scientific parameters; lr is tuned per optimizer (a nuisance)
 PARAM_COLUMNS = {"train.optimizer": "optimizer", "model.hidden": "hidden", "data.noise": "noise", "train.lr": "lr",
@@ -415,8 +415,6 @@ def _figure(rows: int, cols: int, width: float = 5.0, height: float = 3.8):
 
 
 def _title(condition: dict, what: str) -> str:
-    from .answer import condition_label
-
     return f"{what} ({condition_label(condition)})" if condition else what
 
 

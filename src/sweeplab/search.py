@@ -255,7 +255,6 @@ def repair_journal(path: Path) -> str | None:
     every read after it) fails to parse. The cut operation was never acknowledged to anyone, so it is dropped: a
     torn tail is cut off, and a torn prefix glued to a complete operation is cut from its front (the operation,
     which was acknowledged, stays). The original is kept beside the journal. Runs under the journal's own lock."""
-    import json
     import shutil
 
     from optuna.storages.journal import JournalFileOpenLock

@@ -27,7 +27,7 @@ from .recovery import (Heartbeats, OutageError, check_stop, critical, fail_trial
                        recover, shielded, with_retries)
 from .search import (ALIVE, FINISHED, budget, check_compatible, count, is_surplus, open_storage, open_study, redact, suggest,
                      worker_id)
-from .tracking import (TAG_CONDITION, TAG_NOTE, TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_STUDY_TRIAL_ATTR, Tracker, condition_label, finite,
+from .tracking import (TAG_CONDITION, TAG_NOTE, TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_STUDY_TRIAL_ATTR, Tracker, condition_label, finite, value_text,
                        run_name_for)
 
 MAX_CONSECUTIVE_FAILURES = 3
@@ -132,7 +132,7 @@ def trial_note(sweep: Sweep, number: int, config, history) -> str:
     """The trial run's description in the MLflow UI: its setting and how it ended."""
     from .config import value_at
 
-    setting = ", ".join(f"{key} {_short(value_at(config, key))}" for key in sweep.spec.space)
+    setting = ", ".join(f"{key} {value_text(value_at(config, key))}" for key in sweep.spec.space)
     where = f" ({condition_label(sweep.spec.condition)})" if sweep.spec.condition else ""
     outcome = outcome_of(history)
     if outcome == "completed":
@@ -141,10 +141,6 @@ def trial_note(sweep: Sweep, number: int, config, history) -> str:
     else:
         result = f"{outcome}: {history.stop_reason}"
     return f"Trial #{number}{where}: {setting}. {result}."
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _record_failure(ctx: SweepContext, trial: optuna.Trial, run, reason: str, interrupted: bool) -> None:
@@ -533,8 +529,10 @@ class SweepOutcome:
         return sum(part.ran for part in self.parts)
 
 
-def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> SweepContext:
-    """Open the storage, the study and the MLflow experiment: a context without a parent run yet."""
+def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> list[SweepContext]:
+    """Open the storage and the MLflow experiment once, then the study of each part of the sweep (one per
+    condition, or the sweep itself): one context per part, without a parent run yet. Every study is checked
+    against the sweep file before anything runs."""
     check_separate_stores(tracking_uri, storage_url)
     # Both stores are reached before either is written to: a remote tracking store is probed (reading), then the
     # Optuna storage opened, and only then a local MLflow database created.
@@ -544,12 +542,17 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     storage = open_storage(storage_url)
     tracker = remote or Tracker(tracking_uri)
     epochs = sweep.config_for({}).train.epochs
-    study = open_study(sweep.spec, storage, worker_index, epochs)
-    check_compatible(study, sweep.spec, sweep.source)
+    contexts = []
+    for part in sweep.parts():
+        study = open_study(part.spec, storage, worker_index, epochs)
+        check_compatible(study, part.spec, part.source)
+        contexts.append(SweepContext(part, study, tracker, "", None, budget(part.spec), storage, tracking_uri,
+                                     storage_url, heartbeats=Heartbeats(storage)))
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
-    return SweepContext(sweep, study, tracker, experiment_id, None, budget(sweep.spec), storage, tracking_uri,
-                        storage_url, heartbeats=Heartbeats(storage))
+    for ctx in contexts:
+        ctx.experiment_id = experiment_id
+    return contexts
 
 
 def check_separate_stores(tracking_uri: str, storage_url: str) -> None:
@@ -588,10 +591,9 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     """`sweeplab sweep`: this process works as worker 0; with workers=N it forks N-1 helpers first. A sweep with
     conditions runs them one after the other, each its own study with its share of the budget, under one parent
     run; each condition gets its champion."""
-    parts = sweep.parts()
-    helpers = _fork_helpers(parts, tracking_uri, storage_url, workers - 1)
+    helpers = _fork_helpers(sweep, tracking_uri, storage_url, workers - 1)
     try:
-        contexts = [prepare(part, tracking_uri, storage_url) for part in parts]  # every study checked first
+        contexts = prepare(sweep, tracking_uri, storage_url)
         tracker, experiment_id = contexts[0].tracker, contexts[0].experiment_id
         parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
         describe_study(tracker, experiment_id, sweep)
@@ -691,7 +693,7 @@ class _Helper:
     pipe: int  # write end: the parent run id, once it exists ("" means: exit without working)
 
 
-def _fork_helpers(parts: list[Sweep], tracking_uri: str, storage_url: str, n: int) -> list[_Helper]:
+def _fork_helpers(sweep: Sweep, tracking_uri: str, storage_url: str, n: int) -> list[_Helper]:
     """Fork the extra local workers right away, before this process opens any store or starts any thread (only
     the main thread exists after the imports), so each starts with the imports already paid for and opens its
     own database connections. Each waits on a pipe for the parent run id, then works like `sweeplab worker`."""
@@ -701,13 +703,13 @@ def _fork_helpers(parts: list[Sweep], tracking_uri: str, storage_url: str, n: in
         pid = os.fork()
         if pid == 0:
             os.close(write_end)
-            _helper_main(parts, tracking_uri, storage_url, index, read_end)
+            _helper_main(sweep, tracking_uri, storage_url, index, read_end)
         os.close(read_end)
         helpers.append(_Helper(pid, write_end))
     return helpers
 
 
-def _helper_main(parts: list[Sweep], tracking_uri: str, storage_url: str, index: int, pipe: int) -> None:
+def _helper_main(sweep: Sweep, tracking_uri: str, storage_url: str, index: int, pipe: int) -> None:
     code = 0
     raise_on_sigterm()
     try:
@@ -717,8 +719,7 @@ def _helper_main(parts: list[Sweep], tracking_uri: str, storage_url: str, index:
             import torch
 
             torch.set_num_threads(1)
-            for part in parts:
-                ctx = prepare(part, tracking_uri, storage_url, worker_index=index)
+            for ctx in prepare(sweep, tracking_uri, storage_url, worker_index=index):
                 ctx.parent_run_id = parent
                 run_workload(ctx)
     except KeyboardInterrupt:
@@ -779,7 +780,7 @@ def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id:
     import torch
 
     torch.set_num_threads(1)
-    contexts = [prepare(part, tracking_uri, storage_url, worker_index) for part in sweep.parts()]
+    contexts = prepare(sweep, tracking_uri, storage_url, worker_index)
     tracker = contexts[0].tracker
     own_parent = parent_run_id is None
     if own_parent:

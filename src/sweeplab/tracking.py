@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -68,8 +69,6 @@ class _SayWhatWeWaitFor(logging.Filter):
         # a refused connection fails within seconds and its error says why; a server that accepts and then says
         # nothing is the wait worth explaining
         if "Timeout" in message and time.monotonic() - self.last_said > 120:
-            import sys
-
             print(f"sweeplab: the MLflow tracking server is not answering; retrying for up to ~{http_patience_s():.0f} s "
                   "(MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES)", file=sys.stderr, flush=True)
         self.last_said = time.monotonic()
@@ -114,7 +113,15 @@ def display_uri(uri: str) -> str:
 
 
 def condition_label(condition: dict) -> str:
-    return ",".join(f"{key}={value}" for key, value in condition.items())
+    """`noise=0.3`: a condition as its runs are tagged and as the report and the CLI name it."""
+    return ", ".join(f"{key}={value}" for key, value in condition.items())
+
+
+def value_text(value) -> str:
+    """A searched value as the CLI, the report and run descriptions print it: floats to 3 digits."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value)
 
 
 VIEW_KEY = "sweeplab"  # the experiment's shared view (`mlflow.sharedViewState.sweeplab`) that runs_link opens
@@ -249,8 +256,6 @@ class Tracker:
 
         try:
             self.client.search_experiments(max_results=1)
-        except ConfigError:
-            raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"--tracking-uri {display_uri(self.tracking_uri)}: cannot reach the MLflow tracking "
