@@ -124,7 +124,9 @@ def test_engine_auto_chooses_vectorized_only_when_it_supports_every_trial(tmp_pa
 def test_tpe_is_asked_in_batches_it_can_learn_between(tmp_path):
     """By hand: 10 random start-up trials in one batch, then the other 10 of 20 in 4 rounds: ceil(10 / 4) = 3."""
     from sweeplab.config import SweepSpec
-    from sweeplab.sweep import batch_size
+    from sweeplab.engines import VectorizedEngine
+
+    batch_size = VectorizedEngine().batch_size
 
     spec = SweepSpec(study="b", space={"hidden": {"choices": [4]}}, n_trials=20, batch_trials=256)
     assert [batch_size(spec, asked, 20) for asked in (0, 4, 10, 13, 19)] == [10, 6, 3, 3, 3]

@@ -132,7 +132,7 @@ def test_a_stopped_member_keeps_the_state_of_its_logged_best_epoch():
     configs = mixed_configs(4, epochs=30)
     members = [prepare_member(i, c) for i, c in enumerate(configs)]
     stop_at = {0: 5, 2: 9}
-    train_group(members, on_epoch=lambda m, epoch, val: "stop" if stop_at.get(m.key) == epoch else None)
+    train_group(members, on_epoch=lambda m, record: "stop" if stop_at.get(m.key) == record.epoch else None)
     for member, config in zip(members, configs):
         history = member.history
         if member.key in stop_at:

@@ -17,24 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 
-from .tracking import CHECKPOINT_PATH, TAG_STUDY_TRIAL_ATTR, Tracker
+from .tracking import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
 
 ALIAS = "champion"
-TAG_CHAMPION_RUN = "sweeplab.source_run_id"
 
 
 def download_checkpoint(tracker: Tracker, run_id: str, dest: Path) -> Path:
     return Path(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", str(dest)))
 
 
-def register_champion(tracker: Tracker, study: optuna.Study, name: str, experiment_id: str, alias: str = ALIAS,
+def register_champion(tracker: Tracker, best, name: str, experiment_id: str, alias: str = ALIAS,
                       condition: dict | None = None) -> dict[str, Any]:
-    """Log and register the best COMPLETE trial's model under `alias` (one per condition of a sweep that has
-    them), unless it already is that alias's model."""
-    best = study.best_trial
-    run_id = best.user_attrs[TAG_STUDY_TRIAL_ATTR]
+    """Log and register the best completed trial's model (`best`, a ledger.TrialSummary) under `alias` (one per
+    condition of a sweep that has them), unless it already is that alias's model."""
+    run_id = best.run_id
     current = _current_champion(tracker, name, alias)
     summary = {"name": name, "alias": alias, "trial": best.number, "run_id": run_id, "best_val_loss": best.value,
                "condition": condition or {}}

@@ -28,25 +28,23 @@ def _run(args: argparse.Namespace) -> int:
 
     # The config is checked before torch is even imported: a typo costs milliseconds, not seconds.
     config = load_experiment(args.experiment, parse_overrides(args.overrides))
-    from ._eager import skip_dynamo_wrappers
     from .experiment import run_experiment
+    from .process import configure
+    from .stop import stop_flag
 
-    skip_dynamo_wrappers()
+    configure(with_optuna=False)
     printer = None if args.json else _SeedPrinter(config.name, config.print_every)
     if printer:
         printer.header()
     callbacks = [printer] if printer else []
     tracker = None
-    if args.track:
-        import signal
-
-        from .tracking import RunTracker, resolve_tracking_uri
-
-        # SIGTERM as Ctrl-C: the run is ended KILLED instead of left RUNNING forever
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.track:  # Ctrl-C or SIGTERM ends the run KILLED at the next epoch, instead of leaving it RUNNING
+        from .stores import resolve_tracking_uri
+        from .tracking import RunTracker
 
         tracker = RunTracker(resolve_tracking_uri(args.tracking_uri), config, args.experiment)
         callbacks.append(tracker.epoch_callback)
+    callbacks.append(lambda record: stop_flag.check())
     try:
         result = run_experiment(config, callbacks=callbacks)
     except BaseException as exc:
@@ -122,22 +120,22 @@ def _sweep(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.overrides)
     sweep = load_sweep(args.sweep, overrides)  # a bad sweep file fails here, before any study or run exists
-    from ._eager import skip_dynamo_wrappers
-    from .recovery import raise_on_sigterm
-    from .search import resolve_storage_url
+    from .process import configure, use_threads
+    from .stores import resolve_storage_url, resolve_tracking_uri
     from .sweep import run_sweep
-    from .tracking import resolve_tracking_uri
 
-    skip_dynamo_wrappers()
-    raise_on_sigterm()
+    configure()
+    spec = sweep.spec
+    # one core per worker; the vectorized engine leaves the second to its MLflow writers
+    use_threads(1 if spec.workers > 1 or spec.engine == "vectorized" else None)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     storage_url = resolve_storage_url(args.storage, tracking_uri)
-    spec = sweep.spec
-    workers = spec.workers
-    bar = _Progress(spec.study, enabled=not args.quiet,
-                    header=f"engine: {spec.engine} ({sweep.engine_reason})" if sweep.engine_reason else "")
-    outcome = run_sweep(sweep, tracking_uri, storage_url, workers=workers, progress=bar.update)
-    bar.close()
+    bar = Progress(spec.study, enabled=not args.quiet,
+                   header=f"engine: {spec.engine} ({sweep.engine_reason})" if sweep.engine_reason else "")
+    try:
+        outcome = run_sweep(sweep, tracking_uri, storage_url, workers=spec.workers, progress=bar.update)
+    finally:
+        bar.close()
     _print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
     if args.report:
         from pathlib import Path
@@ -156,54 +154,54 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Progress:
-    """Trials finished out of the budget and the best value so far, redrawn in place on a terminal."""
+class Progress:
+    """A tqdm bar per condition: trials finished out of its budget, and the best value so far. On a terminal it
+    redraws in place; on other output (a log, CI) it writes a line at most every 15 s and when a condition ends.
+    `--quiet` turns it off."""
 
     def __init__(self, study_name: str, enabled: bool = True, header: str = ""):
         self.study_name, self.enabled, self.header = study_name, enabled, header  # header: before the first bar
         self.tty = sys.stderr.isatty()
-        self.last = None
+        self.bar = None
+        self.condition: str | None = None
 
     def update(self, study, n_trials: int, condition: str = "") -> None:
-        from .search import FINISHED, count
-        from .sweep import best_trials
+        from tqdm import tqdm
+
+        from .ledger import best_trials, finished_count
 
         if not self.enabled:
             return
-        done = count(study, FINISHED)
+        if self.bar is None or condition != self.condition:
+            if self.bar is None and self.header:  # said once the sweep runs (not before an error that stops it)
+                print(self.header, file=sys.stderr, flush=True)
+            self.close()
+            self.condition = condition
+            name = f"{self.study_name} {condition}" if condition else self.study_name
+            self.bar = tqdm(total=n_trials, desc=name, unit="trial", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=0.1 if self.tty else 15, bar_format="{desc} {bar:30} {n_fmt}/{total_fmt} "
+                            "trials [{elapsed}<{remaining}]{postfix}", ascii=not self.tty)
         top = best_trials(study, 1)
-        best = f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -"
-        width = 30
-        filled = int(width * min(done, n_trials) / max(n_trials, 1))
-        name = f"{self.study_name} {condition}" if condition else self.study_name
-        line = f"{name} [{'#' * filled}{'.' * (width - filled)}] {done}/{n_trials} trials, {best}"
-        if line == self.last:
-            return
-        if self.header and self.last is None:  # said once the sweep runs (not before an error that stops it)
-            print(self.header, file=sys.stderr, flush=True)
-        if self.tty and self.last and not self.last.startswith(f"{name} ["):
-            print(file=sys.stderr)  # the next condition starts its own line
-        self.last = line
-        if self.tty:
-            print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        self.bar.set_postfix_str(f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -", refresh=False)
+        self.bar.update(min(finished_count(study), n_trials) - self.bar.n)
 
     def close(self) -> None:
-        if self.enabled and self.tty and self.last:
-            print(file=sys.stderr)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> None:
     """Per condition (or for the whole sweep): trial counts, the best trials with their searched values, the
     champion; then the commands to browse and to predict, as they work pasted here."""
-    from .secrets import redact
-    from .sweep import best_trials, state_counts
+    from .ledger import best_trials, outcome_counts
+    from .search import values_of
+    from .stores import redact
     from .tracking import condition_label, value_text
 
     champions = []
     for part in outcome.parts:
-        counts = state_counts(part.study)
+        counts = outcome_counts(part.study)
         where = f", {condition_label(part.sweep.spec.condition)}" if part.sweep.spec.condition else ""
         print(f"study {sweep.spec.study}{where}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
               + f" ({part.ran} run now)")
@@ -214,10 +212,10 @@ def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) ->
             print(f"{'trial':>5}  " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
                   + f"  {'best_val_loss':>13} {'best_epoch':>10}  run")
             for trial in top:
-                values = _trial_overrides(trial, part.sweep)
+                values = values_of(trial.params, part.sweep.spec.space)
                 cells = " ".join(f"{value_text(values.get(name)):>{w}}" for name, w in zip(names, widths))
-                print(f"{trial.number:>5}  {cells}  {trial.value:>13.4f} {trial.user_attrs.get('best_epoch', ''):>10}  "
-                      f"{trial.user_attrs.get('mlflow_run_id', '')}")
+                print(f"{trial.number:>5}  {cells}  {trial.value:>13.4f} {value_text(trial.best_epoch):>10}  "
+                      f"{trial.run_id or ''}")
         if part.champion:
             champion = part.champion
             champions.append(champion)
@@ -247,32 +245,18 @@ def invocation() -> str:
     return f"{shlex.quote(sys.executable)} -m sweeplab"
 
 
-def _trial_overrides(trial, sweep) -> dict:
-    from .search import optuna_name
-
-    values = {}
-    space = sweep.spec.space
-    for name, param in sorted(space.items(), key=lambda item: item[1].cases is not None):  # parents first
-        key = optuna_name(name, str(values.get(param.by))) if param.cases else name
-        if key in trial.params:
-            values[name] = trial.params[key]
-    return values
-
-
 def _worker(args: argparse.Namespace) -> int:
     from .config import load_sweep, parse_overrides
 
     if args.worker_index < 0:
         raise UsageError(f"--worker-index {args.worker_index}: must be 0 or more")
     sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
-    from ._eager import skip_dynamo_wrappers
-    from .recovery import raise_on_sigterm
-    from .search import resolve_storage_url
+    from .process import configure, use_threads
+    from .stores import resolve_storage_url, resolve_tracking_uri
     from .sweep import run_worker
-    from .tracking import resolve_tracking_uri
 
-    skip_dynamo_wrappers()
-    raise_on_sigterm()
+    configure()
+    use_threads(1)  # workers usually share a machine with others
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     storage_url = resolve_storage_url(args.storage, tracking_uri)
     ran = run_worker(sweep, tracking_uri, storage_url, args.parent_run_id or None, args.worker_index)
@@ -297,8 +281,11 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     study = _study_name(args.study)
+    from .process import configure
     from .report import ReportError, build_report, terminal_tables
-    from .tracking import resolve_tracking_uri
+    from .stores import resolve_tracking_uri
+
+    configure(install_stop=False)
 
     out = Path(args.out or f"reports/{study}")
     if out.exists() and not out.is_dir():
@@ -317,11 +304,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ._eager import skip_dynamo_wrappers
+    from .process import configure
     from .serve import (ModelNotFound, load_logged_model, parse_rows, predict_rows, read_csv_rows,
                         read_json_rows)
 
-    skip_dynamo_wrappers()
+    configure(with_optuna=False, install_stop=False)
     from .experiment import resolve_device
 
     try:
@@ -362,10 +349,13 @@ def _ui(args: argparse.Namespace) -> int:
     """The MLflow UI over the store, one server worker unless asked (four take 16-40 s to start on two cores).
     The URL is printed once the server answers; with a study, the link opens its runs best first."""
     import subprocess
-    import time
 
-    from .tracking import display_uri, resolve_tracking_uri, runs_link
+    from .process import configure
+    from .stop import stop_flag
+    from .stores import display_uri, resolve_tracking_uri
+    from .tracking import runs_link
 
+    configure(with_optuna=False)  # Ctrl-C or SIGTERM: the server goes with us
     uri = resolve_tracking_uri(args.tracking_uri)
     experiment_id = None
     if args.study:
@@ -383,9 +373,6 @@ def _ui(args: argparse.Namespace) -> int:
            "MLFLOW_BACKEND_STORE_URI": uri}
     _warn_if_public(args.host)
     print(f"starting the MLflow UI over {display_uri(uri)} ...", file=sys.stderr, flush=True)
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped either way, the server goes with us
     process = subprocess.Popen(command, env=env, stdout=sys.stderr.fileno())  # stdout: only our URL line
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     try:
@@ -394,10 +381,12 @@ def _ui(args: argparse.Namespace) -> int:
                 print(f"sweeplab: error: the MLflow UI did not start (exit code {process.returncode}; is port "
                       f"{args.port} taken? try --port)", file=sys.stderr)
                 return 1
-            time.sleep(0.25)
+            stop_flag.wait(0.25)
         link = runs_link(base, experiment_id) if experiment_id else base
         print(f"MLflow UI: {link}  (Ctrl-C stops it)", flush=True)
-        return process.wait()
+        while process.poll() is None:
+            stop_flag.wait(0.5)
+        return process.returncode
     except KeyboardInterrupt:
         process.terminate()
         try:
@@ -436,11 +425,11 @@ def _warn_if_public(host: str) -> None:
 
 def _server(args: argparse.Namespace) -> int:
     """An MLflow tracking server for many workers: a database backend store and served artifacts."""
-    from .secrets import redact
+    from .stores import redact
 
     backend = args.backend_store_uri or os.environ.get("SWEEPLAB_BACKEND_STORE_URI") or "sqlite:///mlflow-server.db"
     artifacts = os.path.abspath(args.artifacts_destination)
-    from .secrets import has_secret
+    from .stores import has_secret
 
     if has_secret(backend):
         raise UsageError("--backend-store-uri: leave the password out of the URI; PostgreSQL reads it from "
@@ -546,9 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from .stores import StoreError
+
     try:
         return args.func(args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, StoreError) as exc:
         print(f"sweeplab: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -577,7 +568,7 @@ MAX_MESSAGE = 500  # characters of an error message we print: a 57 MB line helps
 def one_line(exc: BaseException, with_type: bool = False) -> str:
     """An error as one printable line: its first line, cut to MAX_MESSAGE, every URL and password redacted (the
     message may be MLflow's or a driver's, quoting the URI it was given)."""
-    from .secrets import redact_text
+    from .stores import redact_text
 
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""

@@ -609,29 +609,22 @@ def _markdown(report: Report) -> str:
 
 
 def _html(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
+    """report.html from templates/report.html.j2 (autoescaped; the tables pandas renders are marked safe)."""
+    import jinja2
+
     data = report.data
-    esc = html.escape
-    body = [f"<h1>Sweep report: {esc(data.study)}</h1>", "<section id='answer'><h2>The answer</h2>"]
-    body += [f"<p>{esc(text)}</p>" for text in answer_text(report)]
-    body.append(f"<p class='small'>{len(data.trials)} trials: " + ", ".join(
-        f"{n} {esc(str(s))}" for s, n in sorted(data.trials['state'].value_counts().items())) + ". Losses are "
-        "validation MSE per sample; <i>learned</i>: best_val_loss at most half the loss of a constant prediction. "
-        f"Statistics are medians and quartiles over completed trials, compared within a condition.</p></section>")
     top = _top(data)
     links = top.copy()
     if "run_id" in links.columns and data.experiment_id:
-        links["run_id"] = [f'<a href="{esc(ui_url)}/#/experiments/{data.experiment_id}/runs/{run}">{run[:8]}</a>'
-                           for run in links["run_id"]]
-    body += ["<h2>Best trials</h2>",
-             f"<p class='small'>Run links open the MLflow UI at {esc(ui_url)} (<code>sweeplab ui {esc(data.study)}"
-             "</code>).</p>", links.to_html(index=False, escape=False, float_format=lambda v: f"{v:.4g}")]
-    for name, png in pictures.items():
-        body.append(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-    for name, table in report.tables.items():
-        body += [f"<h2>By {esc(name)}</h2>", _shown(table).to_html(index=False, float_format=lambda v: f"{v:.4g}")]
-    body += [f"<p class='small'>Note: {esc(note)}</p>" for note in data.notes]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%;display:block;"
-             "margin:1em 0}#answer p{font-size:16px;line-height:1.45;max-width:70em}.small{font-size:12px;color:#555}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(data.study)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+        links["run_id"] = [f'<a href="{html.escape(ui_url)}/#/experiments/{data.experiment_id}/runs/{run}">'
+                           f'{run[:8]}</a>' for run in links["run_id"]]
+    number = lambda v: f"{v:.4g}"  # noqa: E731
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("sweeplab", "templates"), autoescape=True,
+                                     keep_trailing_newline=True)
+    return environment.get_template("report.html.j2").render(
+        study=data.study, answer=answer_text(report), n_trials=len(data.trials),
+        counts=", ".join(f"{n} {s}" for s, n in sorted(data.trials["state"].value_counts().items())),
+        ui_url=ui_url, best_trials=links.to_html(index=False, escape=False, float_format=number),
+        pictures=[(name, base64.b64encode(png).decode()) for name, png in pictures.items()],
+        tables=[(name, _shown(table).to_html(index=False, float_format=number)) for name, table in report.tables.items()],
+        notes=data.notes)

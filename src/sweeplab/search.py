@@ -1,34 +1,23 @@
-"""Everything Optuna: storage, study, sampler, pruner, and turning a trial into an ExperimentConfig.
+"""Optuna's side of a sweep file: storage, study, sampler, pruner, and turning a trial into parameter values.
 
-The search space is data (SweepSpec.space in config.py); `suggest` is the only place that sees a `trial`.
-The sweep driver that ties this to training and MLflow is sweep.py.
+The search space is data (SweepSpec.space in config.py); `suggest` is the only place that sees a `trial`, and only
+the ledger (ledger.py) calls it. The driver that ties this to training and MLflow is sweep.py.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from .secrets import redact  # noqa: F401  (re-exported: search.redact)
 from .config import ConfigError, ParamSpec, SweepSpec
-from .recovery import lost_insert_race
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# TPE's multivariate/group/constant_liar options are marked experimental; they are what conditional spaces and
-# parallel workers need, and the versions are pinned.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# Optuna warns that heartbeats are meant for Study.optimize; our ask-and-tell workers record them themselves
-# (recovery.Heartbeat) and fail stale trials before each ask, which is what optimize() does.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+from .stores import lost_insert_race, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that hold a place in the budget: finished, running, or queued to run again.
@@ -61,6 +50,16 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
 
     for name in space:
         take(name)
+    return values
+
+
+def values_of(params: dict[str, Any], space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """The inverse of `suggest`: a trial's Optuna parameters ({`lr_Adam`: ...}) as the sweep file names them."""
+    values: dict[str, Any] = {}
+    for name, param in sorted(space.items(), key=lambda item: item[1].cases is not None):  # parents first
+        key = optuna_name(name, str(values.get(param.by))) if param.cases else name
+        if key in params:
+            values[name] = params[key]
     return values
 
 
@@ -135,18 +134,6 @@ def budget(spec: SweepSpec) -> int:
 
 
 # --- storage ----------------------------------------------------------------------------------------------------
-
-def default_storage(tracking_uri: str) -> str:
-    """A journal file beside the local MLflow database (or in the working directory): file-locked, so several
-    local worker processes share it without SQLite's "database is locked"."""
-    if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "optuna.journal")
-    return str(Path("optuna.journal").resolve())
-
-
-def resolve_storage_url(cli_value: str | None, tracking_uri: str) -> str:
-    return cli_value or os.environ.get("SWEEPLAB_STORAGE") or default_storage(tracking_uri)
-
 
 SCHEMA_RACE_ATTEMPTS = 5  # workers started together on a fresh database all create Optuna's tables at once
 
@@ -234,17 +221,6 @@ def _show(dist: optuna.distributions.BaseDistribution) -> str:
 
 def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
-
-
-def is_surplus(study: optuna.Study, trial_number: int, n_trials: int) -> bool:
-    """True when `n_trials` trials numbered before this one already hold the budget. Trial numbers come from
-    the storage in order, so when several workers race for the last places exactly one set wins."""
-    earlier = [t for t in study.get_trials(deepcopy=False, states=ALIVE) if t.number < trial_number]
-    return len(earlier) >= n_trials
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def repair_journal(path: Path) -> str | None:

@@ -71,7 +71,7 @@ def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
 
 
 def _registered_run(client, uri: str) -> str:
-    from .champion import TAG_CHAMPION_RUN
+    from .tracking import TAG_CHAMPION_RUN
 
     rest = uri[len("models:/"):]
     try:
@@ -91,7 +91,7 @@ def _registered_run(client, uri: str) -> str:
 
 
 def _display(uri: str) -> str:
-    from .secrets import redact
+    from .stores import redact
 
     return redact(uri)
 
@@ -102,7 +102,8 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
     import tempfile
 
     from .model import load_checkpoint
-    from .tracking import CHECKPOINT_PATH, Tracker, resolve_tracking_uri
+    from .stores import resolve_tracking_uri
+    from .tracking import CHECKPOINT_PATH, Tracker
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run_id, found = resolve_run_id(reference, tracking_uri)

@@ -1,83 +1,34 @@
-"""Everything MLflow: experiments, parent and child runs, batched metric logging, artifacts, the champion model.
+"""Everything MLflow: the store, experiments, parent runs, and the recorder that writes a trained trial as its run.
 
-All calls go through an explicit `MlflowClient` and run ids (never the fluent active-run stack, which is
-per thread), so runs nest correctly across threads and processes. One set of metric names, logged from one
-place (`TrialRun`): train_loss, val_loss and the task metrics with step=epoch; summaries (best_val_loss, best_epoch, ...) at step 0.
+All calls go through an explicit `MlflowClient` and run ids (never the fluent active-run stack, which is per
+thread), so runs nest correctly across threads and processes. One set of metric names, logged from one place
+(`TrialRun`): train_loss, val_loss and the task metrics with step=epoch; summaries (best_val_loss, best_epoch, ...)
+at step 0. `Recorder` is the one path from a finished History to its run and then to the ledger, for both engines.
+Imports nothing of Optuna: a tracked `sweeplab run` never loads it. The champion model is champion.py.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
-import logging
 import math
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 
 from . import __version__
 from .config import ExperimentConfig
 from .loop import EpochRecord
 from .outcome import Outcome
+from .stores import display_uri, lost_insert_race, process_gone, worker_id
 
-warnings.filterwarnings("ignore", module=r"mlflow\..*")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# Against a tracking server, every ended run would print two "View run/experiment at" lines (and cost one more
-# request to read the run back); the sweep prints its own progress and the UI command once.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-# MLflow's HTTP client retries on its own; its default backoff waits minutes before giving up. Bound it to
-# ~15 s (1 + 2 + 4 + 8), as the Optuna storage retries are, so an outage or a wrong URL ends in one line.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-# ... and a server that stops answering (a stopped process, a dead link) ends a request after 10 s, not 120 s: at
-# most ~65 s in all (5 tries), not the 15 minutes MLflow's defaults allow. A log_batch of 1,000 metrics to a busy
-# server takes well under a second.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-
-def http_patience_s() -> float:
-    """How long MLflow's HTTP client keeps trying one request: every try's timeout plus urllib3's backoff."""
-    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
-    retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 7))
-    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 2))
-    return timeout * (retries + 1) + factor * (2 ** retries - 1)
-
-
-class _SayWhatWeWaitFor(logging.Filter):
-    """urllib3 logs each HTTP retry as `Retrying (Retry(total=3, ...)) after connection broken by ...: /api/2.0/
-    mlflow/runs/log-batch`. Say instead, once per outage of a server that stopped answering, what is being waited
-    for and for how long at most; the retries of a refused connection stay quiet (one error line follows)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_said = 0.0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "Retrying" not in message:
-            return True
-        # a refused connection fails within seconds and its error says why; a server that accepts and then says
-        # nothing is the wait worth explaining
-        if "Timeout" in message and time.monotonic() - self.last_said > 120:
-            print(f"sweeplab: the MLflow tracking server is not answering; retrying for up to ~{http_patience_s():.0f} s "
-                  "(MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES)", file=sys.stderr, flush=True)
-        self.last_said = time.monotonic()
-        return False
-
-
-logging.getLogger("urllib3.connectionpool").addFilter(_SayWhatWeWaitFor())
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 5.0  # long trials show their curves live; short ones log once, at the end
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 
@@ -88,28 +39,14 @@ TAG_STATE = "sweeplab.trial_state"
 TAG_OUTCOME = "sweeplab.outcome"  # completed | pruned | diverged | failed | killed
 TAG_REASON = "sweeplab.reason"
 TAG_CONDITION = "sweeplab.condition"  # noise=0.3: the condition a trial ran under, in a sweep that has them
+TAG_ENGINE = "sweeplab.engine"  # reference | vectorized: which engine trained the trial
 TAG_WORKER = "sweeplab.worker"  # host:pid of the process that owns the run
 TAG_VERSION = "sweeplab.version"
 TAG_COMMIT = "sweeplab.git_commit"
-TAG_STUDY_TRIAL_ATTR = "mlflow_run_id"  # the Optuna user attribute that points back at the run
+TAG_CHAMPION_RUN = "sweeplab.source_run_id"  # on a registered model version: the trial run it came from
 CHECKPOINT_PATH = "checkpoint"  # artifacts: checkpoint/best.pt, checkpoint/model_spec.json, config.json
 
 _DATASET_ENTITIES: dict = {}  # (description, name, data bytes) -> MLflow dataset entity
-
-
-def resolve_tracking_uri(cli_value: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative SQLite path is made
-    absolute, so worker processes and MLflow's per-URI store cache all mean the same file."""
-    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return uri
-
-
-def display_uri(uri: str) -> str:
-    from .secrets import redact
-
-    return redact(uri)
 
 
 def condition_label(condition: dict) -> str:
@@ -225,7 +162,9 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
     connect_args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
     engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
     try:
-        for wait in (0.5, 1, 2, 4, 8, None):  # as recovery.RETRY_WAITS_S, without loading Optuna for `run`
+        from .stores import RETRY_WAITS_S
+
+        for wait in (*RETRY_WAITS_S, None):
             try:
                 engine.connect().close()
                 return
@@ -309,57 +248,26 @@ class Tracker:
         return None
 
     def start_run(self, experiment_id: str, run_name: str, tags: dict[str, str] | None = None,
-                  parent_run_id: str | None = None) -> str:
-        from .search import worker_id
-
+                  parent_run_id: str | None = None, start_ms: int | None = None) -> str:
         all_tags = {**self._tags, TAG_WORKER: worker_id(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        return self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        return self.client.create_run(experiment_id, run_name=run_name, tags=all_tags, start_time=start_ms).info.run_id
 
-    def trial_run(self, experiment_id: str, run_name: str, config: ExperimentConfig, tags: dict[str, str],
-                  parent_run_id: str | None = None) -> "TrialRun":
-        run_id = self.start_run(experiment_id, run_name, tags, parent_run_id)
-        params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run_id, params=params[start:start + 100])
-        return TrialRun(self.client, run_id, config)
-
-    def log_finished_run(self, experiment_id: str, run_name: str, result, outcome: str, reason: str | None,
-                         tags: dict[str, str], parent_run_id: str | None, start_ms: int, end_ms: int,
-                         on_created: Callable[[str], None] | None = None) -> str:
-        """A whole trial run written after the fact (the vectorized engine): the same params, curves, summary,
-        tags and artifacts as a live TrialRun, in four store calls plus the artifact copies. `on_created` gets
-        the run id as soon as the run exists (to link it to its trial, so a writer killed half-way leaves a run
-        that recovery can find and end)."""
-        from .search import worker_id
-
-        history = result.history
-        all_tags = {**self._tags, TAG_WORKER: worker_id(), **tags, TAG_OUTCOME: str(outcome)}
-        if reason:
-            all_tags[TAG_REASON] = reason[:5000]
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run_id = self.client.create_run(experiment_id, start_time=start_ms, tags=all_tags,
-                                        run_name=run_name).info.run_id
-        if on_created:
-            on_created(run_id)
-        metrics = curve_metrics(history, end_ms) + summary_metrics(result, end_ms)
-        params = [Param(k, v[:6000]) for k, v in flatten(result.config).items()]
-        metric_chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
-        param_chunks = [params[i:i + 100] for i in range(0, len(params), 100)]
-        for chunk_metrics, chunk_params in itertools.zip_longest(metric_chunks, param_chunks, fillvalue=[]):
-            self.client.log_batch(run_id, metrics=chunk_metrics, params=chunk_params)
-        run = TrialRun(self.client, run_id, result.config)
-        run.log_artifacts(result)
-        run.log_dataset(result)
-        self.client.set_terminated(run_id, Outcome(outcome).run_status, end_time=end_ms)
-        return run_id
+    def begin_run(self, experiment_id: str, run_name: str, config: ExperimentConfig, tags: dict[str, str],
+                  parent_run_id: str | None = None, live: bool = True, start_ms: int | None = None) -> "TrialRun":
+        """A training run. Live, its params are written now and its curves as it trains (a long trial shows them
+        in the UI); otherwise (a trial already trained) everything goes in the one batch that ends it."""
+        run_id = self.start_run(experiment_id, run_name, tags, parent_run_id, start_ms)
+        run = TrialRun(self.client, run_id, config)
+        if live:
+            run.flush()
+        return run
 
     def end_if_running(self, run_id: str, reason: str) -> None:
         """End a run that a lost worker left RUNNING as KILLED, and the worker's own parent run with it (a
         `sweeplab worker` that stopped heartbeating is gone); leave any other run as it is."""
-        from .recovery import with_retries
+        from .stores import with_retries
 
         run = with_retries(self.client.get_run, run_id, what="the MLflow tracking store")
         if run.info.status == "RUNNING":
@@ -373,8 +281,6 @@ class Tracker:
     def reap_dead_local_runs(self, experiment_id: str) -> int:
         """End as KILLED the RUNNING runs whose process on this machine no longer exists (a SIGKILLed sweep's
         parent and trial runs, say). Returns how many."""
-        from .recovery import process_gone
-
         reaped = 0
         for run in self.client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
                                            max_results=1000):
@@ -390,14 +296,17 @@ class Tracker:
 
 
 class TrialRun:
-    """One training run in MLflow. `epoch_callback` buffers the per-epoch metrics (one log_batch per flush,
-    not one call per value); `finish` logs the summary, the checkpoint and the data, and ends the run."""
+    """One training run in MLflow. `epoch_callback` buffers the per-epoch metrics (one log_batch per flush, not
+    one call per value); `finish` logs the curves not yet logged, the summary, the checkpoint and the data, and
+    ends the run."""
 
     def __init__(self, client: MlflowClient, run_id: str, config: ExperimentConfig):
         self.client = client
         self.run_id = run_id
         self.config = config
+        self._params = [Param(k, v[:6000]) for k, v in flatten(config).items()]  # until the first flush
         self._pending: list[Metric] = []
+        self._epochs_seen = 0  # epochs buffered through epoch_callback; finish takes the rest from the History
         self._last_flush = time.monotonic()
         self.ended = False
 
@@ -407,36 +316,41 @@ class TrialRun:
         values = {"train_loss": record.train_loss, "val_loss": record.val_loss, **record.metrics}
         self._pending += [Metric(name, value, now, step) for name, value in values.items()
                           if math.isfinite(value)]  # as curve_metrics: a NaN would hide the whole curve
+        self._epochs_seen = record.epoch
         if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self.flush()
         return None
 
-    def flush(self, extra: list[Metric] | None = None) -> None:
-        metrics = self._pending + (extra or [])
-        self._pending = []
+    def flush(self, tags: list[RunTag] | None = None) -> None:
+        """Everything pending (params, metrics, and `tags`), in as few log_batch calls as MLflow's limits allow."""
+        metrics, params, tags = self._pending, self._params, list(tags or [])
+        self._pending, self._params = [], []
         self._last_flush = time.monotonic()
-        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+        while True:  # MLflow takes at most 1,000 metrics and 100 params per batch
+            batch_metrics, metrics = metrics[:MAX_METRICS_PER_BATCH], metrics[MAX_METRICS_PER_BATCH:]
+            batch_params, params = params[:100], params[100:]
+            self.client.log_batch(self.run_id, metrics=batch_metrics, params=batch_params, tags=tags)
+            tags = []
+            if not metrics and not params:
+                return
 
     def finish(self, result, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
         """Log the summary metrics and artifacts of a finished (or stopped) training run and end the run."""
+        now = int(time.time() * 1000)
         self.log_artifacts(result)
         self.log_dataset(result)
-        self.end(outcome, reason, tags, metrics=summary_metrics(result, int(time.time() * 1000)))
+        curves = curve_metrics(result.history, now, after_epoch=self._epochs_seen)
+        self.end(outcome, reason, tags, metrics=curves + summary_metrics(result, now), end_ms=now)
 
     def end(self, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None,
-            metrics: list[Metric] | None = None) -> None:
-        """The remaining metrics and the outcome tags in one log_batch, then the status: two calls, which
-        matters against a tracking server (~60 ms a call on a busy one)."""
+            metrics: list[Metric] | None = None, end_ms: int | None = None) -> None:
+        """The remaining metrics and the outcome tags in one log_batch, then the status: two calls, which matters
+        against a tracking server (~60 ms a call on a busy one)."""
         if self.ended:
             return
-        all_tags = outcome_tags(outcome, reason, tags)
-        metrics = self._pending + (metrics or [])
-        self._pending = []
-        for start in range(0, max(len(metrics), 1), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH],
-                                  tags=all_tags if start == 0 else [])
-        self.client.set_terminated(self.run_id, Outcome(outcome).run_status)
+        self._pending += metrics or []
+        self.flush(outcome_tags(outcome, reason, tags))
+        self.client.set_terminated(self.run_id, Outcome(outcome).run_status, end_time=end_ms)
         self.ended = True
 
     def log_artifacts(self, result) -> None:
@@ -470,8 +384,6 @@ class TrialRun:
                 warnings.simplefilter("ignore")
                 entity = _DATASET_ENTITIES[key] = dataset._to_mlflow_entity()
         inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
-        from .recovery import lost_insert_race
-
         for attempt in range(3):
             try:
                 self.client.log_inputs(self.run_id, inputs)
@@ -490,12 +402,15 @@ def outcome_tags(outcome: str, reason: str | None = None, extra: dict[str, str] 
     return tags
 
 
-def curve_metrics(history, now: int) -> list[Metric]:
-    """train_loss, val_loss and the task metrics of every epoch (step=epoch), as epoch_callback logs them.
+def curve_metrics(history, now: int, after_epoch: int = 0) -> list[Metric]:
+    """train_loss, val_loss and the task metrics of every epoch after `after_epoch` (step=epoch), as
+    epoch_callback logs them.
     Non-finite values are left out: MLflow's run page drops a whole curve that holds a NaN, and a diverged
     run's curve up to where it diverged is what a reader needs (its reason tag says where)."""
     metrics = []
     for epoch, (train, val) in enumerate(zip(history.train_loss, history.val_loss), start=1):
+        if epoch <= after_epoch:
+            continue
         metrics += [Metric("train_loss", train, now, epoch), Metric("val_loss", val, now, epoch)]
         metrics += [Metric(name, values[epoch - 1], now, epoch) for name, values in history.metrics.items()]
     return [metric for metric in metrics if math.isfinite(metric.value)]
@@ -546,6 +461,78 @@ def run_name_for(config: ExperimentConfig, trial_number: int | None = None) -> s
     return f"{name} #{trial_number}" if trial_number is not None else name
 
 
+class Ledger(Protocol):
+    """What the recorder tells the sweep's ledger (ledger.Ledger); a Protocol, so this module needs no Optuna."""
+
+    def link_run(self, lease, run_id: str) -> None: ...
+
+    def finish(self, lease, outcome: Outcome, best_val_loss: float, best_epoch: int, reason: str | None) -> None: ...
+
+    def fail(self, lease, reason: str, interrupted: bool = False, run_ended: bool = True) -> None: ...
+
+
+class Recorder:
+    """Writes each trained trial as its MLflow run, then tells the ledger how it ended: in that order, so a
+    finished trial always has its finished run. Both engines' trials go through here: the reference engine's
+    live (the run exists while it trains), the vectorized engine's once trained (`record`, in a writer process)."""
+
+    def __init__(self, tracker: Tracker, experiment_id: str, parent_run_id: str | None, ledger: Ledger, study: str,
+                 keys: list[str], condition: dict | None = None, engine: str = "reference"):
+        self.tracker, self.experiment_id, self.parent_run_id, self.ledger = tracker, experiment_id, parent_run_id, ledger
+        self.study, self.keys, self.condition, self.engine = study, keys, condition or {}, engine
+
+    def tags(self, number: int) -> dict[str, str]:
+        """What a trial run is: role, study, trial number, the engine and, in a sweep with conditions, which."""
+        tags = {TAG_ROLE: "trial", TAG_STUDY: self.study, TAG_TRIAL: str(number), TAG_ENGINE: self.engine}
+        if self.condition:
+            tags[TAG_CONDITION] = condition_label(self.condition)
+        return tags
+
+    def begin(self, lease, config: ExperimentConfig, live: bool = True, start_ms: int | None = None) -> TrialRun:
+        """The trial's run, linked to the trial at once (so recovery can end it if this worker is lost)."""
+        run = self.tracker.begin_run(self.experiment_id, run_name_for(config, lease.number), config,
+                                     self.tags(lease.number), self.parent_run_id, live=live, start_ms=start_ms)
+        self.ledger.link_run(lease, run.run_id)
+        return run
+
+    def finish(self, run: TrialRun, lease, result) -> Outcome:
+        history = result.history
+        outcome = Outcome.of_history(history)
+        run.finish(result, outcome, history.stop_reason,
+                   tags={TAG_STATE: outcome.trial_state, TAG_NOTE: self.note(lease.number, result.config, history)})
+        self.ledger.finish(lease, outcome, history.best_val_loss, history.best_epoch, history.stop_reason)
+        return outcome
+
+    def record(self, lease, result, started_s: float) -> Outcome:
+        """A trial trained elsewhere (the vectorized engine): its whole run, backdated to when it started."""
+        return self.finish(self.begin(lease, result.config, live=False, start_ms=int(started_s * 1000)), lease, result)
+
+    def fail(self, run: TrialRun | None, lease, reason: str, interrupted: bool = False) -> None:
+        """A trial that ended in an error or an interrupt: its run ended (KILLED when interrupted), its trial FAIL."""
+        ended = run is None
+        if run is not None:
+            try:
+                run.end(Outcome.KILLED if interrupted else Outcome.FAILED, reason, {TAG_STATE: "FAIL"})
+                ended = True
+            except Exception:
+                pass  # recovery ends it once it sees the FAIL
+        self.ledger.fail(lease, reason, interrupted, run_ended=ended)
+
+    def note(self, number: int, config: ExperimentConfig, history) -> str:
+        """The trial run's description in the MLflow UI: its setting and how it ended."""
+        from .config import value_at
+
+        setting = ", ".join(f"{key} {value_text(value_at(config, key))}" for key in self.keys)
+        where = f" ({condition_label(self.condition)})" if self.condition else ""
+        outcome = Outcome.of_history(history)
+        if outcome == Outcome.COMPLETED:
+            result = (f"completed: best validation loss {history.best_val_loss:.4g} at epoch {history.best_epoch} "
+                      f"of {history.epochs_run}")
+        else:
+            result = f"{outcome}: {history.stop_reason}"
+        return f"Trial #{number}{where}: {setting}. {result}."
+
+
 class RunTracker:
     """`sweeplab run` with tracking: one run in the experiment named after the config.
 
@@ -568,7 +555,7 @@ class RunTracker:
         if self.run is None:
             tracker = self.tracker
             experiment_id = tracker.experiment_id(self.config.name)
-            self.run = tracker.trial_run(experiment_id, run_name_for(self.config), self.config,
+            self.run = tracker.begin_run(experiment_id, run_name_for(self.config), self.config,
                                          {TAG_ROLE: "run", "sweeplab.experiment_file": str(self.source)})
         return self.run.epoch_callback(record)
 

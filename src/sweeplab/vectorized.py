@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, make_dataset
 from .experiment import model_spec_for, resolve_device
-from .loop import History, classification_metrics
+from .loop import EpochRecord, History, classification_metrics
 from .model import ACTIVATIONS, ModelSpec, build_model
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -45,7 +45,7 @@ def check_supported(config: ExperimentConfig) -> None:
 class Member:
     """One trial inside a stacked group: its config, data and random generators, and what it has produced."""
 
-    key: object  # the caller's handle (an Optuna trial)
+    key: object  # the caller's handle (an engine's Job)
     config: ExperimentConfig
     dataset: Dataset
     spec: ModelSpec
@@ -174,8 +174,9 @@ def _sample_average(batch_losses: list[torch.Tensor], sizes: list[int], n: int) 
 
 
 def train_group(members: list[Member], on_epoch=None) -> None:
-    """Train a group of same-shaped members together. `on_epoch(member, record_fields)` may return a reason
-    to stop recording that member (its pruner's decision); it keeps computing with the others."""
+    """Train a group of same-shaped members together. `on_epoch(member, record)` sees each epoch of each member
+    still recording, as fit's callbacks do, and may return a reason to stop recording that member (its pruner's
+    decision); it keeps computing with the others."""
     first = members[0]
     config, dataset = first.config, first.dataset
     device = resolve_device(config.device)
@@ -261,9 +262,11 @@ def train_group(members: list[Member], on_epoch=None) -> None:
         for i, m in enumerate(members):
             if not m.active:
                 continue
-            finite = math.isfinite(train_values[i]) and math.isfinite(val_values[i])
-            reason = on_epoch(m, epoch, val_values[i]) if finite and on_epoch is not None else None
-            if m.history.stop(epoch, [reason] if reason else []):
+            history = m.history
+            record = EpochRecord(epoch, train_values[i], val_values[i], {name: values[-1] for name, values in
+                                 history.metrics.items()}, history.best_val_loss, history.best_epoch, bool(improved[i]))
+            reason = on_epoch(m, record) if on_epoch is not None else None
+            if history.stop(epoch, [reason] if reason else []):
                 m.active = False
         if not any(m.active for m in members):
             break

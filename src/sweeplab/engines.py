@@ -1,0 +1,99 @@
+"""How leased trials train: one small contract, two engines.
+
+An engine takes a batch of jobs (a leased trial and its config) and trains them, calling `on_epoch(job, record)`
+after every epoch of every job (a returned reason stops that job: its pruner's decision) and leaving a finished
+`RunResult` on each job. Both engines keep their epochs through `History.record`/`History.stop` (loop.py), so a
+History means the same whichever engine made it; the recorder (tracking.Recorder) writes it either way.
+
+- `ReferenceEngine`: the core loop (experiment.run_experiment), a batch of one. Its runs are live: the run exists
+  in MLflow while the trial trains, and long trials stream their curves.
+- `VectorizedEngine`: the whole batch stacked into one model per shape (vectorized.py). Its runs are written once
+  trained, by writer processes (writers.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+from .config import ExperimentConfig, SweepSpec
+from .experiment import RunResult
+from .loop import EpochRecord
+
+LEARNING_ROUNDS = 4  # batches after TPE's random start-up, so that it learns between them
+
+
+@dataclass
+class Job:
+    """One leased trial on its way through an engine: what to train, and what training left."""
+
+    lease: object  # ledger.Lease
+    config: ExperimentConfig
+    run: object | None = None  # tracking.TrialRun, when the engine's runs are live
+    result: RunResult | None = None
+    started: float = field(default_factory=time.time)
+
+
+# Called after each epoch of each job; a returned reason stops that job (a pruner's decision).
+EpochHook = Callable[[Job, EpochRecord], Optional[str]]
+
+
+class Engine(Protocol):
+    name: str
+    live: bool  # whether a job's MLflow run exists while it trains (else it is written once trained)
+
+    def batch_size(self, spec: SweepSpec, asked: int, n_trials: int) -> int:
+        """How many trials to lease for the next batch, `asked` having been leased so far."""
+
+    def train(self, jobs: list[Job], on_epoch: EpochHook) -> None:
+        """Train every job, leaving its result on it. An exception fails the jobs left without one."""
+
+
+class ReferenceEngine:
+    name, live = "reference", True
+
+    def batch_size(self, spec: SweepSpec, asked: int, n_trials: int) -> int:
+        return 1
+
+    def train(self, jobs: list[Job], on_epoch: EpochHook) -> None:
+        from .experiment import run_experiment
+
+        for job in jobs:
+            job.result = run_experiment(job.config, callbacks=[lambda record, job=job: on_epoch(job, record)])
+
+
+def learns(spec: SweepSpec) -> bool:
+    """Whether the sampler proposes from earlier results (TPE) rather than independently (random, grid)."""
+    return spec.sampler.type == "tpe"
+
+
+class VectorizedEngine:
+    name, live = "vectorized", False
+
+    def batch_size(self, spec: SweepSpec, asked: int, n_trials: int) -> int:
+        """A sampler that learns must see results between batches, or a batch of 256 asked at once is a random
+        search: TPE's random start-up trials go in one batch, the rest of the budget in LEARNING_ROUNDS batches.
+        Random and grid samplers learn nothing: as many as batch_trials allows."""
+        if not learns(spec):
+            return spec.batch_trials
+        startup = spec.sampler.n_startup_trials
+        if asked < startup:
+            return min(spec.batch_trials, startup - asked)
+        return min(spec.batch_trials, max(1, math.ceil((n_trials - startup) / LEARNING_ROUNDS)))
+
+    def train(self, jobs: list[Job], on_epoch: EpochHook) -> None:
+        from .vectorized import group_members, prepare_member, train_group
+
+        members = [prepare_member(job, job.config) for job in jobs]
+        for group in group_members(members):
+            train_group(group, on_epoch=lambda member, record: on_epoch(member.key, record))
+        for member in members:
+            job = member.key
+            job.started = member.started
+            job.result = RunResult(member.config, member.dataset, member.spec, None, member.history, None, None)
+
+
+def engine_named(name: str) -> Engine:
+    return VectorizedEngine() if name == "vectorized" else ReferenceEngine()

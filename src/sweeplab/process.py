@@ -1,0 +1,88 @@
+"""Process-wide settings, made once by the CLI's entry point (`configure`), never as a side effect of an import:
+environment defaults for MLflow's HTTP client, warning and logging filters, the stop flag's signal handlers, the
+torch patch that skips dynamo, and how many threads torch uses. Library callers (a notebook importing sweeplab)
+keep their own settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+
+
+def configure(with_optuna: bool = True, install_stop: bool = True) -> None:
+    """Everything a sweeplab command wants of its process, before it opens any store."""
+    # MLflow: no progress bars or "View run at" lines (the sweep prints its own progress and the UI link once;
+    # against a server each line also costs a request to read the run back).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's HTTP client retries on its own; its default backoff waits minutes before giving up. Bound it to
+    # ~15 s (1 + 2 + 4 + 8), as the Optuna storage retries are, so an outage or a wrong URL ends in one line; and a
+    # server that stops answering ends a request after 10 s, not 120 s: at most ~65 s in all (5 tries), not the
+    # 15 minutes MLflow's defaults allow. A log_batch of 1,000 metrics to a busy server takes well under a second.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    warnings.filterwarnings("ignore", module=r"mlflow\..*")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").addFilter(SayWhatWeWaitFor())
+    # Optuna: TPE's multivariate/group/constant_liar options are marked experimental; they are what conditional
+    # spaces and parallel workers need, and the versions are pinned. Its heartbeat warning is meant for
+    # Study.optimize; our ask-and-tell workers record heartbeats themselves (ledger.Heartbeats) and fail stale
+    # trials before each ask, which is what optimize() does. Its INFO line per trial would drown the progress bar.
+    if with_optuna:  # a tracked `sweeplab run` must not pay for importing Optuna
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    from ._eager import skip_dynamo_wrappers
+
+    skip_dynamo_wrappers()
+    from .stop import stop_flag
+
+    stop_flag.clear()  # a command run in a process that ran one before (a test, a notebook) starts afresh
+    if install_stop:
+        stop_flag.install()
+
+
+def use_threads(threads: int | None) -> None:
+    """Torch's intra-op threads for this process (and the helpers it forks): one per worker when several workers or
+    the vectorized engine's MLflow writers share the cores; None leaves torch's default."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def http_patience_s() -> float:
+    """How long MLflow's HTTP client keeps trying one request: every try's timeout plus urllib3's backoff."""
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
+    retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 7))
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 2))
+    return timeout * (retries + 1) + factor * (2 ** retries - 1)
+
+
+class SayWhatWeWaitFor(logging.Filter):
+    """urllib3 logs each HTTP retry as `Retrying (Retry(total=3, ...)) after connection broken by ...: /api/2.0/
+    mlflow/runs/log-batch`. Say instead, once per outage of a server that stopped answering, what is being waited
+    for and for how long at most; the retries of a refused connection stay quiet (one error line follows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_said = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Retrying" not in message:
+            return True
+        # a refused connection fails within seconds and its error says why; a server that accepts and then says
+        # nothing is the wait worth explaining
+        if "Timeout" in message and time.monotonic() - self.last_said > 120:
+            print(f"sweeplab: the MLflow tracking server is not answering; retrying for up to ~{http_patience_s():.0f} s "
+                  "(MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES)", file=sys.stderr, flush=True)
+        self.last_said = time.monotonic()
+        return False

@@ -1,0 +1,199 @@
+"""The bottom of the sweep runtime: store URIs, redaction, worker identity, retries. Imports no MLflow or Optuna,
+so every layer above (tracking, ledger, sweep, cli) can use it.
+
+Credentials: every URL shown goes through `redact`, and every message we did not write (MLflow's, SQLAlchemy's,
+psycopg's) through `redact_text`. Passwords come from the environment (PGPASSWORD, ~/.pgpass,
+MLFLOW_TRACKING_PASSWORD), never from us; when a user puts one in a URL anyway, it is replaced by *** wherever
+the URL is shown.
+
+Retries: `with_retries` retries connection-level failures with backoff (`RETRY_WAITS_S`, or
+`$SWEEPLAB_RETRY_WAITS` as comma-separated seconds, which is how tests make an outage short), and between
+attempts looks at the stop flag, so a stop during an outage acts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+SECRET_KEYS = {"password", "passwd", "pwd", "pass", "secret", "token", "access_token", "api_key", "apikey",
+               "sslpassword", "client_secret"}
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+_KEY_VALUE = re.compile(r"\b(" + "|".join(sorted(SECRET_KEYS, key=len, reverse=True)) + r")(\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s&;,)]+)",
+                        re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """A URL fit to print or log: the password in its user info and any secret query parameter become ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not parseable as a URL (a bad port, say): redact what looks like a secret anyway
+        return _KEY_VALUE.sub(r"\1\2***", re.sub(r"(//[^/:@\s]*):[^@/\s]*@", r"\1:***@", url))
+    netloc = parts.netloc
+    if password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = parts.query
+    if query and any(key.lower() in SECRET_KEYS for key, _ in parse_qsl(query, keep_blank_values=True)):
+        query = urlencode([(key, "***" if key.lower() in SECRET_KEYS else value)
+                           for key, value in parse_qsl(query, keep_blank_values=True)], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    # by hand: urlunsplit drops the empty host of sqlite:///path
+    rebuilt = f"{parts.scheme}://{netloc}{parts.path}" if "://" in url else urlunsplit(parts._replace(netloc=netloc))
+    return rebuilt + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def has_secret(url: str) -> bool:
+    return redact(url) != url
+
+
+def redact_text(text: str) -> str:
+    """Every URL in a message redacted, and `password=...`-style pairs outside URLs too (libpq's conninfo)."""
+    return _KEY_VALUE.sub(r"\1\2***", _URL.sub(lambda match: redact(match.group(0)), text))
+
+
+# --- store URIs -------------------------------------------------------------------------------------------------
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative SQLite path is made
+    absolute, so worker processes and MLflow's per-URI store cache all mean the same file."""
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def display_uri(uri: str) -> str:
+    return redact(uri)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL, else None."""
+    return Path(url[len("sqlite:///"):]).resolve() if url.startswith("sqlite:///") else None
+
+
+def default_storage(tracking_uri: str) -> str:
+    """A journal file beside the local MLflow database (or in the working directory): file-locked, so several
+    local worker processes share it without SQLite's "database is locked"."""
+    database = sqlite_path(tracking_uri)
+    return str((database.parent if database else Path.cwd()) / "optuna.journal")
+
+
+def resolve_storage_url(cli_value: str | None, tracking_uri: str) -> str:
+    return cli_value or os.environ.get("SWEEPLAB_STORAGE") or default_storage(tracking_uri)
+
+
+class StoreError(ValueError):
+    """A store the user named cannot be used as given: one line, exit code 2 (a ConfigError to the CLI)."""
+
+
+def check_separate_stores(tracking_uri: str, storage_url: str) -> None:
+    """Optuna's tables inside MLflow's SQLite database would mix two schemas in one file that both tools migrate
+    on their own: refuse it."""
+    if sqlite_path(storage_url) is not None and sqlite_path(storage_url) == sqlite_path(tracking_uri):
+        raise StoreError(f"--storage {redact(storage_url)}: that is the MLflow tracking database; give Optuna a file "
+                         "of its own (or leave --storage out: optuna.journal beside the database)")
+
+
+# --- worker identity --------------------------------------------------------------------------------------------
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def worker_id() -> str:
+    """`host:pid`: who holds a trial or owns a run, so a dead local process's trials and runs can be found."""
+    return f"{this_host()}:{os.getpid()}"
+
+
+def process_gone(worker: str) -> bool:
+    """True for `host:pid` of a process on this machine that no longer exists."""
+    host, _, pid = worker.rpartition(":")
+    if host != this_host() or not pid.isdigit():
+        return False  # another machine's worker: heartbeats, not us, decide
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+# --- retries ----------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _waits_from_environment() -> tuple[float, ...]:
+    text = os.environ.get("SWEEPLAB_RETRY_WAITS", "")
+    return tuple(float(part) for part in text.split(",") if part.strip()) or (0.5, 1, 2, 4, 8)
+
+
+RETRY_WAITS_S = _waits_from_environment()  # ~15 s in all by default, then the outage is reported
+
+
+class OutageError(RuntimeError):
+    """The storage or the tracking server stayed unreachable through every retry."""
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import sqlalchemy.exc
+
+        errors += [sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError]
+    with contextlib.suppress(ImportError):
+        import requests
+
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    with contextlib.suppress(ImportError):  # only when already loaded: this module must not import Optuna
+        import sys
+
+        if "optuna" in sys.modules:
+            errors.append(sys.modules["optuna"].exceptions.StorageInternalError)
+    return tuple(errors)
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors a retry may cure. Optuna's StorageInternalError counts once Optuna is loaded (by the ledger)."""
+    return _transient_errors()
+
+
+def lost_insert_race(exc: BaseException) -> bool:
+    """The error of a writer that lost a check-then-insert race to another worker (Optuna creating its tables,
+    MLflow recording a dataset both workers use): PostgreSQL, MySQL and SQLite each in their words. Doing it
+    again finds the other writer's row."""
+    text = str(exc)
+    return any(words in text for words in ("already exists", "duplicate key", "Duplicate entry", "UniqueViolation",
+                                           "UNIQUE constraint failed"))
+
+
+def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna storage",
+                 waits: tuple[float, ...] | None = None, **kwargs: Any) -> T:
+    """Call fn, retrying connection-level failures with backoff; after the last wait raise OutageError in one
+    line. A stop requested during the outage ends the waiting at once (stop.check raises Stopped)."""
+    from .stop import stop_flag
+
+    waits = RETRY_WAITS_S if waits is None else waits
+    transient = transient_errors()
+    for wait in (*waits, None):
+        try:
+            return fn(*args, **kwargs)
+        except transient as exc:
+            stop_flag.check()
+            if wait is None:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise OutageError(f"{what} unreachable for {sum(waits):.0f} s: {first}") from None
+            stop_flag.wait(wait)
+    raise AssertionError("unreachable")

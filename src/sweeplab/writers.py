@@ -1,0 +1,166 @@
+"""Where trained trials are written: here, as they finish (`InlineWriter`), or in writer processes (`WriterPool`).
+
+Either way a job goes through the same `tracking.Recorder`: its MLflow run, then its trial in the ledger. The
+pool exists because measurement says so: MLflow's store spends ~30 ms of Python per run, and the vectorized
+engine trains a trial in well under that, so writing in the training process would halve its speed, and a thread
+would fight the training for the GIL. Writer processes are spawned (not forked: this one holds open database
+connections), open their own stores, and hand back each trial's outcome, or its error with the traceback,
+through `concurrent.futures`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor, wait, FIRST_COMPLETED
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .engines import Job
+
+# Told when a trial's write is done: (trial number, outcome), for progress.
+OnWritten = Optional[Callable[[int, str], None]]
+
+
+class InlineWriter:
+    """Writes each job in this process as soon as it is handed over (the reference engine's live runs)."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+
+    def submit(self, job: Job, on_written: OnWritten = None) -> None:
+        outcome = self.recorder.finish(job.run, job.lease, job.result)
+        if on_written:
+            on_written(job.lease.number, str(outcome))
+
+    def busy(self) -> bool:
+        return False
+
+    def collect(self, on_written: OnWritten = None, block: bool = False) -> None:
+        return None
+
+    def drain(self, on_written: OnWritten = None) -> None:
+        return None
+
+    def abandon(self) -> list[Job]:
+        return []
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class WriterSetup:
+    """What a writer process needs to open its own stores and recorder: plain, picklable data."""
+
+    tracking_uri: str
+    storage_url: str
+    optuna_study: str
+    n_trials: int
+    experiment_id: str
+    parent_run_id: str | None
+    study: str
+    keys: tuple[str, ...]
+    condition: dict
+    engine: str
+
+
+class WriterPool:
+    """Writes jobs in `processes` spawned writer processes. The ledger of this process keeps each trial's
+    heartbeat until its write is collected."""
+
+    def __init__(self, setup: WriterSetup, ledger, processes: int):
+        self.ledger = ledger
+        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_open_writer, initargs=(setup,))
+        self.in_flight: dict[Future, Job] = {}
+        for _ in range(processes):  # start the processes now: their imports (~3 s) overlap the first batch
+            self.pool.submit(os.getpid)
+
+    def submit(self, job: Job, on_written: OnWritten = None) -> None:
+        future = self.pool.submit(_write, job.lease, job.result, job.started)
+        self.in_flight[future] = job
+
+    def busy(self) -> bool:
+        return bool(self.in_flight)
+
+    def collect(self, on_written: OnWritten = None, block: bool = False) -> None:
+        """Take in the writes that are done (with block, at least one); a writer's error is raised here."""
+        if not self.in_flight:
+            return
+        from .stop import stop_flag
+
+        while True:
+            done, _ = wait(list(self.in_flight), timeout=1.0 if block else 0, return_when=FIRST_COMPLETED)
+            if done or not block:
+                break
+            stop_flag.check()
+        for future in done:
+            job = self.in_flight.pop(future)
+            self.ledger.release(job.lease)  # told (or failed) by the writer
+            outcome = future.result()  # a writer's exception, with its traceback as the cause
+            if on_written:
+                on_written(job.lease.number, outcome)
+
+    def drain(self, on_written: OnWritten = None) -> None:
+        """Wait until every job handed over is written and told."""
+        while self.in_flight:
+            self.collect(on_written, block=True)
+
+    def abandon(self) -> list[Job]:
+        """Stop writing: the jobs not yet written are handed back (their trials are then failed). A write already
+        under way finishes."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        left = []
+        for future, job in self.in_flight.items():
+            if future.cancelled() or future.exception() is not None:
+                left.append(job)
+            else:
+                self.ledger.release(job.lease)
+        self.in_flight.clear()
+        return left
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_recorder = None  # the writer process's own recorder, opened once by _open_writer
+
+
+def _open_writer(setup: WriterSetup) -> None:
+    """A writer process's start: its own stores, ledger and recorder. It ignores Ctrl-C (the sweep process decides
+    what is written and what is failed) and exits if the sweep process is killed, whose trials then stop
+    heartbeating and go to the surviving workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from .process import configure
+
+    configure(install_stop=False)
+    threading.Thread(target=_exit_with_parent, name="sweeplab-orphan-watch", daemon=True).start()
+    import optuna
+
+    from .ledger import Ledger
+    from .search import open_storage
+    from .tracking import Recorder, Tracker
+
+    global _recorder
+    tracker = Tracker(setup.tracking_uri)
+    storage = open_storage(setup.storage_url)
+    study = optuna.load_study(study_name=setup.optuna_study, storage=storage)
+    ledger = Ledger(study, storage, setup.n_trials, {})
+    _recorder = Recorder(tracker, setup.experiment_id, setup.parent_run_id, ledger, setup.study, list(setup.keys),
+                         setup.condition, setup.engine)
+
+
+def _exit_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    while parent is not None and parent.is_alive():
+        parent.join(1.0)
+    os._exit(0)
+
+
+def _write(lease, result, started: float) -> str:
+    return str(_recorder.record(lease, result, started))
