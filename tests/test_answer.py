@@ -120,6 +120,7 @@ def chromium(*args: str) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Chromium is not installed here "
                     "(.ci/run installs Debian's chromium)")
+@pytest.mark.slow
 def test_the_printed_link_and_the_report_in_a_browser(compared):
     tmp, uri, out, env = compared
     client = MlflowClient(uri)

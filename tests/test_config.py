@@ -122,13 +122,15 @@ def test_engine_auto_chooses_vectorized_only_when_it_supports_every_trial(tmp_pa
 
 
 def test_tpe_is_asked_in_batches_it_can_learn_between(tmp_path):
-    """By hand: 10 random start-up trials in one batch, then the other 10 of 20 in 4 rounds: ceil(10 / 4) = 3."""
+    """By hand: 10 random start-up trials in one batch, then the other 10 of 20 in 10 rounds: one at a time; of
+    1,000, the 990 after the start-up in batches of ceil(990 / 10) = 99."""
     from sweeplab.config import SweepSpec
     from sweeplab.engines import VectorizedEngine
 
     batch_size = VectorizedEngine().batch_size
 
     spec = SweepSpec(study="b", space={"hidden": {"choices": [4]}}, n_trials=20, batch_trials=256)
-    assert [batch_size(spec, asked, 20) for asked in (0, 4, 10, 13, 19)] == [10, 6, 3, 3, 3]
+    assert [batch_size(spec, asked, 20) for asked in (0, 4, 10, 13, 19)] == [10, 6, 1, 1, 1]
+    assert batch_size(spec, 10, 1000) == 99
     random = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"type": "random"})})
     assert batch_size(random, 0, 20) == 256

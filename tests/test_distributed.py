@@ -20,8 +20,9 @@ from servers import PASSWORD, postgres_bin, start_mlflow_server, start_postgres
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-pytestmark = pytest.mark.skipif(postgres_bin() is None and not os.environ.get("CI"),
-                                reason="PostgreSQL is not installed here (.ci/run installs it)")
+pytestmark = [pytest.mark.slow,  # a PostgreSQL cluster, a tracking server and worker processes
+              pytest.mark.skipif(postgres_bin() is None and not os.environ.get("CI"),
+                                 reason="PostgreSQL is not installed here (.ci/run installs it)")]
 
 
 @pytest.fixture(scope="module")

@@ -239,6 +239,7 @@ def test_optuna_inside_the_mlflow_database_is_refused(here, capsys):
 
 # --- the journal and the store survive interruptions ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_torn_journal_loses_no_finished_trial(here, capsys):
     (here / "s.yaml").write_text(sweep_text("lr: {low: 0.01, high: 0.05}\n"))
     assert run_cli("sweep", "s.yaml", "epochs=2", "--quiet", "--no-report", cwd=here).returncode == 0
@@ -260,6 +261,7 @@ def test_a_torn_journal_loses_no_finished_trial(here, capsys):
     assert [p.name for p in here.glob("optuna.journal.torn-*")]
 
 
+@pytest.mark.slow
 def test_an_interrupt_while_the_store_is_created_leaves_no_store_or_a_whole_one(tmp_path):
     (tmp_path / "s.yaml").write_text(sweep_text())
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -276,6 +278,7 @@ def test_an_interrupt_while_the_store_is_created_leaves_no_store_or_a_whole_one(
     assert again.returncode == 0, again.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_tracked_run_as_killed(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([SWEEPLAB, "run", str(LAB), "epochs=100000"], cwd=tmp_path, env=env,
@@ -306,7 +309,9 @@ def test_sigterm_ends_a_tracked_run_as_killed(tmp_path):
 def test_a_password_is_never_printed_or_passed_on(tmp_path, args):
     (tmp_path / "s.yaml").write_text(sweep_text())
     args = [str(tmp_path / "s.yaml") if a == "S" else a for a in args]
-    proc = run_cli(*args, cwd=tmp_path, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, timeout=120)
+    # no waiting through retries: what is printed, not how long it is retried, is under test here
+    proc = run_cli(*args, cwd=tmp_path, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "SWEEPLAB_RETRY_WAITS": "0.05"},
+                   timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert SECRET not in output and "Traceback" not in output

@@ -327,7 +327,8 @@ def test_repeats_run_every_grid_configuration_with_each_seed(store):
     assert main(["sweep", str(bad)]) == 2
 
 
-def test_an_unreachable_tracking_server_is_one_line_and_writes_nothing(store, capsys):
+def test_an_unreachable_tracking_server_is_one_line_and_writes_nothing(store, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the line, not MLflow's 15 s of retries, is tested
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sweep = write_sweep(store / "s.yaml", root, "nowhere", "hidden: {choices: [4]}\n", 1)
     assert main(["sweep", str(sweep), "--tracking-uri", "http://127.0.0.1:9", "--quiet"]) == 2

@@ -353,7 +353,7 @@ def _ui(args: argparse.Namespace) -> int:
     from .process import configure
     from .stop import stop_flag
     from .stores import display_uri, resolve_tracking_uri
-    from .tracking import runs_link
+    from .tracking import answers, runs_link, start_ui_server
 
     configure(with_optuna=False)  # Ctrl-C or SIGTERM: the server goes with us
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -364,19 +364,12 @@ def _ui(args: argparse.Namespace) -> int:
         from .tracking import Tracker
 
         Tracker(uri).check_reachable()  # one line now, not a server retrying in the background
-    command = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
-               "--workers", str(args.workers), "--uvicorn-opts", "--log-level warning"]
-    if uri.startswith("sqlite:///"):
-        command += ["--default-artifact-root", (os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) + "/mlartifacts")]
-    # the store goes through the environment, not the command line, where `ps` would show its password
-    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **os.environ,
-           "MLFLOW_BACKEND_STORE_URI": uri}
     _warn_if_public(args.host)
     print(f"starting the MLflow UI over {display_uri(uri)} ...", file=sys.stderr, flush=True)
-    process = subprocess.Popen(command, env=env, stdout=sys.stderr.fileno())  # stdout: only our URL line
+    process = start_ui_server(uri, args.host, args.port, args.workers, log=sys.stderr)  # stdout: our URL line only
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     try:
-        while not _answers(f"{base}/health"):
+        while not answers(f"{base}/health"):
             if process.poll() is not None:
                 print(f"sweeplab: error: the MLflow UI did not start (exit code {process.returncode}; is port "
                       f"{args.port} taken? try --port)", file=sys.stderr)
@@ -394,16 +387,6 @@ def _ui(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
         return 0
-
-
-def _answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _experiment_id_of(study: str, tracking_uri: str) -> str:

@@ -363,11 +363,7 @@ class SweepSpec(_Frozen):
     n_trials: int = Field(40, gt=0, description="finished trials in total, across runs and workers")
     workers: int = Field(1, gt=0)
     repeats: int = Field(1, gt=0, description="grid only: seeds per configuration (seed, seed+1, ...)")
-    # `auto` is not the default yet: on the default sweep (2 x 20 trials, TPE learning between batches) the
-    # vectorized engine's fixed costs (a writer process to start, a wait for each batch to be told) make the
-    # whole run slower than the reference loop here (19.0 s against 13.6 s, README), and its search found a
-    # slightly worse median best at noise 1.0 over 5 seeds.
-    engine: Literal["auto", "reference", "vectorized"] = Field("reference", description=(
+    engine: Literal["auto", "reference", "vectorized"] = Field("auto", description=(
         "auto: vectorized when every trial of the sweep is one it supports, else reference"))
     batch_trials: int = Field(256, gt=0, description="vectorized engine: trials trained together at most")
     conditions: dict[str, list[Any]] = Field(default_factory=dict, description=(

@@ -135,12 +135,14 @@ def process_gone(worker: str) -> bool:
 T = TypeVar("T")
 
 
-def _waits_from_environment() -> tuple[float, ...]:
+RETRY_WAITS_S = (0.5, 1, 2, 4, 8)  # ~15 s in all, then the outage is reported
+
+
+def retry_waits() -> tuple[float, ...]:
+    """The waits between attempts: $SWEEPLAB_RETRY_WAITS (comma-separated seconds) when set, else RETRY_WAITS_S.
+    Read at each call, so a test (or an impatient user) can make an outage short."""
     text = os.environ.get("SWEEPLAB_RETRY_WAITS", "")
-    return tuple(float(part) for part in text.split(",") if part.strip()) or (0.5, 1, 2, 4, 8)
-
-
-RETRY_WAITS_S = _waits_from_environment()  # ~15 s in all by default, then the outage is reported
+    return tuple(float(part) for part in text.split(",") if part.strip()) or RETRY_WAITS_S
 
 
 class OutageError(RuntimeError):
@@ -185,7 +187,7 @@ def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna stora
     line. A stop requested during the outage ends the waiting at once (stop.check raises Stopped)."""
     from .stop import stop_flag
 
-    waits = RETRY_WAITS_S if waits is None else waits
+    waits = retry_waits() if waits is None else waits
     transient = transient_errors()
     for wait in (*waits, None):
         try:

@@ -32,7 +32,7 @@ from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Recorder, Tracker, conditio
 from .writers import InlineWriter, WriterPool, WriterSetup
 
 MAX_CONSECUTIVE_FAILURES = 3
-WRITERS_FROM_TRIALS = 100  # a writer process costs ~3 s of imports to start: a second one pays off only for more
+WRITERS_FROM_TRIALS = 100  # a writer process costs ~3 s of imports to start: it pays off only for more trials
 
 
 class SweepError(Exception):
@@ -70,10 +70,11 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
     engine = engine_named(spec.engine)
     recorder = Recorder(part.tracker, part.experiment_id, part.parent_run_id, part.ledger, spec.study,
                         list(spec.space), spec.condition, engine.name)
-    writer = InlineWriter(recorder) if engine.live else WriterPool(WriterSetup(
+    pooled = not engine.live and part.n_trials > WRITERS_FROM_TRIALS
+    writer = InlineWriter(recorder) if not pooled else WriterPool(WriterSetup(
         part.tracking_uri, part.storage_url, spec.optuna_study, part.n_trials, part.experiment_id, part.parent_run_id,
         spec.study, tuple(spec.space), dict(spec.condition), engine.name), part.ledger,
-        processes=1 if part.n_trials <= WRITERS_FROM_TRIALS else 2)
+        processes=2)
     poll = min(part.ledger.heartbeats.interval or 1.0, 1.0)
     ran = failures = 0
     in_hand: list[Job] = []  # leased and not yet handed to the writer
@@ -308,8 +309,12 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         tracker.end_run(parent, "completed")
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        stop_flag.request("the sweep process stopped")  # the helpers share the flag: they stop too
-        helpers.wait(timeout=20)
+        if helpers.n > 0 and not stop_flag.is_set():
+            stop_flag.request("the sweep process stopped")  # the helpers share the flag: they stop too
+            helpers.wait(timeout=20)
+            stop_flag.clear()  # the request was ours, for the helpers
+        else:
+            helpers.wait(timeout=20)
         try:
             tracker.end_run(parent, "killed" if interrupted else "failed",
                             "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")

@@ -9,6 +9,7 @@ Imports nothing of Optuna: a tracked `sweeplab run` never loads it. The champion
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -89,6 +90,32 @@ def share_view(client: MlflowClient, experiment_id: str, keys: list[str], condit
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
 
 
+def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) -> subprocess.Popen:
+    """`mlflow server` as the UI over a store. The store goes through the environment, not the command line, where
+    `ps` would show its password; a local SQLite store's artifacts are where sweeplab put them (mlartifacts/)."""
+    import sys
+
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+               "--workers", str(workers), "--uvicorn-opts", "--log-level warning"]
+    database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    if database:
+        command += ["--default-artifact-root", os.path.dirname(os.path.abspath(database)) + "/mlartifacts"]
+    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **os.environ,
+           "MLFLOW_BACKEND_STORE_URI": uri}
+    return subprocess.Popen(command, env=env, stdout=log.fileno() if log else None)
+
+
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers 200 at url (within 2 s)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def flatten(config: ExperimentConfig) -> dict[str, str]:
     """The resolved config as MLflow params: dotted keys (`train.lr`), every field, defaults included."""
     out: dict[str, str] = {}
@@ -144,12 +171,55 @@ def create_sqlite_store(database: Path) -> None:
             stale.unlink(missing_ok=True)
         temporary = database.with_name(f".{database.name}.creating-{os.getpid()}")
         try:
-            uri = f"sqlite:///{temporary}"
-            client = MlflowClient(uri, registry_uri=uri)
-            client.search_registered_models(max_results=1)
+            if not _copy_empty_store(temporary):
+                uri = f"sqlite:///{temporary}"
+                client = MlflowClient(uri, registry_uri=uri)
+                client.search_registered_models(max_results=1)
+                _keep_empty_store(temporary)
             os.replace(temporary, database)
         finally:
             temporary.unlink(missing_ok=True)
+
+
+def _empty_store_template() -> Path:
+    """Where a freshly migrated, empty store of this MLflow version is kept: a new store is a copy of it (~20 ms)
+    instead of forty migrations (~2 s). Keyed by MLflow's version, whose migrations decide the schema."""
+    import mlflow
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sweeplab"
+    return cache / f"empty-mlflow-{mlflow.__version__}.db"
+
+
+def _copy_empty_store(target: Path) -> bool:
+    """A copy of the empty store as MLflow would have made it here: its Default experiment's artifact location is
+    where MLflow puts it (./mlruns/0 of the working directory) and its times are now. False without a template."""
+    import shutil
+    import sqlite3
+
+    template = _empty_store_template()
+    try:
+        shutil.copyfile(template, target)
+    except OSError:
+        return False
+    now = int(time.time() * 1000)
+    with contextlib.closing(sqlite3.connect(target)) as connection, connection:
+        connection.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                           "WHERE experiment_id = 0", (str(Path.cwd() / "mlruns" / "0"), now, now))
+    return True
+
+
+def _keep_empty_store(database: Path) -> None:
+    """Keep a just-migrated empty store as the template (best effort: a read-only home just goes without)."""
+    import shutil
+
+    template = _empty_store_template()
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        partial = template.with_name(f".{template.name}.{os.getpid()}")
+        shutil.copyfile(database, partial)
+        os.replace(partial, template)  # whole or not at all, like the stores made from it
+    except OSError:
+        pass
 
 
 def probe_database(uri: str, timeout_s: int = 5) -> None:
@@ -162,9 +232,10 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
     connect_args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
     engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
     try:
-        from .stores import RETRY_WAITS_S
+        from .stores import retry_waits
 
-        for wait in (*RETRY_WAITS_S, None):
+        waits = retry_waits()
+        for wait in (*waits, None):
             try:
                 engine.connect().close()
                 return
@@ -172,7 +243,7 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
                 refused = any(words in str(exc) for words in ("authentication failed", "does not exist", "denied"))
                 if wait is None or refused:  # a wrong password or database name will not come right by waiting
                     first = (str(exc.orig or exc).strip().splitlines() or ["unreachable"])[0]
-                    waited = "" if refused else " for 15 s"
+                    waited = "" if refused else f" for {sum(waits):.0f} s"
                     raise ConfigError(f"--tracking-uri {display_uri(uri)}: cannot reach the MLflow tracking store"
                                       f"{waited} ({first[:300]})") from None
                 time.sleep(wait)

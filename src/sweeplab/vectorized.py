@@ -57,19 +57,37 @@ class Member:
     started: float = field(default_factory=time.time)
 
 
-def prepare_member(key: object, config: ExperimentConfig) -> Member:
-    """Seed, data, split and initial weights exactly as `run_experiment` draws them."""
+def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = None) -> Member:
+    """Seed, data, split and initial weights exactly as `run_experiment` draws them.
+
+    Members that would draw the same things share them (`shared`, one dict per batch): the same seed and data
+    settings give the same data set and leave the global RNG in the same state; with the same model shape that
+    state gives the same initial weights; and generators in the same state consume alike. So each distinct data
+    set, initial weight set and pair of generators is made once, and `train_group` draws each distinct shuffle
+    order once per epoch. In the default sweep (one seed) that is two data sets and five weight sets for any
+    number of members."""
     check_supported(config)
-    torch.manual_seed(config.seed)
-    dataset = make_dataset(config)
+    shared = {} if shared is None else shared
+    data_key = (config.seed, config.task, config.data.model_dump_json())
+    if data_key not in shared:
+        torch.manual_seed(config.seed)
+        dataset = make_dataset(config)
+        shared[data_key] = (dataset, torch.get_rng_state())
+    dataset, rng_after_data = shared[data_key]
     spec = model_spec_for(config, dataset)
-    model = build_model(spec)
-    global_gen = torch.Generator()
-    global_gen.set_state(torch.get_rng_state())
     train = config.train
-    shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
-    return Member(key, config, dataset, spec, {k: v.detach().clone() for k, v in model.state_dict().items()},
-                  shuffle_gen, global_gen)
+    # everything that decides what the generators draw, and how often: the batches' shape, not the optimizer
+    draws_key = (data_key, repr(spec), config.device,
+                 train.model_dump_json(exclude={"optimizer", "lr", "weight_decay", "momentum"}))
+    if draws_key not in shared:
+        torch.set_rng_state(rng_after_data)
+        model = build_model(spec)
+        global_gen = torch.Generator()
+        global_gen.set_state(torch.get_rng_state())
+        shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
+        shared[draws_key] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, shuffle_gen, global_gen)
+    init_state, shuffle_gen, global_gen = shared[draws_key]
+    return Member(key, config, dataset, spec, init_state, shuffle_gen, global_gen)
 
 
 def group_key(member: Member) -> tuple:
@@ -182,10 +200,14 @@ def train_group(members: list[Member], on_epoch=None) -> None:
     device = resolve_device(config.device)
     train, task = config.train, config.task
     k = len(members)
-    x_train = torch.stack([m.dataset.x_train for m in members]).to(device)
-    y_train = torch.stack([m.dataset.y_train for m in members]).to(device)
-    x_val = torch.stack([m.dataset.x_val for m in members]).to(device)
-    y_val = torch.stack([m.dataset.y_val for m in members]).to(device)
+    # each distinct data set once on the device; `which` maps members to theirs (shuffled batches gather from it)
+    distinct: dict[int, int] = {}
+    which = torch.tensor([distinct.setdefault(id(m.dataset), len(distinct)) for m in members], device=device)
+    sets = list({id(m.dataset): m.dataset for m in members}.values())
+    x_train = torch.stack([d.x_train for d in sets]).to(device)
+    y_train = torch.stack([d.y_train for d in sets]).to(device)
+    x_val = torch.stack([d.x_val for d in sets]).to(device)[which]
+    y_val = torch.stack([d.y_val for d in sets]).to(device)[which]
     # Every member padded to the group's widest hidden layer with zero rows in W1, b1 and zero columns in W2.
     # A padded unit outputs act(0) = 0 (relu, tanh, gelu, silu) into a zero column, so it changes no output;
     # its gradients are zero (dL/dW2 = dL/dout * 0, dL/dh = W2_pad^T dL/dout = 0), so no optimizer moves it
@@ -194,15 +216,19 @@ def train_group(members: list[Member], on_epoch=None) -> None:
     n_in, n_out = dataset.x_train.shape[1], dataset.n_outputs
     shapes = [(width, n_in), (width,), (n_out, width), (n_out,)]
     sizes_p = [math.prod(shape) for shape in shapes]
-    flat = torch.zeros(k, sum(sizes_p), device=device)
+    padded_rows: dict[int, torch.Tensor] = {}  # each distinct initial weight set padded once
+    initial = torch.empty(k, sum(sizes_p))
     for row, m in enumerate(members):
-        h = m.spec.hidden[0]
-        padded = [torch.zeros(shape) for shape in shapes]
-        padded[0][:h] = m.init_state["net.0.weight"]
-        padded[1][:h] = m.init_state["net.0.bias"]
-        padded[2][:, :h] = m.init_state["net.2.weight"]
-        padded[3][:] = m.init_state["net.2.bias"]
-        flat[row] = torch.cat([t.reshape(-1) for t in padded]).to(device)
+        if id(m.init_state) not in padded_rows:
+            h = m.spec.hidden[0]
+            padded = [torch.zeros(shape) for shape in shapes]
+            padded[0][:h] = m.init_state["net.0.weight"]
+            padded[1][:h] = m.init_state["net.0.bias"]
+            padded[2][:, :h] = m.init_state["net.2.weight"]
+            padded[3][:] = m.init_state["net.2.bias"]
+            padded_rows[id(m.init_state)] = torch.cat([t.reshape(-1) for t in padded])
+        initial[row] = padded_rows[id(m.init_state)]
+    flat = initial.to(device)  # one transfer
     flat.requires_grad_()
     activation = ACTIVATIONS[config.model.activation]()
     optimizer = _StackedOptimizer(flat, [m.config for m in members])
@@ -211,7 +237,6 @@ def train_group(members: list[Member], on_epoch=None) -> None:
         return [part.view(k, *shape) for part, shape in zip(values.split(sizes_p, dim=1), shapes)]
     n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
     val_batch = train.val_batch_size or n_val
-    rows = torch.arange(k, device=device).unsqueeze(1)
     best = flat.detach().clone()
     started = time.perf_counter()
 
@@ -220,13 +245,21 @@ def train_group(members: list[Member], on_epoch=None) -> None:
         hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
+    # members that share their generators share their draws: one batch order per distinct pair per epoch
+    sharing: dict[tuple[int, int], list[int]] = {}
+    for row, m in enumerate(members):
+        sharing.setdefault((id(m.shuffle_gen), id(m.global_gen)), []).append(row)
+    draw_from = [members[rows[0]] for rows in sharing.values()]
     for epoch in range(1, train.epochs + 1):
-        orders = [_draw_order(m, n_train, train.shuffle) for m in members]
+        drawn = [_draw_order(m, n_train, train.shuffle) for m in draw_from]
         if train.shuffle:
-            index = torch.stack(orders).to(device)
-            xs, ys = x_train[rows, index], y_train[rows, index]
+            order = torch.empty(k, n_train, dtype=torch.int64)
+            for rows, perm in zip(sharing.values(), drawn):
+                order[rows] = perm
+            index = order.to(device)
+            xs, ys = x_train[which.unsqueeze(1), index], y_train[which.unsqueeze(1), index]
         else:
-            xs, ys = x_train, y_train
+            xs, ys = x_train[which], y_train[which]
         batch_losses, sizes = [], []
         for start in range(0, n_train, train.batch_size):
             xb, yb = xs[:, start:start + train.batch_size], ys[:, start:start + train.batch_size]
@@ -237,7 +270,7 @@ def train_group(members: list[Member], on_epoch=None) -> None:
             batch_losses.append(losses.detach())
             sizes.append(xb.shape[1])
         train_loss = _sample_average(batch_losses, sizes, n_train)
-        for m in members:  # the reference's validation loader draws a base seed from the global RNG
+        for m in draw_from:  # the reference's validation loader draws a base seed from the global RNG
             torch.empty((), dtype=torch.int64).random_(generator=m.global_gen)
         with torch.no_grad():
             val_losses, val_sizes, outputs = [], [], []
