@@ -26,7 +26,7 @@ def run_workers(n_workers: int, study: str, n_trials: int, folder: Path, env: di
     sweep.write_text(f"study: {study}\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
                      "  optimizer: {choices: [Adam, AdamW, SGD, RMSprop]}\n  lr: {low: 0.0001, high: 0.3, log: true}\n"
                      "  hidden: {choices: [4, 8, 16, 32, 64]}\n  noise: {choices: [0.3, 1.0]}\n"
-                     f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\n")
+                     f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\nengine: reference\n")
     start = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "--worker-index", str(i),
                                "--quiet"], cwd=folder, env={**env, "OMP_NUM_THREADS": "1"})

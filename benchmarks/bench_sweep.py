@@ -96,6 +96,7 @@ def sweep_file(folder: Path, n_trials: int, sampler: str = "random") -> Path:
           noise: {{choices: [0.3, 1.0]}}
         sampler: {{type: {sampler}, seed: 0}}
         n_trials: {n_trials}
+        engine: reference  # the reference runtime is what these figures measure (workers, per-trial costs)
         """))
     return path
 

@@ -159,7 +159,7 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
     postgres, server = cluster
     storage = postgres.url("optuna", password=True)
     sweep = sweep_file(tmp_path, "vkill", 24)
-    env = worker_env(postgres, server)
+    env = worker_env(postgres, server, SWEEPLAB_WRITERS_FROM_TRIALS="0")  # writer processes, whatever the size
     args = [sys.executable, "-m", "sweeplab", "worker", str(sweep), "engine=vectorized", "batch_trials=8",
             "epochs=300", "--quiet"]
     victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -174,7 +174,7 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
 
     lost = wait_for(batch_in_flight, 180, "a second batch in flight")
     loggers = [int(pid) for pid in Path(f"/proc/{victim.pid}/task/{victim.pid}/children").read_text().split()]
-    assert len(loggers) >= 2  # its MLflow logger processes
+    assert len(loggers) >= 2  # its MLflow writer processes
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     wait_for(lambda: not [pid for pid in loggers if alive(pid)], 15, "the killed worker's logger processes to exit")

@@ -211,3 +211,30 @@ def test_mlflow_tracking_uri_from_the_environment(tmp_path):
     proc = subprocess.run(printed(proc.stdout, "predict"), shell=True, cwd=tmp_path / "work", env=user_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3, proc.stderr
+
+
+def test_a_new_store_is_a_copy_of_a_cached_empty_one_and_the_same_as_a_migrated_one(tmp_path, monkeypatch):
+    """Issue #14: a new SQLite store costs ~2 s of MLflow migrations; the first one made on a machine is kept (in
+    $XDG_CACHE_HOME/sweeplab) and later stores are copies. A copy must be what migrating would have made here."""
+    import sqlite3
+
+    from sweeplab.tracking import Tracker
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def schema(database):
+        with sqlite3.connect(database) as connection:
+            tables = connection.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+            version = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+            default = connection.execute("SELECT name, artifact_location FROM experiments").fetchall()
+        return tables, version, default
+
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        Tracker(f"sqlite:///{tmp_path / folder / 'mlflow.db'}").experiment_id("study")
+    assert len(list((tmp_path / "cache" / "sweeplab").glob("empty-mlflow-*.db"))) == 1
+    first, second = schema(tmp_path / "first" / "mlflow.db"), schema(tmp_path / "second" / "mlflow.db")
+    assert first[:2] == second[:2]  # tables, indexes and migration version
+    assert second[2][0] == ("Default", str(tmp_path / "second" / "mlruns" / "0"))  # as MLflow puts it, here
+    assert second[2][1][0] == "study"

@@ -178,7 +178,8 @@ class Progress:
             self.close()
             self.condition = condition
             name = f"{self.study_name} {condition}" if condition else self.study_name
-            self.bar = tqdm(total=n_trials, desc=name, unit="trial", file=sys.stderr, dynamic_ncols=True,
+            self.bar = tqdm(total=n_trials, desc=name, unit="trial", file=sys.stderr if self.tty else _Lines(),
+                            dynamic_ncols=True,
                             mininterval=0.1 if self.tty else 15, bar_format="{desc} {bar:30} {n_fmt}/{total_fmt} "
                             "trials [{elapsed}<{remaining}]{postfix}", ascii=not self.tty)
         top = best_trials(study, 1)
@@ -189,6 +190,19 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class _Lines:
+    """tqdm's output for a log or CI: each redraw on a line of its own, not glued to the last one by a carriage
+    return."""
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "\n").strip("\n")
+        if text.strip():
+            sys.stderr.write(text + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> None:

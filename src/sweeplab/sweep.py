@@ -32,7 +32,8 @@ from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Recorder, Tracker, conditio
 from .writers import InlineWriter, WriterPool, WriterSetup
 
 MAX_CONSECUTIVE_FAILURES = 3
-WRITERS_FROM_TRIALS = 100  # a writer process costs ~3 s of imports to start: it pays off only for more trials
+# A writer process costs ~3 s of imports to start: it pays off only for more trials (per condition) than this.
+WRITERS_FROM_TRIALS = int(os.environ.get("SWEEPLAB_WRITERS_FROM_TRIALS", "100"))
 
 
 class SweepError(Exception):
