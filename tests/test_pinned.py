@@ -64,7 +64,7 @@ def test_mlflow_save_example_writes_a_named_input_example(tmp_path):
 
 
 def test_mlflow_dataset_entity():
-    """tracking.TrialRun.log_dataset: a NumpyDataset becomes the entity log_inputs takes via _to_mlflow_entity."""
+    """recorder.TrialRun.log_dataset: a NumpyDataset becomes the entity log_inputs takes via _to_mlflow_entity."""
     from mlflow.data.numpy_dataset import from_numpy
     from mlflow.entities import Dataset
 

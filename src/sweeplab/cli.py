@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     tracker = None
     if args.track:  # Ctrl-C or SIGTERM ends the run KILLED at the next epoch, instead of leaving it RUNNING
         from .stores import resolve_tracking_uri
-        from .tracking import RunTracker
+        from .recorder import RunTracker
 
         tracker = RunTracker(resolve_tracking_uri(args.tracking_uri), config, args.experiment)
         callbacks.append(tracker.epoch_callback)

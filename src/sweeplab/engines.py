@@ -3,7 +3,7 @@
 An engine takes a batch of jobs (a leased trial and its config) and trains them, calling `on_epoch(job, record)`
 after every epoch of every job (a returned reason stops that job: its pruner's decision) and leaving a finished
 `RunResult` on each job. Both engines keep their epochs through `History.record`/`History.stop` (loop.py), so a
-History means the same whichever engine made it; the recorder (tracking.Recorder) writes it either way.
+History means the same whichever engine made it; the recorder (recorder.Recorder) writes it either way.
 
 - `ReferenceEngine`: the core loop (experiment.run_experiment), a batch of one. Its runs are live: the run exists
   in MLflow while the trial trains, and long trials stream their curves.
@@ -34,7 +34,7 @@ class Job:
 
     lease: object  # ledger.Lease
     config: ExperimentConfig
-    run: object | None = None  # tracking.TrialRun, when the engine's runs are live
+    run: object | None = None  # recorder.TrialRun, when the engine's runs are live
     result: RunResult | None = None
     started: float = field(default_factory=time.time)
 

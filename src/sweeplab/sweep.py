@@ -7,7 +7,7 @@ budget in this process (and in N-1 forked helpers), and registers each condition
     lease a batch (ledger) -> train it (engine) -> write each run, then tell its trial (recorder)
 
 until the study holds its budget of finished trials. Where to look next: ledger.py (everything Optuna, recovery),
-engines.py (the two engines), tracking.Recorder and writers.py (MLflow), stop.py (Ctrl-C and SIGTERM).
+engines.py (the two engines), recorder.py and writers.py (MLflow), stop.py (Ctrl-C and SIGTERM).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .loop import EpochRecord
 from .search import budget, check_compatible, open_storage, open_study
 from .stop import stop_flag
 from .stores import OutageError, check_separate_stores, redact, with_retries
-from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Recorder, Tracker, condition_label, finite
+from .recorder import Recorder, finite
+from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Tracker, condition_label
 from .writers import InlineWriter, WriterPool, WriterSetup
 
 MAX_CONSECUTIVE_FAILURES = 3

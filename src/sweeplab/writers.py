@@ -1,6 +1,6 @@
 """Where trained trials are written: here, as they finish (`InlineWriter`), or in writer processes (`WriterPool`).
 
-Either way a job goes through the same `tracking.Recorder`: its MLflow run, then its trial in the ledger. The
+Either way a job goes through the same `recorder.Recorder`: its MLflow run, then its trial in the ledger. The
 pool exists because measurement says so: MLflow's store spends ~30 ms of Python per run, and the vectorized
 engine trains a trial in well under that, so writing in the training process would halve its speed, and a thread
 would fight the training for the GIL. Writer processes are spawned (not forked: this one holds open database
@@ -148,7 +148,8 @@ def _open_writer(setup: WriterSetup) -> None:
 
     from .ledger import Ledger
     from .search import open_storage
-    from .tracking import Recorder, Tracker
+    from .recorder import Recorder
+    from .tracking import Tracker
 
     global _recorder
     tracker = Tracker(setup.tracking_uri)
