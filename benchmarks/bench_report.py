@@ -18,6 +18,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 
 from sweeplab.config import load_experiment
+from sweeplab.recorder import begin_run
 from sweeplab.tracking import TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, Tracker, run_name_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,8 @@ def fill(tracker: Tracker, study: str, n: int, rng: random.Random) -> None:
         overrides = {"optimizer": optimizer, "lr": 10 ** rng.uniform(-4, -0.5), "hidden": rng.choice([4, 8, 16, 32, 64]),
                      "noise": rng.choice([0.3, 1.0])}
         config = load_experiment(ROOT / "experiments" / "training_loop_lab.yaml", overrides)
-        run = tracker.trial_run(experiment, run_name_for(config, trial), config,
-                                {TAG_ROLE: "trial", TAG_STUDY: study, TAG_TRIAL: str(trial)}, parent)
+        run = begin_run(tracker, experiment, run_name_for(config, trial), config,
+                        {TAG_ROLE: "trial", TAG_STUDY: study, TAG_TRIAL: str(trial)}, parent, live=False)
         floor, rate = overrides["noise"] ** 2 * rng.uniform(0.8, 1.5), rng.uniform(0.02, 0.3)
         val = [floor + 30 * math.exp(-rate * e) * rng.uniform(0.9, 1.1) for e in range(1, EPOCHS + 1)]
         train = [v * rng.uniform(0.9, 1.1) for v in val]
@@ -43,8 +44,7 @@ def fill(tracker: Tracker, study: str, n: int, rng: random.Random) -> None:
         best = min(val)
         metrics += [Metric("best_val_loss", best, 0, val.index(best) + 1),
                     Metric("best_epoch", float(val.index(best) + 1), 0, val.index(best) + 1)]
-        run.flush(metrics)
-        run.end("completed", tags={TAG_STATE: "COMPLETE"})
+        run.end("completed", tags={TAG_STATE: "COMPLETE"}, metrics=metrics)
     tracker.end_run(parent, "completed")
     del base
 

@@ -34,7 +34,14 @@ from .search import ALIVE, FINISHED, suggest
 from .stop import stop_flag
 from .stores import process_gone, with_retries, worker_id
 
-RUN_ID_ATTR = "mlflow_run_id"  # the trial's user attribute that points at its MLflow run
+# The trial user attributes sweeplab keeps (reports and other workers read them back from the storage):
+RUN_ID_ATTR = "mlflow_run_id"  # its MLflow run
+WORKER_ATTR = "worker"  # host:pid of the worker that claimed it
+SURPLUS_ATTR = "surplus"  # asked for a place another worker took first; never ran, not counted
+BEST_EPOCH_ATTR = "best_epoch"
+OUTCOME_ATTR = "outcome"  # pruned | diverged, for a trial Optuna holds as PRUNED
+REASON_ATTR = "reason"  # why it was stopped early
+FAIL_REASON_ATTR = "fail_reason"  # why it failed
 ORPHAN_AFTER_S = float(os.environ.get("SWEEPLAB_ORPHAN_AFTER", "60"))
 
 
@@ -137,9 +144,9 @@ class Ledger:
         # the heartbeat first: if the storage goes away between the two writes, the trial is either stale (it has
         # a heartbeat) or unclaimed (it has no worker), and both are recovered; a worker without a heartbeat is not
         self.heartbeats.hold(trial._trial_id)
-        with_retries(trial.set_user_attr, "worker", worker_id())
+        with_retries(trial.set_user_attr, WORKER_ATTR, worker_id())
         if with_retries(self._is_surplus, trial.number):
-            with_retries(trial.set_user_attr, "surplus", True)
+            with_retries(trial.set_user_attr, SURPLUS_ATTR, True)
             self._tell(trial.number, state=TrialState.FAIL)
             self.heartbeats.release(trial._trial_id)
             self._handled.add(trial.number)
@@ -173,12 +180,12 @@ class Ledger:
         """Tell how a trained trial ended, once its MLflow run is finished. Diverged and pruned trials are both
         PRUNED to Optuna (ended early by design, counted in the budget), with the reason, so reports can tell the
         two apart."""
-        with_retries(self.storage.set_trial_user_attr, lease.trial_id, "best_epoch", best_epoch)
+        with_retries(self.storage.set_trial_user_attr, lease.trial_id, BEST_EPOCH_ATTR, best_epoch)
         if outcome == Outcome.COMPLETED:
             self._tell(lease.number, best_val_loss)
         else:
-            with_retries(self.storage.set_trial_user_attr, lease.trial_id, "outcome", str(outcome))
-            with_retries(self.storage.set_trial_user_attr, lease.trial_id, "reason", reason)
+            with_retries(self.storage.set_trial_user_attr, lease.trial_id, OUTCOME_ATTR, str(outcome))
+            with_retries(self.storage.set_trial_user_attr, lease.trial_id, REASON_ATTR, reason)
             self._tell(lease.number, state=TrialState[outcome.trial_state])
         self._release(lease)
 
@@ -192,7 +199,7 @@ class Ledger:
 
         try:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                attempt(self.storage.set_trial_user_attr, lease.trial_id, "fail_reason", reason)
+                attempt(self.storage.set_trial_user_attr, lease.trial_id, FAIL_REASON_ATTR, reason)
                 attempt(self.storage.set_trial_state_values, lease.trial_id, state=TrialState.FAIL)
         except Exception:
             self._unsettled[lease.trial_id] = reason  # still held: its heartbeat goes on until it is told
@@ -205,7 +212,7 @@ class Ledger:
     def last_failure(self) -> str:
         """The fail reason of the latest failed trial (for the message when several fail in a row)."""
         failed = with_retries(self.study.get_trials, deepcopy=False, states=(TrialState.FAIL,))
-        return failed[-1].user_attrs.get("fail_reason", "") if failed else ""
+        return failed[-1].user_attrs.get(FAIL_REASON_ATTR, "") if failed else ""
 
     def release(self, lease: Lease) -> None:
         """Stop holding a trial that another process (a writer) told."""
@@ -241,7 +248,7 @@ class Ledger:
         by_number = {t.number: t for t in trials}
         self._fail_orphans([t for t in running if not self._claimed(t, by_number)])
         for trial in (t for t in running if not beating):
-            worker = trial.user_attrs.get("worker")
+            worker = trial.user_attrs.get(WORKER_ATTR)
             if worker and process_gone(worker):
                 if not self._fail_trial(trial._trial_id, f"worker {worker} died during the trial"):
                     continue  # another worker got there first
@@ -254,18 +261,18 @@ class Ledger:
             self._handled.add(trial.number)
             run_id = trial.user_attrs.get(RUN_ID_ATTR)
             if run_id and self.end_lost_run:
-                self.end_lost_run(run_id, trial.user_attrs.get("fail_reason")
+                self.end_lost_run(run_id, trial.user_attrs.get(FAIL_REASON_ATTR)
                                   or "worker lost: no heartbeat within the grace period")
 
     def _claimed(self, trial: optuna.trial.FrozenTrial, by_number: dict[int, Any]) -> bool:
         """Claimed by a worker: it has a `worker`, and not just the one Optuna's RetryHeartbeatStaleTrialCallback
         copied from the failed trial it retries (that worker is gone)."""
-        worker = trial.user_attrs.get("worker")
+        worker = trial.user_attrs.get(WORKER_ATTR)
         if worker is None:
             return False
         history = optuna.storages.RetryFailedTrialCallback.retry_history(trial)  # the trials it retries, oldest first
         retried = by_number.get(history[-1]) if history else None
-        return retried is None or retried.user_attrs.get("worker") != worker
+        return retried is None or retried.user_attrs.get(WORKER_ATTR) != worker
 
     def _fail_orphans(self, unclaimed: list[optuna.trial.FrozenTrial]) -> None:
         """A RUNNING trial nobody claims was orphaned inside `ask` (the storage failed after creating it, and the
@@ -286,7 +293,7 @@ class Ledger:
     def _fail_trial(self, trial_id: int, reason: str) -> bool:
         """Mark a RUNNING trial FAIL with its reason; False when another worker (or its owner) finished it first."""
         try:  # the reason first: a finished trial takes no more attributes
-            with_retries(self.storage.set_trial_user_attr, trial_id, "fail_reason", reason)
+            with_retries(self.storage.set_trial_user_attr, trial_id, FAIL_REASON_ATTR, reason)
             with_retries(self.storage.set_trial_state_values, trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
@@ -308,7 +315,7 @@ class TrialSummary:
 
 def best_trials(study: optuna.Study, top: int = 5) -> list[TrialSummary]:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return [TrialSummary(t.number, t.value, t.user_attrs.get(RUN_ID_ATTR), t.user_attrs.get("best_epoch"), t.params)
+    return [TrialSummary(t.number, t.value, t.user_attrs.get(RUN_ID_ATTR), t.user_attrs.get(BEST_EPOCH_ATTR), t.params)
             for t in sorted(done, key=lambda t: t.value)[:top]]
 
 
@@ -320,8 +327,8 @@ def outcome_counts(study: optuna.Study) -> dict[str, int]:
     """Trials by outcome (completed, pruned, diverged, failed, running...), leaving out surplus asks."""
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get("surplus"):
+        if trial.user_attrs.get(SURPLUS_ATTR):
             continue
-        label = trial.user_attrs.get("outcome") or trial.state.name.lower()
+        label = trial.user_attrs.get(OUTCOME_ATTR) or trial.state.name.lower()
         counts[label] = counts.get(label, 0) + 1
     return counts

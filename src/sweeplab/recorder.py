@@ -220,7 +220,8 @@ class Recorder:
 
     def begin(self, lease, config: ExperimentConfig, live: bool = True, start_ms: int | None = None) -> TrialRun:
         """The trial's run, linked to the trial at once (so recovery can end it if this worker is lost)."""
-        run = begin_run(self.tracker, self.experiment_id, run_name_for(config, lease.number), config,
+        name = run_name_for(config, lease.number, [*self.keys, *self.condition])
+        run = begin_run(self.tracker, self.experiment_id, name, config,
                                      self.tags(lease.number), self.parent_run_id, live=live, start_ms=start_ms)
         self.ledger.link_run(lease, run.run_id)
         return run

@@ -352,10 +352,27 @@ def outcome_tags(outcome: str, reason: str | None = None, extra: dict[str, str] 
         tags.append(RunTag(TAG_REASON, reason[:5000]))
     return tags
 
-def run_name_for(config: ExperimentConfig, trial_number: int | None = None) -> str:
-    """What the trial is, at a glance, most telling first (the UI's run column shows ~20 characters):
-    `adam-h16-lr0.03-n0.3 #12`."""
-    train = config.train
-    hidden = "x".join(str(h) for h in config.model.hidden_sizes)
-    name = f"{train.optimizer.lower()}-h{hidden}-lr{train.lr:.2g}-n{config.data.noise:g}"
+LAB_KEYS = ("optimizer", "hidden", "lr", "noise")  # what names a `sweeplab run` of the lab
+SHORT_KEYS = {"hidden": "h", "noise": "n"}  # the UI's run column shows ~20 characters
+
+
+def run_name_for(config: ExperimentConfig, trial_number: int | None = None, keys=LAB_KEYS) -> str:
+    """What the trial is, at a glance, from the keys a sweep varies (its space, then its conditions), most
+    telling first: `adam-lr0.03-h16-n0.3 #12`. Text values stand alone, numbers follow their key."""
+    from .config import value_at
+
+    parts = []
+    for key in keys:
+        value = value_at(config, key)
+        if isinstance(value, str):
+            parts.append(value.lower())
+            continue
+        if isinstance(value, list):
+            text = "x".join(str(v) for v in value)
+        elif isinstance(value, float):
+            text = f"{value:.2g}"
+        else:
+            text = str(value)
+        parts.append(f"{SHORT_KEYS.get(key, key.rsplit('.', 1)[-1])}{text}")
+    name = "-".join(parts)
     return f"{name} #{trial_number}" if trial_number is not None else name
