@@ -173,6 +173,7 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is None or condition != self.condition:
+            tqdm.monitor_interval = 0  # no monitor thread: local helpers are forked from this process
             if self.bar is None and self.header:  # said once the sweep runs (not before an error that stops it)
                 print(self.header, file=sys.stderr, flush=True)
             self.close()
