@@ -145,27 +145,6 @@ def test_a_stopped_member_keeps_the_state_of_its_logged_best_epoch():
         assert val_loss_of(history.best_state, config) == pytest.approx(history.best_val_loss, rel=1e-5)
 
 
-def test_a_vectorized_sweep_with_a_median_pruner_prunes(tmp_path, monkeypatch):
-    """Issue #10: with its writers still starting, the pipelined engine told Optuna nothing before the last batch
-    had trained, so the median pruner (which compares with COMPLETE trials) never had anything to compare with.
-    lr from 1e-5 (never learns in 12 epochs: val_loss stays ~35) to 0.05 (learns: below 1)."""
-    study = run_sweep_here(tmp_path, monkeypatch, "vprune", f"study: vprune\nexperiment: {LAB}\nspace:\n"
-                           "  lr: {low: 1.0e-5, high: 0.05, log: true}\n"
-                           "sampler: {type: random, seed: 3}\npruner: {type: median, n_startup_trials: 3, "
-                           "n_warmup_steps: 3}\nengine: vectorized\nbatch_trials: 4\nn_trials: 16\n", "epochs=12")
-    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
-    assert len(study.trials) == 16 and len(pruned) >= 3
-    assert all(len(t.intermediate_values) < 12 for t in pruned)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    for trial in pruned:  # every pruned run's checkpoint scores the best_val_loss its run logged
-        run = client.get_run(trial.user_attrs["mlflow_run_id"])
-        assert run.info.status == "KILLED" and run.data.tags["sweeplab.outcome"] == "pruned"
-        state = torch.load(client.download_artifacts(run.info.run_id, "checkpoint/best.pt", str(tmp_path)),
-                           weights_only=True)["state_dict"]
-        config = load_experiment(LAB, {"lr": trial.params["lr"], "epochs": 12})
-        assert val_loss_of(state, config) == pytest.approx(run.data.metrics["best_val_loss"], rel=1e-5)
-
-
 def test_members_that_share_seeds_share_their_draws_and_train_the_same():
     """Issue #14: with a `shared` dict per batch each distinct data set, initial weight set and generator pair is
     made once, and the members train exactly as when each draws its own. By hand: member i has seed 42 + i % 2,

@@ -97,9 +97,10 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
             in_hand, refused = lease_jobs(part, size, on_trial_end)
             if not in_hand and not refused:
                 continue  # another worker took the last place
-            ran += len(in_hand) + refused
+            tried = len(in_hand) + refused
+            ran += tried
             failed = refused + train_and_hand_over(part, engine, recorder, writer, in_hand, on_trial_end)
-            failures = failures + failed if failed else 0
+            failures = failures + failed if failed == tried else 0  # in a row: a batch with a success resets it
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise SweepError(f"{failures} trials in a row failed; the last: {part.ledger.last_failure}")
         writer.drain(on_trial_end)
