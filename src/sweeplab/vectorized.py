@@ -282,25 +282,23 @@ def train_group(members: list[Member], on_epoch=None) -> None:
             val_loss = _sample_average(val_losses, val_sizes, n_val)
             logits = torch.cat(outputs, dim=1) if task != "regression" else None
         train_values, val_values = train_loss.tolist(), val_loss.tolist()
-        improved = torch.zeros(k, dtype=torch.bool)
-        for i, m in enumerate(members):
+        improved = [False] * k
+        for i, m in enumerate(members):  # one pass per epoch: record, tell the hook, stop (as fit does)
             if not m.active:  # a stopped member's weights still move (the batch trains on); its record does not
                 continue
             metrics, confusion = {}, None
             if logits is not None:
                 metrics, confusion = classification_metrics(logits[i], y_val[i], task)
-            improved[i] = m.history.record(epoch, train_values[i], val_values[i], metrics, confusion)
-        if improved.any():  # each improved member's row, in one masked copy: its best_state, taken at the end
-            best.copy_(torch.where(improved.to(device).unsqueeze(1), flat.detach(), best))
-        for i, m in enumerate(members):
-            if not m.active:
-                continue
             history = m.history
-            record = EpochRecord(epoch, train_values[i], val_values[i], {name: values[-1] for name, values in
-                                 history.metrics.items()}, history.best_val_loss, history.best_epoch, bool(improved[i]))
+            improved[i] = history.record(epoch, train_values[i], val_values[i], metrics, confusion)
+            record = EpochRecord(epoch, train_values[i], val_values[i], metrics, history.best_val_loss,
+                                 history.best_epoch, improved[i])
             reason = on_epoch(m, record) if on_epoch is not None else None
             if history.stop(epoch, [reason] if reason else []):
                 m.active = False
+        if any(improved):  # each improved member's row, in one masked copy: its best_state, taken at the end
+            mask = torch.tensor(improved, device=device).unsqueeze(1)
+            best.copy_(torch.where(mask, flat.detach(), best))
         if not any(m.active for m in members):
             break
     elapsed = time.perf_counter() - started
