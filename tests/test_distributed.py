@@ -173,11 +173,11 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
         return mine if len(found.get_trials(states=FINISHED)) >= 8 and len(mine) >= 4 else None
 
     lost = wait_for(batch_in_flight, 180, "a second batch in flight")
-    loggers = [int(pid) for pid in Path(f"/proc/{victim.pid}/task/{victim.pid}/children").read_text().split()]
-    assert len(loggers) >= 2  # its MLflow writer processes
+    writers = [int(pid) for pid in Path(f"/proc/{victim.pid}/task/{victim.pid}/children").read_text().split()]
+    assert len(writers) >= 2  # its MLflow writer processes
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    wait_for(lambda: not [pid for pid in loggers if alive(pid)], 15, "the killed worker's logger processes to exit")
+    wait_for(lambda: not [pid for pid in writers if alive(pid)], 15, "the killed worker's writer processes to exit")
     survivor = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
     _, err = finish(survivor, 300, storage, "vkill", server)
