@@ -130,6 +130,7 @@ class WriterPool:
 
 
 _recorder = None  # the writer process's own recorder, opened once by _open_writer
+_writing = threading.Lock()  # held while a trial is written: a lost sweep process never cuts one in half
 
 
 def _open_writer(setup: WriterSetup) -> None:
@@ -161,11 +162,15 @@ def _open_writer(setup: WriterSetup) -> None:
 
 
 def _exit_with_parent() -> None:
+    """Exit once the sweep process is gone, but never between a trial's run and its tell: a run left FINISHED
+    for a trial that then fails (its heartbeat gone) would be counted as a second result when it is retried."""
     parent = multiprocessing.parent_process()
     while parent is not None and parent.is_alive():
         parent.join(1.0)
+    _writing.acquire()
     os._exit(0)
 
 
 def _write(lease, result, started: float) -> str:
-    return str(_recorder.record(lease, result, started))
+    with _writing:
+        return str(_recorder.record(lease, result, started))
