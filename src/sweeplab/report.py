@@ -140,7 +140,7 @@ def _trial_frame(runs, curves: pd.DataFrame, keys: list[str] = ()) -> pd.DataFra
 
     columns = {**PARAM_COLUMNS, **{ALIASES.get(key, key): key for key in keys}}
     records = []
-    by_run = {run_id: group for run_id, group in curves.groupby("run_id")}
+    by_run = _curve_arrays(curves)
     for run in runs:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         record = {"trial": int(tags[TAG_TRIAL]) if TAG_TRIAL in tags else -1, "run_id": run.info.run_id,
@@ -173,7 +173,21 @@ def _number(text: str):
     return text
 
 
-def _curve_stats(curve: pd.DataFrame | None, baseline: float = math.nan) -> dict:
+def _curve_arrays(curves: pd.DataFrame) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """run id -> split -> (epochs, losses) sorted by epoch: numpy slices of one sorted frame, so the per-run
+    statistics below cost microseconds, not a pandas filter each (2 s over 1,000 runs)."""
+    ordered = curves.sort_values(["run_id", "split", "epoch"], kind="stable")
+    keys = (ordered["run_id"] + "\0" + ordered["split"]).to_numpy()
+    epochs, losses = ordered["epoch"].to_numpy(), ordered["loss"].to_numpy(dtype=float)
+    unique, starts = np.unique(keys, return_index=True)
+    arrays: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for key, start, end in zip(unique, starts, [*starts[1:], len(keys)]):
+        run_id, split = key.split("\0")
+        arrays.setdefault(run_id, {})[split] = (epochs[start:end], losses[start:end])
+    return arrays
+
+
+def _curve_stats(curve: dict[str, tuple[np.ndarray, np.ndarray]] | None, baseline: float = math.nan) -> dict:
     """Per-trial convergence numbers, computed from the logged curves. `learned`: the best validation loss is at
     most LEARNED_BELOW times the baseline (a constant prediction fitted on the training labels; for MSE, R^2 of
     at least 0.5); unknown (True) for runs logged without a baseline. A run that never learned has no
@@ -181,27 +195,29 @@ def _curve_stats(curve: pd.DataFrame | None, baseline: float = math.nan) -> dict
     empty = {"learned": False, "best_val_loss": math.nan, "best_epoch": 0, "epochs_run": 0, "final_train_loss": math.nan,
              "final_val_loss": math.nan, "gap_at_best": math.nan, "epochs_to_converge": math.nan,
              "auc_val_loss": math.nan}
-    if curve is None or curve.empty:
+    if not curve or "val" not in curve:
         return empty
-    val = curve[curve["split"] == "val"].set_index("epoch")["loss"].sort_index()
-    train = curve[curve["split"] == "train"].set_index("epoch")["loss"].sort_index()
-    finite = val[np.isfinite(val)]
-    if finite.empty:
-        return {**empty, "epochs_run": int(val.index.max())}
-    best_epoch = int(finite.idxmin())  # first epoch of the minimum, as the loop keeps the first best
-    best = float(finite.min())
-    within = finite[finite <= best + CONVERGED_WITHIN * abs(best)]
+    val_epochs, val = curve["val"]
+    train_epochs, train = curve.get("train", (np.empty(0, dtype=int), np.empty(0)))
+    finite = np.isfinite(val)
+    if not finite.any():
+        return {**empty, "epochs_run": int(val_epochs.max())}
+    finite_epochs, finite_val = val_epochs[finite], val[finite]
+    at_best = int(np.argmin(finite_val))  # the first epoch of the minimum, as the loop keeps the first best
+    best_epoch, best = int(finite_epochs[at_best]), float(finite_val[at_best])
+    within = finite_epochs[finite_val <= best + CONVERGED_WITHIN * abs(best)]
     learned = not best > LEARNED_BELOW * baseline  # NaN baseline: not known, so not ruled out
+    train_at_best = train[train_epochs == best_epoch]
     return {
         "learned": learned,
         "best_val_loss": best,
         "best_epoch": best_epoch,
-        "epochs_run": int(val.index.max()),
-        "final_train_loss": float(train.iloc[-1]) if len(train) else math.nan,
-        "final_val_loss": float(val.iloc[-1]),
-        "gap_at_best": best - float(train.get(best_epoch, math.nan)),
-        "epochs_to_converge": int(within.index.min()) if learned else math.nan,
-        "auc_val_loss": float(np.trapezoid(finite.to_numpy(), finite.index.to_numpy())) if len(finite) > 1 else best,
+        "epochs_run": int(val_epochs.max()),
+        "final_train_loss": float(train[-1]) if len(train) else math.nan,
+        "final_val_loss": float(val[-1]),
+        "gap_at_best": best - (float(train_at_best[0]) if len(train_at_best) else math.nan),
+        "epochs_to_converge": int(within.min()) if learned else math.nan,
+        "auc_val_loss": float(np.trapezoid(finite_val, finite_epochs)) if len(finite_val) > 1 else best,
     }
 
 
