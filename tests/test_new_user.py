@@ -238,3 +238,16 @@ def test_a_new_store_is_a_copy_of_a_cached_empty_one_and_the_same_as_a_migrated_
     assert first[:2] == second[:2]  # tables, indexes and migration version
     assert second[2][0] == ("Default", str(tmp_path / "second" / "mlruns" / "0"))  # as MLflow puts it, here
     assert second[2][1][0] == "study"
+
+
+def test_a_damaged_cached_store_is_migrated_again_and_replaced(tmp_path, monkeypatch):
+    """The cached empty store is only a shortcut: garbage there costs a migration, not a broken store."""
+    from sweeplab.tracking import Tracker, _empty_store_template
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    template = _empty_store_template()
+    template.parent.mkdir(parents=True)
+    template.write_bytes(b"not a database")
+    assert Tracker(f"sqlite:///{tmp_path / 'a.db'}").experiment_id("study")
+    assert template.read_bytes().startswith(b"SQLite format 3")

@@ -188,12 +188,14 @@ def _copy_empty_store(target: Path) -> bool:
     template = _empty_store_template()
     try:
         shutil.copyfile(template, target)
-    except OSError:
+        now = int(time.time() * 1000)
+        with contextlib.closing(sqlite3.connect(target)) as connection, connection:
+            connection.execute("SELECT version_num FROM alembic_version").fetchone()
+            connection.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                               "WHERE experiment_id = 0", (str(Path.cwd() / "mlruns" / "0"), now, now))
+    except (OSError, sqlite3.Error):  # none kept yet, or a damaged one: migrate (and keep the result instead)
+        target.unlink(missing_ok=True)
         return False
-    now = int(time.time() * 1000)
-    with contextlib.closing(sqlite3.connect(target)) as connection, connection:
-        connection.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
-                           "WHERE experiment_id = 0", (str(Path.cwd() / "mlruns" / "0"), now, now))
     return True
 
 
