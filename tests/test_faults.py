@@ -48,6 +48,17 @@ def run_cli(*args, cwd, env=None, timeout=300):
     return subprocess.run([SWEEPLAB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.parametrize("setting", ["SWEEPLAB_GRACE_PERIOD=abc", "SWEEPLAB_RETRY_WAITS=0.5,x",
+                                     "SWEEPLAB_WRITERS_FROM_TRIALS=-3", "SWEEPLAB_ORPHAN_AFTER=nan"])
+def test_a_bad_environment_setting_is_one_line_naming_it_and_writes_nothing(tmp_path, setting):
+    name, value = setting.split("=", 1)
+    (tmp_path / "s.yaml").write_text(sweep_text())
+    proc = run_cli("sweep", str(tmp_path / "s.yaml"), "epochs=2", "--quiet", cwd=tmp_path, env={name: value})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"sweeplab: error: ${name}="), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no store, journal or report
+
+
 # --- bad sweep files fail before any study or run exists --------------------------------------------------------
 
 BAD_SWEEPS = {

@@ -533,11 +533,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from .stores import StoreError
+    from .stores import SettingError
 
     try:
         return args.func(args)
-    except (ConfigError, UsageError, StoreError) as exc:
+    except (ConfigError, UsageError, SettingError) as exc:
         print(f"sweeplab: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,6 @@ not land is told before the next lease. Engines and the recorder hold `Lease`s, 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from .config import ParamSpec
 from .outcome import Outcome
 from .search import ALIVE, FINISHED, suggest
 from .stop import stop_flag
-from .stores import process_gone, with_retries, worker_id
+from .stores import env_number, process_gone, with_retries, worker_id
 
 # The trial user attributes sweeplab keeps (reports and other workers read them back from the storage):
 RUN_ID_ATTR = "mlflow_run_id"  # its MLflow run
@@ -42,7 +41,7 @@ BEST_EPOCH_ATTR = "best_epoch"
 OUTCOME_ATTR = "outcome"  # pruned | diverged, for a trial Optuna holds as PRUNED
 REASON_ATTR = "reason"  # why it was stopped early
 FAIL_REASON_ATTR = "fail_reason"  # why it failed
-ORPHAN_AFTER_S = float(os.environ.get("SWEEPLAB_ORPHAN_AFTER", "60"))
+ORPHAN_AFTER_S = env_number("SWEEPLAB_ORPHAN_AFTER", 60.0)
 
 
 @dataclass(frozen=True)

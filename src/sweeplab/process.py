@@ -28,7 +28,9 @@ def configure(with_optuna: bool = True, install_stop: bool = True) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     warnings.filterwarnings("ignore", module=r"mlflow\..*")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("urllib3.connectionpool").addFilter(SayWhatWeWaitFor())
+    urllib3 = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, SayWhatWeWaitFor) for f in urllib3.filters):  # once, however many commands run here
+        urllib3.addFilter(SayWhatWeWaitFor())
     # Optuna: TPE's multivariate/group/constant_liar options are marked experimental; they are what conditional
     # spaces and parallel workers need, and the versions are pinned. Its heartbeat warning is meant for
     # Study.optimize; our ask-and-tell workers record heartbeats themselves (ledger.Heartbeats) and fail stale
@@ -39,6 +41,9 @@ def configure(with_optuna: bool = True, install_stop: bool = True) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    from .stores import retry_waits
+
+    retry_waits()  # a bad $SWEEPLAB_RETRY_WAITS is one line now, before any store is touched
     from ._eager import skip_dynamo_wrappers
 
     skip_dynamo_wrappers()

@@ -17,14 +17,14 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import ConfigError, ParamSpec, SweepSpec
-from .stores import lost_insert_race, redact
+from .stores import env_number, lost_insert_race, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that hold a place in the budget: finished, running, or queued to run again.
 ALIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 # A worker records its running trial's heartbeat this often; one silent for the grace period is declared lost.
-HEARTBEAT_INTERVAL_S = int(os.environ.get("SWEEPLAB_HEARTBEAT_INTERVAL", "10"))
-GRACE_PERIOD_S = int(os.environ.get("SWEEPLAB_GRACE_PERIOD", "30"))
+HEARTBEAT_INTERVAL_S = env_number("SWEEPLAB_HEARTBEAT_INTERVAL", 10, int, low=1)
+GRACE_PERIOD_S = env_number("SWEEPLAB_GRACE_PERIOD", 30, int, low=1)
 
 
 def optuna_name(name: str, case: str | None = None) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -93,15 +94,30 @@ def resolve_storage_url(cli_value: str | None, tracking_uri: str) -> str:
     return cli_value or os.environ.get("SWEEPLAB_STORAGE") or default_storage(tracking_uri)
 
 
-class StoreError(ValueError):
-    """A store the user named cannot be used as given: one line, exit code 2 (a ConfigError to the CLI)."""
+class SettingError(ValueError):
+    """A store or an environment setting the user gave cannot be used as given: one line naming it, exit code 2."""
+
+
+def env_number(name: str, default: float, kind: type = float, low: float = 0) -> float:
+    """A number from the environment (`SWEEPLAB_GRACE_PERIOD=30`), or `default`; anything else is one line naming
+    the variable."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value < float("inf"):  # NaN fails the comparison too
+        raise SettingError(f"${name}={text!r}: must be a {'whole ' if kind is int else ''}number of at least {low:g}")
+    return value
 
 
 def check_separate_stores(tracking_uri: str, storage_url: str) -> None:
     """Optuna's tables inside MLflow's SQLite database would mix two schemas in one file that both tools migrate
     on their own: refuse it."""
     if sqlite_path(storage_url) is not None and sqlite_path(storage_url) == sqlite_path(tracking_uri):
-        raise StoreError(f"--storage {redact(storage_url)}: that is the MLflow tracking database; give Optuna a file "
+        raise SettingError(f"--storage {redact(storage_url)}: that is the MLflow tracking database; give Optuna a file "
                          "of its own (or leave --storage out: optuna.journal beside the database)")
 
 
@@ -140,16 +156,23 @@ RETRY_WAITS_S = (0.5, 1, 2, 4, 8)  # ~15 s in all, then the outage is reported
 
 def retry_waits() -> tuple[float, ...]:
     """The waits between attempts: $SWEEPLAB_RETRY_WAITS (comma-separated seconds) when set, else RETRY_WAITS_S.
-    Read at each call, so a test (or an impatient user) can make an outage short."""
+    Read at each call, so a test (or an impatient user) can make an outage short; the CLI checks it up front."""
     text = os.environ.get("SWEEPLAB_RETRY_WAITS", "")
-    return tuple(float(part) for part in text.split(",") if part.strip()) or RETRY_WAITS_S
+    try:
+        waits = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        waits = (-1.0,)
+    if any(not 0 <= wait < float("inf") for wait in waits):
+        raise SettingError(f"$SWEEPLAB_RETRY_WAITS={text!r}: must be seconds separated by commas (0.5,1,2)")
+    return waits or RETRY_WAITS_S
 
 
 class OutageError(RuntimeError):
     """The storage or the tracking server stayed unreachable through every retry."""
 
 
-def _transient_errors() -> tuple[type[BaseException], ...]:
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors a retry may cure. Optuna's StorageInternalError counts once Optuna is loaded (by the ledger)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
     with contextlib.suppress(ImportError):
         import sqlalchemy.exc
@@ -159,17 +182,9 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
         import requests
 
         errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
-    with contextlib.suppress(ImportError):  # only when already loaded: this module must not import Optuna
-        import sys
-
-        if "optuna" in sys.modules:
-            errors.append(sys.modules["optuna"].exceptions.StorageInternalError)
+    if "optuna" in sys.modules:  # only when already loaded: this module must not import Optuna
+        errors.append(sys.modules["optuna"].exceptions.StorageInternalError)
     return tuple(errors)
-
-
-def transient_errors() -> tuple[type[BaseException], ...]:
-    """Errors a retry may cure. Optuna's StorageInternalError counts once Optuna is loaded (by the ledger)."""
-    return _transient_errors()
 
 
 def lost_insert_race(exc: BaseException) -> bool:

@@ -27,14 +27,14 @@ from .ledger import Ledger, best_trials, finished_count
 from .loop import EpochRecord
 from .search import budget, check_compatible, open_storage, open_study
 from .stop import stop_flag
-from .stores import OutageError, check_separate_stores, redact, with_retries
+from .stores import OutageError, check_separate_stores, env_number, redact, with_retries
 from .recorder import Recorder, finite
 from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Tracker, condition_label
 from .writers import InlineWriter, WriterPool, WriterSetup
 
 MAX_CONSECUTIVE_FAILURES = 3
 # A writer process costs ~3 s of imports to start: it pays off only for more trials (per condition) than this.
-WRITERS_FROM_TRIALS = int(os.environ.get("SWEEPLAB_WRITERS_FROM_TRIALS", "100"))
+WRITERS_FROM_TRIALS = env_number("SWEEPLAB_WRITERS_FROM_TRIALS", 100, int)
 
 
 class SweepError(Exception):
@@ -204,10 +204,7 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     """Open the storage and the MLflow experiment once, then the study of each part of the sweep (one per
     condition, or the sweep itself): one Part each, without a parent run yet. Every study is checked against the
     sweep file before anything runs."""
-    try:
-        check_separate_stores(tracking_uri, storage_url)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    check_separate_stores(tracking_uri, storage_url)
     # Both stores are reached before either is written to: a remote tracking store is probed (reading), then the
     # Optuna storage opened, and only then a local MLflow database created.
     remote = None if tracking_uri.startswith("sqlite:///") else Tracker(tracking_uri)
@@ -312,12 +309,12 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         tracker.end_run(parent, "completed")
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        if helpers.n > 0 and not stop_flag.is_set():
+        ours = helpers.n > 0 and not stop_flag.is_set()
+        if ours:
             stop_flag.request("the sweep process stopped")  # the helpers share the flag: they stop too
-            helpers.wait(timeout=20)
-            stop_flag.clear()  # the request was ours, for the helpers
-        else:
-            helpers.wait(timeout=20)
+        helpers.wait(timeout=20)
+        if ours:
+            stop_flag.clear()  # the request was for the helpers, not for a later sweep in this process
         try:
             tracker.end_run(parent, "killed" if interrupted else "failed",
                             "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
