@@ -47,6 +47,31 @@ def test_each_member_agrees_with_the_reference_loop():
     assert worst < 5e-3 and same_epoch >= 36
 
 
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_classification_members_keep_the_reference_metrics_and_confusion_at_their_best_epoch(task):
+    """Metrics per epoch, the best epoch's metrics and its confusion matrix: the stacked computation against the
+    reference loop's per-run one (classification_metrics on one model's logits)."""
+    configs = [load_experiment(LAB, {"task": task, "optimizer": optimizer, "lr": lr, "hidden": hidden, "epochs": 30,
+                                     "n_classes": 4})
+               for optimizer, lr, hidden in [("Adam", 0.05, 16), ("SGD", 0.3, 4), ("RMSprop", 0.01, 8)]]
+    members = [prepare_member(i, c) for i, c in enumerate(configs)]
+    train_group(members)
+    assert min(m.history.best_epoch for m in members) < 30  # a best epoch before the last one is among them
+    for member, config in zip(members, configs):
+        reference = run_experiment(config).history
+        ours = member.history
+        assert ours.best_epoch == reference.best_epoch and ours.status == reference.status == "completed"
+        assert sorted(ours.metrics) == sorted(reference.metrics) == sorted(ours.best_metrics)
+        for name, curve in reference.metrics.items():
+            assert ours.metrics[name] == pytest.approx(curve, abs=1 / 48 + 1e-9)  # one of 48 samples at most
+        assert ours.best_metrics == pytest.approx(reference.best_metrics, abs=1 / 48 + 1e-9)
+        assert sum(map(sum, ours.confusion_matrix)) == 48  # the validation set, counted once
+        assert len(ours.confusion_matrix) == (2 if task == "binary" else 4)
+        differing = sum(abs(a - b) for row, ref in zip(ours.confusion_matrix, reference.confusion_matrix)
+                        for a, b in zip(row, ref))
+        assert differing <= 2  # at most one sample on the other side of a decision boundary
+
+
 def test_zero_padding_leaves_a_narrow_member_unchanged():
     narrow, wide = mixed_configs(2, epochs=25)[0], load_experiment(LAB, {"hidden": 64, "epochs": 25})
     alone = prepare_member("alone", narrow)

@@ -1,8 +1,8 @@
 """How leased trials train: one small contract, two engines.
 
-An engine takes a batch of jobs (a leased trial and its config) and trains them, calling `on_epoch(job, record)`
-after every epoch of every job (a returned reason stops that job: its pruner's decision) and leaving a finished
-`RunResult` on each job. Both engines keep their epochs through `History.record`/`History.stop` (loop.py), so a
+An engine takes a batch of jobs (a leased trial and its config) and trains them, checking the stop flag after every
+epoch, calling `on_epoch(job, record)` (when given) after every epoch of every job (a returned reason stops that
+job: its pruner's decision), and leaving a finished `RunResult` on each job. Both engines keep their epochs through `History.record`/`History.stop` (loop.py), so a
 History means the same whichever engine made it; the recorder (recorder.Recorder) writes it either way.
 
 - `ReferenceEngine`: the core loop (experiment.run_experiment), a batch of one. Its runs are live: the run exists
@@ -21,6 +21,7 @@ from typing import Callable, Optional, Protocol
 from .config import ExperimentConfig, SweepSpec
 from .experiment import RunResult
 from .loop import EpochRecord
+from .stop import stop_flag
 
 # Batches after TPE's random start-up: it learns between them. Ten keeps the search as good as one trial at a time
 # on the default sweep (10 trials after the start-up go one by one; bench_auto_search.py), and a 1,000-trial
@@ -50,7 +51,7 @@ class Engine(Protocol):
     def batch_size(self, spec: SweepSpec, asked: int, n_trials: int) -> int:
         """How many trials to lease for the next batch, `asked` having been leased so far."""
 
-    def train(self, jobs: list[Job], on_epoch: EpochHook) -> None:
+    def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
         """Train every job, leaving its result on it. An exception fails the jobs left without one."""
 
 
@@ -60,11 +61,15 @@ class ReferenceEngine:
     def batch_size(self, spec: SweepSpec, asked: int, n_trials: int) -> int:
         return 1
 
-    def train(self, jobs: list[Job], on_epoch: EpochHook) -> None:
+    def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
         from .experiment import run_experiment
 
+        def callback(job: Job, record: EpochRecord) -> str | None:
+            stop_flag.check()
+            return on_epoch(job, record) if on_epoch is not None else None
+
         for job in jobs:
-            job.result = run_experiment(job.config, callbacks=[lambda record, job=job: on_epoch(job, record)])
+            job.result = run_experiment(job.config, callbacks=[lambda record, job=job: callback(job, record)])
 
 
 def learns(spec: SweepSpec) -> bool:
@@ -86,13 +91,14 @@ class VectorizedEngine:
             return min(spec.batch_trials, startup - asked)
         return min(spec.batch_trials, max(1, math.ceil((n_trials - startup) / LEARNING_ROUNDS)))
 
-    def train(self, jobs: list[Job], on_epoch: EpochHook) -> None:
+    def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
         from .vectorized import group_members, prepare_member, train_group
 
         shared: dict = {}  # the batch's distinct data sets, initial weights and generators, each made once
         members = [prepare_member(job, job.config, shared) for job in jobs]
-        for group in group_members(members):
-            train_group(group, on_epoch=lambda member, record: on_epoch(member.key, record))
+        hook = None if on_epoch is None else lambda member, record: on_epoch(member.key, record)
+        for group in group_members(members):  # no hook: nothing runs per member per epoch
+            train_group(group, on_epoch=hook, each_epoch=stop_flag.check)
         for member in members:
             job = member.key
             job.started = member.started

@@ -126,8 +126,9 @@ class History:
     def record(self, epoch: int, train_loss: float, val_loss: float, metrics: dict[str, float],
                confusion: list[list[int]] | None = None) -> bool:
         """Append one epoch's results; True when it is the new best, and the caller must then keep the model's
-        state as `best_state` (fit copies the module's, the vectorized engine its member's row). The one place
-        both engines decide what the best epoch is."""
+        state as `best_state`. The vectorized engine takes the same decisions (a strictly lower val_loss; a
+        non-finite loss in `stop`) for K members at once as tensor operations (vectorized._Curves); the tests hold
+        both to the reference loop."""
         self.train_loss.append(train_loss)
         self.val_loss.append(val_loss)
         for name, value in metrics.items():
@@ -247,29 +248,40 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor, task: str
                            ) -> tuple[dict[str, float], list[list[int]]]:
     """Validation metrics: binary -> accuracy, precision, recall, F1 (positive class 1); multiclass -> accuracy,
     macro-F1. Undefined ratios (no predicted or no actual positives) count as 0, as scikit-learn's default does."""
+    metrics, confusion = stacked_classification_metrics(logits.unsqueeze(0), target.unsqueeze(0), task)
+    return {name: float(values[0]) for name, values in metrics.items()}, confusion[0].tolist()
+
+
+def stacked_classification_metrics(logits: torch.Tensor, target: torch.Tensor, task: str
+                                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`classification_metrics` for K members at once: logits [K, N, C], targets [K, N, ...] -> each metric as a
+    float64 [K] tensor and the confusion matrices [K, C, C] (CPU; rows: actual, columns: predicted)."""
+    k = logits.shape[0]
     if task == "binary":
-        predicted = (logits[:, 0] > 0).long()
-        actual = target[:, 0].long()
+        predicted = (logits[..., 0] > 0).long()
+        actual = target[..., 0].long()
         n_classes = 2
     else:
-        predicted = logits.argmax(dim=1)
+        predicted = logits.argmax(dim=2)
         actual = target.long()
-        n_classes = logits.shape[1]
-    confusion = torch.bincount(actual * n_classes + predicted, minlength=n_classes * n_classes)
-    confusion = confusion.reshape(n_classes, n_classes).cpu()  # rows: actual, columns: predicted
-    tp = confusion.diagonal().double()
-    predicted_count = confusion.sum(dim=0).double()
-    actual_count = confusion.sum(dim=1).double()
+        n_classes = logits.shape[2]
+    cells = n_classes * n_classes
+    member = torch.arange(k, device=logits.device).unsqueeze(1) * cells
+    confusion = torch.bincount((member + actual * n_classes + predicted).reshape(-1), minlength=k * cells)
+    confusion = confusion.reshape(k, n_classes, n_classes).cpu()
+    tp = confusion.diagonal(dim1=1, dim2=2).double()
+    predicted_count = confusion.sum(dim=1).double()
+    actual_count = confusion.sum(dim=2).double()
     precision = torch.where(predicted_count > 0, tp / predicted_count.clamp(min=1), 0.0)
     recall = torch.where(actual_count > 0, tp / actual_count.clamp(min=1), 0.0)
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-300), 0.0)
-    metrics = {"val_accuracy": float(tp.sum() / confusion.sum())}
+    metrics = {"val_accuracy": tp.sum(dim=1) / confusion.sum(dim=(1, 2))}
     if task == "binary":
-        metrics.update(val_precision=float(precision[1]), val_recall=float(recall[1]), val_f1=float(f1[1]))
+        metrics.update(val_precision=precision[:, 1], val_recall=recall[:, 1], val_f1=f1[:, 1])
     else:
-        metrics["val_macro_f1"] = float(f1.mean())
-    return metrics, confusion.tolist()
+        metrics["val_macro_f1"] = f1.mean(dim=1)
+    return metrics, confusion
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train_batches: Batches,

@@ -146,7 +146,6 @@ def train_and_hand_over(part: Part, engine: Engine, recorder: Recorder, writer, 
     pruning = spec.pruner.type != "none"
 
     def on_epoch(job: Job, record: EpochRecord) -> str | None:
-        stop_flag.check()
         if job.run is not None:
             job.run.epoch_callback(record)
         if not pruning or record.epoch % every or not finite(record.val_loss):
@@ -175,7 +174,7 @@ def train_and_hand_over(part: Part, engine: Engine, recorder: Recorder, writer, 
             for job in jobs:
                 job.run = recorder.begin(job.lease, job.config)
         stop_flag.check()
-        engine.train(jobs, on_epoch)
+        engine.train(jobs, on_epoch if engine.live or pruning else None)  # the engine checks the stop flag
     except Exception as exc:  # an interrupt is the caller's to record: `jobs` still holds what it must fail
         for job in [j for j in jobs if j.result is None]:
             fail(job, exc)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, make_dataset
 from .experiment import model_spec_for, resolve_device
-from .loop import EpochRecord, History, classification_metrics
+from .loop import EpochRecord, History, stacked_classification_metrics
 from .model import ACTIVATIONS, ModelSpec, build_model
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -52,8 +52,7 @@ class Member:
     init_state: dict[str, torch.Tensor]
     shuffle_gen: torch.Generator | None
     global_gen: torch.Generator  # the global RNG as the reference loop would see it after building the model
-    history: History = field(default_factory=History)
-    active: bool = True
+    history: History = field(default_factory=History)  # train_group's, once trained
     started: float = field(default_factory=time.time)
 
 
@@ -191,19 +190,90 @@ def _sample_average(batch_losses: list[torch.Tensor], sizes: list[int], n: int) 
     return total / n
 
 
-def train_group(members: list[Member], on_epoch=None) -> None:
+def _distinct(members: list[Member], key) -> tuple[list[Member], torch.Tensor]:
+    """One member for each distinct `key(member)`, and each member's row in that list."""
+    first: dict = {}
+    rows = [first.setdefault(key(m), (len(first), m))[0] for m in members]
+    return [m for _, m in first.values()], torch.tensor(rows)
+
+
+class _Curves:
+    """Every member's epochs as [K, epochs] float64 tensors (CPU), with the decisions `History.record` and
+    `History.stop` make, taken for all members at once: an epoch improves when its val_loss is strictly below the
+    best so far (NaN never does), a non-finite train or val loss ends the member as diverged, a hook's reason as
+    stopped. Each member's History is built once, at the end (`histories`)."""
+
+    def __init__(self, k: int, epochs: int):
+        self.train = torch.full((k, epochs), math.nan, dtype=torch.float64)
+        self.val = torch.full((k, epochs), math.nan, dtype=torch.float64)
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.confusion: torch.Tensor | None = None  # each member's at its best epoch
+        self.best_val = torch.full((k,), math.inf, dtype=torch.float64)
+        self.best_epoch = torch.zeros(k, dtype=torch.int64)
+        self.active = torch.ones(k, dtype=torch.bool)
+        self.epochs_run = torch.zeros(k, dtype=torch.int64)
+        self.reasons: dict[int, str] = {}  # members stopped by a hook
+
+    def record(self, epoch: int, train: torch.Tensor, val: torch.Tensor, metrics: dict[str, torch.Tensor],
+               confusion: torch.Tensor | None) -> torch.Tensor:
+        """One epoch of the members still recording; returns which of them improved ([K] bool)."""
+        column, active = epoch - 1, self.active
+        self.train[active, column] = train[active]
+        self.val[active, column] = val[active]
+        for name, values in metrics.items():
+            curve = self.metrics.setdefault(name, torch.full_like(self.train, math.nan))
+            curve[active, column] = values[active]
+        improved = active & (val < self.best_val)
+        self.best_val = torch.where(improved, val, self.best_val)
+        self.best_epoch[improved] = epoch
+        if confusion is not None:
+            self.confusion = torch.zeros_like(confusion) if self.confusion is None else self.confusion
+            self.confusion[improved] = confusion[improved]
+        self.epochs_run[active] = epoch
+        return improved
+
+    def stop(self, epoch: int, train: torch.Tensor, val: torch.Tensor, reasons: dict[int, str]) -> None:
+        """After `record`: members with a non-finite loss, and those a hook gave a reason, stop recording."""
+        diverged = self.active & ~(torch.isfinite(train) & torch.isfinite(val))
+        for row, reason in reasons.items():
+            if not diverged[row]:
+                self.reasons[row] = reason
+                self.active[row] = False
+        self.active &= ~diverged
+
+    def histories(self) -> list[History]:
+        train, val = self.train.tolist(), self.val.tolist()
+        metrics = {name: curve.tolist() for name, curve in self.metrics.items()}
+        confusion = self.confusion.tolist() if self.confusion is not None else None
+        out = []
+        for i, (n, best) in enumerate(zip(self.epochs_run.tolist(), self.best_epoch.tolist())):
+            history = History(train[i][:n], val[i][:n], {name: curve[i][:n] for name, curve in metrics.items()})
+            if best:
+                history.best_epoch, history.best_val_loss = best, val[i][best - 1]
+                history.best_metrics = {name: curve[i][best - 1] for name, curve in metrics.items()}
+                history.confusion_matrix = confusion[i] if confusion is not None else None
+            if i in self.reasons:
+                history.status, history.stop_reason = "stopped", self.reasons[i]
+            elif n and not (math.isfinite(train[i][n - 1]) and math.isfinite(val[i][n - 1])):
+                history.status = "diverged"
+                history.stop_reason = f"diverged at epoch {n} (train_loss={train[i][n - 1]}, val_loss={val[i][n - 1]})"
+            out.append(history)
+        return out
+
+
+def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     """Train a group of same-shaped members together. `on_epoch(member, record)` sees each epoch of each member
     still recording, as fit's callbacks do, and may return a reason to stop recording that member (its pruner's
-    decision); it keeps computing with the others."""
+    decision); it keeps computing with the others. `each_epoch()` is called once per epoch (a stop check). Without
+    `on_epoch`, no Python runs per member per epoch: the curves and decisions are [K] tensor operations."""
     first = members[0]
     config, dataset = first.config, first.dataset
     device = resolve_device(config.device)
     train, task = config.train, config.task
     k = len(members)
-    # each distinct data set once on the device; `which` maps members to theirs (shuffled batches gather from it)
-    distinct: dict[int, int] = {}
-    which = torch.tensor([distinct.setdefault(id(m.dataset), len(distinct)) for m in members], device=device)
-    sets = list({id(m.dataset): m.dataset for m in members}.values())
+    # each distinct data set once on the device; members gather theirs by index
+    owners, which = _distinct(members, lambda m: id(m.dataset))
+    which, sets = which.to(device), [m.dataset for m in owners]
     x_train = torch.stack([d.x_train for d in sets]).to(device)
     y_train = torch.stack([d.y_train for d in sets]).to(device)
     x_val = torch.stack([d.x_val for d in sets]).to(device)[which]
@@ -216,19 +286,17 @@ def train_group(members: list[Member], on_epoch=None) -> None:
     n_in, n_out = dataset.x_train.shape[1], dataset.n_outputs
     shapes = [(width, n_in), (width,), (n_out, width), (n_out,)]
     sizes_p = [math.prod(shape) for shape in shapes]
-    padded_rows: dict[int, torch.Tensor] = {}  # each distinct initial weight set padded once
-    initial = torch.empty(k, sum(sizes_p))
-    for row, m in enumerate(members):
-        if id(m.init_state) not in padded_rows:
-            h = m.spec.hidden[0]
-            padded = [torch.zeros(shape) for shape in shapes]
-            padded[0][:h] = m.init_state["net.0.weight"]
-            padded[1][:h] = m.init_state["net.0.bias"]
-            padded[2][:, :h] = m.init_state["net.2.weight"]
-            padded[3][:] = m.init_state["net.2.bias"]
-            padded_rows[id(m.init_state)] = torch.cat([t.reshape(-1) for t in padded])
-        initial[row] = padded_rows[id(m.init_state)]
-    flat = initial.to(device)  # one transfer
+    owners, init_row = _distinct(members, lambda m: id(m.init_state))
+    padded_rows = []  # each distinct initial weight set padded once, then gathered for every member on the device
+    for state in (m.init_state for m in owners):
+        h = state["net.0.weight"].shape[0]
+        padded = [torch.zeros(shape) for shape in shapes]
+        padded[0][:h] = state["net.0.weight"]
+        padded[1][:h] = state["net.0.bias"]
+        padded[2][:, :h] = state["net.2.weight"]
+        padded[3][:] = state["net.2.bias"]
+        padded_rows.append(torch.cat([t.reshape(-1) for t in padded]))
+    flat = torch.stack(padded_rows).to(device)[init_row.to(device)]
     flat.requires_grad_()
     activation = ACTIVATIONS[config.model.activation]()
     optimizer = _StackedOptimizer(flat, [m.config for m in members])
@@ -238,6 +306,7 @@ def train_group(members: list[Member], on_epoch=None) -> None:
     n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
     val_batch = train.val_batch_size or n_val
     best = flat.detach().clone()
+    curves = _Curves(k, train.epochs)
     started = time.perf_counter()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -245,18 +314,16 @@ def train_group(members: list[Member], on_epoch=None) -> None:
         hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
-    # members that share their generators share their draws: one batch order per distinct pair per epoch
-    sharing: dict[tuple[int, int], list[int]] = {}
-    for row, m in enumerate(members):
-        sharing.setdefault((id(m.shuffle_gen), id(m.global_gen)), []).append(row)
-    draw_from = [members[rows[0]] for rows in sharing.values()]
+    # members that share their generators share their draws: one batch order per distinct pair per epoch, sent to
+    # the device once and gathered there for every member
+    draw_from, draw_row = _distinct(members, lambda m: (id(m.shuffle_gen), id(m.global_gen)))
+    draw_row = draw_row.to(device)
     for epoch in range(1, train.epochs + 1):
+        if each_epoch is not None:
+            each_epoch()
         drawn = [_draw_order(m, n_train, train.shuffle) for m in draw_from]
         if train.shuffle:
-            order = torch.empty(k, n_train, dtype=torch.int64)
-            for rows, perm in zip(sharing.values(), drawn):
-                order[rows] = perm
-            index = order.to(device)
+            index = torch.stack(drawn).to(device)[draw_row]
             xs, ys = x_train[which.unsqueeze(1), index], y_train[which.unsqueeze(1), index]
         else:
             xs, ys = x_train[which], y_train[which]
@@ -280,35 +347,36 @@ def train_group(members: list[Member], on_epoch=None) -> None:
                 val_sizes.append(out.shape[1])
                 outputs.append(out)
             val_loss = _sample_average(val_losses, val_sizes, n_val)
-            logits = torch.cat(outputs, dim=1) if task != "regression" else None
-        train_values, val_values = train_loss.tolist(), val_loss.tolist()
-        improved = [False] * k
-        for i, m in enumerate(members):  # one pass per epoch: record, tell the hook, stop (as fit does)
-            if not m.active:  # a stopped member's weights still move (the batch trains on); its record does not
-                continue
-            metrics, confusion = {}, None
-            if logits is not None:
-                metrics, confusion = classification_metrics(logits[i], y_val[i], task)
-            history = m.history
-            improved[i] = history.record(epoch, train_values[i], val_values[i], metrics, confusion)
-            record = EpochRecord(epoch, train_values[i], val_values[i], metrics, history.best_val_loss,
-                                 history.best_epoch, improved[i])
-            reason = on_epoch(m, record) if on_epoch is not None else None
-            if history.stop(epoch, [reason] if reason else []):
-                m.active = False
-        if any(improved):  # each improved member's row, in one masked copy: its best_state, taken at the end
-            mask = torch.tensor(improved, device=device).unsqueeze(1)
-            best.copy_(torch.where(mask, flat.detach(), best))
-        if not any(m.active for m in members):
+        metrics, confusion = {}, None
+        if task != "regression":
+            metrics, confusion = stacked_classification_metrics(torch.cat(outputs, dim=1), y_val, task)
+        improved = curves.record(epoch, train_loss, val_loss, metrics, confusion)
+        reasons = {}
+        if on_epoch is not None:  # as fit's callbacks: each member still recording sees its epoch
+            train_values, val_values = train_loss.tolist(), val_loss.tolist()
+            best_values, best_epochs = curves.best_val.tolist(), curves.best_epoch.tolist()
+            metric_values = {name: values.tolist() for name, values in metrics.items()}
+            for i in curves.active.nonzero().flatten().tolist():
+                record = EpochRecord(epoch, train_values[i], val_values[i],
+                                     {name: values[i] for name, values in metric_values.items()},
+                                     best_values[i], best_epochs[i], bool(improved[i]))
+                reason = on_epoch(members[i], record)
+                if reason:
+                    reasons[i] = reason
+        curves.stop(epoch, train_loss, val_loss, reasons)
+        if improved.any():  # each improved member's row, in one masked copy: its best_state, taken at the end
+            best.copy_(torch.where(improved.to(device).unsqueeze(1), flat.detach(), best))
+        if not curves.active.any():
             break
     elapsed = time.perf_counter() - started
     w1, b1, w2, b2 = unpack(best.cpu())
-    for i, m in enumerate(members):
-        m.history.seconds = elapsed / k
-        if m.history.best_epoch:
+    for i, (m, history) in enumerate(zip(members, curves.histories())):
+        m.history = history
+        history.seconds = elapsed / k
+        if history.best_epoch:
             h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
-            m.history.best_state = {"net.0.weight": w1[i, :h].clone(), "net.0.bias": b1[i, :h].clone(),
-                                    "net.2.weight": w2[i, :, :h].clone(), "net.2.bias": b2[i].clone()}
+            history.best_state = {"net.0.weight": w1[i, :h].clone(), "net.0.bias": b1[i, :h].clone(),
+                                  "net.2.weight": w2[i, :, :h].clone(), "net.2.bias": b2[i].clone()}
 
 
 def group_members(members: list[Member]) -> list[list[Member]]:
