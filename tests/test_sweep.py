@@ -346,3 +346,39 @@ def test_a_resumed_random_sweep_proposes_new_points(store):
     assert main(["sweep", str(sweep), "n_trials=4", "epochs=2", "--quiet", "--no-report"]) == 0
     lrs = [trial.params["lr"] for trial in study_of(store, "again").trials]
     assert len(lrs) == 4 and len(set(lrs)) == 4
+
+
+def test_conditions_run_side_by_side_each_searching_as_it_would_alone(store, monkeypatch):
+    """With one worker, a sweep's conditions run at once in their own processes (one core each). Each condition is
+    its own study, so its search must be exactly the one it gets run alone, one condition after the other: the
+    same trials, parameters and values, run by run; and two processes must have done the work."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    space = SPACE.replace("noise: {choices: [0.3, 1.0]}\n", "")
+    results = {}
+    for at_once in (1, 2):
+        folder = store / f"at_once_{at_once}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        monkeypatch.setenv("SWEEPLAB_CONDITIONS_AT_ONCE", str(at_once))
+        sweep = write_sweep(folder / "s.yaml", root, "sides", space, 8, sampler="tpe",
+                            extra="conditions: {noise: [0.3, 1.0]}\n")
+        assert main(["sweep", str(sweep), "epochs=5", "--quiet", "--no-report"]) == 0
+        runs = runs_of(MlflowClient(f"sqlite:///{folder}/mlflow.db"), "sides")
+        assert all(r.info.status == "FINISHED" for r in runs)
+        trials = {(r.data.params["data.noise"], int(r.data.tags["sweeplab.trial_number"])):
+                  (r.data.params["train.optimizer"], r.data.params["train.lr"], r.data.params["model.hidden"],
+                   r.data.metrics["best_val_loss"])
+                  for r in runs if r.data.tags.get("sweeplab.role") == "trial"}
+        workers = {noise: {r.data.tags["sweeplab.worker"] for r in runs
+                           if r.data.tags.get("sweeplab.role") == "trial" and r.data.params["data.noise"] == noise}
+                   for noise in ("0.3", "1.0")}
+        results[at_once] = trials, workers
+        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+        assert int(client.get_model_version_by_alias("sides", "champion").version) == 1  # noise 0.3, the base's own
+        assert int(client.get_model_version_by_alias("sides", "champion-noise-1_0").version) == 2
+    (alone, alone_workers), (side, side_workers) = results[1], results[2]
+    assert len(alone) == 8 and sorted(alone) == sorted(side)
+    assert side == alone  # every trial: the same optimizer, lr, hidden and best_val_loss
+    assert all(len(process) == 1 for process in [*alone_workers.values(), *side_workers.values()])
+    assert alone_workers["0.3"] == alone_workers["1.0"]  # one after the other, in one process
+    assert side_workers["0.3"] != side_workers["1.0"]  # at once, in two

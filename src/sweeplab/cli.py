@@ -9,6 +9,7 @@ MLflow or Optuna, so it starts as fast as torch allows.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shlex
@@ -117,41 +118,77 @@ def _run_summary(result, tracker) -> dict:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .config import load_sweep, parse_overrides
-
-    overrides = parse_overrides(args.overrides)
-    sweep = load_sweep(args.sweep, overrides)  # a bad sweep file fails here, before any study or run exists
     from .process import configure, use_threads
     from .stores import resolve_storage_url, resolve_tracking_uri
-    from .sweep import run_sweep
 
-    configure()
-    spec = sweep.spec
-    # one core per worker; the vectorized engine leaves the second to its MLflow writers
-    use_threads(1 if spec.workers > 1 or spec.engine == "vectorized" else None)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    storage_url = resolve_storage_url(args.storage, tracking_uri)
-    bar = Progress(spec.study, enabled=not args.quiet,
-                   header=f"engine: {spec.engine} ({sweep.engine_reason})" if sweep.engine_reason else "")
+    overrides = parse_overrides(args.overrides)
+    background = None
+    if args.report:  # forked first: it imports what a report needs while this process imports torch and the rest
+        from .background import Forked
+
+        background = Forked(lambda: _warm_report(args.tracking_uri))
     try:
-        outcome = run_sweep(sweep, tracking_uri, storage_url, workers=spec.workers, progress=bar.update)
-    finally:
-        bar.close()
-    _print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
-    if args.report:
-        from pathlib import Path
+        configure()
+        tracking_uri = resolve_tracking_uri(args.tracking_uri)
+        sweep = load_sweep(args.sweep, overrides)  # a bad sweep file fails here, before any study or run exists
+        from .sweep import run_sweep
+        from .tracking import import_store_modules
 
-        from .report import build_report, terminal_tables
+        spec = sweep.spec
+        # one core per worker or condition run side by side; the vectorized engine leaves the second to its writers
+        use_threads(1 if spec.workers > 1 or spec.engine == "vectorized" or len(sweep.parts()) > 1 else None)
+        storage_url = resolve_storage_url(args.storage, tracking_uri)
+        import_store_modules(tracking_uri)  # once, before the helpers are forked
+        out = f"reports/{spec.study}"
 
-        out = Path(f"reports/{spec.study}")
+        def trials_done() -> None:  # the report, built while this process registers the champions
+            if background is not None:
+                from .report import report_for_sweep
+
+                background.submit(report_for_sweep, spec.study, tracking_uri, out)
+
+        bar = Progress(spec.study, enabled=not args.quiet,
+                       header=f"engine: {spec.engine} ({sweep.engine_reason})" if sweep.engine_reason else "")
         try:
-            report = build_report(spec.study, tracking_uri, out)
+            outcome = run_sweep(sweep, tracking_uri, storage_url, workers=spec.workers, progress=bar.update,
+                                trials_done=trials_done)
+        finally:
+            bar.close()
+    except BaseException:
+        if background is not None:
+            background.close()
+        raise
+    _print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
+    if background is not None:
+        try:
+            report = background.result()
+            if report["parent_run_id"]:
+                from pathlib import Path
+
+                from .tracking import Tracker
+
+                Tracker(tracking_uri).log_report(report["parent_run_id"], Path(out), report["note"])
         except Exception as exc:  # the sweep itself succeeded; say why there is no report and carry on
             print(f"report: not written ({type(exc).__name__}: {exc})", file=sys.stderr)
         else:
             print()
-            print(terminal_tables(report))
-            print(f"report:   {out / 'report.html'}")
+            print(report["tables"])
+            print(f"report:   {out}/report.html")
     return 0
+
+
+def _warm_report(tracking_uri: str | None) -> None:
+    """In the sweep's background process, while the trials train: the process settings, a report's imports and
+    its first-use costs."""
+    from .process import configure
+    from .stores import resolve_tracking_uri
+
+    configure(install_stop=False)
+    from .report import warm_up
+    from .tracking import import_store_modules
+
+    import_store_modules(resolve_tracking_uri(tracking_uri))
+    warm_up()
 
 
 class Progress:
@@ -579,15 +616,31 @@ def one_line(exc: BaseException, with_type: bool = False) -> str:
 
 
 def entry_point() -> None:
-    """The console script. When the command touched neither MLflow nor Optuna (whose exit handlers flush
-    logs and end runs), everything it owes the user is on stdout/stderr once flushed, and skipping
-    interpreter teardown saves ~0.35 s of unloading torch, more than this whole command's training."""
-    code = main()
-    if not {"mlflow", "optuna"} & sys.modules.keys():
+    """The console script. Interpreter teardown (unloading torch, dynamo's and MLflow's modules one by one) takes
+    ~2 s after a sweep and does nothing a user needs. So once the command has returned, the non-daemon threads are
+    joined and every exit handler has run (MLflow's and Optuna's, which flush and end runs; multiprocessing's and
+    concurrent.futures', which end child processes; logging's), the process ends at once with the command's exit
+    code: `_end_now` is registered first, so it runs last. An exception other than an exit (a crash, Ctrl-C
+    outside a command) takes Python's own way out."""
+    atexit.register(_end_now)
+    try:
+        code = main()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) or exc.code is None:
+            _exit_code.append(exc.code or 0)
+        raise
+    _exit_code.append(code)
+    sys.exit(code)
+
+
+_exit_code: list[int] = []
+
+
+def _end_now() -> None:
+    if _exit_code:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+        os._exit(_exit_code[-1])
 
 
 if __name__ == "__main__":

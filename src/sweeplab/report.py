@@ -366,10 +366,33 @@ def build_report(study: str, tracking_uri: str, out: Path, log_to_mlflow: bool =
     (out / "report.html").write_text(_html(report, pictures, ui_url))
     files += [out / "answer.json", out / "summary.md", out / "report.html"]
     if log_to_mlflow and data.parent_run_id:
-        client = Tracker(tracking_uri).client
-        client.log_artifacts(data.parent_run_id, str(out), "report")
-        client.set_tag(data.parent_run_id, "mlflow.note.content", "\n\n".join(answer_text(report)))
+        Tracker(tracking_uri).log_report(data.parent_run_id, out, "\n\n".join(answer_text(report)))
     return report
+
+
+def report_for_sweep(study: str, tracking_uri: str, out: str) -> dict:
+    """The report `sweeplab sweep` ends with, built in its background process (background.Forked): the files in
+    `out`, and what the sweep then prints and logs to the parent run (`Tracker.log_report`)."""
+    report = build_report(study, tracking_uri, Path(out), log_to_mlflow=False)
+    return {"tables": terminal_tables(report), "note": "\n\n".join(answer_text(report)),
+            "parent_run_id": report.data.parent_run_id}
+
+
+def warm_up() -> None:
+    """A report's first-use costs, paid ahead while a sweep trains: fANOVA's imports (scikit-learn), MLflow's SQL
+    store, matplotlib's fonts and PNG writer (~2 s here)."""
+    from matplotlib.figure import Figure
+    from mlflow.store.tracking import sqlalchemy_store
+    from optuna.importance import FanovaImportanceEvaluator  # optuna's `importance` attribute is a lazy import
+
+    del sqlalchemy_store, FanovaImportanceEvaluator
+
+    fig = Figure(figsize=(2, 2))
+    ax = fig.add_subplot()
+    ax.plot([1, 2], [1, 2], label="a")
+    ax.set(xlabel="x", ylabel="y", title="t", yscale="log")
+    ax.legend()
+    _png(fig)
 
 
 SHOWN = ["trials", "completed", "pruned", "diverged", "failed", "learned", "best_val_loss_q1", "best_val_loss_median",

@@ -54,6 +54,7 @@ class Part:
     tracking_uri: str
     storage_url: str
     parent_run_id: str | None = None
+    pool_writers: bool = True  # False when every core already runs a condition (conditions side by side)
 
     @property
     def n_trials(self) -> int:
@@ -72,7 +73,7 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
     engine = engine_named(spec.engine)
     recorder = Recorder(part.tracker, part.experiment_id, part.parent_run_id, part.ledger, spec.study,
                         list(spec.space), spec.condition, engine.name)
-    pooled = not engine.live and part.n_trials > WRITERS_FROM_TRIALS
+    pooled = not engine.live and part.n_trials > WRITERS_FROM_TRIALS and part.pool_writers
     writer = InlineWriter(recorder) if not pooled else WriterPool(WriterSetup(
         part.tracking_uri, part.storage_url, spec.optuna_study, part.n_trials, part.experiment_id, part.parent_run_id,
         spec.study, tuple(spec.space), dict(spec.condition), engine.name), part.ledger,
@@ -265,12 +266,27 @@ class SweepOutcome:
         return sum(part.ran for part in self.parts)
 
 
+def side_by_side(sweep: Sweep, workers: int) -> int:
+    """How many of a sweep's conditions run at once. With one worker, one process per condition, up to this
+    machine's cores ($SWEEPLAB_CONDITIONS_AT_ONCE lowers it): each condition is its own study, so its search is
+    the one it would be alone, and a 2-core machine does twice the work. With workers=N, the N processes share
+    each condition in turn."""
+    if workers > 1:
+        return 1
+    cores = env_number("SWEEPLAB_CONDITIONS_AT_ONCE", os.cpu_count() or 1, int, 1)
+    return max(1, min(len(sweep.parts()), cores))
+
+
 def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 1,
-              progress: Callable[[optuna.Study, int, str], None] | None = None, register: bool = True) -> SweepOutcome:
-    """`sweeplab sweep`: this process works as worker 0, with workers-1 local helpers. A sweep with conditions
-    runs them one after the other, each its own study with its share of the budget, under one parent run; each
-    condition gets its champion."""
-    helpers = Helpers(workers - 1)  # forked now: before this process opens any store
+              progress: Callable[[optuna.Study, int, str], None] | None = None, register: bool = True,
+              trials_done: Callable[[], None] | None = None) -> SweepOutcome:
+    """`sweeplab sweep`: this process works as worker 0, with local helpers: workers-1 of them working through
+    every condition with it, or (workers=1) one per further condition run side by side (`side_by_side`). A sweep
+    with conditions gives each its own study with its share of the budget, under one parent run; each condition
+    gets its champion. `trials_done()` is called once every trial is recorded, before the champions are
+    registered (the CLI starts its report then)."""
+    side = side_by_side(sweep, workers)
+    helpers = Helpers(workers - 1 if side == 1 else side - 1)  # forked now: before this process opens any store
     try:
         parts = prepare(sweep, tracking_uri, storage_url)
         tracker, experiment_id = parts[0].tracker, parts[0].experiment_id
@@ -279,31 +295,52 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     except BaseException:
         helpers.close()
         raise
-    helpers.start(sweep, tracking_uri, storage_url, parent)
+    # side by side: this process takes parts 0, side, 2*side...; helper i parts i, i+side...
+    shares = [list(range(i, len(parts), side)) for i in range(side)]
+    helpers.start(sweep, tracking_uri, storage_url, parent, shares[1:] if side > 1 else None)
     try:
-        outcome = SweepOutcome([], parent, experiment_id)
-        for part in parts:
-            part.parent_run_id = parent
-            before = finished_count(part.study)
-            label = condition_label(part.sweep.spec.condition)
-            report = (lambda number, result, part=part, label=label: progress(part.study, part.n_trials, label)) \
-                if progress else None
-            work(part, on_trial_end=report)
-            outcome.parts.append(PartOutcome(part.sweep, part.study, finished_count(part.study) - before))
+        before = [finished_count(part.study) for part in parts]
+
+        def tick(part: Part) -> None:
+            if progress:
+                progress(part.study, part.n_trials, condition_label(part.sweep.spec.condition))
+
+        champions: dict[int, dict] = {}
+
+        def crown(index: int) -> None:  # the condition's best model, registered under its alias
+            top = best_trials(parts[index].study, 1) if register else []
+            if top:
+                from .champion import register_champion
+
+                champions[index] = register_champion(tracker, top[0], sweep.spec.study, experiment_id,
+                                                     champion_alias(parts[index].sweep), parts[index].sweep.spec.condition)
+
+        for index in shares[0]:
+            part = parts[index]
+            part.parent_run_id, part.pool_writers = parent, side == 1
+            work(part, on_trial_end=lambda number, result, part=part: tick(part))
         stop_flag.check()  # a stop that arrived while the last trial was being recorded
-        last = parts[-1]
-        failed = helpers.wait(lambda: progress(last.study, last.n_trials, condition_label(last.sweep.spec.condition))
-                              if progress else None)
+        theirs = [parts[index] for share in shares[1:] for index in share] or parts[-1:]
+        shown = [0]  # the helpers' conditions get their bars in order, each once it is the first not yet full
+
+        def tick_theirs() -> None:
+            while shown[0] < len(theirs) - 1 and finished_count(theirs[shown[0]].study) >= theirs[shown[0]].n_trials:
+                tick(theirs[shown[0]])
+                shown[0] += 1
+            tick(theirs[shown[0]])
+
+        failed = helpers.wait(tick_theirs)
         if failed and any(finished_count(part.study) < part.n_trials for part in parts):
             raise SweepError(f"{len(failed)} of {helpers.n} helper workers failed; the first: {failed[0]}")
-        if register:
-            from .champion import register_champion
-
-            for part in outcome.parts:
-                top = best_trials(part.study, 1)
-                if top:
-                    part.champion = register_champion(tracker, top[0], sweep.spec.study, experiment_id,
-                                                      champion_alias(part.sweep), part.sweep.spec.condition)
+        if side > 1:
+            tick_theirs()
+        if trials_done is not None:
+            trials_done()
+        for index in range(len(parts)):  # while the CLI's background process builds the report
+            crown(index)
+        outcome = SweepOutcome([PartOutcome(part.sweep, part.study, finished_count(part.study) - ran_before,
+                                            champions.get(index))
+                                for index, (part, ran_before) in enumerate(zip(parts, before))], parent, experiment_id)
         tracker.client.set_tag(parent, TAG_NOTE, outcome_note(outcome))
         tracker.end_run(parent, "completed")
     except BaseException as exc:
@@ -386,9 +423,14 @@ class Helpers:
             self.pool = ProcessPoolExecutor(n, mp_context=context)
             wait([self.pool.submit(os.getpid) for _ in range(n)])  # forks all n now (fork pools start them all)
 
-    def start(self, sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str) -> None:
+    def start(self, sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str,
+              shares: list[list[int]] | None = None) -> None:
+        """Every helper works through every part (workers=N), or helper i through the parts in shares[i] alone
+        (conditions side by side: each is then the only worker on its parts, with worker 0's sampler seed)."""
         if self.pool is not None:
-            self.futures = [self.pool.submit(_helper_work, sweep, tracking_uri, storage_url, index, parent_run_id)
+            self.futures = [self.pool.submit(_helper_work, sweep, tracking_uri, storage_url,
+                                             index if shares is None else 0, parent_run_id,
+                                             None if shares is None else shares[index - 1])
                             for index in range(1, self.n + 1)]
 
     def wait(self, tick: Callable[[], None] | None = None, timeout: float | None = None) -> list[str]:
@@ -414,12 +456,15 @@ class Helpers:
             self.pool = None
 
 
-def _helper_work(sweep: Sweep, tracking_uri: str, storage_url: str, index: int, parent_run_id: str) -> int:
-    """A helper's whole work, in its forked process."""
+def _helper_work(sweep: Sweep, tracking_uri: str, storage_url: str, index: int, parent_run_id: str,
+                 share: list[int] | None = None) -> int:
+    """A helper's whole work, in its forked process: every part, or (side by side) its share of them alone."""
     ran = 0
-    for part in prepare(sweep, tracking_uri, storage_url, worker_index=index):
-        part.parent_run_id = parent_run_id
-        ran += work(part)
+    parts = prepare(sweep, tracking_uri, storage_url, worker_index=index)
+    for number, part in enumerate(parts):
+        if share is None or number in share:
+            part.parent_run_id, part.pool_writers = parent_run_id, share is None
+            ran += work(part)
     return ran
 
 

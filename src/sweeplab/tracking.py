@@ -242,6 +242,22 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
         engine.dispose()
 
 
+def import_store_modules(tracking_uri: str) -> None:
+    """Import what opening a database tracking store imports (SQLAlchemy, Alembic, MLflow's SQL stores: ~0.6 s
+    here), without opening it: `sweeplab sweep` does this before it forks its helpers and background process, so
+    they do not pay it again."""
+    if tracking_uri.startswith(("http:", "https:", "databricks")):
+        return
+    import alembic.command
+    import alembic.config
+    import alembic.migration
+    from mlflow.store.db import utils
+    from mlflow.store.model_registry import sqlalchemy_store as registry_store
+    from mlflow.store.tracking import sqlalchemy_store
+
+    del alembic, utils, registry_store, sqlalchemy_store
+
+
 class Tracker:
     """A tracking store: creates experiments and runs, and logs what a trial leaves behind."""
 
@@ -341,6 +357,11 @@ class Tracker:
                 self.end_run(run.info.run_id, "killed", f"process {worker} ended without closing the run")
                 reaped += 1
         return reaped
+
+    def log_report(self, parent_run_id: str, folder: Path, note: str) -> None:
+        """A report's files under the parent run's `report/`, and its answer as the run's description."""
+        self.client.log_artifacts(parent_run_id, str(folder), "report")
+        self.client.set_tag(parent_run_id, TAG_NOTE, note)
 
     def end_run(self, run_id: str, outcome: str, reason: str | None = None) -> None:
         self.client.log_batch(run_id, tags=outcome_tags(outcome, reason))

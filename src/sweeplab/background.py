@@ -1,0 +1,76 @@
+"""One piece of work done beside the sweep, in a process forked before the sweep opens any store.
+
+`sweeplab sweep` ends with its report and its champions' export, ~2 s each of one core while the other core idles;
+and a report's first build in a process spends another ~2 s on first use (fANOVA's scikit-learn, matplotlib's
+fonts, MLflow's SQL store). A `Forked` process pays those first-use costs while the trials train, then does the
+one call it is sent (the report, once the trials are done) while this process registers the champions.
+
+It is forked before any store is opened (it opens its own) and before any thread starts, as the local helpers are
+(sweep.Helpers). It ignores Ctrl-C: the sweep decides, and closes it. It ends with `os._exit`, so nothing this
+process set up (MLflow, Optuna, atexit handlers) is torn down twice; and when this process dies, the pipe closes
+and it ends too.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from typing import Any, Callable
+
+from .stop import stop_flag
+
+
+class Forked:
+    """A forked process that runs `warm()` at once, then one call sent with `submit`; `result` waits for it."""
+
+    def __init__(self, warm: Callable[[], None]):
+        context = multiprocessing.get_context("fork")
+        self._conn, theirs = context.Pipe()
+        self._process = context.Process(target=_serve, args=(theirs, warm), daemon=True, name="sweeplab-background")
+        self._process.start()
+        theirs.close()
+        self.submitted = False
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run function(*args) there (a module-level function; args are pickled)."""
+        self._conn.send((function, args))
+        self.submitted = True
+
+    def result(self) -> Any:
+        """The call's return value; its exception comes back as a RuntimeError with its type and message."""
+        while not self._conn.poll(0.2):
+            stop_flag.check()
+            if not self._process.is_alive() and not self._conn.poll():
+                raise RuntimeError(f"the background process ended (exit code {self._process.exitcode})")
+        ok, value = self._conn.recv()
+        self.close()
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        """End it, done or not (the sweep failed, or was stopped)."""
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join(5)
+        self._conn.close()
+
+
+def _serve(conn, warm: Callable[[], None]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep handles Ctrl-C, then closes this process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        try:
+            warm()
+        except Exception:
+            pass  # warming up only saves time; the call itself says what is wrong
+        function, args = conn.recv()
+        try:
+            conn.send((True, function(*args)))
+        except Exception as exc:
+            conn.send((False, f"{type(exc).__name__}: {exc}"))
+    except BaseException:
+        pass  # the sweep ended without sending work (EOFError), or closed the pipe
+    finally:
+        os._exit(0)
