@@ -106,6 +106,7 @@ def test_the_study_and_its_runs_describe_themselves(compared):
     (parent,) = [r for r in runs if r.data.tags.get("sweeplab.role") == "sweep"]
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("noise=0.3: best is") and "\n\nnoise=1.0: best is" in note
+    assert note.count("fANOVA importance") == 2  # the report's answer (logged after the sweep's own short note)
     for run in runs:
         if run.data.tags.get("sweeplab.role") == "trial":
             assert run.data.tags["mlflow.note.content"].startswith(f"Trial #{run.data.tags['sweeplab.trial_number']} "

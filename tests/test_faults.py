@@ -3,7 +3,6 @@ exits 2 with one line naming the file, field or argument; a fault exits non-zero
 finished trial lost; no run left RUNNING; nothing written outside the stores the user named."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +212,24 @@ def test_report_out_naming_a_file_and_a_negative_worker_index(here, capsys, lab_
     (here / "s.yaml").write_text(sweep_text())
     line = one_line(capsys, main(["worker", str(here / "s.yaml"), "--worker-index", "-1"]), 2)
     assert "--worker-index -1" in line
+
+
+def test_a_report_that_cannot_be_written_leaves_the_sweep_done_and_no_process_behind(here, capsys):
+    """The report is built by a background process; when it fails (here `reports` is a file), the sweep still
+    succeeds, says in one line why there is no report, and that process is gone."""
+    import multiprocessing
+
+    (here / "reports").write_text("not a folder")
+    (here / "s.yaml").write_text(sweep_text())
+    assert main(["sweep", str(here / "s.yaml"), "epochs=2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("report: not written (") and len(captured.err.strip().splitlines()) == 1
+    assert "champion: models:/faults@champion" in captured.out
+    assert (here / "reports").read_text() == "not a folder"
+    assert not [p for p in multiprocessing.active_children() if p.name == "sweeplab-background"]
+    runs = MlflowClient(f"sqlite:///{here}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{here}/mlflow.db").get_experiment_by_name("faults").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3  # the parent and both trials
 
 
 # --- damaged and shared stores ----------------------------------------------------------------------------------

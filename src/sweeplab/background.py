@@ -21,6 +21,10 @@ from typing import Any, Callable
 from .stop import stop_flag
 
 
+class BackgroundError(RuntimeError):
+    """The call failed there: its message is the original error's type and message."""
+
+
 class Forked:
     """A forked process that runs `warm()` at once, then one call sent with `submit`; `result` waits for it."""
 
@@ -38,15 +42,15 @@ class Forked:
         self.submitted = True
 
     def result(self) -> Any:
-        """The call's return value; its exception comes back as a RuntimeError with its type and message."""
+        """The call's return value; its exception comes back as a BackgroundError with its type and message."""
         while not self._conn.poll(0.2):
             stop_flag.check()
             if not self._process.is_alive() and not self._conn.poll():
-                raise RuntimeError(f"the background process ended (exit code {self._process.exitcode})")
+                raise BackgroundError(f"the background process ended (exit code {self._process.exitcode})")
         ok, value = self._conn.recv()
         self.close()
         if not ok:
-            raise RuntimeError(value)
+            raise BackgroundError(value)
         return value
 
     def close(self) -> None:

@@ -169,7 +169,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
                 Tracker(tracking_uri).log_report(report["parent_run_id"], Path(out), report["note"])
         except Exception as exc:  # the sweep itself succeeded; say why there is no report and carry on
-            print(f"report: not written ({type(exc).__name__}: {exc})", file=sys.stderr)
+            from .background import BackgroundError
+            from .stores import redact_text
+
+            why = str(exc) if isinstance(exc, BackgroundError) else f"{type(exc).__name__}: {exc}"
+            print(f"report: not written ({redact_text(why)})", file=sys.stderr)
         else:
             print()
             print(report["tables"])
