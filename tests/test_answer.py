@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from pathlib import Path
 
 import optuna

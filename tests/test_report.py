@@ -2,13 +2,12 @@
 recomputation from the raw MLflow metric histories of a real small sweep."""
 
 import math
-import os
 import statistics
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 from sweeplab.cli import main
 from sweeplab.report import build_report, factor_table, load_runs
