@@ -382,3 +382,34 @@ def test_conditions_run_side_by_side_each_searching_as_it_would_alone(store, mon
     assert all(len(process) == 1 for process in [*alone_workers.values(), *side_workers.values()])
     assert alone_workers["0.3"] == alone_workers["1.0"]  # one after the other, in one process
     assert side_workers["0.3"] != side_workers["1.0"]  # at once, in two
+
+
+def test_a_worker_killed_between_its_finished_run_and_the_tell_is_told_from_the_run(store):
+    """SIGKILL in the window between a trial's run being FINISHED and Optuna being told: the next sweep tells the
+    trial what its run recorded instead of failing it and training it again, so every finished trial has exactly
+    one finished run, and the told value is the seed loop's best validation loss for those parameters."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "window", SPACE, 3)
+    dies_before_telling = ("import os, signal, sys\nfrom sweeplab import ledger\nfrom sweeplab.cli import main\n"
+                           "ledger.Ledger.finish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+                           "sys.exit(main(sys.argv[1:]))\n")
+    killed = subprocess.run([sys.executable, "-c", dies_before_telling, "sweep", str(sweep), f"epochs={EPOCHS}",
+                             "--quiet", "--no-report"], cwd=store, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9
+    study = study_of(store, "window")
+    (first,) = study.trials
+    assert first.state == optuna.trial.TrialState.RUNNING  # never told
+    assert main(["sweep", str(sweep), f"epochs={EPOCHS}", "--quiet", "--no-report"]) == 0
+    study = study_of(store, "window")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3  # no FAIL, no retry
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    trial_runs = [r for r in runs_of(client, "window") if r.data.tags.get("sweeplab.role") == "trial"]
+    assert sorted((r.data.tags["sweeplab.trial_number"], r.info.status) for r in trial_runs) == \
+        [("0", "FINISHED"), ("1", "FINISHED"), ("2", "FINISHED")]
+    told = study.trials[0]
+    optimizer = told.params["optimizer"]
+    expected = seed_run(optimizer=optimizer, lr=told.params[f"lr_{optimizer}"], hidden=told.params["hidden"],
+                        noise=told.params["noise"], epochs=EPOCHS)
+    assert told.value == min(expected["val_loss"]) == client.get_run(told.user_attrs["mlflow_run_id"]).data.metrics[
+        "best_val_loss"]
+    assert told.user_attrs["best_epoch"] == expected["val_loss"].index(min(expected["val_loss"])) + 1

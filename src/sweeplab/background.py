@@ -31,7 +31,8 @@ class Forked:
     def __init__(self, warm: Callable[[], None]):
         context = multiprocessing.get_context("fork")
         self._conn, theirs = context.Pipe()
-        self._process = context.Process(target=_serve, args=(theirs, warm), daemon=True, name="sweeplab-background")
+        self._process = context.Process(target=_serve, args=(theirs, self._conn, warm), daemon=True,
+                                        name="sweeplab-background")
         self._process.start()
         theirs.close()
         self.submitted = False
@@ -61,7 +62,8 @@ class Forked:
         self._conn.close()
 
 
-def _serve(conn, warm: Callable[[], None]) -> None:
+def _serve(conn, ours, warm: Callable[[], None]) -> None:
+    ours.close()  # the sweep's end, copied by the fork: with it closed here, the sweep's death is an EOF here
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep handles Ctrl-C, then closes this process
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:

@@ -112,13 +112,25 @@ def heartbeat_interval(storage: optuna.storages.BaseStorage | None) -> float | N
     return getter() if getter else None
 
 
+@dataclass(frozen=True)
+class RunEnd:
+    """How a trial's training ended, as its run records it and its trial is told."""
+
+    outcome: Outcome
+    best_val_loss: float
+    best_epoch: int
+    reason: str | None = None
+
+
 class Ledger:
     """One worker's dealings with one study. `n_trials` is the study's budget of finished trials."""
 
     def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, n_trials: int,
-                 space: dict[str, ParamSpec], end_lost_run: Callable[[str, str], None] | None = None):
+                 space: dict[str, ParamSpec], end_lost_run: Callable[[str, str], None] | None = None,
+                 run_end: Callable[[str], RunEnd | None] | None = None):
         self.study, self.storage, self.n_trials, self.space = study, storage, n_trials, space
-        self.end_lost_run = end_lost_run
+        self.end_lost_run = end_lost_run  # ends a lost trial's run (tracking.Tracker.end_if_running)
+        self.run_end = run_end  # how a trial's run says it ended, if it did (tracking.Tracker.run_end)
         self.heartbeats = Heartbeats(storage)
         self._trials: dict[int, optuna.Trial] = {}  # leased here, by number: for report / should_prune
         self._handled: set[int] = set()  # failed trials whose runs were already ended
@@ -179,14 +191,17 @@ class Ledger:
         """Tell how a trained trial ended, once its MLflow run is finished. Diverged and pruned trials are both
         PRUNED to Optuna (ended early by design, counted in the budget), with the reason, so reports can tell the
         two apart."""
-        with_retries(self.storage.set_trial_user_attr, lease.trial_id, BEST_EPOCH_ATTR, best_epoch)
-        if outcome == Outcome.COMPLETED:
-            self._tell(lease.number, best_val_loss)
-        else:
-            with_retries(self.storage.set_trial_user_attr, lease.trial_id, OUTCOME_ATTR, str(outcome))
-            with_retries(self.storage.set_trial_user_attr, lease.trial_id, REASON_ATTR, reason)
-            self._tell(lease.number, state=TrialState[outcome.trial_state])
+        self._tell_end(lease.trial_id, lease.number, RunEnd(outcome, best_val_loss, best_epoch, reason))
         self._release(lease)
+
+    def _tell_end(self, trial_id: int, number: int, end: RunEnd) -> None:
+        with_retries(self.storage.set_trial_user_attr, trial_id, BEST_EPOCH_ATTR, end.best_epoch)
+        if end.outcome == Outcome.COMPLETED:
+            self._tell(number, end.best_val_loss)
+        else:
+            with_retries(self.storage.set_trial_user_attr, trial_id, OUTCOME_ATTR, str(end.outcome))
+            with_retries(self.storage.set_trial_user_attr, trial_id, REASON_ATTR, end.reason)
+            self._tell(number, state=TrialState[end.outcome.trial_state])
 
     def fail(self, lease: Lease, reason: str, interrupted: bool = False, run_ended: bool = True) -> None:
         """A trial that ended in an error or an interrupt: FAIL with the reason. Interrupted, one attempt (the user
@@ -249,6 +264,8 @@ class Ledger:
         for trial in (t for t in running if not beating):
             worker = trial.user_attrs.get(WORKER_ATTR)
             if worker and process_gone(worker):
+                if self._tell_from_run(trial):
+                    continue  # it died after its run was finished, before the tell: the run has the result
                 if not self._fail_trial(trial._trial_id, f"worker {worker} died during the trial"):
                     continue  # another worker got there first
                 with_retries(self.study.enqueue_trial, trial.params, user_attrs={"retry_of": trial.number},
@@ -262,6 +279,21 @@ class Ledger:
             if run_id and self.end_lost_run:
                 self.end_lost_run(run_id, trial.user_attrs.get(FAIL_REASON_ATTR)
                                   or "worker lost: no heartbeat within the grace period")
+
+    def _tell_from_run(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Tell a dead worker's trial what its finished run recorded (a worker killed between finishing the run
+        and telling Optuna): failing and retrying it would leave a finished run beside a failed trial and train
+        it twice. True when told (by this worker or, first, another)."""
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        end = self.run_end(run_id) if run_id and self.run_end else None
+        if end is None or end.outcome.trial_state == "FAIL":
+            return False
+        try:
+            self._tell_end(trial._trial_id, trial.number, end)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker told it first
+        self._handled.add(trial.number)
+        return True
 
     def _claimed(self, trial: optuna.trial.FrozenTrial, by_number: dict[int, Any]) -> bool:
         """Claimed by a worker: it has a `worker`, and not just the one Optuna's RetryHeartbeatStaleTrialCallback

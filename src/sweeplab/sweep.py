@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -220,7 +221,8 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
         studies.append((part, study))
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
-    return [Part(part, study, Ledger(study, storage, budget(part.spec), part.spec.space, tracker.end_if_running),
+    return [Part(part, study, Ledger(study, storage, budget(part.spec), part.spec.space, tracker.end_if_running,
+                                    tracker.run_end),
                  tracker, experiment_id, tracking_uri, storage_url) for part, study in studies]
 
 
@@ -292,6 +294,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         tracker, experiment_id = parts[0].tracker, parts[0].experiment_id
         parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
         describe_study(tracker, experiment_id, sweep)
+        before = [finished_count(part.study) for part in parts]  # to count what this sweep ran
     except BaseException:
         helpers.close()
         raise
@@ -299,21 +302,9 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     shares = [list(range(i, len(parts), side)) for i in range(side)]
     helpers.start(sweep, tracking_uri, storage_url, parent, shares[1:] if side > 1 else None)
     try:
-        before = [finished_count(part.study) for part in parts]
-
         def tick(part: Part) -> None:
             if progress:
                 progress(part.study, part.n_trials, condition_label(part.sweep.spec.condition))
-
-        champions: dict[int, dict] = {}
-
-        def crown(index: int) -> None:  # the condition's best model, registered under its alias
-            top = best_trials(parts[index].study, 1) if register else []
-            if top:
-                from .champion import register_champion
-
-                champions[index] = register_champion(tracker, top[0], sweep.spec.study, experiment_id,
-                                                     champion_alias(parts[index].sweep), parts[index].sweep.spec.condition)
 
         for index in shares[0]:
             part = parts[index]
@@ -321,13 +312,14 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             work(part, on_trial_end=lambda number, result, part=part: tick(part))
         stop_flag.check()  # a stop that arrived while the last trial was being recorded
         theirs = [parts[index] for share in shares[1:] for index in share] or parts[-1:]
-        shown = [0]  # the helpers' conditions get their bars in order, each once it is the first not yet full
+        shown = 0  # the helpers' conditions get their bars in order, each once the ones before it are full
 
         def tick_theirs() -> None:
-            while shown[0] < len(theirs) - 1 and finished_count(theirs[shown[0]].study) >= theirs[shown[0]].n_trials:
-                tick(theirs[shown[0]])
-                shown[0] += 1
-            tick(theirs[shown[0]])
+            nonlocal shown
+            while shown < len(theirs) - 1 and finished_count(theirs[shown].study) >= theirs[shown].n_trials:
+                tick(theirs[shown])
+                shown += 1
+            tick(theirs[shown])
 
         failed = helpers.wait(tick_theirs)
         if failed and any(finished_count(part.study) < part.n_trials for part in parts):
@@ -336,11 +328,9 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             tick_theirs()
         if trials_done is not None:
             trials_done()
-        for index in range(len(parts)):  # while the CLI's background process builds the report
-            crown(index)
         outcome = SweepOutcome([PartOutcome(part.sweep, part.study, finished_count(part.study) - ran_before,
-                                            champions.get(index))
-                                for index, (part, ran_before) in enumerate(zip(parts, before))], parent, experiment_id)
+                                            crown(tracker, part, experiment_id) if register else None)
+                                for part, ran_before in zip(parts, before)], parent, experiment_id)
         tracker.client.set_tag(parent, TAG_NOTE, outcome_note(outcome))
         tracker.end_run(parent, "completed")
     except BaseException as exc:
@@ -360,6 +350,17 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     finally:
         helpers.close()
     return outcome
+
+
+def crown(tracker: Tracker, part: Part, experiment_id: str) -> dict[str, Any] | None:
+    """The condition's best trial's model, registered under its alias (None when no trial completed)."""
+    top = best_trials(part.study, 1)
+    if not top:
+        return None
+    from .champion import register_champion
+
+    return register_champion(tracker, top[0], part.sweep.spec.study, experiment_id, champion_alias(part.sweep),
+                             part.sweep.spec.condition)
 
 
 def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
@@ -459,13 +460,33 @@ class Helpers:
 def _helper_work(sweep: Sweep, tracking_uri: str, storage_url: str, index: int, parent_run_id: str,
                  share: list[int] | None = None) -> int:
     """A helper's whole work, in its forked process: every part, or (side by side) its share of them alone."""
+    _helper_done.clear()
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), name="sweeplab-orphan-watch",
+                     daemon=True).start()
     ran = 0
-    parts = prepare(sweep, tracking_uri, storage_url, worker_index=index)
-    for number, part in enumerate(parts):
-        if share is None or number in share:
-            part.parent_run_id, part.pool_writers = parent_run_id, share is None
-            ran += work(part)
+    try:
+        parts = prepare(sweep, tracking_uri, storage_url, worker_index=index)
+        for number, part in enumerate(parts):
+            if share is None or number in share:
+                part.parent_run_id, part.pool_writers = parent_run_id, share is None
+                ran += work(part)
+    finally:
+        _helper_done.set()
     return ran
+
+
+_helper_done = threading.Event()
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A helper whose sweep process was killed outright (SIGKILL: no chance to stop it) stops as if interrupted,
+    its trials in flight failed (running the sweep again resumes them), and then ends: an idle pool process would
+    wait for work forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    stop_flag.request("the sweep process is gone")
+    _helper_done.wait(60)
+    os._exit(1)
 
 
 # --- `sweeplab worker` --------------------------------------------------------------------------------------------

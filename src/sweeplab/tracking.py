@@ -346,6 +346,20 @@ class Tracker:
             if parent.info.status == "RUNNING" and parent.data.tags.get(TAG_ROLE) == "worker":
                 self.end_run(parent_id, "killed", f"worker lost ({reason})")
 
+    def run_end(self, run_id: str):
+        """How a trial's run says its trial ended (ledger.RunEnd), or None while it has not ended, or when it
+        ended without a result (failed, killed)."""
+        from .ledger import RunEnd
+        from .stores import with_retries
+
+        run = with_retries(self.client.get_run, run_id, what="the MLflow tracking store")
+        tags, metrics = run.data.tags, run.data.metrics
+        if run.info.status == "RUNNING" or tags.get(TAG_STATE) not in ("COMPLETE", "PRUNED"):
+            return None
+        outcome = Outcome(tags.get(TAG_OUTCOME, "completed"))
+        return RunEnd(outcome, metrics.get("best_val_loss", float("nan")), int(metrics.get("best_epoch", 0)),
+                      tags.get(TAG_REASON))
+
     def reap_dead_local_runs(self, experiment_id: str) -> int:
         """End as KILLED the RUNNING runs whose process on this machine no longer exists (a SIGKILLed sweep's
         parent and trial runs, say). Returns how many."""
