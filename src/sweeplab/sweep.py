@@ -311,6 +311,12 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             part.parent_run_id, part.pool_writers = parent, side == 1
             work(part, on_trial_end=lambda number, result, part=part: tick(part))
         stop_flag.check()  # a stop that arrived while the last trial was being recorded
+        champions: dict[int, dict[str, Any] | None] = {}
+        report_started = None
+        if side > 1 and register:  # our champions now, while the helpers finish; the report starts when they do
+            report_started = _when_done(helpers.futures, trials_done)
+            for index in shares[0]:
+                champions[index] = crown(tracker, parts[index], experiment_id)
         theirs = [parts[index] for share in shares[1:] for index in share] or parts[-1:]
         shown = 0  # the helpers' conditions get their bars in order, each once the ones before it are full
 
@@ -326,11 +332,14 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             raise SweepError(f"{len(failed)} of {helpers.n} helper workers failed; the first: {failed[0]}")
         if side > 1:
             tick_theirs()
-        if trials_done is not None:
+        if (report_started is None or not report_started.result()) and trials_done is not None:
             trials_done()
+        for index, part in enumerate(parts):
+            if index not in champions:
+                champions[index] = crown(tracker, part, experiment_id) if register else None
         outcome = SweepOutcome([PartOutcome(part.sweep, part.study, finished_count(part.study) - ran_before,
-                                            crown(tracker, part, experiment_id) if register else None)
-                                for part, ran_before in zip(parts, before)], parent, experiment_id)
+                                            champions[index])
+                                for index, (part, ran_before) in enumerate(zip(parts, before))], parent, experiment_id)
         tracker.client.set_tag(parent, TAG_NOTE, outcome_note(outcome))
         tracker.end_run(parent, "completed")
     except BaseException as exc:
@@ -350,6 +359,26 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     finally:
         helpers.close()
     return outcome
+
+
+def _when_done(futures: list, then: Callable[[], None] | None):
+    """A future, True once `then()` was called from a thread when every future succeeded (False when one failed
+    or there is no `then`): the helpers' end starts the report while this process is busy registering."""
+    from concurrent.futures import Future
+
+    started: Future = Future()
+
+    def watch() -> None:
+        wait(futures)
+        ok = then is not None and all(not f.cancelled() and f.exception() is None for f in futures)
+        try:
+            if ok:
+                then()
+        finally:
+            started.set_result(ok)
+
+    threading.Thread(target=watch, name="sweeplab-trials-done", daemon=True).start()
+    return started
 
 
 def crown(tracker: Tracker, part: Part, experiment_id: str) -> dict[str, Any] | None:
