@@ -1,7 +1,7 @@
 """`make sweep` as a user runs it, against the textbook sweep, side by side in one run (issue #14's goals).
 
-Textbook: bench_sweep.py's loop (DataLoader, `log_metric` per value, `log_model` per trial) on 4 fixed trials; its
-time per trial times 40 is the textbook time for the default sweep. sweeplab: `sweeplab sweep
+Textbook: bench_sweep.py's loop (DataLoader, `log_metric` per value, `log_model` per trial) on 4 fixed trials, run
+before and after the sweeps; its mean time per trial times 40 is the textbook time for the default sweep. sweeplab: `sweeplab sweep
 sweeps/optimizer_hidden_noise.yaml` exactly as `make sweep` runs it (40 trials, TPE, `engine: auto`, report and two
 champions), whole process, each run in a fresh folder (the empty MLflow store cached in ~/.cache/sweeplab, as on
 any machine after its first sweep); then the same with n_trials=1000.
@@ -49,11 +49,14 @@ def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     big = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     make_sweep()  # the first sweep on a machine migrates and caches the empty store; not counted
-    per_trial = textbook_per_trial()
+    before = textbook_per_trial()  # before and after the sweeps: this machine's speed drifts by ~10%
     times = [make_sweep() for _ in range(runs)]
+    after = textbook_per_trial()
     median = statistics.median(times)
+    per_trial = (before + after) / 2
     textbook = 40 * per_trial
-    print(f"textbook: {per_trial:.2f} s per trial -> 40 trials {textbook:.1f} s; 1/30 of it: {textbook / 30:.2f} s")
+    print(f"textbook: {before:.2f} s per trial before the sweeps, {after:.2f} s after -> 40 trials {textbook:.1f} s; "
+          f"1/30 of it: {textbook / 30:.2f} s")
     print(f"make sweep (40 trials, report on), whole process, {runs} runs: "
           + ", ".join(f"{t:.2f}" for t in times) + f" s; median {median:.2f} s = 1/{textbook / median:.1f} of the "
           f"textbook time (goal: 1/30)")
