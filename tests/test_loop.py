@@ -11,6 +11,7 @@ from reference import SEED_EXPECTED_OUTPUT, seed_run
 from sweeplab.config import load_experiment
 from sweeplab.experiment import run_experiment
 from sweeplab.loop import (ShapeError, TensorBatches, check_batch, classification_metrics, evaluate, fit,
+                           stacked_classification_metrics,
                            train_epoch)
 
 
@@ -174,6 +175,26 @@ def test_classification_metrics_by_hand():
     metrics, confusion = classification_metrics(logits, torch.tensor([0, 1, 1, 2]), "multiclass")
     assert confusion == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
     assert metrics == pytest.approx({"val_accuracy": 0.75, "val_macro_f1": (1 + 2 / 3 + 2 / 3) / 3})
+
+
+def test_stacked_classification_metrics_keep_each_member_apart_by_hand():
+    """Two members at once (the vectorized engine's case): each member's own confusion matrix and metrics."""
+    # member 0, binary: predicted [1,1,0,0], actual [1,0,0,1] -> TP=1 FP=1 FN=1 TN=1
+    # member 1, binary: predicted [0,0,0,0], actual [1,0,0,1] -> TP=0 FP=0 FN=2 TN=2: precision undefined -> 0
+    logits = torch.tensor([[[2.0], [1.0], [-1.0], [-3.0]], [[-1.0], [-1.0], [-1.0], [-1.0]]])
+    actual = torch.tensor([[1.0], [0.0], [0.0], [1.0]]).expand(2, 4, 1)
+    metrics, confusion = stacked_classification_metrics(logits, actual, "binary")
+    assert confusion.tolist() == [[[1, 1], [1, 1]], [[2, 0], [2, 0]]]
+    assert metrics["val_accuracy"].tolist() == [0.5, 0.5]
+    assert metrics["val_precision"].tolist() == [0.5, 0.0] and metrics["val_recall"].tolist() == [0.5, 0.0]
+    assert metrics["val_f1"].tolist() == [0.5, 0.0]
+    # multiclass, 3 classes: member 0 predicts [0,1,2] for actual [0,1,2] (all right); member 1 predicts [2,2,2]:
+    # class 2 has precision 1/3, recall 1 -> F1 1/2, the others 0 -> macro-F1 1/6
+    logits = torch.stack([torch.eye(3), torch.eye(3)[[2, 2, 2]]])
+    metrics, confusion = stacked_classification_metrics(logits, torch.tensor([[0, 1, 2], [0, 1, 2]]), "multiclass")
+    assert confusion.tolist() == [[[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 1], [0, 0, 1], [0, 0, 1]]]
+    assert metrics["val_accuracy"].tolist() == pytest.approx([1.0, 1 / 3])
+    assert metrics["val_macro_f1"].tolist() == pytest.approx([1.0, 1 / 6])
 
 
 @pytest.mark.parametrize("task, metric, floor", [("binary", "val_accuracy", 0.93), ("multiclass", "val_accuracy", 0.85)])

@@ -35,12 +35,10 @@ class Forked:
                                         name="sweeplab-background")
         self._process.start()
         theirs.close()
-        self.submitted = False
 
     def submit(self, function: Callable[..., Any], *args: Any) -> None:
         """Run function(*args) there (a module-level function; args are pickled)."""
         self._conn.send((function, args))
-        self.submitted = True
 
     def result(self) -> Any:
         """The call's return value; its exception comes back as a BackgroundError with its type and message."""

@@ -131,12 +131,13 @@ def _sweep(args: argparse.Namespace) -> int:
         configure()
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
         sweep = load_sweep(args.sweep, overrides)  # a bad sweep file fails here, before any study or run exists
-        from .sweep import run_sweep
+        from .sweep import run_sweep, side_by_side
         from .tracking import import_store_modules
 
         spec = sweep.spec
         # one core per worker or condition run side by side; the vectorized engine leaves the second to its writers
-        use_threads(1 if spec.workers > 1 or spec.engine == "vectorized" or len(sweep.parts()) > 1 else None)
+        use_threads(1 if spec.workers > 1 or spec.engine == "vectorized" or side_by_side(sweep, spec.workers) > 1
+                    else None)
         storage_url = resolve_storage_url(args.storage, tracking_uri)
         import_store_modules(tracking_uri)  # once, before the helpers are forked
         out = f"reports/{spec.study}"

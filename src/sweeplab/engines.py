@@ -2,8 +2,10 @@
 
 An engine takes a batch of jobs (a leased trial and its config) and trains them, checking the stop flag after every
 epoch, calling `on_epoch(job, record)` (when given) after every epoch of every job (a returned reason stops that
-job: its pruner's decision), and leaving a finished `RunResult` on each job. Both engines keep their epochs through `History.record`/`History.stop` (loop.py), so a
-History means the same whichever engine made it; the recorder (recorder.Recorder) writes it either way.
+job: its pruner's decision), and leaving a finished `RunResult` on each job. Both engines decide a History's best
+epoch and its end by the same rules (`History.record`/`History.stop` in loop.py; the vectorized engine applies them
+to all members at once), so a History means the same whichever engine made it; the recorder (recorder.Recorder)
+writes it either way.
 
 - `ReferenceEngine`: the core loop (experiment.run_experiment), a batch of one. Its runs are live: the run exists
   in MLflow while the trial trains, and long trials stream their curves.

@@ -12,6 +12,7 @@ process stop together, whichever of them the signal reached.
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import threading
 
@@ -71,3 +72,11 @@ class StopFlag:
 
 
 stop_flag = StopFlag()  # the process's one flag: the CLI installs it; library callers may `request` a stop
+
+
+def wait_for_parent() -> None:
+    """Return once the process that started this one is gone: a sweep's helpers and writer processes, whose sweep
+    was killed outright (SIGKILL, no chance to stop them), then stop on their own."""
+    parent = multiprocessing.parent_process()
+    while parent is not None and parent.is_alive():
+        parent.join(1.0)

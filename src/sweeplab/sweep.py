@@ -27,7 +27,7 @@ from .engines import Engine, Job, engine_named, learns
 from .ledger import Ledger, best_trials, finished_count
 from .loop import EpochRecord
 from .search import budget, check_compatible, open_storage, open_study
-from .stop import stop_flag
+from .stop import stop_flag, wait_for_parent
 from .stores import OutageError, check_separate_stores, env_number, redact, with_retries
 from .recorder import Recorder, finite
 from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Tracker, condition_label
@@ -374,8 +374,9 @@ def _when_done(futures: list, then: Callable[[], None] | None):
         try:
             if ok:
                 then()
-        finally:
-            started.set_result(ok)
+        except Exception:  # the sweep failed meanwhile and closed what `then` starts: nothing to start
+            ok = False
+        started.set_result(ok)
 
     threading.Thread(target=watch, name="sweeplab-trials-done", daemon=True).start()
     return started
@@ -490,8 +491,7 @@ def _helper_work(sweep: Sweep, tracking_uri: str, storage_url: str, index: int, 
                  share: list[int] | None = None) -> int:
     """A helper's whole work, in its forked process: every part, or (side by side) its share of them alone."""
     _helper_done.clear()
-    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), name="sweeplab-orphan-watch",
-                     daemon=True).start()
+    threading.Thread(target=_stop_when_orphaned, name="sweeplab-orphan-watch", daemon=True).start()
     ran = 0
     try:
         parts = prepare(sweep, tracking_uri, storage_url, worker_index=index)
@@ -507,12 +507,10 @@ def _helper_work(sweep: Sweep, tracking_uri: str, storage_url: str, index: int, 
 _helper_done = threading.Event()
 
 
-def _stop_when_orphaned(parent: int) -> None:
-    """A helper whose sweep process was killed outright (SIGKILL: no chance to stop it) stops as if interrupted,
-    its trials in flight failed (running the sweep again resumes them), and then ends: an idle pool process would
-    wait for work forever."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
+def _stop_when_orphaned() -> None:
+    """A helper whose sweep process was killed outright stops as if interrupted, its trials in flight failed
+    (running the sweep again resumes them), and then ends: an idle pool process would wait for work forever."""
+    wait_for_parent()
     stop_flag.request("the sweep process is gone")
     _helper_done.wait(60)
     os._exit(1)

@@ -252,11 +252,8 @@ class _Curves:
                 history.best_epoch, history.best_val_loss = best, val[i][best - 1]
                 history.best_metrics = {name: curve[i][best - 1] for name, curve in metrics.items()}
                 history.confusion_matrix = confusion[i] if confusion is not None else None
-            if i in self.reasons:
-                history.status, history.stop_reason = "stopped", self.reasons[i]
-            elif n and not (math.isfinite(train[i][n - 1]) and math.isfinite(val[i][n - 1])):
-                history.status = "diverged"
-                history.stop_reason = f"diverged at epoch {n} (train_loss={train[i][n - 1]}, val_loss={val[i][n - 1]})"
+            if n:  # diverged, stopped by a hook's reason, or neither: History.stop decides, as in fit
+                history.stop(n, [self.reasons[i]] if i in self.reasons else [])
             out.append(history)
         return out
 
@@ -356,10 +353,11 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
             train_values, val_values = train_loss.tolist(), val_loss.tolist()
             best_values, best_epochs = curves.best_val.tolist(), curves.best_epoch.tolist()
             metric_values = {name: values.tolist() for name, values in metrics.items()}
+            improved_values = improved.tolist()
             for i in curves.active.nonzero().flatten().tolist():
                 record = EpochRecord(epoch, train_values[i], val_values[i],
                                      {name: values[i] for name, values in metric_values.items()},
-                                     best_values[i], best_epochs[i], bool(improved[i]))
+                                     best_values[i], best_epochs[i], improved_values[i])
                 reason = on_epoch(members[i], record)
                 if reason:
                     reasons[i] = reason

@@ -164,9 +164,9 @@ def _open_writer(setup: WriterSetup) -> None:
 def _exit_with_parent() -> None:
     """Exit once the sweep process is gone, but never between a trial's run and its tell: a run left FINISHED
     for a trial that then fails (its heartbeat gone) would be counted as a second result when it is retried."""
-    parent = multiprocessing.parent_process()
-    while parent is not None and parent.is_alive():
-        parent.join(1.0)
+    from .stop import wait_for_parent
+
+    wait_for_parent()
     _writing.acquire()
     os._exit(0)
 
