@@ -51,18 +51,6 @@ def test_mlflow_metric_table_read_in_one_select(tmp_path):
             assert list(zip(mine.epoch, mine.loss)) == public
 
 
-def test_mlflow_save_example_writes_a_named_input_example(tmp_path):
-    """champion.save_pyfunc_model: mlflow.models.utils._save_example writes the DataFrame example beside the
-    MLmodel and records it, so the UI and `mlflow models predict` show named columns."""
-    from mlflow.models import Model
-    from mlflow.models.utils import _save_example
-
-    model = Model()
-    _save_example(model, pd.DataFrame(np.ones((2, 2)), columns=["x1", "x2"]), str(tmp_path))
-    assert model.saved_input_example_info and model.saved_input_example_info["type"] == "dataframe"
-    assert (tmp_path / model.saved_input_example_info["artifact_path"]).is_file()
-
-
 def test_mlflow_dataset_entity():
     """recorder.TrialRun.log_dataset: a NumpyDataset becomes the entity log_inputs takes via _to_mlflow_entity."""
     from mlflow.data.numpy_dataset import from_numpy

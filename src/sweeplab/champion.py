@@ -1,9 +1,11 @@
 """The sweep's best model as an MLflow model, registered under the study's name with the alias `champion`.
 
 Built from what the best trial logged (its checkpoint artifact, loaded with weights_only=True), not from memory,
-so it works the same for a sweep that ran in many processes. Saved in MLflow's pickle-free `pt2` format
-(torch.export) and logged as a model of the best trial's own run (its lineage: the version's source run is that
-trial), so `mlflow.pyfunc.load_model("models:/STUDY@champion")` predicts any batch size without sweeplab.
+so it works the same for a sweep that ran in many processes. Saved as a pickle-free pyfunc (`pyfunc_model.py`
+around a `torch.export` program) and logged as a model of the best trial's own run (its lineage: the version's
+source run is that trial, and the logged model lists its versions), so
+`mlflow.pyfunc.load_model("models:/STUDY@champion")` predicts any batch size without sweeplab: values from a
+regression, labels (or `params={"output": "probabilities"}`) from a classifier.
 
 Every call goes through our `MlflowClient`, never MLflow's fluent API, whose tracking URI is process-global: a
 store named anything but ./mlflow.db must not be looked up in ./mlflow.db.
@@ -80,47 +82,60 @@ def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: 
                                           description=description,
                                           tags={TAG_CHAMPION_RUN: run_id, **(tags or {}),
                                                 "sweeplab.model_spec": json.dumps(spec.to_dict())})
+    # what the fluent mlflow.register_model does too: the logged model's page then names its registered versions
+    listed = json.loads(client.get_logged_model(logged.model_id).tags.get("mlflow.modelVersions") or "[]")
+    listed.append({"name": name, "version": version.version})
+    client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": json.dumps(listed)})
     return version
 
 
 def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_id: str) -> None:
-    """The model in MLflow's pt2 format with a signature people can call: one float64 column per feature, in
-    the model's feature order, so a float64 or float32 array, a list of rows and a DataFrame all pass the schema
-    (MLflow's PyTorch wrapper turns them into float32 for the exported graph). The columns are positional: MLflow
-    rejects an array or a list outright under a signature with named columns, and those are what people try
-    first. The names go into the input example and the model's metadata (`feature_names`).
+    """The champion as an MLflow "models from code" pyfunc (`pyfunc_model.py`, no pickle) around the weights as a
+    `torch.export` program, so it loads without sweeplab and owns its input handling: named columns by name,
+    arrays and lists by position, NaN refused; labels (or probabilities) from a classifier.
 
-    torch.export needs a tensor signature while it traces, so the model is saved with one, then its MLmodel file
-    gets the column signature and a named input example."""
+    The signature gives the outputs and the `output` param but no input schema: MLflow enforces an input schema
+    by position for unnamed columns (`x2,x1` read as `x1,x2`, a third column dropped) and refuses arrays under
+    named ones, and people try both. The feature names are in `artifacts/model.json`, the model's metadata and
+    the input example."""
     import mlflow
     import pandas as pd
     import torch
     from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    rows = [list(map(float, row)) for row in example_rows]
+    from . import pyfunc_model
+
+    rows = [list(map(float, row)) for row in example_rows if len(row) == spec.in_features]
     if len(rows) < 2:  # an example of one row would fix the batch dimension to 1
         rows = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(0)).tolist()
     names = list(spec.feature_names) or [f"x{i + 1}" for i in range(spec.in_features)]
-    example = np.asarray(rows, dtype=np.float32)
-    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, spec.out_features))])
-    traced = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, spec.in_features))]), outputs)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                    f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
-    meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
-                 model_id=logged.model_id)
-    mlflow.pytorch.save_model(model, str(path), mlflow_model=meta, signature=traced, input_example=example,
-                              pip_requirements=requirements, serialization_format="pt2")
-    saved = Model.load(str(path))
-    for name in (saved.saved_input_example_info or {}).values():  # the traced example's files, replaced below
-        if isinstance(name, str) and name.endswith(".json"):
-            (path / name).unlink(missing_ok=True)
-    saved.signature = ModelSignature(Schema([ColSpec("double") for _ in names]), outputs)
-    saved.metadata = {**(saved.metadata or {}), "feature_names": names, "task": spec.task}
-    from mlflow.models.utils import _save_example
-
-    _save_example(saved, pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=names), str(path))
-    saved.save(str(path / "MLmodel"))
+    classes = [] if spec.task == "regression" else list(range(2 if spec.task == "binary" else spec.out_features))
+    with tempfile.TemporaryDirectory(prefix="sweeplab-export-") as tmp:
+        example = torch.tensor(rows, dtype=torch.float32)
+        program = torch.export.export(model.cpu().eval(), (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(program, f"{tmp}/program.pt2")
+        meta = {"task": spec.task, "feature_names": names, "input_shape": [spec.in_features], "classes": classes,
+                "outputs": "values" if spec.task == "regression" else "labels, or probabilities per class"}
+        Path(f"{tmp}/model.json").write_text(json.dumps(meta, indent=2))
+        if spec.task == "regression":
+            outputs = Schema([ColSpec("double", name) for name in
+                              (["prediction"] if spec.out_features == 1 else
+                               [f"prediction_{i}" for i in range(spec.out_features)])])
+            signature = ModelSignature(outputs=outputs)
+        else:
+            signature = ModelSignature(outputs=Schema([ColSpec("long", "label")]),
+                                       params=ParamSchema([ParamSpec("output", "string", "label")]))
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                        f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+        mlflow.pyfunc.save_model(
+            str(path), python_model=pyfunc_model.__file__,
+            artifacts={"program": f"{tmp}/program.pt2", "model": f"{tmp}/model.json"},
+            signature=signature, input_example=pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=names),
+            pip_requirements=requirements, metadata=meta,
+            mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
+                               model_id=logged.model_id))
 
 
 def _registered_model(tracker: Tracker, name: str):

@@ -14,19 +14,20 @@ from .model import ModelSpec
 
 
 def describe_outputs(outputs: torch.Tensor, spec: ModelSpec) -> list[dict[str, Any]]:
-    """One dict per row: `prediction` (the value, or the label), `probability`/`probabilities` for
-    classification, and `text` as `sweeplab run` prints it (regression: the seed's `pred=12.05`)."""
+    """One dict per row: `prediction` (the value, or the label), for classification `probability` (the label's)
+    and `probabilities` (one per class, as the champion's `output: probabilities` gives them), and `text` as `sweeplab run` prints it (regression: the seed's `pred=12.05`)."""
     if spec.task == "regression":
         return [{"prediction": float(v), "text": f"pred={float(v):.2f}"} for v in outputs[:, 0].tolist()]
     if spec.task == "binary":
-        probs = torch.sigmoid(outputs[:, 0]).tolist()
-        return [{"prediction": int(p > 0.5), "probability": p, "text": f"label={int(p > 0.5)} p={p:.2f}"}
-                for p in probs]
-    probs = torch.softmax(outputs, dim=1)
+        p1 = torch.sigmoid(outputs[:, [0]].double())
+        probs = torch.cat([1 - p1, p1], dim=1)
+    else:
+        probs = torch.softmax(outputs.double(), dim=1)
     rows = []
-    for row in probs.tolist():
+    for row in probs.tolist():  # `probability` and the printed p are the printed label's
         label = max(range(len(row)), key=row.__getitem__)
-        rows.append({"prediction": label, "probabilities": row, "text": f"label={label} p={row[label]:.2f}"})
+        rows.append({"prediction": label, "probability": row[label], "probabilities": row,
+                     "text": f"label={label} p={row[label]:.2f}"})
     return rows
 
 
