@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -33,33 +32,32 @@ class BadInput(MlflowException):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-# MLflow warns, as this class is defined, that `predict` has no type hints; its type-hint validation is what this
-# class replaces (it would read named columns by position too), so the warning is left out, here only.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+class Champion(mlflow.pyfunc.PythonModel):
+    """The exported program, with the input handling and the outputs described above."""
 
-    class Champion(mlflow.pyfunc.PythonModel):
-        """The exported program, with the input handling and the outputs described above."""
+    # MLflow's type-hint validation (and its warning that `predict` has no type hints) is what this class
+    # replaces: its schema would read named columns by position
+    _skip_type_hint_validation = True
 
-        def load_context(self, context) -> None:
-            import torch
+    def load_context(self, context) -> None:
+        import torch
 
-            self.meta = json.loads(Path(context.artifacts["model"]).read_text())
-            self.program = torch.export.load(context.artifacts["program"]).module()
+        self.meta = json.loads(Path(context.artifacts["model"]).read_text())
+        self.program = torch.export.load(context.artifacts["program"]).module()
 
-        def predict(self, context, model_input, params=None):
-            import torch
+    def predict(self, context, model_input, params=None):
+        import torch
 
-            output = (params or {}).get("output") or "label"
-            task = self.meta["task"]
-            if task != "regression" and output not in OUTPUTS:
-                raise BadInput(f"params.output: {output!r}; a classifier gives one of {', '.join(OUTPUTS)}")
-            rows = input_rows(model_input, self.meta["feature_names"])
-            shape = self.meta.get("input_shape") or [len(self.meta["feature_names"])]
-            x = torch.from_numpy(rows.astype(np.float32)).reshape(-1, *shape)
-            with torch.no_grad():
-                out = self.program(x)
-            return describe(out, task, self.meta.get("classes"), output)
+        output = (params or {}).get("output") or "label"
+        task = self.meta["task"]
+        if task != "regression" and output not in OUTPUTS:
+            raise BadInput(f"params.output: {output!r}; a classifier gives one of {', '.join(OUTPUTS)}")
+        rows = input_rows(model_input, self.meta["feature_names"])
+        shape = self.meta.get("input_shape") or [len(self.meta["feature_names"])]
+        x = torch.from_numpy(rows.astype(np.float32)).reshape(-1, *shape)
+        with torch.no_grad():
+            out = self.program(x)
+        return describe(out, task, self.meta.get("classes"), output)
 
 
 def describe(out, task: str, classes, output: str):
