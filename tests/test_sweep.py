@@ -264,6 +264,29 @@ def test_resuming_with_a_changed_space_fails_before_running(store, capsys):
     assert len(runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "changed")) == runs_before
 
 
+def test_resuming_with_settings_that_change_results_is_refused_and_others_resume(store, capsys):
+    """#19.1: a re-run with another task and epochs joined the old study and ranked BCE against MSE."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "settings", "hidden: {choices: [4, 8]}\n", 2)
+    assert main(["sweep", str(sweep), "epochs=2", "--quiet", "--no-report"]) == 0
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    runs_before, journal = len(runs_of(client, "settings")), (store / "optuna.journal").read_bytes()
+    capsys.readouterr()
+    for changed, said in ((["epochs=3", "task=binary"], "with task=regression, epochs=2; this sweep gives "
+                                                        "task=binary, epochs=3"),
+                          (["epochs=2", "loss=l1"], "with loss=mse; this sweep gives loss=l1"),
+                          (["epochs=2", "data.n_samples=200"], "with n_samples=240; this sweep gives n_samples=200")):
+        assert main(["sweep", str(sweep), *changed, "n_trials=4", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err and "study=NAME" in err, err
+    assert len(runs_of(client, "settings")) == runs_before  # nothing written: no run, no trial, no parent
+    assert (store / "optuna.journal").read_bytes() == journal
+    # what does not change a result resumes: workers, the engine, the report, the device
+    assert main(["sweep", str(sweep), "epochs=2", "n_trials=3", "engine=vectorized", "--no-report", "--quiet"]) == 0
+    assert main(["sweep", str(sweep), "epochs=2", "n_trials=4", "workers=2", "device=cpu", "--quiet"]) == 0
+    assert len(study_of(store, "settings").get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+
+
 @pytest.mark.parametrize("space, words", [
     ("optimizer: {choices: [Adam, Adagrad]}\n", "space.optimizer: train.optimizer: Input should be"),
     ("lr: {low: 0.1, high: 0.01}\n", "low (0.1) must not exceed high (0.01)"),

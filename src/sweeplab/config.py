@@ -463,6 +463,34 @@ class Sweep:
 
 
 
+# Settings that do not change what a trial finds: a study resumed with other values of these goes on.
+NOT_RESULTS = ("name", "device", "predict_x", "print_every", "train.loader")
+
+
+def result_settings(part: Sweep) -> dict[str, Any]:
+    """What a trial's result depends on beyond its searched values: every field of the part's base experiment
+    (task, data, epochs, loss, the model, the seed...) as {dotted key: value}, less the searched keys and
+    NOT_RESULTS. A study records it when created; a resume that gives other values is refused (`search`)."""
+    searched = {ALIASES.get(key, key) for key in part.spec.space}
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", part.config_for({}).model_dump(mode="json"))
+    return {key: value for key, value in flat.items()
+            if key not in searched and key not in NOT_RESULTS and not key.startswith(tuple(f"{k}." for k in searched))}
+
+
+def override_key(dotted: str) -> str:
+    """The flat override key people type for a dotted field (`epochs` for train.epochs), else the dotted one."""
+    return next((flat for flat, path in ALIASES.items() if path == dotted), dotted)
+
+
 def value_at(config: ExperimentConfig, key: str) -> Any:
     """A config's value for an override key (`lr`) or dotted path (`train.lr`)."""
     node: Any = config.model_dump()

@@ -168,9 +168,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage, worker_index: int = 0,
                epochs: int = 80) -> optuna.Study:
-    study = optuna.create_study(storage=storage, study_name=spec.optuna_study, direction="minimize",
-                                sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs),
-                                load_if_exists=True)
+    try:  # loaded first: create_study(load_if_exists=True) appends a refused create to a journal every time
+        study = optuna.load_study(storage=storage, study_name=spec.optuna_study,
+                                  sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs))
+    except KeyError:
+        study = optuna.create_study(storage=storage, study_name=spec.optuna_study, direction="minimize",
+                                    sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs),
+                                    load_if_exists=True)
     existing = len(study.get_trials(deepcopy=False))
     if existing:
         study.sampler = make_sampler(spec, worker_index, resumed_at=existing)
@@ -194,9 +198,16 @@ def distributions(space: dict[str, ParamSpec]) -> dict[str, optuna.distributions
     return out
 
 
-def check_compatible(study: optuna.Study, spec: SweepSpec, source: str) -> None:
+SETTINGS_ATTR = "sweeplab.settings"  # the study's user attribute: config.result_settings when it was created
+
+
+def check_compatible(study: optuna.Study, spec: SweepSpec, source: str, settings: dict[str, Any] | None = None) -> None:
     """A study resumed with a changed space must fail before it runs, not on every trial: Optuna refuses
-    other choices for a categorical parameter, or another kind of distribution, under the same name."""
+    other choices for a categorical parameter, or another kind of distribution, under the same name. So must one
+    resumed with other settings that decide a trial's result (`settings`, config.result_settings): its trials
+    would be ranked against trials of another task, data or length."""
+    if settings is not None:
+        check_settings(study, spec, source, settings)
     wanted = distributions(spec.space)
     seen: set[tuple[str, str]] = set()
     for trial in study.get_trials(deepcopy=False):  # every distribution any trial used: each case is its own name
@@ -211,6 +222,41 @@ def check_compatible(study: optuna.Study, spec: SweepSpec, source: str) -> None:
             except ValueError:
                 raise ConfigError(f"{source}: space: study {spec.optuna_study!r} already searched {name} over {_show(old)}; "
                                   f"this file gives {_show(new)}. Use another study name (study=NAME) to change it")
+
+
+def check_settings(study: optuna.Study, spec: SweepSpec, source: str, settings: dict[str, Any]) -> None:
+    """Refuse, in one line, a resume whose settings differ from those the study recorded (only keys both know:
+    a field added by a later sweeplab is not a change)."""
+    import json
+
+    from .config import override_key
+
+    recorded = study.user_attrs.get(SETTINGS_ATTR)
+    if not isinstance(recorded, dict):
+        return
+    now = json.loads(json.dumps(settings))
+    changed = [key for key in recorded if key in now and recorded[key] != now[key]]
+    if not changed:
+        return
+
+    def show(values: dict[str, Any]) -> str:
+        def text(value: Any) -> str:
+            return value if isinstance(value, str) else json.dumps(value)
+
+        return ", ".join(f"{override_key(key)}={text(values[key])}" for key in changed[:4]) + \
+            (f" (and {len(changed) - 4} more)" if len(changed) > 4 else "")
+
+    raise ConfigError(f"{source}: study {spec.optuna_study!r} ran its trials with {show(recorded)}; this sweep gives "
+                      f"{show(now)}, and its trials would not compare with them. Start a new study (study=NAME), "
+                      "or give the old settings back")
+
+
+def record_settings(study: optuna.Study, settings: dict[str, Any]) -> None:
+    """Record a new study's result settings (and an older study's, which sweeplab did not record before)."""
+    if SETTINGS_ATTR not in study.user_attrs:
+        import json
+
+        study.set_user_attr(SETTINGS_ATTR, json.loads(json.dumps(settings)))
 
 
 def _show(dist: optuna.distributions.BaseDistribution) -> str:

@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 import optuna
 
-from .config import ConfigError, Sweep
+from .config import ConfigError, Sweep, result_settings
 from .engines import Engine, Job, engine_named, learns
 from .ledger import Ledger, best_trials, finished_count
 from .loop import EpochRecord
-from .search import budget, check_compatible, open_storage, open_study
+from .search import budget, check_compatible, open_storage, open_study, record_settings
 from .stop import stop_flag, wait_for_parent
 from .stores import OutageError, check_separate_stores, env_number, redact, with_retries
 from .recorder import Recorder, finite
@@ -217,13 +217,16 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     studies = []
     for part in sweep.parts():
         study = open_study(part.spec, storage, worker_index, epochs)
-        check_compatible(study, part.spec, part.source)
-        studies.append((part, study))
+        settings = result_settings(part)
+        check_compatible(study, part.spec, part.source, settings)
+        studies.append((part, study, settings))
+    for _, study, settings in studies:  # once every part is known to fit
+        with_retries(record_settings, study, settings)
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
     return [Part(part, study, Ledger(study, storage, budget(part.spec), part.spec.space, tracker.end_if_running,
                                     tracker.run_end),
-                 tracker, experiment_id, tracking_uri, storage_url) for part, study in studies]
+                 tracker, experiment_id, tracking_uri, storage_url) for part, study, _ in studies]
 
 
 def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int,
