@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import optuna
 import pandas as pd
+import pytest
 from mlflow import MlflowClient
 
 
@@ -71,3 +72,38 @@ def test_optuna_trial_ids(tmp_path):
     assert frozen._trial_id == trial._trial_id and frozen.user_attrs == {"pinned": True}
     study.tell(trial.number, 1.0)
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("kind", ["journal", "rdb"])
+def test_optuna_batched_intermediate_values_equal_the_public_calls(tmp_path, kind):
+    """ledger.write_curve writes a curve through Optuna's private journal and RDB write paths in one go; the
+    trial must read back exactly as after one public set_trial_intermediate_value per step."""
+    import math
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from sweeplab.ledger import write_curve
+
+    def storage(name):
+        if kind == "journal":
+            return optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / f"{name}.journal")))
+        return optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/{name}.db")
+
+    curve = (3.5, 2.25, math.inf, 1.125, math.nan, 0.5)
+    batched, public = storage("batched"), storage("public")
+    results = []
+    for each in (batched, public):
+        study = optuna.create_study(storage=each, study_name="s")
+        trial = study.ask()
+        trial.report(9.0, 2)  # a pruner's report: kept, not written again
+        if each is batched:
+            write_curve(each, trial._trial_id, curve)
+            write_curve(each, trial._trial_id, curve)  # a retry changes nothing
+        else:
+            for step, value in enumerate(curve, start=1):
+                if math.isfinite(value) and step != 2:
+                    each.set_trial_intermediate_value(trial._trial_id, step, value)
+        study.tell(trial, 1.0)
+        results.append(optuna.load_study(study_name="s", storage=each).trials[0].intermediate_values)
+    assert results[0] == results[1] == {1: 3.5, 2: 9.0, 4: 1.125, 6: 0.5}

@@ -436,3 +436,23 @@ def test_a_worker_killed_between_its_finished_run_and_the_tell_is_told_from_the_
     assert told.value == min(expected["val_loss"]) == client.get_run(told.user_attrs["mlflow_run_id"]).data.metrics[
         "best_val_loss"]
     assert told.user_attrs["best_epoch"] == expected["val_loss"].index(min(expected["val_loss"])) + 1
+
+
+@pytest.mark.parametrize("engine, pruner", [("reference", "median"), ("vectorized", "none")])
+def test_optunas_own_tools_see_each_trials_curve_and_the_objectives_name(store, engine, pruner):
+    """#19.4: optuna-dashboard and optuna.visualization showed "Objective 0" and no intermediate values."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "curves", "hidden: {choices: [4, 16]}\n", 3, pruner=pruner,
+                        engine=engine)
+    assert main(["sweep", str(sweep), "epochs=6", "--quiet", "--no-report"]) == 0
+    study = study_of(store, "curves")
+    assert study.metric_names == ["best_val_loss"]
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    for trial in study.trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        curve = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+        assert len(curve) == 6 and trial.intermediate_values == pytest.approx(curve, rel=1e-12)
+    from optuna.visualization.matplotlib import plot_intermediate_values
+
+    axes = plot_intermediate_values(study)
+    assert len(axes.get_lines()) == 3 and all(len(line.get_xdata()) == 6 for line in axes.get_lines())

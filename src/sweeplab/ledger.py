@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import ParamSpec
-from .outcome import Outcome
+from .outcome import Outcome, RunEnd
 from .search import ALIVE, FINISHED, suggest
 from .stop import stop_flag
 from .stores import env_number, process_gone, with_retries, worker_id
@@ -112,14 +112,40 @@ def heartbeat_interval(storage: optuna.storages.BaseStorage | None) -> float | N
     return getter() if getter else None
 
 
-@dataclass(frozen=True)
-class RunEnd:
-    """How a trial's training ended, as its run records it and its trial is told."""
+def write_curve(storage: optuna.storages.BaseStorage, trial_id: int, curve: tuple[float, ...]) -> None:
+    """The trial's per-epoch objective as its intermediate values (step = epoch), so Optuna's own tools
+    (optuna-dashboard, `plot_intermediate_values`) show its learning curve. Non-finite values are left out, as in
+    the MLflow curves; steps a pruner was already told are not written again.
 
-    outcome: Outcome
-    best_val_loss: float
-    best_epoch: int
-    reason: str | None = None
+    One write for the whole curve, not one per epoch: a journal gets one append of every operation under its lock
+    (80 single writes cost ~80 appends and re-reads of the file), an RDB storage one transaction. Both go through
+    Optuna's own write paths (pinned in test_pinned.py); any other storage gets the public call per step.
+    Idempotent, so `with_retries` may repeat it."""
+    import math
+
+    known = storage.get_trial(trial_id).intermediate_values
+    values = [(step, float(value)) for step, value in enumerate(curve, start=1)
+              if math.isfinite(value) and step not in known]
+    if not values:
+        return
+    if isinstance(storage, optuna.storages.JournalStorage):
+        from optuna.storages.journal._storage import JournalOperation
+
+        with storage._thread_lock:
+            worker = storage._replay_result.worker_id
+            storage._backend.append_logs([{"op_code": JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
+                                           "worker_id": worker, "trial_id": trial_id, "step": step,
+                                           "intermediate_value": value} for step, value in values])
+            storage._sync_with_backend()
+    elif isinstance(storage, optuna.storages.RDBStorage):
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(storage.scoped_session, True) as session:
+            for step, value in values:
+                storage._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+    else:
+        for step, value in values:
+            storage.set_trial_intermediate_value(trial_id, step, value)
 
 
 class Ledger:
@@ -187,14 +213,16 @@ class Ledger:
 
     # --- ending ------------------------------------------------------------------------------------------------
 
-    def finish(self, lease: Lease, outcome: Outcome, best_val_loss: float, best_epoch: int, reason: str | None) -> None:
-        """Tell how a trained trial ended, once its MLflow run is finished. Diverged and pruned trials are both
-        PRUNED to Optuna (ended early by design, counted in the budget), with the reason, so reports can tell the
-        two apart."""
-        self._tell_end(lease.trial_id, lease.number, RunEnd(outcome, best_val_loss, best_epoch, reason))
+    def finish(self, lease: Lease, end: RunEnd) -> None:
+        """Tell how a trained trial ended, once its MLflow run is finished: its curve, then its result. Diverged
+        and pruned trials are both PRUNED to Optuna (ended early by design, counted in the budget), with the
+        reason, so reports can tell the two apart."""
+        self._tell_end(lease.trial_id, lease.number, end)
         self._release(lease)
 
     def _tell_end(self, trial_id: int, number: int, end: RunEnd) -> None:
+        if end.curve:
+            with_retries(write_curve, self.storage, trial_id, end.curve)
         with_retries(self.storage.set_trial_user_attr, trial_id, BEST_EPOCH_ATTR, end.best_epoch)
         if end.outcome == Outcome.COMPLETED:
             self._tell(number, end.best_val_loss)

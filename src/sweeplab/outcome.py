@@ -1,8 +1,9 @@
 """How a trial or run ended, in one vocabulary: each outcome knows its MLflow run status, its Optuna trial state
-and its tag (`sweeplab.outcome`). Imports nothing, so tracking (no Optuna) and the sweep (Optuna) share it."""
+and its tag (`sweeplab.outcome`); and `RunEnd`, how one training ended. Imports nothing, so tracking (no Optuna) and the sweep (Optuna) share it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -36,3 +37,15 @@ class Outcome(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a trial's training ended, as its run records it and its trial is told; `curve` is the objective of
+    each epoch (1, 2, ...), which becomes the trial's intermediate values."""
+
+    outcome: Outcome
+    best_val_loss: float
+    best_epoch: int
+    reason: str | None = None
+    curve: tuple[float, ...] = ()

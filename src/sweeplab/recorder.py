@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from .config import ExperimentConfig
 from .loop import EpochRecord
-from .outcome import Outcome
+from .outcome import Outcome, RunEnd
 from .stores import display_uri, lost_insert_race
 from .tracking import (CHECKPOINT_PATH, TAG_CONDITION, TAG_ENGINE, TAG_NOTE, TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL,
                        Tracker, condition_label, flatten, outcome_tags, run_name_for, value_text)
@@ -196,7 +196,7 @@ class Ledger(Protocol):
 
     def link_run(self, lease, run_id: str) -> None: ...
 
-    def finish(self, lease, outcome: Outcome, best_val_loss: float, best_epoch: int, reason: str | None) -> None: ...
+    def finish(self, lease, end: RunEnd) -> None: ...
 
     def fail(self, lease, reason: str, interrupted: bool = False, run_ended: bool = True) -> None: ...
 
@@ -231,7 +231,8 @@ class Recorder:
         outcome = Outcome.of_history(history)
         run.finish(result, outcome, history.stop_reason,
                    tags={TAG_STATE: outcome.trial_state, TAG_NOTE: self.note(lease.number, result.config, history)})
-        self.ledger.finish(lease, outcome, history.best_val_loss, history.best_epoch, history.stop_reason)
+        self.ledger.finish(lease, RunEnd(outcome, history.best_val_loss, history.best_epoch, history.stop_reason,
+                                         tuple(history.val_loss)))
         return outcome
 
     def record(self, lease, result, started_s: float) -> Outcome:

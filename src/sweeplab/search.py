@@ -251,11 +251,18 @@ def check_settings(study: optuna.Study, spec: SweepSpec, source: str, settings: 
                       "or give the old settings back")
 
 
-def record_settings(study: optuna.Study, settings: dict[str, Any]) -> None:
-    """Record a new study's result settings (and an older study's, which sweeplab did not record before)."""
-    if SETTINGS_ATTR not in study.user_attrs:
-        import json
+OBJECTIVE_NAME = "best_val_loss"  # what a trial's value is (its intermediate values are the val_loss per epoch)
 
+
+def label_study(study: optuna.Study, settings: dict[str, Any]) -> None:
+    """What Optuna's own tools and a later resume read from the study: the name of its objective (optuna-dashboard
+    and `optuna.visualization` show it instead of "Objective 0") and the result settings it runs with (an older
+    study, which sweeplab did not label, is labelled on its first resume)."""
+    import json
+
+    if study.metric_names is None:
+        study.set_metric_names([OBJECTIVE_NAME])
+    if SETTINGS_ATTR not in study.user_attrs:
         study.set_user_attr(SETTINGS_ATTR, json.loads(json.dumps(settings)))
 
 

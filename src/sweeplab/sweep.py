@@ -26,7 +26,7 @@ from .config import ConfigError, Sweep, result_settings
 from .engines import Engine, Job, engine_named, learns
 from .ledger import Ledger, best_trials, finished_count
 from .loop import EpochRecord
-from .search import budget, check_compatible, open_storage, open_study, record_settings
+from .search import budget, check_compatible, open_storage, open_study, label_study
 from .stop import stop_flag, wait_for_parent
 from .stores import OutageError, check_separate_stores, env_number, redact, with_retries
 from .recorder import Recorder, finite
@@ -221,7 +221,7 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
         check_compatible(study, part.spec, part.source, settings)
         studies.append((part, study, settings))
     for _, study, settings in studies:  # once every part is known to fit
-        with_retries(record_settings, study, settings)
+        with_retries(label_study, study, settings)
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
     return [Part(part, study, Ledger(study, storage, budget(part.spec), part.spec.space, tracker.end_if_running,

@@ -21,7 +21,7 @@ from mlflow.entities import RunTag
 
 from . import __version__
 from .config import ExperimentConfig
-from .outcome import Outcome
+from .outcome import Outcome, RunEnd
 from .stores import display_uri, process_gone, worker_id
 
 TAG_ROLE = "sweeplab.role"
@@ -347,9 +347,8 @@ class Tracker:
                 self.end_run(parent_id, "killed", f"worker lost ({reason})")
 
     def run_end(self, run_id: str):
-        """How a trial's run says its trial ended (ledger.RunEnd), or None while it has not ended, or when it
+        """How a trial's run says its trial ended (outcome.RunEnd), or None while it has not ended, or when it
         ended without a result (failed, killed)."""
-        from .ledger import RunEnd
         from .stores import with_retries
 
         run = with_retries(self.client.get_run, run_id, what="the MLflow tracking store")
