@@ -142,3 +142,13 @@ def test_an_unreachable_tracking_server_is_one_line(tmp_path, monkeypatch, capsy
     assert main([*command, "--tracking-uri", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot reach the MLflow tracking store" in err
+
+
+def test_the_readmes_negative_rows_and_an_input_file_after_the_options(logged, capsys, tmp_path):
+    """#19.5: `--x -1,0.5` was taken for an option; an input file appended to the printed predict line was refused."""
+    _, uri, _ = logged
+    code, out, _ = predict_cli(capsys, "lab", "--x", "1.0,2.0", "--x", "-1,0.5", "--tracking-uri", uri)
+    assert code == 0 and out == SEED_LINES[:2]
+    (tmp_path / "in.csv").write_text("x1,x2\n1.0,2.0\n-1.0,0.5\n0,0\n")
+    code, out, _ = predict_cli(capsys, "models:/lab@champion", "--tracking-uri", uri, str(tmp_path / "in.csv"))
+    assert code == 0 and out == SEED_LINES

@@ -568,7 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_values_of_x(sys.argv[1:] if argv is None else list(argv)))
+    if getattr(args, "command", None) == "predict" and args.input is None and len(extra) == 1 \
+            and not extra[0].startswith("-") and "=" not in extra[0]:
+        args.input, extra = extra[0], []  # the printed predict line with an input file appended after its options
     # `run EXP --json epochs=20`: key=value pairs may come after options too
     strays = [item for item in extra if "=" not in item or item.startswith("-")]
     if strays or (extra and not hasattr(args, "overrides")):
@@ -600,6 +603,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         named = kind in ("ShapeError", "SweepError", "OutageError")
         print(f"sweeplab: error: {one_line(exc, with_type=not named)}", file=sys.stderr)
         return 2 if kind == "ShapeError" else 1
+
+
+def _values_of_x(argv: list[str]) -> list[str]:
+    """`--x -1,0.5` as `--x=-1,0.5`: argparse takes a value that starts with `-` (and is not a plain negative
+    number) for an option and stops, though a row of numbers can start with a minus."""
+    out: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item == "--x":
+            value = next(items, None)
+            if value is not None and value.startswith("-") and value[1:2] not in ("-", ""):
+                out.append(f"--x={value}")
+                continue
+            out += [item] if value is None else [item, value]
+            continue
+        out.append(item)
+    return out
 
 
 MAX_MESSAGE = 500  # characters of an error message we print: a 57 MB line helps nobody
