@@ -133,3 +133,23 @@ def test_a_run_that_never_learned_has_no_epochs_to_converge(tmp_path):
     trials = load_runs("learn", uri).trials.set_index("trial")
     assert not trials.loc[0, "learned"] and math.isnan(trials.loc[0, "epochs_to_converge"])
     assert trials.loc[1, "learned"] and trials.loc[1, "epochs_to_converge"] == 4
+
+
+def test_run_links_open_the_model_training_view_of_the_ui_asked_for(hand_made, tmp_path, monkeypatch, capsys):
+    """#19.6: run links opened the GenAI view (no workflowType) and always assumed port 5000."""
+    import re
+
+    from sweeplab.tracking import Tracker
+
+    experiment = Tracker(hand_made).client.get_experiment_by_name("hand").experiment_id
+    build_report("hand", hand_made, tmp_path / "default")
+    links = re.findall(r'href="([^"]+)"', (tmp_path / "default/report.html").read_text())
+    assert links and all(re.fullmatch(rf"http://127\.0\.0\.1:5000/#/experiments/{experiment}/runs/[0-9a-f]{{32}}"
+                                      r"\?workflowType=machine_learning", link) for link in links)
+    assert main(["report", "hand", "--tracking-uri", hand_made, "--out", str(tmp_path / "other"),
+                 "--ui-url", "http://127.0.0.1:5123/"]) == 0
+    links = re.findall(r'href="([^"]+)"', (tmp_path / "other/report.html").read_text())
+    assert links and all(link.startswith(f"http://127.0.0.1:5123/#/experiments/{experiment}/runs/") for link in links)
+    monkeypatch.setenv("SWEEPLAB_UI_URL", "http://127.0.0.1:6001")
+    build_report("hand", hand_made, tmp_path / "env")
+    assert "http://127.0.0.1:6001/#/experiments/" in (tmp_path / "env/report.html").read_text()

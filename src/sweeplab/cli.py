@@ -348,7 +348,7 @@ def _report(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; the report is a folder (report.html, CSV and PNG files)")
     try:
-        report = build_report(study, resolve_tracking_uri(args.tracking_uri), out)
+        report = build_report(study, resolve_tracking_uri(args.tracking_uri), out, ui_url=args.ui_url)
     except ReportError as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -520,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("study", metavar="SWEEP_OR_STUDY", help="a sweep file or a study name")
     report.add_argument("--tracking-uri", default=None)
     report.add_argument("--out", default=None, help="output folder (default: reports/STUDY/)")
+    report.add_argument("--ui-url", default=None, help="the MLflow UI the report's run links open (default: "
+                                                       "$SWEEPLAB_UI_URL, else http://127.0.0.1:5000, where "
+                                                       "`sweeplab ui` listens by default)")
     report.add_argument("--json", action="store_true",
                         help="print the answer as JSON: per condition, the best run (id, params, best_val_loss), "
                              "the settings close to it, factor importances and trial counts")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .tracking import TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker, condition_label
+from .tracking import TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker, condition_label, run_link
 
 FACTORS = ["optimizer", "hidden", "noise"]  # the scientific parameters; lr is tuned per optimizer (a nuisance)
 PARAM_COLUMNS = {"train.optimizer": "optimizer", "model.hidden": "hidden", "data.noise": "noise", "train.lr": "lr",
@@ -342,7 +342,12 @@ def answers_of(data: SweepData) -> list:
 
 
 def build_report(study: str, tracking_uri: str, out: Path, log_to_mlflow: bool = True,
-                 ui_url: str = "http://127.0.0.1:5000") -> Report:
+                 ui_url: str | None = None) -> Report:
+    """The report's files in `out`. Its run links open the MLflow UI at `ui_url` (default $SWEEPLAB_UI_URL, else
+    where `sweeplab ui` listens by default, http://127.0.0.1:5000)."""
+    import os
+
+    ui_url = (ui_url or os.environ.get("SWEEPLAB_UI_URL") or DEFAULT_UI_URL).rstrip("/")
     data = load_runs(study, tracking_uri)
     tables = all_factor_tables(data.trials, data.factors, data.conditions, data.continuous)
     answers = answers_of(data)
@@ -368,6 +373,9 @@ def build_report(study: str, tracking_uri: str, out: Path, log_to_mlflow: bool =
     if log_to_mlflow and data.parent_run_id:
         Tracker(tracking_uri).log_report(data.parent_run_id, out, "\n\n".join(answer_text(report)))
     return report
+
+
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
 
 
 def report_for_sweep(study: str, tracking_uri: str, out: str) -> dict:
@@ -654,8 +662,8 @@ def _html(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
     top = _top(data)
     links = top.copy()
     if "run_id" in links.columns and data.experiment_id:
-        links["run_id"] = [f'<a href="{html.escape(ui_url)}/#/experiments/{data.experiment_id}/runs/{run}">'
-                           f'{run[:8]}</a>' for run in links["run_id"]]
+        links["run_id"] = [f'<a href="{html.escape(run_link(ui_url, data.experiment_id, run))}">{run[:8]}</a>'
+                           for run in links["run_id"]]
     number = lambda v: f"{v:.4g}"  # noqa: E731
     environment = jinja2.Environment(loader=jinja2.PackageLoader("sweeplab", "templates"), autoescape=True,
                                      keep_trailing_newline=True)

@@ -63,6 +63,12 @@ def runs_link(base_url: str, experiment_id: str) -> str:
             "&workflowType=machine_learning")
 
 
+def run_link(base_url: str, experiment_id: str, run_id: str) -> str:
+    """One run's page in the MLflow UI, in the model-training view (without workflowType MLflow 3.17 opens run
+    pages in its GenAI view)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def share_view(client: MlflowClient, experiment_id: str, keys: list[str], conditions: list[str] = ()) -> None:
     """Store the view runs_link opens: trial runs only, sorted by best_val_loss, with columns best_val_loss,
     best_epoch, the outcome and the parameters `keys` (the sweep's searched and compared keys); in a sweep with
