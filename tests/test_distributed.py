@@ -206,6 +206,44 @@ def test_workers_started_together_on_a_fresh_database_all_join(cluster, tmp_path
     check_records(load("together", postgres.url("fresh", password=True)), MlflowClient(server.url), 4, 3)
 
 
+def test_workers_started_together_on_a_fresh_tracking_database_without_a_server_all_join(cluster, tmp_path):
+    """#19.7: MLflow creating its tables in a fresh PostgreSQL database from several workers at once failed all
+    but one (`UniqueViolation ... pg_type_typname_nsp_index`)."""
+    postgres, server = cluster
+    postgres.create_database("fresh_tracking")
+    postgres.create_database("fresh_storage")
+    env = worker_env(postgres, server, MLFLOW_TRACKING_URI=postgres.url("fresh_tracking"),
+                     SWEEPLAB_STORAGE=postgres.url("fresh_storage"))
+    sweep = sweep_file(tmp_path, "tables", 4)
+    workers = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=2",
+                                 "--worker-index", str(i), "--quiet"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for worker in workers:
+        _, err = finish(worker, 300, postgres.url("fresh_storage", password=True), "tables", server)
+        assert worker.returncode == 0, err
+    client = MlflowClient(postgres.url("fresh_tracking", password=True))
+    check_records(load("tables", postgres.url("fresh_storage", password=True)), client, 4, 2)
+
+
+def test_a_database_restart_while_a_worker_opens_the_storage_is_waited_out(cluster, tmp_path):
+    """#19.7: a worker that found PostgreSQL restarting exited 2, as if its input were bad."""
+    postgres, server = cluster
+    storage = postgres.url("optuna", password=True)
+    env = worker_env(postgres, server, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/runs.db")
+    postgres.stop()
+    try:
+        worker = subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep_file(tmp_path, "restart", 2)),
+                                   "epochs=2", "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(4)  # the worker is trying to open the storage now
+        assert worker.poll() is None, worker.communicate()[1]
+    finally:
+        postgres.start()
+    _, err = finish(worker, 300, storage, "restart", server)
+    assert worker.returncode == 0, err
+    assert len(load("restart", storage).get_trials(states=FINISHED)) == 2
+
+
 def test_wrong_database_password_is_one_line_without_the_password(cluster, tmp_path):
     postgres, server = cluster
     wrong = "not-the-" + PASSWORD

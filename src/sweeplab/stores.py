@@ -196,6 +196,12 @@ def lost_insert_race(exc: BaseException) -> bool:
                                            "UNIQUE constraint failed"))
 
 
+def refused(exc: BaseException) -> bool:
+    """A connection the database refused for good (a wrong password, user or database name): waiting will not
+    make it right, unlike a restart (`AdminShutdown`, `the database system is starting up`) or an outage."""
+    return any(words in str(exc) for words in ("authentication failed", "does not exist", "denied", "no password"))
+
+
 def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna storage",
                  waits: tuple[float, ...] | None = None, **kwargs: Any) -> T:
     """Call fn, retrying connection-level failures with backoff; after the last wait raise OutageError in one

@@ -229,7 +229,7 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
     connect_args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
     engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
     try:
-        from .stores import retry_waits
+        from .stores import refused, retry_waits
 
         waits = retry_waits()
         for wait in (*waits, None):
@@ -237,10 +237,9 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
                 engine.connect().close()
                 return
             except sqlalchemy.exc.OperationalError as exc:
-                refused = any(words in str(exc) for words in ("authentication failed", "does not exist", "denied"))
-                if wait is None or refused:  # a wrong password or database name will not come right by waiting
+                if wait is None or refused(exc):  # a wrong password or database name will not come right by waiting
                     first = (str(exc.orig or exc).strip().splitlines() or ["unreachable"])[0]
-                    waited = "" if refused else f" for {sum(waits):.0f} s"
+                    waited = "" if refused(exc) else f" for {sum(waits):.0f} s"
                     raise ConfigError(f"--tracking-uri {display_uri(uri)}: cannot reach the MLflow tracking store"
                                       f"{waited} ({first[:300]})") from None
                 time.sleep(wait)
@@ -262,6 +261,42 @@ def import_store_modules(tracking_uri: str) -> None:
     from mlflow.store.tracking import sqlalchemy_store
 
     del alembic, utils, registry_store, sqlalchemy_store
+
+
+SCHEMA_RACE_ATTEMPTS = 10
+SCHEMA_LOCK_KEY = 0x5357_4C42  # "SWLB": the PostgreSQL advisory lock held while MLflow creates its tables
+
+
+def _open_database_client(uri: str) -> MlflowClient:
+    """A client on a database store whose tables are made now. Workers started together on a fresh database all
+    run MLflow's migrations at once, and the losers fail on a duplicate type or key (`pg_type_typname_nsp_index`).
+    On PostgreSQL they take turns under an advisory lock (the first migrates, the rest find the tables made);
+    elsewhere a loser opens the store again once the tables exist."""
+    import random
+
+    from .stores import lost_insert_race
+
+    def open_store() -> MlflowClient:
+        client = MlflowClient(uri, registry_uri=uri)  # builds the tracking store: migrates a fresh database
+        client.search_registered_models(max_results=1)  # and the registry's
+        return client
+
+    with contextlib.ExitStack() as held:
+        if uri.startswith("postgresql"):
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+            held.callback(engine.dispose)
+            connection = held.enter_context(engine.connect())
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        for attempt in range(SCHEMA_RACE_ATTEMPTS):
+            try:
+                return open_store()
+            except Exception as exc:
+                if not lost_insert_race(exc) or attempt + 1 == SCHEMA_RACE_ATTEMPTS:
+                    raise
+                time.sleep(random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
 
 
 class Tracker:
@@ -293,6 +328,7 @@ class Tracker:
                                                                       "databricks")):
                 # a database store: MLflow's engine set-up retries for ~106 s, a warning per attempt
                 probe_database(tracking_uri)
+                return _open_database_client(tracking_uri)
             return MlflowClient(tracking_uri, registry_uri=tracking_uri)
         from .config import ConfigError
 
