@@ -207,3 +207,21 @@ def test_the_logged_model_names_its_registered_version(champions):
     (logged,) = [m for m in client.search_logged_models([experiment]) if m.artifact_location == version.source]
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "binary_lab", "version": version.version}]
     assert logged.source_run_id == version.run_id
+
+
+def test_a_csv_of_twelve_thousand_columns_gets_its_champion(store, capsys):
+    """#19.7: the version's spec tag held every feature name and went past MLflow's 100,000 characters, so a wide
+    CSV never got a champion, on every re-run."""
+    import numpy as np
+    import pandas as pd
+
+    x = np.random.default_rng(0).normal(size=(10, 12_000))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(12_000)]).assign(y=2 * x[:, 0])
+    frame.to_csv(store / "wide.csv", index=False)
+    (store / "e.yaml").write_text("data: {source: csv, path: wide.csv, target: y, val_size: 3}\ntrain: {epochs: 2}\n")
+    (store / "s.yaml").write_text("study: wide\nexperiment: e.yaml\nspace:\n  hidden: {choices: [2]}\n"
+                                  "sampler: {type: grid}\nn_trials: 1\n")
+    assert main(["sweep", str(store / "s.yaml"), "--quiet", "--no-report"]) == 0
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    version = client.get_model_version_by_alias("wide", "champion")
+    assert json.loads(version.tags["sweeplab.model_spec"])["feature_names"] == "12000 names, in model.json"

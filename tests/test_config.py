@@ -134,3 +134,34 @@ def test_tpe_is_asked_in_batches_it_can_learn_between(tmp_path):
     assert batch_size(spec, 10, 1000) == 99
     random = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"type": "random"})})
     assert batch_size(random, 0, 20) == 256
+
+
+@pytest.mark.parametrize("target, feature, words", [
+    (["1.0", "", "3.0", "4.0", "5.0", "6.0"], None, "data.target column 'y' row 3 is missing"),
+    (["1.0", "2.0", "two", "4.0", "5.0", "6.0"], None, "data.target column 'y' row 4 is not a number: 'two'"),
+    (["1.0", "2.0", "3.0", "inf", "5.0", "6.0"], None, "data.target column 'y' row 5 is not a finite number: inf"),
+    (["1.0", "2.0", "3.0", "4.0", "5.0", "6.0"], "-inf", "column 'b' row 2 is not a finite number: -inf"),
+])
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_bad_csv_values_are_one_line_before_any_store_is_written(store, capsys, target, feature, words, command):
+    """#19.7: NaN, text or inf in the target ended in tracebacks' last lines (exit 1), inf in a feature trained to
+    nan, `run` created mlflow.db first, and `sweep` failed its trials one by one."""
+    b = [feature or "1.5", "2.5", "3.5", "4.5", "5.5", "6.5"]
+    rows = "".join(f"{i},{b[i]},{t}\n" for i, t in enumerate(target))
+    (store / "d.csv").write_text("a,b,y\n" + rows)
+    (store / "e.yaml").write_text("name: csv\ndata: {source: csv, path: d.csv, target: y, val_size: 2}\n"
+                                  "train: {epochs: 2}\n")
+    (store / "s.yaml").write_text("study: csv\nexperiment: e.yaml\nspace:\n  hidden: {choices: [4, 8]}\nn_trials: 2\n")
+    before = sorted(p.name for p in store.iterdir())
+    assert main([command, str(store / ("e.yaml" if command == "run" else "s.yaml"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "d.csv" in err, err
+    assert sorted(p.name for p in store.iterdir()) == before  # no mlflow.db, no journal, no reports
+
+
+def test_run_on_csv_data_of_any_width_needs_no_predict_x(store, capsys):
+    """#19.7: `run` on a CSV whose width is not 2 failed on the seed's default points unless predict_x=[]."""
+    (store / "d.csv").write_text("a,b,c,y\n" + "".join(f"{i},{i % 3},{i % 5},{2 * i}\n" for i in range(12)))
+    (store / "e.yaml").write_text("data: {source: csv, path: d.csv, target: y, val_size: 3}\ntrain: {epochs: 2}\n")
+    assert main(["run", str(store / "e.yaml"), "--no-track"]) == 0
+    assert "predictions:" in capsys.readouterr().out

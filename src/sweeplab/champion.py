@@ -81,12 +81,24 @@ def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: 
     version = client.create_model_version(name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
                                           description=description,
                                           tags={TAG_CHAMPION_RUN: run_id, **(tags or {}),
-                                                "sweeplab.model_spec": json.dumps(spec.to_dict())})
+                                                "sweeplab.model_spec": spec_tag(spec)})
     # what the fluent mlflow.register_model does too: the logged model's page then names its registered versions
     listed = json.loads(client.get_logged_model(logged.model_id).tags.get("mlflow.modelVersions") or "[]")
     listed.append({"name": name, "version": version.version})
     client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": json.dumps(listed)})
     return version
+
+
+MAX_TAG = 5000  # MLflow refuses a tag value over 100,000 characters; a spec that long is a wide CSV's names
+
+
+def spec_tag(spec) -> str:
+    """The model spec as the version's tag; the feature names give way to their count when they would not fit
+    (a CSV of 20,000 columns), as they are in the model's own `artifacts/model.json` anyway."""
+    text = json.dumps(spec.to_dict())
+    if len(text) <= MAX_TAG:
+        return text
+    return json.dumps({**spec.to_dict(), "feature_names": f"{len(spec.feature_names)} names, in model.json"})
 
 
 def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_id: str) -> None:

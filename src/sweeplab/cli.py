@@ -29,10 +29,12 @@ def _run(args: argparse.Namespace) -> int:
 
     # The config is checked before torch is even imported: a typo costs milliseconds, not seconds.
     config = load_experiment(args.experiment, parse_overrides(args.overrides))
+    from .data import check_data
     from .experiment import run_experiment
     from .process import configure
     from .stop import stop_flag
 
+    check_data(config)  # bad data is one line before any store exists
     configure(with_optuna=False)
     printer = None if args.json else _SeedPrinter(config.name, config.print_every)
     if printer:
@@ -131,6 +133,7 @@ def _sweep(args: argparse.Namespace) -> int:
         configure()
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
         sweep = load_sweep(args.sweep, overrides)  # a bad sweep file fails here, before any study or run exists
+        check_sweep_data(sweep)  # and bad data
         from .sweep import run_sweep, side_by_side
         from .tracking import import_store_modules
 
@@ -180,6 +183,24 @@ def _sweep(args: argparse.Namespace) -> int:
             print(report["tables"])
             print(f"report:   {out}/report.html")
     return 0
+
+
+def check_sweep_data(sweep) -> None:
+    """Each distinct data source of the sweep's parts, read and checked once (data.check_data): a bad CSV value is
+    one line before any study or run exists, not a failure inside every trial."""
+    from .config import ConfigError
+    from .data import check_data
+
+    seen = set()
+    for part in sweep.parts():
+        config = part.config_for({})
+        key = (config.data.model_dump_json(), config.task)
+        if key not in seen:
+            seen.add(key)
+            try:
+                check_data(config)
+            except ConfigError as exc:
+                raise ConfigError(f"{sweep.source}: {exc}") from None
 
 
 def _warm_report(tracking_uri: str | None) -> None:
@@ -308,6 +329,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.worker_index < 0:
         raise UsageError(f"--worker-index {args.worker_index}: must be 0 or more")
     sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
+    check_sweep_data(sweep)
     from .process import configure, use_threads
     from .stores import resolve_storage_url, resolve_tracking_uri
     from .sweep import run_worker

@@ -37,6 +37,7 @@ MAX_SAMPLES = 10_000_000
 MAX_HIDDEN = 65_536
 MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights, before the optimizer's state
 MAX_EPOCHS = 1_000_000
+SEED_POINTS = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]]  # the seed's three test points
 
 
 class DataConfig(_Frozen):
@@ -120,8 +121,8 @@ class ExperimentConfig(_Frozen):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     predict_x: list[list[float]] = Field(
-        default_factory=lambda: [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]],
-        description="points to predict after training (the seed's three by default)",
+        None, description="points to predict after training (default: the seed's three for its synthetic data, "
+                          "none for other data)",
     )
     print_every: int = Field(20, gt=0)
 
@@ -133,6 +134,15 @@ class ExperimentConfig(_Frozen):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_points(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("predict_x") is None:
+            data = raw.get("data")
+            source = data.get("source", "synthetic") if isinstance(data, dict) else getattr(data, "source", "synthetic")
+            raw = {**raw, "predict_x": SEED_POINTS if source == "synthetic" else []}
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExperimentConfig":

@@ -91,6 +91,19 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
     return Dataset(x[train_idx], y[train_idx], x[val_idx], y[val_idx], names, n_outputs, config.task, description)
 
 
+def check_data(config: ExperimentConfig) -> None:
+    """Read and check a CSV data source once, before anything is written anywhere (a bad value is one line naming
+    the file, column and row); the seed's generator needs no check. Draws nothing from torch's RNG."""
+    if config.data.source == "csv":
+        x, _, _ = _read_csv(config.data, config.task)
+        n_train, n_val = split_lengths(x.shape[0], config.data.val_size)
+        if n_train < 1 or n_val < 1:
+            raise ConfigError(f"data.val_size: {config.data.val_size} leaves {n_train} train and {n_val} validation "
+                              f"samples of {x.shape[0]}")
+        if config.predict_x and any(len(row) != x.shape[1] for row in config.predict_x):
+            raise ConfigError(f"predict_x: rows must have {x.shape[1]} values, one per feature")
+
+
 def _n_outputs(task: str, n_classes: int) -> int:
     return n_classes if task == "multiclass" else 1
 
@@ -119,13 +132,24 @@ def _read_csv(data: DataConfig, task: str) -> tuple[torch.Tensor, torch.Tensor, 
     if numeric.isna().any().any():
         column = numeric.columns[numeric.isna().any()][0]
         raise ConfigError(f"{data.path}: column {column!r} has missing values")
+    infinite = numeric.isin([math.inf, -math.inf])
+    if infinite.any().any():
+        column = infinite.any()[infinite.any()].index[0]
+        row = int(infinite[column].to_numpy().nonzero()[0][0])
+        raise ConfigError(f"{data.path}: column {column!r} row {row + 2} is not a finite number: {frame[column].iloc[row]}")
     x = torch.tensor(numeric.to_numpy(dtype="float32"))
     target = frame[data.target]
+    codes = pd.to_numeric(target, errors="coerce")
+    for bad, what in ((codes.isna() & target.notna(), "is not a number: {!r}"), (target.isna(), "is missing"),
+                      (codes.isin([math.inf, -math.inf]), "is not a finite number: {}")):
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise ConfigError(f"{data.path}: data.target column {data.target!r} row {row + 2} "
+                              + what.format(target.iloc[row]))
     if task == "regression":
-        y = torch.tensor(pd.to_numeric(target, errors="raise").to_numpy(dtype="float32")).unsqueeze(1)
+        y = torch.tensor(codes.to_numpy(dtype="float32")).unsqueeze(1)
     else:
-        codes = pd.to_numeric(target, errors="coerce")
-        if codes.isna().any() or (codes != codes.round()).any() or (codes < 0).any():
+        if (codes != codes.round()).any() or (codes < 0).any():
             raise ConfigError(f"{data.path}: data.target {data.target!r} must hold class indices 0..K-1 for task {task}")
         labels = torch.tensor(codes.to_numpy(dtype="int64"))
         if task == "binary":
