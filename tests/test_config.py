@@ -165,3 +165,27 @@ def test_run_on_csv_data_of_any_width_needs_no_predict_x(store, capsys):
     (store / "e.yaml").write_text("data: {source: csv, path: d.csv, target: y, val_size: 3}\ntrain: {epochs: 2}\n")
     assert main(["run", str(store / "e.yaml"), "--no-track"]) == 0
     assert "predictions:" in capsys.readouterr().out
+
+
+def test_a_billion_laughs_file_is_refused_at_once(store, capsys):
+    """#19.7: 1 KB of nested aliases grew to 5.5 GB for 112 s, then MemoryError, exit 1."""
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    (store / "laugh.yaml").write_text("\n".join(lines) + "\nstudy: x\nspace: {hidden: {choices: [4]}}\n")
+    assert main(["sweep", str(store / "laugh.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("laugh.yaml: its aliases (*name) expand to more than 100,000 values; a sweep or experiment "
+                        "file is a page of YAML")
+    (store / "anchors.yaml").write_text("x: &lr {low: 0.001, high: 0.1, log: true}\n")  # a few aliases stay fine
+    from sweeplab.config import read_yaml
+
+    assert read_yaml(store / "anchors.yaml")["x"]["low"] == 0.001
+
+
+def test_a_study_name_that_would_not_fit_a_path_is_refused(store, capsys, lab_path):
+    """#19.7: a 300-character study name failed every trial on `File name too long`, leaving runs RUNNING."""
+    (store / "s.yaml").write_text(f"study: {'s' * 101}\nexperiment: {lab_path}\nspace: {{hidden: {{choices: [4]}}}}\n")
+    assert main(["sweep", str(store / "s.yaml")]) == 2
+    assert "study: String should match pattern" in capsys.readouterr().err
+    assert sorted(p.name for p in store.iterdir()) == ["s.yaml"]

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 
@@ -250,3 +251,84 @@ def test_a_damaged_cached_store_is_migrated_again_and_replaced(tmp_path, monkeyp
     template.write_bytes(b"not a database")
     assert Tracker(f"sqlite:///{tmp_path / 'a.db'}").experiment_id("study")
     assert template.read_bytes().startswith(b"SQLite format 3")
+
+
+def start_ui(command: list[str], cwd: Path) -> tuple[subprocess.Popen, str]:
+    ui = subprocess.Popen(command, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True)
+    return ui, ui.stdout.readline()  # blocks until sweeplab says the UI is there
+
+
+def group_of_server(port: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"--port\0{port}\0" in (proc / "cmdline").read_text() and \
+                    "mlflow" in (proc / "cmdline").read_text():
+                return os.getpgid(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return None
+
+
+def group_alive(pgid: int) -> bool:
+    members = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    for proc in members:
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
+def test_the_ui_server_and_its_children_end_with_sweeplab_ui(user_sweep, how):
+    """#19.7: SIGKILL and SIGHUP left the MLflow server answering, SIGTERM left its huey consumers for ~40 s."""
+    home, uri, _, _ = user_sweep
+    port = free_port()
+    ui, line = start_ui([SWEEPLAB, "ui", "sgd_lr", "--tracking-uri", uri, "--port", str(port)], home / "work")
+    assert line.startswith("MLflow UI:")
+    group = group_of_server(port)
+    assert group is not None and group != os.getpgid(ui.pid)
+    ui.send_signal(how)
+    ui.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(group)
+
+
+def test_sweeplab_ui_on_a_port_another_ui_holds_is_one_line(user_sweep, tmp_path):
+    """#19.7: it printed a link into the other server's store and exited 0."""
+    home, uri, _, _ = user_sweep
+    port = free_port()
+    ui, line = start_ui([SWEEPLAB, "ui", "sgd_lr", "--tracking-uri", uri, "--port", str(port)], home / "work")
+    try:
+        assert line.startswith("MLflow UI:")
+        proc = subprocess.run([SWEEPLAB, "ui", "--tracking-uri", uri, "--port", str(port)], cwd=tmp_path,
+                              env=user_env(), capture_output=True, text=True, timeout=60)
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=30)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == f"sweeplab: error: --port {port}: already in use on 127.0.0.1 (another MLflow UI?); " \
+                                  f"try --port {port + 1}"
+
+
+@pytest.mark.parametrize("command", [["report", "sgd_lr"], ["predict", "sgd_lr"], ["ui", "sgd_lr"],
+                                     ["report", "sgd_lr", "--tracking-uri", "sqlite:///sub/dir/x.db"]])
+def test_read_only_commands_in_a_folder_without_a_store_write_nothing(tmp_path, command):
+    """#19.7: report, predict and ui left a new 954 KB mlflow.db and its lock (and made sub/dir/)."""
+    proc = subprocess.run([SWEEPLAB, *command], cwd=tmp_path, env=user_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "no MLflow store there" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_report_out_under_a_file_is_bad_input(user_sweep, tmp_path):
+    home, uri, _, _ = user_sweep
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run([SWEEPLAB, "report", "sgd_lr", "--tracking-uri", uri, "--out", str(tmp_path / "afile/r")],
+                          cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"{tmp_path / 'afile'} is a file" in proc.stderr

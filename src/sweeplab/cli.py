@@ -356,21 +356,35 @@ def _study_name(reference: str) -> str:
     return reference
 
 
+def existing_store(cli_value: str | None) -> str:
+    """The tracking URI of a command that only reads (report, predict, ui): a local SQLite store must exist
+    already, or those commands would leave a new, empty mlflow.db (and its folders) behind."""
+    from .stores import display_uri, resolve_tracking_uri, sqlite_path
+
+    uri = resolve_tracking_uri(cli_value)
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise UsageError(f"--tracking-uri {display_uri(uri)}: no MLflow store there (a sweep or a tracked run "
+                         "makes one; give --tracking-uri or $MLFLOW_TRACKING_URI to read another)")
+    return uri
+
+
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     study = _study_name(args.study)
     from .process import configure
     from .report import ReportError, build_report, terminal_tables
-    from .stores import resolve_tracking_uri
 
     configure(install_stop=False)
 
     out = Path(args.out or f"reports/{study}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: is a file; the report is a folder (report.html, CSV and PNG files)")
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--out {out}: {blocking} is a file; the report is a folder (report.html, CSV and PNG files)")
+    tracking_uri = existing_store(args.tracking_uri)
     try:
-        report = build_report(study, resolve_tracking_uri(args.tracking_uri), out, ui_url=args.ui_url)
+        report = build_report(study, tracking_uri, out, ui_url=args.ui_url)
     except ReportError as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -398,7 +412,7 @@ def _predict(args: argparse.Namespace) -> int:
     if len(sources) > 1:
         raise UsageError("give the input once: --x rows, a CSV file, or - for JSON on stdin")
     try:
-        model, spec, found = load_logged_model(args.model, args.tracking_uri, args.device)
+        model, spec, found = load_logged_model(args.model, existing_store(args.tracking_uri), args.device)
         extra: list[str] = []
         if args.x:
             rows = parse_rows(args.x)
@@ -427,15 +441,13 @@ def _predict(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     """The MLflow UI over the store, one server worker unless asked (four take 16-40 s to start on two cores).
     The URL is printed once the server answers; with a study, the link opens its runs best first."""
-    import subprocess
-
     from .process import configure
     from .stop import stop_flag
-    from .stores import display_uri, resolve_tracking_uri
-    from .tracking import answers, runs_link, start_ui_server
+    from .stores import display_uri
+    from .tracking import answers, runs_link, start_ui_server, stop_ui_server
 
     configure(with_optuna=False)  # Ctrl-C or SIGTERM: the server goes with us
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = existing_store(args.tracking_uri)
     experiment_id = None
     if args.study:
         experiment_id = _experiment_id_of(_study_name(args.study), uri)
@@ -443,8 +455,14 @@ def _ui(args: argparse.Namespace) -> int:
         from .tracking import Tracker
 
         Tracker(uri).check_reachable()  # one line now, not a server retrying in the background
+    if not _port_free(args.host, args.port):  # else a server already there (another store's UI) would answer for us
+        raise UsageError(f"--port {args.port}: already in use on {args.host} (another MLflow UI?); try --port "
+                         f"{args.port + 1}")
     _warn_if_public(args.host)
     print(f"starting the MLflow UI over {display_uri(uri)} ...", file=sys.stderr, flush=True)
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))  # a closed terminal stops it as SIGTERM does
     process = start_ui_server(uri, args.host, args.port, args.workers, log=sys.stderr)  # stdout: our URL line only
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     try:
@@ -460,12 +478,24 @@ def _ui(args: argparse.Namespace) -> int:
             stop_flag.wait(0.5)
         return process.returncode
     except KeyboardInterrupt:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
         return 0
+    finally:
+        stop_ui_server(process)  # the server's whole process group: its workers and consumers too
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (as uvicorn binds: SO_REUSEADDR, so a closed connection's
+    TIME_WAIT does not count)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _experiment_id_of(study: str, tracking_uri: str) -> str:

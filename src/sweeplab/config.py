@@ -233,8 +233,33 @@ def format_validation_error(source: str, error: ValidationError) -> str:
 MAX_FILE_BYTES = 1_000_000  # a sweep or experiment file is a page of YAML; a 50 MB one is a mistake
 
 
+class _TooManyAliases(Exception):
+    pass
+
+
+MAX_EXPANDED_NODES = 100_000  # a page of YAML is a few hundred; a "billion laughs" file is billions, once expanded
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice is an error (YAML keeps the last one silently)."""
+    """YAML's safe loader, except that a key given twice is an error (YAML keeps the last one silently), and a file
+    whose aliases (*name) would expand past MAX_EXPANDED_NODES is refused before anything expands them: 1 KB of
+    nested aliases is gigabytes once the config is copied and validated."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        sizes: dict[int, int] = {}
+
+        def size(item) -> int:  # nodes once every alias is expanded; each distinct node is counted once
+            if id(item) not in sizes:
+                sizes[id(item)] = 1
+                children = item.value if isinstance(item.value, list) else []
+                flat = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+                sizes[id(item)] = 1 + sum(size(child) for child in flat)
+            return sizes[id(item)]
+
+        if node is not None and size(node) > MAX_EXPANDED_NODES:
+            raise _TooManyAliases()
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -268,6 +293,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', None) or 'cannot be parsed'}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a sweep or experiment file") from None
+    except _TooManyAliases:
+        raise ConfigError(f"{path}: its aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values; a sweep "
+                          "or experiment file is a page of YAML") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
     return raw
@@ -364,7 +392,8 @@ class PrunerSpec(_Frozen):
 class SweepSpec(_Frozen):
     """A search: a base experiment, fixed overrides, a search space, a sampler, a pruner and a budget."""
 
-    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # the study names an MLflow experiment, its artifact folder and a registered model: a plain, bounded name
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     experiment: str | None = Field(None, description="base experiment file, relative to the sweep file")
     base: dict[str, Any] = Field(default_factory=dict, description="inline base experiment (or changes to `experiment`)")
     space: dict[str, ParamSpec] = Field(min_length=1)

@@ -97,7 +97,59 @@ def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) 
         command += ["--default-artifact-root", os.path.dirname(os.path.abspath(database)) + "/mlartifacts"]
     env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **os.environ,
            "MLFLOW_BACKEND_STORE_URI": uri}
-    return subprocess.Popen(command, env=env, stdout=log.fileno() if log else None)
+    # The server and everything it starts (uvicorn workers, huey consumers) in a process group of their own, which
+    # `stop_ui_server` ends whole; a watchdog outside both ends it too if this process is killed outright.
+    server = subprocess.Popen(command, env=env, stdout=log.fileno() if log else None, start_new_session=True)
+    watchdog = (f"while kill -0 {os.getpid()} 2>/dev/null && kill -0 {server.pid} 2>/dev/null; do sleep 1; done; "
+                f"kill -TERM -{server.pid} 2>/dev/null; sleep 5; kill -KILL -{server.pid} 2>/dev/null")
+    subprocess.Popen(["sh", "-c", watchdog], start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return server
+
+
+def stop_ui_server(server: subprocess.Popen, grace_s: float = 10) -> None:
+    """End the UI server's whole process group: SIGTERM, then SIGKILL for what is left after `grace_s`."""
+    import signal
+
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(server.pid, signum)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _group_alive(server.pid):
+            server.poll()
+            time.sleep(0.1)
+        if not _group_alive(server.pid):
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(timeout=1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a group whose only members are zombies (the server, not yet reaped by us) is gone for our purposes
+    members = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid_of(p) == pgid]
+    return any(_state_of(p) != "Z" for p in members)
+
+
+def _pgid_of(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _state_of(proc: Path) -> str:
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
 
 
 def answers(url: str) -> bool:
