@@ -332,3 +332,19 @@ def test_report_out_under_a_file_is_bad_input(user_sweep, tmp_path):
     proc = subprocess.run([SWEEPLAB, "report", "sgd_lr", "--tracking-uri", uri, "--out", str(tmp_path / "afile/r")],
                           cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and f"{tmp_path / 'afile'} is a file" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["a#b?c=1", "p%41"])
+def test_a_sweep_in_a_folder_with_an_odd_name_keeps_its_store_there(tmp_path, name):
+    """#19.7: in /tmp/a#b?c=1 the runs went into a new file /tmp/a#b; in p%41 the sweep wrote mlflow.db and an
+    empty journal, then failed."""
+    folder = tmp_path / name
+    folder.mkdir()
+    proc = subprocess.run([SWEEPLAB, "sweep", str(write_sweep(tmp_path)), "--no-report"], cwd=folder,
+                          env=user_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "sgd.yaml"])  # nothing beside the folder
+    assert {"mlflow.db", "optuna.journal", "mlartifacts"} <= {p.name for p in folder.iterdir()}
+    pasted = subprocess.run(printed(proc.stdout, "predict"), shell=True, cwd=folder, env=user_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert pasted.returncode == 0 and pasted.stdout.startswith("x=[1.0, 2.0] -> pred="), pasted.stderr

@@ -443,7 +443,7 @@ def _ui(args: argparse.Namespace) -> int:
     The URL is printed once the server answers; with a study, the link opens its runs best first."""
     from .process import configure
     from .stop import stop_flag
-    from .stores import display_uri
+    from .stores import display_uri, remove_mlflow_strays
     from .tracking import answers, runs_link, start_ui_server, stop_ui_server
 
     configure(with_optuna=False)  # Ctrl-C or SIGTERM: the server goes with us
@@ -481,6 +481,7 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
     finally:
         stop_ui_server(process)  # the server's whole process group: its workers and consumers too
+        remove_mlflow_strays(uri)
 
 
 def _port_free(host: str, port: int) -> bool:

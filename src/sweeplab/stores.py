@@ -69,9 +69,30 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative SQLite path is made
     absolute, so worker processes and MLflow's per-URI store cache all mean the same file."""
     uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        uri = sqlite_uri(sqlite_path(uri))
     return uri
+
+
+def sqlite_uri(path: Path) -> str:
+    """The `sqlite:///` URI of a database file, `%` and `?` in its path percent-encoded: a folder named `a#b?c=1`
+    or `p%41` is otherwise read by SQLAlchemy as a query string or an escape (runs written to a file `/tmp/a#b`)."""
+    return "sqlite:///" + str(path).replace("%", "%25").replace("?", "%3F")  # all SQLAlchemy misreads
+
+
+def remove_mlflow_strays(uri: str) -> None:
+    """MLflow 3.17 makes the parent folders of a SQLite URI's path without decoding it, so a store in `p%41/`
+    leaves an empty folder `p%2541/` beside it: remove those (only while empty, only ones the real path lacks)."""
+    database = sqlite_path(uri)
+    if database is None:
+        return
+    raw, keep = Path(uri[len("sqlite:///"):]).parent, {database.parent, *database.parent.parents}
+    while raw != raw.parent and raw not in keep:
+        try:
+            raw.rmdir()
+        except OSError:  # not empty (somebody's folder), or not there
+            return
+        raw = raw.parent
 
 
 def display_uri(uri: str) -> str:
@@ -79,8 +100,10 @@ def display_uri(uri: str) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The database file of a `sqlite:///` URL, else None."""
-    return Path(url[len("sqlite:///"):]).resolve() if url.startswith("sqlite:///") else None
+    """The database file of a `sqlite:///` URL (its path percent-decoded, as SQLAlchemy reads it), else None."""
+    from urllib.parse import unquote
+
+    return Path(unquote(url[len("sqlite:///"):])).resolve() if url.startswith("sqlite:///") else None
 
 
 def default_storage(tracking_uri: str) -> str:

@@ -22,7 +22,7 @@ from mlflow.entities import RunTag
 from . import __version__
 from .config import ExperimentConfig
 from .outcome import Outcome, RunEnd
-from .stores import display_uri, process_gone, worker_id
+from .stores import display_uri, process_gone, remove_mlflow_strays, sqlite_path, sqlite_uri, worker_id
 
 TAG_ROLE = "sweeplab.role"
 TAG_STUDY = "sweeplab.study"
@@ -92,7 +92,7 @@ def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) 
 
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
                "--workers", str(workers), "--uvicorn-opts", "--log-level warning"]
-    database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    database = sqlite_path(uri)
     if database:
         command += ["--default-artifact-root", os.path.dirname(os.path.abspath(database)) + "/mlartifacts"]
     env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **os.environ,
@@ -219,9 +219,10 @@ def create_sqlite_store(database: Path) -> None:
         temporary = database.with_name(f".{database.name}.creating-{os.getpid()}")
         try:
             if not _copy_empty_store(temporary):
-                uri = f"sqlite:///{temporary}"
+                uri = sqlite_uri(temporary)
                 client = MlflowClient(uri, registry_uri=uri)
                 client.search_registered_models(max_results=1)
+                remove_mlflow_strays(uri)
                 _keep_empty_store(temporary)
             os.replace(temporary, database)
         finally:
@@ -384,12 +385,13 @@ class Tracker:
             return MlflowClient(tracking_uri, registry_uri=tracking_uri)
         from .config import ConfigError
 
-        database = Path(tracking_uri[len("sqlite:///"):])
+        database = sqlite_path(tracking_uri)
         if not database.exists():
             create_sqlite_store(database)
         try:
             client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
             client.search_registered_models(max_results=1)  # opens (and checks) the store now, not mid-sweep
+            remove_mlflow_strays(tracking_uri)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"--tracking-uri {display_uri(tracking_uri)}: not a usable MLflow database "
@@ -415,7 +417,7 @@ class Tracker:
         # A local SQLite store keeps artifacts beside the database (mlartifacts/), where `make ui` finds them;
         # a tracking server decides for itself (served artifacts).
         if self.tracking_uri.startswith("sqlite:///"):
-            root = Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name
+            root = sqlite_path(self.tracking_uri).parent / "mlartifacts" / name
             return root.as_uri()
         return None
 
