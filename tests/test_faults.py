@@ -232,6 +232,26 @@ def test_a_report_that_cannot_be_written_leaves_the_sweep_done_and_no_process_be
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3  # the parent and both trials
 
 
+@pytest.mark.parametrize("conditions", ["", "conditions: {noise: [0.3, 1.0]}\n"])
+def test_a_killed_background_report_process_is_one_line_and_the_champions_are_registered(here, capsys, monkeypatch,
+                                                                                       conditions):
+    """#19.7: the report's process killed (as the OOM killer would) made the sweep exit 141 with nothing printed,
+    no champion and its parent run FAILED."""
+    import multiprocessing
+
+    monkeypatch.setattr("sweeplab.cli._warm_report", lambda uri: os.kill(os.getpid(), signal.SIGKILL))
+    (here / "s.yaml").write_text(sweep_text(extra=conditions))
+    assert main(["sweep", str(here / "s.yaml"), "epochs=2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "report: not written (the background process ended (exit code -9))"
+    assert "champion: models:/faults@champion (version 1" in captured.out
+    assert not [p for p in multiprocessing.active_children() if p.name == "sweeplab-background"]
+    client = MlflowClient(f"sqlite:///{here}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert client.get_model_version_by_alias("faults", "champion")
+
+
 # --- damaged and shared stores ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["garbage", "cut in half"])

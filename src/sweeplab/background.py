@@ -37,16 +37,25 @@ class Forked:
         theirs.close()
 
     def submit(self, function: Callable[..., Any], *args: Any) -> None:
-        """Run function(*args) there (a module-level function; args are pickled)."""
-        self._conn.send((function, args))
+        """Run function(*args) there (a module-level function; args are pickled). A process that is gone already
+        (killed, as the OOM killer would) takes nothing: `result` says so, and the sweep goes on without it."""
+        try:
+            self._conn.send((function, args))
+        except OSError:  # BrokenPipeError: nobody at the other end
+            pass
 
     def result(self) -> Any:
         """The call's return value; its exception comes back as a BackgroundError with its type and message."""
         while not self._conn.poll(0.2):
             stop_flag.check()
             if not self._process.is_alive() and not self._conn.poll():
+                self.close()
                 raise BackgroundError(f"the background process ended (exit code {self._process.exitcode})")
-        ok, value = self._conn.recv()
+        try:
+            ok, value = self._conn.recv()
+        except (EOFError, OSError):  # it died between its answer's first byte and its last
+            self.close()
+            raise BackgroundError(f"the background process ended (exit code {self._process.exitcode})") from None
         self.close()
         if not ok:
             raise BackgroundError(value)
@@ -57,7 +66,8 @@ class Forked:
         if self._process.is_alive():
             self._process.terminate()
         self._process.join(5)
-        self._conn.close()
+        if not self._conn.closed:
+            self._conn.close()
 
 
 def _serve(conn, ours, warm: Callable[[], None]) -> None:
