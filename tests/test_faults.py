@@ -366,3 +366,24 @@ def test_a_password_is_never_printed_or_passed_on(tmp_path, args):
     assert "***" in output or args[0] == "server"  # the server names the field, not the URL
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, output
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.journal").exists()
+
+
+@pytest.mark.parametrize("how", ["head", "closed"])
+def test_output_that_goes_away_does_not_cut_the_sweep(here, how):
+    """#19.7: `| head -n 2` exited 141 after the trials with one of two champions registered, no pictures, parent
+    FAILED; `>&-` ended in an atexit traceback."""
+    (here / "s.yaml").write_text(sweep_text(extra="conditions: {noise: [0.3, 1.0]}\n"))
+    command = f"{SWEEPLAB} sweep s.yaml epochs=2 2>&1 | head -n 2" if how == "head" else \
+        f"{SWEEPLAB} sweep s.yaml epochs=2 >&- 2>err.txt"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=here, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if how == "closed":
+        assert "Traceback" not in (here / "err.txt").read_text()
+    client = MlflowClient(f"sqlite:///{here}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert client.get_model_version_by_alias("faults", "champion")
+    assert client.get_model_version_by_alias("faults", "champion-noise-1_0")
+    assert (here / "reports/faults/val_curves.png").is_file()

@@ -14,6 +14,7 @@ store named anything but ./mlflow.db must not be looked up in ./mlflow.db.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,19 @@ def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_i
                                        params=ParamSchema([ParamSpec("output", "string", "label")]))
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                         f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
-        mlflow.pyfunc.save_model(
-            str(path), python_model=pyfunc_model.__file__,
-            artifacts={"program": f"{tmp}/program.pt2", "model": f"{tmp}/model.json"},
-            signature=signature, input_example=pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=names),
-            pip_requirements=requirements, metadata=meta,
-            mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
-                               model_id=logged.model_id))
+        quiet = logging.getLogger("mlflow.pyfunc")  # "Validating input example against model signature"
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            mlflow.pyfunc.save_model(
+                str(path), python_model=pyfunc_model.__file__,
+                artifacts={"program": f"{tmp}/program.pt2", "model": f"{tmp}/model.json"},
+                signature=signature, input_example=pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=names),
+                pip_requirements=requirements, metadata=meta,
+                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                   model_uuid=logged.model_id, model_id=logged.model_id))
+        finally:
+            quiet.setLevel(level)
 
 
 def _registered_model(tracker: Tracker, name: str):

@@ -636,6 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from .stores import SettingError
 
+    if args.command in ("sweep", "worker"):  # a reader that leaves (`| head`, a closed terminal) stops no sweep
+        sys.stdout, sys.stderr = _Unbreakable.wrap(sys.stdout), _Unbreakable.wrap(sys.stderr)
     try:
         return args.func(args)
     except (ConfigError, UsageError, SettingError) as exc:
@@ -676,6 +678,48 @@ def _values_of_x(argv: list[str]) -> list[str]:
             continue
         out.append(item)
     return out
+
+
+class _Unbreakable:
+    """A text stream that stops writing, silently, once its reader is gone (a broken pipe, a closed or lost
+    terminal), instead of raising into the sweep: the work goes on, its runs, champions and report are written,
+    and what would have been printed is dropped (the file descriptor then points at /dev/null, so child processes
+    writing to it are fine too)."""
+
+    def __init__(self, stream):
+        self._stream, self.broken = stream, False
+
+    @classmethod
+    def wrap(cls, stream):
+        return stream if stream is None or isinstance(stream, cls) else cls(stream)
+
+    def _lost(self) -> None:
+        self.broken = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):  # BrokenPipeError, EIO from a hung-up terminal, a closed file
+                self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lost()
+
+    def isatty(self) -> bool:
+        return not self.broken and self._stream.isatty()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 MAX_MESSAGE = 500  # characters of an error message we print: a 57 MB line helps nobody
@@ -719,8 +763,12 @@ _exit_code: list[int] = []
 
 def _end_now() -> None:
     if _exit_code:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:  # None: the process was started with that descriptor closed (`>&-`)
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
         os._exit(_exit_code[-1])
 
 
