@@ -225,3 +225,33 @@ def test_a_csv_of_twelve_thousand_columns_gets_its_champion(store, capsys):
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     version = client.get_model_version_by_alias("wide", "champion")
     assert json.loads(version.tags["sweeplab.model_spec"])["feature_names"] == "12000 names, in model.json"
+
+
+def test_two_sweeps_ending_at_once_register_the_champion_once(champions):
+    """#19.7: two sweeps on one study registered the same run as versions 1 and 2; one printed "version 1" while
+    the alias pointed to 2."""
+    import threading
+
+    from sweeplab.champion import register_champion
+    from sweeplab.ledger import TrialSummary
+    from sweeplab.tracking import Tracker
+
+    _, uri, client = champions
+    run_id = client.get_model_version_by_alias("binary_lab", "champion").run_id
+    experiment = client.get_experiment_by_name("binary_lab").experiment_id
+    best = TrialSummary(0, 0.5, run_id, 3, {})
+    start, results = threading.Barrier(2), []
+
+    def register() -> None:
+        tracker = Tracker(uri)
+        start.wait()
+        results.append(register_champion(tracker, best, "binary_lab", experiment, alias="twice"))
+
+    threads = [threading.Thread(target=register) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    alias = client.get_model_version_by_alias("binary_lab", "twice").version
+    assert sorted(r["new"] for r in results) == [False, True] and {r["version"] for r in results} == {alias}
+    assert len(client.search_model_versions(f"name = 'binary_lab' and run_id = '{run_id}'")) == 2  # champion, twice

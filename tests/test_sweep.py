@@ -456,3 +456,18 @@ def test_optunas_own_tools_see_each_trials_curve_and_the_objectives_name(store, 
 
     axes = plot_intermediate_values(study)
     assert len(axes.get_lines()) == 3 and all(len(line.get_xdata()) == 6 for line in axes.get_lines())
+
+
+def test_two_sweeps_at_once_on_one_study_each_count_their_own_trials(store):
+    """#19.7: both printed "16 run now" for the study's total."""
+    import re
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sweep = write_sweep(store / "s.yaml", root, "both", SPACE, 6)
+    command = [sys.executable, "-m", "sweeplab", "sweep", str(sweep), "epochs=20", "--quiet", "--no-report"]
+    sweeps = [subprocess.Popen(command, cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outs = [process.communicate(timeout=300) for process in sweeps]
+    assert all(process.returncode == 0 for process in sweeps), outs
+    counts = [int(re.search(r"\((\d+) run now\)", out).group(1)) for out, _ in outs]
+    assert sum(counts) == 6

@@ -378,8 +378,12 @@ def best_trials(study: optuna.Study, top: int = 5) -> list[TrialSummary]:
             for t in sorted(done, key=lambda t: t.value)[:top]]
 
 
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return len(finished_trials(study))
 
 
 def outcome_counts(study: optuna.Study) -> dict[str, int]:

@@ -24,11 +24,11 @@ import optuna
 
 from .config import ConfigError, Sweep, result_settings
 from .engines import Engine, Job, engine_named, learns
-from .ledger import Ledger, best_trials, finished_count
+from .ledger import WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from .loop import EpochRecord
 from .search import budget, check_compatible, open_storage, open_study, label_study
 from .stop import stop_flag, wait_for_parent
-from .stores import OutageError, check_separate_stores, env_number, redact, with_retries
+from .stores import OutageError, check_separate_stores, env_number, redact, with_retries, worker_id
 from .recorder import Recorder, finite
 from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Tracker, condition_label
 from .writers import InlineWriter, WriterPool, WriterSetup
@@ -297,7 +297,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         tracker, experiment_id = parts[0].tracker, parts[0].experiment_id
         parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
         describe_study(tracker, experiment_id, sweep)
-        before = [finished_count(part.study) for part in parts]  # to count what this sweep ran
+        before = [{t.number for t in finished_trials(part.study)} for part in parts]  # to count what this sweep ran
     except BaseException:
         helpers.close()
         raise
@@ -340,7 +340,10 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         for index, part in enumerate(parts):
             if index not in champions:
                 champions[index] = crown(tracker, part, experiment_id) if register else None
-        outcome = SweepOutcome([PartOutcome(part.sweep, part.study, finished_count(part.study) - ran_before,
+        ours = {worker_id(), *helpers.workers()}  # a second sweep on the same study at once runs trials too
+        outcome = SweepOutcome([PartOutcome(part.sweep, part.study,
+                                            sum(t.number not in ran_before and t.user_attrs.get(WORKER_ATTR) in ours
+                                                for t in finished_trials(part.study)),
                                             champions[index])
                                 for index, (part, ran_before) in enumerate(zip(parts, before))], parent, experiment_id)
         tracker.client.set_tag(parent, TAG_NOTE, outcome_note(outcome))
@@ -483,6 +486,13 @@ class Helpers:
                 break
         return [f"{type(exc).__name__}: {exc}" for exc in (future.exception() for future in self.futures
                                                            if future.done()) if exc is not None]
+
+    def workers(self) -> list[str]:
+        """The helpers' worker ids (host:pid), as their trials name them."""
+        from .stores import this_host
+
+        processes = getattr(self.pool, "_processes", None) or {}
+        return [f"{this_host()}:{pid}" for pid in processes]
 
     def close(self) -> None:
         if self.pool is not None:
