@@ -255,3 +255,23 @@ def test_two_sweeps_ending_at_once_register_the_champion_once(champions):
     alias = client.get_model_version_by_alias("binary_lab", "twice").version
     assert sorted(r["new"] for r in results) == [False, True] and {r["version"] for r in results} == {alias}
     assert len(client.search_model_versions(f"name = 'binary_lab' and run_id = '{run_id}'")) == 2  # champion, twice
+
+
+def test_an_export_cut_short_leaves_no_pending_logged_model_after_the_rerun(store, monkeypatch, lab_path):
+    """#19.7: a full disk failed the export and then the write marking it FAILED; the re-run left the PENDING
+    logged model beside its READY one."""
+    import sweeplab.champion as champion
+
+    (store / "s.yaml").write_text(f"study: full\nexperiment: {lab_path}\nspace: {{hidden: {{choices: [4]}}}}\n"
+                                  "sampler: {type: grid}\nn_trials: 1\n")
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(champion, "save_pyfunc_model", full)
+        patched.setattr(MlflowClient, "finalize_logged_model", full)
+        assert main(["sweep", str(store / "s.yaml"), "epochs=2", "--quiet", "--no-report"]) == 1
+    assert main(["sweep", str(store / "s.yaml"), "epochs=2", "--quiet", "--no-report"]) == 0
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    models = client.search_logged_models([client.get_experiment_by_name("full").experiment_id])
+    assert [str(m.status) for m in models] == ["READY"]

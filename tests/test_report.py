@@ -115,6 +115,7 @@ def test_report_of_a_real_sweep_matches_the_raw_metric_histories(tmp_path, monke
 
 
 def test_unknown_study_is_one_line(tmp_path, capsys):
+    MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # a store, without that study
     assert main(["report", "ghost", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
     assert capsys.readouterr().err.strip() == "sweeplab: error: ghost: no such study (MLflow experiment) in the tracking store"
 

@@ -96,6 +96,7 @@ def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: 
     with tempfile.TemporaryDirectory(prefix="sweeplab-champion-") as tmp:
         model, spec = load_checkpoint(download_checkpoint(tracker, run_id, Path(tmp)))
         config = json.loads(Path(client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/config.json", tmp)).read_text())
+        _remove_unfinished(tracker, experiment_id, run_id)
         logged = client.create_logged_model(experiment_id, name=model_name, source_run_id=run_id,
                                             tags={TAG_CHAMPION_RUN: run_id})
         try:
@@ -123,6 +124,14 @@ def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: 
     listed.append({"name": name, "version": version.version})
     client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": json.dumps(listed)})
     return version
+
+
+def _remove_unfinished(tracker: Tracker, experiment_id: str, run_id: str) -> None:
+    """Delete the run's logged models that an earlier export left PENDING (a full disk failed the export and then
+    the write that would have marked it FAILED): the re-run's model is then the run's only one."""
+    for model in tracker.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+        if str(model.status) == "PENDING":
+            tracker.client.delete_logged_model(model.model_id)
 
 
 MAX_TAG = 5000  # MLflow refuses a tag value over 100,000 characters; a spec that long is a wide CSV's names

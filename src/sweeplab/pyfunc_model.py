@@ -61,12 +61,11 @@ class Champion(mlflow.pyfunc.PythonModel):
 
 
 def describe(out, task: str, classes, output: str):
-    """Values for regression (one per row, or a column per output), labels or class probabilities otherwise."""
+    """Values for regression (a row of outputs per input row), labels or class probabilities otherwise."""
     import torch
 
     if task == "regression":
-        values = out.double().numpy()
-        return values[:, 0] if values.shape[1] == 1 else values
+        return out.double().numpy()  # [N, outputs], as the champion has always answered
     if task == "binary":
         p1 = torch.sigmoid(out.double()[:, 0]).numpy()
         probs = np.stack([1 - p1, p1], axis=1)

@@ -490,6 +490,8 @@ def _loss_vs_continuous(data: SweepData, groups) -> bytes | None:
                        label=str(level) if level is not None else None)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # on a range of a decade or two matplotlib labels the minor ticks too, and they ran into each other
+        ax.tick_params(axis="x", which="both", labelrotation=35, labelsize=7)
         ax.set_xlabel(f"{x_name} (log scale)")
         ax.set_ylabel("best validation loss (MSE, log scale)" if _is_mse(data) else "best validation loss (log scale)")
         ax.set_title(_title(condition, f"best_val_loss against {x_name}"))
