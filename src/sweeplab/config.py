@@ -502,15 +502,8 @@ class Sweep:
 
 
 
-# Settings that do not change what a trial finds: a study resumed with other values of these goes on.
-NOT_RESULTS = ("name", "device", "predict_x", "print_every", "train.loader")
-
-
-def result_settings(part: Sweep) -> dict[str, Any]:
-    """What a trial's result depends on beyond its searched values: every field of the part's base experiment
-    (task, data, epochs, loss, the model, the seed...) as {dotted key: value}, less the searched keys and
-    NOT_RESULTS. A study records it when created; a resume that gives other values is refused (`search`)."""
-    searched = {ALIASES.get(key, key) for key in part.spec.space}
+def flat_fields(config: ExperimentConfig) -> dict[str, Any]:
+    """Every field of a config, defaults included, as {dotted key (`train.lr`): JSON-able value}."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -520,7 +513,20 @@ def result_settings(part: Sweep) -> dict[str, Any]:
         else:
             flat[prefix[:-1]] = value
 
-    walk("", part.config_for({}).model_dump(mode="json"))
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+# Settings that do not change what a trial finds: a study resumed with other values of these goes on.
+NOT_RESULTS = ("name", "device", "predict_x", "print_every", "train.loader")
+
+
+def result_settings(part: Sweep) -> dict[str, Any]:
+    """What a trial's result depends on beyond its searched values: every field of the part's base experiment
+    (task, data, epochs, loss, the model, the seed...) as {dotted key: value}, less the searched keys and
+    NOT_RESULTS. A study records it when created; a resume that gives other values is refused (`search`)."""
+    searched = {ALIASES.get(key, key) for key in part.spec.space}
+    flat = flat_fields(part.config_for({}))
     return {key: value for key, value in flat.items()
             if key not in searched and key not in NOT_RESULTS and not key.startswith(tuple(f"{k}." for k in searched))}
 

@@ -165,17 +165,10 @@ def answers(url: str) -> bool:
 
 def flatten(config: ExperimentConfig) -> dict[str, str]:
     """The resolved config as MLflow params: dotted keys (`train.lr`), every field, defaults included."""
-    out: dict[str, str] = {}
+    from .config import flat_fields
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}{key}.", item)
-        else:
-            out[prefix[:-1]] = json.dumps(value) if isinstance(value, list) else str(value)
-
-    walk("", config.model_dump())
-    return out
+    return {key: json.dumps(value) if isinstance(value, list) else str(value)
+            for key, value in flat_fields(config).items()}
 
 
 @functools.lru_cache(maxsize=1)
