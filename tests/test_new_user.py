@@ -287,6 +287,7 @@ def test_the_ui_server_and_its_children_end_with_sweeplab_ui(user_sweep, how):
     """#19.7: SIGKILL and SIGHUP left the MLflow server answering, SIGTERM left its huey consumers for ~40 s."""
     home, uri, _, _ = user_sweep
     port = free_port()
+    shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     ui, line = start_ui([SWEEPLAB, "ui", "sgd_lr", "--tracking-uri", uri, "--port", str(port)], home / "work")
     assert line.startswith("MLflow UI:")
     group = group_of_server(port)
@@ -297,6 +298,8 @@ def test_the_ui_server_and_its_children_end_with_sweeplab_ui(user_sweep, how):
     while group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not group_alive(group)
+    if shm or os.path.isdir("/dev/shm"):  # no job-runner store left in /dev/shm by each UI
+        assert set(os.listdir("/dev/shm")) - shm == set()
 
 
 def test_sweeplab_ui_on_a_port_another_ui_holds_is_one_line(user_sweep, tmp_path):

@@ -95,8 +95,10 @@ def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) 
     database = sqlite_path(uri)
     if database:
         command += ["--default-artifact-root", os.path.dirname(os.path.abspath(database)) + "/mlartifacts"]
-    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **os.environ,
-           "MLFLOW_BACKEND_STORE_URI": uri}
+    # No GenAI job runner unless asked for: its huey consumers (7 processes here) and the store MLflow makes for them
+    # in /dev/shm serve evaluations and issue detection, which a sweep's UI does not run.
+    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     # The server and everything it starts (uvicorn workers, huey consumers) in a process group of their own, which
     # `stop_ui_server` ends whole; a watchdog outside both ends it too if this process is killed outright.
     server = subprocess.Popen(command, env=env, stdout=log.fileno() if log else None, start_new_session=True)
