@@ -387,3 +387,20 @@ def test_output_that_goes_away_does_not_cut_the_sweep(here, how):
     assert client.get_model_version_by_alias("faults", "champion")
     assert client.get_model_version_by_alias("faults", "champion-noise-1_0")
     assert (here / "reports/faults/val_curves.png").is_file()
+
+
+def test_a_full_disk_is_one_line(tmp_path):
+    """#19.7: a disk that filled mid-sweep printed 337-954 lines (13 MLflow tracebacks) before the final line."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("a small tmpfs cannot be mounted here (needs root)")
+    try:
+        (disk / "s.yaml").write_text(sweep_text(space="hidden: {choices: [4, 8, 16]}\n").replace("n_trials: 2",
+                                                                                                "n_trials: 200"))
+        proc = run_cli("sweep", "s.yaml", "epochs=20", "--quiet", "engine=reference", cwd=disk)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "disk is full" in proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -28,6 +28,9 @@ def configure(with_optuna: bool = True, install_stop: bool = True) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     warnings.filterwarnings("ignore", module=r"mlflow\..*")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow's SQL store logs every database error with its traceback, then raises it (as an MlflowException) to
+    # us, who say it in one line: on a full disk that was 13 tracebacks before the line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     urllib3 = logging.getLogger("urllib3.connectionpool")
     if not any(isinstance(f, SayWhatWeWaitFor) for f in urllib3.filters):  # once, however many commands run here
         urllib3.addFilter(SayWhatWeWaitFor())
