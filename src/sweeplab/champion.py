@@ -13,7 +13,6 @@ store named anything but ./mlflow.db must not be looked up in ./mlflow.db.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import tempfile
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .stores import store_lock
 from .tracking import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
 
 ALIAS = "champion"
@@ -38,7 +38,9 @@ def register_champion(tracker: Tracker, best, name: str, experiment_id: str, ali
     run_id = best.run_id
     summary = {"name": name, "alias": alias, "trial": best.number, "run_id": run_id, "best_val_loss": best.value,
                "condition": condition or {}}
-    with _registering(tracker, name):  # two sweeps of one study ending at once register it once
+    # two sweeps of one study ending at once register it once (through a tracking server there is nothing to lock:
+    # they may then register one run twice)
+    with store_lock(tracker.tracking_uri, f"champion {name}"):
         current = _current_champion(tracker, name, alias)
         if current is not None and current.tags.get(TAG_CHAMPION_RUN) == run_id:
             return {**summary, "version": current.version, "new": False}
@@ -52,37 +54,6 @@ def register_champion(tracker: Tracker, best, name: str, experiment_id: str, ali
                                               for k, v in (condition or {}).items()}})
         tracker.client.set_registered_model_alias(name, alias, version.version)
     return {**summary, "version": version.version, "new": True}
-
-
-@contextlib.contextmanager
-def _registering(tracker: Tracker, name: str):
-    """Held while a champion is checked and registered: a file lock beside a local SQLite store, an advisory lock
-    on a PostgreSQL one. (Through a tracking server there is nothing to lock; two sweeps of one study ending at
-    the same moment may then register one run twice, as versions of the same model.)"""
-    import fcntl
-    import zlib
-
-    from .stores import sqlite_path
-
-    database = sqlite_path(tracker.tracking_uri)
-    if database is not None:
-        with open(f"{database}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-        return
-    if tracker.tracking_uri.startswith("postgresql"):
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(tracker.tracking_uri, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect() as connection:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
-                                   {"key": zlib.crc32(f"sweeplab champion {name}".encode())})
-                yield  # the lock ends with the connection
-        finally:
-            engine.dispose()
-        return
-    yield
 
 
 def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: str, model_name: str,

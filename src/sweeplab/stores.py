@@ -144,6 +144,36 @@ def check_separate_stores(tracking_uri: str, storage_url: str) -> None:
                          "of its own (or leave --storage out: optuna.journal beside the database)")
 
 
+@contextlib.contextmanager
+def store_lock(uri: str, name: str):
+    """Held across a check-then-write that two processes on one store must not interleave: a file lock beside a
+    local SQLite store, a PostgreSQL advisory lock (ended with its connection) on a PostgreSQL one, nothing
+    elsewhere (a tracking server offers no lock)."""
+    database = sqlite_path(uri)
+    if database is not None:
+        import fcntl
+
+        with open(f"{database}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        return
+    if uri.startswith("postgresql"):
+        import zlib
+
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                                   {"key": zlib.crc32(f"sweeplab {name}".encode())})
+                yield
+        finally:
+            engine.dispose()
+        return
+    yield
+
+
 # --- worker identity --------------------------------------------------------------------------------------------
 
 def this_host() -> str:

@@ -312,7 +312,6 @@ def import_store_modules(tracking_uri: str) -> None:
 
 
 SCHEMA_RACE_ATTEMPTS = 10
-SCHEMA_LOCK_KEY = 0x5357_4C42  # "SWLB": the PostgreSQL advisory lock held while MLflow creates its tables
 
 
 def _open_database_client(uri: str) -> MlflowClient:
@@ -322,24 +321,14 @@ def _open_database_client(uri: str) -> MlflowClient:
     elsewhere a loser opens the store again once the tables exist."""
     import random
 
-    from .stores import lost_insert_race
+    from .stores import lost_insert_race, store_lock
 
-    def open_store() -> MlflowClient:
-        client = MlflowClient(uri, registry_uri=uri)  # builds the tracking store: migrates a fresh database
-        client.search_registered_models(max_results=1)  # and the registry's
-        return client
-
-    with contextlib.ExitStack() as held:
-        if uri.startswith("postgresql"):
-            import sqlalchemy
-
-            engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
-            held.callback(engine.dispose)
-            connection = held.enter_context(engine.connect())
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    with store_lock(uri, "mlflow tables"):
         for attempt in range(SCHEMA_RACE_ATTEMPTS):
             try:
-                return open_store()
+                client = MlflowClient(uri, registry_uri=uri)  # builds the tracking store: migrates a fresh database
+                client.search_registered_models(max_results=1)  # and the registry's
+                return client
             except Exception as exc:
                 if not lost_insert_race(exc) or attempt + 1 == SCHEMA_RACE_ATTEMPTS:
                     raise
