@@ -2,7 +2,8 @@
 
 Every YAML file is checked here, at the edge, so a typo fails before anything trains or anything is
 written to MLflow or Optuna. Errors are ConfigError with one line that names the file and the field.
-The search space (sweeps/*.yaml) lives in sweep_spec.py; it builds on the models here.
+The sweep file's models (SweepSpec, ParamSpec) and the override language (`key=value`) are here too. A user's own
+model or data loader is named here by import path (`class_path` + `init_args`) and only imported by plugins.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 Task = Literal["regression", "binary", "multiclass"]
 OptimizerName = Literal["Adam", "AdamW", "SGD", "RMSprop"]
@@ -38,6 +39,54 @@ MAX_HIDDEN = 65_536
 MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights, before the optimizer's state
 MAX_EPOCHS = 1_000_000
 SEED_POINTS = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]]  # the seed's three test points
+IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"  # module.name (module may be dotted)
+SKLEARN_TASKS = {"digits": "multiclass", "iris": "multiclass", "wine": "multiclass", "breast_cancer": "binary",
+                 "diabetes": "regression"}
+# The validation metrics each task logs per epoch: what an objective can be
+METRICS = {"regression": ("val_loss",),
+           "binary": ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"),
+           "multiclass": ("val_loss", "val_accuracy", "val_macro_f1")}
+
+
+def _plain_args(value: dict[str, Any]) -> dict[str, Any]:
+    """init_args are stored as JSON beside the weights: plain values only (numbers, text, lists, maps)."""
+    def plain(item: Any) -> bool:
+        if isinstance(item, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in item.items())
+        if isinstance(item, list):
+            return all(plain(v) for v in item)
+        return item is None or isinstance(item, (bool, int, float, str))
+
+    for key, item in value.items():
+        if not plain(item):
+            raise ValueError(f"{key}: {type(item).__name__} is not a plain value (number, text, list or map)")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{key}: not a finite number")
+    return value
+
+
+class ObjectiveConfig(_Frozen):
+    """What a trial is judged by: a per-epoch validation metric (METRICS) and whether more or less is better
+    (default: less for a loss, more for accuracy, precision, recall, F1). best_epoch, the best state, pruning,
+    the champion and the report all follow it."""
+
+    metric: str = "val_loss"
+    direction: Literal["minimize", "maximize"] | None = None
+
+    @model_validator(mode="after")
+    def _default_direction(self) -> "ObjectiveConfig":
+        if self.direction is None:
+            object.__setattr__(self, "direction", "minimize" if self.metric.endswith("loss") else "maximize")
+        return self
+
+    @property
+    def column(self) -> str:
+        """The run's summary metric of the objective: `best_val_accuracy` (its value at the best epoch)."""
+        return f"best_{self.metric}"
+
+    @property
+    def minimize(self) -> bool:
+        return self.direction == "minimize"
 
 
 class DataConfig(_Frozen):
@@ -45,35 +94,80 @@ class DataConfig(_Frozen):
 
     `synthetic` is the seed's generator: X ~ N(0, 1) of shape [n_samples, 2], y = 3*x1 + 2*x2 + 5 + noise*N(0, 1);
     binary labels are y > 5, multi-class labels cut y at the quantiles of the noiseless target.
-    `csv` reads feature columns and a target column with pandas.
+    `csv` reads feature columns and a target column with pandas. `sklearn` is one of scikit-learn's bundled data
+    sets by `name` (no download; digits as [N, 1, 8, 8] images). `python` calls the user's loader (`class_path` +
+    `init_args`), which returns tensors (X, y), {"train": (X, y), "val": (X, y)}, or a map-style torch Dataset.
     """
 
-    source: Literal["synthetic", "csv"] = "synthetic"
+    source: Literal["synthetic", "csv", "sklearn", "python"] = "synthetic"
     n_samples: int = Field(240, gt=1, le=MAX_SAMPLES)
     noise: float = Field(0.3, ge=0)
     n_classes: int = Field(3, ge=2, description="multiclass only")
     path: str | None = Field(None, description="csv only: the file, relative to the experiment file")
     features: list[str] | None = Field(None, description="csv only: feature columns (default: all but target)")
     target: str | None = Field(None, description="csv only: the target column")
+    name: Literal["digits", "iris", "wine", "breast_cancer", "diabetes"] | None = Field(
+        None, description="sklearn only: which bundled data set")
+    class_path: str | None = Field(None, pattern=IMPORT_PATH, description="python only: module.function (or class)")
+    init_args: dict[str, Any] = Field(default_factory=dict, description="python only: keyword arguments of the loader")
     val_size: Union[int, float] = Field(48, gt=0, description="validation samples, or a fraction < 1")
     split_seed: int = Field(42, **SEED)
+    train_fraction: float = Field(1.0, gt=0, le=1, description=(
+        "share of the training split kept (the first of its shuffled order): a condition of the data"))
+
+    @field_validator("init_args")
+    @classmethod
+    def _plain_data_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _plain_args(value)
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataConfig":
         if self.source == "csv" and (self.path is None or self.target is None):
             missing = "path" if self.path is None else "target"
             raise ValueError(f"{missing}: required when source is csv")
+        if self.source == "sklearn" and self.name is None:
+            raise ValueError("name: required when source is sklearn (digits, iris, wine, breast_cancer or diabetes)")
+        if self.source == "python" and self.class_path is None:
+            raise ValueError("class_path: required when source is python (module.function, found beside the "
+                             "experiment file or on sys.path)")
+        given = {"name": "sklearn", "class_path": "python", "path": "csv", "target": "csv", "features": "csv"}
+        for key, source in given.items():
+            if key in self.model_fields_set and getattr(self, key) is not None and self.source != source:
+                raise ValueError(f"{key}: only for source {source} (source is {self.source})")
+        if self.init_args and self.source != "python":
+            raise ValueError(f"init_args: only for source python (source is {self.source})")
         if isinstance(self.val_size, float) and not self.val_size < 1:
             raise ValueError("val_size: a fraction must be below 1 (or give a whole number of samples)")
         return self
 
 
 class ModelConfig(_Frozen):
-    """An MLP: in_features -> hidden... -> out_features (out_features comes from the task)."""
+    """The built-in MLP (in_features -> hidden... -> out_features, out_features from the task), or the user's own
+    nn.Module by import path: `class_path: my_nets.SmallCNN` + `init_args` (LightningCLI's convention). Constructor
+    parameters the data decides (in_features, in_channels, input_shape, n_classes, num_classes, out_features,
+    n_outputs) are filled from the data when init_args leaves them out (plugins.DATA_ARGS)."""
 
     hidden: Union[int, list[int]] = 16
     activation: Activation = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
+    class_path: str | None = Field(None, pattern=IMPORT_PATH, description="module.Class of the user's nn.Module")
+    init_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the class")
+
+    @field_validator("init_args")
+    @classmethod
+    def _plain_model_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _plain_args(value)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> "ModelConfig":
+        if self.class_path is None:
+            if self.init_args:
+                raise ValueError("init_args: needs class_path (the built-in MLP takes hidden, activation, dropout)")
+            return self
+        mlp = sorted({"hidden", "activation", "dropout"} & self.model_fields_set)
+        if mlp:
+            raise ValueError(f"{mlp[0]}: a field of the built-in MLP; with class_path give it in init_args")
+        return self
 
     @field_validator("hidden")
     @classmethod
@@ -120,11 +214,19 @@ class ExperimentConfig(_Frozen):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     predict_x: list[list[float]] = Field(
         None, description="points to predict after training (default: the seed's three for its synthetic data, "
                           "none for other data)",
     )
     print_every: int = Field(20, gt=0)
+    # where `class_path` modules are looked for first: the experiment file's folder (set by build_experiment; not
+    # a setting, so not dumped, compared or logged)
+    _code_dir: str | None = PrivateAttr(None)
+
+    @property
+    def code_dir(self) -> str | None:
+        return self._code_dir
 
     @field_validator("device")
     @classmethod
@@ -142,6 +244,9 @@ class ExperimentConfig(_Frozen):
             data = raw.get("data")
             source = data.get("source", "synthetic") if isinstance(data, dict) else getattr(data, "source", "synthetic")
             raw = {**raw, "predict_x": SEED_POINTS if source == "synthetic" else []}
+        if isinstance(raw, dict) and "task" not in raw and isinstance(raw.get("data"), dict) \
+                and raw["data"].get("source") == "sklearn" and raw["data"].get("name") in SKLEARN_TASKS:
+            raw = {**raw, "task": SKLEARN_TASKS[raw["data"]["name"]]}  # digits is a classification set
         return raw
 
     @model_validator(mode="after")
@@ -150,6 +255,11 @@ class ExperimentConfig(_Frozen):
             bad = [i for i, row in enumerate(self.predict_x) if len(row) != 2]
             if bad:
                 raise ValueError(f"predict_x: row {bad[0]} has {len(self.predict_x[bad[0]])} values, the data has 2 features")
+        if self.objective.metric not in METRICS[self.task]:
+            raise ValueError(f"objective.metric: {self.objective.metric!r} is not logged for task {self.task}; "
+                             f"choose one of {', '.join(METRICS[self.task])}")
+        if self.data.source == "sklearn" and SKLEARN_TASKS[self.data.name] == "regression" and self.task != "regression":
+            raise ValueError(f"task: {self.data.name} has a continuous target; its task is regression")
         return self
 
 
@@ -173,7 +283,36 @@ ALIASES: dict[str, str] = {
     "val_size": "data.val_size",
     "split_seed": "data.split_seed",
     "shuffle_seed": "train.shuffle_seed",
+    "train_fraction": "data.train_fraction",
+    "metric": "objective.metric",
+    "direction": "objective.direction",
 }
+TOP_LEVEL = {"name", "task", "seed", "device", "data", "model", "train", "objective", "predict_x", "print_every"}
+
+
+def resolve_key(key: str, raw: dict[str, Any]) -> str:
+    """The dotted field a key sets: an alias (`lr` -> train.lr), a dotted path as given, or a flat name of the
+    user's init_args (`channels` -> model.init_args.channels) where the model (or the data loader) has a
+    class_path and exactly one of them names it. A name in both init_args is ambiguous: give the dotted path."""
+    if key in ALIASES:
+        return ALIASES[key]
+    if "." in key or key in TOP_LEVEL:
+        return key
+    owners = []
+    for part in ("model", "data"):
+        node = raw.get(part) if isinstance(raw, dict) else None
+        if isinstance(node, dict) and node.get("class_path"):
+            args = node.get("init_args") if isinstance(node.get("init_args"), dict) else {}
+            owners.append((part, key in args))
+    named = [part for part, has in owners if has]
+    if len(named) > 1:
+        raise ConfigError(f"{key}: both model.init_args and data.init_args have it; give model.init_args.{key} or "
+                          f"data.init_args.{key}")
+    if named:
+        return f"{named[0]}.init_args.{key}"
+    if owners and owners[0][0] == "model":  # a constructor argument left at its default in the file
+        return f"model.init_args.{key}"
+    return key
 
 
 def parse_overrides(pairs: list[str], source: str = "command line") -> dict[str, Any]:
@@ -195,7 +334,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     """Return a copy of the raw (nested) dict with each dotted or flat key set."""
     result = _deep_copy(raw)
     for key, value in overrides.items():
-        path = ALIASES.get(key, key).split(".")
+        path = resolve_key(key, result).split(".")
         node = result
         for part in path[:-1]:
             child = node.get(part)
@@ -313,6 +452,8 @@ def build_experiment(raw: dict[str, Any], source: str, base_dir: Path | None = N
             path = base_dir / path
         data = config.data.model_copy(update={"path": str(path)})
         config = config.model_copy(update={"data": data})
+    if base_dir is not None:
+        config._code_dir = str(Path(base_dir).resolve())
     return config
 
 
@@ -480,6 +621,10 @@ class Sweep:
     own_setting: bool = True  # a part whose condition is the base experiment's own (its champion is `champion`)
     engine_reason: str = ""  # why `engine: auto` chose the engine it did
 
+    def field_of(self, key: str) -> str:
+        """The dotted field a space or condition key sets (`lr` -> train.lr, `channels` -> model.init_args.channels)."""
+        return resolve_key(key, self.base)
+
     def config_for(self, params: dict[str, Any]) -> ExperimentConfig:
         """The experiment for one point of the space (params keyed as in `space`)."""
         return build_experiment(apply_overrides(self.base, params), self.source, self.base_dir)
@@ -525,7 +670,7 @@ def result_settings(part: Sweep) -> dict[str, Any]:
     """What a trial's result depends on beyond its searched values: every field of the part's base experiment
     (task, data, epochs, loss, the model, the seed...) as {dotted key: value}, less the searched keys and
     NOT_RESULTS. A study records it when created; a resume that gives other values is refused (`search`)."""
-    searched = {ALIASES.get(key, key) for key in part.spec.space}
+    searched = {resolve_key(key, part.base) for key in part.spec.space}
     flat = flat_fields(part.config_for({}))
     return {key: value for key, value in flat.items()
             if key not in searched and key not in NOT_RESULTS and not key.startswith(tuple(f"{k}." for k in searched))}
@@ -539,7 +684,7 @@ def override_key(dotted: str) -> str:
 def value_at(config: ExperimentConfig, key: str) -> Any:
     """A config's value for an override key (`lr`) or dotted path (`train.lr`)."""
     node: Any = config.model_dump()
-    for part in ALIASES.get(key, key).split("."):
+    for part in resolve_key(key, node).split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
 

@@ -1,4 +1,5 @@
-"""Datasets: the seed's synthetic generator and CSV files, split into train and validation tensors.
+"""Datasets: the seed's synthetic generator, CSV files, scikit-learn's bundled sets and a user's own loader
+(named by import path), split into train and validation tensors. Inputs keep their shape: images stay [N, C, H, W].
 
 `make_dataset(config)` draws from torch's global RNG exactly as the seed does (X, then noise), so calling it right
 after `torch.manual_seed(seed)` gives the seed's samples. The split is `random_split`'s permutation. Batching is in
@@ -29,8 +30,17 @@ class Dataset:
     description: str
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (2,) for the seed's data, (1, 8, 8) for digits."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
     def n_features(self) -> int:
-        return self.x_train.shape[1]
+        return math.prod(self.input_shape)
+
+    @property
+    def n_classes(self) -> int | None:
+        return None if self.task == "regression" else (2 if self.task == "binary" else self.n_outputs)
 
 
 def synthetic_xy(n_samples: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,27 +83,63 @@ def split_lengths(n: int, val_size: int | float) -> tuple[int, int]:
 
 def make_dataset(config: ExperimentConfig) -> Dataset:
     data = config.data
+    split = None
     if data.source == "csv":
         x, y, names = _read_csv(data, config.task)
         description = f"csv:{data.path}"
+    elif data.source == "sklearn":
+        x, y, names = _sklearn(data.name, config.task)
+        description = f"sklearn:{data.name}"
+    elif data.source == "python":
+        x, y, split = _from_loader(config)
+        names = ()
+        description = f"python:{data.class_path}"
     else:
         x, y = synthetic_xy(data.n_samples, data.noise)
         y = labels_for_task(y, config.task, data.n_classes)
         names = ("x1", "x2")
         description = f"synthetic(n={data.n_samples}, noise={data.noise})"
-    n = x.shape[0]
-    n_train, n_val = split_lengths(n, data.val_size)
-    if n_train < 1 or n_val < 1:
-        raise ConfigError(f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples of {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
-    train_idx, val_idx = perm[:n_train], perm[n_train:]
-    n_outputs = _n_outputs(config.task, data.n_classes if data.source == "synthetic" else int(y.max()) + 1)
-    return Dataset(x[train_idx], y[train_idx], x[val_idx], y[val_idx], names, n_outputs, config.task, description)
+    if split is not None:  # the loader's own train/validation split
+        (x_train, y_train), (x_val, y_val) = split
+    else:
+        n = x.shape[0]
+        n_train, n_val = split_lengths(n, data.val_size)
+        if n_train < 1 or n_val < 1:
+            raise ConfigError(f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples "
+                              f"of {n}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
+        train_idx, val_idx = perm[:n_train], perm[n_train:]
+        x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    if data.train_fraction < 1:  # the first of the (shuffled) training split: smaller sets nest in larger ones
+        keep = max(1, math.floor(x_train.shape[0] * data.train_fraction))
+        x_train, y_train = x_train[:keep], y_train[:keep]
+        description += f", train_fraction={data.train_fraction:g}"
+    if not names:
+        names = tuple(f"x{i + 1}" for i in range(math.prod(x_train.shape[1:])))
+    if data.source == "synthetic":
+        n_classes = data.n_classes
+    elif data.source == "sklearn" and config.task == "multiclass":
+        n_classes = {"digits": 10, "iris": 3, "wine": 3, "breast_cancer": 2}[data.name]
+    else:
+        n_classes = int(max(y_train.max(), y_val.max())) + 1 if config.task == "multiclass" else 1
+    return Dataset(x_train, y_train, x_val, y_val, names, _n_outputs(config.task, n_classes), config.task,
+                   description)
 
 
-def check_data(config: ExperimentConfig) -> None:
-    """Read and check a CSV data source once, before anything is written anywhere (a bad value is one line naming
-    the file, column and row); the seed's generator needs no check. Draws nothing from torch's RNG."""
+def check_data(config: ExperimentConfig) -> Dataset | None:
+    """Read and check a CSV, scikit-learn or python data source once, before anything is written anywhere (a bad
+    value is one line naming the file, column and row; a loader that fails, one line naming data.class_path); the
+    seed's generator needs no check. Returns the data set when it built one (seeded as a run seeds it)."""
+    if config.data.source in ("sklearn", "python"):
+        state = torch.get_rng_state()
+        try:
+            torch.manual_seed(config.seed)
+            dataset = make_dataset(config)
+        finally:
+            torch.set_rng_state(state)
+        if config.predict_x and any(len(row) != dataset.n_features for row in config.predict_x):
+            raise ConfigError(f"predict_x: rows must have {dataset.n_features} values, one per feature")
+        return dataset
     if config.data.source == "csv":
         x, _, _ = _read_csv(config.data, config.task)
         n_train, n_val = split_lengths(x.shape[0], config.data.val_size)
@@ -102,6 +148,7 @@ def check_data(config: ExperimentConfig) -> None:
                               f"samples of {x.shape[0]}")
         if config.predict_x and any(len(row) != x.shape[1] for row in config.predict_x):
             raise ConfigError(f"predict_x: rows must have {x.shape[1]} values, one per feature")
+    return None
 
 
 def _n_outputs(task: str, n_classes: int) -> int:
@@ -159,3 +206,104 @@ def _read_csv(data: DataConfig, task: str) -> tuple[torch.Tensor, torch.Tensor, 
         else:
             y = labels
     return x, y, tuple(features)
+
+
+def _sklearn(name: str, task: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """One of scikit-learn's bundled data sets (no download): digits as [N, 1, 8, 8] images of 0..16 intensities,
+    the others as their feature columns, with their feature names."""
+    import sklearn.datasets
+
+    bunch = getattr(sklearn.datasets, f"load_{name}")()
+    if name == "digits":
+        x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1)
+    else:
+        x = torch.tensor(bunch.data, dtype=torch.float32)
+    names = tuple(str(n) for n in bunch.feature_names)
+    return x, _labels(torch.as_tensor(bunch.target), task, f"data.name {name}"), names
+
+
+def _labels(y: torch.Tensor, task: str, where: str) -> torch.Tensor:
+    """Targets in the form the task's loss takes: regression [N, 1] float, binary [N, 1] float 0/1, multiclass
+    [N] class indices; anything else is one line naming `where`."""
+    if task == "regression":
+        if not (y.is_floating_point() or y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)):
+            raise ConfigError(f"{where}: targets of dtype {y.dtype} are not numbers")
+        y = y.float()
+        return y.unsqueeze(1) if y.dim() == 1 else y
+    flat = y.reshape(-1) if y.dim() == 2 and y.shape[1] == 1 else y
+    if flat.dim() != 1:
+        raise ConfigError(f"{where}: targets of shape {list(y.shape)}; task {task} takes one class index per sample")
+    if flat.is_floating_point() and not bool((flat == flat.round()).all()):
+        raise ConfigError(f"{where}: targets are not class indices (task {task} takes 0..K-1); is the task regression?")
+    labels = flat.long()
+    if labels.numel() and int(labels.min()) < 0:
+        raise ConfigError(f"{where}: negative class index {int(labels.min())}; task {task} takes 0..K-1")
+    if task == "binary":
+        if labels.numel() and int(labels.max()) > 1:
+            raise ConfigError(f"{where}: labels above 1 for task binary; is the task multiclass?")
+        return labels.float().unsqueeze(1)
+    return labels
+
+
+def _from_loader(config: ExperimentConfig):
+    """The user's loader (`data.class_path` + `init_args`), called once: (x, y, None), or (None, None, the split)
+    when it gives {"train": (x, y), "val": (x, y)}. A map-style Dataset is read item by item into tensors."""
+    from .plugins import _said, import_object
+
+    data = config.data
+    field = "data.class_path"
+    loader = import_object(data.class_path, config.code_dir, field)
+    if not callable(loader):
+        raise ConfigError(f"{field}: {data.class_path} is a {type(loader).__name__}, not a function or class")
+    try:
+        got = loader(**data.init_args)
+    except TypeError as exc:
+        raise ConfigError(f"data.init_args: {data.class_path} refused its arguments: {_said(exc)}") from None
+    except Exception as exc:
+        raise ConfigError(f"{field}: {data.class_path}() raised {_said(exc)}") from None
+    where = f"{field}: {data.class_path}()"
+    if isinstance(got, dict):
+        if set(got) != {"train", "val"}:
+            raise ConfigError(f"{where} returned a dict with keys {sorted(map(str, got))}; give train and val")
+        parts = [_pair(got[key], f"{where}[{key!r}]", config.task) for key in ("train", "val")]
+        if parts[0][0].shape[1:] != parts[1][0].shape[1:]:
+            raise ConfigError(f"{where}: train inputs {list(parts[0][0].shape[1:])} and val inputs "
+                              f"{list(parts[1][0].shape[1:])} differ in shape")
+        return None, None, parts
+    x, y = _pair(got, where, config.task)
+    return x, y, None
+
+
+def _pair(got, where: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) as tensors from a pair of tensors or arrays, or a map-style Dataset of (x, y) items."""
+    import numpy as np
+
+    if isinstance(got, torch.utils.data.Dataset) and not isinstance(got, (tuple, list)):
+        try:
+            n = len(got)  # type: ignore[arg-type]
+        except TypeError:
+            raise ConfigError(f"{where} returned a Dataset without len(); give a map-style Dataset") from None
+        if n < 2:
+            raise ConfigError(f"{where} returned a Dataset of {n} samples")
+        try:
+            items = [got[i] for i in range(n)]
+            xs = torch.stack([torch.as_tensor(item[0]) for item in items])
+            ys = torch.stack([torch.as_tensor(item[1]) for item in items])
+        except Exception as exc:
+            raise ConfigError(f"{where}: its items are not (input, target) pairs of one shape ({exc})"[:300]) from None
+        got = (xs, ys)
+    if not (isinstance(got, (tuple, list)) and len(got) == 2):
+        raise ConfigError(f"{where} returned {type(got).__name__}; give (X, y), {{'train': (X, y), 'val': (X, y)}} "
+                          "or a map-style torch Dataset")
+    x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in got)
+    if x.dim() < 2 or x.shape[0] != y.shape[0]:
+        raise ConfigError(f"{where}: X {list(x.shape)} and y {list(y.shape)} need one row per sample each")
+    if not x.is_floating_point():
+        x = x.float()
+    x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ConfigError(f"{where}: X holds NaN or infinite values")
+    y = _labels(y, task, where)
+    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        raise ConfigError(f"{where}: y holds NaN or infinite values")
+    return x.detach().cpu().contiguous(), y.detach().cpu().contiguous()

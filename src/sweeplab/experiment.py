@@ -1,4 +1,4 @@
-"""One experiment, from config to trained model: seed, data, model, optimizer, batches, fit.
+"""One experiment, from config to trained model: seed, data, model (the MLP or the user's), optimizer, batches, fit.
 
 The order of random draws is the seed's (torch.manual_seed, data X and noise, then the model's initial weights),
 so the lab config reproduces the seed's numbers. cli.py (`sweeplab run`) and search.py (each trial) call
@@ -15,7 +15,7 @@ import torch
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, make_dataset
 from .loop import Callback, History, LoaderBatches, TensorBatches, fit, loss_for_task, predict
-from .model import MLP, ModelSpec, build_model
+from .model import ModelSpec, build_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,15 +49,70 @@ def build_optimizer(config: ExperimentConfig, params: Iterable[torch.nn.Paramete
 
 
 def model_spec_for(config: ExperimentConfig, dataset: Dataset) -> ModelSpec:
+    """What builds the trial's model: the MLP's sizes, or the user's class with its init args and the data's
+    shape filled in where its constructor asks for it (plugins.DATA_ARGS)."""
+    model = config.model
+    init_args: dict = {}
+    if model.class_path is not None:
+        from .plugins import data_args, model_class
+
+        cls = model_class(model.class_path, config.code_dir)
+        init_args = data_args(cls, model.init_args, dataset.input_shape, dataset.n_outputs, dataset.n_classes)
     return ModelSpec(
         in_features=dataset.n_features,
-        hidden=tuple(config.model.hidden_sizes),
+        hidden=() if model.class_path else tuple(model.hidden_sizes),
         out_features=dataset.n_outputs,
-        activation=config.model.activation,
-        dropout=config.model.dropout,
+        activation=model.activation,
+        dropout=model.dropout,
         task=config.task,
         feature_names=dataset.feature_names,
+        class_path=model.class_path,
+        init_args=init_args,
+        input_shape=dataset.input_shape,
     )
+
+
+def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
+    """Build the trial's model and run one training batch through it, on the CPU, without touching torch's RNG:
+    a class that cannot be built, has nothing to train, or gives outputs that do not fit the task and the data is
+    one line naming model.class_path (or model.init_args) before any study or run exists."""
+    from .loop import ShapeError, check_batch
+
+    spec = model_spec_for(config, dataset)
+    state = torch.get_rng_state()
+    try:
+        model = build_model(spec, config.code_dir)
+        where = f"model.class_path: {spec.class_path}"
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"{where} has no trainable parameters: there is nothing to train")
+        batch_x, batch_y = dataset.x_train[:2], dataset.y_train[:2]
+        model.train()
+        try:
+            out = model(batch_x)
+        except Exception as exc:
+            from .plugins import _said
+
+            raise ConfigError(f"{where}: forward on a batch of {list(batch_x.shape)} raised {_said(exc)}") from None
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(f"{where}: forward returned {type(out).__name__}; it must return a tensor")
+        wanted = [2, dataset.n_outputs]
+        if list(out.shape) != wanted:
+            raise ConfigError(f"{where}: forward gave {list(out.shape)} for a batch of {list(batch_x.shape)}; task "
+                              f"{config.task} needs {wanted} ({_outputs_text(config.task, dataset.n_outputs)})")
+        try:
+            check_batch(out, batch_y, loss_for_task(config.task, config.train.loss))
+        except ShapeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    finally:
+        torch.set_rng_state(state)
+
+
+def _outputs_text(task: str, n_outputs: int) -> str:
+    if task == "multiclass":
+        return f"one logit per class, {n_outputs} classes"
+    if task == "binary":
+        return "one logit per sample"
+    return f"{n_outputs} value(s) per sample"
 
 
 @dataclass
@@ -65,7 +120,7 @@ class RunResult:
     config: ExperimentConfig
     dataset: Dataset
     spec: ModelSpec
-    model: MLP
+    model: torch.nn.Module
     history: History
     device: torch.device
     predictions: torch.Tensor  # model outputs for config.predict_x, best state restored
@@ -78,7 +133,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
     if config.predict_x and any(len(row) != dataset.n_features for row in config.predict_x):
         raise ConfigError(f"predict_x: rows must have {dataset.n_features} values, one per feature")
     spec = model_spec_for(config, dataset)
-    model = build_model(spec).to(device)
+    model = build_model(spec, config.code_dir).to(device)
     optimizer = build_optimizer(config, model.parameters())
     train = config.train
     batches = TensorBatches if train.loader == "tensor" else LoaderBatches
@@ -88,7 +143,9 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
     val_batches = batches(dataset.x_val, dataset.y_val, train.val_batch_size or dataset.x_val.shape[0],
                           device=device)
     history = fit(model, optimizer, loss_for_task(config.task, train.loss), train_batches, val_batches,
-                  train.epochs, task=config.task, callbacks=callbacks)
+                  train.epochs, task=config.task, callbacks=callbacks,
+                  objective=(config.objective.metric, config.objective.direction))
     x = torch.tensor(config.predict_x, dtype=torch.float32) if config.predict_x else torch.empty(0, dataset.n_features)
+    x = x.reshape(-1, *dataset.input_shape)
     predictions = predict(model, x)
     return RunResult(config, dataset, spec, model, history, device, predictions)

@@ -225,7 +225,7 @@ class Ledger:
             with_retries(write_curve, self.storage, trial_id, end.curve)
         with_retries(self.storage.set_trial_user_attr, trial_id, BEST_EPOCH_ATTR, end.best_epoch)
         if end.outcome == Outcome.COMPLETED:
-            self._tell(number, end.best_val_loss)
+            self._tell(number, end.value)
         else:
             with_retries(self.storage.set_trial_user_attr, trial_id, OUTCOME_ATTR, str(end.outcome))
             with_retries(self.storage.set_trial_user_attr, trial_id, REASON_ATTR, end.reason)
@@ -375,7 +375,11 @@ class TrialSummary:
 def best_trials(study: optuna.Study, top: int = 5) -> list[TrialSummary]:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     return [TrialSummary(t.number, t.value, t.user_attrs.get(RUN_ID_ATTR), t.user_attrs.get(BEST_EPOCH_ATTR), t.params)
-            for t in sorted(done, key=lambda t: t.value)[:top]]
+            for t in sorted(done, key=lambda t: t.value, reverse=maximizes(study))[:top]]
+
+
+def maximizes(study: optuna.Study) -> bool:
+    return study.direction == optuna.study.StudyDirection.MAXIMIZE
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -94,18 +94,28 @@ class EpochRecord:
     train_loss: float
     val_loss: float
     metrics: dict[str, float]
-    best_val_loss: float
+    best_val_loss: float  # val_loss at the best epoch (by the objective)
     best_epoch: int
     improved: bool
+    value: float = math.nan  # the objective's metric this epoch (val_loss by default): what a pruner is told
+    best_value: float = math.nan  # ... and at the best epoch
 
 
 # A callback sees each epoch and may return a reason to stop (a pruner does); None carries on.
 Callback = Callable[[EpochRecord], Optional[str]]
 
 
+MINIMIZE = ("val_loss", "minimize")  # the default objective
+
+
+def objective_value(val_loss: float, metrics: dict[str, float], metric: str) -> float:
+    return val_loss if metric == "val_loss" else metrics.get(metric, math.nan)
+
+
 @dataclass
 class History:
-    """Per-epoch curves and the best epoch (1-based; 0 when no epoch was finite)."""
+    """Per-epoch curves and the best epoch by the objective (1-based; 0 when no epoch was finite): the lowest
+    val_loss by default, or the best of another validation metric (`objective`: (metric, direction))."""
 
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
@@ -118,10 +128,18 @@ class History:
     status: str = "completed"  # completed | diverged | stopped
     stop_reason: str | None = None
     seconds: float = 0.0
+    objective: tuple[str, str] = MINIMIZE
+    best_value: float = math.nan  # the objective's metric at the best epoch (= best_val_loss by default)
 
     @property
     def epochs_run(self) -> int:
         return len(self.train_loss)
+
+    def better(self, value: float) -> bool:
+        """Strictly better than the best so far (NaN never is; the first best of a tie is kept)."""
+        if not self.best_epoch:
+            return (value < math.inf) if self.objective[1] == "minimize" else (value > -math.inf)
+        return value < self.best_value if self.objective[1] == "minimize" else value > self.best_value
 
     def record(self, epoch: int, train_loss: float, val_loss: float, metrics: dict[str, float],
                confusion: list[list[int]] | None = None) -> bool:
@@ -133,9 +151,10 @@ class History:
         self.val_loss.append(val_loss)
         for name, value in metrics.items():
             self.metrics.setdefault(name, []).append(value)
-        improved = val_loss < self.best_val_loss
+        value = objective_value(val_loss, metrics, self.objective[0])
+        improved = self.better(value)
         if improved:
-            self.best_val_loss, self.best_epoch = val_loss, epoch
+            self.best_val_loss, self.best_epoch, self.best_value = val_loss, epoch, value
             self.best_metrics, self.confusion_matrix = dict(metrics), confusion
         return improved
 
@@ -286,14 +305,14 @@ def stacked_classification_metrics(logits: torch.Tensor, target: torch.Tensor, t
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train_batches: Batches,
         val_batches: Batches, epochs: int, task: str = "regression", callbacks: Iterable[Callback] = (),
-        restore_best: bool = True) -> History:
+        restore_best: bool = True, objective: tuple[str, str] = MINIMIZE) -> History:
     """Train for `epochs`, keep the best validation state (a CPU copy), and restore it at the end.
 
     A non-finite loss ends the run with status "diverged" at that epoch; a callback returning a reason ends it
     with status "stopped". Either way the History holds the curves up to that epoch.
     """
     callbacks = list(callbacks)
-    history = History()
+    history = History(objective=tuple(objective))
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         train_loss = train_epoch(model, train_batches, loss_fn, optimizer, check_shapes=epoch == 1)
@@ -301,7 +320,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, 
         improved = history.record(epoch, train_loss, val_loss, metrics, confusion)
         if improved:
             history.best_state = state_to_cpu(model.state_dict())
-        record = EpochRecord(epoch, train_loss, val_loss, metrics, history.best_val_loss, history.best_epoch, improved)
+        record = EpochRecord(epoch, train_loss, val_loss, metrics, history.best_val_loss, history.best_epoch, improved,
+                             objective_value(val_loss, metrics, objective[0]), history.best_value)
         reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
         if history.stop(epoch, reasons):
             break

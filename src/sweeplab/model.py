@@ -1,13 +1,16 @@
-"""The model family (an MLP) built from its config, and checkpoints that can rebuild it.
+"""The models: the built-in MLP, or the user's own nn.Module named by `class_path` + `init_args`; and
+checkpoints that can rebuild either.
 
-A checkpoint is the state_dict (CPU tensors) plus the plain constructor arguments (`ModelSpec`), so a model is
-rebuilt with nothing else and loaded with `torch.load(weights_only=True)`: nothing is ever unpickled.
+A checkpoint is the state_dict (CPU tensors) plus the plain constructor arguments (`ModelSpec`: the MLP's sizes,
+or the user's class path and its init args as JSON), so a model is rebuilt with nothing else and loaded with
+`torch.load(weights_only=True)`: nothing is ever unpickled. A user's class is imported (plugins.py) only from a
+module the user can import; the checkpoint does not say where to look.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,15 @@ class ModelSpec:
     dropout: float = 0.0
     task: str = "regression"
     feature_names: tuple[str, ...] = ()
+    class_path: str | None = None  # the user's nn.Module (module.Class); None: the built-in MLP
+    init_args: dict[str, Any] = field(default_factory=dict)  # with the data's shape filled in (plugins.DATA_ARGS)
+    input_shape: tuple[int, ...] = ()  # one sample's shape: (2,) for the seed's data, (1, 8, 8) for digits
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["hidden"] = list(self.hidden)
         out["feature_names"] = list(self.feature_names)
+        out["input_shape"] = list(self.sample_shape)
         return out
 
     @classmethod
@@ -40,7 +47,17 @@ class ModelSpec:
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         known["hidden"] = tuple(known.get("hidden", ()))
         known["feature_names"] = tuple(known.get("feature_names", ()))
+        known["input_shape"] = tuple(known.get("input_shape") or ())
+        known["init_args"] = dict(known.get("init_args") or {})
         return cls(**known)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.input_shape or (self.in_features,)
+
+    @property
+    def name(self) -> str:
+        return self.class_path or "sweeplab MLP"
 
 
 class MLP(nn.Module):
@@ -64,11 +81,16 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x.flatten(1) if x.dim() > 2 else x)  # images: their pixels as features
 
 
-def build_model(spec: ModelSpec) -> MLP:
-    return MLP(spec)
+def build_model(spec: ModelSpec, code_dir: str | None = None) -> nn.Module:
+    """The MLP of the spec, or the user's class with its init args (imported from `code_dir` or sys.path)."""
+    if spec.class_path is None:
+        return MLP(spec)
+    from .plugins import instantiate, model_class
+
+    return instantiate(model_class(spec.class_path, code_dir), spec.init_args, spec.class_path)
 
 
 def state_to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,9 +103,11 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], spec: Mode
     torch.save({"state_dict": state_to_cpu(state), "model_spec": spec.to_dict()}, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MLP, ModelSpec]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", code_dir: str | None = None
+                    ) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the model from a checkpoint file; tensors saved on a GPU land on `map_location`. Anything but a
-    sweeplab checkpoint (truncated, tampered with, a pickle carrying code) is a ValueError naming the file."""
+    sweeplab checkpoint (truncated, tampered with, a pickle carrying code) is a ValueError naming the file. A
+    user's class is imported from `code_dir` or sys.path, and only when it is an nn.Module subclass."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code; a truncated file fails to unzip
@@ -95,7 +119,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         spec = ModelSpec.from_dict(payload["model_spec"])
         if spec.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {spec.activation!r}")
-        model = build_model(spec)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{Path(path).name}: not a sweeplab model spec ({first[:200]})") from None
+    from .config import ConfigError
+
+    try:
+        model = build_model(spec, code_dir)
+    except ConfigError as exc:  # the user's class cannot be imported or built here
+        raise ValueError(f"{Path(path).name}: the run trained {spec.class_path}; {str(exc).split(': ', 1)[-1]} "
+                         "(run from the folder that holds its module, or put it on PYTHONPATH)") from None
+    try:
         model.load_state_dict(payload["state_dict"])
     except Exception as exc:  # wrong shapes or names, a spec that is not one
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

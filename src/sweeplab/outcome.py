@@ -41,11 +41,12 @@ class Outcome(str, Enum):
 
 @dataclass(frozen=True)
 class RunEnd:
-    """How a trial's training ended, as its run records it and its trial is told; `curve` is the objective of
-    each epoch (1, 2, ...), which becomes the trial's intermediate values."""
+    """How a trial's training ended, as its run records it and its trial is told: `value` is the objective at
+    the best epoch (best_val_loss by default), `curve` the objective of each epoch (1, 2, ...), which becomes the
+    trial's intermediate values."""
 
     outcome: Outcome
-    best_val_loss: float
+    value: float
     best_epoch: int
     reason: str | None = None
     curve: tuple[float, ...] = ()

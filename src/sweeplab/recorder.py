@@ -23,8 +23,8 @@ from .config import ExperimentConfig
 from .loop import EpochRecord
 from .outcome import Outcome, RunEnd
 from .stores import display_uri, lost_insert_race
-from .tracking import (CHECKPOINT_PATH, TAG_CONDITION, TAG_ENGINE, TAG_NOTE, TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL,
-                       Tracker, condition_label, flatten, outcome_tags, run_name_for, value_text)
+from .tracking import (CHECKPOINT_PATH, TAG_CONDITION, TAG_ENGINE, TAG_MODEL_CLASS, TAG_NOTE, TAG_OBJECTIVE, TAG_ROLE,
+                       TAG_SOURCE_HASH, TAG_STATE, TAG_STUDY, TAG_TRIAL, Tracker, condition_label, flatten, outcome_tags, run_name_for, value_text)
 
 FLUSH_EVERY_S = 5.0  # long trials show their curves live; short ones log once, at the end
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
@@ -35,11 +35,34 @@ def begin_run(tracker: Tracker, experiment_id: str, run_name: str, config: Exper
               parent_run_id: str | None = None, live: bool = True, start_ms: int | None = None) -> "TrialRun":
     """A training run. Live, its params are written now and its curves as it trains (a long trial shows them in
     the UI); otherwise (a trial already trained) everything goes in the one batch that ends it."""
+    tags = {**tags, **run_tags(config)}
     run_id = tracker.start_run(experiment_id, run_name, tags, parent_run_id, start_ms)
     run = TrialRun(tracker.client, run_id, config)
     if live:
         run.flush()
     return run
+
+
+def run_tags(config: ExperimentConfig) -> dict[str, str]:
+    """What the run's result follows (its objective) and, for a user's model, which class and which source."""
+    from .plugins import source_of
+
+    tags = {TAG_OBJECTIVE: f"{config.objective.metric} {config.objective.direction}"}
+    if config.model.class_path:
+        tags[TAG_MODEL_CLASS] = config.model.class_path
+        found = source_of(config.model.class_path)
+        if found is not None:
+            tags[TAG_SOURCE_HASH] = found[1]
+    return tags
+
+
+def code_sources(config: ExperimentConfig) -> list[Path]:
+    """The source files of the user's modules the run imported (its model class, its data loader)."""
+    from .plugins import source_of
+
+    paths = [config.model.class_path, config.data.class_path if config.data.source == "python" else None]
+    found = [source_of(path) for path in paths if path]
+    return list(dict.fromkeys(item[0] for item in found if item is not None))
 
 
 class TrialRun:
@@ -108,11 +131,20 @@ class TrialRun:
             folder.mkdir()
             if result.history.best_state is not None:
                 save_checkpoint(folder / "best.pt", result.history.best_state, result.spec)
+                if result.dataset is not None:  # a real batch: what the champion is exported with
+                    torch_save_example(folder / "example.pt", result.dataset.x_val[:EXAMPLE_ROWS])
             (folder / "model_spec.json").write_text(spec_json(result.spec))
             (folder / "config.json").write_text(json.dumps(result.config.model_dump(), indent=2))
             if result.history.confusion_matrix is not None:
                 (folder / "confusion_matrix.json").write_text(json.dumps(result.history.confusion_matrix))
             self.client.log_artifacts(self.run_id, str(folder), CHECKPOINT_PATH)
+            sources = code_sources(result.config)
+            if sources:  # what code the run trained: the user's module(s), hashed in the run's tags
+                code = Path(tmp) / "code"
+                code.mkdir()
+                for source in sources:
+                    (code / source.name).write_bytes(source.read_bytes())
+                self.client.log_artifacts(self.run_id, str(code), "code")
 
     def log_dataset(self, result) -> None:
         """The training split, described with MLflow's dataset entity (name, digest, schema, source)."""
@@ -139,6 +171,15 @@ class TrialRun:
                 if attempt == 2 or not lost_insert_race(exc):
                     raise
                 time.sleep(0.05 * (attempt + 1))
+
+
+EXAMPLE_ROWS = 8
+
+
+def torch_save_example(path: Path, x) -> None:
+    import torch
+
+    torch.save(x.detach().cpu().clone(), path)  # a plain tensor: torch.load(weights_only=True) reads it
 
 
 def curve_metrics(history, now: int, after_epoch: int = 0) -> list[Metric]:
@@ -231,8 +272,10 @@ class Recorder:
         outcome = Outcome.of_history(history)
         run.finish(result, outcome, history.stop_reason,
                    tags={TAG_STATE: outcome.trial_state, TAG_NOTE: self.note(lease.number, result.config, history)})
-        self.ledger.finish(lease, RunEnd(outcome, history.best_val_loss, history.best_epoch, history.stop_reason,
-                                         tuple(history.val_loss)))
+        metric = history.objective[0]
+        curve = history.val_loss if metric == "val_loss" else history.metrics.get(metric, [])
+        self.ledger.finish(lease, RunEnd(outcome, history.best_value, history.best_epoch, history.stop_reason,
+                                         tuple(curve)))
         return outcome
 
     def record(self, lease, result, started_s: float) -> Outcome:
@@ -258,8 +301,10 @@ class Recorder:
         where = f" ({condition_label(self.condition)})" if self.condition else ""
         outcome = Outcome.of_history(history)
         if outcome == Outcome.COMPLETED:
-            result = (f"completed: best validation loss {history.best_val_loss:.4g} at epoch {history.best_epoch} "
-                      f"of {history.epochs_run}")
+            metric = history.objective[0]
+            best = (f"best validation loss {history.best_val_loss:.4g}" if metric == "val_loss" else
+                    f"best {metric} {history.best_value:.4g} (validation loss {history.best_val_loss:.4g})")
+            result = f"completed: {best} at epoch {history.best_epoch} of {history.epochs_run}"
         else:
             result = f"{outcome}: {history.stop_reason}"
         return f"Trial #{number}{where}: {setting}. {result}."

@@ -173,12 +173,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage, worker_index: int = 0,
-               epochs: int = 80) -> optuna.Study:
+               epochs: int = 80, direction: str = "minimize") -> optuna.Study:
     try:  # loaded first: create_study(load_if_exists=True) appends a refused create to a journal every time
         study = optuna.load_study(storage=storage, study_name=spec.optuna_study,
                                   sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs))
     except KeyError:
-        study = optuna.create_study(storage=storage, study_name=spec.optuna_study, direction="minimize",
+        study = optuna.create_study(storage=storage, study_name=spec.optuna_study, direction=direction,
                                     sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs),
                                     load_if_exists=True)
     existing = len(study.get_trials(deepcopy=False))
@@ -257,17 +257,17 @@ def check_settings(study: optuna.Study, spec: SweepSpec, source: str, settings: 
                       "or give the old settings back")
 
 
-OBJECTIVE_NAME = "best_val_loss"  # what a trial's value is (its intermediate values are the val_loss per epoch)
+OBJECTIVE_NAME = "best_val_loss"  # a trial's value by default (its intermediate values: the val_loss per epoch)
 
 
-def label_study(study: optuna.Study, settings: dict[str, Any]) -> None:
+def label_study(study: optuna.Study, settings: dict[str, Any], metric_name: str = OBJECTIVE_NAME) -> None:
     """What Optuna's own tools and a later resume read from the study: the name of its objective (optuna-dashboard
     and `optuna.visualization` show it instead of "Objective 0") and the result settings it runs with (an older
     study, which sweeplab did not label, is labelled on its first resume)."""
     import json
 
     if study.metric_names is None:
-        study.set_metric_names([OBJECTIVE_NAME])
+        study.set_metric_names([metric_name])
     if SETTINGS_ATTR not in study.user_attrs:
         study.set_user_attr(SETTINGS_ATTR, json.loads(json.dumps(settings)))
 

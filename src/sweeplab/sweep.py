@@ -150,13 +150,14 @@ def train_and_hand_over(part: Part, engine: Engine, recorder: Recorder, writer, 
     def on_epoch(job: Job, record: EpochRecord) -> str | None:
         if job.run is not None:
             job.run.epoch_callback(record)
-        if not pruning or record.epoch % every or not finite(record.val_loss):
+        if not pruning or record.epoch % every or not finite(record.value):
             return None  # a diverging run is stopped by the engine itself
         # Optuna's pruners compare with COMPLETE trials only: the batches before this one are told first, or a
         # pipelined sweep prunes nothing (its writers, starting up, would tell every trial after the last batch)
         writer.drain(on_trial_end)
-        if part.ledger.should_prune(job.lease, record.epoch, record.val_loss):
-            return f"pruned at epoch {record.epoch} (val_loss={record.val_loss:.4g})"
+        if part.ledger.should_prune(job.lease, record.epoch, record.value):
+            metric = job.config.objective.metric
+            return f"pruned at epoch {record.epoch} ({metric}={record.value:.4g})"
         return None
 
     failed = 0
@@ -216,17 +217,18 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     epochs = sweep.config_for({}).train.epochs
     studies = []
     for part in sweep.parts():
-        study = open_study(part.spec, storage, worker_index, epochs)
+        objective = part.config_for({}).objective
+        study = open_study(part.spec, storage, worker_index, epochs, objective.direction)
         settings = result_settings(part)
         check_compatible(study, part.spec, part.source, settings)
-        studies.append((part, study, settings))
-    for _, study, settings in studies:  # once every part is known to fit
-        with_retries(label_study, study, settings)
+        studies.append((part, study, settings, objective))
+    for _, study, settings, objective in studies:  # once every part is known to fit
+        with_retries(label_study, study, settings, objective.column)
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
     return [Part(part, study, Ledger(study, storage, budget(part.spec), part.spec.space, tracker.end_if_running,
                                     tracker.run_end),
-                 tracker, experiment_id, tracking_uri, storage_url) for part, study, _ in studies]
+                 tracker, experiment_id, tracking_uri, storage_url) for part, study, _, _ in studies]
 
 
 def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int,
@@ -241,6 +243,8 @@ def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage
     params = {"study": spec.study, "engine": spec.engine, "sampler": spec.sampler.type, "sampler_seed": str(spec.sampler.seed),
               "pruner": spec.pruner.type, "n_trials": str(spec.n_trials), "workers": str(workers),
               "repeats": str(spec.repeats), "space": ",".join(spec.space), "conditions": ",".join(spec.conditions),
+              "fields": ",".join(sweep.field_of(k) for k in [*spec.space, *spec.conditions]),
+              "objective": f"{sweep.config_for({}).objective.metric} {sweep.config_for({}).objective.direction}",
               "continuous": ",".join(name for name, param in spec.space.items()  # ranges, not levels: plotted
                                      if any(case.kind != "categorical" for case in (param.cases or {"": param}).values()))}
     tracker.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
@@ -410,7 +414,8 @@ def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
             + (f") separately for each condition: {compared}, an equal share of trials each" if compared else ")")
             + f". Lower best_val_loss (validation loss at the best epoch) is better. Sweep file: {sweep.source}.")
     tracker.client.set_experiment_tag(experiment_id, TAG_NOTE, text)
-    share_view(tracker.client, experiment_id, [*spec.space, *spec.conditions], list(spec.conditions))
+    share_view(tracker.client, experiment_id, [sweep.field_of(k) for k in [*spec.space, *spec.conditions]],
+               [sweep.field_of(k) for k in spec.conditions], sweep.config_for({}).objective)
 
 
 def outcome_note(outcome: SweepOutcome) -> str:

@@ -35,6 +35,9 @@ TAG_ENGINE = "sweeplab.engine"  # reference | vectorized: which engine trained t
 TAG_WORKER = "sweeplab.worker"  # host:pid of the process that owns the run
 TAG_VERSION = "sweeplab.version"
 TAG_COMMIT = "sweeplab.git_commit"
+TAG_OBJECTIVE = "sweeplab.objective"  # `val_accuracy maximize`: what the run's best epoch and its trial's value follow
+TAG_MODEL_CLASS = "sweeplab.model_class"  # the user's nn.Module (module.Class), when the run trained one
+TAG_SOURCE_HASH = "sweeplab.model_source_sha256"  # ... and the sha256 of its module's source, logged under code/
 TAG_CHAMPION_RUN = "sweeplab.source_run_id"  # on a registered model version: the trial run it came from
 CHECKPOINT_PATH = "checkpoint"  # artifacts: checkpoint/best.pt, checkpoint/model_spec.json, config.json
 
@@ -69,19 +72,22 @@ def run_link(base_url: str, experiment_id: str, run_id: str) -> str:
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def share_view(client: MlflowClient, experiment_id: str, keys: list[str], conditions: list[str] = ()) -> None:
-    """Store the view runs_link opens: trial runs only, sorted by best_val_loss, with columns best_val_loss,
-    best_epoch, the outcome and the parameters `keys` (the sweep's searched and compared keys); in a sweep with
-    conditions, grouped by them (each group headed by its best loss), since results compare within a condition."""
-    from .config import ALIASES
-
-    columns = ["metrics.`best_val_loss`", "metrics.`best_epoch`", f"tags.`{TAG_OUTCOME}`",
-               *(f"params.`{ALIASES.get(key, key)}`" for key in keys)]
-    state = {"orderByKey": "metrics.`best_val_loss`", "orderByAsc": True,
+def share_view(client: MlflowClient, experiment_id: str, fields: list[str], conditions: list[str] = (),
+               objective=None) -> None:
+    """Store the view runs_link opens: trial runs only, best first by the objective (best_val_loss unless the
+    sweep names another), with columns the objective, best_val_loss, best_epoch, the outcome and the parameters
+    `fields` (the sweep's searched and compared fields, dotted); in a sweep with conditions, grouped by them (each
+    group headed by its best value), since results compare within a condition."""
+    column = objective.column if objective is not None else "best_val_loss"
+    ascending = objective.minimize if objective is not None else True
+    metrics = list(dict.fromkeys([column, "best_val_loss", "best_epoch"]))
+    columns = [*(f"metrics.`{name}`" for name in metrics), f"tags.`{TAG_OUTCOME}`",
+               *(f"params.`{field}`" for field in fields)]
+    state = {"orderByKey": f"metrics.`{column}`", "orderByAsc": ascending,
              "searchFilter": f"tags.`{TAG_ROLE}` = 'trial'", "selectedColumns": columns}
     if conditions:
-        state["groupBy"] = {"aggregateFunction": "min", "groupByKeys": [
-            {"mode": "param", "groupByData": ALIASES.get(key, key)} for key in conditions]}
+        state["groupBy"] = {"aggregateFunction": "min" if ascending else "max", "groupByKeys": [
+            {"mode": "param", "groupByData": field} for field in conditions]}
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
 
 
@@ -436,7 +442,8 @@ class Tracker:
         if run.info.status == "RUNNING" or tags.get(TAG_STATE) not in ("COMPLETE", "PRUNED"):
             return None
         outcome = Outcome(tags.get(TAG_OUTCOME, "completed"))
-        return RunEnd(outcome, metrics.get("best_val_loss", float("nan")), int(metrics.get("best_epoch", 0)),
+        column = f"best_{tags.get(TAG_OBJECTIVE, 'val_loss').split()[0]}"
+        return RunEnd(outcome, metrics.get(column, float("nan")), int(metrics.get("best_epoch", 0)),
                       tags.get(TAG_REASON))
 
     def reap_dead_local_runs(self, experiment_id: str) -> int:

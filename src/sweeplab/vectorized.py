@@ -35,6 +35,9 @@ RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
 
 
 def check_supported(config: ExperimentConfig) -> None:
+    if config.model.class_path is not None:
+        raise ConfigError(f"engine: vectorized stacks the built-in MLP; model.class_path {config.model.class_path} "
+                          "trains on the reference loop")
     if len(config.model.hidden_sizes) != 1:
         raise ConfigError("engine: vectorized trains one-hidden-layer MLPs; model.hidden must be one size")
     if config.model.dropout:
@@ -94,7 +97,8 @@ def group_key(member: Member) -> tuple:
     below); everything that shapes the batches may not."""
     c, d = member.config, member.dataset
     return (c.model.activation, c.train.batch_size, c.train.val_batch_size or d.x_val.shape[0], c.train.epochs,
-            c.train.shuffle, c.task, c.train.loss, d.x_train.shape, d.x_val.shape, d.n_outputs, c.device)
+            c.train.shuffle, c.task, c.train.loss, d.x_train.shape, d.x_val.shape, d.n_outputs, c.device,
+            c.objective.metric, c.objective.direction)
 
 
 def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, regression_loss: str) -> torch.Tensor:
@@ -203,7 +207,11 @@ class _Curves:
     best so far (NaN never does), a non-finite train or val loss ends the member as diverged, a hook's reason as
     stopped. Each member's History is built once, at the end (`histories`)."""
 
-    def __init__(self, k: int, epochs: int):
+    def __init__(self, k: int, epochs: int, objective: tuple[str, str] = ("val_loss", "minimize")):
+        self.objective = objective
+        self.sign = 1.0 if objective[1] == "minimize" else -1.0  # decisions on sign * value: lower is better
+        self.best_score = torch.full((k,), math.inf, dtype=torch.float64)
+        self.best_value = torch.full((k,), math.nan, dtype=torch.float64)
         self.train = torch.full((k, epochs), math.nan, dtype=torch.float64)
         self.val = torch.full((k, epochs), math.nan, dtype=torch.float64)
         self.metrics: dict[str, torch.Tensor] = {}
@@ -223,7 +231,11 @@ class _Curves:
         for name, values in metrics.items():
             curve = self.metrics.setdefault(name, torch.full_like(self.train, math.nan))
             curve[active, column] = values[active]
-        improved = active & (val < self.best_val)
+        value = val if self.objective[0] == "val_loss" else metrics[self.objective[0]].double()
+        score = self.sign * value
+        improved = active & (score < self.best_score)  # NaN never improves; a tie keeps the first
+        self.best_score = torch.where(improved, score, self.best_score)
+        self.best_value = torch.where(improved, value, self.best_value)
         self.best_val = torch.where(improved, val, self.best_val)
         self.best_epoch[improved] = epoch
         if confusion is not None:
@@ -247,9 +259,12 @@ class _Curves:
         confusion = self.confusion.tolist() if self.confusion is not None else None
         out = []
         for i, (n, best) in enumerate(zip(self.epochs_run.tolist(), self.best_epoch.tolist())):
-            history = History(train[i][:n], val[i][:n], {name: curve[i][:n] for name, curve in metrics.items()})
+            history = History(train[i][:n], val[i][:n], {name: curve[i][:n] for name, curve in metrics.items()},
+                              objective=tuple(self.objective))
             if best:
                 history.best_epoch, history.best_val_loss = best, val[i][best - 1]
+                history.best_value = history.val_loss[best - 1] if self.objective[0] == "val_loss" else \
+                    history.metrics[self.objective[0]][best - 1]
                 history.best_metrics = {name: curve[i][best - 1] for name, curve in metrics.items()}
                 history.confusion_matrix = confusion[i] if confusion is not None else None
             if n:  # diverged, stopped by a hook's reason, or neither: History.stop decides, as in fit
@@ -271,16 +286,17 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     # each distinct data set once on the device; members gather theirs by index
     owners, which = _distinct(members, lambda m: id(m.dataset))
     which, sets = which.to(device), [m.dataset for m in owners]
-    x_train = torch.stack([d.x_train for d in sets]).to(device)
+    # images are the MLP's features, flattened as MLP.forward flattens them
+    x_train = torch.stack([d.x_train.flatten(1) for d in sets]).to(device)
     y_train = torch.stack([d.y_train for d in sets]).to(device)
-    x_val = torch.stack([d.x_val for d in sets]).to(device)[which]
+    x_val = torch.stack([d.x_val.flatten(1) for d in sets]).to(device)[which]
     y_val = torch.stack([d.y_val for d in sets]).to(device)[which]
     # Every member padded to the group's widest hidden layer with zero rows in W1, b1 and zero columns in W2.
     # A padded unit outputs act(0) = 0 (relu, tanh, gelu, silu) into a zero column, so it changes no output;
     # its gradients are zero (dL/dW2 = dL/dout * 0, dL/dh = W2_pad^T dL/dout = 0), so no optimizer moves it
     # (Adam, RMSprop: 0 / (0 + eps) = 0; SGD, momentum, weight decay: 0), and the padding stays exactly zero.
     width = max(m.spec.hidden[0] for m in members)
-    n_in, n_out = dataset.x_train.shape[1], dataset.n_outputs
+    n_in, n_out = dataset.n_features, dataset.n_outputs
     shapes = [(width, n_in), (width,), (n_out, width), (n_out,)]
     sizes_p = [math.prod(shape) for shape in shapes]
     owners, init_row = _distinct(members, lambda m: id(m.init_state))
@@ -303,7 +319,7 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
     val_batch = train.val_batch_size or n_val
     best = flat.detach().clone()
-    curves = _Curves(k, train.epochs)
+    curves = _Curves(k, train.epochs, (config.objective.metric, config.objective.direction))
     started = time.perf_counter()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -352,12 +368,16 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         if on_epoch is not None:  # as fit's callbacks: each member still recording sees its epoch
             train_values, val_values = train_loss.tolist(), val_loss.tolist()
             best_values, best_epochs = curves.best_val.tolist(), curves.best_epoch.tolist()
+            objective_best = curves.best_value.tolist()
+            metric = config.objective.metric
             metric_values = {name: values.tolist() for name, values in metrics.items()}
             improved_values = improved.tolist()
             for i in curves.active.nonzero().flatten().tolist():
-                record = EpochRecord(epoch, train_values[i], val_values[i],
-                                     {name: values[i] for name, values in metric_values.items()},
-                                     best_values[i], best_epochs[i], improved_values[i])
+                epoch_metrics = {name: values[i] for name, values in metric_values.items()}
+                record = EpochRecord(epoch, train_values[i], val_values[i], epoch_metrics,
+                                     best_values[i], best_epochs[i], improved_values[i],
+                                     val_values[i] if metric == "val_loss" else epoch_metrics[metric],
+                                     objective_best[i])
                 reason = on_epoch(members[i], record)
                 if reason:
                     reasons[i] = reason

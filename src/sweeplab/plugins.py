@@ -1,0 +1,138 @@
+"""A user's own code, named by import path: their nn.Module (`model.class_path`) and their data loader
+(`data.class_path`), each with `init_args` (LightningCLI's convention).
+
+A module is looked for beside the experiment file first (no install needed), then on sys.path; it is imported
+only because a config the user gave names it. Every way of getting it wrong (no such module or name, a module
+that raises on import, a class that is not an nn.Module, a constructor that raises or gets an unknown argument)
+is a ConfigError of one line naming the field. model.py builds the models; data.py calls the loaders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+# Constructor parameters the data decides, filled in when init_args leaves them out: the user should not have to
+# repeat the data's shape in the model's config.
+DATA_ARGS = ("in_features", "in_channels", "input_shape", "n_classes", "num_classes", "out_features", "n_outputs")
+
+
+def import_object(path: str, code_dir: str | None, field: str) -> Any:
+    """`module.name` -> the object, the module looked for in `code_dir` first. One-line ConfigErrors."""
+    module_name, _, attribute = path.rpartition(".")
+    if code_dir and code_dir not in sys.path:
+        sys.path.insert(0, code_dir)  # kept: the trials, and torch.export, need the module again
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name) and exc.name.split(".")[0] == module_name.split(".")[0]:
+            where = f"beside the experiment file ({code_dir}) or on sys.path" if code_dir else "on sys.path"
+            raise ConfigError(f"{field}: no module {module_name!r} {where}") from None
+        raise ConfigError(f"{field}: importing {module_name} failed: {_said(exc)}") from None
+    except Exception as exc:  # the user's module raised on import: say where
+        raise ConfigError(f"{field}: importing {module_name} raised {_said(exc)}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(f"{field}: module {module_name} ({_file_of(module)}) has no {attribute!r}") from None
+
+
+def model_class(path: str, code_dir: str | None, field: str = "model.class_path") -> type:
+    import torch
+
+    cls = import_object(path, code_dir, field)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ConfigError(f"{field}: {path} is a {type(cls).__name__}, not a torch.nn.Module subclass")
+    return cls
+
+
+def data_args(cls: type, init_args: dict[str, Any], input_shape: tuple[int, ...], n_outputs: int,
+              n_classes: int | None) -> dict[str, Any]:
+    """init_args plus the DATA_ARGS the constructor takes and init_args leaves out, from the data."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # a builtin or C extension constructor
+        return dict(init_args)
+    known = {"in_features": math.prod(input_shape), "input_shape": list(input_shape), "out_features": n_outputs,
+             "n_outputs": n_outputs}
+    if len(input_shape) > 1:
+        known["in_channels"] = input_shape[0]
+    if n_classes is not None:
+        known["n_classes"] = known["num_classes"] = n_classes
+    filled = dict(init_args)
+    for name in DATA_ARGS:
+        if name in parameters and name not in filled and name in known:
+            filled[name] = known[name]
+    return filled
+
+
+def instantiate(cls: type, init_args: dict[str, Any], path: str, field: str = "model") -> Any:
+    """cls(**init_args), with a constructor that raises or refuses an argument said in one line."""
+    try:
+        signature = inspect.signature(cls.__init__)
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        unknown = [] if accepts_any else [k for k in init_args if k not in signature.parameters or k == "self"]
+    except (TypeError, ValueError):
+        unknown = []
+    if unknown:
+        raise ConfigError(f"{field}.init_args: {path} takes no argument {unknown[0]!r}")
+    try:
+        return cls(**init_args)
+    except TypeError as exc:
+        raise ConfigError(f"{field}.init_args: {path}({_args_text(init_args)}) refused its arguments: "
+                          f"{_said(exc)}") from None
+    except Exception as exc:
+        raise ConfigError(f"{field}.class_path: {path}({_args_text(init_args)}) raised {_said(exc)}") from None
+
+
+def source_of(path: str) -> tuple[Path, str] | None:
+    """(file, sha256) of the module that `path` (module.name) comes from, once imported; None for a module
+    without a source file."""
+    module = sys.modules.get(path.rpartition(".")[0])
+    file = getattr(module, "__file__", None)
+    if not file or not file.endswith(".py"):
+        return None
+    data = Path(file).read_bytes()
+    return Path(file), hashlib.sha256(data).hexdigest()
+
+
+def _args_text(init_args: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in init_args.items())[:200]
+
+
+def _file_of(module) -> str:
+    return getattr(module, "__file__", None) or "built in"
+
+
+def _said(exc: BaseException) -> str:
+    """`ValueError: message (my_nets.py line 12)`: the exception, on one line, and where the user's code raised it."""
+    message = (str(exc).strip().splitlines() or [""])[0][:200]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/sweeplab/" not in f.filename
+              and "importlib" not in f.filename and "/torch/" not in f.filename]
+    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({Path(exc.filename).name} line {exc.lineno})"
+        message = exc.msg
+    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
+
+
+def find_module_file(path: str, code_dir: str | None) -> Path | None:
+    """The file a module path would import from, without importing it (for the note of what must travel)."""
+    module_name = path.rpartition(".")[0]
+    top = module_name.split(".")[0]
+    if code_dir and (Path(code_dir) / f"{top}.py").is_file():
+        return Path(code_dir) / f"{top}.py"
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    return Path(found.origin) if found and found.origin else None
