@@ -16,8 +16,59 @@ import pandas as pd
 
 from .tracking import condition_label, value_text
 
-NEAR_BEST = 0.10  # "close to the best": best_val_loss within 10% of the condition's best
+NEAR_BEST = 0.10  # "close to the best": a loss within 10% of the condition's best (an accuracy: its error rate)
 OUTCOMES = ("completed", "pruned", "diverged", "failed", "killed")
+LABELS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy", "val_f1": "validation F1",
+          "val_macro_f1": "validation macro-F1", "val_precision": "validation precision",
+          "val_recall": "validation recall"}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """The sweep's objective as the report reads it: which summary column ranks the trials, and which way."""
+
+    metric: str = "val_loss"
+    direction: str = "minimize"
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Goal":
+        """From the `val_accuracy maximize` the sweep logs (parent param `objective`, trial tag)."""
+        parts = (text or "").split()
+        return cls(parts[0], parts[1]) if len(parts) == 2 else cls()
+
+    @property
+    def column(self) -> str:
+        return f"best_{self.metric}"
+
+    @property
+    def minimize(self) -> bool:
+        return self.direction == "minimize"
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.metric, self.metric)
+
+    @property
+    def is_loss(self) -> bool:
+        return self.metric.endswith("loss")
+
+    def values(self, frame: pd.DataFrame) -> pd.Series:
+        return frame[self.column].astype(float) if self.column in frame else pd.Series(np.nan, index=frame.index)
+
+    def best_index(self, values: pd.Series):
+        return values.idxmin() if self.minimize else values.idxmax()
+
+    def near(self, values: pd.Series, best: float) -> pd.Series:
+        """Within NEAR_BEST of the best: of the loss, or, for a score of at most 1 (accuracy, F1), of its error."""
+        if self.minimize:
+            return values <= best * (1 + NEAR_BEST) if best >= 0 else values <= best * (1 - NEAR_BEST)
+        return (1 - values) <= (1 - best) * (1 + NEAR_BEST) + 1e-12
+
+    def cumulative_best(self, values: pd.Series) -> pd.Series:
+        return values.cummin() if self.minimize else values.cummax()
+
+
+DEFAULT_GOAL = Goal()
 
 
 @dataclass
@@ -34,13 +85,14 @@ class ConditionAnswer:
     def label(self) -> str:
         return condition_label(self.condition)
 
-    def sentence(self, factors: list[str]) -> str:
+    def sentence(self, factors: list[str], goal: Goal = DEFAULT_GOAL) -> str:
         where = f"{self.label}: " if self.condition else ""
         if self.best is None:
             return f"{where}no trial completed ({_counts_text(self.counts)})."
         setting = ", ".join(f"{f} {value_text(self.best['params'].get(f))}" for f in factors
                             if f in self.best["params"])
-        text = (f"{where}best is {setting}: validation loss {self.best['best_val_loss']:.4g} "
+        value = self.best.get(goal.column, self.best.get("best_val_loss"))
+        text = (f"{where}best is {setting}: {goal.label} {value:.4g} "
                 f"(trial #{self.best['trial']}, epoch {self.best['best_epoch']}).")
         spread = "; ".join(f"any {f}" if f in self.any_value else f"{f} {_range_text(values)}"
                            for f, values in self.near.items() if values)
@@ -84,17 +136,20 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def answer_for(condition: dict, trials: pd.DataFrame, factors: list[str], importances: pd.Series) -> ConditionAnswer:
+def answer_for(condition: dict, trials: pd.DataFrame, factors: list[str], importances: pd.Series,
+               goal: Goal = DEFAULT_GOAL) -> ConditionAnswer:
     counts = {state: int((trials["state"] == state).sum()) for state in OUTCOMES}
-    done = trials[(trials["state"] == "completed") & np.isfinite(trials["best_val_loss"].astype(float))]
+    done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
     if done.empty:
         return ConditionAnswer(condition, counts, None, {}, 0)
-    best_row = done.loc[done["best_val_loss"].astype(float).idxmin()]
-    best_value = float(best_row["best_val_loss"])
-    near = done[done["best_val_loss"].astype(float) <= best_value * (1 + NEAR_BEST)]
+    values = goal.values(done)
+    best_row = done.loc[goal.best_index(values)]
+    best_value = float(best_row[goal.column])
+    near = done[goal.near(values, best_value)]
     params = {f: _plain(best_row[f]) for f in factors if f in done.columns and not _missing(best_row[f])}
     best = {"trial": int(best_row["trial"]), "run_id": best_row["run_id"], "params": params,
-            "best_val_loss": best_value, "best_epoch": int(best_row["best_epoch"])}
+            "best_val_loss": float(best_row["best_val_loss"]), "best_epoch": int(best_row["best_epoch"])}
+    best[goal.column] = best_value
     spread = {f: sorted({_plain(v) for v in near[f].dropna()}, key=lambda v: (isinstance(v, str), v))
               for f in factors if f in near.columns}
     every = {f: {_plain(v) for v in trials[f].dropna()} for f in spread}
@@ -105,25 +160,3 @@ def answer_for(condition: dict, trials: pd.DataFrame, factors: list[str], import
 
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def level_table(trials: pd.DataFrame, factor: str) -> pd.DataFrame:
-    """One row per level of a factor: trials and how they ended, the share that learned, and the median and
-    quartiles of best_val_loss over completed trials, the best, and the median best epoch."""
-    rows = []
-    for level, group in trials.groupby(factor, sort=True, dropna=False):
-        done = group[group["state"] == "completed"]
-        values = done["best_val_loss"].astype(float).dropna()
-        row = {factor: _plain(level), "trials": len(group)}
-        for state in ("completed", "pruned", "diverged", "failed"):
-            row[state] = int((group["state"] == state).sum())
-        learned = group["learned"].fillna(False).astype(bool) if "learned" in group else pd.Series(dtype=bool)
-        row["learned"] = f"{int(learned.sum())}/{len(group)}"
-        row["median"] = values.median() if len(values) else math.nan
-        row["q1"] = values.quantile(0.25) if len(values) else math.nan
-        row["q3"] = values.quantile(0.75) if len(values) else math.nan
-        row["best"] = values.min() if len(values) else math.nan
-        row["median_best_epoch"] = done["best_epoch"].median() if len(done) else math.nan
-        row["best_trial"] = int(done.loc[values.idxmin(), "trial"]) if len(values) else None
-        rows.append(row)
-    return pd.DataFrame(rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,15 +65,23 @@ def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: 
     from .model import load_checkpoint
 
     client = tracker.client
+    export_failed = None
     with tempfile.TemporaryDirectory(prefix="sweeplab-champion-") as tmp:
         model, spec = load_checkpoint(download_checkpoint(tracker, run_id, Path(tmp)))
         config = json.loads(Path(client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/config.json", tmp)).read_text())
+        example = _example_batch(tracker, run_id, Path(tmp), spec, config.get("predict_x") or [])
         _remove_unfinished(tracker, experiment_id, run_id)
         logged = client.create_logged_model(experiment_id, name=model_name, source_run_id=run_id,
                                             tags={TAG_CHAMPION_RUN: run_id})
         try:
             local = Path(tmp) / "model"
-            save_pyfunc_model(model, spec, config.get("predict_x") or [], local, logged, run_id)
+            try:
+                save_pyfunc_model(model, spec, example, local, logged, run_id)
+            except ExportError as exc:  # the checkpoint model instead, which `sweeplab predict` serves
+                export_failed = str(exc)
+                print(f"sweeplab: {export_failed}; registered the checkpoint (sweeplab predict serves it)",
+                      file=sys.stderr)
+                save_checkpoint_model(tracker, run_id, local)
             client.log_model_artifacts(logged.model_id, str(local))
         except BaseException:
             client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
@@ -89,7 +98,8 @@ def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: 
     version = client.create_model_version(name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
                                           description=description,
                                           tags={TAG_CHAMPION_RUN: run_id, **(tags or {}),
-                                                "sweeplab.model_spec": spec_tag(spec)})
+                                                "sweeplab.model_spec": spec_tag(spec),
+                                                **({"sweeplab.export": export_failed} if export_failed else {})})
     # what the fluent mlflow.register_model does too: the logged model's page then names its registered versions
     listed = json.loads(client.get_logged_model(logged.model_id).tags.get("mlflow.modelVersions") or "[]")
     listed.append({"name": name, "version": version.version})
@@ -117,7 +127,41 @@ def spec_tag(spec) -> str:
     return json.dumps({**spec.to_dict(), "feature_names": f"{len(spec.feature_names)} names, in model.json"})
 
 
-def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_id: str) -> None:
+class ExportError(RuntimeError):
+    """torch.export could not trace the model: one line, and the champion is the checkpoint instead."""
+
+
+def _example_batch(tracker: Tracker, run_id: str, tmp: Path, spec, predict_x: list):
+    """A real batch of the data (the run's `checkpoint/example.pt`, validation inputs), else the config's predict
+    points, else random inputs of the data's shape (runs logged before examples were)."""
+    import torch
+
+    try:
+        path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/example.pt", str(tmp))
+        example = torch.load(path, weights_only=True)
+        if isinstance(example, torch.Tensor) and tuple(example.shape[1:]) == tuple(spec.sample_shape) \
+                and example.shape[0] >= 2:
+            return example.float()
+    except Exception:  # no example logged
+        pass
+    rows = [list(map(float, row)) for row in predict_x if len(row) == spec.in_features]
+    if len(rows) >= 2:  # an example of one row would fix the batch dimension to 1
+        return torch.tensor(rows, dtype=torch.float32).reshape(-1, *spec.sample_shape)
+    return torch.randn(3, *spec.sample_shape, generator=torch.Generator().manual_seed(0))
+
+
+def save_checkpoint_model(tracker: Tracker, run_id: str, path: Path) -> None:
+    """The run's checkpoint folder as the registered model's files (no MLflow flavor): what `sweeplab predict
+    models:/NAME@ALIAS` loads, with the user's class, when the model could not be exported."""
+    import shutil
+
+    path.mkdir(parents=True)
+    for name in ("best.pt", "model_spec.json", "config.json"):
+        shutil.copy(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/{name}", str(path.parent)),
+                    path / name)
+
+
+def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> None:
     """The champion as an MLflow "models from code" pyfunc (`pyfunc_model.py`, no pickle) around the weights as a
     `torch.export` program, so it loads without sweeplab and owns its input handling: named columns by name,
     arrays and lists by position, NaN refused; labels (or probabilities) from a classifier.
@@ -134,17 +178,23 @@ def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_i
 
     from . import pyfunc_model
 
-    rows = [list(map(float, row)) for row in example_rows if len(row) == spec.in_features]
-    if len(rows) < 2:  # an example of one row would fix the batch dimension to 1
-        rows = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(0)).tolist()
+    from mlflow.types import TensorSpec
+
+    if not isinstance(example, torch.Tensor):  # rows of features
+        example = torch.tensor([list(map(float, row)) for row in example], dtype=torch.float32)
+    shape = list(spec.sample_shape)
     names = list(spec.feature_names) or [f"x{i + 1}" for i in range(spec.in_features)]
     classes = [] if spec.task == "regression" else list(range(2 if spec.task == "binary" else spec.out_features))
     with tempfile.TemporaryDirectory(prefix="sweeplab-export-") as tmp:
-        example = torch.tensor(rows, dtype=torch.float32)
-        program = torch.export.export(model.cpu().eval(), (example,),
-                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        torch.export.save(program, f"{tmp}/program.pt2")
-        meta = {"task": spec.task, "feature_names": names, "input_shape": [spec.in_features], "classes": classes,
+        try:
+            program = torch.export.export(model.cpu().eval(), (example,),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            torch.export.save(program, f"{tmp}/program.pt2")
+        except Exception as exc:  # data-dependent control flow, an untraceable op, a batch size fixed inside
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ExportError(f"torch.export cannot trace {spec.name}: {type(exc).__name__}: {first}") from None
+        meta = {"task": spec.task, "feature_names": names, "input_shape": shape, "classes": classes,
+                "model": spec.name,
                 "outputs": "values" if spec.task == "regression" else "labels, or probabilities per class"}
         Path(f"{tmp}/model.json").write_text(json.dumps(meta, indent=2))
         if spec.task == "regression":
@@ -155,6 +205,11 @@ def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_i
         else:
             signature = ModelSignature(outputs=Schema([ColSpec("long", "label")]),
                                        params=ParamSchema([ParamSpec("output", "string", "label")]))
+        images = len(shape) > 1
+        if images:  # images: a tensor of the data's true shape (float64, so float32 and integer arrays cast safely)
+            signature.inputs = Schema([TensorSpec(np.dtype("float64"), (-1, *shape))])
+        rows_example = example.double().numpy() if images else \
+            pd.DataFrame(example.reshape(example.shape[0], -1).double().numpy(), columns=names)
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                         f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
         quiet = logging.getLogger("mlflow.pyfunc")  # "Validating input example against model signature"
@@ -164,7 +219,7 @@ def save_pyfunc_model(model, spec, example_rows: list, path: Path, logged, run_i
             mlflow.pyfunc.save_model(
                 str(path), python_model=pyfunc_model.__file__,
                 artifacts={"program": f"{tmp}/program.pt2", "model": f"{tmp}/model.json"},
-                signature=signature, input_example=pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=names),
+                signature=signature, input_example=rows_example,
                 pip_requirements=requirements, metadata=meta,
                 mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
                                    model_uuid=logged.model_id, model_id=logged.model_id))

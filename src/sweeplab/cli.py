@@ -29,12 +29,11 @@ def _run(args: argparse.Namespace) -> int:
 
     # The config is checked before torch is even imported: a typo costs milliseconds, not seconds.
     config = load_experiment(args.experiment, parse_overrides(args.overrides))
-    from .data import check_data
     from .experiment import run_experiment
     from .process import configure
     from .stop import stop_flag
 
-    check_data(config)  # bad data is one line before any store exists
+    check_config(config)  # bad data or a bad model is one line before any store exists
     configure(with_optuna=False)
     printer = None if args.json else _SeedPrinter(config.name, config.print_every)
     if printer:
@@ -63,6 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     if history.status != "completed":
         print(f"stopped: {history.stop_reason}")
     print("best_val:", round(history.best_val_loss, 4))
+    if config.objective.metric != "val_loss":
+        print(f"best_{config.objective.metric}:", round(history.best_value, 4))
     print("predictions:")
     for row, line in zip(config.predict_x, _prediction_texts(result)):
         print(f"x={row} -> {line}")
@@ -104,6 +105,8 @@ def _run_summary(result, tracker) -> dict:
         "stop_reason": history.stop_reason,
         "best_val": history.best_val_loss,
         "best_epoch": history.best_epoch,
+        "objective": {"metric": result.config.objective.metric, "direction": result.config.objective.direction,
+                      "best": history.best_value},
         "predictions": [row["prediction"] for row in describe_outputs(result.predictions, result.spec)],
         "train_loss": history.train_loss,
         "val_loss": history.val_loss,
@@ -185,22 +188,58 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_sweep_data(sweep) -> None:
-    """Each distinct data source of the sweep's parts, read and checked once (data.check_data): a bad CSV value is
-    one line before any study or run exists, not a failure inside every trial."""
+def check_config(config, source: str = "") -> None:
+    """A config's data read and checked (data.check_data), and its model built and run on one batch
+    (experiment.check_model) when the data or the model is the user's: each is one line, before any store exists."""
     from .config import ConfigError
+
+    try:
+        _check(config, {})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+
+
+def _check(config, seen: dict) -> None:
     from .data import check_data
 
-    seen = set()
-    for part in sweep.parts():
-        config = part.config_for({})
-        key = (config.data.model_dump_json(), config.task)
-        if key not in seen:
-            seen.add(key)
-            try:
-                check_data(config)
-            except ConfigError as exc:
-                raise ConfigError(f"{sweep.source}: {exc}") from None
+    key = (config.data.model_dump_json(), config.task, config.seed)
+    if key not in seen:
+        seen[key] = check_data(config)
+    dataset = seen[key]
+    user_model = config.model.class_path is not None
+    if user_model or config.data.source == "python":
+        model_key = (key, config.model.model_dump_json(), config.train.loss)
+        if model_key not in seen:
+            seen[model_key] = True
+            if dataset is None:
+                import torch
+
+                from .data import make_dataset
+
+                state = torch.get_rng_state()
+                torch.manual_seed(config.seed)
+                dataset = make_dataset(config)
+                torch.set_rng_state(state)
+            from .experiment import check_model
+
+            check_model(config, dataset)
+
+
+def check_sweep_data(sweep) -> None:
+    """Each distinct data source of the sweep, read and checked once (data.check_data), and each distinct model of
+    its probe points (both ends of every range, each choice) built and run on one batch: a bad CSV value or a bad
+    plugin is one line before any study or run exists, not a failure inside every trial."""
+    from .config import ConfigError
+
+    seen: dict = {}
+    for field, config in sweep.probe_configs():
+        try:
+            _check(config, seen)
+        except ConfigError as exc:
+            message = str(exc)
+            if field and not message.startswith(("model.", "data.")):
+                message = f"{field}: {message}"
+            raise ConfigError(f"{sweep.source}: {message}") from None
 
 
 def _warm_report(tracking_uri: str | None) -> None:
@@ -287,12 +326,13 @@ def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) ->
         if top:
             names = list(sweep.spec.space)
             widths = [max(len(name), 9) for name in names]
+            column = part.sweep.config_for({}).objective.column
             print(f"{'trial':>5}  " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
-                  + f"  {'best_val_loss':>13} {'best_epoch':>10}  run")
+                  + f"  {column:>13} {'best_epoch':>10}  run")
             for trial in top:
                 values = values_of(trial.params, part.sweep.spec.space)
                 cells = " ".join(f"{value_text(values.get(name)):>{w}}" for name, w in zip(names, widths))
-                print(f"{trial.number:>5}  {cells}  {trial.value:>13.4f} {value_text(trial.best_epoch):>10}  "
+                print(f"{trial.number:>5}  {cells}  {trial.value:>{len(column)}.4f} {value_text(trial.best_epoch):>10}  "
                       f"{trial.run_id or ''}")
         if part.champion:
             champion = part.champion
@@ -420,8 +460,11 @@ def _predict(args: argparse.Namespace) -> int:
             rows = read_json_rows(sys.stdin.read(), spec)
         elif args.input:
             rows, extra = read_csv_rows(args.input, spec)
-        else:
+        elif spec.in_features == 2:
             rows = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]]  # the seed's three test points
+        else:
+            raise UsageError(f"{args.model}: give the input: --x V1,V2,... ({spec.in_features} values a row), a "
+                             "CSV file of its feature columns, or - for JSON rows on stdin")
         results = predict_rows(model, spec, rows)
     except (ModelNotFound, ValueError) as exc:
         raise UsageError(str(exc)) from None
@@ -433,8 +476,9 @@ def _predict(args: argparse.Namespace) -> int:
                           "predictions": results}))
         return 0
     print(f"model: {found}", file=sys.stderr)
-    for item in results:
-        print(f"x={item['x']} -> {item['text']}")
+    for i, item in enumerate(results):
+        shown = f"x={item['x']}" if len(item["x"]) <= 8 else f"row {i}"  # an image's 64 values say nothing
+        print(f"{shown} -> {item['text']}")
     return 0
 
 
@@ -626,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(_values_of_x(sys.argv[1:] if argv is None else list(argv)))
     if getattr(args, "command", None) == "predict" and args.input is None and len(extra) == 1 \
-            and not extra[0].startswith("-") and "=" not in extra[0]:
+            and (extra[0] == "-" or not extra[0].startswith("-")) and "=" not in extra[0]:
         args.input, extra = extra[0], []  # the printed predict line with an input file appended after its options
     # `run EXP --json epochs=20`: key=value pairs may come after options too
     strays = [item for item in extra if "=" not in item or item.startswith("-")]

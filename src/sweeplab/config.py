@@ -294,8 +294,10 @@ def resolve_key(key: str, raw: dict[str, Any]) -> str:
     """The dotted field a key sets: an alias (`lr` -> train.lr), a dotted path as given, or a flat name of the
     user's init_args (`channels` -> model.init_args.channels) where the model (or the data loader) has a
     class_path and exactly one of them names it. A name in both init_args is ambiguous: give the dotted path."""
-    if key in ALIASES:
-        return ALIASES[key]
+    model = raw.get("model") if isinstance(raw, dict) else None
+    user_model = isinstance(model, dict) and bool(model.get("class_path"))
+    if key in ALIASES and not (user_model and ALIASES[key].startswith("model.")):
+        return ALIASES[key]  # (with a class_path, `dropout` is the user's own argument)
     if "." in key or key in TOP_LEVEL:
         return key
     owners = []
@@ -628,6 +630,15 @@ class Sweep:
     def config_for(self, params: dict[str, Any]) -> ExperimentConfig:
         """The experiment for one point of the space (params keyed as in `space`)."""
         return build_experiment(apply_overrides(self.base, params), self.source, self.base_dir)
+
+    def probe_configs(self) -> list[tuple[str, ExperimentConfig]]:
+        """(field, config) for the trials the sweep can ask for at its edges (probe_points), in each part."""
+        out = []
+        for part in self.parts():
+            prefix = "".join(f"conditions.{k}={v} " for k, v in part.spec.condition.items()).strip()
+            for field, point in probe_points(part.spec):
+                out.append((field or prefix, part.config_for(point)))
+        return out
 
     def parts(self) -> list["Sweep"]:
         """The sweep as it runs: one part per condition (its values fixed in the base experiment, its own study,

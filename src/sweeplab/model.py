@@ -84,13 +84,14 @@ class MLP(nn.Module):
         return self.net(x.flatten(1) if x.dim() > 2 else x)  # images: their pixels as features
 
 
-def build_model(spec: ModelSpec, code_dir: str | None = None) -> nn.Module:
-    """The MLP of the spec, or the user's class with its init args (imported from `code_dir` or sys.path)."""
+def build_model(spec: ModelSpec, code_dir: str | None = None, where: str = "beside the experiment file") -> nn.Module:
+    """The MLP of the spec, or the user's class with its init args (imported from `code_dir`, which is `where`,
+    or sys.path)."""
     if spec.class_path is None:
         return MLP(spec)
     from .plugins import instantiate, model_class
 
-    return instantiate(model_class(spec.class_path, code_dir), spec.init_args, spec.class_path)
+    return instantiate(model_class(spec.class_path, code_dir, where=where), spec.init_args, spec.class_path)
 
 
 def state_to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,7 +126,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     from .config import ConfigError
 
     try:
-        model = build_model(spec, code_dir)
+        model = build_model(spec, code_dir, where="in this folder")
     except ConfigError as exc:  # the user's class cannot be imported or built here
         raise ValueError(f"{Path(path).name}: the run trained {spec.class_path}; {str(exc).split(': ', 1)[-1]} "
                          "(run from the folder that holds its module, or put it on PYTHONPATH)") from None

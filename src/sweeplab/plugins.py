@@ -26,8 +26,9 @@ from .config import ConfigError
 DATA_ARGS = ("in_features", "in_channels", "input_shape", "n_classes", "num_classes", "out_features", "n_outputs")
 
 
-def import_object(path: str, code_dir: str | None, field: str) -> Any:
-    """`module.name` -> the object, the module looked for in `code_dir` first. One-line ConfigErrors."""
+def import_object(path: str, code_dir: str | None, field: str, where: str = "beside the experiment file") -> Any:
+    """`module.name` -> the object, the module looked for in `code_dir` (`where` says what that folder is) first.
+    One-line ConfigErrors."""
     module_name, _, attribute = path.rpartition(".")
     if code_dir and code_dir not in sys.path:
         sys.path.insert(0, code_dir)  # kept: the trials, and torch.export, need the module again
@@ -35,8 +36,8 @@ def import_object(path: str, code_dir: str | None, field: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name) and exc.name.split(".")[0] == module_name.split(".")[0]:
-            where = f"beside the experiment file ({code_dir}) or on sys.path" if code_dir else "on sys.path"
-            raise ConfigError(f"{field}: no module {module_name!r} {where}") from None
+            place = f"{where} ({code_dir}) or on sys.path" if code_dir else "on sys.path"
+            raise ConfigError(f"{field}: no module {module_name!r} {place}") from None
         raise ConfigError(f"{field}: importing {module_name} failed: {_said(exc)}") from None
     except Exception as exc:  # the user's module raised on import: say where
         raise ConfigError(f"{field}: importing {module_name} raised {_said(exc)}") from None
@@ -46,10 +47,11 @@ def import_object(path: str, code_dir: str | None, field: str) -> Any:
         raise ConfigError(f"{field}: module {module_name} ({_file_of(module)}) has no {attribute!r}") from None
 
 
-def model_class(path: str, code_dir: str | None, field: str = "model.class_path") -> type:
+def model_class(path: str, code_dir: str | None, field: str = "model.class_path",
+                where: str = "beside the experiment file") -> type:
     import torch
 
-    cls = import_object(path, code_dir, field)
+    cls = import_object(path, code_dir, field, where)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise ConfigError(f"{field}: {path} is a {type(cls).__name__}, not a torch.nn.Module subclass")
     return cls

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .tracking import TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker, condition_label, run_link
+from .answer import DEFAULT_GOAL, Goal
+from .tracking import TAG_OBJECTIVE, TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker, condition_label, run_link
 
 FACTORS = ["optimizer", "hidden", "noise"]  # the scientific parameters; lr is tuned per optimizer (a nuisance)
 PARAM_COLUMNS = {"train.optimizer": "optimizer", "model.hidden": "hidden", "data.noise": "noise", "train.lr": "lr",
@@ -47,6 +48,7 @@ class SweepData:
     conditions: list[str] = field(default_factory=list)  # the compared conditions (noise), each its own search
     continuous: set[str] = field(default_factory=set)  # factors searched over a range (lr): plotted, not tabled
     experiment_id: str = ""
+    goal: Goal = DEFAULT_GOAL  # the objective: which summary column ranks trials, and which way
 
 
 # --- reading MLflow -----------------------------------------------------------------------------------------------
@@ -68,15 +70,19 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
     factors = [k for k in params.get("space", "").split(",") if k]
     conditions = [k for k in params.get("conditions", "").split(",") if k]
     continuous = {k for k in params.get("continuous", "").split(",") if k}
+    fields = [k for k in params.get("fields", "").split(",") if k]
+    goal = Goal.parse(params.get("objective") or trial_runs[0].data.tags.get(TAG_OBJECTIVE))
     curves = _curves(client, [r.info.run_id for r in trial_runs])
-    trials = _trial_frame(trial_runs, curves, factors + conditions)
+    keys = factors + conditions
+    trials = _trial_frame(trial_runs, curves, keys, dict(zip(keys, fields)) if len(fields) == len(keys) else {},
+                          goal)
     if not parents:  # runs of `sweeplab run`: whatever varies among the usual factors
         factors = [f for f in FACTORS + ["lr"] if f in trials.columns and trials[f].nunique() > 1]
     curves = curves.merge(trials[["run_id", "trial"]], on="run_id")[["trial", "run_id", "epoch", "split", "loss"]]
     parent_id = next((r.info.run_id for r in reversed(parents) if r.data.tags.get(TAG_ROLE) == "sweep"), None)
     return SweepData(study, trials, curves.sort_values(["trial", "split", "epoch"], ignore_index=True),
                      parent_id, factors=factors, conditions=conditions, experiment_id=experiment.experiment_id,
-                     continuous=continuous)
+                     continuous=continuous, goal=goal)
 
 
 def _search_all(client, experiment_id: str):
@@ -133,12 +139,17 @@ def _select_curves(store, run_ids: list[str]) -> pd.DataFrame | None:
     return frame.drop_duplicates(["run_id", "epoch", "split"], keep="last")[["run_id", "epoch", "split", "loss"]]
 
 
-def _trial_frame(runs, curves: pd.DataFrame, keys: list[str] = ()) -> pd.DataFrame:
-    """One row per run; `keys` (the sweep's searched and compared keys, `lr` or `train.lr`) become columns of
-    their own, named as the sweep file names them."""
+def _trial_frame(runs, curves: pd.DataFrame, keys: list[str] = (), fields: dict[str, str] | None = None,
+                 goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:
+    """One row per run; `keys` (the sweep's searched and compared keys, `lr` or `train.lr` or `channels`) become
+    columns of their own, named as the sweep file names them; `fields` says which param each key set (the sweep
+    logs it: `channels` -> model.init_args.channels)."""
     from .config import ALIASES
 
-    columns = {**PARAM_COLUMNS, **{ALIASES.get(key, key): key for key in keys}}
+    fields = fields or {}
+    # a key's own field first: a user model's `dropout` is model.init_args.dropout, not the MLP's model.dropout
+    columns = {param: column for param, column in PARAM_COLUMNS.items() if column not in keys}
+    columns.update({fields.get(key) or ALIASES.get(key, key): key for key in keys})
     records = []
     by_run = _curve_arrays(curves)
     for run in runs:
@@ -155,6 +166,10 @@ def _trial_frame(runs, curves: pd.DataFrame, keys: list[str] = ()) -> pd.DataFra
             record["epochs_run"] = int(metrics["epochs_run"])
         if "best_val_loss" in metrics and record["state"] == "completed":
             record["best_val_loss"] = metrics["best_val_loss"]  # the logged summary is the system of record
+            if "best_epoch" in metrics:  # by the objective, which may not be the lowest val_loss
+                record["best_epoch"] = int(metrics["best_epoch"])
+        if goal.column != "best_val_loss":
+            record[goal.column] = metrics.get(goal.column, math.nan) if record["state"] == "completed" else math.nan
         end = run.info.end_time or run.info.start_time
         record["wall_time_s"] = (end - run.info.start_time) / 1000
         records.append(record)
@@ -223,10 +238,11 @@ def _curve_stats(curve: dict[str, tuple[np.ndarray, np.ndarray]] | None, baselin
 
 # --- tables ---------------------------------------------------------------------------------------------------
 
-def factor_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+def factor_table(trials: pd.DataFrame, factors: list[str], goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:
     """One row per value (or pair of values) of the factors: how many trials ended how and how many learned, and
-    the quartiles of best_val_loss (never a mean: a few trials that never learned would decide it), the median
-    best epoch and epochs-to-converge over the completed ones, with the best trial of each."""
+    the quartiles of the objective (best_val_loss unless the sweep names another; never a mean: a few trials
+    that never learned would decide it), the median best epoch and epochs-to-converge over the completed ones,
+    with the best trial of each."""
     present = [f for f in factors if f in trials.columns]
     if len(present) != len(factors):
         return pd.DataFrame()
@@ -239,14 +255,16 @@ def factor_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
         for state in ("completed", "pruned", "diverged", "failed"):
             row[state] = int((group["state"] == state).sum())
         row["learned"] = int(group["learned"].fillna(False).astype(bool).sum()) if "learned" in group else 0
-        values = done["best_val_loss"].astype(float)
-        row["best_val_loss_q1"] = values.quantile(0.25)
-        row["best_val_loss_median"] = values.median()
-        row["best_val_loss_q3"] = values.quantile(0.75)
-        row["best_val_loss_min"] = values.min()
+        values = goal.values(done)
+        column = goal.column
+        row[f"{column}_q1"] = values.quantile(0.25)
+        row[f"{column}_median"] = values.median()
+        row[f"{column}_q3"] = values.quantile(0.75)
+        row[f"{column}_{'min' if goal.minimize else 'max'}"] = values.min() if goal.minimize else values.max()
         row["best_epoch_median"] = done["best_epoch"].astype(float).median()
         row["epochs_to_converge_median"] = done["epochs_to_converge"].astype(float).median()
-        row["best_trial"] = int(done.loc[done["best_val_loss"].idxmin(), "trial"]) if len(done) else None
+        finite = values.dropna()
+        row["best_trial"] = int(done.loc[goal.best_index(finite), "trial"]) if len(finite) else None
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -260,29 +278,29 @@ def level_factors(trials: pd.DataFrame, factors: list[str], continuous: set[str]
 
 
 def all_factor_tables(trials: pd.DataFrame, factors: list[str] | None = None, conditions: list[str] = (),
-                      continuous: set[str] = frozenset()) -> dict[str, pd.DataFrame]:
+                      continuous: set[str] = frozenset(), goal: Goal = DEFAULT_GOAL) -> dict[str, pd.DataFrame]:
     """Every single factor with levels and every pair, within each condition (the condition's columns come
     first), keyed by name ("optimizer", "optimizer x hidden")."""
     levels = level_factors(trials, FACTORS if factors is None else factors, continuous)
     tables = {}
     for size in (1, 2):
         for combo in itertools.combinations(levels, size):
-            table = factor_table(trials, [*conditions, *combo])
+            table = factor_table(trials, [*conditions, *combo], goal)
             if not table.empty:
                 tables[" x ".join(combo)] = table
     return tables
 
 
 def param_importances(trials: pd.DataFrame, factors: list[str] | None = None,
-                      continuous: set[str] = frozenset({"lr"})) -> pd.Series:
-    """Optuna's fANOVA importances of the searched factors for best_val_loss, computed on the trials as MLflow
+                      continuous: set[str] = frozenset({"lr"}), goal: Goal = DEFAULT_GOAL) -> pd.Series:
+    """Optuna's fANOVA importances of the searched factors for the objective, computed on the trials as MLflow
     recorded them (an in-memory study rebuilt from the table). A factor with many distinct positive values that
     span more than a decade (a learning rate) is taken on a log scale."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     factors = ["optimizer", "hidden", "noise", "lr"] if factors is None else factors
-    done = trials[trials["state"] == "completed"].dropna(subset=["best_val_loss"])
+    done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
     columns = [c for c in factors if c in done.columns and done[c].nunique() > 1]
     if len(done) < 4 or not columns:
         return pd.Series(dtype=float)
@@ -294,12 +312,12 @@ def param_importances(trials: pd.DataFrame, factors: list[str] | None = None,
             distributions[column] = optuna.distributions.FloatDistribution(low, high, log=low > 0 and high / low > 10)
         else:
             distributions[column] = optuna.distributions.CategoricalDistribution(_levels(values))
-    study = optuna.create_study(direction="minimize")
+    study = optuna.create_study(direction=goal.direction)
     for _, row in done.iterrows():
         params = {c: (float(row[c]) if isinstance(distributions[c], optuna.distributions.FloatDistribution) else row[c].item() if hasattr(row[c], "item") else row[c])
                   for c in columns}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
-                                                  value=float(row["best_val_loss"])))
+                                                  value=float(row[goal.column])))
     # Optuna's defaults (64 trees of depth 64) take ~8 s on 500 trials; 16 shallower trees rank the same handful
     # of parameters in a fraction of that.
     evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0)
@@ -333,11 +351,11 @@ def answers_of(data: SweepData) -> list:
     answers = []
     for condition, trials in conditions_of(data.trials, data.conditions):
         try:
-            importances = param_importances(trials, data.factors, data.continuous)
+            importances = param_importances(trials, data.factors, data.continuous, data.goal)
         except Exception as exc:  # fANOVA needs variety; an answer without it is still an answer
             importances = pd.Series(dtype=float)
             data.notes.append(f"parameter importances unavailable for {condition or 'the study'}: {exc}")
-        answers.append(answer_for(condition, trials, data.factors, importances))
+        answers.append(answer_for(condition, trials, data.factors, importances, data.goal))
     return answers
 
 
@@ -349,7 +367,7 @@ def build_report(study: str, tracking_uri: str, out: Path, log_to_mlflow: bool =
 
     ui_url = (ui_url or os.environ.get("SWEEPLAB_UI_URL") or DEFAULT_UI_URL).rstrip("/")
     data = load_runs(study, tracking_uri)
-    tables = all_factor_tables(data.trials, data.factors, data.conditions, data.continuous)
+    tables = all_factor_tables(data.trials, data.factors, data.conditions, data.continuous, data.goal)
     answers = answers_of(data)
     importances = pd.Series(dict(answers[0].important), dtype=float) if answers else pd.Series(dtype=float)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,21 +420,33 @@ def warm_up() -> None:
     _png(fig)
 
 
-SHOWN = ["trials", "completed", "pruned", "diverged", "failed", "learned", "best_val_loss_q1", "best_val_loss_median",
-         "best_val_loss_q3", "best_val_loss_min", "best_epoch_median", "epochs_to_converge_median", "best_trial"]
-SHORT = {"best_val_loss_": "bvl_", "epochs_to_converge_median": "conv_med", "best_epoch_median": "best_ep_med"}
+def shown_columns(goal: Goal = DEFAULT_GOAL) -> list[str]:
+    column = goal.column
+    return ["trials", "completed", "pruned", "diverged", "failed", "learned", f"{column}_q1", f"{column}_median",
+            f"{column}_q3", f"{column}_{'min' if goal.minimize else 'max'}", "best_epoch_median",
+            "epochs_to_converge_median", "best_trial"]
 
 
-def _short(column: str) -> str:
-    for long, short in SHORT.items():
-        column = column.replace(long, short)
+SHOWN = shown_columns()
+
+
+def short_name(goal: Goal = DEFAULT_GOAL) -> str:
+    """`bvl` for best_val_loss, `bva` for best_val_accuracy: the terminal table's column prefix."""
+    return "".join(word[0] for word in goal.column.split("_"))
+
+
+def _short(column: str, goal: Goal = DEFAULT_GOAL) -> str:
+    short = {f"{goal.column}_": f"{short_name(goal)}_", "epochs_to_converge_median": "conv_med",
+             "best_epoch_median": "best_ep_med"}
+    for long, abbreviation in short.items():
+        column = column.replace(long, abbreviation)
     return column
 
 
 def answer_text(report: Report) -> list[str]:
     """The answer, first: one paragraph per condition."""
     factors = report.data.factors
-    return [answer.sentence(factors) for answer in report.answers]
+    return [answer.sentence(factors, report.data.goal) for answer in report.answers]
 
 
 def terminal_tables(report: Report) -> str:
@@ -425,14 +455,17 @@ def terminal_tables(report: Report) -> str:
     lines = [f"report for {report.data.study}: {len(report.data.trials)} trials ("
              + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + ")", ""]
     lines += answer_text(report)
+    goal = report.data.goal
+    order = shown_columns(goal)
     for name, table in report.tables.items():
         if " x " in name:
             continue
-        shown = table[[c for c in table.columns if c not in SHOWN] + [c for c in SHOWN if c in table.columns]]
-        shown = shown.rename(columns=_short)
+        shown = table[[c for c in table.columns if c not in order] + [c for c in order if c in table.columns]]
+        shown = shown.rename(columns=lambda c: _short(c, goal))
         lines += ["", shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
-    lines += ["", f"(bvl: best_val_loss over completed trials: quartiles q1, median, q3 and the minimum; learned: "
-                  f"best_val_loss at most {LEARNED_BELOW:g} x the baseline of a constant prediction)"]
+    lines += ["", f"({short_name(goal)}: {goal.column} over completed trials: quartiles q1, median, q3 and the "
+                  f"{'minimum' if goal.minimize else 'maximum'}; learned: best_val_loss at most {LEARNED_BELOW:g} x the "
+                  "baseline of a constant prediction)"]
     return "\n".join(lines)
 
 
@@ -445,7 +478,7 @@ def _pictures(data: SweepData, answers: list) -> dict[str, bytes]:
     from .answer import conditions_of
 
     groups = conditions_of(data.trials, data.conditions)
-    pictures = {"best_val_loss_vs_lr": _loss_vs_continuous(data, groups),
+    pictures = {f"{data.goal.column}_vs_lr": _loss_vs_continuous(data, groups),
                 "val_curves": _median_curves(data, groups),
                 "parallel_coordinates": _parallel(data, groups),
                 "optuna_history_importance": _history(data, groups, answers)}
@@ -472,29 +505,31 @@ def _colors(levels: list) -> dict:
 
 
 def _loss_vs_continuous(data: SweepData, groups) -> bytes | None:
-    """best_val_loss against each continuous factor (lr), log-log, one colour per level of the first factor with
-    levels (optimizer): where each setting's good range lies."""
+    """The objective (best_val_loss) against each continuous factor (lr), log-log for a loss, one colour per level
+    of the first factor with levels (optimizer): where each setting's good range lies."""
     continuous = [f for f in data.factors if f in data.trials.columns and _continuous(data.trials[f], data.continuous)]
     if not continuous:
         return None
     x_name = continuous[0]
     hue = next(iter(level_factors(data.trials, data.factors, data.continuous)), None)
+    goal = data.goal
     fig, axes = _figure(1, len(groups))
     for ax, (condition, trials) in zip(axes[0], groups):
-        done = trials[(trials["state"] == "completed") & np.isfinite(trials["best_val_loss"].astype(float))]
+        done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
         levels = _levels(done[hue]) if hue else [None]
         colors = _colors(levels)
         for level in levels:
             subset = done if level is None else done[done[hue] == level]
-            ax.scatter(subset[x_name], subset["best_val_loss"], s=18, alpha=0.8, color=colors[level],
+            ax.scatter(subset[x_name], subset[goal.column], s=18, alpha=0.8, color=colors[level],
                        label=str(level) if level is not None else None)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if goal.is_loss:
+            ax.set_yscale("log")
         # on a range of a decade or two matplotlib labels the minor ticks too, and they ran into each other
         ax.tick_params(axis="x", which="both", labelrotation=35, labelsize=7)
         ax.set_xlabel(f"{x_name} (log scale)")
-        ax.set_ylabel("best validation loss (MSE, log scale)" if _is_mse(data) else "best validation loss (log scale)")
-        ax.set_title(_title(condition, f"best_val_loss against {x_name}"))
+        ax.set_ylabel(_value_label(data))
+        ax.set_title(_title(condition, f"{goal.column} against {x_name}"))
         ax.grid(True, which="major", alpha=0.3)
         if hue:
             ax.legend(title=hue, fontsize=8)
@@ -504,6 +539,20 @@ def _loss_vs_continuous(data: SweepData, groups) -> bytes | None:
 def _is_mse(data: SweepData) -> bool:
     return "task" not in data.trials.columns or (data.trials["task"] == "regression").all()
 
+
+def _loss_name(data: SweepData) -> str:
+    """What the validation loss is: MSE for regression (the default loss), cross-entropy for classifiers."""
+    if _is_mse(data):
+        return "MSE"
+    return "cross-entropy"
+
+
+def _value_label(data: SweepData, scale: bool = True) -> str:
+    """The objective's axis label: `best validation loss (MSE, log scale)`, `best validation accuracy`."""
+    goal = data.goal
+    if goal.is_loss:
+        return f"best validation loss ({_loss_name(data)}{', log scale' if scale else ''})"
+    return f"best {goal.label} (higher is better)"
 
 def _median_curves(data: SweepData, groups) -> bytes | None:
     """Per level of each factor with levels: the median validation curve of its completed trials and the band
@@ -529,7 +578,7 @@ def _median_curves(data: SweepData, groups) -> bytes | None:
                                 color=colors[level], alpha=0.15, linewidth=0)
             ax.set_yscale("log")
             ax.set_xlabel("epoch")
-            ax.set_ylabel("validation loss (median, quartile band; log scale)")
+            ax.set_ylabel(f"validation loss ({_loss_name(data)}; median, quartile band; log scale)")
             ax.set_title(_title(condition, f"validation loss by {factor}" if factor else "validation loss"))
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(title=f"{factor} (trials)" if factor else None, fontsize=8)
@@ -538,17 +587,18 @@ def _median_curves(data: SweepData, groups) -> bytes | None:
 
 def _parallel(data: SweepData, groups) -> bytes | None:
     """Parallel coordinates: one line per completed trial across the searched factors (levels in order,
-    continuous ones on a log scale, each axis scaled to 0..1), coloured by its best_val_loss (log): which
-    combinations the good trials share."""
+    continuous ones on a log scale, each axis scaled to 0..1), coloured by its objective (a loss on a log scale):
+    which combinations the good trials share."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
     axes_names = [f for f in data.factors if f in data.trials.columns and data.trials[f].nunique() > 1]
     if len(axes_names) < 2:
         return None
+    goal = data.goal
     fig, axes = _figure(1, len(groups), width=6.5)
     for ax, (condition, trials) in zip(axes[0], groups):
-        done = trials[(trials["state"] == "completed") & np.isfinite(trials["best_val_loss"].astype(float))]
+        done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
         if done.empty:
             continue
         scaled = {}
@@ -565,10 +615,16 @@ def _parallel(data: SweepData, groups) -> bytes | None:
                 position = {level: i / max(len(levels) - 1, 1) for i, level in enumerate(levels)}
                 scaled[name] = values.map(position)
                 ticks[name] = (str(levels[0]), str(levels[-1]))
-        losses = done["best_val_loss"].astype(float)
-        norm = LogNorm(vmin=max(losses.min(), 1e-12), vmax=max(losses.max(), losses.min() * 1.0001, 1e-12))
-        cmap = colormaps["viridis_r"]
-        order = np.argsort(-losses.to_numpy())  # the best drawn last, on top
+        losses = goal.values(done)
+        if goal.is_loss:
+            norm = LogNorm(vmin=max(losses.min(), 1e-12), vmax=max(losses.max(), losses.min() * 1.0001, 1e-12))
+        else:
+            from matplotlib.colors import Normalize
+
+            norm = Normalize(vmin=losses.min(), vmax=max(losses.max(), losses.min() + 1e-9))
+        cmap = colormaps["viridis_r" if goal.minimize else "viridis"]
+        ranked = losses.to_numpy() if goal.minimize else -losses.to_numpy()
+        order = np.argsort(-ranked)  # the best drawn last, on top
         xs = np.arange(len(axes_names))
         for i in order:
             ys = [scaled[name].iloc[i] for name in axes_names]
@@ -579,25 +635,27 @@ def _parallel(data: SweepData, groups) -> bytes | None:
         ax.set_title(_title(condition, "parallel coordinates"))
         from matplotlib.cm import ScalarMappable
 
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="best validation loss (log)")
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=_value_label(data))
     return _png(fig)
 
 
 def _history(data: SweepData, groups, answers: list) -> bytes:
+    goal = data.goal
     fig, axes = _figure(len(groups), 2)
     for (left, right), (condition, trials), answer in zip(axes, groups, answers):
         done = trials[trials["state"] == "completed"].sort_values("trial")
-        left.scatter(done["trial"], done["best_val_loss"], s=12, label="trial")
-        left.plot(done["trial"], done["best_val_loss"].astype(float).cummin(), color="C1", label="best so far")
-        left.set_yscale("log")
+        left.scatter(done["trial"], goal.values(done), s=12, label="trial")
+        left.plot(done["trial"], goal.cumulative_best(goal.values(done)), color="C1", label="best so far")
+        if goal.is_loss:
+            left.set_yscale("log")
         left.set_xlabel("trial number")
-        left.set_ylabel("best validation loss (log scale)")
+        left.set_ylabel(_value_label(data))
         left.set_title(_title(condition, "optimization history"))
         left.legend()
         if answer.important:
             names = [name for name, _ in answer.important][::-1]
             right.barh(names, [value for _, value in answer.important][::-1])
-        right.set_xlabel("share of best_val_loss variance explained (fANOVA)")
+        right.set_xlabel(f"share of {goal.column} variance explained (fANOVA)")
         right.set_title(_title(condition, "parameter importance"))
     return _png(fig)
 
@@ -629,20 +687,22 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _top(data: SweepData, n: int = 10) -> pd.DataFrame:
-    trials = data.trials
-    columns = [c for c in ["trial", *data.conditions, *data.factors, "best_val_loss", "best_epoch",
-                           "epochs_to_converge", "gap_at_best", "run_id"] if c in trials.columns]
-    done = trials[trials["state"] == "completed"]
+    trials, goal = data.trials, data.goal
+    columns = [c for c in ["trial", *data.conditions, *data.factors, *dict.fromkeys([goal.column, "best_val_loss"]),
+                           "best_epoch", "epochs_to_converge", "gap_at_best", "run_id"] if c in trials.columns]
+    done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
     if data.conditions:  # the best of each condition, then the next best
-        done = done.assign(_rank=done.groupby(data.conditions)["best_val_loss"].rank(method="first"))
-        return done.sort_values(["_rank", "best_val_loss"])[columns].head(n)
-    return done.sort_values("best_val_loss")[columns].head(n)
+        done = done.assign(_rank=done.groupby(data.conditions)[goal.column].rank(method="first",
+                                                                                   ascending=goal.minimize))
+        return done.sort_values(["_rank", goal.column], ascending=[True, goal.minimize])[columns].head(n)
+    return done.sort_values(goal.column, ascending=goal.minimize)[columns].head(n)
 
 
-def _shown(table: pd.DataFrame) -> pd.DataFrame:
-    return table[[c for c in table.columns if c not in SHOWN and not c.startswith(("best_val_loss", "best_epoch",
+def _shown(table: pd.DataFrame, goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:
+    order = shown_columns(goal)
+    return table[[c for c in table.columns if c not in order and not c.startswith((goal.column, "best_epoch",
                                                                                     "epochs_to"))]
-                 + [c for c in SHOWN if c in table.columns]]
+                 + [c for c in order if c in table.columns]]
 
 
 def _markdown(report: Report) -> str:
@@ -651,7 +711,7 @@ def _markdown(report: Report) -> str:
              + ", ".join(f"{n} {s}" for s, n in sorted(data.trials['state'].value_counts().items())), "",
              "## Best trials", "", _markdown_table(_top(data))]
     for name, table in report.tables.items():
-        parts += ["", f"## By {name}", "", _markdown_table(_shown(table))]
+        parts += ["", f"## By {name}", "", _markdown_table(_shown(table, data.goal))]
     parts += [""] + [f"Note: {note}" for note in data.notes]
     return "\n".join(parts) + "\n"
 
@@ -674,5 +734,7 @@ def _html(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
         counts=", ".join(f"{n} {s}" for s, n in sorted(data.trials["state"].value_counts().items())),
         ui_url=ui_url, best_trials=links.to_html(index=False, escape=False, float_format=number),
         pictures=[(name, base64.b64encode(png).decode()) for name, png in pictures.items()],
-        tables=[(name, _shown(table).to_html(index=False, float_format=number)) for name, table in report.tables.items()],
-        notes=data.notes)
+        tables=[(name, _shown(table, data.goal).to_html(index=False, float_format=number))
+                for name, table in report.tables.items()],
+        notes=data.notes, objective=data.goal.column, better="lower" if data.goal.minimize else "higher",
+        loss=_loss_name(data))

@@ -56,9 +56,17 @@ def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
         reference = str(study)
     experiment = client.get_experiment_by_name(reference)
     if experiment is not None:
+        from .answer import Goal
+        from .tracking import TAG_OBJECTIVE
+
+        done = f"tags.`{TAG_OUTCOME}` = 'completed'"
+        any_run = client.search_runs([experiment.experiment_id], filter_string=done, max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+        goal = Goal.parse(any_run[0].data.tags.get(TAG_OBJECTIVE)) if any_run else Goal()
         runs = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`{TAG_OUTCOME}` = 'completed' and metrics.best_val_loss < 1e308",
-                                  order_by=["metrics.best_val_loss ASC"], max_results=1)
+                                  filter_string=f"{done} and metrics.{goal.column} < 1e308",
+                                  order_by=[f"metrics.{goal.column} {'ASC' if goal.minimize else 'DESC'}"],
+                                  max_results=1)
         if not runs:
             raise ModelNotFound(f"{reference}: the study has no completed trial yet")
         run = runs[0]
@@ -114,7 +122,9 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
             path = client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", tmp)
         except Exception:
             raise ModelNotFound(f"{reference}: run {run_id} has no best state ({CHECKPOINT_PATH}/best.pt)") from None
-        model, spec = load_checkpoint(path, map_location=device)
+        import os
+
+        model, spec = load_checkpoint(path, map_location=device, code_dir=os.getcwd())
     return model, spec, f"{found}, run {run_id}"
 
 
@@ -156,6 +166,8 @@ def read_json_rows(text: str, spec: ModelSpec) -> list[list[float]]:
             if missing:
                 raise ValueError(f"stdin: row {i} lacks feature(s) {', '.join(missing)}")
             row = [row[name] for name in spec.feature_names]
+        if isinstance(row, list) and any(isinstance(v, list) for v in row):  # an image: its values in order
+            row = _flat(row)
         if not isinstance(row, list):
             raise ValueError(f"stdin: row {i} is not a list of numbers")
         try:
@@ -166,6 +178,13 @@ def read_json_rows(text: str, spec: ModelSpec) -> list[list[float]]:
             raise ValueError(f"stdin: row {i} holds a value that is not a finite number (NaN or infinity)")
         rows.append(values)
     return rows
+
+
+def _flat(values) -> list:
+    out = []
+    for value in values:
+        out.extend(_flat(value) if isinstance(value, list) else [value])
+    return out
 
 
 def read_csv_rows(path: str, spec: ModelSpec) -> tuple[list[list[float]], list[str]]:
@@ -197,9 +216,13 @@ def predict_rows(model, spec: ModelSpec, rows: list[list[float]]) -> list[dict[s
 
     wrong = [i for i, row in enumerate(rows) if len(row) != spec.in_features]
     if wrong:
+        shape = "x".join(map(str, spec.sample_shape))
+        names = ", ".join(spec.feature_names) if len(spec.feature_names) <= 8 else \
+            f"{spec.feature_names[0]} ... {spec.feature_names[-1]}"
         raise ValueError(f"input row {wrong[0]} has {len(rows[wrong[0]])} values; the model takes "
-                         f"{spec.in_features} ({', '.join(spec.feature_names)})")
-    outputs = predict(model, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), spec.in_features))
+                         f"{spec.in_features} ({names}" + (f"; a {shape} input, in order)" if len(spec.sample_shape) > 1
+                                                           else ")"))
+    outputs = predict(model, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), *spec.sample_shape))
     described = describe_outputs(outputs, spec)
     for row, item in zip(rows, described):
         item["x"] = row
