@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     from .process import configure
     from .stop import stop_flag
 
-    check_config(config)  # bad data or a bad model is one line before any store exists
+    check_config(config, args.experiment)  # bad data or a bad model is one line before any store exists
     configure(with_optuna=False)
     printer = None if args.json else _SeedPrinter(config.name, config.print_every)
     if printer:

@@ -48,6 +48,14 @@ METRICS = {"regression": ("val_loss",),
            "multiclass": ("val_loss", "val_accuracy", "val_macro_f1")}
 
 
+def _import_path(value: str | None, example: str) -> str | None:
+    import re
+
+    if value is not None and not re.fullmatch(IMPORT_PATH, value):
+        raise ValueError(f"an import path, {example} (the module beside the experiment file or on sys.path)")
+    return value
+
+
 def _plain_args(value: dict[str, Any]) -> dict[str, Any]:
     """init_args are stored as JSON beside the weights: plain values only (numbers, text, lists, maps)."""
     def plain(item: Any) -> bool:
@@ -108,7 +116,7 @@ class DataConfig(_Frozen):
     target: str | None = Field(None, description="csv only: the target column")
     name: Literal["digits", "iris", "wine", "breast_cancer", "diabetes"] | None = Field(
         None, description="sklearn only: which bundled data set")
-    class_path: str | None = Field(None, pattern=IMPORT_PATH, description="python only: module.function (or class)")
+    class_path: str | None = Field(None, description="python only: module.function (or class)")
     init_args: dict[str, Any] = Field(default_factory=dict, description="python only: keyword arguments of the loader")
     val_size: Union[int, float] = Field(48, gt=0, description="validation samples, or a fraction < 1")
     split_seed: int = Field(42, **SEED)
@@ -119,6 +127,11 @@ class DataConfig(_Frozen):
     @classmethod
     def _plain_data_args(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _plain_args(value)
+
+    @field_validator("class_path")
+    @classmethod
+    def _data_import_path(cls, value: str | None) -> str | None:
+        return _import_path(value, "module.load_function")
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataConfig":
@@ -150,13 +163,18 @@ class ModelConfig(_Frozen):
     hidden: Union[int, list[int]] = 16
     activation: Activation = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
-    class_path: str | None = Field(None, pattern=IMPORT_PATH, description="module.Class of the user's nn.Module")
+    class_path: str | None = Field(None, description="module.Class of the user's nn.Module")
     init_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the class")
 
     @field_validator("init_args")
     @classmethod
     def _plain_model_args(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _plain_args(value)
+
+    @field_validator("class_path")
+    @classmethod
+    def _model_import_path(cls, value: str | None) -> str | None:
+        return _import_path(value, "module.ClassName")
 
     @model_validator(mode="after")
     def _one_model(self) -> "ModelConfig":

@@ -32,6 +32,7 @@ def import_object(path: str, code_dir: str | None, field: str, where: str = "bes
     module_name, _, attribute = path.rpartition(".")
     if code_dir and code_dir not in sys.path:
         sys.path.insert(0, code_dir)  # kept: the trials, and torch.export, need the module again
+    _forget_if_elsewhere(module_name, code_dir)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -47,13 +48,31 @@ def import_object(path: str, code_dir: str | None, field: str, where: str = "bes
         raise ConfigError(f"{field}: module {module_name} ({_file_of(module)}) has no {attribute!r}") from None
 
 
+def _forget_if_elsewhere(module_name: str, code_dir: str | None) -> None:
+    """A module of that name imported earlier from another folder (another experiment in this process) is not the
+    one beside this experiment file: forget it, so this one is imported."""
+    top = module_name.split(".")[0]
+    loaded = sys.modules.get(top)
+    if loaded is None or not code_dir:
+        return
+    here = Path(code_dir)
+    candidates = [here / f"{top}.py", here / top / "__init__.py"]
+    file = getattr(loaded, "__file__", None)
+    if any(c.is_file() for c in candidates) and (file is None or Path(file).resolve() not in
+                                                 {c.resolve() for c in candidates}):
+        for name in [n for n in sys.modules if n == top or n.startswith(f"{top}.")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+
+
 def model_class(path: str, code_dir: str | None, field: str = "model.class_path",
                 where: str = "beside the experiment file") -> type:
     import torch
 
     cls = import_object(path, code_dir, field, where)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-        raise ConfigError(f"{field}: {path} is a {type(cls).__name__}, not a torch.nn.Module subclass")
+        kind = "class" if isinstance(cls, type) else type(cls).__name__
+        raise ConfigError(f"{field}: {path} is a {kind}, not a torch.nn.Module subclass")
     return cls
 
 
@@ -96,11 +115,14 @@ def instantiate(cls: type, init_args: dict[str, Any], path: str, field: str = "m
         raise ConfigError(f"{field}.class_path: {path}({_args_text(init_args)}) raised {_said(exc)}") from None
 
 
-def source_of(path: str) -> tuple[Path, str] | None:
-    """(file, sha256) of the module that `path` (module.name) comes from, once imported; None for a module
-    without a source file."""
+def source_of(path: str, code_dir: str | None = None) -> tuple[Path, str] | None:
+    """(file, sha256) of the module that `path` (module.name) comes from (imported here, or where it would be
+    imported from: a writer process never imports it); None for a module without a source file."""
     module = sys.modules.get(path.rpartition(".")[0])
     file = getattr(module, "__file__", None)
+    if file is None and "." not in path.rpartition(".")[0]:
+        found = find_module_file(path, code_dir)
+        file = str(found) if found else None
     if not file or not file.endswith(".py"):
         return None
     data = Path(file).read_bytes()

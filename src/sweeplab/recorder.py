@@ -50,7 +50,7 @@ def run_tags(config: ExperimentConfig) -> dict[str, str]:
     tags = {TAG_OBJECTIVE: f"{config.objective.metric} {config.objective.direction}"}
     if config.model.class_path:
         tags[TAG_MODEL_CLASS] = config.model.class_path
-        found = source_of(config.model.class_path)
+        found = source_of(config.model.class_path, config.code_dir)
         if found is not None:
             tags[TAG_SOURCE_HASH] = found[1]
     return tags
@@ -61,7 +61,7 @@ def code_sources(config: ExperimentConfig) -> list[Path]:
     from .plugins import source_of
 
     paths = [config.model.class_path, config.data.class_path if config.data.source == "python" else None]
-    found = [source_of(path) for path in paths if path]
+    found = [source_of(path, config.code_dir) for path in paths if path]
     return list(dict.fromkeys(item[0] for item in found if item is not None))
 
 

@@ -1,0 +1,492 @@
+"""A user's own model and data (issue #20): their nn.Module by `class_path`, their loader or scikit-learn's bundled
+sets, their objective. Every plugin here is a real file the test writes, outside src/, as a user would; the stores
+are real (SQLite MLflow, an Optuna journal). Expected numbers come from the seed (its printed table), from the
+user's class itself (the checkpoint put back into it), or from a plain computation in the test."""
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import sklearn.datasets
+import torch
+from mlflow import MlflowClient
+
+from reference import SEED_EXPECTED_OUTPUT
+from sweeplab.cli import main
+from sweeplab.config import load_experiment
+from sweeplab.data import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEED_REGRESSOR = '''\
+import torch.nn as nn
+
+
+class Regressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2, 16),
+            nn.ReLU(),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+'''
+
+MY_NETS = '''\
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """A user's CNN: in_channels and n_classes are left to sweeplab to fill from the data."""
+
+    def __init__(self, in_channels, n_classes, channels=4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, kernel_size=3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(channels * 4 * 4, n_classes)
+
+    def forward(self, x):
+        return self.head(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.export cannot trace it."""
+
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.lin = nn.Linear(in_features, n_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if x.sum() > 0:
+            return self.lin(x)
+        return -self.lin(x)
+'''
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_the_seeds_regressor_as_a_users_class_prints_the_seeds_table(tmp_path):
+    write(tmp_path, "seed_model.py", SEED_REGRESSOR)
+    lab = (ROOT / "experiments/training_loop_lab.yaml").read_text()
+    lab = lab.replace("  hidden: 16", "  class_path: seed_model.Regressor  #").replace("  activation: relu", "")
+    experiment = write(tmp_path, "lab.yaml", lab)
+    out = subprocess.run([sys.executable, "-m", "sweeplab", "run", str(experiment), "--no-track"], cwd="/",
+                         capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[:len(SEED_EXPECTED_OUTPUT.splitlines())] == SEED_EXPECTED_OUTPUT.splitlines()
+    assert "best_epoch: 71" in out
+
+
+def cnn_project(folder: Path, n_trials: int = 4, epochs: int = 4, model: str = "TinyCNN") -> Path:
+    write(folder, "my_nets.py", MY_NETS)
+    write(folder, "cnn.yaml", f"""\
+        name: tiny_cnn
+        task: multiclass
+        seed: 3
+        data: {{source: sklearn, name: digits, val_size: 0.2}}
+        model: {{class_path: my_nets.{model}}}
+        train: {{optimizer: Adam, lr: 0.01, epochs: {epochs}, batch_size: 64}}
+        objective: {{metric: val_accuracy}}
+        """)
+    return write(folder, "sweep.yaml", f"""\
+        study: tiny_cnn
+        experiment: cnn.yaml
+        space:
+          channels: {{choices: [2, 4]}}
+          lr: {{low: 0.002, high: 0.05, log: true}}
+        sampler: {{type: random, seed: 1}}
+        n_trials: {n_trials}
+        """)
+
+
+@pytest.fixture(scope="module")
+def cnn_sweep(tmp_path_factory):
+    """The CNN swept from another folder into a store not named mlflow.db."""
+    project = tmp_path_factory.mktemp("project")
+    sweep = cnn_project(project)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    uri = f"sqlite:///{elsewhere}/tracking.db"
+    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep), "--tracking-uri", uri,
+                           "--storage", f"journal:{elsewhere}/optuna.journal", "--no-report"],
+                          cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return project, elsewhere, uri, proc
+
+
+def test_a_users_cnn_sweeps_with_its_objective(cnn_sweep):
+    project, elsewhere, uri, proc = cnn_sweep
+    assert "engine: reference (auto: vectorized stacks the built-in MLP" in proc.stdout + proc.stderr
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny_cnn")
+    runs = client.search_runs([experiment.experiment_id], "tags.`sweeplab.role` = 'trial'")
+    assert len(runs) == 4 and all(run.info.status == "FINISHED" for run in runs)
+    source = (project / "my_nets.py").read_bytes()
+    study = optuna.load_study(study_name="tiny_cnn",
+                              storage=optuna.storages.JournalStorage(
+                                  optuna.storages.journal.JournalFileBackend(f"{elsewhere}/optuna.journal")))
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert study.metric_names == ["best_val_accuracy"]
+    by_number = {t.number: t for t in study.trials}
+    for run in runs:
+        curve = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"),
+                                         key=lambda m: m.step)]
+        losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)]
+        assert len(curve) == len(losses) == 4
+        best = max(range(4), key=lambda i: (curve[i], -i))  # the first epoch of the highest accuracy
+        metrics = run.data.metrics
+        assert metrics["best_epoch"] == best + 1
+        assert metrics["best_val_accuracy"] == curve[best] and metrics["best_val_loss"] == losses[best]
+        trial = by_number[int(run.data.tags["sweeplab.trial_number"])]
+        assert trial.value == curve[best]
+        assert list(trial.intermediate_values.values()) == curve
+        # what code it trained: the module's source, and its hash as a tag
+        assert run.data.tags["sweeplab.model_class"] == "my_nets.TinyCNN"
+        assert run.data.tags["sweeplab.model_source_sha256"] == hashlib.sha256(source).hexdigest()
+        downloads = elsewhere / "downloads" / run.info.run_id
+        downloads.mkdir(parents=True)
+        logged = client.download_artifacts(run.info.run_id, "code/my_nets.py", str(downloads))
+        assert Path(logged).read_bytes() == source
+    champion = client.get_model_version_by_alias("tiny_cnn", "champion")
+    best_run = max(runs, key=lambda r: (r.data.metrics["best_val_accuracy"], -int(r.data.tags["sweeplab.trial_number"])))
+    assert champion.run_id == best_run.info.run_id
+
+
+def test_the_champion_loads_without_sweeplab_or_the_users_module(cnn_sweep):
+    project, elsewhere, uri, _ = cnn_sweep
+    client = MlflowClient(uri)
+    run_id = client.get_model_version_by_alias("tiny_cnn", "champion").run_id
+    images = sklearn.datasets.load_digits().images[:40].reshape(40, 1, 8, 8).astype(np.float64)
+    np.save(elsewhere / "images.npy", images)
+    # the expected classes: the best checkpoint put back into the user's own class
+    downloads = elsewhere / "champion"
+    downloads.mkdir()
+    checkpoint = torch.load(client.download_artifacts(run_id, "checkpoint/best.pt", str(downloads)), weights_only=True)
+    sys.path.insert(0, str(project))
+    try:
+        import my_nets
+    finally:
+        sys.path.remove(str(project))
+    model = my_nets.TinyCNN(**checkpoint["model_spec"]["init_args"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.tensor(images, dtype=torch.float32)).argmax(1).tolist()
+    script = textwrap.dedent(f"""\
+        import sys, json
+        sys.modules['sweeplab'] = None; sys.modules['my_nets'] = None  # neither can be imported here
+        import mlflow, numpy as np
+        mlflow.set_tracking_uri({uri!r})
+        model = mlflow.pyfunc.load_model("models:/tiny_cnn@champion")
+        x = np.load("images.npy")
+        labels = model.predict(x).tolist()
+        probs = model.predict(x, params={{"output": "probabilities"}})
+        inputs = model.metadata.signature.inputs.to_dict()
+        print(json.dumps({{"labels": labels, "columns": list(probs.columns), "sums": probs.sum(axis=1).tolist(),
+                          "inputs": inputs}}))
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["labels"] == expected
+    assert out["columns"] == [str(c) for c in range(10)]
+    assert all(abs(s - 1) < 1e-9 for s in out["sums"])
+    assert out["inputs"] == [{"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": [-1, 1, 8, 8]}}]
+
+
+def test_predict_rebuilds_the_users_class_where_its_module_is(cnn_sweep, capsys, monkeypatch):
+    project, elsewhere, uri, _ = cnn_sweep
+    images = sklearn.datasets.load_digits().images[:3].reshape(3, 1, 8, 8).tolist()
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(json.dumps(images)))
+    assert main(["predict", "models:/tiny_cnn@champion", "--tracking-uri", uri, "--json", "-"]) == 0
+    predictions = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["prediction"] for p in predictions] == [0, 1, 2]  # the first three digits, as a trained CNN reads them
+    # in a fresh process, from a folder without the module
+    proc = subprocess.run([sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri",
+                           uri, "-"], cwd=elsewhere, input=json.dumps(images), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("sweeplab: error: best.pt: the run trained my_nets.TinyCNN; no module 'my_nets' in this "
+                             f"folder ({elsewhere})")
+
+
+def test_a_model_torch_export_cannot_trace_registers_its_checkpoint(tmp_path):
+    sweep = cnn_project(tmp_path, n_trials=1, epochs=2, model="Branchy")
+    sweep.write_text(sweep.read_text().replace("channels: {choices: [2, 4]}", "seed: {choices: [3]}"))
+    uri = f"sqlite:///{tmp_path}/t.db"
+    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep), "--tracking-uri", uri, "--storage",
+                           f"journal:{tmp_path}/j.journal", "--no-report"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "torch.export cannot trace" in line]
+    assert len(said) == 1 and "my_nets.Branchy" in said[0] and "sweeplab predict serves it" in said[0]
+    version = MlflowClient(uri).get_model_version_by_alias("tiny_cnn", "champion")
+    assert version.tags["sweeplab.export"].startswith("torch.export cannot trace my_nets.Branchy")
+    rows = sklearn.datasets.load_digits().data[:2].tolist()
+    out = subprocess.run([sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri",
+                          uri, "--json", "--x", ",".join(map(str, rows[0])), "--x", ",".join(map(str, rows[1]))],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["predictions"]) == 2
+
+
+BAD_MODELS = {
+    "missing.Net": "model.class_path: no module 'missing' beside the experiment file",
+    "my_nets.Nope": "model.class_path: module my_nets",
+    "my_nets.NotAModule": "model.class_path: my_nets.NotAModule is a class, not a torch.nn.Module subclass",
+    "my_nets.Raises": "model.class_path: my_nets.Raises() raised ValueError: no such width (my_nets.py line",
+    "my_nets.Frozen": "model.class_path: my_nets.Frozen has no trainable parameters",
+    "my_nets.ThreeOut": "forward gave [2, 3] for a batch of [2, 1, 8, 8]; task multiclass needs [2, 10]",
+    "my_nets.BadForward": "model.class_path: my_nets.BadForward: forward on a batch of [2, 1, 8, 8] raised RuntimeError",
+    "broken.Net": "model.class_path: importing broken raised RuntimeError: configure me first (broken.py line 1)",
+    "my_nets": "model.class_path: an import path, module.ClassName",
+}
+
+BAD_NETS = '''\
+import torch
+from torch import nn
+
+
+class NotAModule:
+    pass
+
+
+class Raises(nn.Module):
+    def __init__(self):
+        raise ValueError("no such width")
+
+
+class Frozen(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10]
+
+
+class ThreeOut(nn.Module):
+    def __init__(self, in_features):
+        super().__init__()
+        self.lin = nn.Linear(in_features, 3)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+
+
+class BadForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 10)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Fine(nn.Module):
+    def __init__(self, in_features, n_classes, width=8):
+        super().__init__()
+        if width < 1:
+            raise ValueError("width must be positive")
+        self.lin = nn.Linear(in_features, n_classes)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+'''
+
+
+def bad_project(folder: Path, model: str, space: str = "seed: {choices: [0]}") -> Path:
+    write(folder, "my_nets.py", BAD_NETS)
+    write(folder, "broken.py", 'raise RuntimeError("configure me first")\n')
+    write(folder, "exp.yaml", f"""\
+        name: bad
+        data: {{source: sklearn, name: digits, val_size: 0.2}}
+        model: {{class_path: {model}}}
+        train: {{epochs: 1}}
+        """)
+    return write(folder, "sweep.yaml", f"study: bad\nexperiment: exp.yaml\nspace:\n  {space}\nn_trials: 2\n")
+
+
+def assert_refused_before_writing(folder: Path, argv: list[str], expected: str, capsys) -> None:
+    before = sorted(p.name for p in folder.iterdir())
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == \
+        [n for n in before if n != "__pycache__"]  # no store, journal or artifact folder
+
+
+@pytest.mark.parametrize("model", BAD_MODELS)
+def test_a_bad_plugin_is_one_line_and_nothing_written(store, capsys, model):
+    sweep = bad_project(store, model)
+    argv = ["sweep", str(sweep), "--tracking-uri", f"sqlite:///{store}/runs.db", "--storage",
+            f"journal:{store}/optuna.journal"]
+    assert_refused_before_writing(store, argv, BAD_MODELS[model], capsys)
+    assert capsys.readouterr().err == ""
+    argv = ["run", str(store / "exp.yaml"), "--tracking-uri", f"sqlite:///{store}/runs.db"]
+    assert_refused_before_writing(store, argv, BAD_MODELS[model], capsys)
+
+
+@pytest.mark.parametrize("space, expected", [
+    ("width: {choices: [8, 0]}", "my_nets.Fine(width=0, in_features=64, n_classes=10) raised ValueError: width "
+                                 "must be positive"),
+    ("widht: {choices: [8]}", "model.init_args: my_nets.Fine takes no argument 'widht'"),
+])
+def test_a_searched_init_arg_is_checked_at_both_ends(store, capsys, space, expected):
+    sweep = bad_project(store, "my_nets.Fine", space)
+    argv = ["sweep", str(sweep), "--tracking-uri", f"sqlite:///{store}/runs.db", "--storage",
+            f"journal:{store}/optuna.journal"]
+    assert_refused_before_writing(store, argv, expected, capsys)
+
+
+def test_engine_vectorized_refuses_a_users_model(store, capsys):
+    sweep = bad_project(store, "my_nets.Fine")
+    argv = ["sweep", str(sweep), "engine=vectorized", "--tracking-uri", f"sqlite:///{store}/runs.db"]
+    assert_refused_before_writing(store, argv, "engine: vectorized stacks the built-in MLP", capsys)
+
+
+LOADERS = '''\
+import numpy as np
+import torch
+from sklearn.datasets import load_wine
+
+
+def pair():
+    d = load_wine()
+    return torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target)
+
+
+def arrays():
+    d = load_wine()
+    return d.data, d.target
+
+
+def split(n_val=30):
+    x, y = pair()
+    return {"train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val])}
+
+
+class Wine(torch.utils.data.Dataset):
+    def __init__(self):
+        self.x, self.y = pair()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def not_data():
+    return "wine"
+
+
+def with_nan():
+    x, y = pair()
+    x[5, 2] = float("nan")
+    return x, y
+'''
+
+
+@pytest.mark.parametrize("loader", ["pair", "arrays", "Wine"])
+def test_a_users_loader_is_split_as_random_split_splits(tmp_path, loader):
+    write(tmp_path, "loaders.py", LOADERS)
+    path = write(tmp_path, "exp.yaml", f"""\
+        task: multiclass
+        data: {{source: python, class_path: loaders.{loader}, val_size: 0.25, split_seed: 5}}
+        """)
+    dataset = make_dataset(load_experiment(path))
+    wine = sklearn.datasets.load_wine()
+    x, y = torch.tensor(wine.data, dtype=torch.float32), torch.tensor(wine.target)
+    subsets = torch.utils.data.random_split(torch.utils.data.TensorDataset(x, y), [0.75, 0.25],
+                                            generator=torch.Generator().manual_seed(5))
+    train_idx, val_idx = (torch.tensor(s.indices) for s in subsets)
+    assert torch.equal(dataset.x_train, x[train_idx]) and torch.equal(dataset.y_train, y[train_idx])
+    assert torch.equal(dataset.x_val, x[val_idx]) and torch.equal(dataset.y_val, y[val_idx])
+    assert dataset.n_outputs == 3 and dataset.input_shape == (13,)
+
+
+def test_a_loader_may_give_its_own_split_and_a_condition_may_shrink_it(tmp_path):
+    write(tmp_path, "loaders.py", LOADERS)
+    path = write(tmp_path, "exp.yaml", """\
+        task: multiclass
+        data: {source: python, class_path: loaders.split, init_args: {n_val: 40}, train_fraction: 0.5}
+        """)
+    dataset = make_dataset(load_experiment(path))
+    x = torch.tensor(sklearn.datasets.load_wine().data, dtype=torch.float32)
+    assert torch.equal(dataset.x_val, x[:40])
+    assert torch.equal(dataset.x_train, x[40:40 + math.floor(138 * 0.5)])
+
+
+@pytest.mark.parametrize("loader, expected", [
+    ("not_data", "data.class_path: loaders.not_data() returned str; give (X, y)"),
+    ("with_nan", "data.class_path: loaders.with_nan(): X holds NaN or infinite values"),
+    ("gone", "data.class_path: module loaders"),
+])
+def test_a_bad_loader_is_one_line_and_nothing_written(store, capsys, loader, expected):
+    write(store, "loaders.py", LOADERS)
+    write(store, "exp.yaml", f"task: multiclass\ndata: {{source: python, class_path: loaders.{loader}}}\n")
+    assert_refused_before_writing(store, ["run", str(store / "exp.yaml")], expected, capsys)
+
+
+@pytest.mark.parametrize("name, task, shape, n_outputs", [
+    ("digits", "multiclass", (1, 8, 8), 10), ("iris", "multiclass", (4,), 3), ("wine", "multiclass", (13,), 3),
+    ("breast_cancer", "binary", (30,), 1), ("diabetes", "regression", (10,), 1)])
+def test_scikit_learns_bundled_sets_by_name(tmp_path, name, task, shape, n_outputs):
+    path = write(tmp_path, "exp.yaml", f"data: {{source: sklearn, name: {name}, val_size: 0.2}}\n")
+    config = load_experiment(path)
+    assert config.task == task  # the set's own task, unless the file says otherwise
+    dataset = make_dataset(config)
+    bunch = getattr(sklearn.datasets, f"load_{name}")()
+    assert dataset.input_shape == shape and dataset.n_outputs == n_outputs
+    assert len(dataset.x_train) + len(dataset.x_val) == len(bunch.target)
+    assert len(dataset.x_val) == math.floor(len(bunch.target) * 0.2)
+    raw = bunch.images[:, None] if name == "digits" else bunch.data
+    together = torch.cat([dataset.x_train, dataset.x_val]).double()
+    assert sorted(together.sum(dim=tuple(range(1, together.dim()))).tolist()) == \
+        pytest.approx(sorted(raw.reshape(len(raw), -1).sum(1).tolist()), rel=1e-6, abs=1e-6)
+
+
+def test_the_objective_follows_both_engines_for_the_mlp(tmp_path):
+    """val_accuracy as the objective with the built-in MLP: the vectorized engine picks each member's best epoch by
+    the first highest accuracy, as the reference loop does."""
+    from sweeplab.config import load_sweep
+    from sweeplab.engines import Job, engine_named
+
+    write(tmp_path, "exp.yaml", """\
+        task: multiclass
+        data: {source: sklearn, name: iris, val_size: 0.3}
+        model: {hidden: 8}
+        train: {epochs: 25, lr: 0.01}
+        objective: {metric: val_accuracy}
+        """)
+    sweep = load_sweep(write(tmp_path, "s.yaml", "study: s\nexperiment: exp.yaml\nspace:\n  lr: {choices: [0.003, "
+                                                 "0.01, 0.03]}\nengine: vectorized\n"))
+    configs = [sweep.config_for({"lr": lr}) for lr in (0.003, 0.01, 0.03)]
+    reference = [Job(None, c) for c in configs]
+    vectorized = [Job(None, c) for c in configs]
+    engine_named("reference").train(reference, None)
+    engine_named("vectorized").train(vectorized, None)
+    for ref, vec in zip(reference, vectorized):
+        accuracy = ref.result.history.metrics["val_accuracy"]
+        first_best = max(range(len(accuracy)), key=lambda i: (accuracy[i], -i)) + 1
+        assert ref.result.history.best_epoch == vec.result.history.best_epoch == first_best
+        assert ref.result.history.best_value == vec.result.history.best_value == max(accuracy)
