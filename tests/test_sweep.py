@@ -324,8 +324,13 @@ def test_sweeplab_run_tracks_one_run_with_the_same_names_and_artifacts(store, ca
 def test_shipped_sweep_files_are_valid(path):
     from sweeplab.config import load_sweep
 
+    from sweeplab.cli import check_sweep_data
+    from sweeplab.config import read_yaml
+
     sweep = load_sweep(path)
-    assert sweep.config_for({}).name == "training_loop_lab"
+    experiment = read_yaml(path.parent / read_yaml(path)["experiment"])
+    assert sweep.config_for({}).name == experiment["name"]
+    check_sweep_data(sweep)  # its data and, for a user's model, the model on one batch
 
 
 def test_seed_exercises_grid_runs_every_configuration_once(store):

@@ -33,11 +33,12 @@ def download_checkpoint(tracker: Tracker, run_id: str, dest: Path) -> Path:
 
 
 def register_champion(tracker: Tracker, best, name: str, experiment_id: str, alias: str = ALIAS,
-                      condition: dict | None = None) -> dict[str, Any]:
-    """Log and register the best completed trial's model (`best`, a ledger.TrialSummary) under `alias` (one per
-    condition of a sweep that has them), unless it already is that alias's model."""
+                      condition: dict | None = None, column: str = "best_val_loss") -> dict[str, Any]:
+    """Log and register the best completed trial's model (`best`, a ledger.TrialSummary, whose value is the
+    objective's `column`) under `alias` (one per condition of a sweep that has them), unless it already is that
+    alias's model."""
     run_id = best.run_id
-    summary = {"name": name, "alias": alias, "trial": best.number, "run_id": run_id, "best_val_loss": best.value,
+    summary = {"name": name, "alias": alias, "trial": best.number, "run_id": run_id, column: best.value,
                "condition": condition or {}}
     # two sweeps of one study ending at once register it once (through a tracking server there is nothing to lock:
     # they may then register one run twice)
@@ -47,10 +48,10 @@ def register_champion(tracker: Tracker, best, name: str, experiment_id: str, ali
             return {**summary, "version": current.version, "new": False}
         where = "".join(f", {key}={value}" for key, value in (condition or {}).items())
         version = register_run_model(tracker, run_id, name, experiment_id, alias,
-                                     description=f"trial #{best.number} of study {name!r}{where}: best_val_loss "
+                                     description=f"trial #{best.number} of study {name!r}{where}: {column} "
                                                  f"{best.value:.6g} (run {run_id})",
                                      tags={"sweeplab.trial_number": str(best.number),
-                                           "best_val_loss": repr(best.value),
+                                           column: repr(best.value),
                                            **{f"sweeplab.condition.{k}": str(v)
                                               for k, v in (condition or {}).items()}})
         tracker.client.set_registered_model_alias(name, alias, version.version)

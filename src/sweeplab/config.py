@@ -366,6 +366,17 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return result
 
 
+def merge(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `raw` with `changes` merged in, section by section: a nested map changes only the keys it names."""
+    result = _deep_copy(raw)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = _deep_copy(value)
+    return result
+
+
 def _deep_copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _deep_copy(v) for k, v in value.items()}
@@ -744,7 +755,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             raise ConfigError(f"{path}: experiment: no such file {spec.experiment}")
         base = read_yaml(experiment_path)
         base_dir = experiment_path.parent
-    base = apply_overrides(base, spec.base)
+    base = merge(base, spec.base)  # `base:` changes the experiment: `train: {epochs: 5}` keeps its lr
     base = apply_overrides(base, experiment_overrides)
     if spec.repeats > 1:  # each configuration once per seed: seed becomes one more grid dimension
         first = int(base.get("seed", ExperimentConfig.model_fields["seed"].default))

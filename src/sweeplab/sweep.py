@@ -400,7 +400,7 @@ def crown(tracker: Tracker, part: Part, experiment_id: str) -> dict[str, Any] | 
     from .champion import register_champion
 
     return register_champion(tracker, top[0], part.sweep.spec.study, experiment_id, champion_alias(part.sweep),
-                             part.sweep.spec.condition)
+                             part.sweep.spec.condition, part.sweep.config_for({}).objective.column)
 
 
 def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
@@ -412,10 +412,17 @@ def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
     compared = "; ".join(f"{key} in {values}" for key, values in spec.conditions.items())
     text = (f"sweeplab study {spec.study}: searches {searched} ({spec.sampler.type} sampler, {spec.n_trials} trials"
             + (f") separately for each condition: {compared}, an equal share of trials each" if compared else ")")
-            + f". Lower best_val_loss (validation loss at the best epoch) is better. Sweep file: {sweep.source}.")
+            + f". {_better_text(sweep.config_for({}).objective)} Sweep file: {sweep.source}.")
     tracker.client.set_experiment_tag(experiment_id, TAG_NOTE, text)
     share_view(tracker.client, experiment_id, [sweep.field_of(k) for k in [*spec.space, *spec.conditions]],
                [sweep.field_of(k) for k in spec.conditions], sweep.config_for({}).objective)
+
+
+def _better_text(objective) -> str:
+    if objective.metric == "val_loss":
+        return "Lower best_val_loss (validation loss at the best epoch) is better."
+    way = "Lower" if objective.minimize else "Higher"
+    return f"{way} {objective.column} ({objective.metric} at the best epoch) is better."
 
 
 def outcome_note(outcome: SweepOutcome) -> str:
@@ -429,7 +436,8 @@ def outcome_note(outcome: SweepOutcome) -> str:
             continue
         best = top[0]
         alias = f" (models:/{part.champion['name']}@{part.champion['alias']})" if part.champion else ""
-        lines.append(f"{where}best is trial #{best.number}, best_val_loss {best.value:.4g}{alias}.")
+        column = part.sweep.config_for({}).objective.column
+        lines.append(f"{where}best is trial #{best.number}, {column} {best.value:.4g}{alias}.")
     return "\n\n".join(lines)
 
 
