@@ -8,6 +8,7 @@ loop.py; the model that fits the data is in model.py.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -211,6 +212,14 @@ def _read_csv(data: DataConfig, task: str) -> tuple[torch.Tensor, torch.Tensor, 
 def _sklearn(name: str, task: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """One of scikit-learn's bundled data sets (no download): digits as [N, 1, 8, 8] images of 0..16 intensities,
     the others as their feature columns, with their feature names."""
+    x, target, names = _sklearn_set(name)
+    return x, _labels(target, task, f"data.name {name}"), names
+
+
+@functools.lru_cache(maxsize=None)
+def _sklearn_set(name: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Read once per process (~20 ms for digits; every trial of a sweep needs it). The split indexes it into new
+    tensors, so nothing downstream writes into these."""
     import sklearn.datasets
 
     bunch = getattr(sklearn.datasets, f"load_{name}")()
@@ -218,8 +227,7 @@ def _sklearn(name: str, task: str) -> tuple[torch.Tensor, torch.Tensor, tuple[st
         x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1)
     else:
         x = torch.tensor(bunch.data, dtype=torch.float32)
-    names = tuple(str(n) for n in bunch.feature_names)
-    return x, _labels(torch.as_tensor(bunch.target), task, f"data.name {name}"), names
+    return x, torch.as_tensor(bunch.target), tuple(str(n) for n in bunch.feature_names)
 
 
 def _labels(y: torch.Tensor, task: str, where: str) -> torch.Tensor:

@@ -578,7 +578,7 @@ def _median_curves(data: SweepData, groups) -> bytes | None:
                                 color=colors[level], alpha=0.15, linewidth=0)
             ax.set_yscale("log")
             ax.set_xlabel("epoch")
-            ax.set_ylabel(f"validation loss ({_loss_name(data)}; median, quartile band; log scale)")
+            ax.set_ylabel(f"validation {_loss_name(data)} (median, quartiles; log)")
             ax.set_title(_title(condition, f"validation loss by {factor}" if factor else "validation loss"))
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(title=f"{factor} (trials)" if factor else None, fontsize=8)
