@@ -16,6 +16,7 @@ writes it either way.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
@@ -94,17 +95,38 @@ class VectorizedEngine:
         return min(spec.batch_trials, max(1, math.ceil((n_trials - startup) / LEARNING_ROUNDS)))
 
     def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
+        from .stacked import train_func_group, vmap_problem
         from .vectorized import group_members, prepare_member, train_group
 
         shared: dict = {}  # the batch's distinct data sets, initial weights and generators, each made once
         members = [prepare_member(job, job.config, shared) for job in jobs]
         hook = None if on_epoch is None else lambda member, record: on_epoch(member.key, record)
+        alone: set[int] = set()  # members of a model vmap cannot run: the reference loop trains them
         for group in group_members(members):  # no hook: nothing runs per member per epoch
-            train_group(group, on_epoch=hook, each_epoch=stop_flag.check)
+            if group[0].spec.class_path is None:
+                train_group(group, on_epoch=hook, each_epoch=stop_flag.check)
+                continue
+            problem = vmap_problem(group[0])
+            if problem is None:
+                train_func_group(group, on_epoch=hook, each_epoch=stop_flag.check)
+            else:
+                self.say(f"engine: {problem}; its trials train on the reference loop")
+                alone |= {id(m) for m in group}
         for member in members:
             job = member.key
             job.started = member.started
-            job.result = RunResult(member.config, member.dataset, member.spec, None, member.history, None, None)
+            if id(member) in alone:
+                ReferenceEngine().train([job], on_epoch)
+            else:
+                job.result = RunResult(member.config, member.dataset, member.spec, None, member.history, None, None)
+
+    said: set = set()
+
+    def say(self, line: str) -> None:
+        """Once per process: why a model's trials left the stacked engine."""
+        if line not in VectorizedEngine.said:
+            VectorizedEngine.said.add(line)
+            print(line, file=sys.stderr, flush=True)
 
 
 def engine_named(name: str) -> Engine:

@@ -145,7 +145,9 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
     history = fit(model, optimizer, loss_for_task(config.task, train.loss), train_batches, val_batches,
                   train.epochs, task=config.task, callbacks=callbacks,
                   objective=(config.objective.metric, config.objective.direction))
-    x = torch.tensor(config.predict_x, dtype=torch.float32) if config.predict_x else torch.empty(0, dataset.n_features)
-    x = x.reshape(-1, *dataset.input_shape)
-    predictions = predict(model, x)
+    if config.predict_x:
+        x = torch.tensor(config.predict_x, dtype=torch.float32).reshape(-1, *dataset.input_shape)
+        predictions = predict(model, x)
+    else:  # a user's model need not take an empty batch
+        predictions = torch.empty(0, dataset.n_outputs)
     return RunResult(config, dataset, spec, model, history, device, predictions)

@@ -35,9 +35,10 @@ RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
 
 
 def check_supported(config: ExperimentConfig) -> None:
+    """What the engine can stack, said of the config alone. A user's model (`class_path`) is stacked by torch.func
+    (stacked.py); whether vmap can run it is found when its batch is prepared (stacked.vmap_problem)."""
     if config.model.class_path is not None:
-        raise ConfigError(f"engine: vectorized stacks the built-in MLP; model.class_path {config.model.class_path} "
-                          "trains on the reference loop")
+        return
     if len(config.model.hidden_sizes) != 1:
         raise ConfigError("engine: vectorized trains one-hidden-layer MLPs; model.hidden must be one size")
     if config.model.dropout:
@@ -83,7 +84,7 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
                  train.model_dump_json(exclude={"optimizer", "lr", "weight_decay", "momentum"}))
     if draws_key not in shared:
         torch.set_rng_state(rng_after_data)
-        model = build_model(spec)
+        model = build_model(spec, config.code_dir)
         global_gen = torch.Generator()
         global_gen.set_state(torch.get_rng_state())
         shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
@@ -94,9 +95,13 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
 
 def group_key(member: Member) -> tuple:
     """Members that can share one stacked model. Hidden sizes and optimizers may differ (padding and masks,
-    below); everything that shapes the batches may not."""
+    below); everything that shapes the batches may not. A user's models stack when their parameters and buffers
+    have the same names and shapes (stacked.architecture), whatever init args made them."""
     c, d = member.config, member.dataset
-    return (c.model.activation, c.train.batch_size, c.train.val_batch_size or d.x_val.shape[0], c.train.epochs,
+    from .stacked import architecture
+
+    model = (c.model.class_path, architecture(member.init_state)) if c.model.class_path else c.model.activation
+    return (model, c.train.batch_size, c.train.val_batch_size or d.x_val.shape[0], c.train.epochs,
             c.train.shuffle, c.task, c.train.loss, d.x_train.shape, d.x_val.shape, d.n_outputs, c.device,
             c.objective.metric, c.objective.direction)
 
@@ -273,24 +278,30 @@ class _Curves:
         return out
 
 
+def stack_data(members: list[Member], device: torch.device, flatten: bool = False):
+    """Each distinct data set once on the device, and each member's row of it: (x_train, y_train, x_val, y_val,
+    which), the training sets [S, N, ...] gathered per member by `which` every epoch, the validation sets [K, ...]."""
+    owners, which = _distinct(members, lambda m: id(m.dataset))
+    which, sets = which.to(device), [m.dataset for m in owners]
+    shape = (lambda x: x.flatten(1)) if flatten else (lambda x: x)  # the MLP takes an image's pixels as features
+    x_train = torch.stack([shape(d.x_train) for d in sets]).to(device)
+    y_train = torch.stack([d.y_train for d in sets]).to(device)
+    x_val = torch.stack([shape(d.x_val) for d in sets]).to(device)[which]
+    y_val = torch.stack([d.y_val for d in sets]).to(device)[which]
+    return x_train, y_train, x_val, y_val, which
+
+
 def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
-    """Train a group of same-shaped members together. `on_epoch(member, record)` sees each epoch of each member
-    still recording, as fit's callbacks do, and may return a reason to stop recording that member (its pruner's
-    decision); it keeps computing with the others. `each_epoch()` is called once per epoch (a stop check). Without
-    `on_epoch`, no Python runs per member per epoch: the curves and decisions are [K] tensor operations."""
+    """Train a group of same-shaped MLP members together (the forward as batched matmuls; stacked.py has it by
+    torch.func for any model). `on_epoch(member, record)` sees each epoch of each member still recording, as
+    fit's callbacks do, and may return a reason to stop recording that member (its pruner's decision); it keeps
+    computing with the others. `each_epoch()` is called once per epoch (a stop check). Without `on_epoch`, no
+    Python runs per member per epoch: the curves and decisions are [K] tensor operations."""
     first = members[0]
     config, dataset = first.config, first.dataset
     device = resolve_device(config.device)
-    train, task = config.train, config.task
     k = len(members)
-    # each distinct data set once on the device; members gather theirs by index
-    owners, which = _distinct(members, lambda m: id(m.dataset))
-    which, sets = which.to(device), [m.dataset for m in owners]
-    # images are the MLP's features, flattened as MLP.forward flattens them
-    x_train = torch.stack([d.x_train.flatten(1) for d in sets]).to(device)
-    y_train = torch.stack([d.y_train for d in sets]).to(device)
-    x_val = torch.stack([d.x_val.flatten(1) for d in sets]).to(device)[which]
-    y_val = torch.stack([d.y_val for d in sets]).to(device)[which]
+    data = stack_data(members, device, flatten=True)
     # Every member padded to the group's widest hidden layer with zero rows in W1, b1 and zero columns in W2.
     # A padded unit outputs act(0) = 0 (relu, tanh, gelu, silu) into a zero column, so it changes no output;
     # its gradients are zero (dL/dW2 = dL/dout * 0, dL/dh = W2_pad^T dL/dout = 0), so no optimizer moves it
@@ -312,21 +323,44 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     flat = torch.stack(padded_rows).to(device)[init_row.to(device)]
     flat.requires_grad_()
     activation = ACTIVATIONS[config.model.activation]()
-    optimizer = _StackedOptimizer(flat, [m.config for m in members])
 
     def unpack(values: torch.Tensor) -> list[torch.Tensor]:
         return [part.view(k, *shape) for part, shape in zip(values.split(sizes_p, dim=1), shapes)]
-    n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
-    val_batch = train.val_batch_size or n_val
-    best = flat.detach().clone()
-    curves = _Curves(k, train.epochs, (config.objective.metric, config.objective.direction))
-    started = time.perf_counter()
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, training: bool) -> torch.Tensor:
         w1, b1, w2, b2 = unpack(flat)
         hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
+    best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch)
+    w1, b1, w2, b2 = unpack(best.cpu())
+    for i, m in enumerate(members):
+        if m.history.best_epoch:
+            h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
+            m.history.best_state = {"net.0.weight": w1[i, :h].clone(), "net.0.bias": b1[i, :h].clone(),
+                                    "net.2.weight": w2[i, :, :h].clone(), "net.2.bias": b2[i].clone()}
+
+
+def fit_stacked(members: list[Member], data, flat: torch.Tensor, forward, buffers: dict[str, torch.Tensor],
+                on_epoch=None, each_epoch=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The epoch loop both stacked paths share (fit's, for K members): each member's batch order as the reference
+    draws it, `forward(x [K, B, ...], training)` -> outputs [K, B, C], one backward, each member's optimizer,
+    validation, the curves and decisions (`_Curves`), the hook. `flat` [K, P] holds every member's parameters;
+    `buffers` ({name: [K, ...]}, BatchNorm's statistics) are updated by the forward in training. Leaves each
+    member's History on it and returns the best parameters and buffers (each member's row at its best epoch)."""
+    first = members[0]
+    config, dataset = first.config, first.dataset
+    train, task = config.train, config.task
+    device = flat.device
+    k = len(members)
+    x_train, y_train, x_val, y_val, which = data
+    optimizer = _StackedOptimizer(flat, [m.config for m in members])
+    n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
+    val_batch = train.val_batch_size or n_val
+    best = flat.detach().clone()
+    best_buffers = {name: value.clone() for name, value in buffers.items()}
+    curves = _Curves(k, train.epochs, (config.objective.metric, config.objective.direction))
+    started = time.perf_counter()
     # members that share their generators share their draws: one batch order per distinct pair per epoch, sent to
     # the device once and gathered there for every member
     draw_from, draw_row = _distinct(members, lambda m: (id(m.shuffle_gen), id(m.global_gen)))
@@ -343,7 +377,7 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         batch_losses, sizes = [], []
         for start in range(0, n_train, train.batch_size):
             xb, yb = xs[:, start:start + train.batch_size], ys[:, start:start + train.batch_size]
-            losses = _member_loss(forward(xb), yb, task, train.loss)
+            losses = _member_loss(forward(xb, True), yb, task, train.loss)
             flat.grad = None
             losses.sum().backward()
             optimizer.step()
@@ -355,7 +389,7 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         with torch.no_grad():
             val_losses, val_sizes, outputs = [], [], []
             for start in range(0, n_val, val_batch):
-                out = forward(x_val[:, start:start + val_batch])
+                out = forward(x_val[:, start:start + val_batch], False)
                 val_losses.append(_member_loss(out, y_val[:, start:start + val_batch], task, train.loss))
                 val_sizes.append(out.shape[1])
                 outputs.append(out)
@@ -364,37 +398,43 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         if task != "regression":
             metrics, confusion = stacked_classification_metrics(torch.cat(outputs, dim=1), y_val, task)
         improved = curves.record(epoch, train_loss, val_loss, metrics, confusion)
-        reasons = {}
-        if on_epoch is not None:  # as fit's callbacks: each member still recording sees its epoch
-            train_values, val_values = train_loss.tolist(), val_loss.tolist()
-            best_values, best_epochs = curves.best_val.tolist(), curves.best_epoch.tolist()
-            objective_best = curves.best_value.tolist()
-            metric = config.objective.metric
-            metric_values = {name: values.tolist() for name, values in metrics.items()}
-            improved_values = improved.tolist()
-            for i in curves.active.nonzero().flatten().tolist():
-                epoch_metrics = {name: values[i] for name, values in metric_values.items()}
-                record = EpochRecord(epoch, train_values[i], val_values[i], epoch_metrics,
-                                     best_values[i], best_epochs[i], improved_values[i],
-                                     val_values[i] if metric == "val_loss" else epoch_metrics[metric],
-                                     objective_best[i])
-                reason = on_epoch(members[i], record)
-                if reason:
-                    reasons[i] = reason
+        reasons = _hook_reasons(members, curves, epoch, train_loss, val_loss, metrics, improved, on_epoch)
         curves.stop(epoch, train_loss, val_loss, reasons)
         if improved.any():  # each improved member's row, in one masked copy: its best_state, taken at the end
-            best.copy_(torch.where(improved.to(device).unsqueeze(1), flat.detach(), best))
+            mask = improved.to(device)
+            best.copy_(torch.where(mask.unsqueeze(1), flat.detach(), best))
+            for name, value in buffers.items():
+                best_buffers[name].copy_(torch.where(mask.view(k, *(1,) * (value.dim() - 1)), value,
+                                                     best_buffers[name]))
         if not curves.active.any():
             break
     elapsed = time.perf_counter() - started
-    w1, b1, w2, b2 = unpack(best.cpu())
-    for i, (m, history) in enumerate(zip(members, curves.histories())):
+    for m, history in zip(members, curves.histories()):
         m.history = history
         history.seconds = elapsed / k
-        if history.best_epoch:
-            h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
-            history.best_state = {"net.0.weight": w1[i, :h].clone(), "net.0.bias": b1[i, :h].clone(),
-                                  "net.2.weight": w2[i, :, :h].clone(), "net.2.bias": b2[i].clone()}
+    return best, best_buffers
+
+
+def _hook_reasons(members, curves: _Curves, epoch: int, train_loss, val_loss, metrics, improved, on_epoch) -> dict:
+    """As fit's callbacks: each member still recording sees its epoch; a returned reason (a pruner's) stops it."""
+    reasons: dict[int, str] = {}
+    if on_epoch is None:
+        return reasons
+    metric = members[0].config.objective.metric
+    train_values, val_values = train_loss.tolist(), val_loss.tolist()
+    best_values, best_epochs = curves.best_val.tolist(), curves.best_epoch.tolist()
+    objective_best = curves.best_value.tolist()
+    metric_values = {name: values.tolist() for name, values in metrics.items()}
+    improved_values = improved.tolist()
+    for i in curves.active.nonzero().flatten().tolist():
+        epoch_metrics = {name: values[i] for name, values in metric_values.items()}
+        record = EpochRecord(epoch, train_values[i], val_values[i], epoch_metrics, best_values[i], best_epochs[i],
+                             improved_values[i], val_values[i] if metric == "val_loss" else epoch_metrics[metric],
+                             objective_best[i])
+        reason = on_epoch(members[i], record)
+        if reason:
+            reasons[i] = reason
+    return reasons
 
 
 def group_members(members: list[Member]) -> list[list[Member]]:
