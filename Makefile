@@ -66,6 +66,7 @@ bench: install
 	$(PY) benchmarks/bench_auto_search.py
 	$(PY) benchmarks/bench_default_sweep.py
 	$(PY) benchmarks/bench_user_model.py
+	$(PY) benchmarks/bench_stacked.py
 
 # docs/mlflow-ui.png and docs/report.png: the default sweep as headless Chromium shows it (Debian's chromium)
 screenshots: install

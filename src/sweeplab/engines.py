@@ -95,7 +95,7 @@ class VectorizedEngine:
         return min(spec.batch_trials, max(1, math.ceil((n_trials - startup) / LEARNING_ROUNDS)))
 
     def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
-        from .stacked import train_func_group, vmap_problem
+        from .stacked import train_func_group
         from .vectorized import group_members, prepare_member, train_group
 
         shared: dict = {}  # the batch's distinct data sets, initial weights and generators, each made once
@@ -106,11 +106,12 @@ class VectorizedEngine:
             if group[0].spec.class_path is None:
                 train_group(group, on_epoch=hook, each_epoch=stop_flag.check)
                 continue
-            problem = vmap_problem(group[0])
-            if problem is None:
+            problem = self.problem(group[0])
+            if problem is None and len(group) > 1:
                 train_func_group(group, on_epoch=hook, each_epoch=stop_flag.check)
-            else:
-                self.say(f"engine: {problem}; its trials train on the reference loop")
+            else:  # a member alone gains nothing from vmap (TPE's one-trial rounds): the reference loop, as fast
+                if problem is not None:
+                    self.say(f"engine: {problem}; its trials train on the reference loop")
                 alone |= {id(m) for m in group}
         for member in members:
             job = member.key
@@ -121,6 +122,15 @@ class VectorizedEngine:
                 job.result = RunResult(member.config, member.dataset, member.spec, None, member.history, None, None)
 
     said: set = set()
+    problems: dict = {}  # architecture -> why vmap cannot run it (None: it can), found once per process
+
+    def problem(self, member) -> str | None:
+        from .stacked import architecture, vmap_problem
+
+        key = (member.spec.class_path, architecture(member.init_state))
+        if key not in VectorizedEngine.problems:
+            VectorizedEngine.problems[key] = vmap_problem(member)
+        return VectorizedEngine.problems[key]
 
     def say(self, line: str) -> None:
         """Once per process: why a model's trials left the stacked engine."""
