@@ -9,8 +9,9 @@ writes it either way.
 
 - `ReferenceEngine`: the core loop (experiment.run_experiment), a batch of one. Its runs are live: the run exists
   in MLflow while the trial trains, and long trials stream their curves.
-- `VectorizedEngine`: the whole batch stacked into one model per shape (vectorized.py). Its runs are written once
-  trained, by writer processes (writers.py).
+- `VectorizedEngine`: the whole batch stacked into one model per shape: the MLP by hand-written batched matmuls
+  (vectorized.py), a user's model by torch.func (stacked.py; a model vmap cannot run, and a group of one, train
+  on the reference loop). Its runs are written once trained, inline or by writer processes (writers.py).
 """
 
 from __future__ import annotations

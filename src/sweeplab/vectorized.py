@@ -12,7 +12,8 @@ shuffling generator consumed as a DataLoader consumes it), and keeps what the re
 train/val loss and task metrics, best_epoch, best state (CPU), divergence, pruning. Summation order inside the
 batched matmul differs, so curves agree to float rounding, not bit for bit (see tests/test_vectorized.py).
 
-Supported: one hidden layer MLPs without dropout (the lab's family), Adam/AdamW/SGD/RMSprop, all three tasks.
+Supported here: one hidden layer MLPs without dropout (the lab's family), Adam/AdamW/SGD/RMSprop, all three tasks.
+A user's own model is stacked by stacked.py through the same epoch loop (`fit_stacked`).
 """
 
 from __future__ import annotations
