@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .config import objective_column
 from .tracking import condition_label, value_text
 
 NEAR_BEST = 0.10  # "close to the best": a loss within 10% of the condition's best (an accuracy: its error rate)
@@ -36,13 +37,8 @@ class Goal:
         parts = (text or "").split()
         return cls(parts[0], parts[1]) if len(parts) == 2 else cls()
 
-    @property
-    def column(self) -> str:
-        return f"best_{self.metric}"
-
-    @property
-    def minimize(self) -> bool:
-        return self.direction == "minimize"
+    column = property(lambda self: objective_column(self.metric))
+    minimize = property(lambda self: self.direction == "minimize")
 
     @property
     def label(self) -> str:

@@ -87,14 +87,13 @@ class ObjectiveConfig(_Frozen):
             object.__setattr__(self, "direction", "minimize" if self.metric.endswith("loss") else "maximize")
         return self
 
-    @property
-    def column(self) -> str:
-        """The run's summary metric of the objective: `best_val_accuracy` (its value at the best epoch)."""
-        return f"best_{self.metric}"
+    column = property(lambda self: objective_column(self.metric), doc="the run's summary metric: best_val_accuracy")
+    minimize = property(lambda self: self.direction == "minimize")
 
-    @property
-    def minimize(self) -> bool:
-        return self.direction == "minimize"
+
+def objective_column(metric: str) -> str:
+    """The run's summary metric of an objective: `best_val_accuracy`, its value at the best epoch."""
+    return f"best_{metric}"
 
 
 class DataConfig(_Frozen):
