@@ -10,11 +10,12 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install test run sweep ui server predict report bench screenshots clean help
+.PHONY: install lint test run sweep ui server predict report bench screenshots clean help
 
 help:
 	@echo "make sweep    run the default sweep (sets up .venv on first use)"
 	@echo "make test     run the test suite"
+	@echo "make lint     ruff over src, tests, benchmarks and experiments (pyproject.toml's rules)"
 	@echo "make server   MLflow tracking server for many workers (BACKEND=postgresql+psycopg://..., HOST=)"
 	@echo "make report   tables and pictures for the default sweep (reports/<study>/)"
 	@echo "make predict  predict with the default sweep's champion (MODEL=..., ARGS='--x 1,2')"
@@ -33,6 +34,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks experiments
 
 run: install
 	$(SWEEPLAB) run $(EXPERIMENT) $(ARGS)

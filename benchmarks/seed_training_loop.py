@@ -1,8 +1,10 @@
 # The seed's script, verbatim (../shared/seed/): the baseline for `make bench`.
 import copy
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
+
 torch.manual_seed(42)
 X = torch.randn(240, 2)
 noise = torch.randn(240, 1) * 0.3

@@ -17,8 +17,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from servers import free_port
 from sweeplab.cli import main
+
+from servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0], [2.0, -3.0]]

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from reference import seed_run
 from sweeplab.cli import main
 from sweeplab.config import ConfigError, load_experiment
 from sweeplab.data import make_dataset
 from sweeplab.experiment import run_experiment
+
+from reference import seed_run
 
 
 def _write(tmp_path, text, name="exp.yaml"):

@@ -18,8 +18,9 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from reference import seed_run
 from sweeplab.cli import main
+
+from reference import seed_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "experiments" / "training_loop_lab.yaml"

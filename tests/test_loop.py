@@ -7,12 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-from reference import SEED_EXPECTED_OUTPUT, seed_run
 from sweeplab.config import load_experiment
 from sweeplab.experiment import run_experiment
-from sweeplab.loop import (ShapeError, TensorBatches, check_batch, classification_metrics, evaluate, fit,
-                           stacked_classification_metrics,
-                           train_epoch)
+from sweeplab.loop import (
+    ShapeError,
+    TensorBatches,
+    check_batch,
+    classification_metrics,
+    evaluate,
+    fit,
+    stacked_classification_metrics,
+    train_epoch,
+)
+
+from reference import SEED_EXPECTED_OUTPUT, seed_run
 
 
 def test_lab_prints_the_seeds_expected_output(lab_path):

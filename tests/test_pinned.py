@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import optuna
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -31,8 +30,9 @@ def test_torch_optimizer_wrappers_that_eager_skips():
 def test_mlflow_metric_table_read_in_one_select(tmp_path):
     """report._select_curves reads every curve with one SELECT on MLflow's SqlMetric table through the store's
     engine (client._tracking_client.store.engine): it must return what the public per-run API returns."""
-    from sweeplab.report import _select_curves
     from mlflow.entities import Metric
+
+    from sweeplab.report import _select_curves
 
     uri = f"sqlite:///{tmp_path}/m.db"
     client = MlflowClient(uri)

@@ -11,8 +11,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from reference import seed_run
 from sweeplab.cli import main
+
+from reference import seed_run
 
 LAB = "experiments/training_loop_lab.yaml"
 
@@ -56,8 +57,8 @@ def study_of(tmp_path, name):
 @pytest.fixture(scope="module")
 def small_sweep(tmp_path_factory):
     """One 4-trial sweep shared by the read-only checks below."""
-    from pathlib import Path
     import os
+    from pathlib import Path
 
     tmp = tmp_path_factory.mktemp("sweep")
     root = Path(__file__).resolve().parents[1]
@@ -322,10 +323,8 @@ def test_sweeplab_run_tracks_one_run_with_the_same_names_and_artifacts(store, ca
 
 @pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")))
 def test_shipped_sweep_files_are_valid(path):
-    from sweeplab.config import load_sweep
-
     from sweeplab.cli import check_sweep_data
-    from sweeplab.config import read_yaml
+    from sweeplab.config import load_sweep, read_yaml
 
     sweep = load_sweep(path)
     experiment = read_yaml(path.parent / read_yaml(path)["experiment"])

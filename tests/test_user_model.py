@@ -18,10 +18,11 @@ import sklearn.datasets
 import torch
 from mlflow import MlflowClient
 
-from reference import SEED_EXPECTED_OUTPUT
 from sweeplab.cli import main
 from sweeplab.config import load_experiment
 from sweeplab.data import make_dataset
+
+from reference import SEED_EXPECTED_OUTPUT
 
 ROOT = Path(__file__).resolve().parents[1]
 

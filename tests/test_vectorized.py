@@ -128,9 +128,9 @@ def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, mon
         assert {"checkpoint/best.pt", "checkpoint/model_spec.json", "checkpoint/config.json"} <= {
             a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
         # the logged checkpoint rebuilds the member's model, which reproduces its best_val_loss
-        from sweeplab.serve import load_logged_model
-        from sweeplab.loop import TensorBatches, evaluate
         from sweeplab.data import make_dataset
+        from sweeplab.loop import TensorBatches, evaluate
+        from sweeplab.serve import load_logged_model
 
         model, spec, _ = load_logged_model(run.info.run_id, f"sqlite:///{tmp_path}/mlflow.db")
         config = load_experiment(LAB, {"epochs": 15, "optimizer": trial.params["optimizer"]})

@@ -175,11 +175,9 @@ def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> 
     import pandas as pd
     import torch
     from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     from . import pyfunc_model
-
-    from mlflow.types import TensorSpec
 
     if not isinstance(example, torch.Tensor):  # rows of features
         example = torch.tensor([list(map(float, row)) for row in example], dtype=torch.float32)

@@ -41,8 +41,8 @@ def _run(args: argparse.Namespace) -> int:
     callbacks = [printer] if printer else []
     tracker = None
     if args.track:  # Ctrl-C or SIGTERM ends the run KILLED at the next epoch, instead of leaving it RUNNING
-        from .stores import resolve_tracking_uri
         from .recorder import RunTracker
+        from .stores import resolve_tracking_uri
 
         tracker = RunTracker(resolve_tracking_uri(args.tracking_uri), config, args.experiment)
         callbacks.append(tracker.epoch_callback)
@@ -438,8 +438,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from .process import configure
-    from .serve import (ModelNotFound, load_logged_model, parse_rows, predict_rows, read_csv_rows,
-                        read_json_rows)
+    from .serve import ModelNotFound, load_logged_model, parse_rows, predict_rows, read_csv_rows, read_json_rows
 
     configure(with_optuna=False, install_stop=False)
     from .experiment import resolve_device

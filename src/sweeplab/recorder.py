@@ -23,8 +23,25 @@ from .config import ExperimentConfig
 from .loop import EpochRecord
 from .outcome import Outcome, RunEnd
 from .stores import display_uri, lost_insert_race
-from .tracking import (CHECKPOINT_PATH, TAG_CONDITION, TAG_ENGINE, TAG_MODEL_CLASS, TAG_NOTE, TAG_OBJECTIVE, TAG_ROLE,
-                       TAG_SOURCE_HASH, TAG_STATE, TAG_STUDY, TAG_TRIAL, Tracker, condition_label, flatten, outcome_tags, run_name_for, value_text)
+from .tracking import (
+    CHECKPOINT_PATH,
+    TAG_CONDITION,
+    TAG_ENGINE,
+    TAG_MODEL_CLASS,
+    TAG_NOTE,
+    TAG_OBJECTIVE,
+    TAG_ROLE,
+    TAG_SOURCE_HASH,
+    TAG_STATE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    Tracker,
+    condition_label,
+    flatten,
+    outcome_tags,
+    run_name_for,
+    value_text,
+)
 
 FLUSH_EVERY_S = 5.0  # long trials show their curves live; short ones log once, at the end
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch

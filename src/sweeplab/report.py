@@ -104,7 +104,7 @@ def _curves(client, run_ids: list[str]) -> pd.DataFrame:
     rows: list[tuple[str, int, str, float]] = []
     for key, split in (("train_loss", "train"), ("val_loss", "val")):  # a tracking server: parallel requests
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for run_id, history in zip(run_ids, pool.map(lambda r: client.get_metric_history(r, key), run_ids)):
+            for run_id, history in zip(run_ids, pool.map(lambda r, key=key: client.get_metric_history(r, key), run_ids)):
                 rows.extend((run_id, m.step, split, m.value) for m in history)
     frame = pd.DataFrame(rows, columns=["run_id", "epoch", "split", "loss"])
     # a metric logged twice for one step (a retried flush) counts once

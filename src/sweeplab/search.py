@@ -87,7 +87,7 @@ def grid_space(space: dict[str, ParamSpec]) -> dict[str, list[Any]]:
 
 def grid_size(space: dict[str, ParamSpec]) -> int:
     size = 1
-    for name, param in space.items():
+    for param in space.values():
         if param.cases is None:
             size *= len(param.choices or [])
     return size
@@ -227,7 +227,8 @@ def check_compatible(study: optuna.Study, spec: SweepSpec, source: str, settings
                 optuna.distributions.check_distribution_compatibility(old, new)
             except ValueError:
                 raise ConfigError(f"{source}: space: study {spec.optuna_study!r} already searched {name} over {_show(old)}; "
-                                  f"this file gives {_show(new)}. Use another study name (study=NAME) to change it")
+                                  f"this file gives {_show(new)}. Use another study name (study=NAME) to change it"
+                                  ) from None
 
 
 def check_settings(study: optuna.Study, spec: SweepSpec, source: str, settings: dict[str, Any]) -> None:

@@ -26,10 +26,10 @@ from .config import ConfigError, Sweep, result_settings
 from .engines import Engine, Job, engine_named, learns
 from .ledger import WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from .loop import EpochRecord
-from .search import budget, check_compatible, open_storage, open_study, label_study
+from .recorder import Recorder, finite
+from .search import budget, check_compatible, label_study, open_storage, open_study
 from .stop import stop_flag, wait_for_parent
 from .stores import OutageError, check_separate_stores, env_number, redact, with_retries, worker_id
-from .recorder import Recorder, finite
 from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Tracker, condition_label
 from .writers import InlineWriter, WriterPool, WriterSetup
 

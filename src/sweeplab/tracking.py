@@ -14,7 +14,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import RunTag

@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor, wait, FIRST_COMPLETED
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -148,8 +148,8 @@ def _open_writer(setup: WriterSetup) -> None:
     import optuna
 
     from .ledger import Ledger
-    from .search import open_storage
     from .recorder import Recorder
+    from .search import open_storage
     from .tracking import Tracker
 
     global _recorder
