@@ -72,7 +72,7 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
     continuous = {k for k in params.get("continuous", "").split(",") if k}
     fields = [k for k in params.get("fields", "").split(",") if k]
     goal = Goal.parse(params.get("objective") or trial_runs[0].data.tags.get(TAG_OBJECTIVE))
-    curves = _curves(client, [r.info.run_id for r in trial_runs])
+    curves = _curves(client, [r.info.run_id for r in trial_runs], None if goal.is_loss else goal.metric)
     keys = factors + conditions
     trials = _trial_frame(trial_runs, curves, keys, dict(zip(keys, fields)) if len(fields) == len(keys) else {},
                           goal)
@@ -95,14 +95,15 @@ def _search_all(client, experiment_id: str):
             return runs
 
 
-def _curves(client, run_ids: list[str]) -> pd.DataFrame:
-    """train_loss and val_loss of every run, as rows (run_id, epoch, split, loss)."""
+def _curves(client, run_ids: list[str], metric: str | None = None) -> pd.DataFrame:
+    """train_loss and val_loss of every run (and the objective's `metric` when it is not a loss: its split is the
+    metric's name), as rows (run_id, epoch, split, loss)."""
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    fast = _select_curves(store, run_ids)  # a database store: one SELECT per chunk of runs
+    fast = _select_curves(store, run_ids, metric)  # a database store: one SELECT per chunk of runs
     if fast is not None:
         return fast
     rows: list[tuple[str, int, str, float]] = []
-    for key, split in (("train_loss", "train"), ("val_loss", "val")):  # a tracking server: parallel requests
+    for key, split in _curve_keys(metric).items():  # a tracking server: parallel requests
         with ThreadPoolExecutor(max_workers=8) as pool:
             for run_id, history in zip(run_ids, pool.map(lambda r, key=key: client.get_metric_history(r, key), run_ids)):
                 rows.extend((run_id, m.step, split, m.value) for m in history)
@@ -111,7 +112,12 @@ def _curves(client, run_ids: list[str]) -> pd.DataFrame:
     return frame.drop_duplicates(["run_id", "epoch", "split"], keep="last")
 
 
-def _select_curves(store, run_ids: list[str]) -> pd.DataFrame | None:
+def _curve_keys(metric: str | None) -> dict[str, str]:
+    """MLflow metric -> the curves' split."""
+    return {"train_loss": "train", "val_loss": "val", **({metric: metric} if metric else {})}
+
+
+def _select_curves(store, run_ids: list[str], metric: str | None = None) -> pd.DataFrame | None:
     """For a database-backed store: one plain SELECT on MLflow's metrics table (its ORM model and engine),
     returning rows instead of building a Metric object per value: ~10x faster than get_metric_history_bulk for
     80,000 values. None when the store is not a SQLAlchemy one (a tracking server), or this MLflow lacks them."""
@@ -127,14 +133,14 @@ def _select_curves(store, run_ids: list[str]) -> pd.DataFrame | None:
         for start in range(0, len(run_ids), BULK_RUNS):
             query = (select(SqlMetric.run_uuid, SqlMetric.step, SqlMetric.key, SqlMetric.value, SqlMetric.is_nan,
                             SqlMetric.timestamp)
-                     .where(SqlMetric.key.in_(["train_loss", "val_loss"]),
+                     .where(SqlMetric.key.in_(list(_curve_keys(metric))),
                             SqlMetric.run_uuid.in_(run_ids[start:start + BULK_RUNS])))
             frames.append(pd.DataFrame(connection.execute(query).all(),
                                        columns=["run_id", "epoch", "key", "loss", "is_nan", "timestamp"]))
     frame = pd.concat(frames, ignore_index=True)
     frame["loss"] = frame["loss"].astype(float).where(~frame["is_nan"].astype(bool), math.nan)
     frame["epoch"] = frame["epoch"].astype(int)
-    frame["split"] = frame["key"].map({"train_loss": "train", "val_loss": "val"})
+    frame["split"] = frame["key"].map(_curve_keys(metric))
     frame = frame.sort_values(["run_id", "split", "epoch", "timestamp"])
     return frame.drop_duplicates(["run_id", "epoch", "split"], keep="last")[["run_id", "epoch", "split", "loss"]]
 
@@ -480,6 +486,8 @@ def _pictures(data: SweepData, answers: list) -> dict[str, bytes]:
     groups = conditions_of(data.trials, data.conditions)
     pictures = {f"{data.goal.column}_vs_lr": _loss_vs_continuous(data, groups),
                 "val_curves": _median_curves(data, groups),
+                f"{data.goal.metric}_curves": None if data.goal.is_loss else _median_curves(data, groups,
+                                                                                           data.goal.metric),
                 "parallel_coordinates": _parallel(data, groups),
                 "optuna_history_importance": _history(data, groups, answers)}
     return {name: png for name, png in pictures.items() if png is not None}
@@ -554,12 +562,15 @@ def _value_label(data: SweepData, scale: bool = True) -> str:
         return f"best validation loss ({_loss_name(data)}{', log scale' if scale else ''})"
     return f"best {goal.label} (higher is better)"
 
-def _median_curves(data: SweepData, groups) -> bytes | None:
-    """Per level of each factor with levels: the median validation curve of its completed trials and the band
-    between their quartiles, log y: how each level converges, not a tangle of single curves."""
+def _median_curves(data: SweepData, groups, split: str = "val") -> bytes | None:
+    """Per level of each factor with levels: the median validation curve (val_loss, log y; or the objective's
+    metric, `split`) of its completed trials and the band between their quartiles: how each level converges, not
+    a tangle of single curves."""
     factors = level_factors(data.trials, data.factors, data.continuous) or [None]
     fig, axes = _figure(len(groups), len(factors))
-    val = data.curves[data.curves["split"] == "val"]
+    val = data.curves[data.curves["split"] == split]
+    loss = split == "val"
+    what = "validation loss" if loss else data.goal.label
     for row, (condition, trials) in zip(axes, groups):
         done = trials[trials["state"] == "completed"]
         for ax, factor in zip(row, factors):
@@ -576,10 +587,12 @@ def _median_curves(data: SweepData, groups) -> bytes | None:
                         label=f"{level} ({curves.shape[1]})" if level is not None else f"all ({curves.shape[1]})")
                 ax.fill_between(median.index, curves.quantile(0.25, axis=1), curves.quantile(0.75, axis=1),
                                 color=colors[level], alpha=0.15, linewidth=0)
-            ax.set_yscale("log")
+            if loss:
+                ax.set_yscale("log")
             ax.set_xlabel("epoch")
-            ax.set_ylabel(f"validation {_loss_name(data)} (median, quartiles; log)")
-            ax.set_title(_title(condition, f"validation loss by {factor}" if factor else "validation loss"))
+            ax.set_ylabel(f"validation {_loss_name(data)} (median, quartiles; log)" if loss else
+                          f"{what} (median, quartiles)")
+            ax.set_title(_title(condition, f"{what} by {factor}" if factor else what))
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(title=f"{factor} (trials)" if factor else None, fontsize=8)
     return _png(fig)
