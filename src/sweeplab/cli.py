@@ -202,7 +202,8 @@ def check_config(config, source: str = "") -> None:
 def _check(config, seen: dict) -> None:
     from .data import check_data
 
-    key = (config.data.model_dump_json(), config.task, config.seed)
+    # the seed matters only to a user's loader, which may draw from torch's RNG
+    key = (config.data.model_dump_json(), config.task, config.seed if config.data.source == "python" else None)
     if key not in seen:
         seen[key] = check_data(config)
     dataset = seen[key]
@@ -211,15 +212,10 @@ def _check(config, seen: dict) -> None:
         model_key = (key, config.model.model_dump_json(), config.train.loss)
         if model_key not in seen:
             seen[model_key] = True
-            if dataset is None:
-                import torch
+            if dataset is None:  # CSV or the seed's data, which check_data reads without building
+                from .data import seeded_dataset
 
-                from .data import make_dataset
-
-                state = torch.get_rng_state()
-                torch.manual_seed(config.seed)
-                dataset = make_dataset(config)
-                torch.set_rng_state(state)
+                dataset = seeded_dataset(config)
             from .experiment import check_model
 
             check_model(config, dataset)

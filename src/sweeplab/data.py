@@ -132,12 +132,7 @@ def check_data(config: ExperimentConfig) -> Dataset | None:
     value is one line naming the file, column and row; a loader that fails, one line naming data.class_path); the
     seed's generator needs no check. Returns the data set when it built one (seeded as a run seeds it)."""
     if config.data.source in ("sklearn", "python"):
-        state = torch.get_rng_state()
-        try:
-            torch.manual_seed(config.seed)
-            dataset = make_dataset(config)
-        finally:
-            torch.set_rng_state(state)
+        dataset = seeded_dataset(config)
         if config.predict_x and any(len(row) != dataset.n_features for row in config.predict_x):
             raise ConfigError(f"predict_x: rows must have {dataset.n_features} values, one per feature")
         return dataset
@@ -150,6 +145,16 @@ def check_data(config: ExperimentConfig) -> Dataset | None:
         if config.predict_x and any(len(row) != x.shape[1] for row in config.predict_x):
             raise ConfigError(f"predict_x: rows must have {x.shape[1]} values, one per feature")
     return None
+
+
+def seeded_dataset(config: ExperimentConfig) -> Dataset:
+    """The data set a run of `config` trains on (seeded as the run seeds it), leaving torch's RNG as it was."""
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(config.seed)
+        return make_dataset(config)
+    finally:
+        torch.set_rng_state(state)
 
 
 def _n_outputs(task: str, n_classes: int) -> int:
