@@ -11,6 +11,9 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/card.txt"
 python3 benchmarks/bench_members.py cuda ${SIZES:-256 1024 4096 16384} | tee "$OUT/bench_members_cuda.txt"
+# a user's model: the digits CNN stacked by torch.func (images shaped like the digits where scikit-learn is absent)
+timeout ${CNN_LIMIT:-240} python3 benchmarks/bench_cnn_members.py cuda ${CNN_SIZES:-256 4096} \
+    | tee "$OUT/bench_cnn_members_cuda.txt" || echo "bench_cnn_members: stopped (${CNN_LIMIT:-240} s limit)" | tee -a "$OUT/bench_cnn_members_cuda.txt"
 # where the time of the largest group goes, for the next step
 python3 - <<'PY' | tee "$OUT/profile_cuda.txt"
 import cProfile, pstats, sys
