@@ -109,7 +109,11 @@ def test_csv_errors_name_the_column(tmp_path):
 
 
 def test_engine_auto_chooses_vectorized_only_when_it_supports_every_trial(tmp_path):
-    from sweeplab.config import load_sweep
+    from sweeplab.config import load_sweep as load
+    from sweeplab.engines import settle
+
+    def load_sweep(*args):
+        return settle(load(*args))
 
     lab = Path(__file__).resolve().parents[1] / "experiments" / "training_loop_lab.yaml"
     path = tmp_path / "s.yaml"
@@ -190,3 +194,12 @@ def test_a_study_name_that_would_not_fit_a_path_is_refused(store, capsys, lab_pa
     assert main(["sweep", str(store / "s.yaml")]) == 2
     assert "study: String should match pattern" in capsys.readouterr().err
     assert sorted(p.name for p in store.iterdir()) == ["s.yaml"]
+
+
+def test_the_config_layer_imports_neither_torch_nor_optuna_nor_mlflow():
+    """Reading and validating an experiment or a sweep is schema work: engine choice lives in engines.py."""
+    code = ("import sys, sweeplab.config as c; c.load_sweep(sys.argv[1]); "
+            "print(sorted(m for m in ('torch', 'optuna', 'mlflow') if m in sys.modules))")
+    sweep = Path(__file__).resolve().parents[1] / "sweeps" / "optimizer_hidden_noise.yaml"
+    out = subprocess.run([sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

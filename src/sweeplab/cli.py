@@ -123,6 +123,7 @@ def _run_summary(result, tracker) -> dict:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .config import load_sweep, parse_overrides
+    from .engines import settle
     from .process import configure, use_threads
     from .stores import resolve_storage_url, resolve_tracking_uri
 
@@ -135,7 +136,8 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         configure()
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
-        sweep = load_sweep(args.sweep, overrides)  # a bad sweep file fails here, before any study or run exists
+        # a bad sweep file fails here, before any study or run exists, and so does an engine or device it cannot use
+        sweep = settle(load_sweep(args.sweep, overrides))
         check_sweep_data(sweep)  # and bad data
         from .sweep import run_sweep, side_by_side
         from .tracking import import_store_modules
@@ -361,10 +363,11 @@ def invocation() -> str:
 
 def _worker(args: argparse.Namespace) -> int:
     from .config import load_sweep, parse_overrides
+    from .engines import settle
 
     if args.worker_index < 0:
         raise UsageError(f"--worker-index {args.worker_index}: must be 0 or more")
-    sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
+    sweep = settle(load_sweep(args.sweep, parse_overrides(args.overrides)))
     check_sweep_data(sweep)
     from .process import configure, use_threads
     from .stores import resolve_storage_url, resolve_tracking_uri

@@ -8,8 +8,10 @@ model or data loader is named here by import path (`class_path` + `init_args`) a
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -49,8 +51,6 @@ METRICS = {"regression": ("val_loss",),
 
 
 def _import_path(value: str | None, example: str) -> str | None:
-    import re
-
     if value is not None and not re.fullmatch(IMPORT_PATH, value):
         raise ValueError(f"an import path, {example} (the module beside the experiment file or on sys.path)")
     return value
@@ -248,8 +248,6 @@ class ExperimentConfig(_Frozen):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        import re
-
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
         return value
@@ -649,7 +647,11 @@ class Sweep:
     source: str
     base_dir: Path
     own_setting: bool = True  # a part whose condition is the base experiment's own (its champion is `champion`)
-    engine_reason: str = ""  # why `engine: auto` chose the engine it did
+    engine_reason: str = ""  # why `engine: auto` chose the engine it did (engines.settle)
+    settled: bool = False  # engines.settle has resolved the engine and checked the probes against it and the device
+    # (field, config) of the trials at the space's edges, each built and validated once by load_sweep; what
+    # engines.settle checks the engine and the device against
+    probes: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     def field_of(self, key: str) -> str:
         """The dotted field a space or condition key sets (`lr` -> train.lr, `channels` -> model.init_args.channels)."""
@@ -681,7 +683,7 @@ class Sweep:
         mine = combos.index(own) if own in combos else 0  # none is the base's own: the first stands for it
         return [Sweep(self.spec.model_copy(update={"condition": combo, "n_trials": share + (i < extra)}),
                       apply_overrides(self.base, combo), self.source, self.base_dir, own_setting=i == mine,
-                      engine_reason=self.engine_reason)
+                      engine_reason=self.engine_reason, settled=self.settled)
                 for i, combo in enumerate(combos)]
 
 
@@ -761,22 +763,13 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         seeds = ParamSpec(choices=list(range(first, first + spec.repeats)))
         spec = spec.model_copy(update={"space": {**spec.space, "seed": seeds}})
     sweep = Sweep(spec, base, str(path), base_dir)
-    points = probe_points(spec)
-    configs = []
-    for field, point in points:  # every config is built (and so validated) once
+    probes = []
+    for field, point in probe_points(spec):  # every config is built (and so validated) once
         try:
-            configs.append(sweep.config_for(point))
+            probes.append((field, sweep.config_for(point)))
         except ConfigError as exc:  # `FILE: train.lr: ...`, said of the field that led to it
             raise ConfigError(f"{path}: {field}: {str(exc).split(': ', 1)[1]}" if field else str(exc)) from None
-    if spec.engine == "auto":
-        engine, reason = choose_engine(configs)
-        sweep = Sweep(spec.model_copy(update={"engine": engine}), base, str(path), base_dir, engine_reason=reason)
-    for (field, _), config in zip(points, configs):
-        try:
-            check_runnable(config, sweep.spec.engine)
-        except ConfigError as exc:  # `device: ...` or `engine: ...`, said of the field that led to it
-            raise ConfigError(f"{path}: {field}: {str(exc).split(': ', 1)[1]}" if field else f"{path}: {exc}") from None
-    return sweep
+    return dataclasses.replace(sweep, probes=tuple(probes))
 
 
 def probe_points(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
@@ -786,38 +779,6 @@ def probe_points(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
             *((f"conditions.{name}", {name: value}) for name, values in spec.conditions.items() for value in values),
             *((f"space.{name}", probe) for name, param in spec.space.items()
               for probe in _probe_values(name, param, spec.space))]
-
-
-def choose_engine(configs: list[ExperimentConfig]) -> tuple[str, str]:
-    """`engine: auto`: the vectorized engine when it supports every one of the sweep's probe configs, else the
-    reference loop; and why, in a few words."""
-    from .vectorized import check_supported
-
-    for config in configs:
-        try:
-            check_supported(config)
-        except ConfigError as exc:
-            return "reference", f"auto: {str(exc).split(': ', 1)[-1]}"
-    return "vectorized", "auto: the vectorized engine supports every trial of this sweep"
-
-
-def check_runnable(config: ExperimentConfig, engine: str, where: str = "") -> None:
-    """What a valid config still needs to run here: its device, and the engine's support for it (the engine
-    says what it supports; config does not restate it)."""
-    if config.device not in ("auto", "cpu"):
-        from .experiment import resolve_device
-
-        try:
-            resolve_device(config.device)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}{exc}") from None
-    if engine == "vectorized":
-        from .vectorized import check_supported
-
-        try:
-            check_supported(config)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}{exc}") from None
 
 
 def _probe_values(name: str, param: ParamSpec, space: dict[str, ParamSpec]) -> list[dict[str, Any]]:

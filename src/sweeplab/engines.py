@@ -16,16 +16,20 @@ writes it either way.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from .config import ExperimentConfig, SweepSpec
-from .experiment import RunResult
+from .config import ConfigError, ExperimentConfig, Sweep, SweepSpec
+from .experiment import RunResult, resolve_device, run_experiment
 from .loop import EpochRecord
+from .model import architecture
+from .stacked import train_func_group, vmap_problem
 from .stop import stop_flag
+from .vectorized import check_supported, group_members, prepare_member, train_group
 
 # Batches after TPE's random start-up: it learns between them. Ten keeps the search as good as one trial at a time
 # on the default sweep (10 trials after the start-up go one by one; bench_auto_search.py), and a 1,000-trial
@@ -66,8 +70,6 @@ class ReferenceEngine:
         return 1
 
     def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
-        from .experiment import run_experiment
-
         def callback(job: Job, record: EpochRecord) -> str | None:
             stop_flag.check()
             return on_epoch(job, record) if on_epoch is not None else None
@@ -96,9 +98,6 @@ class VectorizedEngine:
         return min(spec.batch_trials, max(1, math.ceil((n_trials - startup) / LEARNING_ROUNDS)))
 
     def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
-        from .stacked import train_func_group
-        from .vectorized import group_members, prepare_member, train_group
-
         shared: dict = {}  # the batch's distinct data sets, initial weights and generators, each made once
         members = [prepare_member(job, job.config, shared) for job in jobs]
         hook = None if on_epoch is None else lambda member, record: on_epoch(member.key, record)
@@ -126,8 +125,6 @@ class VectorizedEngine:
     problems: dict = {}  # architecture -> why vmap cannot run it (None: it can), found once per process
 
     def problem(self, member) -> str | None:
-        from .stacked import architecture, vmap_problem
-
         key = (member.spec.class_path, architecture(member.init_state))
         if key not in VectorizedEngine.problems:
             VectorizedEngine.problems[key] = vmap_problem(member)
@@ -141,4 +138,47 @@ class VectorizedEngine:
 
 
 def engine_named(name: str) -> Engine:
-    return VectorizedEngine() if name == "vectorized" else ReferenceEngine()
+    """The engine a settled sweep names (`auto` is resolved by `settle` first)."""
+    engines = {"vectorized": VectorizedEngine, "reference": ReferenceEngine}
+    if name not in engines:
+        raise ValueError(f"engine {name!r}: the sweep must be settled first (engines.settle)")
+    return engines[name]()
+
+
+def settle(sweep: Sweep) -> Sweep:
+    """The sweep as it will run: `engine: auto` resolved (`choose`), and every probe config (load_sweep's
+    trials at the space's edges) checked runnable here, its device and the engine's support for it; a problem is
+    one ConfigError naming the sweep file and the field that led to it. A settled sweep is returned as it is."""
+    if sweep.spec.engine == "auto":
+        engine, reason = choose([config for _, config in sweep.probes])
+        sweep = dataclasses.replace(sweep, spec=sweep.spec.model_copy(update={"engine": engine}),
+                                    engine_reason=reason)
+    elif sweep.settled:
+        return sweep
+    for field_name, config in sweep.probes:
+        try:
+            check_runnable(config, sweep.spec.engine)
+        except ConfigError as exc:  # `device: ...` or `engine: ...`, said of the field that led to it
+            where = f"{field_name}: {str(exc).split(': ', 1)[1]}" if field_name else str(exc)
+            raise ConfigError(f"{sweep.source}: {where}") from None
+    return dataclasses.replace(sweep, settled=True)
+
+
+def choose(configs: list[ExperimentConfig]) -> tuple[str, str]:
+    """`engine: auto`: the vectorized engine when it supports every one of the sweep's probe configs, else the
+    reference loop; and why, in a few words."""
+    for config in configs:
+        try:
+            check_supported(config)
+        except ConfigError as exc:
+            return "reference", f"auto: {str(exc).split(': ', 1)[-1]}"
+    return "vectorized", "auto: the vectorized engine supports every trial of this sweep"
+
+
+def check_runnable(config: ExperimentConfig, engine: str) -> None:
+    """What a valid config still needs to run here: its device, and the engine's support for it (the engine
+    says what it supports; config does not restate it)."""
+    if config.device not in ("auto", "cpu"):
+        resolve_device(config.device)
+    if engine == "vectorized":
+        check_supported(config)

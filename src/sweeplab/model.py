@@ -142,3 +142,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 def spec_json(spec: ModelSpec) -> str:
     return json.dumps(spec.to_dict(), indent=2, sort_keys=True)
+
+
+def architecture(state: dict[str, torch.Tensor]) -> tuple:
+    """What decides whether members stack (vectorized.group_members): every parameter's and buffer's name, shape
+    and dtype, whatever init args made them."""
+    return tuple((name, tuple(t.shape), str(t.dtype)) for name, t in state.items())

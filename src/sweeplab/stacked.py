@@ -19,13 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.func import functional_call, stack_module_state, vmap
 
+from .experiment import resolve_device
 from .model import build_model
-
-
-def architecture(state: dict[str, torch.Tensor]) -> tuple:
-    """What decides whether members stack: every parameter's and buffer's name, shape and dtype."""
-    return tuple((name, tuple(t.shape), str(t.dtype)) for name, t in state.items())
+from .vectorized import _distinct, fit_stacked, stack_data
 
 
 def _split_state(model: torch.nn.Module) -> tuple[list[str], list[str]]:
@@ -36,8 +34,6 @@ def _split_state(model: torch.nn.Module) -> tuple[list[str], list[str]]:
 def vmap_problem(member, batch: int = 2) -> str | None:
     """Why the member's model cannot be stacked by vmap (a few words), or None: two copies are run through a
     training step and an evaluation under vmap on a real batch, with torch's RNG left as it was."""
-    from torch.func import functional_call, stack_module_state, vmap
-
     state = torch.get_rng_state()
     try:
         models = [build_model(member.spec, member.config.code_dir) for _ in range(2)]
@@ -67,11 +63,6 @@ def vmap_problem(member, batch: int = 2) -> str | None:
 def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
     """`vectorized.train_group` for any model: the same data, batch order, optimizer, curves and decisions
     (vectorized.fit_stacked), with the forward by vmap over functional_call instead of the MLP's matmuls."""
-    from torch.func import functional_call, vmap
-
-    from .experiment import resolve_device
-    from .vectorized import _distinct, fit_stacked, stack_data
-
     first = members[0]
     device = resolve_device(first.config.device)
     k = len(members)

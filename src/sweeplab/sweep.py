@@ -23,7 +23,7 @@ from typing import Any, Callable
 import optuna
 
 from .config import ConfigError, Sweep, result_settings
-from .engines import Engine, Job, engine_named, learns
+from .engines import Engine, Job, engine_named, learns, settle
 from .ledger import WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from .loop import EpochRecord
 from .recorder import Recorder, finite
@@ -206,6 +206,7 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     """Open the storage and the MLflow experiment once, then the study of each part of the sweep (one per
     condition, or the sweep itself): one Part each, without a parent run yet. Every study is checked against the
     sweep file before anything runs."""
+    sweep = settle(sweep)
     check_separate_stores(tracking_uri, storage_url)
     # Both stores are reached before either is written to: a remote tracking store is probed (reading), then the
     # Optuna storage opened, and only then a local MLflow database created.
@@ -294,6 +295,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     with conditions gives each its own study with its share of the budget, under one parent run; each condition
     gets its champion. `trials_done()` is called once every trial is recorded, before the champions are
     registered (the CLI starts its report then)."""
+    sweep = settle(sweep)
     side = side_by_side(sweep, workers)
     helpers = Helpers(workers - 1 if side == 1 else side - 1)  # forked now: before this process opens any store
     try:
@@ -548,6 +550,7 @@ def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id:
                worker_index: int) -> int:
     """`sweeplab worker`: join the study and work until the budget is reached. Without a parent run id (a
     worker on another machine), it opens a parent run of its own for this invocation."""
+    sweep = settle(sweep)
     parts = prepare(sweep, tracking_uri, storage_url, worker_index)
     tracker = parts[0].tracker
     own_parent = parent_run_id is None

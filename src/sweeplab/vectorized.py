@@ -29,7 +29,7 @@ from .config import ConfigError, ExperimentConfig
 from .data import Dataset, make_dataset
 from .experiment import model_spec_for, resolve_device
 from .loop import EpochRecord, History, stacked_classification_metrics
-from .model import ACTIVATIONS, ModelSpec, build_model
+from .model import ACTIVATIONS, ModelSpec, architecture, build_model
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
@@ -97,10 +97,8 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
 def group_key(member: Member) -> tuple:
     """Members that can share one stacked model. Hidden sizes and optimizers may differ (padding and masks,
     below); everything that shapes the batches may not. A user's models stack when their parameters and buffers
-    have the same names and shapes (stacked.architecture), whatever init args made them."""
+    have the same names and shapes (model.architecture), whatever init args made them."""
     c, d = member.config, member.dataset
-    from .stacked import architecture
-
     model = (c.model.class_path, architecture(member.init_state)) if c.model.class_path else c.model.activation
     return (model, c.train.batch_size, c.train.val_batch_size or d.x_val.shape[0], c.train.epochs,
             c.train.shuffle, c.task, c.train.loss, d.x_train.shape, d.x_val.shape, d.n_outputs, c.device,
