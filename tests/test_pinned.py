@@ -32,7 +32,7 @@ def test_mlflow_metric_table_read_in_one_select(tmp_path):
     engine (client._tracking_client.store.engine): it must return what the public per-run API returns."""
     from mlflow.entities import Metric
 
-    from sweeplab.report import _select_curves
+    from sweeplab.report.load import _select_curves
 
     uri = f"sqlite:///{tmp_path}/m.db"
     client = MlflowClient(uri)

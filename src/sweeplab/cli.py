@@ -415,7 +415,7 @@ def _report(args: argparse.Namespace) -> int:
     from .process import configure
     from .report import ReportError, build_report, terminal_tables
 
-    configure(install_stop=False)
+    configure(with_optuna=False, install_stop=False)  # Optuna is imported only for the fANOVA table, if it has one
 
     out = Path(args.out or f"reports/{study}")
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)

@@ -279,10 +279,6 @@ def _show(dist: optuna.distributions.BaseDistribution) -> str:
     return f"[{dist.low}, {dist.high}]" + (" log" if getattr(dist, "log", False) else "")
 
 
-def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
-
-
 def repair_journal(path: Path) -> str | None:
     """Make a journal whose last write was cut short (a full disk, a killed writer) readable again; None when it
     was whole, else one line saying what was done.

@@ -1,0 +1,143 @@
+"""What the runs say: per-factor convergence tables within each condition (`factor_table`), Optuna's fANOVA
+importances (`param_importances`), the answer per condition (answer.py's `answer_for`), and `Report`, which holds
+them. Read from load.py's SweepData; drawn by pictures.py, written by render.py."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..answer import DEFAULT_GOAL, Goal, answer_for, conditions_of
+from .load import FACTORS, SweepData
+
+
+def factor_table(trials: pd.DataFrame, factors: list[str], goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:
+    """One row per value (or pair of values) of the factors: how many trials ended how and how many learned, and
+    the quartiles of the objective (best_val_loss unless the sweep names another; never a mean: a few trials
+    that never learned would decide it), the median best epoch and epochs-to-converge over the completed ones,
+    with the best trial of each."""
+    present = [f for f in factors if f in trials.columns]
+    if len(present) != len(factors):
+        return pd.DataFrame()
+    rows = []
+    for key, group in trials.groupby(present, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        done = group[group["state"] == "completed"]
+        row = dict(zip(present, key))
+        row["trials"] = len(group)
+        for state in ("completed", "pruned", "diverged", "failed"):
+            row[state] = int((group["state"] == state).sum())
+        row["learned"] = int(group["learned"].fillna(False).astype(bool).sum()) if "learned" in group else 0
+        values = goal.values(done)
+        column = goal.column
+        row[f"{column}_q1"] = values.quantile(0.25)
+        row[f"{column}_median"] = values.median()
+        row[f"{column}_q3"] = values.quantile(0.75)
+        row[f"{column}_{'min' if goal.minimize else 'max'}"] = values.min() if goal.minimize else values.max()
+        row["best_epoch_median"] = done["best_epoch"].astype(float).median()
+        row["epochs_to_converge_median"] = done["epochs_to_converge"].astype(float).median()
+        finite = values.dropna()
+        row["best_trial"] = int(done.loc[goal.best_index(finite), "trial"]) if len(finite) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+MAX_LEVELS = 12  # a factor with more distinct values (a learning rate) is continuous: plotted, not tabled
+
+
+def level_factors(trials: pd.DataFrame, factors: list[str], continuous: set[str] = frozenset()) -> list[str]:
+    return [f for f in factors
+            if f in trials.columns and 1 < trials[f].nunique() and not is_continuous(trials[f], continuous)]
+
+
+def all_factor_tables(trials: pd.DataFrame, factors: list[str] | None = None, conditions: list[str] = (),
+                      continuous: set[str] = frozenset(), goal: Goal = DEFAULT_GOAL) -> dict[str, pd.DataFrame]:
+    """Every single factor with levels and every pair, within each condition (the condition's columns come
+    first), keyed by name ("optimizer", "optimizer x hidden")."""
+    levels = level_factors(trials, FACTORS if factors is None else factors, continuous)
+    tables = {}
+    for size in (1, 2):
+        for combo in itertools.combinations(levels, size):
+            table = factor_table(trials, [*conditions, *combo], goal)
+            if not table.empty:
+                tables[" x ".join(combo)] = table
+    return tables
+
+
+def param_importances(trials: pd.DataFrame, factors: list[str] | None = None,
+                      continuous: set[str] = frozenset({"lr"}), goal: Goal = DEFAULT_GOAL) -> pd.Series:
+    """Optuna's fANOVA importances of the searched factors for the objective, computed on the trials as MLflow
+    recorded them (an in-memory study rebuilt from the table). A factor with many distinct positive values that
+    span more than a decade (a learning rate) is taken on a log scale."""
+    import optuna  # here only: the one part of a report that needs Optuna (~0.5 s to import), and only with trials
+
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    factors = ["optimizer", "hidden", "noise", "lr"] if factors is None else factors
+    done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
+    columns = [c for c in factors if c in done.columns and done[c].nunique() > 1]
+    if len(done) < 4 or not columns:
+        return pd.Series(dtype=float)
+    distributions = {}
+    for column in columns:
+        values = done[column]
+        if is_continuous(values, continuous):
+            low, high = float(values.min()), float(values.max())
+            distributions[column] = optuna.distributions.FloatDistribution(low, high, log=low > 0 and high / low > 10)
+        else:
+            distributions[column] = optuna.distributions.CategoricalDistribution(levels_of(values))
+    study = optuna.create_study(direction=goal.direction)
+    for _, row in done.iterrows():
+        params = {c: (float(row[c]) if isinstance(distributions[c], optuna.distributions.FloatDistribution) else row[c].item() if hasattr(row[c], "item") else row[c])
+                  for c in columns}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
+                                                  value=float(row[goal.column])))
+    # Optuna's defaults (64 trees of depth 64) take ~8 s on 500 trials; 16 shallower trees rank the same handful
+    # of parameters in a fraction of that.
+    evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0)
+    return pd.Series(optuna.importance.get_param_importances(study, evaluator=evaluator), name="importance")
+
+
+def is_continuous(values: pd.Series, continuous: set[str] = frozenset()) -> bool:
+    """A range rather than levels: searched as one (the sweep says so), or a float column of many values."""
+    return values.name in continuous or (pd.api.types.is_float_dtype(values) and values.nunique() > MAX_LEVELS)
+
+
+
+
+def levels_of(column: pd.Series) -> list:
+    """A factor's values in natural order: numbers numerically, names alphabetically."""
+    return sorted(column.dropna().unique().tolist(), key=lambda v: (isinstance(v, str), v))
+
+
+
+@dataclass
+class Report:
+    data: SweepData
+    tables: dict[str, pd.DataFrame]
+    files: list[Path]
+    answers: list = field(default_factory=list)  # answer.ConditionAnswer, one per condition
+
+    def to_json(self) -> dict:
+        return {"study": self.data.study, "experiment_id": self.data.experiment_id, "factors": self.data.factors,
+                "conditions": self.data.conditions, "answers": [a.to_json() for a in self.answers]}
+
+
+
+def answers_of(data: SweepData) -> list:
+    """The answer per condition: its best setting, what comes close, and which factor matters most there."""
+    answers = []
+    for condition, trials in conditions_of(data.trials, data.conditions):
+        try:
+            importances = param_importances(trials, data.factors, data.continuous, data.goal)
+        except Exception as exc:  # fANOVA needs variety; an answer without it is still an answer
+            importances = pd.Series(dtype=float)
+            data.notes.append(f"parameter importances unavailable for {condition or 'the study'}: {exc}")
+        answers.append(answer_for(condition, trials, data.factors, importances, data.goal))
+    return answers
+
+
