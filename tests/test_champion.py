@@ -254,7 +254,7 @@ def test_two_sweeps_ending_at_once_register_the_champion_once(champions):
     for thread in threads:
         thread.join()
     alias = client.get_model_version_by_alias("binary_lab", "twice").version
-    assert sorted(r["new"] for r in results) == [False, True] and {r["version"] for r in results} == {alias}
+    assert sorted(r.new for r in results) == [False, True] and {r.version for r in results} == {alias}
     assert len(client.search_model_versions(f"name = 'binary_lab' and run_id = '{run_id}'")) == 2  # champion, twice
 
 

@@ -323,13 +323,13 @@ def test_sweeplab_run_tracks_one_run_with_the_same_names_and_artifacts(store, ca
 
 @pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")))
 def test_shipped_sweep_files_are_valid(path):
-    from sweeplab.cli import check_sweep_data
     from sweeplab.config import load_sweep, read_yaml
+    from sweeplab.experiment import check_sweep
 
     sweep = load_sweep(path)
     experiment = read_yaml(path.parent / read_yaml(path)["experiment"])
     assert sweep.config_for({}).name == experiment["name"]
-    check_sweep_data(sweep)  # its data and, for a user's model, the model on one batch
+    check_sweep(sweep)  # its data and, for a user's model, the model on one batch
 
 
 def test_seed_exercises_grid_runs_every_configuration_once(store):

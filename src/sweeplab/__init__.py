@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 def load_model(model: str, tracking_uri: str | None = None, device: str = "cpu"):
     """A logged model as a torch.nn.Module in eval mode. `model` is a run id, a study (its best trial), or a
     `models:/NAME@ALIAS` / `models:/NAME/VERSION` URI; the weights load with torch.load(weights_only=True)."""
-    from .serve import load_logged_model
+    from .serve import load_logged_model  # on use: `import sweeplab` stays free of torch and MLflow
 
     return load_logged_model(model, tracking_uri, device)[0]
 
@@ -24,7 +24,7 @@ def load_model(model: str, tracking_uri: str | None = None, device: str = "cpu")
 def predict(model, x, tracking_uri: str | None = None, device: str = "cpu"):
     """Predictions for rows x (a list of rows, an array or a tensor): regression values [N], a binary model's
     probability of class 1 [N], or a multi-class model's class probabilities [N, K], as a torch.Tensor."""
-    import torch
+    import torch  # on use, as above
 
     from .loop import predict as forward
     from .serve import load_logged_model

@@ -29,7 +29,7 @@ def skip_dynamo_wrappers() -> bool:
         return True
     if "torch._dynamo" in sys.modules:
         return False  # already paid for: nothing to save, and compiled code may rely on the wrappers
-    import torch
+    import torch  # on use: process.configure calls this before any command has imported torch
     from torch.optim import SGD, Adam, AdamW, Optimizer, RMSprop
 
     for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):

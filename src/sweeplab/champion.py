@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import pandas as pd
+import torch
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.models import Model, ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+from . import pyfunc_model
+from .model import load_checkpoint
 from .stores import store_lock
 from .tracking import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
 
@@ -61,10 +70,6 @@ def register_champion(tracker: Tracker, best, name: str, experiment_id: str, ali
 def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: str, model_name: str,
                        description: str = "", tags: dict[str, str] | None = None):
     """Log the run's best checkpoint as an MLflow model of that run, and register it as a new version of `name`."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-
-    from .model import load_checkpoint
-
     client = tracker.client
     export_failed = None
     with tempfile.TemporaryDirectory(prefix="sweeplab-champion-") as tmp:
@@ -135,8 +140,6 @@ class ExportError(RuntimeError):
 def _example_batch(tracker: Tracker, run_id: str, tmp: Path, spec, predict_x: list):
     """A real batch of the data (the run's `checkpoint/example.pt`, validation inputs), else the config's predict
     points, else random inputs of the data's shape (runs logged before examples were)."""
-    import torch
-
     try:
         path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/example.pt", str(tmp))
         example = torch.load(path, weights_only=True)
@@ -154,8 +157,6 @@ def _example_batch(tracker: Tracker, run_id: str, tmp: Path, spec, predict_x: li
 def save_checkpoint_model(tracker: Tracker, run_id: str, path: Path) -> None:
     """The run's checkpoint folder as the registered model's files (no MLflow flavor): what `sweeplab predict
     models:/NAME@ALIAS` loads, with the user's class, when the model could not be exported."""
-    import shutil
-
     path.mkdir(parents=True)
     for name in ("best.pt", "model_spec.json", "config.json"):
         shutil.copy(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/{name}", str(path.parent)),
@@ -171,14 +172,6 @@ def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> 
     by position for unnamed columns (`x2,x1` read as `x1,x2`, a third column dropped) and refuses arrays under
     named ones, and people try both. The feature names are in `artifacts/model.json`, the model's metadata and
     the input example."""
-    import mlflow
-    import pandas as pd
-    import torch
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-
-    from . import pyfunc_model
-
     if not isinstance(example, torch.Tensor):  # rows of features
         example = torch.tensor([list(map(float, row)) for row in example], dtype=torch.float32)
     shape = list(spec.sample_shape)

@@ -12,12 +12,29 @@ import argparse
 import atexit
 import json
 import os
-import shlex
+import signal
+import socket
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .config import ConfigError
+from .background import BackgroundError, Forked
+from .config import ConfigError, load_experiment, load_sweep, parse_overrides, read_yaml
+from .console import Progress, SeedPrinter, prediction_texts, print_sweep_summary, run_summary
+from .process import configure, use_threads
+from .stop import stop_flag
+from .stores import (
+    SettingError,
+    display_uri,
+    has_secret,
+    redact,
+    redact_text,
+    remove_mlflow_strays,
+    resolve_storage_url,
+    resolve_tracking_uri,
+    sqlite_path,
+)
 
 
 class UsageError(Exception):
@@ -25,24 +42,19 @@ class UsageError(Exception):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_experiment, parse_overrides
-
     # The config is checked before torch is even imported: a typo costs milliseconds, not seconds.
     config = load_experiment(args.experiment, parse_overrides(args.overrides))
-    from .experiment import run_experiment
-    from .process import configure
-    from .stop import stop_flag
+    from .experiment import check_config, run_experiment
 
     check_config(config, args.experiment)  # bad data or a bad model is one line before any store exists
     configure(with_optuna=False)
-    printer = None if args.json else _SeedPrinter(config.name, config.print_every)
+    printer = None if args.json else SeedPrinter(config.name, config.print_every)
     if printer:
         printer.header()
     callbacks = [printer] if printer else []
     tracker = None
     if args.track:  # Ctrl-C or SIGTERM ends the run KILLED at the next epoch, instead of leaving it RUNNING
         from .recorder import RunTracker
-        from .stores import resolve_tracking_uri
 
         tracker = RunTracker(resolve_tracking_uri(args.tracking_uri), config, args.experiment)
         callbacks.append(tracker.epoch_callback)
@@ -57,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         tracker.finish(result)
     history = result.history
     if args.json:
-        print(json.dumps(_run_summary(result, tracker)))
+        print(json.dumps(run_summary(result, tracker)))
         return 0
     if history.status != "completed":
         print(f"stopped: {history.stop_reason}")
@@ -65,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     if config.objective.metric != "val_loss":
         print(f"best_{config.objective.metric}:", round(history.best_value, 4))
     print("predictions:")
-    for row, line in zip(config.predict_x, _prediction_texts(result)):
+    for row, line in zip(config.predict_x, prediction_texts(result)):
         print(f"x={row} -> {line}")
     print(f"best_epoch: {history.best_epoch}")
     if tracker:
@@ -73,64 +85,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _SeedPrinter:
-    """Prints the seed's epoch lines (epoch 1 and every `every`-th) as the training runs."""
-
-    def __init__(self, name: str, every: int):
-        self.name, self.every = name, every
-
-    def header(self) -> None:
-        print(self.name, flush=True)
-
-    def __call__(self, record) -> None:
-        if record.epoch == 1 or record.epoch % self.every == 0:
-            print(f"epoch={record.epoch:3d} train_loss={record.train_loss:.4f} val_loss={record.val_loss:.4f}",
-                  flush=True)
-        return None
 
 
-def _prediction_texts(result) -> list[str]:
-    from .serve import describe_outputs
-
-    return [row["text"] for row in describe_outputs(result.predictions, result.spec)]
 
 
-def _run_summary(result, tracker) -> dict:
-    from .serve import describe_outputs
-
-    history = result.history
-    summary = {
-        "name": result.config.name,
-        "status": history.status,
-        "stop_reason": history.stop_reason,
-        "best_val": history.best_val_loss,
-        "best_epoch": history.best_epoch,
-        "objective": {"metric": result.config.objective.metric, "direction": result.config.objective.direction,
-                      "best": history.best_value},
-        "predictions": [row["prediction"] for row in describe_outputs(result.predictions, result.spec)],
-        "train_loss": history.train_loss,
-        "val_loss": history.val_loss,
-        "metrics": history.metrics,
-        "best_metrics": history.best_metrics,
-        "confusion_matrix": history.confusion_matrix,
-        "device": str(result.device),
-        "seconds": history.seconds,
-    }
-    if tracker:
-        summary["mlflow_run_id"] = tracker.run_id
-    return summary
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .config import load_sweep, parse_overrides
     from .engines import settle
-    from .process import configure, use_threads
-    from .stores import resolve_storage_url, resolve_tracking_uri
+    from .experiment import check_sweep
 
     overrides = parse_overrides(args.overrides)
     background = None
     if args.report:  # forked first: it imports what a report needs while this process imports torch and the rest
-        from .background import Forked
 
         background = Forked(lambda: _warm_report(args.tracking_uri))
     try:
@@ -138,7 +105,7 @@ def _sweep(args: argparse.Namespace) -> int:
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
         # a bad sweep file fails here, before any study or run exists, and so does an engine or device it cannot use
         sweep = settle(load_sweep(args.sweep, overrides))
-        check_sweep_data(sweep)  # and bad data
+        check_sweep(sweep)  # and bad data
         from .sweep import run_sweep, side_by_side
         from .tracking import import_store_modules
 
@@ -167,19 +134,15 @@ def _sweep(args: argparse.Namespace) -> int:
         if background is not None:
             background.close()
         raise
-    _print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
+    print_sweep_summary(outcome, sweep, tracking_uri, storage_url)
     if background is not None:
         try:
             report = background.result()
             if report["parent_run_id"]:
-                from pathlib import Path
-
                 from .tracking import Tracker
 
                 Tracker(tracking_uri).log_report(report["parent_run_id"], Path(out), report["note"])
         except Exception as exc:  # the sweep itself succeeded; say why there is no report and carry on
-            from .background import BackgroundError
-            from .stores import redact_text
 
             why = str(exc) if isinstance(exc, BackgroundError) else f"{type(exc).__name__}: {exc}"
             print(f"report: not written ({redact_text(why)})", file=sys.stderr)
@@ -190,62 +153,15 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_config(config, source: str = "") -> None:
-    """A config's data read and checked (data.check_data), and its model built and run on one batch
-    (experiment.check_model) when the data or the model is the user's: each is one line, before any store exists."""
-    from .config import ConfigError
-
-    try:
-        _check(config, {})
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
 
 
-def _check(config, seen: dict) -> None:
-    from .data import check_data
-
-    # the seed matters only to a user's loader, which may draw from torch's RNG
-    key = (config.data.model_dump_json(), config.task, config.seed if config.data.source == "python" else None)
-    if key not in seen:
-        seen[key] = check_data(config)
-    dataset = seen[key]
-    user_model = config.model.class_path is not None
-    if user_model or config.data.source == "python":
-        model_key = (key, config.model.model_dump_json(), config.train.loss)
-        if model_key not in seen:
-            seen[model_key] = True
-            if dataset is None:  # CSV or the seed's data, which check_data reads without building
-                from .data import seeded_dataset
-
-                dataset = seeded_dataset(config)
-            from .experiment import check_model
-
-            check_model(config, dataset)
 
 
-def check_sweep_data(sweep) -> None:
-    """Each distinct data source of the sweep, read and checked once (data.check_data), and each distinct model of
-    its probe points (both ends of every range, each choice) built and run on one batch: a bad CSV value or a bad
-    plugin is one line before any study or run exists, not a failure inside every trial."""
-    from .config import ConfigError
-
-    seen: dict = {}
-    for field, config in sweep.probe_configs():
-        try:
-            _check(config, seen)
-        except ConfigError as exc:
-            message = str(exc)
-            if field and not message.startswith(("model.", "data.")):
-                message = f"{field}: {message}"
-            raise ConfigError(f"{sweep.source}: {message}") from None
 
 
 def _warm_report(tracking_uri: str | None) -> None:
     """In the sweep's background process, while the trials train: the process settings, a report's imports and
     its first-use costs."""
-    from .process import configure
-    from .stores import resolve_tracking_uri
-
     configure(install_stop=False)
     from .report import warm_up
     from .tracking import import_store_modules
@@ -254,123 +170,22 @@ def _warm_report(tracking_uri: str | None) -> None:
     warm_up()
 
 
-class Progress:
-    """A tqdm bar per condition: trials finished out of its budget, and the best value so far. On a terminal it
-    redraws in place; on other output (a log, CI) it writes a line at most every 15 s and when a condition ends.
-    `--quiet` turns it off."""
-
-    def __init__(self, study_name: str, enabled: bool = True, header: str = ""):
-        self.study_name, self.enabled, self.header = study_name, enabled, header  # header: before the first bar
-        self.tty = sys.stderr.isatty()
-        self.bar = None
-        self.condition: str | None = None
-
-    def update(self, study, n_trials: int, condition: str = "") -> None:
-        from tqdm import tqdm
-
-        from .ledger import best_trials, finished_count
-
-        if not self.enabled:
-            return
-        if self.bar is None or condition != self.condition:
-            tqdm.monitor_interval = 0  # no monitor thread: local helpers are forked from this process
-            if self.bar is None and self.header:  # said once the sweep runs (not before an error that stops it)
-                print(self.header, file=sys.stderr, flush=True)
-            self.close()
-            self.condition = condition
-            name = f"{self.study_name} {condition}" if condition else self.study_name
-            self.bar = tqdm(total=n_trials, desc=name, unit="trial", file=sys.stderr if self.tty else _Lines(),
-                            dynamic_ncols=True,
-                            mininterval=0.1 if self.tty else 15, bar_format="{desc} {bar:30} {n_fmt}/{total_fmt} "
-                            "trials [{elapsed}<{remaining}]{postfix}", ascii=not self.tty)
-        top = best_trials(study, 1)
-        self.bar.set_postfix_str(f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -", refresh=False)
-        self.bar.update(min(finished_count(study), n_trials) - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
-class _Lines:
-    """tqdm's output for a log or CI: each redraw on a line of its own, not glued to the last one by a carriage
-    return."""
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "\n").strip("\n")
-        if text.strip():
-            sys.stderr.write(text + "\n")
-
-    def flush(self) -> None:
-        sys.stderr.flush()
 
 
-def _print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> None:
-    """Per condition (or for the whole sweep): trial counts, the best trials with their searched values, the
-    champion; then the commands to browse and to predict, as they work pasted here."""
-    from .ledger import best_trials, outcome_counts
-    from .search import values_of
-    from .stores import redact
-    from .tracking import condition_label, value_text
-
-    champions = []
-    for part in outcome.parts:
-        counts = outcome_counts(part.study)
-        where = f", {condition_label(part.sweep.spec.condition)}" if part.sweep.spec.condition else ""
-        print(f"study {sweep.spec.study}{where}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-              + f" ({part.ran} run now)")
-        top = best_trials(part.study, 5)
-        if top:
-            names = list(sweep.spec.space)
-            widths = [max(len(name), 9) for name in names]
-            column = part.sweep.config_for({}).objective.column
-            print(f"{'trial':>5}  " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
-                  + f"  {column:>13} {'best_epoch':>10}  run")
-            for trial in top:
-                values = values_of(trial.params, part.sweep.spec.space)
-                cells = " ".join(f"{value_text(values.get(name)):>{w}}" for name, w in zip(names, widths))
-                print(f"{trial.number:>5}  {cells}  {trial.value:>{len(column)}.4f} {value_text(trial.best_epoch):>10}  "
-                      f"{trial.run_id or ''}")
-        if part.champion:
-            champion = part.champion
-            champions.append(champion)
-            state = "registered" if champion["new"] else "unchanged"
-            print(f"champion: models:/{champion['name']}@{champion['alias']} (version {champion['version']}, trial "
-                  f"#{champion['trial']}, {state})")
-        print()
-    me = invocation()
-    store = f" --tracking-uri {shlex.quote(redact(tracking_uri))}"
-    print(f"browse:   {me} ui {shlex.quote(sweep.spec.study)}{store}")
-    for champion in champions:
-        print(f"predict:  {me} predict models:/{champion['name']}@{champion['alias']}{store}")
 
 
-def invocation() -> str:
-    """sweeplab as the user invoked it, so a printed command works pasted in the folder it ran in: `sweeplab`
-    when that is what PATH finds, else the path they typed (`.venv/bin/sweeplab` in the checkout), else
-    `python -m sweeplab` with this interpreter."""
-    import shutil
-
-    argv0 = sys.argv[0] if sys.argv else ""
-    if os.path.basename(argv0) == "sweeplab":
-        found = shutil.which("sweeplab")
-        if found and os.path.realpath(found) == os.path.realpath(argv0):
-            return "sweeplab"
-        return shlex.quote(argv0)
-    return f"{shlex.quote(sys.executable)} -m sweeplab"
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .config import load_sweep, parse_overrides
     from .engines import settle
+    from .experiment import check_sweep
 
     if args.worker_index < 0:
         raise UsageError(f"--worker-index {args.worker_index}: must be 0 or more")
     sweep = settle(load_sweep(args.sweep, parse_overrides(args.overrides)))
-    check_sweep_data(sweep)
-    from .process import configure, use_threads
-    from .stores import resolve_storage_url, resolve_tracking_uri
+    check_sweep(sweep)
     from .sweep import run_worker
 
     configure()
@@ -386,8 +201,6 @@ def _worker(args: argparse.Namespace) -> int:
 def _study_name(reference: str) -> str:
     """A sweep file gives its study's name; anything else is a study name already."""
     if reference.endswith((".yaml", ".yml")):
-        from .config import read_yaml
-
         study = read_yaml(reference).get("study")
         if not study:
             raise UsageError(f"{reference}: study: missing (the sweep file names its study)")
@@ -398,8 +211,6 @@ def _study_name(reference: str) -> str:
 def existing_store(cli_value: str | None) -> str:
     """The tracking URI of a command that only reads (report, predict, ui): a local SQLite store must exist
     already, or those commands would leave a new, empty mlflow.db (and its folders) behind."""
-    from .stores import display_uri, resolve_tracking_uri, sqlite_path
-
     uri = resolve_tracking_uri(cli_value)
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
@@ -409,10 +220,7 @@ def existing_store(cli_value: str | None) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     study = _study_name(args.study)
-    from .process import configure
     from .report import ReportError, build_report, terminal_tables
 
     configure(with_optuna=False, install_stop=False)  # Optuna is imported only for the fANOVA table, if it has one
@@ -436,7 +244,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .process import configure
     from .serve import ModelNotFound, load_logged_model, parse_rows, predict_rows, read_csv_rows, read_json_rows
 
     configure(with_optuna=False, install_stop=False)
@@ -483,9 +290,6 @@ def _predict(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     """The MLflow UI over the store, one server worker unless asked (four take 16-40 s to start on two cores).
     The URL is printed once the server answers; with a study, the link opens its runs best first."""
-    from .process import configure
-    from .stop import stop_flag
-    from .stores import display_uri, remove_mlflow_strays
     from .tracking import answers, runs_link, start_ui_server, stop_ui_server
 
     configure(with_optuna=False)  # Ctrl-C or SIGTERM: the server goes with us
@@ -502,7 +306,6 @@ def _ui(args: argparse.Namespace) -> int:
                          f"{args.port + 1}")
     _warn_if_public(args.host)
     print(f"starting the MLflow UI over {display_uri(uri)} ...", file=sys.stderr, flush=True)
-    import signal
 
     signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))  # a closed terminal stops it as SIGTERM does
     process = start_ui_server(uri, args.host, args.port, args.workers, log=sys.stderr)  # stdout: our URL line only
@@ -529,8 +332,6 @@ def _ui(args: argparse.Namespace) -> int:
 def _port_free(host: str, port: int) -> bool:
     """Whether a server could listen on host:port now (as uvicorn binds: SO_REUSEADDR, so a closed connection's
     TIME_WAIT does not count)."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -560,11 +361,8 @@ def _warn_if_public(host: str) -> None:
 
 def _server(args: argparse.Namespace) -> int:
     """An MLflow tracking server for many workers: a database backend store and served artifacts."""
-    from .stores import redact
-
     backend = args.backend_store_uri or os.environ.get("SWEEPLAB_BACKEND_STORE_URI") or "sqlite:///mlflow-server.db"
     artifacts = os.path.abspath(args.artifacts_destination)
-    from .stores import has_secret
 
     if has_secret(backend):
         raise UsageError("--backend-store-uri: leave the password out of the URI; PostgreSQL reads it from "
@@ -676,7 +474,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from .stores import SettingError
 
     if args.command in ("sweep", "worker"):  # a reader that leaves (`| head`, a closed terminal) stops no sweep
         sys.stdout, sys.stderr = _Unbreakable.wrap(sys.stdout), _Unbreakable.wrap(sys.stderr)
@@ -770,8 +567,6 @@ MAX_MESSAGE = 500  # characters of an error message we print: a 57 MB line helps
 def one_line(exc: BaseException, with_type: bool = False) -> str:
     """An error as one printable line: its first line, cut to MAX_MESSAGE, every URL and password redacted (the
     message may be MLflow's or a driver's, quoting the URI it was given)."""
-    from .stores import redact_text
-
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
     if len(text) > MAX_MESSAGE:

@@ -13,9 +13,10 @@ from typing import Iterable
 import torch
 
 from .config import ConfigError, ExperimentConfig
-from .data import Dataset, make_dataset
-from .loop import Callback, History, LoaderBatches, TensorBatches, fit, loss_for_task, predict
+from .data import Dataset, check_data, make_dataset, seeded_dataset
+from .loop import Callback, History, LoaderBatches, ShapeError, TensorBatches, check_batch, fit, loss_for_task, predict
 from .model import ModelSpec, build_model
+from .plugins import _said, data_args, model_class
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,8 +55,6 @@ def model_spec_for(config: ExperimentConfig, dataset: Dataset) -> ModelSpec:
     model = config.model
     init_args: dict = {}
     if model.class_path is not None:
-        from .plugins import data_args, model_class
-
         cls = model_class(model.class_path, config.code_dir)
         init_args = data_args(cls, model.init_args, dataset.input_shape, dataset.n_outputs, dataset.n_classes)
     return ModelSpec(
@@ -76,8 +75,6 @@ def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
     """Build the trial's model and run one training batch through it, on the CPU, without touching torch's RNG:
     a class that cannot be built, has nothing to train, or gives outputs that do not fit the task and the data is
     one line naming model.class_path (or model.init_args) before any study or run exists."""
-    from .loop import ShapeError, check_batch
-
     spec = model_spec_for(config, dataset)
     state = torch.get_rng_state()
     try:
@@ -90,8 +87,6 @@ def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
         try:
             out = model(batch_x)
         except Exception as exc:
-            from .plugins import _said
-
             raise ConfigError(f"{where}: forward on a batch of {list(batch_x.shape)} raised {_said(exc)}") from None
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"{where}: forward returned {type(out).__name__}; it must return a tensor")
@@ -151,3 +146,45 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
     else:  # a user's model need not take an empty batch
         predictions = torch.empty(0, dataset.n_outputs)
     return RunResult(config, dataset, spec, model, history, device, predictions)
+
+
+# --- checks before any store exists (`sweeplab run`, `sweeplab sweep`) ---------------------------------------
+
+def check_config(config, source: str = "") -> None:
+    """A config's data read and checked (data.check_data), and its model built and run on one batch
+    (experiment.check_model) when the data or the model is the user's: each is one line, before any store exists."""
+    try:
+        _check(config, {})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+
+
+def _check(config, seen: dict) -> None:
+    # the seed matters only to a user's loader, which may draw from torch's RNG
+    key = (config.data.model_dump_json(), config.task, config.seed if config.data.source == "python" else None)
+    if key not in seen:
+        seen[key] = check_data(config)
+    dataset = seen[key]
+    user_model = config.model.class_path is not None
+    if user_model or config.data.source == "python":
+        model_key = (key, config.model.model_dump_json(), config.train.loss)
+        if model_key not in seen:
+            seen[model_key] = True
+            if dataset is None:  # CSV or the seed's data, which check_data reads without building
+                dataset = seeded_dataset(config)
+            check_model(config, dataset)
+
+
+def check_sweep(sweep) -> None:
+    """Each distinct data source of the sweep, read and checked once (data.check_data), and each distinct model of
+    its probe points (both ends of every range, each choice) built and run on one batch: a bad CSV value or a bad
+    plugin is one line before any study or run exists, not a failure inside every trial."""
+    seen: dict = {}
+    for field, config in sweep.probe_configs():
+        try:
+            _check(config, seen)
+        except ConfigError as exc:
+            message = str(exc)
+            if field and not message.startswith(("model.", "data.")):
+                message = f"{field}: {message}"
+            raise ConfigError(f"{sweep.source}: {message}") from None

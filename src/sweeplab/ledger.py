@@ -19,12 +19,15 @@ not land is told before the next lease. Engines and the recorder hold `Lease`s, 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import optuna
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
 from .config import ParamSpec
@@ -121,16 +124,12 @@ def write_curve(storage: optuna.storages.BaseStorage, trial_id: int, curve: tupl
     (80 single writes cost ~80 appends and re-reads of the file), an RDB storage one transaction. Both go through
     Optuna's own write paths (pinned in test_pinned.py); any other storage gets the public call per step.
     Idempotent, so `with_retries` may repeat it."""
-    import math
-
     known = storage.get_trial(trial_id).intermediate_values
     values = [(step, float(value)) for step, value in enumerate(curve, start=1)
               if math.isfinite(value) and step not in known]
     if not values:
         return
     if isinstance(storage, optuna.storages.JournalStorage):
-        from optuna.storages.journal._storage import JournalOperation
-
         with storage._thread_lock:
             worker = storage._replay_result.worker_id
             storage._backend.append_logs([{"op_code": JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
@@ -138,8 +137,6 @@ def write_curve(storage: optuna.storages.BaseStorage, trial_id: int, curve: tupl
                                            "intermediate_value": value} for step, value in values])
             storage._sync_with_backend()
     elif isinstance(storage, optuna.storages.RDBStorage):
-        from optuna.storages._rdb.storage import _create_scoped_session
-
         with _create_scoped_session(storage.scoped_session, True) as session:
             for step, value in values:
                 storage._set_trial_intermediate_value_without_commit(session, trial_id, step, value)

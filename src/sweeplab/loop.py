@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Protocol, Sized
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from .model import state_to_cpu
 
@@ -69,8 +70,6 @@ class LoaderBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
-        from torch.utils.data import DataLoader, TensorDataset
-
         self.loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
         self.device = torch.device(device)
 

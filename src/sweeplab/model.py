@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import ConfigError
+from .plugins import instantiate, model_class
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -89,7 +92,6 @@ def build_model(spec: ModelSpec, code_dir: str | None = None, where: str = "besi
     or sys.path)."""
     if spec.class_path is None:
         return MLP(spec)
-    from .plugins import instantiate, model_class
 
     return instantiate(model_class(spec.class_path, code_dir, where=where), spec.init_args, spec.class_path)
 
@@ -123,7 +125,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"{Path(path).name}: not a sweeplab model spec ({first[:200]})") from None
-    from .config import ConfigError
 
     try:
         model = build_model(spec, code_dir, where="in this folder")

@@ -19,6 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import ConfigError
 
 # Constructor parameters the data decides, filled in when init_args leaves them out: the user should not have to
@@ -67,8 +69,6 @@ def _forget_if_elsewhere(module_name: str, code_dir: str | None) -> None:
 
 def model_class(path: str, code_dir: str | None, field: str = "model.class_path",
                 where: str = "beside the experiment file") -> type:
-    import torch
-
     cls = import_object(path, code_dir, field, where)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         kind = "class" if isinstance(cls, type) else type(cls).__name__

@@ -12,6 +12,10 @@ import sys
 import time
 import warnings
 
+from ._eager import skip_dynamo_wrappers
+from .stop import stop_flag
+from .stores import retry_waits
+
 
 def configure(with_optuna: bool = True, install_stop: bool = True) -> None:
     """Everything a sweeplab command wants of its process, before it opens any store."""
@@ -44,13 +48,10 @@ def configure(with_optuna: bool = True, install_stop: bool = True) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    from .stores import retry_waits
 
     retry_waits()  # a bad $SWEEPLAB_RETRY_WAITS is one line now, before any store is touched
-    from ._eager import skip_dynamo_wrappers
 
     skip_dynamo_wrappers()
-    from .stop import stop_flag
 
     stop_flag.clear()  # a command run in a process that ran one before (a test, a notebook) starts afresh
     if install_stop:
@@ -61,7 +62,7 @@ def use_threads(threads: int | None) -> None:
     """Torch's intra-op threads for this process (and the helpers it forks): one per worker when several workers or
     the vectorized engine's MLflow writers share the cores; None leaves torch's default."""
     if threads:
-        import torch
+        import torch  # on use: configure() runs before the config is checked, and must not pay for torch
 
         torch.set_num_threads(threads)
 

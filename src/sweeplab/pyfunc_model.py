@@ -19,6 +19,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -40,14 +41,10 @@ class Champion(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        import torch
-
         self.meta = json.loads(Path(context.artifacts["model"]).read_text())
         self.program = torch.export.load(context.artifacts["program"]).module()
 
     def predict(self, context, model_input, params=None):
-        import torch
-
         output = (params or {}).get("output") or "label"
         task = self.meta["task"]
         if task != "regression" and output not in OUTPUTS:
@@ -62,8 +59,6 @@ class Champion(mlflow.pyfunc.PythonModel):
 
 def describe(out, task: str, classes, output: str):
     """Values for regression (a row of outputs per input row), labels or class probabilities otherwise."""
-    import torch
-
     if task == "regression":
         return out.double().numpy()  # [N, outputs], as the champion has always answered
     if task == "binary":

@@ -16,12 +16,17 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.numpy_dataset import from_numpy
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from .config import ExperimentConfig
-from .loop import EpochRecord
+from .config import ExperimentConfig, value_at
+from .loop import EpochRecord, baseline_loss
+from .model import save_checkpoint, spec_json
 from .outcome import Outcome, RunEnd
+from .plugins import source_of
 from .stores import display_uri, lost_insert_race
 from .tracking import (
     CHECKPOINT_PATH,
@@ -62,8 +67,6 @@ def begin_run(tracker: Tracker, experiment_id: str, run_name: str, config: Exper
 
 def run_tags(config: ExperimentConfig) -> dict[str, str]:
     """What the run's result follows (its objective) and, for a user's model, which class and which source."""
-    from .plugins import source_of
-
     tags = {TAG_OBJECTIVE: f"{config.objective.metric} {config.objective.direction}"}
     if config.model.class_path:
         tags[TAG_MODEL_CLASS] = config.model.class_path
@@ -75,8 +78,6 @@ def run_tags(config: ExperimentConfig) -> dict[str, str]:
 
 def code_sources(config: ExperimentConfig) -> list[Path]:
     """The source files of the user's modules the run imported (its model class, its data loader)."""
-    from .plugins import source_of
-
     paths = [config.model.class_path, config.data.class_path if config.data.source == "python" else None]
     found = [source_of(path, config.code_dir) for path in paths if path]
     return list(dict.fromkeys(item[0] for item in found if item is not None))
@@ -141,8 +142,6 @@ class TrialRun:
         self.ended = True
 
     def log_artifacts(self, result) -> None:
-        from .model import save_checkpoint, spec_json
-
         with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
             folder = Path(tmp) / CHECKPOINT_PATH
             folder.mkdir()
@@ -165,10 +164,6 @@ class TrialRun:
 
     def log_dataset(self, result) -> None:
         """The training split, described with MLflow's dataset entity (name, digest, schema, source)."""
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-        from mlflow.data.numpy_dataset import from_numpy
-        from mlflow.entities import DatasetInput, InputTag
-
         data = result.dataset
         key = (data.description, result.config.name, data.x_train.numpy().tobytes(), data.y_train.numpy().tobytes())
         entity = _DATASET_ENTITIES.get(key)
@@ -194,8 +189,6 @@ EXAMPLE_ROWS = 8
 
 
 def torch_save_example(path: Path, x) -> None:
-    import torch
-
     torch.save(x.detach().cpu().clone(), path)  # a plain tensor: torch.load(weights_only=True) reads it
 
 
@@ -236,8 +229,6 @@ def summary_metrics(result, now: int) -> list[Metric]:
 
 
 def baseline_val_loss(result) -> float | None:
-    from .loop import baseline_loss
-
     data, config = result.dataset, result.config
     if data is None:
         return None
@@ -312,8 +303,6 @@ class Recorder:
 
     def note(self, number: int, config: ExperimentConfig, history) -> str:
         """The trial run's description in the MLflow UI: its setting and how it ended."""
-        from .config import value_at
-
         setting = ", ".join(f"{key} {value_text(value_at(config, key))}" for key in self.keys)
         where = f" ({condition_label(self.condition)})" if self.condition else ""
         outcome = Outcome.of_history(history)

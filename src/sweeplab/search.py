@@ -6,17 +6,20 @@ the ledger (ledger.py) calls it. The driver that ties this to training and MLflo
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
-from .config import ConfigError, ParamSpec, SweepSpec
+from .config import ConfigError, ParamSpec, SweepSpec, override_key
 from .stores import env_number, lost_insert_race, redact, refused, transient_errors, with_retries
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -162,7 +165,6 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             raise AssertionError("unreachable")
 
         return with_retries(connect, what=f"the Optuna storage {redact(url)}")
-    from optuna.storages.journal import JournalFileBackend
 
     path = Path(url.removeprefix("journal:"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,10 +236,6 @@ def check_compatible(study: optuna.Study, spec: SweepSpec, source: str, settings
 def check_settings(study: optuna.Study, spec: SweepSpec, source: str, settings: dict[str, Any]) -> None:
     """Refuse, in one line, a resume whose settings differ from those the study recorded (only keys both know:
     a field added by a later sweeplab is not a change)."""
-    import json
-
-    from .config import override_key
-
     recorded = study.user_attrs.get(SETTINGS_ATTR)
     if not isinstance(recorded, dict):
         return
@@ -265,8 +263,6 @@ def label_study(study: optuna.Study, settings: dict[str, Any], metric_name: str 
     """What Optuna's own tools and a later resume read from the study: the name of its objective (optuna-dashboard
     and `optuna.visualization` show it instead of "Objective 0") and the result settings it runs with (an older
     study, which sweeplab did not label, is labelled on its first resume)."""
-    import json
-
     if study.metric_names is None:
         study.set_metric_names([metric_name])
     if SETTINGS_ATTR not in study.user_attrs:
@@ -287,10 +283,6 @@ def repair_journal(path: Path) -> str | None:
     every read after it) fails to parse. The cut operation was never acknowledged to anyone, so it is dropped: a
     torn tail is cut off, and a torn prefix glued to a complete operation is cut from its front (the operation,
     which was acknowledged, stays). The original is kept beside the journal. Runs under the journal's own lock."""
-    import shutil
-
-    from optuna.storages.journal import JournalFileOpenLock
-
     if not path.is_file() or path.stat().st_size == 0:
         return None
     lock = JournalFileOpenLock(str(path))
@@ -323,8 +315,6 @@ def repair_journal(path: Path) -> str | None:
 def _last_whole_operation(line: bytes) -> int | None:
     """Where the line's complete JSON operation starts: 0 for a whole line, later for one glued onto a torn
     prefix, None when nothing in it parses."""
-    import json
-
     start = 0
     while start != -1:
         try:

@@ -5,12 +5,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from typing import Any
 
 import torch
 
-from .model import ModelSpec
+from .config import read_yaml
+from .loop import predict
+from .model import ModelSpec, load_checkpoint
+from .stores import redact, resolve_tracking_uri
 
 
 def describe_outputs(outputs: torch.Tensor, spec: ModelSpec) -> list[dict[str, Any]]:
@@ -40,7 +46,7 @@ class ModelNotFound(LookupError):
 def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
     """(run id, how it was found) for a run id, a study/sweep name (its best completed trial), a sweep file, or a
     `models:/NAME@ALIAS` / `models:/NAME/VERSION` URI of a model that sweeplab registered."""
-    from .tracking import TAG_OUTCOME, Tracker
+    from .tracking import TAG_OUTCOME, Tracker  # MLflow on use: `sweeplab run --no-track` uses describe_outputs
 
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
@@ -48,15 +54,13 @@ def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
     if reference.startswith("models:/"):
         return _registered_run(client, reference), reference
     if reference.endswith((".yaml", ".yml")):
-        from .config import read_yaml
-
         study = read_yaml(reference).get("study")
         if not study:
             raise ModelNotFound(f"{reference}: no study name in this sweep file")
         reference = str(study)
     experiment = client.get_experiment_by_name(reference)
     if experiment is not None:
-        from .answer import Goal
+        from .answer import Goal  # (MLflow on use, as above)
         from .tracking import TAG_OBJECTIVE
 
         done = f"tags.`{TAG_OUTCOME}` = 'completed'"
@@ -80,7 +84,7 @@ def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
 
 
 def _registered_run(client, uri: str) -> str:
-    from .tracking import TAG_CHAMPION_RUN
+    from .tracking import TAG_CHAMPION_RUN  # (MLflow on use, as above)
 
     rest = uri[len("models:/"):]
     try:
@@ -100,19 +104,13 @@ def _registered_run(client, uri: str) -> str:
 
 
 def _display(uri: str) -> str:
-    from .stores import redact
-
     return redact(uri)
 
 
 def load_logged_model(reference: str, tracking_uri: str | None = None, device: str = "cpu"):
     """(model in eval mode on `device`, its ModelSpec, description). The checkpoint is read with
     torch.load(weights_only=True) and mapped to `device`, so a GPU-trained model loads on a CPU machine."""
-    import tempfile
-
-    from .model import load_checkpoint
-    from .stores import resolve_tracking_uri
-    from .tracking import CHECKPOINT_PATH, Tracker
+    from .tracking import CHECKPOINT_PATH, Tracker  # (MLflow on use, as above)
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run_id, found = resolve_run_id(reference, tracking_uri)
@@ -122,7 +120,6 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
             path = client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", tmp)
         except Exception:
             raise ModelNotFound(f"{reference}: run {run_id} has no best state ({CHECKPOINT_PATH}/best.pt)") from None
-        import os
 
         model, spec = load_checkpoint(path, map_location=device, code_dir=os.getcwd())
     return model, spec, f"{found}, run {run_id}"
@@ -147,8 +144,6 @@ def parse_rows(values: list[str]) -> list[list[float]]:
 
 def read_json_rows(text: str, spec: ModelSpec) -> list[list[float]]:
     """JSON on stdin: [[1, 2], ...], {"x": [[...]]}, or [{"x1": 1, "x2": 2}, ...] keyed by feature name."""
-    import json
-
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -189,7 +184,7 @@ def _flat(values) -> list:
 
 def read_csv_rows(path: str, spec: ModelSpec) -> tuple[list[list[float]], list[str]]:
     """Rows of the model's feature columns, by name; (rows, extra column names, which are ignored)."""
-    import pandas as pd
+    import pandas as pd  # CSV input only
 
     try:
         frame = pd.read_csv(path)
@@ -212,8 +207,6 @@ def read_csv_rows(path: str, spec: ModelSpec) -> tuple[list[list[float]], list[s
 
 
 def predict_rows(model, spec: ModelSpec, rows: list[list[float]]) -> list[dict[str, Any]]:
-    from .loop import predict
-
     wrong = [i for i, row in enumerate(rows) if len(row) != spec.in_features]
     if wrong:
         shape = "x".join(map(str, spec.sample_shape))

@@ -14,13 +14,17 @@ attempts looks at the stop flag, so a stop during an outage acts at once.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from .stop import stop_flag
 
 SECRET_KEYS = {"password", "passwd", "pwd", "pass", "secret", "token", "access_token", "api_key", "apikey",
                "sslpassword", "client_secret"}
@@ -101,8 +105,6 @@ def display_uri(uri: str) -> str:
 
 def sqlite_path(url: str) -> Path | None:
     """The database file of a `sqlite:///` URL (its path percent-decoded, as SQLAlchemy reads it), else None."""
-    from urllib.parse import unquote
-
     return Path(unquote(url[len("sqlite:///"):])).resolve() if url.startswith("sqlite:///") else None
 
 
@@ -151,16 +153,12 @@ def store_lock(uri: str, name: str):
     elsewhere (a tracking server offers no lock)."""
     database = sqlite_path(uri)
     if database is not None:
-        import fcntl
-
         with open(f"{database}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
         return
     if uri.startswith("postgresql"):
-        import zlib
-
-        import sqlalchemy
+        import sqlalchemy  # PostgreSQL stores only; stores.py is imported before any heavy library
 
         engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
         try:
@@ -228,11 +226,11 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     """Errors a retry may cure. Optuna's StorageInternalError counts once Optuna is loaded (by the ledger)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
     with contextlib.suppress(ImportError):
-        import sqlalchemy.exc
+        import sqlalchemy.exc  # when installed; stores.py imports no heavy library itself
 
         errors += [sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError]
     with contextlib.suppress(ImportError):
-        import requests
+        import requests  # (as above)
 
         errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
     if "optuna" in sys.modules:  # only when already loaded: this module must not import Optuna
@@ -259,8 +257,6 @@ def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna stora
                  waits: tuple[float, ...] | None = None, **kwargs: Any) -> T:
     """Call fn, retrying connection-level failures with backoff; after the last wait raise OutageError in one
     line. A stop requested during the outage ends the waiting at once (stop.check raises Stopped)."""
-    from .stop import stop_flag
-
     waits = retry_waits() if waits is None else waits
     transient = transient_errors()
     for wait in (*waits, None):

@@ -14,23 +14,26 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import optuna
 
+from .champion import ALIAS, register_champion
 from .config import ConfigError, Sweep, result_settings
 from .engines import Engine, Job, engine_named, learns, settle
 from .ledger import WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from .loop import EpochRecord
+from .outcome import Outcome
 from .recorder import Recorder, finite
 from .search import budget, check_compatible, label_study, open_storage, open_study
 from .stop import stop_flag, wait_for_parent
-from .stores import OutageError, check_separate_stores, env_number, redact, with_retries, worker_id
-from .tracking import TAG_NOTE, TAG_ROLE, TAG_STUDY, Tracker, condition_label
+from .stores import OutageError, check_separate_stores, env_number, redact, this_host, with_retries, worker_id
+from .tracking import TAG_ROLE, TAG_STUDY, Tracker, condition_label
 from .writers import InlineWriter, WriterPool, WriterSetup
 
 MAX_CONSECUTIVE_FAILURES = 3
@@ -239,8 +242,6 @@ def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage
     run_id = tracker.start_run(experiment_id, name, {TAG_ROLE: role, TAG_STUDY: spec.study,
                                                       "sweeplab.sweep_file": sweep.source,
                                                       "sweeplab.storage": redact(storage_url)})
-    from mlflow.entities import Param
-
     params = {"study": spec.study, "engine": spec.engine, "sampler": spec.sampler.type, "sampler_seed": str(spec.sampler.seed),
               "pruner": spec.pruner.type, "n_trials": str(spec.n_trials), "workers": str(workers),
               "repeats": str(spec.repeats), "space": ",".join(spec.space), "conditions": ",".join(spec.conditions),
@@ -248,7 +249,7 @@ def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage
               "objective": f"{sweep.config_for({}).objective.metric} {sweep.config_for({}).objective.direction}",
               "continuous": ",".join(name for name, param in spec.space.items()  # ranges, not levels: plotted
                                      if any(case.kind != "categorical" for case in (param.cases or {"": param}).values()))}
-    tracker.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    tracker.log_params(run_id, params)
     return run_id
 
 
@@ -352,8 +353,8 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
                                                 for t in finished_trials(part.study)),
                                             champions[index])
                                 for index, (part, ran_before) in enumerate(zip(parts, before))], parent, experiment_id)
-        tracker.client.set_tag(parent, TAG_NOTE, outcome_note(outcome))
-        tracker.end_run(parent, "completed")
+        tracker.set_note(parent, outcome_note(outcome))
+        tracker.end_run(parent, Outcome.COMPLETED)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         ours = helpers.n > 0 and not stop_flag.is_set()
@@ -363,7 +364,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         if ours:
             stop_flag.clear()  # the request was for the helpers, not for a later sweep in this process
         try:
-            tracker.end_run(parent, "killed" if interrupted else "failed",
+            tracker.end_run(parent, Outcome.KILLED if interrupted else Outcome.FAILED,
                             "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
         except Exception:
             pass  # the original error is what the user needs to see
@@ -376,8 +377,6 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
 def _when_done(futures: list, then: Callable[[], None] | None):
     """A future, True once `then()` was called from a thread when every future succeeded (False when one failed
     or there is no `then`): the helpers' end starts the report while this process is busy registering."""
-    from concurrent.futures import Future
-
     started: Future = Future()
 
     def watch() -> None:
@@ -399,25 +398,20 @@ def crown(tracker: Tracker, part: Part, experiment_id: str) -> dict[str, Any] | 
     top = best_trials(part.study, 1)
     if not top:
         return None
-    from .champion import register_champion
-
     return register_champion(tracker, top[0], part.sweep.spec.study, experiment_id, champion_alias(part.sweep),
                              part.sweep.spec.condition, part.sweep.config_for({}).objective.column)
 
 
 def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
     """The experiment's description (what the study compares) and the view the printed UI link opens."""
-    from .tracking import share_view
-
     spec = sweep.spec
     searched = ", ".join(spec.space)
     compared = "; ".join(f"{key} in {values}" for key, values in spec.conditions.items())
     text = (f"sweeplab study {spec.study}: searches {searched} ({spec.sampler.type} sampler, {spec.n_trials} trials"
             + (f") separately for each condition: {compared}, an equal share of trials each" if compared else ")")
             + f". {_better_text(sweep.config_for({}).objective)} Sweep file: {sweep.source}.")
-    tracker.client.set_experiment_tag(experiment_id, TAG_NOTE, text)
-    share_view(tracker.client, experiment_id, [sweep.field_of(k) for k in [*spec.space, *spec.conditions]],
-               [sweep.field_of(k) for k in spec.conditions], sweep.config_for({}).objective)
+    tracker.describe_experiment(experiment_id, text, [sweep.field_of(k) for k in [*spec.space, *spec.conditions]],
+                                [sweep.field_of(k) for k in spec.conditions], sweep.config_for({}).objective)
 
 
 def _better_text(objective) -> str:
@@ -446,10 +440,6 @@ def outcome_note(outcome: SweepOutcome) -> str:
 def champion_alias(part: Sweep) -> str:
     """`champion` for the base experiment's own condition (or a sweep without conditions); `champion-noise-1_0`
     for another (MLflow's aliases take letters, digits, _ and - only)."""
-    import re
-
-    from .champion import ALIAS
-
     if part.own_setting:
         return ALIAS
     words = [f"{key}-{value}" for key, value in part.spec.condition.items()]
@@ -504,8 +494,6 @@ class Helpers:
 
     def workers(self) -> list[str]:
         """The helpers' worker ids (host:pid), as their trials name them."""
-        from .stores import this_host
-
         processes = getattr(self.pool, "_processes", None) or {}
         return [f"{this_host()}:{pid}" for pid in processes]
 
@@ -565,12 +553,12 @@ def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id:
         if own_parent:
             interrupted = isinstance(exc, KeyboardInterrupt)
             try:
-                tracker.end_run(parent_run_id, "killed" if interrupted else "failed", str(exc) or "interrupted")
+                tracker.end_run(parent_run_id, Outcome.KILLED if interrupted else Outcome.FAILED, str(exc) or "interrupted")
             except Exception:
                 pass  # the original error is what the user needs to see
         raise
     if own_parent:
-        tracker.end_run(parent_run_id, "completed")
+        tracker.end_run(parent_run_id, Outcome.COMPLETED)
     return ran
 
 

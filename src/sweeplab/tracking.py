@@ -8,20 +8,40 @@ the champion model is champion.py. Imports nothing of Optuna: a tracked `sweepla
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
+import random
+import shutil
+import signal
+import sqlite3
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import RunTag
+from mlflow.entities import Param, RunTag
 
 from . import __version__
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig, flat_fields, value_at
 from .outcome import Outcome, RunEnd
-from .stores import display_uri, process_gone, remove_mlflow_strays, sqlite_path, sqlite_uri, worker_id
+from .stores import (
+    display_uri,
+    lost_insert_race,
+    process_gone,
+    refused,
+    remove_mlflow_strays,
+    retry_waits,
+    sqlite_path,
+    sqlite_uri,
+    store_lock,
+    with_retries,
+    worker_id,
+)
 
 TAG_ROLE = "sweeplab.role"
 TAG_STUDY = "sweeplab.study"
@@ -93,8 +113,6 @@ def share_view(client: MlflowClient, experiment_id: str, fields: list[str], cond
 def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) -> subprocess.Popen:
     """`mlflow server` as the UI over a store. The store goes through the environment, not the command line, where
     `ps` would show its password; a local SQLite store's artifacts are where sweeplab put them (mlartifacts/)."""
-    import sys
-
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
                "--workers", str(workers), "--uvicorn-opts", "--log-level warning"]
     database = sqlite_path(uri)
@@ -116,8 +134,6 @@ def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) 
 
 def stop_ui_server(server: subprocess.Popen, grace_s: float = 10) -> None:
     """End the UI server's whole process group: SIGTERM, then SIGKILL for what is left after `grace_s`."""
-    import signal
-
     for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
         try:
             os.killpg(server.pid, signum)
@@ -161,8 +177,6 @@ def _state_of(proc: Path) -> str:
 
 def answers(url: str) -> bool:
     """Whether an HTTP server answers 200 at url (within 2 s)."""
-    import urllib.request
-
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
@@ -172,8 +186,6 @@ def answers(url: str) -> bool:
 
 def flatten(config: ExperimentConfig) -> dict[str, str]:
     """The resolved config as MLflow params: dotted keys (`train.lr`), every field, defaults included."""
-    from .config import flat_fields
-
     return {key: json.dumps(value) if isinstance(value, list) else str(value)
             for key, value in flat_fields(config).items()}
 
@@ -207,8 +219,6 @@ def create_sqlite_store(database: Path) -> None:
     forty migrations (~2 s); an interrupt between two of them used to leave a database that no later command could
     open (`_alembic_tmp_experiments already exists`). The schema is built in a hidden file beside the database and
     renamed into place; a lock file beside it lets one process at a time do it (two migrating at once collide)."""
-    import fcntl
-
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{database}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -232,8 +242,6 @@ def create_sqlite_store(database: Path) -> None:
 def _empty_store_template() -> Path:
     """Where a freshly migrated, empty store of this MLflow version is kept: a new store is a copy of it (~20 ms)
     instead of forty migrations (~2 s). Keyed by MLflow's version, whose migrations decide the schema."""
-    import mlflow
-
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sweeplab"
     return cache / f"empty-mlflow-{mlflow.__version__}.db"
 
@@ -241,9 +249,6 @@ def _empty_store_template() -> Path:
 def _copy_empty_store(target: Path) -> bool:
     """A copy of the empty store as MLflow would have made it here: its Default experiment's artifact location is
     where MLflow puts it (./mlruns/0 of the working directory) and its times are now. False without a template."""
-    import shutil
-    import sqlite3
-
     template = _empty_store_template()
     try:
         shutil.copyfile(template, target)
@@ -260,8 +265,6 @@ def _copy_empty_store(target: Path) -> bool:
 
 def _keep_empty_store(database: Path) -> None:
     """Keep a just-migrated empty store as the template (best effort: a read-only home just goes without)."""
-    import shutil
-
     template = _empty_store_template()
     try:
         template.parent.mkdir(parents=True, exist_ok=True)
@@ -275,15 +278,12 @@ def _keep_empty_store(database: Path) -> None:
 def probe_database(uri: str, timeout_s: int = 5) -> None:
     """Connect to a database tracking store once, with a connect timeout, retried through a short outage
     (`with_retries`' ~15 s); then say in one line that it is unreachable, with the URI redacted."""
-    import sqlalchemy
+    import sqlalchemy  # database stores only
 
-    from .config import ConfigError
 
     connect_args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
     engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
     try:
-        from .stores import refused, retry_waits
-
         waits = retry_waits()
         for wait in (*waits, None):
             try:
@@ -306,6 +306,7 @@ def import_store_modules(tracking_uri: str) -> None:
     they do not pay it again."""
     if tracking_uri.startswith(("http:", "https:", "databricks")):
         return
+    # the SQL store's modules (~0.6 s): only for a store that has them, and once, here, before any fork
     import alembic.command
     import alembic.config
     import alembic.migration
@@ -324,10 +325,6 @@ def _open_database_client(uri: str) -> MlflowClient:
     run MLflow's migrations at once, and the losers fail on a duplicate type or key (`pg_type_typname_nsp_index`).
     On PostgreSQL they take turns under an advisory lock (the first migrates, the rest find the tables made);
     elsewhere a loser opens the store again once the tables exist."""
-    import random
-
-    from .stores import lost_insert_race, store_lock
-
     with store_lock(uri, "mlflow tables"):
         for attempt in range(SCHEMA_RACE_ATTEMPTS):
             try:
@@ -352,8 +349,6 @@ class Tracker:
 
     def check_reachable(self) -> None:
         """One read, so an unreachable or wrong tracking URI fails in one line before anything is written."""
-        from .config import ConfigError
-
         try:
             self.client.search_experiments(max_results=1)
         except Exception as exc:
@@ -372,7 +367,6 @@ class Tracker:
                 probe_database(tracking_uri)
                 return _open_database_client(tracking_uri)
             return MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        from .config import ConfigError
 
         database = sqlite_path(tracking_uri)
         if not database.exists():
@@ -420,22 +414,18 @@ class Tracker:
     def end_if_running(self, run_id: str, reason: str) -> None:
         """End a run that a lost worker left RUNNING as KILLED, and the worker's own parent run with it (a
         `sweeplab worker` that stopped heartbeating is gone); leave any other run as it is."""
-        from .stores import with_retries
-
         run = with_retries(self.client.get_run, run_id, what="the MLflow tracking store")
         if run.info.status == "RUNNING":
-            self.end_run(run_id, "killed", reason)
+            self.end_run(run_id, Outcome.KILLED, reason)
         parent_id = run.data.tags.get("mlflow.parentRunId")
         if parent_id:
             parent = with_retries(self.client.get_run, parent_id, what="the MLflow tracking store")
             if parent.info.status == "RUNNING" and parent.data.tags.get(TAG_ROLE) == "worker":
-                self.end_run(parent_id, "killed", f"worker lost ({reason})")
+                self.end_run(parent_id, Outcome.KILLED, f"worker lost ({reason})")
 
     def run_end(self, run_id: str):
         """How a trial's run says its trial ended (outcome.RunEnd), or None while it has not ended, or when it
         ended without a result (failed, killed)."""
-        from .stores import with_retries
-
         run = with_retries(self.client.get_run, run_id, what="the MLflow tracking store")
         tags, metrics = run.data.tags, run.data.metrics
         if run.info.status == "RUNNING" or tags.get(TAG_STATE) not in ("COMPLETE", "PRUNED"):
@@ -453,18 +443,31 @@ class Tracker:
                                            max_results=1000):
             worker = run.data.tags.get(TAG_WORKER)
             if worker and process_gone(worker):
-                self.end_run(run.info.run_id, "killed", f"process {worker} ended without closing the run")
+                self.end_run(run.info.run_id, Outcome.KILLED, f"process {worker} ended without closing the run")
                 reaped += 1
         return reaped
 
     def log_report(self, parent_run_id: str, folder: Path, note: str) -> None:
         """A report's files under the parent run's `report/`, and its answer as the run's description."""
         self.client.log_artifacts(parent_run_id, str(folder), "report")
-        self.client.set_tag(parent_run_id, TAG_NOTE, note)
+        self.set_note(parent_run_id, note)
 
-    def end_run(self, run_id: str, outcome: str, reason: str | None = None) -> None:
+    def end_run(self, run_id: str, outcome: Outcome, reason: str | None = None) -> None:
         self.client.log_batch(run_id, tags=outcome_tags(outcome, reason))
         self.client.set_terminated(run_id, Outcome(outcome).run_status)
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        self.client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
+
+    def set_note(self, run_id: str, text: str) -> None:
+        """The run's description in the UI (Markdown)."""
+        self.client.set_tag(run_id, TAG_NOTE, text)
+
+    def describe_experiment(self, experiment_id: str, text: str, fields: list[str], conditions: list[str] = (),
+                            objective=None) -> None:
+        """The experiment's description, and the view the printed UI link opens (`share_view`)."""
+        self.client.set_experiment_tag(experiment_id, TAG_NOTE, text)
+        share_view(self.client, experiment_id, fields, conditions, objective)
 
 
 def outcome_tags(outcome: str, reason: str | None = None, extra: dict[str, str] | None = None) -> list[RunTag]:
@@ -481,8 +484,6 @@ SHORT_KEYS = {"hidden": "h", "noise": "n"}  # the UI's run column shows ~20 char
 def run_name_for(config: ExperimentConfig, trial_number: int | None = None, keys=LAB_KEYS) -> str:
     """What the trial is, at a glance, from the keys a sweep varies (its space, then its conditions), most
     telling first: `adam-lr0.03-h16-n0.3 #12`. Text values stand alone, numbers follow their key."""
-    from .config import value_at
-
     parts = []
     for key in keys:
         value = value_at(config, key)

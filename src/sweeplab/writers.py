@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import optuna
+
 from .engines import Job
+from .ledger import Ledger
+from .process import configure
+from .recorder import Recorder
+from .search import open_storage
+from .stop import stop_flag, wait_for_parent
+from .tracking import Tracker
 
 # Told when a trial's write is done: (trial number, outcome), for progress.
 OnWritten = Optional[Callable[[int, str], None]]
@@ -93,7 +102,6 @@ class WriterPool:
         """Take in the writes that are done (with block, at least one); a writer's error is raised here."""
         if not self.in_flight:
             return
-        from .stop import stop_flag
 
         while True:
             done, _ = wait(list(self.in_flight), timeout=1.0 if block else 0, return_when=FIRST_COMPLETED)
@@ -137,20 +145,12 @@ def _open_writer(setup: WriterSetup) -> None:
     """A writer process's start: its own stores, ledger and recorder. It ignores Ctrl-C (the sweep process decides
     what is written and what is failed) and exits if the sweep process is killed, whose trials then stop
     heartbeating and go to the surviving workers."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .process import configure
 
     configure(install_stop=False)
     threading.Thread(target=_exit_with_parent, name="sweeplab-orphan-watch", daemon=True).start()
-    import optuna
 
-    from .ledger import Ledger
-    from .recorder import Recorder
-    from .search import open_storage
-    from .tracking import Tracker
 
     global _recorder
     tracker = Tracker(setup.tracking_uri)
@@ -164,8 +164,6 @@ def _open_writer(setup: WriterSetup) -> None:
 def _exit_with_parent() -> None:
     """Exit once the sweep process is gone, but never between a trial's run and its tell: a run left FINISHED
     for a trial that then fails (its heartbeat gone) would be counted as a second result when it is retried."""
-    from .stop import wait_for_parent
-
     wait_for_parent()
     _writing.acquire()
     os._exit(0)

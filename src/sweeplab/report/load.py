@@ -113,7 +113,7 @@ def _select_curves(store, run_ids: list[str], metric: str | None = None) -> pd.D
     """For a database-backed store: one plain SELECT on MLflow's metrics table (its ORM model and engine),
     returning rows instead of building a Metric object per value: ~10x faster than get_metric_history_bulk for
     80,000 values. None when the store is not a SQLAlchemy one (a tracking server), or this MLflow lacks them."""
-    try:
+    try:  # a database store's modules: imported only when the store is one (a server needs none)
         from mlflow.store.tracking.dbmodels.models import SqlMetric
         from sqlalchemy import select
 

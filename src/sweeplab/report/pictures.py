@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
 
 from ..answer import conditions_of
 from ..tracking import condition_label
@@ -28,8 +32,6 @@ def draw(data: SweepData, answers: list) -> dict[str, bytes]:
 
 
 def _figure(rows: int, cols: int, width: float = 5.0, height: float = 3.8):
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width * cols, height * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes
@@ -40,8 +42,6 @@ def _title(condition: dict, what: str) -> str:
 
 
 def _colors(levels: list) -> dict:
-    from matplotlib import colormaps
-
     palette = colormaps["tab10"].colors
     return {level: palette[i % len(palette)] for i, level in enumerate(levels)}
 
@@ -136,9 +136,6 @@ def _parallel(data: SweepData, groups) -> bytes | None:
     """Parallel coordinates: one line per completed trial across the searched factors (levels in order,
     continuous ones on a log scale, each axis scaled to 0..1), coloured by its objective (a loss on a log scale):
     which combinations the good trials share."""
-    from matplotlib import colormaps
-    from matplotlib.colors import LogNorm
-
     axes_names = [f for f in data.factors if f in data.trials.columns and data.trials[f].nunique() > 1]
     if len(axes_names) < 2:
         return None
@@ -166,8 +163,6 @@ def _parallel(data: SweepData, groups) -> bytes | None:
         if goal.is_loss:
             norm = LogNorm(vmin=max(losses.min(), 1e-12), vmax=max(losses.max(), losses.min() * 1.0001, 1e-12))
         else:
-            from matplotlib.colors import Normalize
-
             norm = Normalize(vmin=losses.min(), vmax=max(losses.max(), losses.min() + 1e-9))
         cmap = colormaps["viridis_r" if goal.minimize else "viridis"]
         ranked = losses.to_numpy() if goal.minimize else -losses.to_numpy()
@@ -180,7 +175,6 @@ def _parallel(data: SweepData, groups) -> bytes | None:
         ax.set_yticks([0, 1], ["low", "high"])
         ax.set_ylabel("scaled position (log for ranges)")
         ax.set_title(_title(condition, "parallel coordinates"))
-        from matplotlib.cm import ScalarMappable
 
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=_value_label(data))
     return _png(fig)
@@ -219,7 +213,6 @@ def _png(fig) -> bytes:
 def warm_up() -> None:
     """A report's first-use costs, paid ahead while a sweep trains: fANOVA's imports (scikit-learn), matplotlib's
     fonts and PNG writer (with the store's modules, tracking.import_store_modules: ~3 s of CPU here)."""
-    from matplotlib.figure import Figure
     from optuna.importance import FanovaImportanceEvaluator  # optuna's `importance` attribute is a lazy import
 
     del FanovaImportanceEvaluator

@@ -1,0 +1,167 @@
+"""What the commands print: the seed's epoch lines and a run's summary (`sweeplab run`), the sweep's progress bars
+and its closing summary (`sweeplab sweep`), and the commands to paste next, written as the user invoked sweeplab.
+cli.py decides what to print when; the numbers come from the History (loop.py) and the studies (ledger.py).
+Light to import, like cli.py: each heavy module (tqdm, Optuna through the ledger, MLflow through tracking) is
+imported by the function that prints with it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+
+from .stores import redact
+
+
+class SeedPrinter:
+    """Prints the seed's epoch lines (epoch 1 and every `every`-th) as the training runs."""
+
+    def __init__(self, name: str, every: int):
+        self.name, self.every = name, every
+
+    def header(self) -> None:
+        print(self.name, flush=True)
+
+    def __call__(self, record) -> None:
+        if record.epoch == 1 or record.epoch % self.every == 0:
+            print(f"epoch={record.epoch:3d} train_loss={record.train_loss:.4f} val_loss={record.val_loss:.4f}",
+                  flush=True)
+        return None
+
+
+def prediction_texts(result) -> list[str]:
+    from .serve import describe_outputs
+
+    return [row["text"] for row in describe_outputs(result.predictions, result.spec)]
+
+
+def run_summary(result, tracker) -> dict:
+    from .serve import describe_outputs
+
+    history = result.history
+    summary = {
+        "name": result.config.name,
+        "status": history.status,
+        "stop_reason": history.stop_reason,
+        "best_val": history.best_val_loss,
+        "best_epoch": history.best_epoch,
+        "objective": {"metric": result.config.objective.metric, "direction": result.config.objective.direction,
+                      "best": history.best_value},
+        "predictions": [row["prediction"] for row in describe_outputs(result.predictions, result.spec)],
+        "train_loss": history.train_loss,
+        "val_loss": history.val_loss,
+        "metrics": history.metrics,
+        "best_metrics": history.best_metrics,
+        "confusion_matrix": history.confusion_matrix,
+        "device": str(result.device),
+        "seconds": history.seconds,
+    }
+    if tracker:
+        summary["mlflow_run_id"] = tracker.run_id
+    return summary
+
+
+class Progress:
+    """A tqdm bar per condition: trials finished out of its budget, and the best value so far. On a terminal it
+    redraws in place; on other output (a log, CI) it writes a line at most every 15 s and when a condition ends.
+    `--quiet` turns it off."""
+
+    def __init__(self, study_name: str, enabled: bool = True, header: str = ""):
+        self.study_name, self.enabled, self.header = study_name, enabled, header  # header: before the first bar
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        self.condition: str | None = None
+
+    def update(self, study, n_trials: int, condition: str = "") -> None:
+        from tqdm import tqdm
+
+        from .ledger import best_trials, finished_count
+
+        if not self.enabled:
+            return
+        if self.bar is None or condition != self.condition:
+            tqdm.monitor_interval = 0  # no monitor thread: local helpers are forked from this process
+            if self.bar is None and self.header:  # said once the sweep runs (not before an error that stops it)
+                print(self.header, file=sys.stderr, flush=True)
+            self.close()
+            self.condition = condition
+            name = f"{self.study_name} {condition}" if condition else self.study_name
+            self.bar = tqdm(total=n_trials, desc=name, unit="trial", file=sys.stderr if self.tty else _Lines(),
+                            dynamic_ncols=True,
+                            mininterval=0.1 if self.tty else 15, bar_format="{desc} {bar:30} {n_fmt}/{total_fmt} "
+                            "trials [{elapsed}<{remaining}]{postfix}", ascii=not self.tty)
+        top = best_trials(study, 1)
+        self.bar.set_postfix_str(f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -", refresh=False)
+        self.bar.update(min(finished_count(study), n_trials) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Lines:
+    """tqdm's output for a log or CI: each redraw on a line of its own, not glued to the last one by a carriage
+    return."""
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "\n").strip("\n")
+        if text.strip():
+            sys.stderr.write(text + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> None:
+    """Per condition (or for the whole sweep): trial counts, the best trials with their searched values, the
+    champion; then the commands to browse and to predict, as they work pasted here."""
+    from .ledger import best_trials, outcome_counts
+    from .search import values_of
+    from .tracking import condition_label, value_text
+
+    champions = []
+    for part in outcome.parts:
+        counts = outcome_counts(part.study)
+        where = f", {condition_label(part.sweep.spec.condition)}" if part.sweep.spec.condition else ""
+        print(f"study {sweep.spec.study}{where}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+              + f" ({part.ran} run now)")
+        top = best_trials(part.study, 5)
+        if top:
+            names = list(sweep.spec.space)
+            widths = [max(len(name), 9) for name in names]
+            column = part.sweep.config_for({}).objective.column
+            print(f"{'trial':>5}  " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
+                  + f"  {column:>13} {'best_epoch':>10}  run")
+            for trial in top:
+                values = values_of(trial.params, part.sweep.spec.space)
+                cells = " ".join(f"{value_text(values.get(name)):>{w}}" for name, w in zip(names, widths))
+                print(f"{trial.number:>5}  {cells}  {trial.value:>{len(column)}.4f} {value_text(trial.best_epoch):>10}  "
+                      f"{trial.run_id or ''}")
+        if part.champion:
+            champion = part.champion
+            champions.append(champion)
+            state = "registered" if champion["new"] else "unchanged"
+            print(f"champion: models:/{champion['name']}@{champion['alias']} (version {champion['version']}, trial "
+                  f"#{champion['trial']}, {state})")
+        print()
+    me = invocation()
+    store = f" --tracking-uri {shlex.quote(redact(tracking_uri))}"
+    print(f"browse:   {me} ui {shlex.quote(sweep.spec.study)}{store}")
+    for champion in champions:
+        print(f"predict:  {me} predict models:/{champion['name']}@{champion['alias']}{store}")
+
+
+def invocation() -> str:
+    """sweeplab as the user invoked it, so a printed command works pasted in the folder it ran in: `sweeplab`
+    when that is what PATH finds, else the path they typed (`.venv/bin/sweeplab` in the checkout), else
+    `python -m sweeplab` with this interpreter."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "sweeplab":
+        found = shutil.which("sweeplab")
+        if found and os.path.realpath(found) == os.path.realpath(argv0):
+            return "sweeplab"
+        return shlex.quote(argv0)
+    return f"{shlex.quote(sys.executable)} -m sweeplab"
+
