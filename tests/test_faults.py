@@ -91,7 +91,7 @@ def test_a_conditional_parameter_may_come_before_its_parent(here, capsys):
             "optimizer: {choices: [Adam, SGD]}\n"
     (here / "s.yaml").write_text(sweep_text(space))
     assert main(["sweep", str(here / "s.yaml"), "epochs=3", "--quiet", "--no-report"]) == 0
-    assert "2 complete" in capsys.readouterr().out
+    assert "2 completed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content, message", [

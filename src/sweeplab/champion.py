@@ -18,8 +18,8 @@ import logging
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -37,24 +37,43 @@ from .tracking import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
 ALIAS = "champion"
 
 
+@dataclass(frozen=True)
+class Champion:
+    """A registered champion: which trial's model `models:/NAME@ALIAS` is, and whether this call registered it."""
+
+    name: str  # the registered model: the study's name
+    alias: str  # `champion`, or `champion-noise-1_0` for another condition
+    trial: int
+    run_id: str
+    column: str  # the objective's column (best_val_loss), and the trial's value of it
+    value: float
+    version: str
+    new: bool  # registered now (False: it already was this alias's model)
+    condition: dict = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}"
+
+
 def download_checkpoint(tracker: Tracker, run_id: str, dest: Path) -> Path:
     return Path(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", str(dest)))
 
 
 def register_champion(tracker: Tracker, best, name: str, experiment_id: str, alias: str = ALIAS,
-                      condition: dict | None = None, column: str = "best_val_loss") -> dict[str, Any]:
+                      condition: dict | None = None, column: str = "best_val_loss") -> Champion:
     """Log and register the best completed trial's model (`best`, a ledger.TrialSummary, whose value is the
     objective's `column`) under `alias` (one per condition of a sweep that has them), unless it already is that
     alias's model."""
     run_id = best.run_id
-    summary = {"name": name, "alias": alias, "trial": best.number, "run_id": run_id, column: best.value,
-               "condition": condition or {}}
+    found = dict(name=name, alias=alias, trial=best.number, run_id=run_id, column=column, value=best.value,
+                 condition=dict(condition or {}))
     # two sweeps of one study ending at once register it once (through a tracking server there is nothing to lock:
     # they may then register one run twice)
     with store_lock(tracker.tracking_uri, f"champion {name}"):
         current = _current_champion(tracker, name, alias)
         if current is not None and current.tags.get(TAG_CHAMPION_RUN) == run_id:
-            return {**summary, "version": current.version, "new": False}
+            return Champion(**found, version=current.version, new=False)
         where = "".join(f", {key}={value}" for key, value in (condition or {}).items())
         version = register_run_model(tracker, run_id, name, experiment_id, alias,
                                      description=f"trial #{best.number} of study {name!r}{where}: {column} "
@@ -64,7 +83,7 @@ def register_champion(tracker: Tracker, best, name: str, experiment_id: str, ali
                                            **{f"sweeplab.condition.{k}": str(v)
                                               for k, v in (condition or {}).items()}})
         tracker.client.set_registered_model_alias(name, alias, version.version)
-    return {**summary, "version": version.version, "new": True}
+    return Champion(**found, version=version.version, new=True)
 
 
 def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: str, model_name: str,

@@ -142,15 +142,14 @@ def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> 
         if part.champion:
             champion = part.champion
             champions.append(champion)
-            state = "registered" if champion["new"] else "unchanged"
-            print(f"champion: models:/{champion['name']}@{champion['alias']} (version {champion['version']}, trial "
-                  f"#{champion['trial']}, {state})")
+            state = "registered" if champion.new else "unchanged"
+            print(f"champion: {champion.uri} (version {champion.version}, trial #{champion.trial}, {state})")
         print()
     me = invocation()
     store = f" --tracking-uri {shlex.quote(redact(tracking_uri))}"
     print(f"browse:   {me} ui {shlex.quote(sweep.spec.study)}{store}")
     for champion in champions:
-        print(f"predict:  {me} predict models:/{champion['name']}@{champion['alias']}{store}")
+        print(f"predict:  {me} predict {champion.uri}{store}")
 
 
 def invocation() -> str:

@@ -11,8 +11,8 @@ recovers lost trials:
   longer exists is failed and queued again the same way;
 - orphaned: a trial created by an ask that failed half-way is never claimed; after ORPHAN_AFTER_S it is failed.
 
-Either way the lost trial's MLflow run is ended as KILLED (through `end_lost_run`, given by the caller: the ledger
-knows nothing of MLflow). Every write is retried through outages (`stores.with_retries`); a FAIL that still did
+Either way the lost trial's MLflow run is ended as KILLED (through `runs`, the tracking.Tracker it is given: a
+`RunStore` to the ledger, which knows nothing of MLflow). Every write is retried through outages (`stores.with_retries`); a FAIL that still did
 not land is told before the next lease. Engines and the recorder hold `Lease`s, never Optuna trials.
 """
 
@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import optuna
 from optuna.storages._rdb.storage import _create_scoped_session
@@ -145,15 +145,23 @@ def write_curve(storage: optuna.storages.BaseStorage, trial_id: int, curve: tupl
             storage.set_trial_intermediate_value(trial_id, step, value)
 
 
+class RunStore(Protocol):
+    """What the ledger asks of the trials' runs (tracking.Tracker): a Protocol, so this module needs no MLflow."""
+
+    def end_if_running(self, run_id: str, reason: str) -> None:
+        """End a lost trial's run (and a lost worker's own run) as KILLED."""
+
+    def run_end(self, run_id: str) -> RunEnd | None:
+        """How a trial's run says its trial ended, if it did."""
+
+
 class Ledger:
-    """One worker's dealings with one study. `n_trials` is the study's budget of finished trials."""
+    """One worker's dealings with one study. `n_trials` is the study's budget of finished trials; `runs`, where
+    the trials' runs are (a writer process, which only tells trials it trained, has none)."""
 
     def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, n_trials: int,
-                 space: dict[str, ParamSpec], end_lost_run: Callable[[str, str], None] | None = None,
-                 run_end: Callable[[str], RunEnd | None] | None = None):
-        self.study, self.storage, self.n_trials, self.space = study, storage, n_trials, space
-        self.end_lost_run = end_lost_run  # ends a lost trial's run (tracking.Tracker.end_if_running)
-        self.run_end = run_end  # how a trial's run says it ended, if it did (tracking.Tracker.run_end)
+                 space: dict[str, ParamSpec], runs: RunStore | None = None):
+        self.study, self.storage, self.n_trials, self.space, self.runs = study, storage, n_trials, space, runs
         self.heartbeats = Heartbeats(storage)
         self._trials: dict[int, optuna.Trial] = {}  # leased here, by number: for report / should_prune
         self._handled: set[int] = set()  # failed trials whose runs were already ended
@@ -271,6 +279,11 @@ class Ledger:
             del self._unsettled[trial_id]
             self.heartbeats.release(trial_id)
 
+    @property
+    def poll_interval(self) -> float:
+        """How long a worker waiting on others' running trials sleeps between looks: at most a heartbeat."""
+        return min(self.heartbeats.interval or 1.0, 1.0)
+
     def close(self) -> None:
         self.heartbeats.close()
 
@@ -301,16 +314,16 @@ class Ledger:
                 continue
             self._handled.add(trial.number)
             run_id = trial.user_attrs.get(RUN_ID_ATTR)
-            if run_id and self.end_lost_run:
-                self.end_lost_run(run_id, trial.user_attrs.get(FAIL_REASON_ATTR)
-                                  or "worker lost: no heartbeat within the grace period")
+            if run_id and self.runs is not None:
+                self.runs.end_if_running(run_id, trial.user_attrs.get(FAIL_REASON_ATTR)
+                                         or "worker lost: no heartbeat within the grace period")
 
     def _tell_from_run(self, trial: optuna.trial.FrozenTrial) -> bool:
         """Tell a dead worker's trial what its finished run recorded (a worker killed between finishing the run
         and telling Optuna): failing and retrying it would leave a finished run beside a failed trial and train
         it twice. True when told (by this worker or, first, another)."""
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        end = self.run_end(run_id) if run_id and self.run_end else None
+        end = self.runs.run_end(run_id) if run_id and self.runs is not None else None
         if end is None or end.outcome.trial_state == "FAIL":
             return False
         try:
@@ -393,6 +406,8 @@ def outcome_counts(study: optuna.Study) -> dict[str, int]:
     for trial in study.get_trials(deepcopy=False):
         if trial.user_attrs.get(SURPLUS_ATTR):
             continue
-        label = trial.user_attrs.get(OUTCOME_ATTR) or trial.state.name.lower()
+        # in the outcome vocabulary (outcome.Outcome) where it has a word: completed, pruned, diverged, failed
+        label = trial.user_attrs.get(OUTCOME_ATTR) or {"complete": "completed", "fail": "failed"}.get(
+            trial.state.name.lower(), trial.state.name.lower())
         counts[label] = counts.get(label, 0) + 1
     return counts

@@ -19,11 +19,11 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import optuna
 
-from .champion import ALIAS, register_champion
+from .champion import ALIAS, Champion, register_champion
 from .config import ConfigError, Sweep, result_settings
 from .engines import Engine, Job, engine_named, learns, settle
 from .ledger import WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
@@ -82,7 +82,7 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
         part.tracking_uri, part.storage_url, spec.optuna_study, part.n_trials, part.experiment_id, part.parent_run_id,
         spec.study, tuple(spec.space), dict(spec.condition), engine.name), part.ledger,
         processes=2)
-    poll = min(part.ledger.heartbeats.interval or 1.0, 1.0)
+    poll = part.ledger.poll_interval
     ran = failures = 0
     in_hand: list[Job] = []  # leased and not yet handed to the writer
     try:
@@ -230,8 +230,7 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
         with_retries(label_study, study, settings, objective.column)
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
-    return [Part(part, study, Ledger(study, storage, budget(part.spec), part.spec.space, tracker.end_if_running,
-                                    tracker.run_end),
+    return [Part(part, study, Ledger(study, storage, budget(part.spec), part.spec.space, runs=tracker),
                  tracker, experiment_id, tracking_uri, storage_url) for part, study, _, _ in studies]
 
 
@@ -262,7 +261,7 @@ class PartOutcome:
     sweep: Sweep
     study: optuna.Study
     ran: int
-    champion: dict[str, Any] | None = None
+    champion: Champion | None = None
 
 
 @dataclass
@@ -321,7 +320,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             part.parent_run_id, part.pool_writers = parent, side == 1
             work(part, on_trial_end=lambda number, result, part=part: tick(part))
         stop_flag.check()  # a stop that arrived while the last trial was being recorded
-        champions: dict[int, dict[str, Any] | None] = {}
+        champions: dict[int, Champion | None] = {}
         report_started = None
         if side > 1 and register:  # our champions now, while the helpers finish; the report starts when they do
             report_started = _when_done(helpers.futures, trials_done)
@@ -393,7 +392,7 @@ def _when_done(futures: list, then: Callable[[], None] | None):
     return started
 
 
-def crown(tracker: Tracker, part: Part, experiment_id: str) -> dict[str, Any] | None:
+def crown(tracker: Tracker, part: Part, experiment_id: str) -> Champion | None:
     """The condition's best trial's model, registered under its alias (None when no trial completed)."""
     top = best_trials(part.study, 1)
     if not top:
@@ -431,7 +430,7 @@ def outcome_note(outcome: SweepOutcome) -> str:
             lines.append(f"{where}no trial completed.")
             continue
         best = top[0]
-        alias = f" (models:/{part.champion['name']}@{part.champion['alias']})" if part.champion else ""
+        alias = f" ({part.champion.uri})" if part.champion else ""
         column = part.sweep.config_for({}).objective.column
         lines.append(f"{where}best is trial #{best.number}, {column} {best.value:.4g}{alias}.")
     return "\n\n".join(lines)

@@ -483,7 +483,7 @@ SHORT_KEYS = {"hidden": "h", "noise": "n"}  # the UI's run column shows ~20 char
 
 def run_name_for(config: ExperimentConfig, trial_number: int | None = None, keys=LAB_KEYS) -> str:
     """What the trial is, at a glance, from the keys a sweep varies (its space, then its conditions), most
-    telling first: `adam-lr0.03-h16-n0.3 #12`. Text values stand alone, numbers follow their key."""
+    telling first: `adam-h16-lr0.03-n0.3 #12`. Text values stand alone, numbers follow their key."""
     parts = []
     for key in keys:
         value = value_at(config, key)
