@@ -143,3 +143,26 @@ def test_stores_imports_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_lost_insert_race_is_tried_again_and_anything_else_raised_as_it_is():
+    from sweeplab.stores import retry_lost_races
+
+    calls = []
+
+    def insert():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError('duplicate key value violates unique constraint "pg_type_typname_nsp_index"')
+        return "row"
+
+    assert retry_lost_races(insert, pause_s=(0, 0)) == "row" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(RuntimeError, match="UNIQUE constraint failed"):
+        retry_lost_races(lambda: calls.append(1) or (_ for _ in ()).throw(RuntimeError("UNIQUE constraint failed")),
+                         attempts=2, pause_s=(0, 0))
+    assert len(calls) == 2  # every attempt lost: the last error, as it is
+    calls.clear()
+    with pytest.raises(ConnectionError):  # not a race: an outage is with_retries' to handle
+        retry_lost_races(lambda: calls.append(1) or (_ for _ in ()).throw(ConnectionError("refused")), pause_s=(0, 0))
+    assert len(calls) == 1

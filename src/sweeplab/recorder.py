@@ -27,7 +27,7 @@ from .loop import EpochRecord, baseline_loss
 from .model import save_checkpoint, spec_json
 from .outcome import Outcome, RunEnd
 from .plugins import source_of
-from .stores import display_uri, lost_insert_race
+from .stores import display_uri, retry_lost_races
 from .tracking import (
     CHECKPOINT_PATH,
     TAG_CONDITION,
@@ -175,14 +175,8 @@ class TrialRun:
                 warnings.simplefilter("ignore")
                 entity = _DATASET_ENTITIES[key] = dataset._to_mlflow_entity()
         inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
-        for attempt in range(3):
-            try:
-                self.client.log_inputs(self.run_id, inputs)
-                return
-            except Exception as exc:  # MLflow checks for the dataset, then inserts it: two workers can both insert
-                if attempt == 2 or not lost_insert_race(exc):
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        # MLflow checks for the dataset, then inserts it: two workers can both insert
+        retry_lost_races(self.client.log_inputs, self.run_id, inputs, attempts=3, pause_s=(0.05, 0.15))
 
 
 EXAMPLE_ROWS = 8

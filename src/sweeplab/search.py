@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -20,7 +19,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
 from .config import ConfigError, ParamSpec, SweepSpec, override_key
-from .stores import env_number, lost_insert_race, redact, refused, transient_errors, with_retries
+from .stores import env_number, redact, refused, retry_lost_races, transient_errors, with_retries
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that hold a place in the budget: finished, running, or queued to run again.
@@ -146,23 +145,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     anything else is a journal file path."""
     if "://" in url:
         def connect() -> optuna.storages.RDBStorage:
-            for attempt in range(SCHEMA_RACE_ATTEMPTS):
-                try:
-                    return optuna.storages.RDBStorage(
-                        url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                        engine_kwargs={"pool_pre_ping": True},
-                    )
-                except Exception as exc:
-                    if lost_insert_race(exc) and attempt + 1 < SCHEMA_RACE_ATTEMPTS:
-                        time.sleep(random.uniform(0.1, 0.5))  # another worker is creating the tables: they exist now
-                        continue
-                    if isinstance(exc, transient_errors()) and not refused(exc):
-                        raise  # a restart or an outage: with_retries tries again
-                    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    raise ConfigError(f"--storage {redact(url)}: cannot open the Optuna storage: "
-                                      f"{message.replace(url, redact(url))}") from None
-            raise AssertionError("unreachable")
+            try:  # workers started together on a fresh database all create the tables: a loser finds them made
+                return retry_lost_races(
+                    optuna.storages.RDBStorage, url, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=GRACE_PERIOD_S, engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    attempts=SCHEMA_RACE_ATTEMPTS)
+            except Exception as exc:
+                if isinstance(exc, transient_errors()) and not refused(exc):
+                    raise  # a restart or an outage: with_retries tries again
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ConfigError(f"--storage {redact(url)}: cannot open the Optuna storage: "
+                                  f"{message.replace(url, redact(url))}") from None
 
         return with_retries(connect, what=f"the Optuna storage {redact(url)}")
 

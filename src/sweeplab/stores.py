@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import re
 import socket
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -251,6 +253,22 @@ def refused(exc: BaseException) -> bool:
     """A connection the database refused for good (a wrong password, user or database name): waiting will not
     make it right, unlike a restart (`AdminShutdown`, `the database system is starting up`) or an outage."""
     return any(words in str(exc) for words in ("authentication failed", "does not exist", "denied", "no password"))
+
+
+def retry_lost_races(fn: Callable[..., T], *args: Any, attempts: int = 5, pause_s: tuple[float, float] = (0.1, 0.5),
+                     **kwargs: Any) -> T:
+    """Call fn, again (after a random pause in `pause_s`) while it loses a check-then-insert race to another
+    worker (`lost_insert_race`): by the next try the other writer's row or table is there. After `attempts`
+    tries, or on any other error, the error is raised as it is. The other kind of retry, through an outage, is
+    `with_retries`."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt + 1 == attempts or not lost_insert_race(exc):
+                raise
+            time.sleep(random.uniform(*pause_s))
+    raise AssertionError("unreachable")
 
 
 def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna storage",

@@ -12,7 +12,6 @@ import fcntl
 import functools
 import json
 import os
-import random
 import shutil
 import signal
 import sqlite3
@@ -31,10 +30,10 @@ from .config import ConfigError, ExperimentConfig, flat_fields, value_at
 from .outcome import Outcome, RunEnd
 from .stores import (
     display_uri,
-    lost_insert_race,
     process_gone,
     refused,
     remove_mlflow_strays,
+    retry_lost_races,
     retry_waits,
     sqlite_path,
     sqlite_uri,
@@ -325,17 +324,13 @@ def _open_database_client(uri: str) -> MlflowClient:
     run MLflow's migrations at once, and the losers fail on a duplicate type or key (`pg_type_typname_nsp_index`).
     On PostgreSQL they take turns under an advisory lock (the first migrates, the rest find the tables made);
     elsewhere a loser opens the store again once the tables exist."""
+    def open_client() -> MlflowClient:
+        client = MlflowClient(uri, registry_uri=uri)  # builds the tracking store: migrates a fresh database
+        client.search_registered_models(max_results=1)  # and the registry's
+        return client
+
     with store_lock(uri, "mlflow tables"):
-        for attempt in range(SCHEMA_RACE_ATTEMPTS):
-            try:
-                client = MlflowClient(uri, registry_uri=uri)  # builds the tracking store: migrates a fresh database
-                client.search_registered_models(max_results=1)  # and the registry's
-                return client
-            except Exception as exc:
-                if not lost_insert_race(exc) or attempt + 1 == SCHEMA_RACE_ATTEMPTS:
-                    raise
-                time.sleep(random.uniform(0.5, 1.5))
-    raise AssertionError("unreachable")
+        return retry_lost_races(open_client, attempts=SCHEMA_RACE_ATTEMPTS, pause_s=(0.5, 1.5))
 
 
 class Tracker:
