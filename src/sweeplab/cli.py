@@ -98,7 +98,6 @@ def _sweep(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     background = None
     if args.report:  # forked first: it imports what a report needs while this process imports torch and the rest
-
         background = Forked(lambda: _warm_report(args.tracking_uri))
     try:
         configure()
@@ -143,7 +142,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
                 Tracker(tracking_uri).log_report(report["parent_run_id"], Path(out), report["note"])
         except Exception as exc:  # the sweep itself succeeded; say why there is no report and carry on
-
             why = str(exc) if isinstance(exc, BackgroundError) else f"{type(exc).__name__}: {exc}"
             print(f"report: not written ({redact_text(why)})", file=sys.stderr)
         else:

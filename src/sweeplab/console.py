@@ -163,4 +163,3 @@ def invocation() -> str:
             return "sweeplab"
         return shlex.quote(argv0)
     return f"{shlex.quote(sys.executable)} -m sweeplab"
-

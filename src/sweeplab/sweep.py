@@ -75,13 +75,11 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
     queued again."""
     spec = part.sweep.spec
     engine = engine_named(spec.engine)
-    recorder = Recorder(part.tracker, part.experiment_id, part.parent_run_id, part.ledger, spec.study,
-                        list(spec.space), spec.condition, engine.name)
+    setup = WriterSetup(part.tracking_uri, part.storage_url, spec.optuna_study, part.n_trials, part.experiment_id,
+                        part.parent_run_id, spec.study, tuple(spec.space), dict(spec.condition), engine.name)
+    recorder = setup.recorder(part.tracker, part.ledger)  # the one a writer process builds for itself
     pooled = not engine.live and part.n_trials > WRITERS_FROM_TRIALS and part.pool_writers
-    writer = InlineWriter(recorder) if not pooled else WriterPool(WriterSetup(
-        part.tracking_uri, part.storage_url, spec.optuna_study, part.n_trials, part.experiment_id, part.parent_run_id,
-        spec.study, tuple(spec.space), dict(spec.condition), engine.name), part.ledger,
-        processes=2)
+    writer = WriterPool(setup, part.ledger, processes=2) if pooled else InlineWriter(recorder)
     poll = part.ledger.poll_interval
     ran = failures = 0
     in_hand: list[Job] = []  # leased and not yet handed to the writer

@@ -78,6 +78,12 @@ class WriterSetup:
     condition: dict
     engine: str
 
+    def recorder(self, tracker: Tracker, ledger) -> Recorder:
+        """The part's recorder, on stores opened by whoever calls: the sweep process's own (sweep.prepare), or a
+        writer process's (`_open_writer`; spawned, it cannot share the sweep's connections)."""
+        return Recorder(tracker, self.experiment_id, self.parent_run_id, ledger, self.study, list(self.keys),
+                        self.condition, self.engine)
+
 
 class WriterPool:
     """Writes jobs in `processes` spawned writer processes. The ledger of this process keeps each trial's
@@ -150,15 +156,11 @@ def _open_writer(setup: WriterSetup) -> None:
 
     configure(install_stop=False)
     threading.Thread(target=_exit_with_parent, name="sweeplab-orphan-watch", daemon=True).start()
-
-
     global _recorder
-    tracker = Tracker(setup.tracking_uri)
     storage = open_storage(setup.storage_url)
     study = optuna.load_study(study_name=setup.optuna_study, storage=storage)
-    ledger = Ledger(study, storage, setup.n_trials, {})
-    _recorder = Recorder(tracker, setup.experiment_id, setup.parent_run_id, ledger, setup.study, list(setup.keys),
-                         setup.condition, setup.engine)
+    # no RunStore: a writer only tells the trials it is handed, and recovers none
+    _recorder = setup.recorder(Tracker(setup.tracking_uri), Ledger(study, storage, setup.n_trials, {}))
 
 
 def _exit_with_parent() -> None:

@@ -61,5 +61,3 @@ def report_for_sweep(study: str, tracking_uri: str, out: str) -> dict:
     report = build_report(study, tracking_uri, Path(out), log_to_mlflow=False)
     return {"tables": terminal_tables(report), "note": "\n\n".join(answer_text(report)),
             "parent_run_id": report.data.parent_run_id}
-
-

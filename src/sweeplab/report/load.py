@@ -230,5 +230,3 @@ def _curve_stats(curve: dict[str, tuple[np.ndarray, np.ndarray]] | None, baselin
         "epochs_to_converge": int(within.min()) if learned else math.nan,
         "auc_val_loss": float(np.trapezoid(finite_val, finite_epochs)) if len(finite_val) > 1 else best,
     }
-
-

@@ -223,5 +223,3 @@ def warm_up() -> None:
     ax.set(xlabel="x", ylabel="y", title="t", yscale="log")
     ax.legend()
     _png(fig)
-
-

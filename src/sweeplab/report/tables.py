@@ -139,5 +139,3 @@ def answers_of(data: SweepData) -> list:
             data.notes.append(f"parameter importances unavailable for {condition or 'the study'}: {exc}")
         answers.append(answer_for(condition, trials, data.factors, importances, data.goal))
     return answers
-
-
