@@ -105,13 +105,10 @@ def _sweep(args: argparse.Namespace) -> int:
         # a bad sweep file fails here, before any study or run exists, and so does an engine or device it cannot use
         sweep = settle(load_sweep(args.sweep, overrides))
         check_sweep(sweep)  # and bad data
-        from .sweep import run_sweep, side_by_side
+        from .sweep import run_sweep
         from .tracking import import_store_modules
 
         spec = sweep.spec
-        # one core per worker or condition run side by side; the vectorized engine leaves the second to its writers
-        use_threads(1 if spec.workers > 1 or spec.engine == "vectorized" or side_by_side(sweep, spec.workers) > 1
-                    else None)
         storage_url = resolve_storage_url(args.storage, tracking_uri)
         import_store_modules(tracking_uri)  # once, before the helpers are forked
         out = f"reports/{spec.study}"

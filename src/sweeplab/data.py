@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig, ExperimentConfig
-from .plugins import _said, import_object
+from .plugins import error_text, import_object
 
 
 @dataclass(frozen=True)
@@ -271,9 +271,9 @@ def _from_loader(config: ExperimentConfig):
     try:
         got = loader(**data.init_args)
     except TypeError as exc:
-        raise ConfigError(f"data.init_args: {data.class_path} refused its arguments: {_said(exc)}") from None
+        raise ConfigError(f"data.init_args: {data.class_path} refused its arguments: {error_text(exc)}") from None
     except Exception as exc:
-        raise ConfigError(f"{field}: {data.class_path}() raised {_said(exc)}") from None
+        raise ConfigError(f"{field}: {data.class_path}() raised {error_text(exc)}") from None
     where = f"{field}: {data.class_path}()"
     if isinstance(got, dict):
         if set(got) != {"train", "val"}:

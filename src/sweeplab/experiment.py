@@ -16,7 +16,7 @@ from .config import ConfigError, ExperimentConfig
 from .data import Dataset, check_data, make_dataset, seeded_dataset
 from .loop import Callback, History, LoaderBatches, ShapeError, TensorBatches, check_batch, fit, loss_for_task, predict
 from .model import ModelSpec, build_model
-from .plugins import _said, data_args, model_class
+from .plugins import data_args, error_text, model_class
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,7 +87,7 @@ def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
         try:
             out = model(batch_x)
         except Exception as exc:
-            raise ConfigError(f"{where}: forward on a batch of {list(batch_x.shape)} raised {_said(exc)}") from None
+            raise ConfigError(f"{where}: forward on a batch of {list(batch_x.shape)} raised {error_text(exc)}") from None
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"{where}: forward returned {type(out).__name__}; it must return a tensor")
         wanted = [2, dataset.n_outputs]

@@ -41,9 +41,9 @@ def import_object(path: str, code_dir: str | None, field: str, where: str = "bes
         if exc.name and module_name.startswith(exc.name) and exc.name.split(".")[0] == module_name.split(".")[0]:
             place = f"{where} ({code_dir}) or on sys.path" if code_dir else "on sys.path"
             raise ConfigError(f"{field}: no module {module_name!r} {place}") from None
-        raise ConfigError(f"{field}: importing {module_name} failed: {_said(exc)}") from None
+        raise ConfigError(f"{field}: importing {module_name} failed: {error_text(exc)}") from None
     except Exception as exc:  # the user's module raised on import: say where
-        raise ConfigError(f"{field}: importing {module_name} raised {_said(exc)}") from None
+        raise ConfigError(f"{field}: importing {module_name} raised {error_text(exc)}") from None
     try:
         return getattr(module, attribute)
     except AttributeError:
@@ -110,9 +110,9 @@ def instantiate(cls: type, init_args: dict[str, Any], path: str, field: str = "m
         return cls(**init_args)
     except TypeError as exc:
         raise ConfigError(f"{field}.init_args: {path}({_args_text(init_args)}) refused its arguments: "
-                          f"{_said(exc)}") from None
+                          f"{error_text(exc)}") from None
     except Exception as exc:
-        raise ConfigError(f"{field}.class_path: {path}({_args_text(init_args)}) raised {_said(exc)}") from None
+        raise ConfigError(f"{field}.class_path: {path}({_args_text(init_args)}) raised {error_text(exc)}") from None
 
 
 def source_of(path: str, code_dir: str | None = None) -> tuple[Path, str] | None:
@@ -137,7 +137,7 @@ def _file_of(module) -> str:
     return getattr(module, "__file__", None) or "built in"
 
 
-def _said(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     """`ValueError: message (my_nets.py line 12)`: the exception, on one line, and where the user's code raised it."""
     message = (str(exc).strip().splitlines() or [""])[0][:200]
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/sweeplab/" not in f.filename

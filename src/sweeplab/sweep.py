@@ -29,6 +29,7 @@ from .engines import Engine, Job, engine_named, learns, settle
 from .ledger import WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from .loop import EpochRecord
 from .outcome import Outcome
+from .process import use_threads
 from .recorder import Recorder, finite
 from .search import budget, check_compatible, label_study, open_storage, open_study
 from .stop import stop_flag, wait_for_parent
@@ -295,6 +296,8 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     registered (the CLI starts its report then)."""
     sweep = settle(sweep)
     side = side_by_side(sweep, workers)
+    # one core per worker or condition run side by side; the vectorized engine leaves the second to its writers
+    use_threads(1 if workers > 1 or side > 1 or sweep.spec.engine == "vectorized" else None)
     helpers = Helpers(workers - 1 if side == 1 else side - 1)  # forked now: before this process opens any store
     try:
         parts = prepare(sweep, tracking_uri, storage_url)
