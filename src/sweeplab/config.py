@@ -14,10 +14,19 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Task = Literal["regression", "binary", "multiclass"]
 OptimizerName = Literal["Adam", "AdamW", "SGD", "RMSprop"]
@@ -73,6 +82,12 @@ def _plain_args(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+# init_args (of the user's model or data loader): plain values only; a class_path: an import path
+InitArgs = Annotated[dict[str, Any], AfterValidator(_plain_args)]
+ModelPath = Annotated[Union[str, None], AfterValidator(lambda value: _import_path(value, "module.ClassName"))]
+LoaderPath = Annotated[Union[str, None], AfterValidator(lambda value: _import_path(value, "module.load_function"))]
+
+
 class ObjectiveConfig(_Frozen):
     """What a trial is judged by: a per-epoch validation metric (METRICS) and whether more or less is better
     (default: less for a loss, more for accuracy, precision, recall, F1). best_epoch, the best state, pruning,
@@ -115,22 +130,12 @@ class DataConfig(_Frozen):
     target: str | None = Field(None, description="csv only: the target column")
     name: Literal["digits", "iris", "wine", "breast_cancer", "diabetes"] | None = Field(
         None, description="sklearn only: which bundled data set")
-    class_path: str | None = Field(None, description="python only: module.function (or class)")
-    init_args: dict[str, Any] = Field(default_factory=dict, description="python only: keyword arguments of the loader")
+    class_path: LoaderPath = Field(None, description="python only: module.function (or class)")
+    init_args: InitArgs = Field(default_factory=dict, description="python only: keyword arguments of the loader")
     val_size: Union[int, float] = Field(48, gt=0, description="validation samples, or a fraction < 1")
     split_seed: int = Field(42, **SEED)
     train_fraction: float = Field(1.0, gt=0, le=1, description=(
         "share of the training split kept (the first of its shuffled order): a condition of the data"))
-
-    @field_validator("init_args")
-    @classmethod
-    def _plain_data_args(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _plain_args(value)
-
-    @field_validator("class_path")
-    @classmethod
-    def _data_import_path(cls, value: str | None) -> str | None:
-        return _import_path(value, "module.load_function")
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataConfig":
@@ -162,18 +167,8 @@ class ModelConfig(_Frozen):
     hidden: Union[int, list[int]] = 16
     activation: Activation = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
-    class_path: str | None = Field(None, description="module.Class of the user's nn.Module")
-    init_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the class")
-
-    @field_validator("init_args")
-    @classmethod
-    def _plain_model_args(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _plain_args(value)
-
-    @field_validator("class_path")
-    @classmethod
-    def _model_import_path(cls, value: str | None) -> str | None:
-        return _import_path(value, "module.ClassName")
+    class_path: ModelPath = Field(None, description="module.Class of the user's nn.Module")
+    init_args: InitArgs = Field(default_factory=dict, description="keyword arguments of the class")
 
     @model_validator(mode="after")
     def _one_model(self) -> "ModelConfig":
