@@ -1,9 +1,9 @@
 """The sweep's answer, per condition: which setting wins, what else comes close, which factor matters most.
 
-Built on report.py's tidy frame of trials (one row per run, read back from MLflow). Statistics are robust: a
+Built on the report's tidy frame of trials (report/load.py) (one row per run, read back from MLflow). Statistics are robust: a
 level's median and quartiles of best_val_loss, never a mean that a few non-learners decide; diverged and failed
 trials are counted, not dropped. A trial "learned" when its best_val_loss is at most half its baseline (the loss
-of a constant prediction fitted on the training labels: report.LEARNED_BELOW).
+of a constant prediction fitted on the training labels: report.load.LEARNED_BELOW). The report's tables and pictures are report/; this module is what they conclude.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`sweeplab run | sweep | worker | server | report | predict | ui`: parse, call, print.
 
-Nothing else lives here.
+Nothing else lives here: what is printed is console.py; the checks made before any store exists are
+experiment.check_config / check_sweep; which engine a sweep runs on is engines.settle; the sweep itself is sweep.py.
 
 Heavy libraries are imported inside the command that needs them: `sweeplab run --no-track` never imports
 MLflow or Optuna, so it starts as fast as torch allows.

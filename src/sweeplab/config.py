@@ -4,6 +4,8 @@ Every YAML file is checked here, at the edge, so a typo fails before anything tr
 written to MLflow or Optuna. Errors are ConfigError with one line that names the file and the field.
 The sweep file's models (SweepSpec, ParamSpec) and the override language (`key=value`) are here too. A user's own
 model or data loader is named here by import path (`class_path` + `init_args`) and only imported by plugins.py.
+Schema only: this module imports no torch, MLflow or Optuna; which engine a sweep runs on, and whether its device
+exists, is engines.settle's to decide.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ epoch and its end by the same rules (`History.record`/`History.stop` in loop.py;
 to all members at once), so a History means the same whichever engine made it; the recorder (recorder.Recorder)
 writes it either way.
 
+`settle(sweep)` decides which engine a sweep runs on (`engine: auto`: the vectorized engine when it supports every
+probe trial of the sweep, else the reference loop, and why) and checks each probe against the engine and the device.
+
 - `ReferenceEngine`: the core loop (experiment.run_experiment), a batch of one. Its runs are live: the run exists
   in MLflow while the trial trains, and long trials stream their curves.
 - `VectorizedEngine`: the whole batch stacked into one model per shape: the MLP by hand-written batched matmuls

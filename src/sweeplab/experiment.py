@@ -1,8 +1,9 @@
 """One experiment, from config to trained model: seed, data, model (the MLP or the user's), optimizer, batches, fit.
 
 The order of random draws is the seed's (torch.manual_seed, data X and noise, then the model's initial weights),
-so the lab config reproduces the seed's numbers. cli.py (`sweeplab run`) and search.py (each trial) call
-`run_experiment`; the loop itself is in loop.py.
+so the lab config reproduces the seed's numbers. cli.py (`sweeplab run`) and engines.ReferenceEngine (each trial
+of a sweep) call `run_experiment`; the loop itself is in loop.py. `check_config` / `check_sweep` read the data and
+run the model on one batch before any store exists, so bad data or a bad plugin is one line, not a failed trial.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ recovers lost trials:
 - orphaned: a trial created by an ask that failed half-way is never claimed; after ORPHAN_AFTER_S it is failed.
 
 Either way the lost trial's MLflow run is ended as KILLED (through `runs`, the tracking.Tracker it is given: a
-`RunStore` to the ledger, which knows nothing of MLflow). Every write is retried through outages (`stores.with_retries`); a FAIL that still did
-not land is told before the next lease. Engines and the recorder hold `Lease`s, never Optuna trials.
+`RunStore` to the ledger, which knows nothing of MLflow). Every write is retried through outages
+(`stores.with_retries`); a FAIL that still did not land is told before the next lease. Engines and the recorder hold `Lease`s, never Optuna trials.
 """
 
 from __future__ import annotations

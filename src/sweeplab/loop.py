@@ -3,7 +3,7 @@
 This is the seed's loop (batch -> forward -> loss -> zero_grad -> backward -> step; validate in eval mode under
 no_grad; per-sample averaged losses; the best state copied, restored before predicting), generalised to three
 tasks and per-epoch callbacks. It knows nothing of MLflow or Optuna: logging and pruning hang on the callbacks
-(see tracking.py and search.py), and experiment.py wires a config to it.
+(recorder.py logs each epoch, the ledger asks the pruner), and experiment.py wires a config to it.
 
 Batching in-memory tensors goes through `TensorBatches`, which indexes instead of collating one sample at a time
 (~5x less work than a DataLoader here) and consumes the random generators exactly as `DataLoader` does, so a run

@@ -1,5 +1,6 @@
 """How a trial or run ended, in one vocabulary: each outcome knows its MLflow run status, its Optuna trial state
-and its tag (`sweeplab.outcome`); and `RunEnd`, how one training ended. Imports nothing, so tracking (no Optuna) and the sweep (Optuna) share it."""
+and its tag (`sweeplab.outcome`); and `RunEnd`, how one training ended. Imports nothing, so tracking (no Optuna)
+and the sweep (Optuna) share it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Turn model outputs into predictions people read: values, probabilities, labels.
-
-(Loading a logged model by run id, sweep or models:/ URI comes with `sweeplab predict`.)
+"""`sweeplab predict` and `sweeplab.load_model`: a logged model loaded by run id, study or sweep file (its best
+trial) or models:/ URI (its checkpoint, torch.load(weights_only=True)); input rows read from CSV (by column name)
+or JSON; and outputs turned into what people read: values, labels with their probability, class probabilities.
+MLflow is imported only where a logged model is looked up: `sweeplab run --no-track` uses the output helpers.
 """
 
 from __future__ import annotations

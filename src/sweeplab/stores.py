@@ -8,7 +8,8 @@ the URL is shown.
 
 Retries: `with_retries` retries connection-level failures with backoff (`RETRY_WAITS_S`, or
 `$SWEEPLAB_RETRY_WAITS` as comma-separated seconds, which is how tests make an outage short), and between
-attempts looks at the stop flag, so a stop during an outage acts at once.
+attempts looks at the stop flag, so a stop during an outage acts at once. `retry_lost_races` tries again a write
+that lost a check-then-insert race to another worker (tables created at once, a dataset inserted twice).
 """
 
 from __future__ import annotations
