@@ -15,7 +15,7 @@ PORT ?= 5000
 help:
 	@echo "make sweep    run the default sweep (sets up .venv on first use)"
 	@echo "make test     run the test suite"
-	@echo "make lint     ruff over src, tests, benchmarks and experiments (pyproject.toml's rules)"
+	@echo "make lint     ruff check and ruff format --check over src, tests, benchmarks and experiments"
 	@echo "make server   MLflow tracking server for many workers (BACKEND=postgresql+psycopg://..., HOST=)"
 	@echo "make report   tables and pictures for the default sweep (reports/<study>/)"
 	@echo "make predict  predict with the default sweep's champion (MODEL=..., ARGS='--x 1,2')"
@@ -37,6 +37,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 
 run: install
 	$(SWEEPLAB) run $(EXPERIMENT) $(ARGS)

@@ -24,13 +24,29 @@ def run(engine: str, seed: int) -> tuple[dict[str, float], float]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE")}
     with tempfile.TemporaryDirectory(prefix="sweeplab-auto-") as tmp:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(SWEEP), f"engine={engine}",
-                        f"sampler.seed={seed}", "--quiet", "--no-report"], cwd=tmp, env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sweeplab",
+                "sweep",
+                str(SWEEP),
+                f"engine={engine}",
+                f"sampler.seed={seed}",
+                "--quiet",
+                "--no-report",
+            ],
+            cwd=tmp,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         seconds = time.perf_counter() - started
         storage = optuna.storages.JournalStorage(JournalFileBackend(str(Path(tmp) / "optuna.journal")))
-        best = {noise: optuna.load_study(study_name=f"optimizer_hidden_noise[noise={noise}]", storage=storage)
-                .best_value for noise in CONDITIONS}
+        best = {
+            noise: optuna.load_study(study_name=f"optimizer_hidden_noise[noise={noise}]", storage=storage).best_value
+            for noise in CONDITIONS
+        }
     return best, seconds
 
 
@@ -41,10 +57,17 @@ def main() -> None:
         for engine in rows:  # alternately, so the machine's drift hits both alike
             rows[engine].append(run(engine, seed))
             best, seconds = rows[engine][-1]
-            print(f"seed {seed} {engine:9s} " + "  ".join(f"noise {n}: {best[n]:.4f}" for n in CONDITIONS)
-                  + f"  {seconds:.1f} s", flush=True)
-    print("\n| engine | " + " | ".join(f"best_val_loss, noise {n} (5 seeds; median)" for n in CONDITIONS)
-          + " | whole process (median) |")
+            print(
+                f"seed {seed} {engine:9s} "
+                + "  ".join(f"noise {n}: {best[n]:.4f}" for n in CONDITIONS)
+                + f"  {seconds:.1f} s",
+                flush=True,
+            )
+    print(
+        "\n| engine | "
+        + " | ".join(f"best_val_loss, noise {n} (5 seeds; median)" for n in CONDITIONS)
+        + " | whole process (median) |"
+    )
     print("|---|" + "---|" * (len(CONDITIONS) + 1))
     for engine, results in rows.items():
         cells = []

@@ -23,22 +23,32 @@ from servers import PASSWORD, start_mlflow_server, start_postgres  # noqa: E402
 
 def run_workers(n_workers: int, study: str, n_trials: int, folder: Path, env: dict[str, str]) -> tuple[float, float]:
     sweep = folder / f"{study}.yaml"
-    sweep.write_text(f"study: {study}\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
-                     "  optimizer: {choices: [Adam, AdamW, SGD, RMSprop]}\n  lr: {low: 0.0001, high: 0.3, log: true}\n"
-                     "  hidden: {choices: [4, 8, 16, 32, 64]}\n  noise: {choices: [0.3, 1.0]}\n"
-                     f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\nengine: reference\n")
+    sweep.write_text(
+        f"study: {study}\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
+        "  optimizer: {choices: [Adam, AdamW, SGD, RMSprop]}\n  lr: {low: 0.0001, high: 0.3, log: true}\n"
+        "  hidden: {choices: [4, 8, 16, 32, 64]}\n  noise: {choices: [0.3, 1.0]}\n"
+        f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\nengine: reference\n"
+    )
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "--worker-index", str(i),
-                               "--quiet"], cwd=folder, env={**env, "OMP_NUM_THREADS": "1"})
-             for i in range(n_workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweeplab", "worker", str(sweep), "--worker-index", str(i), "--quiet"],
+            cwd=folder,
+            env={**env, "OMP_NUM_THREADS": "1"},
+        )
+        for i in range(n_workers)
+    ]
     for proc in procs:
         assert proc.wait() == 0
     whole = time.perf_counter() - start
     from mlflow import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = [r for r in client.search_runs([client.get_experiment_by_name(study).experiment_id], max_results=1000)
-            if r.data.tags.get("sweeplab.role") == "trial" and r.info.status == "FINISHED"]
+    runs = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name(study).experiment_id], max_results=1000)
+        if r.data.tags.get("sweeplab.role") == "trial" and r.info.status == "FINISHED"
+    ]
     assert len(runs) == n_trials, len(runs)
     phase = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
     return whole, phase

@@ -49,13 +49,20 @@ def configs(k: int, device: str, seed: int = 0) -> list:
         low, high = LR[optimizer]
         lr = 10 ** rng.uniform(math.log10(low), math.log10(high))
         if base is None:
-            base = build_experiment({
-                "name": "digits_cnn", "task": "multiclass", "seed": 0, "device": device, "data": data,
-                "model": {"class_path": "digits_nets.SmallCNN", "init_args": {"channels": 16, "dropout": 0.0}},
-                "train": {"optimizer": "Adam", "lr": 0.003, "epochs": 15, "batch_size": 64},
-            }, "bench_cnn_members", base_dir=ROOT / "benchmarks")
-        out.append(base.model_copy(update={"train": base.train.model_copy(update={"optimizer": optimizer,
-                                                                                  "lr": lr})}))
+            base = build_experiment(
+                {
+                    "name": "digits_cnn",
+                    "task": "multiclass",
+                    "seed": 0,
+                    "device": device,
+                    "data": data,
+                    "model": {"class_path": "digits_nets.SmallCNN", "init_args": {"channels": 16, "dropout": 0.0}},
+                    "train": {"optimizer": "Adam", "lr": 0.003, "epochs": 15, "batch_size": 64},
+                },
+                "bench_cnn_members",
+                base_dir=ROOT / "benchmarks",
+            )
+        out.append(base.model_copy(update={"train": base.train.model_copy(update={"optimizer": optimizer, "lr": lr})}))
     return out
 
 
@@ -92,12 +99,15 @@ def main() -> None:
     batch = configs(REFERENCE_MEMBERS, device, seed=1)
     reference_rate, histories = one_by_one(batch, device)
     _, members = stacked(batch, device)
-    deviations = sorted(abs(m.history.best_val_loss - h.best_val_loss) / h.best_val_loss
-                        for m, h in zip(members, histories))
+    deviations = sorted(
+        abs(m.history.best_val_loss - h.best_val_loss) / h.best_val_loss for m, h in zip(members, histories)
+    )
     same_epochs = sum(m.history.best_epoch == h.best_epoch for m, h in zip(members, histories))
-    print(f"device {device} ({torch.get_num_threads()} threads); {REFERENCE_MEMBERS} stacked members vs the reference "
-          f"loop: best_val_loss deviation median {deviations[len(deviations) // 2]:.1e}, worst {deviations[-1]:.1e}, best_epoch equal {same_epochs} of "
-          f"{REFERENCE_MEMBERS}; the reference loop: {reference_rate:.2f} trials/s")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads); {REFERENCE_MEMBERS} stacked members vs the reference "
+        f"loop: best_val_loss deviation median {deviations[len(deviations) // 2]:.1e}, worst {deviations[-1]:.1e}, best_epoch equal {same_epochs} of "
+        f"{REFERENCE_MEMBERS}; the reference loop: {reference_rate:.2f} trials/s"
+    )
     print("| K members | stacked | vs the reference loop, one by one |")
     print("|---|---|---|")
     for k in sizes:

@@ -30,16 +30,22 @@ SWEEP = ROOT / "sweeps" / "optimizer_hidden_noise.yaml"
 
 def textbook_per_trial(n: int = 4) -> float:
     with tempfile.TemporaryDirectory() as folder:
-        out = subprocess.run([sys.executable, "-c", TEXTBOOK, repr(TRIALS[:n])], cwd=folder, check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", TEXTBOOK, repr(TRIALS[:n])], cwd=folder, check=True, capture_output=True, text=True
+        ).stdout
     return float(out.strip().splitlines()[-1]) / n
 
 
 def make_sweep(*overrides: str) -> float:
     with tempfile.TemporaryDirectory(prefix="sweeplab-bench-") as folder:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(SWEEP), *overrides], cwd=folder, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "sweeplab", "sweep", str(SWEEP), *overrides],
+            cwd=folder,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         seconds = time.perf_counter() - started
         assert (Path(folder) / "reports" / "optimizer_hidden_noise" / "report.html").exists()
     return seconds
@@ -55,11 +61,16 @@ def main() -> None:
     median = statistics.median(times)
     per_trial = (before + after) / 2
     textbook = 40 * per_trial
-    print(f"textbook: {before:.2f} s per trial before the sweeps, {after:.2f} s after -> 40 trials {textbook:.1f} s; "
-          f"1/30 of it: {textbook / 30:.2f} s")
-    print(f"make sweep (40 trials, report on), whole process, {runs} runs: "
-          + ", ".join(f"{t:.2f}" for t in times) + f" s; median {median:.2f} s = 1/{textbook / median:.1f} of the "
-          f"textbook time (goal: 1/30)")
+    print(
+        f"textbook: {before:.2f} s per trial before the sweeps, {after:.2f} s after -> 40 trials {textbook:.1f} s; "
+        f"1/30 of it: {textbook / 30:.2f} s"
+    )
+    print(
+        f"make sweep (40 trials, report on), whole process, {runs} runs: "
+        + ", ".join(f"{t:.2f}" for t in times)
+        + f" s; median {median:.2f} s = 1/{textbook / median:.1f} of the "
+        f"textbook time (goal: 1/30)"
+    )
     seconds = make_sweep(f"n_trials={big}")
     print(f"{big} trials (TPE, report on), whole process: {seconds:.1f} s (goal: 45 s for 1,000)")
 

@@ -42,8 +42,9 @@ def configs(k: int, device: str, epochs: int = 80) -> list:
         lr = 10 ** rng.uniform(math.log10(low), math.log10(high))
         key = (optimizer, rng.choice([4, 8, 16, 32, 64]), rng.choice([0.3, 1.0]))
         if key not in loaded:
-            loaded[key] = load_experiment(LAB, {"optimizer": key[0], "hidden": key[1], "noise": key[2],
-                                                "epochs": epochs, "device": device})
+            loaded[key] = load_experiment(
+                LAB, {"optimizer": key[0], "hidden": key[1], "noise": key[2], "epochs": epochs, "device": device}
+            )
         base = loaded[key]
         out.append(base.model_copy(update={"train": base.train.model_copy(update={"lr": lr})}))
     return out
@@ -89,10 +90,20 @@ def check(device: str) -> float:
     rounding differences between a batched and a single matmul are amplified epoch after epoch and the two can
     end far apart (0.42 against 0.24), with or without shared draws."""
     rng = random.Random(1)
-    batch = [load_experiment(LAB, {"optimizer": optimizer, "lr": 10 ** rng.uniform(-2.5, -1) if optimizer == "SGD"
-                                   else 10 ** rng.uniform(-3, -1.3), "hidden": rng.choice([4, 16, 64]),
-                                   "noise": rng.choice([0.3, 1.0]), "epochs": 40, "device": device})
-             for optimizer in ["Adam", "AdamW", "SGD", "RMSprop"] * 4]
+    batch = [
+        load_experiment(
+            LAB,
+            {
+                "optimizer": optimizer,
+                "lr": 10 ** rng.uniform(-2.5, -1) if optimizer == "SGD" else 10 ** rng.uniform(-3, -1.3),
+                "hidden": rng.choice([4, 16, 64]),
+                "noise": rng.choice([0.3, 1.0]),
+                "epochs": 40,
+                "device": device,
+            },
+        )
+        for optimizer in ["Adam", "AdamW", "SGD", "RMSprop"] * 4
+    ]
     shared: dict = {}
     members = [prepare_member(i, config, shared) for i, config in enumerate(batch)]
     for group in group_members(members):
@@ -104,10 +115,14 @@ def main() -> None:
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     sizes = [int(arg) for arg in sys.argv[2:]] or [64, 256]
     torch.set_num_threads(1) if device == "cpu" else None
-    print(f"device {device}; shared-draw members vs the reference loop: worst best_val_loss deviation "
-          f"{check(device):.1e} (tolerance 5e-3)")
-    print("| K | set-up, own draws | set-up, shared draws | ratio | training, own draws | training, shared draws | ratio "
-          "| 8 members vs reference |")
+    print(
+        f"device {device}; shared-draw members vs the reference loop: worst best_val_loss deviation "
+        f"{check(device):.1e} (tolerance 5e-3)"
+    )
+    print(
+        "| K | set-up, own draws | set-up, shared draws | ratio | training, own draws | training, shared draws | ratio "
+        "| 8 members vs reference |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for k in sizes:
         shared_setup, shared_rate, members, batch = measure(k, device, share=True)
@@ -115,8 +130,10 @@ def main() -> None:
         del members
         if k <= OWN_DRAWS_UP_TO:
             own_setup, own_rate, _, _ = measure(k, device, share=False)
-            own = (f"{own_setup:.2f} ms/member | {shared_setup:.3f} ms/member | {own_setup / shared_setup:.0f}x "
-                   f"| {own_rate:.0f} trials/s | {shared_rate:.0f} trials/s | {shared_rate / own_rate:.2f}x")
+            own = (
+                f"{own_setup:.2f} ms/member | {shared_setup:.3f} ms/member | {own_setup / shared_setup:.0f}x "
+                f"| {own_rate:.0f} trials/s | {shared_rate:.0f} trials/s | {shared_rate / own_rate:.2f}x"
+            )
         else:
             own = f"- | {shared_setup:.3f} ms/member | - | - | {shared_rate:.0f} trials/s | -"
         print(f"| {k} | {own} | {worst:.1e} |", flush=True)

@@ -31,19 +31,32 @@ def fill(tracker: Tracker, study: str, n: int, rng: random.Random) -> None:
     base = load_experiment(ROOT / "experiments" / "training_loop_lab.yaml")
     for trial in range(n):
         optimizer = rng.choice(["Adam", "AdamW", "SGD", "RMSprop"])
-        overrides = {"optimizer": optimizer, "lr": 10 ** rng.uniform(-4, -0.5), "hidden": rng.choice([4, 8, 16, 32, 64]),
-                     "noise": rng.choice([0.3, 1.0])}
+        overrides = {
+            "optimizer": optimizer,
+            "lr": 10 ** rng.uniform(-4, -0.5),
+            "hidden": rng.choice([4, 8, 16, 32, 64]),
+            "noise": rng.choice([0.3, 1.0]),
+        }
         config = load_experiment(ROOT / "experiments" / "training_loop_lab.yaml", overrides)
-        run = begin_run(tracker, experiment, run_name_for(config, trial), config,
-                        {TAG_ROLE: "trial", TAG_STUDY: study, TAG_TRIAL: str(trial)}, parent, live=False)
+        run = begin_run(
+            tracker,
+            experiment,
+            run_name_for(config, trial),
+            config,
+            {TAG_ROLE: "trial", TAG_STUDY: study, TAG_TRIAL: str(trial)},
+            parent,
+            live=False,
+        )
         floor, rate = overrides["noise"] ** 2 * rng.uniform(0.8, 1.5), rng.uniform(0.02, 0.3)
         val = [floor + 30 * math.exp(-rate * e) * rng.uniform(0.9, 1.1) for e in range(1, EPOCHS + 1)]
         train = [v * rng.uniform(0.9, 1.1) for v in val]
         metrics = [Metric("train_loss", v, 0, e) for e, v in enumerate(train, 1)]
         metrics += [Metric("val_loss", v, 0, e) for e, v in enumerate(val, 1)]
         best = min(val)
-        metrics += [Metric("best_val_loss", best, 0, val.index(best) + 1),
-                    Metric("best_epoch", float(val.index(best) + 1), 0, val.index(best) + 1)]
+        metrics += [
+            Metric("best_val_loss", best, 0, val.index(best) + 1),
+            Metric("best_epoch", float(val.index(best) + 1), 0, val.index(best) + 1),
+        ]
         run.end("completed", tags={TAG_STATE: "COMPLETE"}, metrics=metrics)
     tracker.end_run(parent, "completed")
     del base
@@ -59,8 +72,21 @@ def main() -> None:
         for n in sizes:
             fill(tracker, f"bench{n}", n, rng)
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "sweeplab", "report", f"bench{n}", "--tracking-uri", uri,
-                            "--out", f"{folder}/report{n}"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "sweeplab",
+                    "report",
+                    f"bench{n}",
+                    "--tracking-uri",
+                    uri,
+                    "--out",
+                    f"{folder}/report{n}",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             results.append((n, time.perf_counter() - start))
     for n, seconds in results:
         print(f"report over {n:4d} trials x {EPOCHS} epochs: {seconds:6.2f} s  (goal: 500 trials < 15 s)")

@@ -24,9 +24,26 @@ SWEEP = ROOT / "sweeps" / "digits_cnn.yaml"
 def sweep_seconds(engine: str, sampler: str) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-stacked-") as tmp:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(SWEEP), f"engine={engine}",
-                        f"sampler={sampler}", "--no-report", "--quiet", "--tracking-uri", f"sqlite:///{tmp}/r.db",
-                        "--storage", f"journal:{tmp}/optuna.journal"], cwd=tmp, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sweeplab",
+                "sweep",
+                str(SWEEP),
+                f"engine={engine}",
+                f"sampler={sampler}",
+                "--no-report",
+                "--quiet",
+                "--tracking-uri",
+                f"sqlite:///{tmp}/r.db",
+                "--storage",
+                f"journal:{tmp}/optuna.journal",
+            ],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+        )
         return time.perf_counter() - start
 
 
@@ -35,8 +52,10 @@ def training_alone() -> tuple[float, float]:
     from sweeplab.engines import Job, engine_named
 
     sweep = load_sweep(SWEEP)
-    configs = [sweep.config_for({"optimizer": "Adam", "lr": 0.003 * (1 + i / 10), "channels": 8, "dropout": 0.0})
-               for i in range(12)]
+    configs = [
+        sweep.config_for({"optimizer": "Adam", "lr": 0.003 * (1 + i / 10), "channels": 8, "dropout": 0.0})
+        for i in range(12)
+    ]
     engine_named("reference").train([Job(None, configs[0])], None)  # warm-up
     jobs = [Job(None, c) for c in configs]
     start = time.perf_counter()
@@ -56,11 +75,15 @@ def main() -> None:
             for engine in times:
                 times[engine].append(sweep_seconds(engine, sampler))
         ref, vec = statistics.median(times["reference"]), statistics.median(times["vectorized"])
-        print(f"digits CNN sweep, 32 trials, {sampler:6s}: reference {ref:6.1f} s, vectorized {vec:6.1f} s, "
-              f"{ref / vec:.2f}x (whole process, median of {repeats}; goal >= 3x)")
+        print(
+            f"digits CNN sweep, 32 trials, {sampler:6s}: reference {ref:6.1f} s, vectorized {vec:6.1f} s, "
+            f"{ref / vec:.2f}x (whole process, median of {repeats}; goal >= 3x)"
+        )
     reference, stacked = training_alone()
-    print(f"training alone, 12 members of one shape, 15 epochs: one by one {reference:.2f} s, stacked {stacked:.2f} s, "
-          f"{reference / stacked:.2f}x")
+    print(
+        f"training alone, 12 members of one shape, 15 epochs: one by one {reference:.2f} s, stacked {stacked:.2f} s, "
+        f"{reference / stacked:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "experiments" / "training_loop_lab.yaml"
-TRIALS = [("Adam", 0.03, 16, 0.3), ("SGD", 0.05, 32, 1.0), ("RMSprop", 0.01, 8, 0.3), ("AdamW", 0.02, 64, 1.0),
-          ("Adam", 0.005, 4, 1.0), ("SGD", 0.01, 16, 0.3)]
+TRIALS = [
+    ("Adam", 0.03, 16, 0.3),
+    ("SGD", 0.05, 32, 1.0),
+    ("RMSprop", 0.01, 8, 0.3),
+    ("AdamW", 0.02, 64, 1.0),
+    ("Adam", 0.005, 4, 1.0),
+    ("SGD", 0.01, 16, 0.3),
+]
 
-TEXTBOOK = textwrap.dedent('''
+TEXTBOOK = textwrap.dedent("""
     import sys, time, copy
     import numpy as np, optuna, mlflow, torch
     from torch import nn
@@ -81,12 +87,13 @@ TEXTBOOK = textwrap.dedent('''
         start = time.perf_counter()
         study.optimize(objective, n_trials=len(TRIALS))
     print(time.perf_counter() - start)
-''')
+""")
 
 
 def sweep_file(folder: Path, n_trials: int, sampler: str = "random") -> Path:
     path = folder / "bench.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         study: bench
         experiment: {LAB}
         space:
@@ -97,7 +104,8 @@ def sweep_file(folder: Path, n_trials: int, sampler: str = "random") -> Path:
         sampler: {{type: {sampler}, seed: 0}}
         n_trials: {n_trials}
         engine: reference  # the reference runtime is what these figures measure (workers, per-trial costs)
-        """))
+        """)
+    )
     return path
 
 
@@ -118,16 +126,31 @@ def run_sweeplab(folder: Path, n_trials: int, workers: int = 1, trials=None) -> 
     if trials:
         enqueue(folder, trials)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep), f"workers={workers}", "--quiet",
-                    "--no-report"],  # the report is a product of its own, measured by bench_report
-                   cwd=folder, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "sweep",
+            str(sweep),
+            f"workers={workers}",
+            "--quiet",
+            "--no-report",
+        ],  # the report is a product of its own, measured by bench_report
+        cwd=folder,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     whole = time.perf_counter() - start
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
     experiment = client.get_experiment_by_name("bench")
-    runs = [r for r in client.search_runs([experiment.experiment_id], max_results=5000)
-            if r.data.tags.get("sweeplab.role") == "trial"]
+    runs = [
+        r
+        for r in client.search_runs([experiment.experiment_id], max_results=5000)
+        if r.data.tags.get("sweeplab.role") == "trial"
+    ]
     assert len(runs) == n_trials, (len(runs), n_trials)
     phase = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
     return whole, phase
@@ -139,25 +162,34 @@ def main() -> None:
     trials = TRIALS[:n_textbook]
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", TEXTBOOK, repr(trials)], cwd=a, check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", TEXTBOOK, repr(trials)], cwd=a, check=True, capture_output=True, text=True
+        ).stdout
         textbook_whole = time.perf_counter() - start
         textbook_phase = float(out.strip().splitlines()[-1])
         ours_whole, ours_phase = run_sweeplab(Path(b), len(trials), trials=trials)
     n = len(trials)
     print(f"{n} identical trials, 80 epochs each        whole process    trial phase   per trial")
-    print(f"textbook (DataLoader, log_metric, log_model) {textbook_whole:8.2f} s   {textbook_phase:8.2f} s   {textbook_phase / n:7.3f} s")
-    print(f"sweeplab sweep, all logging                  {ours_whole:8.2f} s   {ours_phase:8.2f} s   {ours_phase / n:7.3f} s")
-    print(f"speed-up per trial {textbook_phase / ours_phase:6.1f}x (goal >= 20x); whole process "
-          f"{textbook_whole / ours_whole:.1f}x (sweeplab's includes ~3 s of champion export, once per sweep)")
+    print(
+        f"textbook (DataLoader, log_metric, log_model) {textbook_whole:8.2f} s   {textbook_phase:8.2f} s   {textbook_phase / n:7.3f} s"
+    )
+    print(
+        f"sweeplab sweep, all logging                  {ours_whole:8.2f} s   {ours_phase:8.2f} s   {ours_phase / n:7.3f} s"
+    )
+    print(
+        f"speed-up per trial {textbook_phase / ours_phase:6.1f}x (goal >= 20x); whole process "
+        f"{textbook_whole / ours_whole:.1f}x (sweeplab's includes ~3 s of champion export, once per sweep)"
+    )
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
         one_whole, one_phase = run_sweeplab(Path(a), n_scaling, workers=1)
         two_whole, two_phase = run_sweeplab(Path(b), n_scaling, workers=2)
     print(f"{n_scaling}-trial sweep            whole process    trial phase")
     print(f"workers=1                     {one_whole:8.2f} s   {one_phase:8.2f} s")
     print(f"workers=2                     {two_whole:8.2f} s   {two_phase:8.2f} s")
-    print(f"speed-up workers=2 / workers=1: trial phase {one_phase / two_phase:4.2f}x (goal >= 1.7x), "
-          f"whole process {one_whole / two_whole:4.2f}x")
+    print(
+        f"speed-up workers=2 / workers=1: trial phase {one_phase / two_phase:4.2f}x (goal >= 1.7x), "
+        f"whole process {one_whole / two_whole:4.2f}x"
+    )
 
 
 if __name__ == "__main__":

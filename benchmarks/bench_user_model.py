@@ -81,8 +81,9 @@ def textbook_trial(data, channels: int, epochs: int, number: int) -> float:
     model = SmallCNN(channels=channels)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.003)
     loss_fn = nn.CrossEntropyLoss()
-    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True,
-                              generator=torch.Generator().manual_seed(7))
+    train_loader = DataLoader(
+        TensorDataset(x_train, y_train), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
     val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=len(y_val))
     with mlflow.start_run(run_name=f"trial {number}"):
         mlflow.log_params({"channels": channels, "lr": 0.003, "epochs": epochs})
@@ -117,16 +118,18 @@ def textbook_trial(data, channels: int, epochs: int, number: int) -> float:
 
 def sweep_file(folder: Path, n_trials: int, epochs: int) -> Path:
     path = folder / "sweep.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         study: bench_cnn_{n_trials}
-        experiment: {ROOT / 'experiments/digits_cnn.yaml'}
+        experiment: {ROOT / "experiments/digits_cnn.yaml"}
         base: {{train: {{epochs: {epochs}}}, model: {{init_args: {{dropout: 0.0}}}}}}
         space:                # a grid: half the trials at each width, as the plain loop's
           channels: {{choices: [8, 16]}}
           seed: {{choices: {list(range(n_trials // 2))}}}
         sampler: {{type: grid}}
         n_trials: {n_trials}
-        """))
+        """)
+    )
     return path
 
 
@@ -137,9 +140,23 @@ def sweeplab_sweep(n_trials: int, epochs: int) -> tuple[float, list[float]]:
     with tempfile.TemporaryDirectory(prefix="bench-cnn-") as tmp:
         sweep = sweep_file(Path(tmp), n_trials, epochs)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep), "--no-report", "--tracking-uri",
-                        f"sqlite:///{tmp}/runs.db", "--storage", f"journal:{tmp}/optuna.journal"], cwd=tmp,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sweeplab",
+                "sweep",
+                str(sweep),
+                "--no-report",
+                "--tracking-uri",
+                f"sqlite:///{tmp}/runs.db",
+                "--storage",
+                f"journal:{tmp}/optuna.journal",
+            ],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+        )
         whole = time.perf_counter() - start
         client = MlflowClient(f"sqlite:///{tmp}/runs.db")
         experiment = client.get_experiment_by_name(f"bench_cnn_{n_trials}")
@@ -161,7 +178,7 @@ def main() -> None:
     plain_trial(data, 8, 1)  # warm-up
     plain, sweeps, runs = [], {}, []
     for size in (n, 2 * n, n, 2 * n):  # alternately, so machine noise hits both alike
-        plain += [plain_trial(data, channels, epochs) for channels in widths[:n // 2]]
+        plain += [plain_trial(data, channels, epochs) for channels in widths[: n // 2]]
         whole, durations = sweeplab_sweep(size, epochs)
         sweeps.setdefault(size, []).append(whole)
         runs += durations
@@ -177,10 +194,14 @@ def main() -> None:
     plain_s, textbook_s = statistics.median(plain), statistics.median(textbook)
     print(f"digits CNN, {epochs} epochs a trial, {n} trials per measurement, {torch.get_num_threads()} threads")
     print(f"plain loop, no tracking      {plain_s:6.3f} s a trial  (median of {len(plain)})")
-    print(f"sweeplab sweep, all tracking {per_run:6.3f} s a trial  (median of {len(runs)} trial runs, start to end: "
-          "data, model, training, every MLflow write)")
-    print(f"   marginal, whole process   {marginal:6.3f} s a trial  (sweeps of {2 * n} and {n} trials: "
-          f"{min(sweeps[2 * n]):.1f} s and {min(sweeps[n]):.1f} s; adds the ask and tell)")
+    print(
+        f"sweeplab sweep, all tracking {per_run:6.3f} s a trial  (median of {len(runs)} trial runs, start to end: "
+        "data, model, training, every MLflow write)"
+    )
+    print(
+        f"   marginal, whole process   {marginal:6.3f} s a trial  (sweeps of {2 * n} and {n} trials: "
+        f"{min(sweeps[2 * n]):.1f} s and {min(sweeps[n]):.1f} s; adds the ask and tell)"
+    )
     print(f"textbook (DataLoader, log_metric per value, log_model per trial) {textbook_s:6.3f} s a trial")
     print(f"ratio sweeplab/plain         {per_run / plain_s:6.2f}x  (goal: <= 1.10x: tracking costs <= 10%)")
     print(f"ratio textbook/sweeplab      {textbook_s / per_run:6.2f}x")

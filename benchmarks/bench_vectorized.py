@@ -39,8 +39,12 @@ def sweep(n: int, engine: str) -> float:
         path = Path(folder) / "bench.yaml"
         path.write_text(SWEEP.format(lab=ROOT / "experiments" / "training_loop_lab.yaml", n=n))
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(path), f"engine={engine}", "--quiet",
-                        "--no-report"], cwd=folder, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "sweeplab", "sweep", str(path), f"engine={engine}", "--quiet", "--no-report"],
+            cwd=folder,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         return time.perf_counter() - start
 
 
@@ -49,9 +53,13 @@ def main() -> None:
     n_ref = int(sys.argv[2]) if len(sys.argv) > 2 else 40
     vectorized = sweep(n, "vectorized")
     reference = sweep(n_ref, "reference")
-    print(f"vectorized engine: {n} trials in {vectorized:6.2f} s = {n / vectorized:6.1f} trials/s "
-          f"(whole process, every trial logged; goal: 1,000 in < 60 s)")
-    print(f"reference engine:  {n_ref} trials in {reference:6.2f} s = {n_ref / reference:6.1f} trials/s (whole process)")
+    print(
+        f"vectorized engine: {n} trials in {vectorized:6.2f} s = {n / vectorized:6.1f} trials/s "
+        f"(whole process, every trial logged; goal: 1,000 in < 60 s)"
+    )
+    print(
+        f"reference engine:  {n_ref} trials in {reference:6.2f} s = {n_ref / reference:6.1f} trials/s (whole process)"
+    )
     print(f"ratio: {(n / vectorized) / (n_ref / reference):5.1f}x the reference engine's trials/s")
 
 

@@ -19,15 +19,22 @@ elif torch.backends.mps.is_available():
     device = torch.device("mps")
 else:
     device = torch.device("cpu")
+
+
 class Regressor(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+
     def forward(self, x):
         return self.net(x)
+
+
 model = Regressor().to(device)
 loss_fn = nn.MSELoss()
 optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+
+
 def run_epoch(loader, train):
     if train:
         model.train()
@@ -47,6 +54,8 @@ def run_epoch(loader, train):
                 optimizer.step()
             total_loss += loss.item() * len(batch_x)
     return total_loss / len(loader.dataset)
+
+
 best_val = float("inf")
 best_state = None
 print("training_loop_lab")
@@ -57,11 +66,7 @@ for epoch in range(1, 81):
         best_val = val_loss
         best_state = copy.deepcopy(model.state_dict())
     if epoch == 1 or epoch % 20 == 0:
-        print(
-            f"epoch={epoch:3d} "
-            f"train_loss={train_loss:.4f} "
-            f"val_loss={val_loss:.4f}"
-        )
+        print(f"epoch={epoch:3d} train_loss={train_loss:.4f} val_loss={val_loss:.4f}")
 model.load_state_dict(best_state)
 model.eval()
 test_x = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]], device=device)

@@ -76,5 +76,11 @@ def seed_run(optimizer="Adam", lr=0.03, hidden=16, noise=0.3, epochs=80, dropout
     model.eval()
     with torch.no_grad():
         preds = model(torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]]))[:, 0].tolist()
-    return {"train_loss": train_curve, "val_loss": val_curve, "best_val": best_val, "best_epoch": best_epoch,
-            "predictions": preds, "best_state": best_state}
+    return {
+        "train_loss": train_curve,
+        "val_loss": val_curve,
+        "best_val": best_val,
+        "best_epoch": best_epoch,
+        "predictions": preds,
+        "best_state": best_state,
+    }

@@ -43,14 +43,29 @@ class Postgres:
         return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
 
     def start(self) -> None:
-        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", "30", "-l",
-                                      str(self.data.parent / "postgres.log"), "-o",
-                                      f"-p {self.port} -k {self.data.parent} -c listen_addresses=127.0.0.1", "start"),
-                       check=True, capture_output=True)
+        subprocess.run(
+            self._as_owner(
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-w",
+                "-t",
+                "30",
+                "-l",
+                str(self.data.parent / "postgres.log"),
+                "-o",
+                f"-p {self.port} -k {self.data.parent} -c listen_addresses=127.0.0.1",
+                "start",
+            ),
+            check=True,
+            capture_output=True,
+        )
 
     def stop(self) -> None:
-        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"),
-                       capture_output=True)
+        subprocess.run(
+            self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"),
+            capture_output=True,
+        )
 
     def destroy(self) -> None:
         self.stop()
@@ -59,8 +74,9 @@ class Postgres:
     def create_database(self, name: str) -> None:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=USER, password=PASSWORD, dbname="postgres",
-                             autocommit=True) as connection:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user=USER, password=PASSWORD, dbname="postgres", autocommit=True
+        ) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
 
 
@@ -79,9 +95,20 @@ def start_postgres() -> Postgres:
         shutil.chown(folder, "postgres")
         shutil.chown(password_file, "postgres")
     server = Postgres(bin_dir, folder / "data", free_port())
-    subprocess.run(server._as_owner(str(bin_dir / "initdb"), "-D", str(server.data), "-U", USER,
-                                    f"--pwfile={password_file}", "--auth-local=trust", "--auth-host=scram-sha-256"),
-                   check=True, capture_output=True)
+    subprocess.run(
+        server._as_owner(
+            str(bin_dir / "initdb"),
+            "-D",
+            str(server.data),
+            "-U",
+            USER,
+            f"--pwfile={password_file}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+        ),
+        check=True,
+        capture_output=True,
+    )
     server.start()
     return server
 
@@ -104,9 +131,25 @@ def start_mlflow_server(backend_uri: str, folder: Path, env: dict[str, str]) -> 
     port = free_port()
     log = folder / "mlflow-server.log"
     process = subprocess.Popen(  # through `sweeplab server`, the command users run
-        [sys.executable, "-m", "sweeplab", "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-         str(folder / "artifacts"), "--port", str(port), "--workers", "2"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -27,9 +27,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def compared(tmp_path_factory):
     """Three optimizers and a range of lr searched separately at two noise levels, 8 trials each."""
     tmp = tmp_path_factory.mktemp("compared")
-    (tmp / "c.yaml").write_text(textwrap.dedent(f"""\
+    (tmp / "c.yaml").write_text(
+        textwrap.dedent(f"""\
         study: cmp
-        experiment: {ROOT / 'experiments/training_loop_lab.yaml'}
+        experiment: {ROOT / "experiments/training_loop_lab.yaml"}
         space:
           optimizer: {{choices: [Adam, SGD, RMSprop]}}
           lr: {{low: 0.001, high: 0.1, log: true}}
@@ -37,10 +38,17 @@ def compared(tmp_path_factory):
           noise: [0.3, 1.0]
         sampler: {{type: random, seed: 4}}
         n_trials: 16
-        """))
+        """)
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE")}
-    proc = subprocess.run([SWEEPLAB, "sweep", "c.yaml", "epochs=15", "--quiet"], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [SWEEPLAB, "sweep", "c.yaml", "epochs=15", "--quiet"],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     return tmp, f"sqlite:///{tmp}/mlflow.db", proc.stdout, env
 
@@ -86,8 +94,9 @@ def test_the_report_answers_per_condition_and_its_json_names_the_right_runs(comp
     best = best_by_hand(client, client.get_experiment_by_name("cmp").experiment_id)
     first = out.split("report for cmp", 1)[1].splitlines()[2:4]  # the answer comes first
     assert first[0].startswith("noise=0.3: best is") and first[1].startswith("noise=1.0: best is")
-    proc = subprocess.run([SWEEPLAB, "report", "cmp", "--json"], cwd=tmp, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [SWEEPLAB, "report", "cmp", "--json"], cwd=tmp, env=env, capture_output=True, text=True, timeout=300
+    )
     answer = json.loads(proc.stdout)
     assert [a["condition"] for a in answer["answers"]] == [{"noise": 0.3}, {"noise": 1.0}]
     for item in answer["answers"]:
@@ -108,18 +117,33 @@ def test_the_study_and_its_runs_describe_themselves(compared):
     assert note.count("fANOVA importance") == 2  # the report's answer (logged after the sweep's own short note)
     for run in runs:
         if run.data.tags.get("sweeplab.role") == "trial":
-            assert run.data.tags["mlflow.note.content"].startswith(f"Trial #{run.data.tags['sweeplab.trial_number']} "
-                                                                   f"(noise={run.data.params['data.noise']})")
+            assert run.data.tags["mlflow.note.content"].startswith(
+                f"Trial #{run.data.tags['sweeplab.trial_number']} (noise={run.data.params['data.noise']})"
+            )
 
 
 def chromium(*args: str) -> str:
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
-                           "--virtual-time-budget=20000", *args], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1600,1000",
+            "--virtual-time-budget=20000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     return proc.stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Chromium is not installed here "
-                    "(.ci/run installs Debian's chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="Chromium is not installed here (.ci/run installs Debian's chromium)",
+)
 @pytest.mark.slow
 def test_the_printed_link_and_the_report_in_a_browser(compared):
     tmp, uri, out, env = compared
@@ -129,8 +153,15 @@ def test_the_printed_link_and_the_report_in_a_browser(compared):
     assert "The answer" in page and "noise=0.3: best is" in page and page.count("<img") >= 3
     browse = next(line for line in out.splitlines() if line.startswith("browse:")).split(":", 1)[1].split()
     port = free_port()
-    ui = subprocess.Popen([*browse, "--port", str(port)], cwd=tmp, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    ui = subprocess.Popen(
+        [*browse, "--port", str(port)],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         link = ui.stdout.readline().split()[2]
         dom = chromium("--dump-dom", link)
@@ -140,8 +171,12 @@ def test_the_printed_link_and_the_report_in_a_browser(compared):
     # the runs table, sorted best first, with best_val_loss and the searched parameters as columns
     for column in ("best_val_loss", "train.lr", "train.optimizer", "data.noise"):
         assert column in dom, column
-    names = {run.info.run_name: run.info.run_id for run in client.search_runs(
-        [client.get_experiment_by_name("cmp").experiment_id], "tags.`sweeplab.role` = 'trial'")}
+    names = {
+        run.info.run_name: run.info.run_id
+        for run in client.search_runs(
+            [client.get_experiment_by_name("cmp").experiment_id], "tags.`sweeplab.role` = 'trial'"
+        )
+    }
     positions = {run_id: dom.find(name) for name, run_id in names.items() if dom.find(name) >= 0}
     overall = min(best.values(), key=lambda item: item[1])[0]
     assert positions and min(positions, key=positions.get) == overall

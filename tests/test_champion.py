@@ -27,15 +27,17 @@ ROWS = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0], [2.0, -3.0]]
 
 def one_trial_sweep(folder: Path, study: str, task: str) -> Path:
     path = folder / f"{study}.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         study: {study}
-        experiment: {ROOT / 'experiments/training_loop_lab.yaml'}
+        experiment: {ROOT / "experiments/training_loop_lab.yaml"}
         base: {{task: {task}, train: {{epochs: 12}}}}
         space:
           hidden: {{choices: [8]}}
         sampler: {{type: grid}}
         n_trials: 1
-        """))
+        """)
+    )
     return path
 
 
@@ -48,8 +50,10 @@ def champions(tmp_path_factory):
     os.chdir(tmp)
     try:
         for study, task in (("binary_lab", "binary"), ("multiclass_lab", "multiclass")):
-            assert main(["sweep", str(one_trial_sweep(tmp, study, task)), "--quiet", "--no-report",
-                         "--tracking-uri", uri]) == 0
+            assert (
+                main(["sweep", str(one_trial_sweep(tmp, study, task)), "--quiet", "--no-report", "--tracking-uri", uri])
+                == 0
+            )
     finally:
         os.chdir(cwd)
     return tmp, uri, MlflowClient(uri, registry_uri=uri)
@@ -84,7 +88,9 @@ def without_sweeplab(folder: Path, body: str) -> dict:
 @pytest.mark.parametrize("study, task", [("binary_lab", "binary"), ("multiclass_lab", "multiclass")])
 def test_a_classifier_champion_gives_labels_and_probabilities_on_request(champions, tmp_path, study, task):
     folder, uri, client = champions
-    out = without_sweeplab(folder, f"""\
+    out = without_sweeplab(
+        folder,
+        f"""\
         import json, numpy as np, pandas as pd, mlflow
         mlflow.set_tracking_uri({uri!r})
         model = mlflow.pyfunc.load_model("models:/{study}@champion")
@@ -93,7 +99,8 @@ def test_a_classifier_champion_gives_labels_and_probabilities_on_request(champio
         proba = model.predict(pd.DataFrame(rows, columns=["x1", "x2"]), params={{"output": "probabilities"}})
         print(json.dumps({{"labels": labels, "proba": proba.to_numpy().tolist(), "columns": list(proba.columns),
                           "meta": model.metadata.metadata}}))
-        """)
+        """,
+    )
     expected = probabilities_by_hand(logits_by_hand(client, study, tmp_path), task)
     classes = 2 if task == "binary" else 3
     assert out["columns"] == [str(c) for c in range(classes)]
@@ -106,7 +113,9 @@ def test_a_classifier_champion_gives_labels_and_probabilities_on_request(champio
 
 def test_named_columns_are_read_by_name_and_bad_input_is_refused(champions, tmp_path):
     folder, uri, client = champions
-    out = without_sweeplab(folder, f"""\
+    out = without_sweeplab(
+        folder,
+        f"""\
         import json, numpy as np, pandas as pd, mlflow
         mlflow.set_tracking_uri({uri!r})
         model = mlflow.pyfunc.load_model("models:/binary_lab@champion")
@@ -129,12 +138,17 @@ def test_named_columns_are_read_by_name_and_bad_input_is_refused(champions, tmp_
                 errors[name] = str(exc)
         out["errors"] = errors
         print(json.dumps(out))
-        """)
+        """,
+    )
     p1 = [row[1] for row in probabilities_by_hand(logits_by_hand(client, "binary_lab", tmp_path), "binary")]
     assert out["swapped"] == pytest.approx(p1, abs=1e-6)  # by name: x2 given first is still x2
     assert out["array"] == pytest.approx(p1, abs=1e-6)
-    ints = [row[1] for row in probabilities_by_hand(
-        logits_by_hand(client, "binary_lab", tmp_path / "i", [[1.0, 2.0], [-1.0, 0.0]]), "binary")]
+    ints = [
+        row[1]
+        for row in probabilities_by_hand(
+            logits_by_hand(client, "binary_lab", tmp_path / "i", [[1.0, 2.0], [-1.0, 0.0]]), "binary"
+        )
+    ]
     assert out["ints"] == pytest.approx(ints, abs=1e-6)
     errors = out["errors"]
     assert "unknown column(s) x3 (the model takes x1, x2)" in errors["extra"]
@@ -150,16 +164,36 @@ def test_named_columns_are_read_by_name_and_bad_input_is_refused(champions, tmp_
 def test_mlflow_models_serve_reads_csv_columns_by_name_and_refuses_nan(champions, tmp_path):
     folder, uri, client = champions
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                               "models:/multiclass_lab@champion", "--env-manager", "local", "-h", "127.0.0.1",
-                               "-p", str(port)], cwd=folder, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/multiclass_lab@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def post(body: bytes, content_type: str) -> tuple[int, dict]:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": content_type})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": content_type}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read())
@@ -177,9 +211,15 @@ def test_mlflow_models_serve_reads_csv_columns_by_name_and_refuses_nan(champions
                 time.sleep(0.5)
         csv = "x2,x1\n" + "".join(f"{x2},{x1}\n" for x1, x2 in ROWS)
         status, labels = post(csv.encode(), "text/csv")
-        status_p, proba = post(json.dumps({"dataframe_split": {"columns": ["x2", "x1"],
-                                                               "data": [[x2, x1] for x1, x2 in ROWS]},
-                                           "params": {"output": "probabilities"}}).encode(), "application/json")
+        status_p, proba = post(
+            json.dumps(
+                {
+                    "dataframe_split": {"columns": ["x2", "x1"], "data": [[x2, x1] for x1, x2 in ROWS]},
+                    "params": {"output": "probabilities"},
+                }
+            ).encode(),
+            "application/json",
+        )
         status_bad, bad = post(b"x1,x2\n1.0,NaN\n", "text/csv")
     finally:
         os.killpg(server.pid, 15)
@@ -220,8 +260,9 @@ def test_a_csv_of_twelve_thousand_columns_gets_its_champion(store, capsys):
     frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(12_000)]).assign(y=2 * x[:, 0])
     frame.to_csv(store / "wide.csv", index=False)
     (store / "e.yaml").write_text("data: {source: csv, path: wide.csv, target: y, val_size: 3}\ntrain: {epochs: 2}\n")
-    (store / "s.yaml").write_text("study: wide\nexperiment: e.yaml\nspace:\n  hidden: {choices: [2]}\n"
-                                  "sampler: {type: grid}\nn_trials: 1\n")
+    (store / "s.yaml").write_text(
+        "study: wide\nexperiment: e.yaml\nspace:\n  hidden: {choices: [2]}\nsampler: {type: grid}\nn_trials: 1\n"
+    )
     assert main(["sweep", str(store / "s.yaml"), "--quiet", "--no-report"]) == 0
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     version = client.get_model_version_by_alias("wide", "champion")
@@ -263,8 +304,11 @@ def test_an_export_cut_short_leaves_no_pending_logged_model_after_the_rerun(stor
     logged model beside its READY one."""
     import sweeplab.champion as champion
 
-    (store / "s.yaml").write_text(f"study: full\nexperiment: {lab_path}\nspace: {{hidden: {{choices: [4]}}}}\n"
-                                  "sampler: {type: grid}\nn_trials: 1\n")
+    (store / "s.yaml").write_text(
+        f"study: full\nexperiment: {lab_path}\nspace: {{hidden: {{choices: [4]}}}}\n"
+        "sampler: {type: grid}\nn_trials: 1\n"
+    )
+
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 

@@ -23,16 +23,19 @@ def _write(tmp_path, text, name="exp.yaml"):
     return path
 
 
-@pytest.mark.parametrize("body, field, words", [
-    ("train:\n  lrr: 0.1\n", "train.lrr", "Extra inputs are not permitted"),             # typo
-    ("train:\n  epochs: many\n", "train.epochs", "valid integer"),                      # wrong type
-    ("model:\n  hidden: -4\n", "model.hidden", "positive"),                               # negative size
-    ("train:\n  batch_size: 0\n", "train.batch_size", "greater than 0"),
-    ("train:\n  optimizer: Adagrad\n", "train.optimizer", "'Adam', 'AdamW', 'SGD' or 'RMSprop'"),
-    ("task: ranking\n", "task", "'regression', 'binary' or 'multiclass'"),
-    ("device: tpu\n", "device", "auto, cpu, cuda"),
-    ("data:\n  source: csv\n", "data", "path: required when source is csv"),
-])
+@pytest.mark.parametrize(
+    "body, field, words",
+    [
+        ("train:\n  lrr: 0.1\n", "train.lrr", "Extra inputs are not permitted"),  # typo
+        ("train:\n  epochs: many\n", "train.epochs", "valid integer"),  # wrong type
+        ("model:\n  hidden: -4\n", "model.hidden", "positive"),  # negative size
+        ("train:\n  batch_size: 0\n", "train.batch_size", "greater than 0"),
+        ("train:\n  optimizer: Adagrad\n", "train.optimizer", "'Adam', 'AdamW', 'SGD' or 'RMSprop'"),
+        ("task: ranking\n", "task", "'regression', 'binary' or 'multiclass'"),
+        ("device: tpu\n", "device", "auto, cpu, cuda"),
+        ("data:\n  source: csv\n", "data", "path: required when source is csv"),
+    ],
+)
 def test_bad_experiment_is_one_line_naming_file_and_field(tmp_path, capsys, body, field, words):
     path = _write(tmp_path, body)
     assert main(["run", str(path)]) == 2
@@ -75,8 +78,9 @@ def test_run_json_has_the_curves_and_matches_the_seed(lab_path, capsys):
 
 
 def test_flat_overrides_set_nested_fields(lab_path):
-    config = load_experiment(lab_path, {"optimizer": "SGD", "lr": 0.05, "hidden": 32, "noise": 1.0,
-                                        "data.val_size": 0.25, "device": "cpu"})
+    config = load_experiment(
+        lab_path, {"optimizer": "SGD", "lr": 0.05, "hidden": 32, "noise": 1.0, "data.val_size": 0.25, "device": "cpu"}
+    )
     assert (config.train.optimizer, config.train.lr, config.model.hidden, config.data.noise) == ("SGD", 0.05, 32, 1.0)
     assert config.data.val_size == 0.25 and config.device == "cpu"
 
@@ -85,10 +89,15 @@ def test_csv_data_round_trips_and_trains(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(50, 3)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 1
-    frame = pd.DataFrame({"a": x[:, 0].tolist(), "b": x[:, 1].tolist(), "c": x[:, 2].tolist(), "target": y[:, 0].tolist()})
+    frame = pd.DataFrame(
+        {"a": x[:, 0].tolist(), "b": x[:, 1].tolist(), "c": x[:, 2].tolist(), "target": y[:, 0].tolist()}
+    )
     frame.to_csv(tmp_path / "data.csv", index=False)
-    path = _write(tmp_path, "data:\n  source: csv\n  path: data.csv\n  target: target\n  val_size: 10\n"
-                            "predict_x: [[1.0, 2.0, 3.0]]\ntrain:\n  epochs: 5\n")
+    path = _write(
+        tmp_path,
+        "data:\n  source: csv\n  path: data.csv\n  target: target\n  val_size: 10\n"
+        "predict_x: [[1.0, 2.0, 3.0]]\ntrain:\n  epochs: 5\n",
+    )
     config = load_experiment(path)
     dataset = make_dataset(config)
     assert dataset.feature_names == ("a", "b", "c") and dataset.x_train.shape == (40, 3)
@@ -141,12 +150,15 @@ def test_tpe_is_asked_in_batches_it_can_learn_between(tmp_path):
     assert batch_size(random, 0, 20) == 256
 
 
-@pytest.mark.parametrize("target, feature, words", [
-    (["1.0", "", "3.0", "4.0", "5.0", "6.0"], None, "data.target column 'y' row 3 is missing"),
-    (["1.0", "2.0", "two", "4.0", "5.0", "6.0"], None, "data.target column 'y' row 4 is not a number: 'two'"),
-    (["1.0", "2.0", "3.0", "inf", "5.0", "6.0"], None, "data.target column 'y' row 5 is not a finite number: inf"),
-    (["1.0", "2.0", "3.0", "4.0", "5.0", "6.0"], "-inf", "column 'b' row 2 is not a finite number: -inf"),
-])
+@pytest.mark.parametrize(
+    "target, feature, words",
+    [
+        (["1.0", "", "3.0", "4.0", "5.0", "6.0"], None, "data.target column 'y' row 3 is missing"),
+        (["1.0", "2.0", "two", "4.0", "5.0", "6.0"], None, "data.target column 'y' row 4 is not a number: 'two'"),
+        (["1.0", "2.0", "3.0", "inf", "5.0", "6.0"], None, "data.target column 'y' row 5 is not a finite number: inf"),
+        (["1.0", "2.0", "3.0", "4.0", "5.0", "6.0"], "-inf", "column 'b' row 2 is not a finite number: -inf"),
+    ],
+)
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_bad_csv_values_are_one_line_before_any_store_is_written(store, capsys, target, feature, words, command):
     """#19.7: NaN, text or inf in the target ended in tracebacks' last lines (exit 1), inf in a feature trained to
@@ -154,8 +166,9 @@ def test_bad_csv_values_are_one_line_before_any_store_is_written(store, capsys, 
     b = [feature or "1.5", "2.5", "3.5", "4.5", "5.5", "6.5"]
     rows = "".join(f"{i},{b[i]},{t}\n" for i, t in enumerate(target))
     (store / "d.csv").write_text("a,b,y\n" + rows)
-    (store / "e.yaml").write_text("name: csv\ndata: {source: csv, path: d.csv, target: y, val_size: 2}\n"
-                                  "train: {epochs: 2}\n")
+    (store / "e.yaml").write_text(
+        "name: csv\ndata: {source: csv, path: d.csv, target: y, val_size: 2}\ntrain: {epochs: 2}\n"
+    )
     (store / "s.yaml").write_text("study: csv\nexperiment: e.yaml\nspace:\n  hidden: {choices: [4, 8]}\nn_trials: 2\n")
     before = sorted(p.name for p in store.iterdir())
     assert main([command, str(store / ("e.yaml" if command == "run" else "s.yaml"))]) == 2
@@ -180,8 +193,10 @@ def test_a_billion_laughs_file_is_refused_at_once(store, capsys):
     (store / "laugh.yaml").write_text("\n".join(lines) + "\nstudy: x\nspace: {hidden: {choices: [4]}}\n")
     assert main(["sweep", str(store / "laugh.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("laugh.yaml: its aliases (*name) expand to more than 100,000 values; a sweep or experiment "
-                        "file is a page of YAML")
+    assert err.endswith(
+        "laugh.yaml: its aliases (*name) expand to more than 100,000 values; a sweep or experiment "
+        "file is a page of YAML"
+    )
     (store / "anchors.yaml").write_text("x: &lr {low: 0.001, high: 0.1, log: true}\n")  # a few aliases stay fine
     from sweeplab.config import read_yaml
 
@@ -198,8 +213,10 @@ def test_a_study_name_that_would_not_fit_a_path_is_refused(store, capsys, lab_pa
 
 def test_the_config_layer_imports_neither_torch_nor_optuna_nor_mlflow():
     """Reading and validating an experiment or a sweep is schema work: engine choice lives in engines.py."""
-    code = ("import sys, sweeplab.config as c; c.load_sweep(sys.argv[1]); "
-            "print(sorted(m for m in ('torch', 'optuna', 'mlflow') if m in sys.modules))")
+    code = (
+        "import sys, sweeplab.config as c; c.load_sweep(sys.argv[1]); "
+        "print(sorted(m for m in ('torch', 'optuna', 'mlflow') if m in sys.modules))"
+    )
     sweep = Path(__file__).resolve().parents[1] / "sweeps" / "optimizer_hidden_noise.yaml"
     out = subprocess.run([sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

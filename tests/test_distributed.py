@@ -20,9 +20,13 @@ from servers import PASSWORD, postgres_bin, start_mlflow_server, start_postgres
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-pytestmark = [pytest.mark.slow,  # a PostgreSQL cluster, a tracking server and worker processes
-              pytest.mark.skipif(postgres_bin() is None and not os.environ.get("CI"),
-                                 reason="PostgreSQL is not installed here (.ci/run installs it)")]
+pytestmark = [
+    pytest.mark.slow,  # a PostgreSQL cluster, a tracking server and worker processes
+    pytest.mark.skipif(
+        postgres_bin() is None and not os.environ.get("CI"),
+        reason="PostgreSQL is not installed here (.ci/run installs it)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +45,26 @@ def cluster(tmp_path_factory):
 
 def sweep_file(folder: Path, study: str, n_trials: int) -> Path:
     path = folder / f"{study}.yaml"
-    path.write_text(f"study: {study}\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
-                    "  optimizer: {choices: [Adam, SGD]}\n  lr: {low: 0.005, high: 0.05, log: true}\n"
-                    "  hidden: {choices: [8, 16, 32]}\n"
-                    f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\nengine: reference\n")
+    path.write_text(
+        f"study: {study}\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
+        "  optimizer: {choices: [Adam, SGD]}\n  lr: {low: 0.005, high: 0.05, log: true}\n"
+        "  hidden: {choices: [8, 16, 32]}\n"
+        f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\nengine: reference\n"
+    )
     return path
 
 
 def worker_env(postgres, server, **extra) -> dict[str, str]:
-    env = {**os.environ, "PGPASSWORD": PASSWORD, "MLFLOW_TRACKING_URI": server.url,
-           "SWEEPLAB_STORAGE": postgres.url("optuna"), "SWEEPLAB_HEARTBEAT_INTERVAL": "1",
-           "SWEEPLAB_GRACE_PERIOD": "3", "SWEEPLAB_ORPHAN_AFTER": "10", **extra}
+    env = {
+        **os.environ,
+        "PGPASSWORD": PASSWORD,
+        "MLFLOW_TRACKING_URI": server.url,
+        "SWEEPLAB_STORAGE": postgres.url("optuna"),
+        "SWEEPLAB_HEARTBEAT_INTERVAL": "1",
+        "SWEEPLAB_GRACE_PERIOD": "3",
+        "SWEEPLAB_ORPHAN_AFTER": "10",
+        **extra,
+    }
     return env
 
 
@@ -77,10 +90,14 @@ def finish(worker: subprocess.Popen, timeout: float, storage: str, study: str, s
         except subprocess.TimeoutExpired:  # a child of the worker still holds the pipes
             out, err = "(unreadable)", "(unreadable)"
         found = load(study, storage)
-        trials = [(t.number, t.state.name, t.user_attrs.get("worker"), t.user_attrs.get("fail_reason"))
-                  for t in (found.trials if found else [])]
-        raise AssertionError(f"worker still running after {timeout} s\ntrials: {trials}\nstdout: {out[-3000:]}\n"
-                             f"stderr: {err[-3000:]}\nserver log: {server.log.read_text()[-3000:]}") from None
+        trials = [
+            (t.number, t.state.name, t.user_attrs.get("worker"), t.user_attrs.get("fail_reason"))
+            for t in (found.trials if found else [])
+        ]
+        raise AssertionError(
+            f"worker still running after {timeout} s\ntrials: {trials}\nstdout: {out[-3000:]}\n"
+            f"stderr: {err[-3000:]}\nserver log: {server.log.read_text()[-3000:]}"
+        ) from None
 
 
 def alive(pid: int) -> bool:
@@ -103,8 +120,14 @@ def running_trial_of(storage, study: str, pid: int):
     if found is None:
         return None
     me = f"{socket.gethostname()}:{pid}"
-    return next((t for t in found.get_trials(states=(TrialState.RUNNING,)) if t.user_attrs.get("worker") == me
-                 and "mlflow_run_id" in t.user_attrs), None)
+    return next(
+        (
+            t
+            for t in found.get_trials(states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") == me and "mlflow_run_id" in t.user_attrs
+        ),
+        None,
+    )
 
 
 def check_records(study: optuna.Study, client: MlflowClient, n_trials: int, epochs: int) -> None:
@@ -131,9 +154,27 @@ def test_three_workers_share_a_study_and_survive_a_sigkill(cluster, tmp_path):
     sweep = sweep_file(tmp_path, "kill3", 12)
     epochs = 120
     env = worker_env(postgres, server)
-    workers = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), f"epochs={epochs}",
-                                 "--worker-index", str(i), "--quiet"], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sweeplab",
+                "worker",
+                str(sweep),
+                f"epochs={epochs}",
+                "--worker-index",
+                str(i),
+                "--quiet",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     victim = workers[0]
     lost = wait_for(lambda: running_trial_of(storage, "kill3", victim.pid), 120, "the victim to start a trial")
     victim.send_signal(signal.SIGKILL)
@@ -146,8 +187,11 @@ def test_three_workers_share_a_study_and_survive_a_sigkill(cluster, tmp_path):
     check_records(study, client, 12, epochs)
     # the killed trial failed after the grace period, was retried by a survivor, and its run ended KILLED
     assert study.trials[lost.number].state == TrialState.FAIL
-    retries = [t for t in study.trials
-               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == lost.number]
+    retries = [
+        t
+        for t in study.trials
+        if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == lost.number
+    ]
     assert len(retries) == 1 and retries[0].state in FINISHED
     lost_run = client.get_run(lost.user_attrs["mlflow_run_id"])
     assert lost_run.info.status == "KILLED" and lost_run.data.tags["sweeplab.outcome"] == "killed"
@@ -160,16 +204,28 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
     storage = postgres.url("optuna", password=True)
     sweep = sweep_file(tmp_path, "vkill", 24)
     env = worker_env(postgres, server, SWEEPLAB_WRITERS_FROM_TRIALS="0")  # writer processes, whatever the size
-    args = [sys.executable, "-m", "sweeplab", "worker", str(sweep), "engine=vectorized", "batch_trials=8",
-            "epochs=300", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "sweeplab",
+        "worker",
+        str(sweep),
+        "engine=vectorized",
+        "batch_trials=8",
+        "epochs=300",
+        "--quiet",
+    ]
     victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def batch_in_flight():
         found = load("vkill", storage)
         if found is None:
             return None
-        mine = [t for t in found.get_trials(states=(TrialState.RUNNING,))
-                if t.user_attrs.get("worker") == f"{socket.gethostname()}:{victim.pid}"]
+        mine = [
+            t
+            for t in found.get_trials(states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") == f"{socket.gethostname()}:{victim.pid}"
+        ]
         return mine if len(found.get_trials(states=FINISHED)) >= 8 and len(mine) >= 4 else None
 
     lost = wait_for(batch_in_flight, 180, "a second batch in flight")
@@ -178,8 +234,7 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     wait_for(lambda: not [pid for pid in writers if alive(pid)], 15, "the killed worker's writer processes to exit")
-    survivor = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    survivor = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = finish(survivor, 300, storage, "vkill", server)
     assert survivor.returncode == 0, err
     study = load("vkill", storage)
@@ -197,9 +252,17 @@ def test_workers_started_together_on_a_fresh_database_all_join(cluster, tmp_path
     postgres.create_database("fresh")
     env = worker_env(postgres, server, SWEEPLAB_STORAGE=postgres.url("fresh"))
     sweep = sweep_file(tmp_path, "together", 4)
-    workers = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=3",
-                                 "--worker-index", str(i), "--quiet"], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=3", "--worker-index", str(i), "--quiet"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     for worker in workers:
         _, err = finish(worker, 300, postgres.url("fresh", password=True), "together", server)
         assert worker.returncode == 0, err
@@ -212,12 +275,24 @@ def test_workers_started_together_on_a_fresh_tracking_database_without_a_server_
     postgres, server = cluster
     postgres.create_database("fresh_tracking")
     postgres.create_database("fresh_storage")
-    env = worker_env(postgres, server, MLFLOW_TRACKING_URI=postgres.url("fresh_tracking"),
-                     SWEEPLAB_STORAGE=postgres.url("fresh_storage"))
+    env = worker_env(
+        postgres,
+        server,
+        MLFLOW_TRACKING_URI=postgres.url("fresh_tracking"),
+        SWEEPLAB_STORAGE=postgres.url("fresh_storage"),
+    )
     sweep = sweep_file(tmp_path, "tables", 4)
-    workers = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=2",
-                                 "--worker-index", str(i), "--quiet"], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=2", "--worker-index", str(i), "--quiet"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     for worker in workers:
         _, err = finish(worker, 300, postgres.url("fresh_storage", password=True), "tables", server)
         assert worker.returncode == 0, err
@@ -232,9 +307,22 @@ def test_a_database_restart_while_a_worker_opens_the_storage_is_waited_out(clust
     env = worker_env(postgres, server, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/runs.db")
     postgres.stop()
     try:
-        worker = subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep_file(tmp_path, "restart", 2)),
-                                   "epochs=2", "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sweeplab",
+                "worker",
+                str(sweep_file(tmp_path, "restart", 2)),
+                "epochs=2",
+                "--quiet",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(4)  # the worker is trying to open the storage now
         assert worker.poll() is None, worker.communicate()[1]
     finally:
@@ -250,8 +338,14 @@ def test_wrong_database_password_is_one_line_without_the_password(cluster, tmp_p
     url = postgres.url("optuna").replace("@", f":{wrong}@")
     env = worker_env(postgres, server)
     env.pop("PGPASSWORD")
-    proc = subprocess.run([sys.executable, "-m", "sweeplab", "worker", str(sweep_file(tmp_path, "pw", 2)),
-                           "--storage", url], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "worker", str(sweep_file(tmp_path, "pw", 2)), "--storage", url],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert "password authentication failed" in proc.stderr and ":***@" in proc.stderr
@@ -264,8 +358,14 @@ def test_a_wrong_storage_password_creates_no_local_store(cluster, tmp_path):
     postgres, _ = cluster
     url = postgres.url("optuna").replace("@", ":wrong-password@")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE", "PGPASSWORD")}
-    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep_file(tmp_path, "pw2", 2)),
-                           "--storage", url], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "sweep", str(sweep_file(tmp_path, "pw2", 2)), "--storage", url],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "password authentication failed" in proc.stderr
     assert "wrong-password" not in proc.stderr + proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pw2.yaml"]
@@ -275,17 +375,36 @@ def test_a_champion_is_registered_through_a_tracking_server(cluster, tmp_path):
     """Issue #10: registering resolved the logged model through the default tracking URI, not the server."""
     postgres, server = cluster
     env = worker_env(postgres, server, SWEEPLAB_STORAGE=str(tmp_path / "optuna.journal"))
-    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep_file(tmp_path, "champ", 2)),
-                           "epochs=3", "--quiet", "--no-report"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "sweep",
+            str(sweep_file(tmp_path, "champ", 2)),
+            "epochs=3",
+            "--quiet",
+            "--no-report",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["champ.yaml", "optuna.journal", "optuna.journal.lock"] \
-        or sorted(p.name for p in tmp_path.iterdir()) == ["champ.yaml", "optuna.journal"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "champ.yaml",
+        "optuna.journal",
+        "optuna.journal.lock",
+    ] or sorted(p.name for p in tmp_path.iterdir()) == ["champ.yaml", "optuna.journal"]
     client = MlflowClient(server.url)
     version = client.get_model_version_by_alias("champ", "champion")
     assert client.get_run(version.run_id).data.tags["sweeplab.role"] == "trial"
-    script = ("import mlflow, numpy as np; mlflow.set_tracking_uri(%r); "
-              "print(mlflow.pyfunc.load_model('models:/champ@champion').predict(np.array([[1.0, 2.0]])).shape)")
+    script = (
+        "import mlflow, numpy as np; mlflow.set_tracking_uri(%r); "
+        "print(mlflow.pyfunc.load_model('models:/champ@champion').predict(np.array([[1.0, 2.0]])).shape)"
+    )
     out = subprocess.run([sys.executable, "-c", script % server.url], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "(1, 1)", out.stderr
 
@@ -294,8 +413,14 @@ def test_credentials_stay_out_of_runs(cluster, tmp_path):
     postgres, server = cluster
     env = worker_env(postgres, server)
     env["SWEEPLAB_STORAGE"] = postgres.url("optuna", password=True)  # even when the URL carries it
-    proc = subprocess.run([sys.executable, "-m", "sweeplab", "worker", str(sweep_file(tmp_path, "secret", 2)),
-                           "epochs=3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "worker", str(sweep_file(tmp_path, "secret", 2)), "epochs=3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert PASSWORD not in proc.stdout + proc.stderr
     client = MlflowClient(server.url)
@@ -308,11 +433,17 @@ def test_a_database_outage_of_a_few_seconds_does_not_kill_a_worker(cluster, tmp_
     postgres, server = cluster
     storage = postgres.url("optuna", password=True)
     sweep = sweep_file(tmp_path, "outage", 8)
-    worker = subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=80", "--quiet"],
-                              cwd=tmp_path, env=worker_env(postgres, server), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (s := load("outage", storage)) and len(s.get_trials(states=FINISHED)) >= 2, 120,
-             "two finished trials")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=80", "--quiet"],
+        cwd=tmp_path,
+        env=worker_env(postgres, server),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(
+        lambda: (s := load("outage", storage)) and len(s.get_trials(states=FINISHED)) >= 2, 120, "two finished trials"
+    )
     postgres.stop()
     time.sleep(3)
     postgres.start()
@@ -323,11 +454,26 @@ def test_a_database_outage_of_a_few_seconds_does_not_kill_a_worker(cluster, tmp_
 
 # --- the local default storage (journal file + SQLite): interrupts and kills, then a re-run ---------------
 
+
 def local_sweep(folder: Path, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE")}
-    return subprocess.Popen([sys.executable, "-m", "sweeplab", "sweep", str(sweep_file(folder, "local", 8)),
-                             "--quiet", "--no-report", *args], cwd=folder, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "sweep",
+            str(sweep_file(folder, "local", 8)),
+            "--quiet",
+            "--no-report",
+            *args,
+        ],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def journal(folder: Path):
@@ -339,10 +485,16 @@ def journal(folder: Path):
 @pytest.mark.parametrize("how, workers", [(signal.SIGINT, 1), (signal.SIGTERM, 2), (signal.SIGKILL, 1)])
 def test_a_stopped_local_sweep_resumes_to_exactly_the_budget(tmp_path, how, workers):
     proc = local_sweep(tmp_path, "epochs=300", f"workers={workers}")
-    wait_for(lambda: (tmp_path / "optuna.journal").exists() and (s := load("local", journal(tmp_path)))
-             and len(s.get_trials(states=FINISHED)) >= 2
-             and [t for t in s.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs],
-             120, "a trial training (its run started)")
+    wait_for(
+        lambda: (
+            (tmp_path / "optuna.journal").exists()
+            and (s := load("local", journal(tmp_path)))
+            and len(s.get_trials(states=FINISHED)) >= 2
+            and [t for t in s.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+        ),
+        120,
+        "a trial training (its run started)",
+    )
     stopped_at = time.monotonic()
     proc.send_signal(how)
     _, err = proc.communicate(timeout=30)
@@ -363,6 +515,7 @@ def test_a_stopped_local_sweep_resumes_to_exactly_the_budget(tmp_path, how, work
 
 
 # --- connection drops at the worst moments, injected into a real SQLite RDB storage ------------------------
+
 
 class DroppedConnections:
     """Fails chosen SQL statements once each, as SQLAlchemy does when the database goes away mid-statement.
@@ -386,8 +539,9 @@ class DroppedConnections:
             if armed and statement.lstrip().startswith(prefix):
                 step[2] = None  # spent
                 self.dropped.append(statement.split("\n")[0])
-                raise sqlalchemy.exc.OperationalError(statement, parameters,
-                                                      Exception("server closed the connection unexpectedly"))
+                raise sqlalchemy.exc.OperationalError(
+                    statement, parameters, Exception("server closed the connection unexpectedly")
+                )
             if armed is False and statement.lstrip().startswith(after):
                 step[2] = True
 
@@ -406,11 +560,14 @@ def test_dropped_connections_inside_ask_suggest_and_tell_lose_no_trial_and_leave
     tracking, storage_url = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
     (ctx,) = prepare(sweep, tracking, storage_url)
     ctx.parent_run_id = start_parent_run(ctx.tracker, ctx.experiment_id, sweep, storage_url, 1)
-    drops = DroppedConnections(ctx.ledger.storage.engine, [
-        ("UPDATE trials SET number", "SELECT"),   # the read inside ask, once trial #0's row is committed
-        ("INSERT INTO trial_params", "INSERT INTO trial_params"),  # the second suggestion of a trial
-        ("UPDATE trials SET state", "UPDATE trials SET state"),    # the tell of the second trial told
-    ])
+    drops = DroppedConnections(
+        ctx.ledger.storage.engine,
+        [
+            ("UPDATE trials SET number", "SELECT"),  # the read inside ask, once trial #0's row is committed
+            ("INSERT INTO trial_params", "INSERT INTO trial_params"),  # the second suggestion of a trial
+            ("UPDATE trials SET state", "UPDATE trials SET state"),  # the tell of the second trial told
+        ],
+    )
     worker = threading.Thread(target=work, args=(ctx,), daemon=True)
     worker.start()
     worker.join(120)

@@ -31,8 +31,10 @@ pytestmark = pytest.mark.parametrize("engine", ["reference", "vectorized"])
 
 def sweep_file(folder: Path, study: str, space: str, n_trials: int, extra: str = "") -> Path:
     path = folder / f"{study}.yaml"
-    path.write_text(f"study: {study}\nexperiment: {LAB}\nspace:\n{space}sampler: {{type: random, seed: 3}}\n"
-                    f"n_trials: {n_trials}\nbatch_trials: 4\n{extra}")
+    path.write_text(
+        f"study: {study}\nexperiment: {LAB}\nspace:\n{space}sampler: {{type: random, seed: 3}}\n"
+        f"n_trials: {n_trials}\nbatch_trials: 4\n{extra}"
+    )
     return path
 
 
@@ -55,8 +57,9 @@ def curve(client: MlflowClient, run_id: str, key: str = "val_loss") -> list[floa
 
 def checkpoint_val_loss(client: MlflowClient, run_id: str, folder: Path, noise: float) -> float:
     """The logged best state's validation loss, in plain torch on the seed's data and split (one batch of 48)."""
-    state = torch.load(client.download_artifacts(run_id, "checkpoint/best.pt", str(folder)),
-                       weights_only=True)["state_dict"]
+    state = torch.load(client.download_artifacts(run_id, "checkpoint/best.pt", str(folder)), weights_only=True)[
+        "state_dict"
+    ]
     torch.manual_seed(42)
     x = torch.randn(240, 2)
     y = 3 * x[:, [0]] + 2 * x[:, [1]] + 5 + torch.randn(240, 1) * noise
@@ -66,7 +69,9 @@ def checkpoint_val_loss(client: MlflowClient, run_id: str, folder: Path, noise: 
     return float(((hidden @ state["net.2.weight"].T + state["net.2.bias"] - y[val]) ** 2).mean())
 
 
-LEARNING = "  optimizer: {choices: [Adam, SGD]}\n  lr: {low: 0.005, high: 0.05, log: true}\n  hidden: {choices: [8, 16]}\n"
+LEARNING = (
+    "  optimizer: {choices: [Adam, SGD]}\n  lr: {low: 0.005, high: 0.05, log: true}\n  hidden: {choices: [8, 16]}\n"
+)
 
 
 def test_completion(engine, store):
@@ -95,8 +100,15 @@ def test_pruning(engine, store):
     (Issue #10: the pipelined vectorized engine told Optuna nothing before its last batch, so it pruned nothing.)
     A pruned trial is PRUNED in Optuna with fewer reports than epochs, and its run KILLED with the reason and a
     checkpoint that scores its logged best_val_loss."""
-    study, client = sweep_here(store, "prune", "  lr: {low: 1.0e-5, high: 0.05, log: true}\n", 16, engine,
-                               "epochs=12", extra="pruner: {type: median, n_startup_trials: 3, n_warmup_steps: 3}\n")
+    study, client = sweep_here(
+        store,
+        "prune",
+        "  lr: {low: 1.0e-5, high: 0.05, log: true}\n",
+        16,
+        engine,
+        "epochs=12",
+        extra="pruner: {type: median, n_startup_trials: 3, n_warmup_steps: 3}\n",
+    )
     pruned = study.get_trials(states=(TrialState.PRUNED,))
     assert len(study.trials) == 16 and len(pruned) >= 3
     for trial in pruned:
@@ -106,14 +118,16 @@ def test_pruning(engine, store):
         assert run.data.tags["sweeplab.reason"].startswith("pruned at epoch")
         assert len(curve(client, run.info.run_id)) == run.data.metrics["epochs_run"] < 12
         assert checkpoint_val_loss(client, run.info.run_id, store, 0.3) == pytest.approx(
-            run.data.metrics["best_val_loss"], rel=1e-5)
+            run.data.metrics["best_val_loss"], rel=1e-5
+        )
 
 
 def test_divergence(engine, store):
     """SGD at lr 50 overflows within a few epochs: each trial ends "diverged" (PRUNED to Optuna, so it counts in
     the budget and is not retried), its run FAILED with the finite part of its curve and no best_*."""
-    study, client = sweep_here(store, "blowup", "  optimizer: {choices: [SGD]}\n  lr: {low: 50, high: 60}\n", 4,
-                               engine, "epochs=30")
+    study, client = sweep_here(
+        store, "blowup", "  optimizer: {choices: [SGD]}\n  lr: {low: 50, high: 60}\n", 4, engine, "epochs=30"
+    )
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 4
     for trial in study.trials:
         assert trial.user_attrs["outcome"] == "diverged"
@@ -131,17 +145,36 @@ def test_resume(engine, store):
     study, client = sweep_here(store, "more", LEARNING, 4, engine, "epochs=4", "n_trials=9")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 9
     assert len({(t.params["optimizer"], t.params["lr"], t.params["hidden"]) for t in study.trials}) == 9
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("more").experiment_id])
-            if r.data.tags.get("sweeplab.role") == "trial"]
+    runs = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("more").experiment_id])
+        if r.data.tags.get("sweeplab.role") == "trial"
+    ]
     assert sorted(int(r.data.tags["sweeplab.trial_number"]) for r in runs) == list(range(9))
 
 
 def background_sweep(folder: Path, engine: str, *args: str) -> subprocess.Popen:
     path = sweep_file(folder, "stopped", LEARNING, 8)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE")}
-    return subprocess.Popen([sys.executable, "-m", "sweeplab", "sweep", str(path), f"engine={engine}", "batch_trials=2",
-                             "--quiet", "--no-report", *args], cwd=folder, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "sweep",
+            str(path),
+            f"engine={engine}",
+            "batch_trials=2",
+            "--quiet",
+            "--no-report",
+            *args,
+        ],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_until_training(folder: Path, proc: subprocess.Popen) -> None:
@@ -188,8 +221,11 @@ def test_a_stop_or_a_kill_loses_nothing_and_the_rerun_ends_at_the_budget(engine,
     assert len(finished) == 8 and not study.get_trials(states=(TrialState.RUNNING,))
     runs = client.search_runs([client.get_experiment_by_name("stopped").experiment_id], max_results=1000)
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
-    done = sorted(r.data.tags["sweeplab.trial_number"] for r in runs
-                  if r.data.tags.get("sweeplab.role") == "trial" and r.info.status == "FINISHED")
+    done = sorted(
+        r.data.tags["sweeplab.trial_number"]
+        for r in runs
+        if r.data.tags.get("sweeplab.role") == "trial" and r.info.status == "FINISHED"
+    )
     assert done == sorted(str(t.number) for t in finished)
     for trial in finished:
         assert len(curve(client, trial.user_attrs["mlflow_run_id"])) == 400

@@ -37,8 +37,10 @@ def one_line(capsys, code: int, expected_code: int) -> str:
 
 
 def sweep_text(space: str = "hidden: {choices: [4, 8]}\n", extra: str = "", experiment: Path = LAB) -> str:
-    return (f"study: faults\nexperiment: {experiment}\nspace:\n{textwrap.indent(space, '  ')}"
-            f"sampler: {{type: random, seed: 0}}\nn_trials: 2\n{extra}")
+    return (
+        f"study: faults\nexperiment: {experiment}\nspace:\n{textwrap.indent(space, '  ')}"
+        f"sampler: {{type: random, seed: 0}}\nn_trials: 2\n{extra}"
+    )
 
 
 def run_cli(*args, cwd, env=None, timeout=300):
@@ -47,8 +49,15 @@ def run_cli(*args, cwd, env=None, timeout=300):
     return subprocess.run([SWEEPLAB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("setting", ["SWEEPLAB_GRACE_PERIOD=abc", "SWEEPLAB_RETRY_WAITS=0.5,x",
-                                     "SWEEPLAB_WRITERS_FROM_TRIALS=-3", "SWEEPLAB_ORPHAN_AFTER=nan"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "SWEEPLAB_GRACE_PERIOD=abc",
+        "SWEEPLAB_RETRY_WAITS=0.5,x",
+        "SWEEPLAB_WRITERS_FROM_TRIALS=-3",
+        "SWEEPLAB_ORPHAN_AFTER=nan",
+    ],
+)
 def test_a_bad_environment_setting_is_one_line_naming_it_and_writes_nothing(tmp_path, setting):
     name, value = setting.split("=", 1)
     (tmp_path / "s.yaml").write_text(sweep_text())
@@ -64,8 +73,10 @@ BAD_SWEEPS = {
     "device": (sweep_text(extra="base: {device: cuda}\n"), "device: cuda requested but CUDA is not available"),
     "infinite bound": (sweep_text("lr: {low: 0.001, high: .inf}\n"), "space.lr.high"),
     "seed past 64 bits": (sweep_text("seed: {choices: [1, 100000000000000000000]}\n"), "space.seed"),
-    "vectorized list hidden": (sweep_text("hidden: {choices: [4, [8, 8]]}\n", "engine: vectorized\n"),
-                               "space.hidden: vectorized trains one-hidden-layer MLPs"),
+    "vectorized list hidden": (
+        sweep_text("hidden: {choices: [4, [8, 8]]}\n", "engine: vectorized\n"),
+        "space.hidden: vectorized trains one-hidden-layer MLPs",
+    ),
     "negative step": (sweep_text("hidden: {low: 4, high: 16, step: -4}\n"), "space.hidden.step"),
     "zero step": (sweep_text("hidden: {low: 4, high: 16, step: 0}\n"), "space.hidden.step"),
     "duplicate key": (sweep_text("hidden: {choices: [4]}\nhidden: {choices: [8]}\n"), "duplicate key 'hidden'"),
@@ -87,18 +98,23 @@ def test_a_sweep_file_that_can_only_fail_fails_before_anything_is_written(here, 
 
 
 def test_a_conditional_parameter_may_come_before_its_parent(here, capsys):
-    space = "lr:\n  by: optimizer\n  cases:\n    Adam: {low: 0.01, high: 0.05}\n    SGD: {low: 0.01, high: 0.05}\n" \
-            "optimizer: {choices: [Adam, SGD]}\n"
+    space = (
+        "lr:\n  by: optimizer\n  cases:\n    Adam: {low: 0.01, high: 0.05}\n    SGD: {low: 0.01, high: 0.05}\n"
+        "optimizer: {choices: [Adam, SGD]}\n"
+    )
     (here / "s.yaml").write_text(sweep_text(space))
     assert main(["sweep", str(here / "s.yaml"), "epochs=3", "--quiet", "--no-report"]) == 0
     assert "2 completed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"study: x\n\xff\xfe binary \x00\x01", "not a UTF-8 text file"),
-    (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
-    (b"# " + b"x" * 2_000_000, "2.0 MB; a sweep or experiment file is at most 1 MB"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"study: x\n\xff\xfe binary \x00\x01", "not a UTF-8 text file"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b"# " + b"x" * 2_000_000, "2.0 MB; a sweep or experiment file is at most 1 MB"),
+    ],
+)
 def test_unreadable_sweep_files_are_one_line(here, capsys, content, message):
     (here / "bad.yaml").write_bytes(content)
     line = one_line(capsys, main(["sweep", str(here / "bad.yaml"), "--quiet"]), 2)
@@ -113,10 +129,16 @@ def test_an_experiment_path_in_a_symlink_loop_is_one_line(here, capsys):
     assert "experiment" in line
 
 
-@pytest.mark.parametrize("override, field", [("lr=inf", "train.lr"), ("noise=.inf", "data.noise"),
-                                             ("seed=100000000000000000000", "seed"),
-                                             ("n_samples=100000000000000000000", "data.n_samples"),
-                                             ("name=../../x", "name")])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("lr=inf", "train.lr"),
+        ("noise=.inf", "data.noise"),
+        ("seed=100000000000000000000", "seed"),
+        ("n_samples=100000000000000000000", "data.n_samples"),
+        ("name=../../x", "name"),
+    ],
+)
 def test_values_that_cannot_be_right_are_refused(here, capsys, override, field):
     line = one_line(capsys, main(["run", str(LAB), override, "--no-track"]), 2)
     assert f"{LAB}: {field}" in line
@@ -124,18 +146,22 @@ def test_values_that_cannot_be_right_are_refused(here, capsys, override, field):
 
 def test_a_resumed_study_checks_every_case_it_has_seen(here, capsys):
     """The first trial is Adam's; the changed case is SGD's, seen only by a later trial."""
-    space = "optimizer: {choices: [Adam, SGD]}\nlr:\n  by: optimizer\n  cases:\n" \
-            "    Adam: {low: 0.01, high: 0.05}\n    SGD: {choices: [0.01, 0.02]}\n"
+    space = (
+        "optimizer: {choices: [Adam, SGD]}\nlr:\n  by: optimizer\n  cases:\n"
+        "    Adam: {low: 0.01, high: 0.05}\n    SGD: {choices: [0.01, 0.02]}\n"
+    )
     (here / "a.yaml").write_text(sweep_text(space).replace("n_trials: 2", "n_trials: 6"))
     assert main(["sweep", str(here / "a.yaml"), "epochs=2", "--quiet", "--no-report"]) == 0
     capsys.readouterr()
-    (here / "b.yaml").write_text(sweep_text(space.replace("[0.01, 0.02]", "[0.01, 0.03]"))
-                                 .replace("n_trials: 2", "n_trials: 8"))
+    (here / "b.yaml").write_text(
+        sweep_text(space.replace("[0.01, 0.02]", "[0.01, 0.03]")).replace("n_trials: 2", "n_trials: 8")
+    )
     line = one_line(capsys, main(["sweep", str(here / "b.yaml"), "epochs=2", "--quiet", "--no-report"]), 2)
     assert "already searched lr_SGD over choices [0.01, 0.02]" in line
 
 
 # --- predict, report, worker: bad arguments and tampered checkpoints ------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def lab_run(tmp_path_factory):
@@ -151,14 +177,17 @@ def lab_run(tmp_path_factory):
     return tmp, f"sqlite:///{tmp}/mlflow.db", run.info.run_id
 
 
-@pytest.mark.parametrize("args, message", [
-    (["RUN", "--device", "bogus"], "--device bogus: not a device here"),
-    (["RUN", "--device", "cuda:7"], "--device cuda:7: not a device here"),
-    (["RUN", "--x", "nan,1"], "--x nan,1: 'nan' is not a finite number"),
-    (["RUN", "STDIN", "[[NaN, 1.0]]"], "stdin: row 0 holds a value that is not a finite number"),
-    (["RUN", "STDIN", "[" * 100000 + "]" * 100000], "stdin: JSON nested too deeply"),
-    (["RUN", "/etc/passwd"], "/etc/passwd: not a readable CSV file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["RUN", "--device", "bogus"], "--device bogus: not a device here"),
+        (["RUN", "--device", "cuda:7"], "--device cuda:7: not a device here"),
+        (["RUN", "--x", "nan,1"], "--x nan,1: 'nan' is not a finite number"),
+        (["RUN", "STDIN", "[[NaN, 1.0]]"], "stdin: row 0 holds a value that is not a finite number"),
+        (["RUN", "STDIN", "[" * 100000 + "]" * 100000], "stdin: JSON nested too deeply"),
+        (["RUN", "/etc/passwd"], "/etc/passwd: not a readable CSV file"),
+    ],
+)
 def test_predict_input_errors_are_one_line(lab_run, capsys, monkeypatch, args, message):
     _, uri, run_id = lab_run
     if "STDIN" in args:
@@ -207,7 +236,9 @@ def test_a_tampered_checkpoint_is_one_line(lab_run, capsys, tmp_path, how):
 def test_report_out_naming_a_file_and_a_negative_worker_index(here, capsys, lab_run):
     _, uri, _ = lab_run
     (here / "taken").write_text("mine")
-    line = one_line(capsys, main(["report", "training_loop_lab", "--out", str(here / "taken"), "--tracking-uri", uri]), 2)
+    line = one_line(
+        capsys, main(["report", "training_loop_lab", "--out", str(here / "taken"), "--tracking-uri", uri]), 2
+    )
     assert "--out" in line and (here / "taken").read_text() == "mine"
     (here / "s.yaml").write_text(sweep_text())
     line = one_line(capsys, main(["worker", str(here / "s.yaml"), "--worker-index", "-1"]), 2)
@@ -228,13 +259,15 @@ def test_a_report_that_cannot_be_written_leaves_the_sweep_done_and_no_process_be
     assert (here / "reports").read_text() == "not a folder"
     assert not [p for p in multiprocessing.active_children() if p.name == "sweeplab-background"]
     runs = MlflowClient(f"sqlite:///{here}/mlflow.db").search_runs(
-        [MlflowClient(f"sqlite:///{here}/mlflow.db").get_experiment_by_name("faults").experiment_id])
+        [MlflowClient(f"sqlite:///{here}/mlflow.db").get_experiment_by_name("faults").experiment_id]
+    )
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3  # the parent and both trials
 
 
 @pytest.mark.parametrize("conditions", ["", "conditions: {noise: [0.3, 1.0]}\n"])
-def test_a_killed_background_report_process_is_one_line_and_the_champions_are_registered(here, capsys, monkeypatch,
-                                                                                       conditions):
+def test_a_killed_background_report_process_is_one_line_and_the_champions_are_registered(
+    here, capsys, monkeypatch, conditions
+):
     """#19.7: the report's process killed (as the OOM killer would) made the sweep exit 141 with nothing printed,
     no champion and its parent run FAILED."""
     import multiprocessing
@@ -254,6 +287,7 @@ def test_a_killed_background_report_process_is_one_line_and_the_champions_are_re
 
 # --- damaged and shared stores ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("damage", ["garbage", "cut in half"])
 def test_a_damaged_store_is_one_line(lab_run, here, capsys, damage):
     tmp, _, _ = lab_run
@@ -263,8 +297,7 @@ def test_a_damaged_store_is_one_line(lab_run, here, capsys, damage):
     else:
         data = (tmp / "mlflow.db").read_bytes()
         store.write_bytes(data[: len(data) // 2])
-    for command in (["predict", "training_loop_lab"], ["report", "training_loop_lab"],
-                    ["run", str(LAB), "epochs=2"]):
+    for command in (["predict", "training_loop_lab"], ["report", "training_loop_lab"], ["run", str(LAB), "epochs=2"]):
         line = one_line(capsys, main([*command, "--tracking-uri", f"sqlite:///{store}"]), 2)
         assert f"--tracking-uri sqlite:///{store}" in line
 
@@ -280,12 +313,14 @@ def test_reading_a_store_takes_no_lock_and_writes_nothing(lab_run, capsys):
 
 def test_optuna_inside_the_mlflow_database_is_refused(here, capsys):
     (here / "s.yaml").write_text(sweep_text())
-    line = one_line(capsys, main(["sweep", str(here / "s.yaml"), "--quiet", "--storage",
-                                  f"sqlite:///{here}/mlflow.db"]), 2)
+    line = one_line(
+        capsys, main(["sweep", str(here / "s.yaml"), "--quiet", "--storage", f"sqlite:///{here}/mlflow.db"]), 2
+    )
     assert "that is the MLflow tracking database" in line and not (here / "mlflow.db").exists()
 
 
 # --- the journal and the store survive interruptions ------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_a_torn_journal_loses_no_finished_trial(here, capsys):
@@ -313,24 +348,42 @@ def test_a_torn_journal_loses_no_finished_trial(here, capsys):
 def test_an_interrupt_while_the_store_is_created_leaves_no_store_or_a_whole_one(tmp_path):
     (tmp_path / "s.yaml").write_text(sweep_text())
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([SWEEPLAB, "sweep", "s.yaml", "epochs=2", "--no-report", "--quiet"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [SWEEPLAB, "sweep", "s.yaml", "epochs=2", "--no-report", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob("*mlflow.db*")) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.4)  # inside MLflow's migrations (~2 s)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
-    again = subprocess.run([SWEEPLAB, "sweep", "s.yaml", "epochs=2", "--no-report", "--quiet"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [SWEEPLAB, "sweep", "s.yaml", "epochs=2", "--no-report", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
 
 
 @pytest.mark.slow
 def test_sigterm_ends_a_tracked_run_as_killed(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([SWEEPLAB, "run", str(LAB), "epochs=100000"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [SWEEPLAB, "run", str(LAB), "epochs=100000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until the run exists (it is created after the first epoch)
         line = proc.stdout.readline()
@@ -347,19 +400,24 @@ def test_sigterm_ends_a_tracked_run_as_killed(tmp_path):
 
 # --- secrets ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["ui", "--tracking-uri", f"postgresql+psycopg://u:{SECRET}@127.0.0.1:9/db", "--port", "9"],
-    ["predict", "lab", "--tracking-uri", f"http://u:{SECRET}@127.0.0.1:9"],
-    ["predict", "lab", "--tracking-uri", f"postgresql+psycopg://u@127.0.0.1:9/db?password={SECRET}"],
-    ["server", "--backend-store-uri", f"postgresql+psycopg://u@127.0.0.1:9/db?password={SECRET}"],
-    ["sweep", "S", "--storage", f"postgresql+psycopg://u@127.0.0.1:9/db?password={SECRET}"],
-])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ui", "--tracking-uri", f"postgresql+psycopg://u:{SECRET}@127.0.0.1:9/db", "--port", "9"],
+        ["predict", "lab", "--tracking-uri", f"http://u:{SECRET}@127.0.0.1:9"],
+        ["predict", "lab", "--tracking-uri", f"postgresql+psycopg://u@127.0.0.1:9/db?password={SECRET}"],
+        ["server", "--backend-store-uri", f"postgresql+psycopg://u@127.0.0.1:9/db?password={SECRET}"],
+        ["sweep", "S", "--storage", f"postgresql+psycopg://u@127.0.0.1:9/db?password={SECRET}"],
+    ],
+)
 def test_a_password_is_never_printed_or_passed_on(tmp_path, args):
     (tmp_path / "s.yaml").write_text(sweep_text())
     args = [str(tmp_path / "s.yaml") if a == "S" else a for a in args]
     # no waiting through retries: what is printed, not how long it is retried, is under test here
-    proc = run_cli(*args, cwd=tmp_path, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "SWEEPLAB_RETRY_WAITS": "0.05"},
-                   timeout=120)
+    proc = run_cli(
+        *args, cwd=tmp_path, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "SWEEPLAB_RETRY_WAITS": "0.05"}, timeout=120
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == (1 if args[0] == "sweep" else 2), output  # an unreachable storage is an outage
     assert SECRET not in output and "Traceback" not in output
@@ -373,11 +431,15 @@ def test_output_that_goes_away_does_not_cut_the_sweep(here, how):
     """#19.7: `| head -n 2` exited 141 after the trials with one of two champions registered, no pictures, parent
     FAILED; `>&-` ended in an atexit traceback."""
     (here / "s.yaml").write_text(sweep_text(extra="conditions: {noise: [0.3, 1.0]}\n"))
-    command = f"{SWEEPLAB} sweep s.yaml epochs=2 2>&1 | head -n 2" if how == "head" else \
-        f"{SWEEPLAB} sweep s.yaml epochs=2 >&- 2>err.txt"
+    command = (
+        f"{SWEEPLAB} sweep s.yaml epochs=2 2>&1 | head -n 2"
+        if how == "head"
+        else f"{SWEEPLAB} sweep s.yaml epochs=2 >&- 2>err.txt"
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=here, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], cwd=here, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if how == "closed":
         assert "Traceback" not in (here / "err.txt").read_text()
@@ -397,8 +459,9 @@ def test_a_full_disk_is_one_line(tmp_path):
     if mounted.returncode != 0:
         pytest.skip("a small tmpfs cannot be mounted here (needs root)")
     try:
-        (disk / "s.yaml").write_text(sweep_text(space="hidden: {choices: [4, 8, 16]}\n").replace("n_trials: 2",
-                                                                                                "n_trials: 200"))
+        (disk / "s.yaml").write_text(
+            sweep_text(space="hidden: {choices: [4, 8, 16]}\n").replace("n_trials: 2", "n_trials: 200")
+        )
         proc = run_cli("sweep", "s.yaml", "epochs=20", "--quiet", "engine=reference", cwd=disk)
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "disk is full" in proc.stderr

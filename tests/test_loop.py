@@ -24,8 +24,12 @@ from reference import SEED_EXPECTED_OUTPUT, seed_run
 
 
 def test_lab_prints_the_seeds_expected_output(lab_path):
-    out = subprocess.run([sys.executable, "-m", "sweeplab", "run", str(lab_path), "--no-track"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "run", str(lab_path), "--no-track"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     seed_lines = SEED_EXPECTED_OUTPUT.splitlines()
     # the seed's lines, in order and identical; sweeplab may add lines (best_epoch) after them
     assert out.splitlines()[: len(seed_lines)] == seed_lines
@@ -48,14 +52,17 @@ def test_lab_curves_are_bit_identical_to_the_seeds_dataloader_loop(lab_path, see
         assert torch.equal(result.history.best_state[name], tensor)
 
 
-@pytest.mark.parametrize("overrides, reference", [
-    ({"optimizer": "SGD", "lr": 0.05}, {"optimizer": "SGD", "lr": 0.05}),      # exercise 1
-    ({"hidden": 4}, {"hidden": 4}),                                              # exercise 2
-    ({"hidden": 32}, {"hidden": 32}),
-    ({"noise": 1.0}, {"noise": 1.0}),                                            # exercise 3
-    ({"dropout": 0.2, "optimizer": "RMSprop", "lr": 0.01}, {"dropout": 0.2, "optimizer": "RMSprop", "lr": 0.01}),
-    ({"task": "binary"}, {"binary": True}),                                      # exercise 5
-])
+@pytest.mark.parametrize(
+    "overrides, reference",
+    [
+        ({"optimizer": "SGD", "lr": 0.05}, {"optimizer": "SGD", "lr": 0.05}),  # exercise 1
+        ({"hidden": 4}, {"hidden": 4}),  # exercise 2
+        ({"hidden": 32}, {"hidden": 32}),
+        ({"noise": 1.0}, {"noise": 1.0}),  # exercise 3
+        ({"dropout": 0.2, "optimizer": "RMSprop", "lr": 0.01}, {"dropout": 0.2, "optimizer": "RMSprop", "lr": 0.01}),
+        ({"task": "binary"}, {"binary": True}),  # exercise 5
+    ],
+)
 def test_exercise_variants_match_the_seed_loop_bit_for_bit(lab_path, overrides, reference):
     epochs = 25
     result = run_experiment(load_experiment(lab_path, {**overrides, "epochs": epochs}))
@@ -85,6 +92,7 @@ def test_unseeded_shuffle_consumes_the_global_rng_as_a_dataloader_does():
 
 
 # --- the seed's lessons, each on a case small enough to work out by hand -------------------------------------
+
 
 def _line_model(weight=1.0, bias=0.0):
     model = nn.Linear(1, 1)
@@ -176,8 +184,9 @@ def test_classification_metrics_by_hand():
     actual = torch.tensor([[1.0], [0.0], [0.0], [1.0], [1.0]])
     metrics, confusion = classification_metrics(logits, actual, "binary")
     assert confusion == [[1, 1], [1, 2]]
-    assert metrics == pytest.approx({"val_accuracy": 3 / 5, "val_precision": 2 / 3, "val_recall": 2 / 3,
-                                     "val_f1": 2 / 3})
+    assert metrics == pytest.approx(
+        {"val_accuracy": 3 / 5, "val_precision": 2 / 3, "val_recall": 2 / 3, "val_f1": 2 / 3}
+    )
     # multiclass: predicted [0,1,2,2], actual [0,1,1,2]: F1 per class 1, 2/3, 2/3
     logits = torch.eye(3)[[0, 1, 2, 2]]
     metrics, confusion = classification_metrics(logits, torch.tensor([0, 1, 1, 2]), "multiclass")
@@ -205,7 +214,9 @@ def test_stacked_classification_metrics_keep_each_member_apart_by_hand():
     assert metrics["val_macro_f1"].tolist() == pytest.approx([1.0, 1 / 6])
 
 
-@pytest.mark.parametrize("task, metric, floor", [("binary", "val_accuracy", 0.93), ("multiclass", "val_accuracy", 0.85)])
+@pytest.mark.parametrize(
+    "task, metric, floor", [("binary", "val_accuracy", 0.93), ("multiclass", "val_accuracy", 0.85)]
+)
 def test_classification_tasks_train_to_high_accuracy(lab_path, task, metric, floor):
     result = run_experiment(load_experiment(lab_path, {"task": task, "epochs": 60}))
     assert result.history.best_metrics[metric] >= floor
@@ -213,8 +224,10 @@ def test_classification_tasks_train_to_high_accuracy(lab_path, task, metric, flo
 
 
 def test_run_without_tracking_imports_neither_mlflow_nor_optuna(lab_path):
-    script = ("import sys; from sweeplab.cli import main; "
-              f"main(['run', {str(lab_path)!r}, '--no-track', 'epochs=2']); "
-              "print('loaded:', sorted({'mlflow', 'optuna', 'torch._dynamo'} & set(sys.modules)))")
+    script = (
+        "import sys; from sweeplab.cli import main; "
+        f"main(['run', {str(lab_path)!r}, '--no-track', 'epochs=2']); "
+        "print('loaded:', sorted({'mlflow', 'optuna', 'torch._dynamo'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "loaded: []"

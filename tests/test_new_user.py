@@ -35,15 +35,17 @@ def user_env(**extra) -> dict[str, str]:
 
 def write_sweep(folder: Path) -> Path:
     path = folder / "sgd.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         study: sgd_lr
-        experiment: {ROOT / 'experiments/training_loop_lab.yaml'}
+        experiment: {ROOT / "experiments/training_loop_lab.yaml"}
         base: {{train: {{optimizer: SGD, epochs: {EPOCHS}}}}}
         space:
           lr: {{choices: [0.03, 0.2, 0.3]}}
         sampler: {{type: grid}}
         n_trials: 3
-        """))
+        """)
+    )
     return path
 
 
@@ -55,8 +57,14 @@ def user_sweep(tmp_path_factory):
     (home / "stores").mkdir()
     sweep = write_sweep(home)
     uri = f"sqlite:///{home}/stores/experiments.db"
-    proc = subprocess.run([SWEEPLAB, "sweep", str(sweep), "--tracking-uri", uri, "--no-report"], cwd=home / "work",
-                          env=user_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [SWEEPLAB, "sweep", str(sweep), "--tracking-uri", uri, "--no-report"],
+        cwd=home / "work",
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return home, uri, proc.stdout, MlflowClient(uri)
 
@@ -72,14 +80,20 @@ def test_a_store_of_any_name_gets_its_champion_and_nothing_is_written_elsewhere(
     assert "champion: models:/sgd_lr@champion (version 1" in out
     assert list((home / "work").iterdir()) == []  # no stray mlflow.db (or anything) where the command ran
     assert sorted(p.name for p in (home / "stores").iterdir()) == [
-        "experiments.db", "experiments.db.lock", "mlartifacts", "optuna.journal"]
+        "experiments.db",
+        "experiments.db.lock",
+        "mlartifacts",
+        "optuna.journal",
+    ]
 
 
 def test_the_champion_is_logged_from_the_best_trials_own_run(user_sweep):
     _, _, _, client = user_sweep
     runs = trial_runs(client)
-    best = min((run for run in runs.values() if "best_val_loss" in run.data.metrics),
-               key=lambda run: run.data.metrics["best_val_loss"])
+    best = min(
+        (run for run in runs.values() if "best_val_loss" in run.data.metrics),
+        key=lambda run: run.data.metrics["best_val_loss"],
+    )
     version = client.get_model_version_by_alias("sgd_lr", "champion")
     assert version.run_id == best.info.run_id == version.tags["sweeplab.source_run_id"]
     assert f"run {best.info.run_id}" in version.description
@@ -101,16 +115,18 @@ def test_the_champion_takes_the_inputs_people_try_first_without_sweeplab(user_sw
         assert "sweeplab" not in sys.modules
         print(json.dumps(out))
         """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=home / "work", capture_output=True, text=True,
-                          env=user_env(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=home / "work", capture_output=True, text=True, env=user_env(), timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     version = client.get_model_version_by_alias("sgd_lr", "champion")
     folder = client.download_artifacts(version.run_id, "checkpoint", str(home / "dl"))
     state = torch.load(f"{folder}/best.pt", weights_only=True)["state_dict"]
     rows = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]])
-    expected = (torch.relu(rows @ state["net.0.weight"].T + state["net.0.bias"]) @ state["net.2.weight"].T
-                + state["net.2.bias"])[:, 0].tolist()
+    expected = (
+        torch.relu(rows @ state["net.0.weight"].T + state["net.0.bias"]) @ state["net.2.weight"].T + state["net.2.bias"]
+    )[:, 0].tolist()
     assert set(out) == {"float64 array", "float32 array", "list of rows", "DataFrame x1, x2"}
     for values in out.values():
         assert values == pytest.approx(expected, rel=1e-6)
@@ -125,11 +141,15 @@ def test_the_printed_predict_command_works_pasted_where_the_sweep_ran(user_sweep
     home, _, out, _ = user_sweep
     command = printed(out, "predict")
     assert not command.startswith(".venv/") and "make " not in out
-    proc = subprocess.run(command, shell=True, cwd=home / "work", env=user_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        command, shell=True, cwd=home / "work", env=user_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert [line.split(" -> ")[0] for line in proc.stdout.splitlines()] == [
-        "x=[1.0, 2.0]", "x=[-1.0, 0.5]", "x=[0.0, 0.0]"]
+        "x=[1.0, 2.0]",
+        "x=[-1.0, 0.5]",
+        "x=[0.0, 0.0]",
+    ]
 
 
 def test_the_printed_ui_command_answers_when_it_says_so_and_links_the_runs_best_first(user_sweep):
@@ -137,8 +157,15 @@ def test_the_printed_ui_command_answers_when_it_says_so_and_links_the_runs_best_
     command = printed(out, "browse")
     assert "ui sgd_lr --tracking-uri" in command
     port = free_port()
-    ui = subprocess.Popen(shlex.split(command) + ["--port", str(port)], cwd=home / "work", env=user_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    ui = subprocess.Popen(
+        shlex.split(command) + ["--port", str(port)],
+        cwd=home / "work",
+        env=user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = ui.stdout.readline()  # blocks until sweeplab says the UI is there
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
@@ -147,8 +174,10 @@ def test_the_printed_ui_command_answers_when_it_says_so_and_links_the_runs_best_
         os.killpg(ui.pid, signal.SIGTERM)  # sweeplab and the MLflow server it started
         ui.wait(timeout=30)
     experiment_id = client.get_experiment_by_name("sgd_lr").experiment_id
-    assert line.startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?"
-                           "viewStateShareKey=sweeplab&workflowType=machine_learning")
+    assert line.startswith(
+        f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?"
+        "viewStateShareKey=sweeplab&workflowType=machine_learning"
+    )
     view = json.loads(client.get_experiment(experiment_id).tags["mlflow.sharedViewState.sweeplab"])
     assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`best_val_loss`", True)
     assert {"metrics.`best_val_loss`", "params.`train.lr`"} <= set(view["selectedColumns"])
@@ -170,11 +199,32 @@ def test_no_commit_is_recorded_for_a_copy_inside_another_repository(tmp_path):
 
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     shutil.copytree(ROOT / "src" / "sweeplab", tmp_path / "lib" / "sweeplab")
-    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
-                    "--allow-empty", "-m", "x"], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(tmp_path),
+            "-c",
+            "user.email=a@b",
+            "-c",
+            "user.name=a",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
+        check=True,
+    )
     script = "from sweeplab.tracking import common_tags; print(sorted(common_tags()))"
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(tmp_path / "lib")}, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "lib")},
+        check=True,
+    )
     assert proc.stdout.strip() == "['sweeplab.version']"
 
 
@@ -202,14 +252,26 @@ def test_mlflow_tracking_uri_from_the_environment(tmp_path):
     (tmp_path / "work").mkdir()
     sweep = write_sweep(tmp_path)
     uri = f"sqlite:///{tmp_path}/env store.db"  # a space, too
-    proc = subprocess.run([SWEEPLAB, "sweep", str(sweep), "--no-report", "--quiet"],
-                          cwd=tmp_path / "work", env=user_env(MLFLOW_TRACKING_URI=uri), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [SWEEPLAB, "sweep", str(sweep), "--no-report", "--quiet"],
+        cwd=tmp_path / "work",
+        env=user_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "work").iterdir()) == []
     assert MlflowClient(uri).get_model_version_by_alias("sgd_lr", "champion").version == 1
-    proc = subprocess.run(printed(proc.stdout, "predict"), shell=True, cwd=tmp_path / "work", env=user_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        printed(proc.stdout, "predict"),
+        shell=True,
+        cwd=tmp_path / "work",
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3, proc.stderr
 
 
@@ -254,16 +316,20 @@ def test_a_damaged_cached_store_is_migrated_again_and_replaced(tmp_path, monkeyp
 
 
 def start_ui(command: list[str], cwd: Path) -> tuple[subprocess.Popen, str]:
-    ui = subprocess.Popen(command, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          text=True)
+    ui = subprocess.Popen(
+        command, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     return ui, ui.stdout.readline()  # blocks until sweeplab says the UI is there
 
 
 def group_of_server(port: int) -> int | None:
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and f"--port\0{port}\0" in (proc / "cmdline").read_text() and \
-                    "mlflow" in (proc / "cmdline").read_text():
+            if (
+                proc.name.isdigit()
+                and f"--port\0{port}\0" in (proc / "cmdline").read_text()
+                and "mlflow" in (proc / "cmdline").read_text()
+            ):
                 return os.getpgid(int(proc.name))
         except (OSError, ProcessLookupError):
             continue
@@ -309,22 +375,38 @@ def test_sweeplab_ui_on_a_port_another_ui_holds_is_one_line(user_sweep, tmp_path
     ui, line = start_ui([SWEEPLAB, "ui", "sgd_lr", "--tracking-uri", uri, "--port", str(port)], home / "work")
     try:
         assert line.startswith("MLflow UI:")
-        proc = subprocess.run([SWEEPLAB, "ui", "--tracking-uri", uri, "--port", str(port)], cwd=tmp_path,
-                              env=user_env(), capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [SWEEPLAB, "ui", "--tracking-uri", uri, "--port", str(port)],
+            cwd=tmp_path,
+            env=user_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=30)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == f"sweeplab: error: --port {port}: already in use on 127.0.0.1 (another MLflow UI?); " \
-                                  f"try --port {port + 1}"
+    assert (
+        proc.stderr.strip() == f"sweeplab: error: --port {port}: already in use on 127.0.0.1 (another MLflow UI?); "
+        f"try --port {port + 1}"
+    )
 
 
-@pytest.mark.parametrize("command", [["report", "sgd_lr"], ["predict", "sgd_lr"], ["ui", "sgd_lr"],
-                                     ["report", "sgd_lr", "--tracking-uri", "sqlite:///sub/dir/x.db"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["report", "sgd_lr"],
+        ["predict", "sgd_lr"],
+        ["ui", "sgd_lr"],
+        ["report", "sgd_lr", "--tracking-uri", "sqlite:///sub/dir/x.db"],
+    ],
+)
 def test_read_only_commands_in_a_folder_without_a_store_write_nothing(tmp_path, command):
     """#19.7: report, predict and ui left a new 954 KB mlflow.db and its lock (and made sub/dir/)."""
-    proc = subprocess.run([SWEEPLAB, *command], cwd=tmp_path, env=user_env(), capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [SWEEPLAB, *command], cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "no MLflow store there" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
@@ -332,8 +414,14 @@ def test_read_only_commands_in_a_folder_without_a_store_write_nothing(tmp_path, 
 def test_report_out_under_a_file_is_bad_input(user_sweep, tmp_path):
     home, uri, _, _ = user_sweep
     (tmp_path / "afile").write_text("x")
-    proc = subprocess.run([SWEEPLAB, "report", "sgd_lr", "--tracking-uri", uri, "--out", str(tmp_path / "afile/r")],
-                          cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [SWEEPLAB, "report", "sgd_lr", "--tracking-uri", uri, "--out", str(tmp_path / "afile/r")],
+        cwd=tmp_path,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and f"{tmp_path / 'afile'} is a file" in proc.stderr
 
 
@@ -343,11 +431,24 @@ def test_a_sweep_in_a_folder_with_an_odd_name_keeps_its_store_there(tmp_path, na
     empty journal, then failed."""
     folder = tmp_path / name
     folder.mkdir()
-    proc = subprocess.run([SWEEPLAB, "sweep", str(write_sweep(tmp_path)), "--no-report"], cwd=folder,
-                          env=user_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [SWEEPLAB, "sweep", str(write_sweep(tmp_path)), "--no-report"],
+        cwd=folder,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "sgd.yaml"])  # nothing beside the folder
     assert {"mlflow.db", "optuna.journal", "mlartifacts"} <= {p.name for p in folder.iterdir()}
-    pasted = subprocess.run(printed(proc.stdout, "predict"), shell=True, cwd=folder, env=user_env(),
-                            capture_output=True, text=True, timeout=120)
+    pasted = subprocess.run(
+        printed(proc.stdout, "predict"),
+        shell=True,
+        cwd=folder,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert pasted.returncode == 0 and pasted.stdout.startswith("x=[1.0, 2.0] -> pred="), pasted.stderr

@@ -19,10 +19,12 @@ def test_torch_optimizer_wrappers_that_eager_skips():
         assert callable(getattr(getattr(Optimizer, name), "__wrapped__", None)), name
     for cls in (Adam, AdamW, SGD, RMSprop):
         assert callable(getattr(cls.step, "__wrapped__", None)), cls.__name__
-    code = ("import sys; from sweeplab._eager import skip_dynamo_wrappers; assert skip_dynamo_wrappers(); "
-            "from sweeplab.config import load_experiment; from sweeplab.experiment import run_experiment; "
-            "run_experiment(load_experiment('experiments/training_loop_lab.yaml', {'epochs': 2})); "
-            "print('torch._dynamo' in sys.modules)")
+    code = (
+        "import sys; from sweeplab._eager import skip_dynamo_wrappers; assert skip_dynamo_wrappers(); "
+        "from sweeplab.config import load_experiment; from sweeplab.experiment import run_experiment; "
+        "run_experiment(load_experiment('experiments/training_loop_lab.yaml', {'epochs': 2})); "
+        "print('torch._dynamo' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -40,8 +42,14 @@ def test_mlflow_metric_table_read_in_one_select(tmp_path):
     run_ids = []
     for offset in (0.0, 10.0):
         run_id = client.create_run(experiment).info.run_id
-        client.log_batch(run_id, metrics=[Metric(key, offset + step + (0.5 if key == "val_loss" else 0), 0, step)
-                                          for step in (1, 2, 3) for key in ("train_loss", "val_loss")])
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(key, offset + step + (0.5 if key == "val_loss" else 0), 0, step)
+                for step in (1, 2, 3)
+                for key in ("train_loss", "val_loss")
+            ],
+        )
         run_ids.append(run_id)
     frame = _select_curves(client._tracking_client.store, run_ids)
     assert frame is not None and len(frame) == 12

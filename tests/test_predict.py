@@ -25,8 +25,10 @@ def logged(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("predict")
     sweep = tmp / "lab.yaml"
-    sweep.write_text(f"study: lab\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\n"
-                     "space:\n  hidden: {choices: [16]}\nsampler: {type: grid}\nn_trials: 1\n")
+    sweep.write_text(
+        f"study: lab\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\n"
+        "space:\n  hidden: {choices: [16]}\nsampler: {type: grid}\nn_trials: 1\n"
+    )
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
@@ -67,15 +69,18 @@ def test_inputs_from_flags_csv_and_json_stdin(logged, capsys, monkeypatch, tmp_p
     assert [round(p["prediction"], 2) for p in result["predictions"]] == [4.98, 3.00]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["0123456789abcdef0123456789abcdef"], "no such run id, study or sweep"),
-    (["no_such_study"], "no_such_study: no such run id, study or sweep"),
-    (["models:/lab@nobody"], "models:/lab@nobody: no such registered model version"),
-    (["models:/ghost/3"], "models:/ghost/3: no such registered model version"),
-    (["RUN", "--x", "1,2,3"], "input row 0 has 3 values; the model takes 2 (x1, x2)"),
-    (["RUN", "--x", "1,two"], "--x 1,two: 'two' is not a number"),
-    (["RUN", "CSV"], "missing feature column(s) x2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["0123456789abcdef0123456789abcdef"], "no such run id, study or sweep"),
+        (["no_such_study"], "no_such_study: no such run id, study or sweep"),
+        (["models:/lab@nobody"], "models:/lab@nobody: no such registered model version"),
+        (["models:/ghost/3"], "models:/ghost/3: no such registered model version"),
+        (["RUN", "--x", "1,2,3"], "input row 0 has 3 values; the model takes 2 (x1, x2)"),
+        (["RUN", "--x", "1,two"], "--x 1,two: 'two' is not a number"),
+        (["RUN", "CSV"], "missing feature column(s) x2"),
+    ],
+)
 def test_errors_are_one_line_with_exit_code_2(logged, capsys, tmp_path, args, message):
     _, uri, run_id = logged
     (tmp_path / "bad.csv").write_text("x1\n1.0\n")
@@ -134,8 +139,9 @@ def test_a_checkpoint_saved_from_cuda_loads_on_the_cpu(tmp_path, monkeypatch):
         assert tensor.device.type == "cpu" and torch.equal(tensor, state[name])
 
 
-@pytest.mark.parametrize("command", [["run", str(ROOT / "experiments/training_loop_lab.yaml")], ["predict", "lab"],
-                                     ["report", "lab"]])
+@pytest.mark.parametrize(
+    "command", [["run", str(ROOT / "experiments/training_loop_lab.yaml")], ["predict", "lab"], ["report", "lab"]]
+)
 def test_an_unreachable_tracking_server_is_one_line(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the one line, without ~15 s of retries

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def log_run(client, experiment_id, trial, params, train, val, outcome="completed"):
-    run_id = client.create_run(experiment_id, tags={"sweeplab.role": "trial", "sweeplab.trial_number": str(trial),
-                                                    "sweeplab.outcome": outcome}).info.run_id
+    run_id = client.create_run(
+        experiment_id, tags={"sweeplab.role": "trial", "sweeplab.trial_number": str(trial), "sweeplab.outcome": outcome}
+    ).info.run_id
     metrics = [Metric("train_loss", v, 0, e) for e, v in enumerate(train, 1)]
     metrics += [Metric("val_loss", v, 0, e) for e, v in enumerate(val, 1)]
     finite = [v for v in val if math.isfinite(v)]
@@ -74,24 +75,37 @@ def test_factor_tables_count_outcomes_and_average_completed_trials_only(hand_mad
 def test_report_files_are_valid_and_logged(hand_made, tmp_path):
     report = build_report("hand", hand_made, tmp_path / "out")
     names = {f.name for f in report.files}
-    assert {"trials.csv", "curves.csv", "by_optimizer.csv", "by_optimizer_x_hidden.csv", "summary.md",
-            "report.html", "val_curves.png", "parallel_coordinates.png", "answer.json"} <= names
+    assert {
+        "trials.csv",
+        "curves.csv",
+        "by_optimizer.csv",
+        "by_optimizer_x_hidden.csv",
+        "summary.md",
+        "report.html",
+        "val_curves.png",
+        "parallel_coordinates.png",
+        "answer.json",
+    } <= names
     for png in tmp_path.glob("out/*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     page = (tmp_path / "out/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<table" in page and "src=\"http" not in page
+    assert page.count("data:image/png;base64,") == 3 and "<table" in page and 'src="http' not in page
     assert "| optimizer |" in (tmp_path / "out/summary.md").read_text()
     curves = __import__("pandas").read_csv(tmp_path / "out/curves.csv")
-    assert list(curves.columns) == ["trial", "run_id", "epoch", "split", "loss"] and len(curves) == 2 * (6 + 4 + 3 + 2 + 3)
+    assert list(curves.columns) == ["trial", "run_id", "epoch", "split", "loss"] and len(curves) == 2 * (
+        6 + 4 + 3 + 2 + 3
+    )
 
 
 def test_report_of_a_real_sweep_matches_the_raw_metric_histories(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sweep = tmp_path / "s.yaml"
-    sweep.write_text(f"study: real\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
-                     "  optimizer: {choices: [Adam, SGD]}\n  lr: {low: 0.005, high: 0.05, log: true}\n"
-                     "  hidden: {choices: [8, 16]}\nsampler: {type: random, seed: 3}\nn_trials: 5\n")
+    sweep.write_text(
+        f"study: real\nexperiment: {ROOT / 'experiments/training_loop_lab.yaml'}\nspace:\n"
+        "  optimizer: {choices: [Adam, SGD]}\n  lr: {low: 0.005, high: 0.05, log: true}\n"
+        "  hidden: {choices: [8, 16]}\nsampler: {type: random, seed: 3}\nn_trials: 5\n"
+    )
     assert main(["sweep", str(sweep), "epochs=12", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "report for real: 5 trials" in out and (tmp_path / "reports/real/report.html").exists()
@@ -109,15 +123,21 @@ def test_report_of_a_real_sweep_matches_the_raw_metric_histories(tmp_path, monke
     for optimizer, values in by_optimizer.items():
         assert table.loc[optimizer, "best_val_loss_median"] == pytest.approx(statistics.median(values), rel=1e-12)
         assert table.loc[optimizer, "best_val_loss_min"] == min(values)
-    parent = [r for r in client.search_runs([client.get_experiment_by_name("real").experiment_id])
-              if r.data.tags.get("sweeplab.role") == "sweep"][0]
+    parent = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("real").experiment_id])
+        if r.data.tags.get("sweeplab.role") == "sweep"
+    ][0]
     assert "report/report.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
 
 def test_unknown_study_is_one_line(tmp_path, capsys):
     MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # a store, without that study
     assert main(["report", "ghost", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
-    assert capsys.readouterr().err.strip() == "sweeplab: error: ghost: no such study (MLflow experiment) in the tracking store"
+    assert (
+        capsys.readouterr().err.strip()
+        == "sweeplab: error: ghost: no such study (MLflow experiment) in the tracking store"
+    )
 
 
 def test_a_run_that_never_learned_has_no_epochs_to_converge(tmp_path):
@@ -145,10 +165,29 @@ def test_run_links_open_the_model_training_view_of_the_ui_asked_for(hand_made, t
     experiment = Tracker(hand_made).client.get_experiment_by_name("hand").experiment_id
     build_report("hand", hand_made, tmp_path / "default")
     links = re.findall(r'href="([^"]+)"', (tmp_path / "default/report.html").read_text())
-    assert links and all(re.fullmatch(rf"http://127\.0\.0\.1:5000/#/experiments/{experiment}/runs/[0-9a-f]{{32}}"
-                                      r"\?workflowType=machine_learning", link) for link in links)
-    assert main(["report", "hand", "--tracking-uri", hand_made, "--out", str(tmp_path / "other"),
-                 "--ui-url", "http://127.0.0.1:5123/"]) == 0
+    assert links and all(
+        re.fullmatch(
+            rf"http://127\.0\.0\.1:5000/#/experiments/{experiment}/runs/[0-9a-f]{{32}}"
+            r"\?workflowType=machine_learning",
+            link,
+        )
+        for link in links
+    )
+    assert (
+        main(
+            [
+                "report",
+                "hand",
+                "--tracking-uri",
+                hand_made,
+                "--out",
+                str(tmp_path / "other"),
+                "--ui-url",
+                "http://127.0.0.1:5123/",
+            ]
+        )
+        == 0
+    )
     links = re.findall(r'href="([^"]+)"', (tmp_path / "other/report.html").read_text())
     assert links and all(link.startswith(f"http://127.0.0.1:5123/#/experiments/{experiment}/runs/") for link in links)
     monkeypatch.setenv("SWEEPLAB_UI_URL", "http://127.0.0.1:6001")

@@ -17,10 +17,14 @@ from sweeplab.search import (
     values_of,
 )
 
-SPACE = {"optimizer": {"choices": ["Adam", "SGD"]},
-         "lr": {"by": "optimizer", "cases": {"Adam": {"low": 1e-4, "high": 1e-2, "log": True},
-                                             "SGD": {"low": 1e-3, "high": 1e-1, "log": True}}},
-         "hidden": {"choices": [4, 16, 64]}}
+SPACE = {
+    "optimizer": {"choices": ["Adam", "SGD"]},
+    "lr": {
+        "by": "optimizer",
+        "cases": {"Adam": {"low": 1e-4, "high": 1e-2, "log": True}, "SGD": {"low": 1e-3, "high": 1e-1, "log": True}},
+    },
+    "hidden": {"choices": [4, 16, 64]},
+}
 
 
 def spec(**changes) -> SweepSpec:
@@ -41,8 +45,11 @@ def test_each_optimizer_s_learning_rate_is_its_own_parameter_and_maps_back():
 
 
 def test_the_grid_is_every_choice_and_its_size_caps_the_budget():
-    sweep = spec(space={"optimizer": {"choices": ["Adam", "SGD"]}, "hidden": {"choices": [4, 16, 64]}},
-                 sampler={"type": "grid"}, n_trials=100)
+    sweep = spec(
+        space={"optimizer": {"choices": ["Adam", "SGD"]}, "hidden": {"choices": [4, 16, 64]}},
+        sampler={"type": "grid"},
+        n_trials=100,
+    )
     assert grid_space(sweep.space) == {"optimizer": ["Adam", "SGD"], "hidden": [4, 16, 64]}
     assert budget(sweep) == 6 and budget(spec(n_trials=100)) == 100
 

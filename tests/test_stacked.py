@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from sweeplab.config import build_experiment
 from sweeplab.engines import Job, engine_named
 
-NETS = '''\
+NETS = """\
 import torch
 from torch import nn
 
@@ -48,25 +48,34 @@ class CallsItem(nn.Module):
 
     def forward(self, x):
         return self.lin(x.flatten(1) / float(x.abs().max().item()))
-'''
+"""
 
 
 def configs(folder: Path, model: str, settings: list[dict]):
     (folder / "nets.py").write_text(NETS)
     out = []
     for extra in settings:
-        raw = {"task": "multiclass", "seed": 1, "data": {"source": "sklearn", "name": "digits", "val_size": 0.2,
-                                                          "train_fraction": 0.5},
-               "model": {"class_path": f"nets.{model}", "init_args": {"channels": extra.pop("channels", 4)}
-                         if model != "CallsItem" else {}},
-               "train": {"epochs": 6, "batch_size": 64, **extra}}
+        raw = {
+            "task": "multiclass",
+            "seed": 1,
+            "data": {"source": "sklearn", "name": "digits", "val_size": 0.2, "train_fraction": 0.5},
+            "model": {
+                "class_path": f"nets.{model}",
+                "init_args": {"channels": extra.pop("channels", 4)} if model != "CallsItem" else {},
+            },
+            "train": {"epochs": 6, "batch_size": 64, **extra},
+        }
         out.append(build_experiment(raw, "test", folder))
     return out
 
 
-SETTINGS = [{"optimizer": "Adam", "lr": 0.003}, {"optimizer": "SGD", "lr": 0.05, "momentum": 0.9},
-            {"optimizer": "AdamW", "lr": 0.01, "channels": 6}, {"optimizer": "RMSprop", "lr": 0.001},
-            {"optimizer": "Adam", "lr": 0.01, "channels": 6}]
+SETTINGS = [
+    {"optimizer": "Adam", "lr": 0.003},
+    {"optimizer": "SGD", "lr": 0.05, "momentum": 0.9},
+    {"optimizer": "AdamW", "lr": 0.01, "channels": 6},
+    {"optimizer": "RMSprop", "lr": 0.001},
+    {"optimizer": "Adam", "lr": 0.01, "channels": 6},
+]
 
 
 @pytest.mark.parametrize("model", ["CNN", "WithBatchNorm"])
@@ -85,8 +94,7 @@ def test_stacked_members_agree_with_the_reference_loop(tmp_path, model):
         # the best states answer alike
         outputs = []
         for state in (a.best_state, b.best_state):
-            net = ref.result.model if state is a.best_state else type(ref.result.model)(
-                **vec.result.spec.init_args)
+            net = ref.result.model if state is a.best_state else type(ref.result.model)(**vec.result.spec.init_args)
             net.load_state_dict(state)
             net.eval()
             with torch.no_grad():
@@ -96,18 +104,27 @@ def test_stacked_members_agree_with_the_reference_loop(tmp_path, model):
 
 def test_a_model_vmap_cannot_run_trains_on_the_reference_loop_with_one_line(tmp_path):
     (tmp_path / "nets.py").write_text(NETS)
-    (tmp_path / "exp.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "exp.yaml").write_text(
+        textwrap.dedent("""\
         name: items
         task: multiclass
         data: {source: sklearn, name: digits, val_size: 0.2, train_fraction: 0.3}
         model: {class_path: nets.CallsItem}
         train: {epochs: 2}
-        """))
-    (tmp_path / "sweep.yaml").write_text("study: items\nexperiment: exp.yaml\nspace:\n  lr: {choices: [0.01, 0.03, "
-                                         "0.1]}\nsampler: {type: grid}\nn_trials: 3\n")
+        """)
+    )
+    (tmp_path / "sweep.yaml").write_text(
+        "study: items\nexperiment: exp.yaml\nspace:\n  lr: {choices: [0.01, 0.03, "
+        "0.1]}\nsampler: {type: grid}\nn_trials: 3\n"
+    )
     uri = f"sqlite:///{tmp_path}/t.db"
-    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", "sweep.yaml", "--tracking-uri", uri,
-                           "--no-report"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "sweep", "sweep.yaml", "--tracking-uri", uri, "--no-report"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if "cannot run under torch.func.vmap" in line]
     assert len(said) == 1 and ".item()" in said[0] and "its trials train on the reference loop" in said[0]

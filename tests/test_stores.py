@@ -26,21 +26,28 @@ from sweeplab.stores import (
 )
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("postgresql://sweeper:s3cret@db.example:5432/optuna", "postgresql://sweeper:***@db.example:5432/optuna"),
-    ("postgresql://db/optuna?user=u&password=pw&sslmode=require",
-     "postgresql://db/optuna?user=u&password=***&sslmode=require"),
-    ("https://mlflow.example/api?token=abc", "https://mlflow.example/api?token=***"),
-    ("sqlite:////tmp/runs.db", "sqlite:////tmp/runs.db"),  # nothing secret: unchanged, byte for byte
-    ("postgresql://u:pw@host:notaport/db", "postgresql://u:***@host:notaport/db"),  # unparseable, still redacted
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://sweeper:s3cret@db.example:5432/optuna", "postgresql://sweeper:***@db.example:5432/optuna"),
+        (
+            "postgresql://db/optuna?user=u&password=pw&sslmode=require",
+            "postgresql://db/optuna?user=u&password=***&sslmode=require",
+        ),
+        ("https://mlflow.example/api?token=abc", "https://mlflow.example/api?token=***"),
+        ("sqlite:////tmp/runs.db", "sqlite:////tmp/runs.db"),  # nothing secret: unchanged, byte for byte
+        ("postgresql://u:pw@host:notaport/db", "postgresql://u:***@host:notaport/db"),  # unparseable, still redacted
+    ],
+)
 def test_a_url_is_printed_without_its_password(url, shown):
     assert redact(url) == shown
 
 
 def test_a_message_loses_every_secret_it_quotes():
-    message = ('connection to "postgresql://a:hunter2@h/db" failed: '
-               "host=h password=hunter2 dbname=db, and again password='hunter2'")
+    message = (
+        'connection to "postgresql://a:hunter2@h/db" failed: '
+        "host=h password=hunter2 dbname=db, and again password='hunter2'"
+    )
     shown = redact_text(message)
     assert "hunter2" not in shown and shown.count("***") == 3 and "host=h" in shown and "dbname=db" in shown
 
@@ -140,8 +147,9 @@ def test_a_worker_is_gone_only_when_its_process_on_this_machine_is():
 
 def test_stores_imports_no_heavy_library():
     code = "import sys, sweeplab.stores; print(sorted(m for m in ('torch', 'mlflow', 'optuna', 'sqlalchemy') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -159,8 +167,11 @@ def test_a_lost_insert_race_is_tried_again_and_anything_else_raised_as_it_is():
     assert retry_lost_races(insert, pause_s=(0, 0)) == "row" and len(calls) == 3
     calls.clear()
     with pytest.raises(RuntimeError, match="UNIQUE constraint failed"):
-        retry_lost_races(lambda: calls.append(1) or (_ for _ in ()).throw(RuntimeError("UNIQUE constraint failed")),
-                         attempts=2, pause_s=(0, 0))
+        retry_lost_races(
+            lambda: calls.append(1) or (_ for _ in ()).throw(RuntimeError("UNIQUE constraint failed")),
+            attempts=2,
+            pause_s=(0, 0),
+        )
     assert len(calls) == 2  # every attempt lost: the last error, as it is
     calls.clear()
     with pytest.raises(ConnectionError):  # not a race: an outage is with_retries' to handle

@@ -21,9 +21,11 @@ LAB = "experiments/training_loop_lab.yaml"
 def write_sweep(path, root, study, space, n_trials, sampler="random", pruner="none", extra="", engine="reference"):
     """A sweep file; the reference engine unless asked (these tests pin down its runtime: workers, resume,
     interrupts; test_vectorized.py and the user-level tests run the default, auto)."""
-    path.write_text(f"study: {study}\nexperiment: {root / LAB}\nspace:\n{textwrap.indent(space, '  ')}"
-                    f"sampler: {{type: {sampler}, seed: 1}}\npruner: {{type: {pruner}}}\nn_trials: {n_trials}\n"
-                    f"engine: {engine}\n{extra}")
+    path.write_text(
+        f"study: {study}\nexperiment: {root / LAB}\nspace:\n{textwrap.indent(space, '  ')}"
+        f"sampler: {{type: {sampler}, seed: 1}}\npruner: {{type: {pruner}}}\nn_trials: {n_trials}\n"
+        f"engine: {engine}\n{extra}"
+    )
     return path
 
 
@@ -101,12 +103,19 @@ def test_curves_summary_metrics_match_an_independent_run_of_the_seed_loop(small_
     _, client, runs, study = small_sweep
     for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         run_id = trial.user_attrs["mlflow_run_id"]
-        history = {key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-                   for key in ("train_loss", "val_loss")}
+        history = {
+            key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+            for key in ("train_loss", "val_loss")
+        }
         assert [m.step for m in history["val_loss"]] == list(range(1, EPOCHS + 1))
         optimizer = trial.params["optimizer"]
-        expected = seed_run(optimizer=optimizer, lr=trial.params[f"lr_{optimizer}"], hidden=trial.params["hidden"],
-                            noise=trial.params["noise"], epochs=EPOCHS)
+        expected = seed_run(
+            optimizer=optimizer,
+            lr=trial.params[f"lr_{optimizer}"],
+            hidden=trial.params["hidden"],
+            noise=trial.params["noise"],
+            epochs=EPOCHS,
+        )
         assert [m.value for m in history["train_loss"]] == expected["train_loss"]
         assert [m.value for m in history["val_loss"]] == expected["val_loss"]
         metrics = client.get_run(run_id).data.metrics
@@ -124,8 +133,9 @@ def test_logged_checkpoint_rebuilds_the_model_and_reproduces_best_val_loss(small
     payload = torch.load(f"{folder}/best.pt", weights_only=True)
     # rebuild with plain torch from the logged spec, and regenerate the validation split as the seed does
     hidden = spec["hidden"][0]
-    net = torch.nn.Sequential(torch.nn.Linear(spec["in_features"], hidden), torch.nn.ReLU(),
-                              torch.nn.Linear(hidden, spec["out_features"]))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(spec["in_features"], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, spec["out_features"])
+    )
     net.load_state_dict({k.removeprefix("net."): v for k, v in payload["state_dict"].items()})
     torch.manual_seed(42)
     x = torch.randn(240, 2)
@@ -175,8 +185,11 @@ def test_resume_reaches_exactly_n_trials(store):
     study = study_of(store, "resume")
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 5
     assert len(study.trials) == 5
-    children = [r for r in runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "resume")
-                if r.data.tags.get("sweeplab.role") == "trial"]
+    children = [
+        r
+        for r in runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "resume")
+        if r.data.tags.get("sweeplab.role") == "trial"
+    ]
     assert len(children) == 5
 
 
@@ -198,11 +211,21 @@ def test_independent_worker_processes_share_one_budget(store):
     """Two `sweeplab worker` processes (as on two machines) against one study: exactly n_trials, no trial twice."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sweep = write_sweep(store / "s.yaml", root, "shared", SPACE, 10, sampler="tpe")
-    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
-           "SWEEPLAB_STORAGE": str(store / "optuna.journal")}
-    procs = [subprocess.Popen([sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=20",
-                               "--worker-index", str(i)], cwd=store, env=env, stdout=subprocess.PIPE, text=True)
-             for i in range(2)]
+    env = {
+        **__import__("os").environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
+        "SWEEPLAB_STORAGE": str(store / "optuna.journal"),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweeplab", "worker", str(sweep), "epochs=20", "--worker-index", str(i)],
+            cwd=store,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     study = study_of(store, "shared")
@@ -218,15 +241,29 @@ def test_independent_worker_processes_share_one_budget(store):
 
 def test_diverged_and_pruned_trials_are_recorded_and_the_sweep_goes_on(store):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    sweep = write_sweep(store / "s.yaml", root, "outcomes", "optimizer: {choices: [SGD]}\nlr: {low: 0.0001, high: 10.0}\n",
-                        3, pruner="median", extra="")
-    sweep.write_text(sweep.read_text().replace("pruner: {type: median}",
-                                               "pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 2}"))
+    sweep = write_sweep(
+        store / "s.yaml",
+        root,
+        "outcomes",
+        "optimizer: {choices: [SGD]}\nlr: {low: 0.0001, high: 10.0}\n",
+        3,
+        pruner="median",
+        extra="",
+    )
+    sweep.write_text(
+        sweep.read_text().replace(
+            "pruner: {type: median}", "pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 2}"
+        )
+    )
     # Fix the order with Optuna's own queue: a good trial, then SGD at lr=10 (diverges), then lr=1e-4, which
     # barely moves and is stopped by the median pruner as soon as its warm-up (2 epochs) allows.
-    study = optuna.create_study(study_name="outcomes", storage=optuna.storages.JournalStorage(
-        __import__("optuna.storages.journal", fromlist=["x"]).JournalFileBackend(str(store / "optuna.journal"))),
-        load_if_exists=True)
+    study = optuna.create_study(
+        study_name="outcomes",
+        storage=optuna.storages.JournalStorage(
+            __import__("optuna.storages.journal", fromlist=["x"]).JournalFileBackend(str(store / "optuna.journal"))
+        ),
+        load_if_exists=True,
+    )
     for lr in (0.05, 10.0, 0.0001):
         study.enqueue_trial({"optimizer": "SGD", "lr": lr})
     assert main(["sweep", str(sweep), "epochs=8", "--quiet"]) == 0
@@ -246,9 +283,13 @@ def test_diverged_and_pruned_trials_are_recorded_and_the_sweep_goes_on(store):
         assert trial.state == optuna.trial.TrialState.PRUNED
         assert run.data.tags["sweeplab.reason"] == trial.user_attrs["reason"]
         if outcome == "diverged":
-            assert run.info.status == "FAILED" and trial.user_attrs["reason"].startswith(f"diverged at epoch {epochs_run}")
+            assert run.info.status == "FAILED" and trial.user_attrs["reason"].startswith(
+                f"diverged at epoch {epochs_run}"
+            )
         else:
-            assert run.info.status == "KILLED" and trial.user_attrs["reason"].startswith(f"pruned at epoch {epochs_run}")
+            assert run.info.status == "KILLED" and trial.user_attrs["reason"].startswith(
+                f"pruned at epoch {epochs_run}"
+            )
             assert epochs_run == 2  # steps are epochs (1-based); MedianPruner may prune once step >= n_warmup_steps
     assert outcomes == {0.05: "completed", 10.0: "diverged", 0.0001: "pruned"}
 
@@ -273,10 +314,11 @@ def test_resuming_with_settings_that_change_results_is_refused_and_others_resume
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     runs_before, journal = len(runs_of(client, "settings")), (store / "optuna.journal").read_bytes()
     capsys.readouterr()
-    for changed, said in ((["epochs=3", "task=binary"], "with task=regression, epochs=2; this sweep gives "
-                                                        "task=binary, epochs=3"),
-                          (["epochs=2", "loss=l1"], "with loss=mse; this sweep gives loss=l1"),
-                          (["epochs=2", "data.n_samples=200"], "with n_samples=240; this sweep gives n_samples=200")):
+    for changed, said in (
+        (["epochs=3", "task=binary"], "with task=regression, epochs=2; this sweep gives task=binary, epochs=3"),
+        (["epochs=2", "loss=l1"], "with loss=mse; this sweep gives loss=l1"),
+        (["epochs=2", "data.n_samples=200"], "with n_samples=240; this sweep gives n_samples=200"),
+    ):
         assert main(["sweep", str(sweep), *changed, "n_trials=4", "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and said in err and "study=NAME" in err, err
@@ -288,13 +330,16 @@ def test_resuming_with_settings_that_change_results_is_refused_and_others_resume
     assert len(study_of(store, "settings").get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
 
 
-@pytest.mark.parametrize("space, words", [
-    ("optimizer: {choices: [Adam, Adagrad]}\n", "space.optimizer: train.optimizer: Input should be"),
-    ("lr: {low: 0.1, high: 0.01}\n", "low (0.1) must not exceed high (0.01)"),
-    ("lr: {by: optimizer, cases: {Adam: {choices: [0.1]}}}\n", "must be a categorical parameter of the space"),
-    ("hidden: {choices: [4, -1]}\n", "space.hidden: model.hidden"),
-    ("widht: {choices: [4]}\n", "space.widht: widht: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "space, words",
+    [
+        ("optimizer: {choices: [Adam, Adagrad]}\n", "space.optimizer: train.optimizer: Input should be"),
+        ("lr: {low: 0.1, high: 0.01}\n", "low (0.1) must not exceed high (0.01)"),
+        ("lr: {by: optimizer, cases: {Adam: {choices: [0.1]}}}\n", "must be a categorical parameter of the space"),
+        ("hidden: {choices: [4, -1]}\n", "space.hidden: model.hidden"),
+        ("widht: {choices: [4]}\n", "space.widht: widht: Extra inputs are not permitted"),
+    ],
+)
 def test_a_bad_sweep_file_creates_nothing(store, capsys, space, words):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sweep = write_sweep(store / "bad.yaml", root, "bad", space, 2)
@@ -321,7 +366,9 @@ def test_sweeplab_run_tracks_one_run_with_the_same_names_and_artifacts(store, ca
     assert {"checkpoint/best.pt", "checkpoint/model_spec.json", "checkpoint/config.json"} <= names
 
 
-@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+)
 def test_shipped_sweep_files_are_valid(path):
     from sweeplab.config import load_sweep, read_yaml
     from sweeplab.experiment import check_sweep
@@ -336,16 +383,19 @@ def test_seed_exercises_grid_runs_every_configuration_once(store):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     assert main(["sweep", str(root / "sweeps/seed_exercises.yaml"), "epochs=3", "--quiet"]) == 0
     study = study_of(store, "seed_exercises")
-    configs = {(t.params["optimizer"], t.params[f"lr_{t.params['optimizer']}"], t.params["hidden"], t.params["noise"])
-               for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    configs = {
+        (t.params["optimizer"], t.params[f"lr_{t.params['optimizer']}"], t.params["hidden"], t.params["noise"])
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    }
     expected = {(o, lr, h, n) for o, lr in (("Adam", 0.03), ("SGD", 0.05)) for h in (4, 16, 32) for n in (0.3, 1.0)}
     assert configs == expected and len(study.trials) == 12
 
 
 def test_repeats_run_every_grid_configuration_with_each_seed(store):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    sweep = write_sweep(store / "r.yaml", root, "rep", "hidden: {choices: [4, 16]}\n", 10, sampler="grid",
-                        extra="repeats: 3\n")
+    sweep = write_sweep(
+        store / "r.yaml", root, "rep", "hidden: {choices: [4, 16]}\n", 10, sampler="grid", extra="repeats: 3\n"
+    )
     assert main(["sweep", str(sweep), "epochs=3", "--quiet", "--no-report"]) == 0
     study = study_of(store, "rep")
     pairs = sorted((t.params["hidden"], t.params["seed"]) for t in study.trials)
@@ -387,18 +437,30 @@ def test_conditions_run_side_by_side_each_searching_as_it_would_alone(store, mon
         folder.mkdir()
         monkeypatch.chdir(folder)
         monkeypatch.setenv("SWEEPLAB_CONDITIONS_AT_ONCE", str(at_once))
-        sweep = write_sweep(folder / "s.yaml", root, "sides", space, 8, sampler="tpe",
-                            extra="conditions: {noise: [0.3, 1.0]}\n")
+        sweep = write_sweep(
+            folder / "s.yaml", root, "sides", space, 8, sampler="tpe", extra="conditions: {noise: [0.3, 1.0]}\n"
+        )
         assert main(["sweep", str(sweep), "epochs=5", "--quiet", "--no-report"]) == 0
         runs = runs_of(MlflowClient(f"sqlite:///{folder}/mlflow.db"), "sides")
         assert all(r.info.status == "FINISHED" for r in runs)
-        trials = {(r.data.params["data.noise"], int(r.data.tags["sweeplab.trial_number"])):
-                  (r.data.params["train.optimizer"], r.data.params["train.lr"], r.data.params["model.hidden"],
-                   r.data.metrics["best_val_loss"])
-                  for r in runs if r.data.tags.get("sweeplab.role") == "trial"}
-        workers = {noise: {r.data.tags["sweeplab.worker"] for r in runs
-                           if r.data.tags.get("sweeplab.role") == "trial" and r.data.params["data.noise"] == noise}
-                   for noise in ("0.3", "1.0")}
+        trials = {
+            (r.data.params["data.noise"], int(r.data.tags["sweeplab.trial_number"])): (
+                r.data.params["train.optimizer"],
+                r.data.params["train.lr"],
+                r.data.params["model.hidden"],
+                r.data.metrics["best_val_loss"],
+            )
+            for r in runs
+            if r.data.tags.get("sweeplab.role") == "trial"
+        }
+        workers = {
+            noise: {
+                r.data.tags["sweeplab.worker"]
+                for r in runs
+                if r.data.tags.get("sweeplab.role") == "trial" and r.data.params["data.noise"] == noise
+            }
+            for noise in ("0.3", "1.0")
+        }
         results[at_once] = trials, workers
         client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
         assert int(client.get_model_version_by_alias("sides", "champion").version) == 1  # noise 0.3, the base's own
@@ -417,11 +479,18 @@ def test_a_worker_killed_between_its_finished_run_and_the_tell_is_told_from_the_
     one finished run, and the told value is the seed loop's best validation loss for those parameters."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sweep = write_sweep(store / "s.yaml", root, "window", SPACE, 3)
-    dies_before_telling = ("import os, signal, sys\nfrom sweeplab import ledger\nfrom sweeplab.cli import main\n"
-                           "ledger.Ledger.finish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-                           "sys.exit(main(sys.argv[1:]))\n")
-    killed = subprocess.run([sys.executable, "-c", dies_before_telling, "sweep", str(sweep), f"epochs={EPOCHS}",
-                             "--quiet", "--no-report"], cwd=store, capture_output=True, text=True, timeout=300)
+    dies_before_telling = (
+        "import os, signal, sys\nfrom sweeplab import ledger\nfrom sweeplab.cli import main\n"
+        "ledger.Ledger.finish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", dies_before_telling, "sweep", str(sweep), f"epochs={EPOCHS}", "--quiet", "--no-report"],
+        cwd=store,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9
     study = study_of(store, "window")
     (first,) = study.trials
@@ -431,14 +500,25 @@ def test_a_worker_killed_between_its_finished_run_and_the_tell_is_told_from_the_
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3  # no FAIL, no retry
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     trial_runs = [r for r in runs_of(client, "window") if r.data.tags.get("sweeplab.role") == "trial"]
-    assert sorted((r.data.tags["sweeplab.trial_number"], r.info.status) for r in trial_runs) == \
-        [("0", "FINISHED"), ("1", "FINISHED"), ("2", "FINISHED")]
+    assert sorted((r.data.tags["sweeplab.trial_number"], r.info.status) for r in trial_runs) == [
+        ("0", "FINISHED"),
+        ("1", "FINISHED"),
+        ("2", "FINISHED"),
+    ]
     told = study.trials[0]
     optimizer = told.params["optimizer"]
-    expected = seed_run(optimizer=optimizer, lr=told.params[f"lr_{optimizer}"], hidden=told.params["hidden"],
-                        noise=told.params["noise"], epochs=EPOCHS)
-    assert told.value == min(expected["val_loss"]) == client.get_run(told.user_attrs["mlflow_run_id"]).data.metrics[
-        "best_val_loss"]
+    expected = seed_run(
+        optimizer=optimizer,
+        lr=told.params[f"lr_{optimizer}"],
+        hidden=told.params["hidden"],
+        noise=told.params["noise"],
+        epochs=EPOCHS,
+    )
+    assert (
+        told.value
+        == min(expected["val_loss"])
+        == client.get_run(told.user_attrs["mlflow_run_id"]).data.metrics["best_val_loss"]
+    )
     assert told.user_attrs["best_epoch"] == expected["val_loss"].index(min(expected["val_loss"])) + 1
 
 
@@ -446,8 +526,9 @@ def test_a_worker_killed_between_its_finished_run_and_the_tell_is_told_from_the_
 def test_optunas_own_tools_see_each_trials_curve_and_the_objectives_name(store, engine, pruner):
     """#19.4: optuna-dashboard and optuna.visualization showed "Objective 0" and no intermediate values."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    sweep = write_sweep(store / "s.yaml", root, "curves", "hidden: {choices: [4, 16]}\n", 3, pruner=pruner,
-                        engine=engine)
+    sweep = write_sweep(
+        store / "s.yaml", root, "curves", "hidden: {choices: [4, 16]}\n", 3, pruner=pruner, engine=engine
+    )
     assert main(["sweep", str(sweep), "epochs=6", "--quiet", "--no-report"]) == 0
     study = study_of(store, "curves")
     assert study.metric_names == ["best_val_loss"]
@@ -469,8 +550,10 @@ def test_two_sweeps_at_once_on_one_study_each_count_their_own_trials(store):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sweep = write_sweep(store / "s.yaml", root, "both", SPACE, 6)
     command = [sys.executable, "-m", "sweeplab", "sweep", str(sweep), "epochs=20", "--quiet", "--no-report"]
-    sweeps = [subprocess.Popen(command, cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
+    sweeps = [
+        subprocess.Popen(command, cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [process.communicate(timeout=300) for process in sweeps]
     assert all(process.returncode == 0 for process in sweeps), outs
     counts = [int(re.search(r"\((\d+) run now\)", out).group(1)) for out, _ in outs]

@@ -50,9 +50,16 @@ def test_a_store_that_is_not_mlflow_is_one_line(tmp_path):
         Tracker(f"sqlite:///{tmp_path}/notes.db")
 
 
-@pytest.mark.parametrize("outcome, status", [(Outcome.COMPLETED, "FINISHED"), (Outcome.PRUNED, "KILLED"),
-                                             (Outcome.DIVERGED, "FAILED"), (Outcome.FAILED, "FAILED"),
-                                             (Outcome.KILLED, "KILLED")])
+@pytest.mark.parametrize(
+    "outcome, status",
+    [
+        (Outcome.COMPLETED, "FINISHED"),
+        (Outcome.PRUNED, "KILLED"),
+        (Outcome.DIVERGED, "FAILED"),
+        (Outcome.FAILED, "FAILED"),
+        (Outcome.KILLED, "KILLED"),
+    ],
+)
 def test_a_run_ends_with_the_status_and_tags_of_its_outcome(tracker, outcome, status):
     run_id = tracker.start_run(tracker.experiment_id("e"), "r", {"sweeplab.role": "trial"})
     tracker.end_run(run_id, outcome, "why" if outcome != Outcome.COMPLETED else None)
@@ -113,8 +120,11 @@ def test_the_experiment_description_and_the_view_its_link_opens(tracker):
     view = json.loads(tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
     assert view["orderByKey"] == "metrics.`best_val_accuracy`" and view["orderByAsc"] is False  # best first
     assert view["groupBy"]["aggregateFunction"] == "max"  # each condition's group headed by its best accuracy
-    assert view["selectedColumns"][:3] == ["metrics.`best_val_accuracy`", "metrics.`best_val_loss`",
-                                           "metrics.`best_epoch`"]
+    assert view["selectedColumns"][:3] == [
+        "metrics.`best_val_accuracy`",
+        "metrics.`best_val_loss`",
+        "metrics.`best_epoch`",
+    ]
     assert "params.`train.lr`" in view["selectedColumns"]
 
 

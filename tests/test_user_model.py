@@ -26,7 +26,7 @@ from reference import SEED_EXPECTED_OUTPUT
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SEED_REGRESSOR = '''\
+SEED_REGRESSOR = """\
 import torch.nn as nn
 
 
@@ -41,7 +41,7 @@ class Regressor(nn.Module):
 
     def forward(self, x):
         return self.net(x)
-'''
+"""
 
 MY_NETS = '''\
 import torch
@@ -88,15 +88,23 @@ def test_the_seeds_regressor_as_a_users_class_prints_the_seeds_table(tmp_path):
     lab = (ROOT / "experiments/training_loop_lab.yaml").read_text()
     lab = lab.replace("  hidden: 16", "  class_path: seed_model.Regressor  #").replace("  activation: relu", "")
     experiment = write(tmp_path, "lab.yaml", lab)
-    out = subprocess.run([sys.executable, "-m", "sweeplab", "run", str(experiment), "--no-track"], cwd="/",
-                         capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[:len(SEED_EXPECTED_OUTPUT.splitlines())] == SEED_EXPECTED_OUTPUT.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "run", str(experiment), "--no-track"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.splitlines()[: len(SEED_EXPECTED_OUTPUT.splitlines())] == SEED_EXPECTED_OUTPUT.splitlines()
     assert "best_epoch: 71" in out
 
 
 def cnn_project(folder: Path, n_trials: int = 4, epochs: int = 4, model: str = "TinyCNN") -> Path:
     write(folder, "my_nets.py", MY_NETS)
-    write(folder, "cnn.yaml", f"""\
+    write(
+        folder,
+        "cnn.yaml",
+        f"""\
         name: tiny_cnn
         task: multiclass
         seed: 3
@@ -104,8 +112,12 @@ def cnn_project(folder: Path, n_trials: int = 4, epochs: int = 4, model: str = "
         model: {{class_path: my_nets.{model}}}
         train: {{optimizer: Adam, lr: 0.01, epochs: {epochs}, batch_size: 64}}
         objective: {{metric: val_accuracy}}
-        """)
-    return write(folder, "sweep.yaml", f"""\
+        """,
+    )
+    return write(
+        folder,
+        "sweep.yaml",
+        f"""\
         study: tiny_cnn
         experiment: cnn.yaml
         space:
@@ -113,7 +125,8 @@ def cnn_project(folder: Path, n_trials: int = 4, epochs: int = 4, model: str = "
           lr: {{low: 0.002, high: 0.05, log: true}}
         sampler: {{type: random, seed: 1}}
         n_trials: {n_trials}
-        """)
+        """,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +136,24 @@ def cnn_sweep(tmp_path_factory):
     sweep = cnn_project(project)
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     uri = f"sqlite:///{elsewhere}/tracking.db"
-    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep), "--tracking-uri", uri,
-                           "--storage", f"journal:{elsewhere}/optuna.journal", "--no-report"],
-                          cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "sweep",
+            str(sweep),
+            "--tracking-uri",
+            uri,
+            "--storage",
+            f"journal:{elsewhere}/optuna.journal",
+            "--no-report",
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return project, elsewhere, uri, proc
 
@@ -138,15 +166,19 @@ def test_a_users_cnn_sweeps_with_its_objective(cnn_sweep):
     runs = client.search_runs([experiment.experiment_id], "tags.`sweeplab.role` = 'trial'")
     assert len(runs) == 4 and all(run.info.status == "FINISHED" for run in runs)
     source = (project / "my_nets.py").read_bytes()
-    study = optuna.load_study(study_name="tiny_cnn",
-                              storage=optuna.storages.JournalStorage(
-                                  optuna.storages.journal.JournalFileBackend(f"{elsewhere}/optuna.journal")))
+    study = optuna.load_study(
+        study_name="tiny_cnn",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(f"{elsewhere}/optuna.journal")
+        ),
+    )
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert study.metric_names == ["best_val_accuracy"]
     by_number = {t.number: t for t in study.trials}
     for run in runs:
-        curve = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"),
-                                         key=lambda m: m.step)]
+        curve = [
+            m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"), key=lambda m: m.step)
+        ]
         losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)]
         assert len(curve) == len(losses) == 4
         best = max(range(4), key=lambda i: (curve[i], -i))  # the first epoch of the highest accuracy
@@ -164,7 +196,9 @@ def test_a_users_cnn_sweeps_with_its_objective(cnn_sweep):
         logged = client.download_artifacts(run.info.run_id, "code/my_nets.py", str(downloads))
         assert Path(logged).read_bytes() == source
     champion = client.get_model_version_by_alias("tiny_cnn", "champion")
-    best_run = max(runs, key=lambda r: (r.data.metrics["best_val_accuracy"], -int(r.data.tags["sweeplab.trial_number"])))
+    best_run = max(
+        runs, key=lambda r: (r.data.metrics["best_val_accuracy"], -int(r.data.tags["sweeplab.trial_number"]))
+    )
     assert champion.run_id == best_run.info.run_id
 
 
@@ -219,32 +253,70 @@ def test_predict_rebuilds_the_users_class_where_its_module_is(cnn_sweep, capsys,
     predictions = json.loads(capsys.readouterr().out)["predictions"]
     assert [p["prediction"] for p in predictions] == [0, 1, 2]  # the first three digits, as a trained CNN reads them
     # in a fresh process, from a folder without the module
-    proc = subprocess.run([sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri",
-                           uri, "-"], cwd=elsewhere, input=json.dumps(images), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri", uri, "-"],
+        cwd=elsewhere,
+        input=json.dumps(images),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1
-    assert err[0].startswith("sweeplab: error: best.pt: the run trained my_nets.TinyCNN; no module 'my_nets' in this "
-                             f"folder ({elsewhere})")
+    assert err[0].startswith(
+        f"sweeplab: error: best.pt: the run trained my_nets.TinyCNN; no module 'my_nets' in this folder ({elsewhere})"
+    )
 
 
 def test_a_model_torch_export_cannot_trace_registers_its_checkpoint(tmp_path):
     sweep = cnn_project(tmp_path, n_trials=1, epochs=2, model="Branchy")
     sweep.write_text(sweep.read_text().replace("channels: {choices: [2, 4]}", "seed: {choices: [3]}"))
     uri = f"sqlite:///{tmp_path}/t.db"
-    proc = subprocess.run([sys.executable, "-m", "sweeplab", "sweep", str(sweep), "--tracking-uri", uri, "--storage",
-                           f"journal:{tmp_path}/j.journal", "--no-report"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "sweep",
+            str(sweep),
+            "--tracking-uri",
+            uri,
+            "--storage",
+            f"journal:{tmp_path}/j.journal",
+            "--no-report",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if "torch.export cannot trace" in line]
     assert len(said) == 1 and "my_nets.Branchy" in said[0] and "sweeplab predict serves it" in said[0]
     version = MlflowClient(uri).get_model_version_by_alias("tiny_cnn", "champion")
     assert version.tags["sweeplab.export"].startswith("torch.export cannot trace my_nets.Branchy")
     rows = sklearn.datasets.load_digits().data[:2].tolist()
-    out = subprocess.run([sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri",
-                          uri, "--json", "--x", ",".join(map(str, rows[0])), "--x", ",".join(map(str, rows[1]))],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "predict",
+            "models:/tiny_cnn@champion",
+            "--tracking-uri",
+            uri,
+            "--json",
+            "--x",
+            ",".join(map(str, rows[0])),
+            "--x",
+            ",".join(map(str, rows[1])),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)["predictions"]) == 2
 
@@ -261,7 +333,7 @@ BAD_MODELS = {
     "my_nets": "model.class_path: an import path, module.ClassName",
 }
 
-BAD_NETS = '''\
+BAD_NETS = """\
 import torch
 from torch import nn
 
@@ -307,18 +379,22 @@ class Fine(nn.Module):
 
     def forward(self, x):
         return self.lin(x.flatten(1))
-'''
+"""
 
 
 def bad_project(folder: Path, model: str, space: str = "seed: {choices: [0]}") -> Path:
     write(folder, "my_nets.py", BAD_NETS)
     write(folder, "broken.py", 'raise RuntimeError("configure me first")\n')
-    write(folder, "exp.yaml", f"""\
+    write(
+        folder,
+        "exp.yaml",
+        f"""\
         name: bad
         data: {{source: sklearn, name: digits, val_size: 0.2}}
         model: {{class_path: {model}}}
         train: {{epochs: 1}}
-        """)
+        """,
+    )
     return write(folder, "sweep.yaml", f"study: bad\nexperiment: exp.yaml\nspace:\n  {space}\nn_trials: 2\n")
 
 
@@ -331,36 +407,52 @@ def assert_refused_before_writing(folder: Path, argv: list[str], expected: str, 
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
-    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == \
-        [n for n in before if n != "__pycache__"]  # no store, journal or artifact folder
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == [
+        n for n in before if n != "__pycache__"
+    ]  # no store, journal or artifact folder
 
 
 @pytest.mark.parametrize("model", BAD_MODELS)
 def test_a_bad_plugin_is_one_line_and_nothing_written(store, capsys, model):
     sweep = bad_project(store, model)
-    argv = ["sweep", str(sweep), "--tracking-uri", f"sqlite:///{store}/runs.db", "--storage",
-            f"journal:{store}/optuna.journal"]
+    argv = [
+        "sweep",
+        str(sweep),
+        "--tracking-uri",
+        f"sqlite:///{store}/runs.db",
+        "--storage",
+        f"journal:{store}/optuna.journal",
+    ]
     assert_refused_before_writing(store, argv, BAD_MODELS[model], capsys)
     assert capsys.readouterr().err == ""
     argv = ["run", str(store / "exp.yaml"), "--tracking-uri", f"sqlite:///{store}/runs.db"]
     assert_refused_before_writing(store, argv, BAD_MODELS[model], capsys)
 
 
-@pytest.mark.parametrize("space, expected", [
-    ("width: {choices: [8, 0]}", "my_nets.Fine(width=0, in_features=64, n_classes=10) raised ValueError: width "
-                                 "must be positive"),
-    ("widht: {choices: [8]}", "model.init_args: my_nets.Fine takes no argument 'widht'"),
-])
+@pytest.mark.parametrize(
+    "space, expected",
+    [
+        (
+            "width: {choices: [8, 0]}",
+            "my_nets.Fine(width=0, in_features=64, n_classes=10) raised ValueError: width must be positive",
+        ),
+        ("widht: {choices: [8]}", "model.init_args: my_nets.Fine takes no argument 'widht'"),
+    ],
+)
 def test_a_searched_init_arg_is_checked_at_both_ends(store, capsys, space, expected):
     sweep = bad_project(store, "my_nets.Fine", space)
-    argv = ["sweep", str(sweep), "--tracking-uri", f"sqlite:///{store}/runs.db", "--storage",
-            f"journal:{store}/optuna.journal"]
+    argv = [
+        "sweep",
+        str(sweep),
+        "--tracking-uri",
+        f"sqlite:///{store}/runs.db",
+        "--storage",
+        f"journal:{store}/optuna.journal",
+    ]
     assert_refused_before_writing(store, argv, expected, capsys)
 
 
-
-
-LOADERS = '''\
+LOADERS = """\
 import numpy as np
 import torch
 from sklearn.datasets import load_wine
@@ -400,21 +492,26 @@ def with_nan():
     x, y = pair()
     x[5, 2] = float("nan")
     return x, y
-'''
+"""
 
 
 @pytest.mark.parametrize("loader", ["pair", "arrays", "Wine"])
 def test_a_users_loader_is_split_as_random_split_splits(tmp_path, loader):
     write(tmp_path, "loaders.py", LOADERS)
-    path = write(tmp_path, "exp.yaml", f"""\
+    path = write(
+        tmp_path,
+        "exp.yaml",
+        f"""\
         task: multiclass
         data: {{source: python, class_path: loaders.{loader}, val_size: 0.25, split_seed: 5}}
-        """)
+        """,
+    )
     dataset = make_dataset(load_experiment(path))
     wine = sklearn.datasets.load_wine()
     x, y = torch.tensor(wine.data, dtype=torch.float32), torch.tensor(wine.target)
-    subsets = torch.utils.data.random_split(torch.utils.data.TensorDataset(x, y), [0.75, 0.25],
-                                            generator=torch.Generator().manual_seed(5))
+    subsets = torch.utils.data.random_split(
+        torch.utils.data.TensorDataset(x, y), [0.75, 0.25], generator=torch.Generator().manual_seed(5)
+    )
     train_idx, val_idx = (torch.tensor(s.indices) for s in subsets)
     assert torch.equal(dataset.x_train, x[train_idx]) and torch.equal(dataset.y_train, y[train_idx])
     assert torch.equal(dataset.x_val, x[val_idx]) and torch.equal(dataset.y_val, y[val_idx])
@@ -423,30 +520,44 @@ def test_a_users_loader_is_split_as_random_split_splits(tmp_path, loader):
 
 def test_a_loader_may_give_its_own_split_and_a_condition_may_shrink_it(tmp_path):
     write(tmp_path, "loaders.py", LOADERS)
-    path = write(tmp_path, "exp.yaml", """\
+    path = write(
+        tmp_path,
+        "exp.yaml",
+        """\
         task: multiclass
         data: {source: python, class_path: loaders.split, init_args: {n_val: 40}, train_fraction: 0.5}
-        """)
+        """,
+    )
     dataset = make_dataset(load_experiment(path))
     x = torch.tensor(sklearn.datasets.load_wine().data, dtype=torch.float32)
     assert torch.equal(dataset.x_val, x[:40])
-    assert torch.equal(dataset.x_train, x[40:40 + math.floor(138 * 0.5)])
+    assert torch.equal(dataset.x_train, x[40 : 40 + math.floor(138 * 0.5)])
 
 
-@pytest.mark.parametrize("loader, expected", [
-    ("not_data", "data.class_path: loaders.not_data() returned str; give (X, y)"),
-    ("with_nan", "data.class_path: loaders.with_nan(): X holds NaN or infinite values"),
-    ("gone", "data.class_path: module loaders"),
-])
+@pytest.mark.parametrize(
+    "loader, expected",
+    [
+        ("not_data", "data.class_path: loaders.not_data() returned str; give (X, y)"),
+        ("with_nan", "data.class_path: loaders.with_nan(): X holds NaN or infinite values"),
+        ("gone", "data.class_path: module loaders"),
+    ],
+)
 def test_a_bad_loader_is_one_line_and_nothing_written(store, capsys, loader, expected):
     write(store, "loaders.py", LOADERS)
     write(store, "exp.yaml", f"task: multiclass\ndata: {{source: python, class_path: loaders.{loader}}}\n")
     assert_refused_before_writing(store, ["run", str(store / "exp.yaml")], expected, capsys)
 
 
-@pytest.mark.parametrize("name, task, shape, n_outputs", [
-    ("digits", "multiclass", (1, 8, 8), 10), ("iris", "multiclass", (4,), 3), ("wine", "multiclass", (13,), 3),
-    ("breast_cancer", "binary", (30,), 1), ("diabetes", "regression", (10,), 1)])
+@pytest.mark.parametrize(
+    "name, task, shape, n_outputs",
+    [
+        ("digits", "multiclass", (1, 8, 8), 10),
+        ("iris", "multiclass", (4,), 3),
+        ("wine", "multiclass", (13,), 3),
+        ("breast_cancer", "binary", (30,), 1),
+        ("diabetes", "regression", (10,), 1),
+    ],
+)
 def test_scikit_learns_bundled_sets_by_name(tmp_path, name, task, shape, n_outputs):
     path = write(tmp_path, "exp.yaml", f"data: {{source: sklearn, name: {name}, val_size: 0.2}}\n")
     config = load_experiment(path)
@@ -458,8 +569,9 @@ def test_scikit_learns_bundled_sets_by_name(tmp_path, name, task, shape, n_outpu
     assert len(dataset.x_val) == math.floor(len(bunch.target) * 0.2)
     raw = bunch.images[:, None] if name == "digits" else bunch.data
     together = torch.cat([dataset.x_train, dataset.x_val]).double()
-    assert sorted(together.sum(dim=tuple(range(1, together.dim()))).tolist()) == \
-        pytest.approx(sorted(raw.reshape(len(raw), -1).sum(1).tolist()), rel=1e-6, abs=1e-6)
+    assert sorted(together.sum(dim=tuple(range(1, together.dim()))).tolist()) == pytest.approx(
+        sorted(raw.reshape(len(raw), -1).sum(1).tolist()), rel=1e-6, abs=1e-6
+    )
 
 
 def test_the_objective_follows_both_engines_for_the_mlp(tmp_path):
@@ -468,15 +580,24 @@ def test_the_objective_follows_both_engines_for_the_mlp(tmp_path):
     from sweeplab.config import load_sweep
     from sweeplab.engines import Job, engine_named
 
-    write(tmp_path, "exp.yaml", """\
+    write(
+        tmp_path,
+        "exp.yaml",
+        """\
         task: multiclass
         data: {source: sklearn, name: iris, val_size: 0.3}
         model: {hidden: 8}
         train: {epochs: 25, lr: 0.01}
         objective: {metric: val_accuracy}
-        """)
-    sweep = load_sweep(write(tmp_path, "s.yaml", "study: s\nexperiment: exp.yaml\nspace:\n  lr: {choices: [0.003, "
-                                                 "0.01, 0.03]}\nengine: vectorized\n"))
+        """,
+    )
+    sweep = load_sweep(
+        write(
+            tmp_path,
+            "s.yaml",
+            "study: s\nexperiment: exp.yaml\nspace:\n  lr: {choices: [0.003, 0.01, 0.03]}\nengine: vectorized\n",
+        )
+    )
     configs = [sweep.config_for({"lr": lr}) for lr in (0.003, 0.01, 0.03)]
     reference = [Job(None, c) for c in configs]
     vectorized = [Job(None, c) for c in configs]

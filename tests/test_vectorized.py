@@ -25,9 +25,20 @@ def mixed_configs(n: int, epochs: int, seed: int = 0):
     for i in range(n):
         optimizer = ["Adam", "AdamW", "SGD", "RMSprop"][i % 4]
         lr = 10 ** rng.uniform(-3, -1.3) if optimizer != "SGD" else 10 ** rng.uniform(-2.5, -1)
-        configs.append(load_experiment(LAB, {"optimizer": optimizer, "lr": lr, "hidden": [4, 16, 64][i % 3],
-                                             "noise": [0.3, 1.0][(i // 3) % 2], "epochs": epochs,
-                                             "seed": 42 + i % 2, "momentum": 0.5 if i % 8 == 2 else 0.0}))
+        configs.append(
+            load_experiment(
+                LAB,
+                {
+                    "optimizer": optimizer,
+                    "lr": lr,
+                    "hidden": [4, 16, 64][i % 3],
+                    "noise": [0.3, 1.0][(i // 3) % 2],
+                    "epochs": epochs,
+                    "seed": 42 + i % 2,
+                    "momentum": 0.5 if i % 8 == 2 else 0.0,
+                },
+            )
+        )
     return configs
 
 
@@ -51,9 +62,12 @@ def test_each_member_agrees_with_the_reference_loop():
 def test_classification_members_keep_the_reference_metrics_and_confusion_at_their_best_epoch(task):
     """Metrics per epoch, the best epoch's metrics and its confusion matrix: the stacked computation against the
     reference loop's per-run one (classification_metrics on one model's logits)."""
-    configs = [load_experiment(LAB, {"task": task, "optimizer": optimizer, "lr": lr, "hidden": hidden, "epochs": 30,
-                                     "n_classes": 4})
-               for optimizer, lr, hidden in [("Adam", 0.05, 16), ("SGD", 0.3, 4), ("RMSprop", 0.01, 8)]]
+    configs = [
+        load_experiment(
+            LAB, {"task": task, "optimizer": optimizer, "lr": lr, "hidden": hidden, "epochs": 30, "n_classes": 4}
+        )
+        for optimizer, lr, hidden in [("Adam", 0.05, 16), ("SGD", 0.3, 4), ("RMSprop", 0.01, 8)]
+    ]
     members = [prepare_member(i, c) for i, c in enumerate(configs)]
     train_group(members)
     assert min(m.history.best_epoch for m in members) < 30  # a best epoch before the last one is among them
@@ -67,8 +81,9 @@ def test_classification_members_keep_the_reference_metrics_and_confusion_at_thei
         assert ours.best_metrics == pytest.approx(reference.best_metrics, abs=1 / 48 + 1e-9)
         assert sum(map(sum, ours.confusion_matrix)) == 48  # the validation set, counted once
         assert len(ours.confusion_matrix) == (2 if task == "binary" else 4)
-        differing = sum(abs(a - b) for row, ref in zip(ours.confusion_matrix, reference.confusion_matrix)
-                        for a, b in zip(row, ref))
+        differing = sum(
+            abs(a - b) for row, ref in zip(ours.confusion_matrix, reference.confusion_matrix) for a, b in zip(row, ref)
+        )
         assert differing <= 2  # at most one sample on the other side of a decision boundary
 
 
@@ -104,16 +119,22 @@ def run_sweep_here(tmp_path, monkeypatch, study: str, text: str, *args: str) -> 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "s.yaml").write_text(text)
     assert main(["sweep", str(tmp_path / "s.yaml"), *args, "--quiet", "--no-report"]) == 0
-    return optuna.load_study(study_name=study, storage=optuna.storages.JournalStorage(
-        JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    return optuna.load_study(
+        study_name=study, storage=optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    )
 
 
 def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, monkeypatch, capsys):
-    study = run_sweep_here(tmp_path, monkeypatch, "vec", f"study: vec\nexperiment: {LAB}\nspace:\n"
-                           "  optimizer: {choices: [Adam, SGD, RMSprop]}\n"
-                           "  lr: {low: 0.005, high: 0.05, log: true}\n  hidden: {choices: [8, 32]}\n"
-                           "sampler: {type: random, seed: 1}\nengine: vectorized\nbatch_trials: 5\nn_trials: 12\n",
-                           "epochs=15")
+    study = run_sweep_here(
+        tmp_path,
+        monkeypatch,
+        "vec",
+        f"study: vec\nexperiment: {LAB}\nspace:\n"
+        "  optimizer: {choices: [Adam, SGD, RMSprop]}\n"
+        "  lr: {low: 0.005, high: 0.05, log: true}\n  hidden: {choices: [8, 32]}\n"
+        "sampler: {type: random, seed: 1}\nengine: vectorized\nbatch_trials: 5\nn_trials: 12\n",
+        "epochs=15",
+    )
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(done) == 12 == len(study.trials)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -126,7 +147,8 @@ def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, mon
         assert len(val) == 15 and run.data.metrics["best_val_loss"] == min(val) == trial.value
         assert run.data.metrics["best_epoch"] == val.index(min(val)) + 1
         assert {"checkpoint/best.pt", "checkpoint/model_spec.json", "checkpoint/config.json"} <= {
-            a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+            a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")
+        }
         # the logged checkpoint rebuilds the member's model, which reproduces its best_val_loss
         from sweeplab.data import make_dataset
         from sweeplab.loop import TensorBatches, evaluate

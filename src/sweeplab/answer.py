@@ -19,9 +19,14 @@ from .tracking import condition_label, value_text
 
 NEAR_BEST = 0.10  # "close to the best": a loss within 10% of the condition's best (an accuracy: its error rate)
 OUTCOMES = ("completed", "pruned", "diverged", "failed", "killed")
-LABELS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy", "val_f1": "validation F1",
-          "val_macro_f1": "validation macro-F1", "val_precision": "validation precision",
-          "val_recall": "validation recall"}
+LABELS = {
+    "val_loss": "validation loss",
+    "val_accuracy": "validation accuracy",
+    "val_f1": "validation F1",
+    "val_macro_f1": "validation macro-F1",
+    "val_precision": "validation precision",
+    "val_recall": "validation recall",
+}
 
 
 @dataclass(frozen=True)
@@ -85,13 +90,19 @@ class ConditionAnswer:
         where = f"{self.label}: " if self.condition else ""
         if self.best is None:
             return f"{where}no trial completed ({_counts_text(self.counts)})."
-        setting = ", ".join(f"{f} {value_text(self.best['params'].get(f))}" for f in factors
-                            if f in self.best["params"])
+        setting = ", ".join(
+            f"{f} {value_text(self.best['params'].get(f))}" for f in factors if f in self.best["params"]
+        )
         value = self.best.get(goal.column, self.best.get("best_val_loss"))
-        text = (f"{where}best is {setting}: {goal.label} {value:.4g} "
-                f"(trial #{self.best['trial']}, epoch {self.best['best_epoch']}).")
-        spread = "; ".join(f"any {f}" if f in self.any_value else f"{f} {_range_text(values)}"
-                           for f, values in self.near.items() if values)
+        text = (
+            f"{where}best is {setting}: {goal.label} {value:.4g} "
+            f"(trial #{self.best['trial']}, epoch {self.best['best_epoch']})."
+        )
+        spread = "; ".join(
+            f"any {f}" if f in self.any_value else f"{f} {_range_text(values)}"
+            for f, values in self.near.items()
+            if values
+        )
         if self.n_near > 1 and spread:
             text += f" Within {NEAR_BEST:.0%} of it ({self.n_near} trials): {spread}."
         if self.important:
@@ -100,9 +111,13 @@ class ConditionAnswer:
         return f"{text} {_counts_text(self.counts).capitalize()}."
 
     def to_json(self) -> dict:
-        return {"condition": self.condition, "best": self.best, "near_best": {"within": NEAR_BEST, "trials": self.n_near,
-                                                                                "values": self.near},
-                "importance": dict(self.important), "trials": self.counts}
+        return {
+            "condition": self.condition,
+            "best": self.best,
+            "near_best": {"within": NEAR_BEST, "trials": self.n_near, "values": self.near},
+            "importance": dict(self.important),
+            "trials": self.counts,
+        }
 
 
 def _range_text(values: list) -> str:
@@ -132,8 +147,9 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def answer_for(condition: dict, trials: pd.DataFrame, factors: list[str], importances: pd.Series,
-               goal: Goal = DEFAULT_GOAL) -> ConditionAnswer:
+def answer_for(
+    condition: dict, trials: pd.DataFrame, factors: list[str], importances: pd.Series, goal: Goal = DEFAULT_GOAL
+) -> ConditionAnswer:
     counts = {state: int((trials["state"] == state).sum()) for state in OUTCOMES}
     done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
     if done.empty:
@@ -143,15 +159,30 @@ def answer_for(condition: dict, trials: pd.DataFrame, factors: list[str], import
     best_value = float(best_row[goal.column])
     near = done[goal.near(values, best_value)]
     params = {f: _plain(best_row[f]) for f in factors if f in done.columns and not _missing(best_row[f])}
-    best = {"trial": int(best_row["trial"]), "run_id": best_row["run_id"], "params": params,
-            "best_val_loss": float(best_row["best_val_loss"]), "best_epoch": int(best_row["best_epoch"])}
+    best = {
+        "trial": int(best_row["trial"]),
+        "run_id": best_row["run_id"],
+        "params": params,
+        "best_val_loss": float(best_row["best_val_loss"]),
+        "best_epoch": int(best_row["best_epoch"]),
+    }
     best[goal.column] = best_value
-    spread = {f: sorted({_plain(v) for v in near[f].dropna()}, key=lambda v: (isinstance(v, str), v))
-              for f in factors if f in near.columns}
+    spread = {
+        f: sorted({_plain(v) for v in near[f].dropna()}, key=lambda v: (isinstance(v, str), v))
+        for f in factors
+        if f in near.columns
+    }
     every = {f: {_plain(v) for v in trials[f].dropna()} for f in spread}
     important = [(str(k), float(v)) for k, v in importances.sort_values(ascending=False).items()]
-    return ConditionAnswer(condition, counts, best, spread, len(near), important,
-                           any_value=[f for f in spread if len(every[f]) > 1 and set(spread[f]) == every[f]])
+    return ConditionAnswer(
+        condition,
+        counts,
+        best,
+        spread,
+        len(near),
+        important,
+        any_value=[f for f in spread if len(every[f]) > 1 and set(spread[f]) == every[f]],
+    )
 
 
 def _missing(value) -> bool:

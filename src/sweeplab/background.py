@@ -31,8 +31,9 @@ class Forked:
     def __init__(self, warm: Callable[[], None]):
         context = multiprocessing.get_context("fork")
         self._conn, theirs = context.Pipe()
-        self._process = context.Process(target=_serve, args=(theirs, self._conn, warm), daemon=True,
-                                        name="sweeplab-background")
+        self._process = context.Process(
+            target=_serve, args=(theirs, self._conn, warm), daemon=True, name="sweeplab-background"
+        )
         self._process.start()
         theirs.close()
 

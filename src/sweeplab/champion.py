@@ -60,14 +60,28 @@ def download_checkpoint(tracker: Tracker, run_id: str, dest: Path) -> Path:
     return Path(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", str(dest)))
 
 
-def register_champion(tracker: Tracker, best, name: str, experiment_id: str, alias: str = ALIAS,
-                      condition: dict | None = None, column: str = "best_val_loss") -> Champion:
+def register_champion(
+    tracker: Tracker,
+    best,
+    name: str,
+    experiment_id: str,
+    alias: str = ALIAS,
+    condition: dict | None = None,
+    column: str = "best_val_loss",
+) -> Champion:
     """Log and register the best completed trial's model (`best`, a ledger.TrialSummary, whose value is the
     objective's `column`) under `alias` (one per condition of a sweep that has them), unless it already is that
     alias's model."""
     run_id = best.run_id
-    found = dict(name=name, alias=alias, trial=best.number, run_id=run_id, column=column, value=best.value,
-                 condition=dict(condition or {}))
+    found = dict(
+        name=name,
+        alias=alias,
+        trial=best.number,
+        run_id=run_id,
+        column=column,
+        value=best.value,
+        condition=dict(condition or {}),
+    )
     # two sweeps of one study ending at once register it once (through a tracking server there is nothing to lock:
     # they may then register one run twice)
     with store_lock(tracker.tracking_uri, f"champion {name}"):
@@ -75,19 +89,32 @@ def register_champion(tracker: Tracker, best, name: str, experiment_id: str, ali
         if current is not None and current.tags.get(TAG_CHAMPION_RUN) == run_id:
             return Champion(**found, version=current.version, new=False)
         where = "".join(f", {key}={value}" for key, value in (condition or {}).items())
-        version = register_run_model(tracker, run_id, name, experiment_id, alias,
-                                     description=f"trial #{best.number} of study {name!r}{where}: {column} "
-                                                 f"{best.value:.6g} (run {run_id})",
-                                     tags={"sweeplab.trial_number": str(best.number),
-                                           column: repr(best.value),
-                                           **{f"sweeplab.condition.{k}": str(v)
-                                              for k, v in (condition or {}).items()}})
+        version = register_run_model(
+            tracker,
+            run_id,
+            name,
+            experiment_id,
+            alias,
+            description=f"trial #{best.number} of study {name!r}{where}: {column} {best.value:.6g} (run {run_id})",
+            tags={
+                "sweeplab.trial_number": str(best.number),
+                column: repr(best.value),
+                **{f"sweeplab.condition.{k}": str(v) for k, v in (condition or {}).items()},
+            },
+        )
         tracker.client.set_registered_model_alias(name, alias, version.version)
     return Champion(**found, version=version.version, new=True)
 
 
-def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: str, model_name: str,
-                       description: str = "", tags: dict[str, str] | None = None):
+def register_run_model(
+    tracker: Tracker,
+    run_id: str,
+    name: str,
+    experiment_id: str,
+    model_name: str,
+    description: str = "",
+    tags: dict[str, str] | None = None,
+):
     """Log the run's best checkpoint as an MLflow model of that run, and register it as a new version of `name`."""
     client = tracker.client
     export_failed = None
@@ -96,16 +123,19 @@ def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: 
         config = json.loads(Path(client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/config.json", tmp)).read_text())
         example = _example_batch(tracker, run_id, Path(tmp), spec, config.get("predict_x") or [])
         _remove_unfinished(tracker, experiment_id, run_id)
-        logged = client.create_logged_model(experiment_id, name=model_name, source_run_id=run_id,
-                                            tags={TAG_CHAMPION_RUN: run_id})
+        logged = client.create_logged_model(
+            experiment_id, name=model_name, source_run_id=run_id, tags={TAG_CHAMPION_RUN: run_id}
+        )
         try:
             local = Path(tmp) / "model"
             try:
                 save_pyfunc_model(model, spec, example, local, logged, run_id)
             except ExportError as exc:  # the checkpoint model instead, which `sweeplab predict` serves
                 export_failed = str(exc)
-                print(f"sweeplab: {export_failed}; registered the checkpoint (sweeplab predict serves it)",
-                      file=sys.stderr)
+                print(
+                    f"sweeplab: {export_failed}; registered the checkpoint (sweeplab predict serves it)",
+                    file=sys.stderr,
+                )
                 save_checkpoint_model(tracker, run_id, local)
             client.log_model_artifacts(logged.model_id, str(local))
         except BaseException:
@@ -120,11 +150,19 @@ def register_run_model(tracker: Tracker, run_id: str, name: str, experiment_id: 
             pass
     # The source is the model's own artifact location: a `models:/m-...` source would make the registry look the
     # model up through the default tracking URI (MLflow 3.17's SQL registry uses a fresh MlflowClient()).
-    version = client.create_model_version(name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
-                                          description=description,
-                                          tags={TAG_CHAMPION_RUN: run_id, **(tags or {}),
-                                                "sweeplab.model_spec": spec_tag(spec),
-                                                **({"sweeplab.export": export_failed} if export_failed else {})})
+    version = client.create_model_version(
+        name,
+        logged.artifact_location,
+        run_id=run_id,
+        model_id=logged.model_id,
+        description=description,
+        tags={
+            TAG_CHAMPION_RUN: run_id,
+            **(tags or {}),
+            "sweeplab.model_spec": spec_tag(spec),
+            **({"sweeplab.export": export_failed} if export_failed else {}),
+        },
+    )
     # what the fluent mlflow.register_model does too: the logged model's page then names its registered versions
     listed = json.loads(client.get_logged_model(logged.model_id).tags.get("mlflow.modelVersions") or "[]")
     listed.append({"name": name, "version": version.version})
@@ -162,8 +200,11 @@ def _example_batch(tracker: Tracker, run_id: str, tmp: Path, spec, predict_x: li
     try:
         path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/example.pt", str(tmp))
         example = torch.load(path, weights_only=True)
-        if isinstance(example, torch.Tensor) and tuple(example.shape[1:]) == tuple(spec.sample_shape) \
-                and example.shape[0] >= 2:
+        if (
+            isinstance(example, torch.Tensor)
+            and tuple(example.shape[1:]) == tuple(spec.sample_shape)
+            and example.shape[0] >= 2
+        ):
             return example.float()
     except Exception:  # no example logged
         pass
@@ -178,8 +219,9 @@ def save_checkpoint_model(tracker: Tracker, run_id: str, path: Path) -> None:
     models:/NAME@ALIAS` loads, with the user's class, when the model could not be exported."""
     path.mkdir(parents=True)
     for name in ("best.pt", "model_spec.json", "config.json"):
-        shutil.copy(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/{name}", str(path.parent)),
-                    path / name)
+        shutil.copy(
+            tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/{name}", str(path.parent)), path / name
+        )
 
 
 def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> None:
@@ -198,42 +240,71 @@ def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> 
     classes = [] if spec.task == "regression" else list(range(2 if spec.task == "binary" else spec.out_features))
     with tempfile.TemporaryDirectory(prefix="sweeplab-export-") as tmp:
         try:
-            program = torch.export.export(model.cpu().eval(), (example,),
-                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            program = torch.export.export(
+                model.cpu().eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+            )
             torch.export.save(program, f"{tmp}/program.pt2")
         except Exception as exc:  # data-dependent control flow, an untraceable op, a batch size fixed inside
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ExportError(f"torch.export cannot trace {spec.name}: {type(exc).__name__}: {first}") from None
-        meta = {"task": spec.task, "feature_names": names, "input_shape": shape, "classes": classes,
-                "model": spec.name,
-                "outputs": "values" if spec.task == "regression" else "labels, or probabilities per class"}
+        meta = {
+            "task": spec.task,
+            "feature_names": names,
+            "input_shape": shape,
+            "classes": classes,
+            "model": spec.name,
+            "outputs": "values" if spec.task == "regression" else "labels, or probabilities per class",
+        }
         Path(f"{tmp}/model.json").write_text(json.dumps(meta, indent=2))
         if spec.task == "regression":
-            outputs = Schema([ColSpec("double", name) for name in
-                              (["prediction"] if spec.out_features == 1 else
-                               [f"prediction_{i}" for i in range(spec.out_features)])])
+            outputs = Schema(
+                [
+                    ColSpec("double", name)
+                    for name in (
+                        ["prediction"]
+                        if spec.out_features == 1
+                        else [f"prediction_{i}" for i in range(spec.out_features)]
+                    )
+                ]
+            )
             signature = ModelSignature(outputs=outputs)
         else:
-            signature = ModelSignature(outputs=Schema([ColSpec("long", "label")]),
-                                       params=ParamSchema([ParamSpec("output", "string", "label")]))
+            signature = ModelSignature(
+                outputs=Schema([ColSpec("long", "label")]), params=ParamSchema([ParamSpec("output", "string", "label")])
+            )
         images = len(shape) > 1
         if images:  # images: a tensor of the data's true shape (float64, so float32 and integer arrays cast safely)
             signature.inputs = Schema([TensorSpec(np.dtype("float64"), (-1, *shape))])
-        rows_example = example.double().numpy() if images else \
-            pd.DataFrame(example.reshape(example.shape[0], -1).double().numpy(), columns=names)
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                        f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+        rows_example = (
+            example.double().numpy()
+            if images
+            else pd.DataFrame(example.reshape(example.shape[0], -1).double().numpy(), columns=names)
+        )
+        requirements = [
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}",
+            f"numpy=={np.__version__}",
+            f"pandas=={pd.__version__}",
+        ]
         quiet = logging.getLogger("mlflow.pyfunc")  # "Validating input example against model signature"
         level = quiet.level
         quiet.setLevel(logging.WARNING)
         try:
             mlflow.pyfunc.save_model(
-                str(path), python_model=pyfunc_model.__file__,
+                str(path),
+                python_model=pyfunc_model.__file__,
                 artifacts={"program": f"{tmp}/program.pt2", "model": f"{tmp}/model.json"},
-                signature=signature, input_example=rows_example,
-                pip_requirements=requirements, metadata=meta,
-                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
-                                   model_uuid=logged.model_id, model_id=logged.model_id))
+                signature=signature,
+                input_example=rows_example,
+                pip_requirements=requirements,
+                metadata=meta,
+                mlflow_model=Model(
+                    artifact_path=logged.artifact_location,
+                    run_id=run_id,
+                    model_uuid=logged.model_id,
+                    model_id=logged.model_id,
+                ),
+            )
         finally:
             quiet.setLevel(level)
 

@@ -86,12 +86,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
-
-
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from .engines import settle
     from .experiment import check_sweep
@@ -120,11 +114,15 @@ def _sweep(args: argparse.Namespace) -> int:
 
                 background.submit(report_for_sweep, spec.study, tracking_uri, out)
 
-        bar = Progress(spec.study, enabled=not args.quiet,
-                       header=f"engine: {spec.engine} ({sweep.engine_reason})" if sweep.engine_reason else "")
+        bar = Progress(
+            spec.study,
+            enabled=not args.quiet,
+            header=f"engine: {spec.engine} ({sweep.engine_reason})" if sweep.engine_reason else "",
+        )
         try:
-            outcome = run_sweep(sweep, tracking_uri, storage_url, workers=spec.workers, progress=bar.update,
-                                trials_done=trials_done)
+            outcome = run_sweep(
+                sweep, tracking_uri, storage_url, workers=spec.workers, progress=bar.update, trials_done=trials_done
+            )
         finally:
             bar.close()
     except BaseException:
@@ -149,12 +147,6 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
-
-
-
-
 def _warm_report(tracking_uri: str | None) -> None:
     """In the sweep's background process, while the trials train: the process settings, a report's imports and
     its first-use costs."""
@@ -164,14 +156,6 @@ def _warm_report(tracking_uri: str | None) -> None:
 
     import_store_modules(resolve_tracking_uri(tracking_uri))
     warm_up()
-
-
-
-
-
-
-
-
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -210,8 +194,10 @@ def existing_store(cli_value: str | None) -> str:
     uri = resolve_tracking_uri(cli_value)
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
-        raise UsageError(f"--tracking-uri {display_uri(uri)}: no MLflow store there (a sweep or a tracked run "
-                         "makes one; give --tracking-uri or $MLFLOW_TRACKING_URI to read another)")
+        raise UsageError(
+            f"--tracking-uri {display_uri(uri)}: no MLflow store there (a sweep or a tracked run "
+            "makes one; give --tracking-uri or $MLFLOW_TRACKING_URI to read another)"
+        )
     return uri
 
 
@@ -234,8 +220,10 @@ def _report(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), default=str))
         return 0
     print(terminal_tables(report))
-    print(f"\nreport: {out / 'report.html'} (CSV, PNG and summary.md beside it"
-          + (", also logged to the sweep's MLflow run)" if report.data.parent_run_id else ")"))
+    print(
+        f"\nreport: {out / 'report.html'} (CSV, PNG and summary.md beside it"
+        + (", also logged to the sweep's MLflow run)" if report.data.parent_run_id else ")")
+    )
     return 0
 
 
@@ -248,7 +236,9 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         resolve_device(args.device)
     except (ConfigError, RuntimeError):  # RuntimeError: a name torch does not know
-        raise UsageError(f"--device {args.device}: not a device here (cpu, cuda, cuda:N or mps where present)") from None
+        raise UsageError(
+            f"--device {args.device}: not a device here (cpu, cuda, cuda:N or mps where present)"
+        ) from None
     sources = [name for name, given in (("--x", args.x), ("INPUT", args.input)) if given]
     if len(sources) > 1:
         raise UsageError("give the input once: --x rows, a CSV file, or - for JSON on stdin")
@@ -264,17 +254,24 @@ def _predict(args: argparse.Namespace) -> int:
         elif spec.in_features == 2:
             rows = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]]  # the seed's three test points
         else:
-            raise UsageError(f"{args.model}: give the input: --x V1,V2,... ({spec.in_features} values a row), a "
-                             "CSV file of its feature columns, or - for JSON rows on stdin")
+            raise UsageError(
+                f"{args.model}: give the input: --x V1,V2,... ({spec.in_features} values a row), a "
+                "CSV file of its feature columns, or - for JSON rows on stdin"
+            )
         results = predict_rows(model, spec, rows)
     except (ModelNotFound, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if extra:
-        print(f"note: ignoring column(s) {', '.join(extra)} (the model takes {', '.join(spec.feature_names)})",
-              file=sys.stderr)
+        print(
+            f"note: ignoring column(s) {', '.join(extra)} (the model takes {', '.join(spec.feature_names)})",
+            file=sys.stderr,
+        )
     if args.json:
-        print(json.dumps({"model": found, "task": spec.task, "features": list(spec.feature_names),
-                          "predictions": results}))
+        print(
+            json.dumps(
+                {"model": found, "task": spec.task, "features": list(spec.feature_names), "predictions": results}
+            )
+        )
         return 0
     print(f"model: {found}", file=sys.stderr)
     for i, item in enumerate(results):
@@ -298,8 +295,9 @@ def _ui(args: argparse.Namespace) -> int:
 
         Tracker(uri).check_reachable()  # one line now, not a server retrying in the background
     if not _port_free(args.host, args.port):  # else a server already there (another store's UI) would answer for us
-        raise UsageError(f"--port {args.port}: already in use on {args.host} (another MLflow UI?); try --port "
-                         f"{args.port + 1}")
+        raise UsageError(
+            f"--port {args.port}: already in use on {args.host} (another MLflow UI?); try --port {args.port + 1}"
+        )
     _warn_if_public(args.host)
     print(f"starting the MLflow UI over {display_uri(uri)} ...", file=sys.stderr, flush=True)
 
@@ -309,8 +307,11 @@ def _ui(args: argparse.Namespace) -> int:
     try:
         while not answers(f"{base}/health"):
             if process.poll() is not None:
-                print(f"sweeplab: error: the MLflow UI did not start (exit code {process.returncode}; is port "
-                      f"{args.port} taken? try --port)", file=sys.stderr)
+                print(
+                    f"sweeplab: error: the MLflow UI did not start (exit code {process.returncode}; is port "
+                    f"{args.port} taken? try --port)",
+                    file=sys.stderr,
+                )
                 return 1
             stop_flag.wait(0.25)
         link = runs_link(base, experiment_id) if experiment_id else base
@@ -351,8 +352,7 @@ def _experiment_id_of(study: str, tracking_uri: str) -> str:
 
 def _warn_if_public(host: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {host}: anyone who can reach this port can read and write runs",
-              file=sys.stderr)
+        print(f"note: listening on {host}: anyone who can reach this port can read and write runs", file=sys.stderr)
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -361,60 +361,113 @@ def _server(args: argparse.Namespace) -> int:
     artifacts = os.path.abspath(args.artifacts_destination)
 
     if has_secret(backend):
-        raise UsageError("--backend-store-uri: leave the password out of the URI; PostgreSQL reads it from "
-                         "$PGPASSWORD or ~/.pgpass")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
-               "--artifacts-destination", artifacts, "--host", args.host, "--port", str(args.port),
-               "--workers", str(args.workers)]
-    print(f"MLflow tracking server on http://{args.host}:{args.port}: runs in {redact(backend)}, artifacts in "
-          f"{artifacts} (Ctrl-C stops it)", flush=True)
+        raise UsageError(
+            "--backend-store-uri: leave the password out of the URI; PostgreSQL reads it from $PGPASSWORD or ~/.pgpass"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        str(args.workers),
+    ]
+    print(
+        f"MLflow tracking server on http://{args.host}:{args.port}: runs in {redact(backend)}, artifacts in "
+        f"{artifacts} (Ctrl-C stops it)",
+        flush=True,
+    )
     _warn_if_public(args.host)
     os.execv(sys.executable, command)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sweeplab", description="Optuna sweeps over a PyTorch loop, tracked in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="sweeplab", description="Optuna sweeps over a PyTorch loop, tracked in MLflow."
+    )
     parser.add_argument("--version", action="version", version=f"sweeplab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="train one experiment (experiments/*.yaml)")
     run.add_argument("experiment", help="experiment YAML file")
-    run.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="override fields: optimizer=SGD lr=0.05 hidden=32 noise=1.0 epochs=20 ... or data.val_size=0.2")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override fields: optimizer=SGD lr=0.05 hidden=32 noise=1.0 epochs=20 ... or data.val_size=0.2",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object with the curves and results")
-    run.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
-                     help="log the run to MLflow like a sweep trial (default: on; --no-track skips MLflow entirely)")
-    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    run.add_argument(
+        "--track",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log the run to MLflow like a sweep trial (default: on; --no-track skips MLflow entirely)",
+    )
+    run.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     run.set_defaults(func=_run)
 
     def store_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-        p.add_argument("--storage", default=None,
-                       help="Optuna storage: a journal file path, or an RDB URL such as postgresql+psycopg://USER@HOST/DB "
-                            "(default: $SWEEPLAB_STORAGE, else optuna.journal beside the MLflow database)")
+        p.add_argument(
+            "--tracking-uri",
+            default=None,
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        )
+        p.add_argument(
+            "--storage",
+            default=None,
+            help="Optuna storage: a journal file path, or an RDB URL such as postgresql+psycopg://USER@HOST/DB "
+            "(default: $SWEEPLAB_STORAGE, else optuna.journal beside the MLflow database)",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress output")
 
     sweep = sub.add_parser("sweep", help="run a sweep (sweeps/*.yaml); re-running resumes it")
     sweep.add_argument("sweep", help="sweep YAML file")
-    sweep.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="n_trials=N workers=N study=NAME sampler=random pruner=none, or any experiment key (epochs=20)")
+    sweep.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="n_trials=N workers=N study=NAME sampler=random pruner=none, or any experiment key (epochs=20)",
+    )
     store_options(sweep)
-    sweep.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                       help="write the report (reports/STUDY/) at the end (default: on)")
+    sweep.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the report (reports/STUDY/) at the end (default: on)",
+    )
     sweep.set_defaults(func=_sweep)
 
     report = sub.add_parser("report", help="tables and pictures comparing how a sweep's trials converged")
     report.add_argument("study", metavar="SWEEP_OR_STUDY", help="a sweep file or a study name")
     report.add_argument("--tracking-uri", default=None)
     report.add_argument("--out", default=None, help="output folder (default: reports/STUDY/)")
-    report.add_argument("--ui-url", default=None, help="the MLflow UI the report's run links open (default: "
-                                                       "$SWEEPLAB_UI_URL, else http://127.0.0.1:5000, where "
-                                                       "`sweeplab ui` listens by default)")
-    report.add_argument("--json", action="store_true",
-                        help="print the answer as JSON: per condition, the best run (id, params, best_val_loss), "
-                             "the settings close to it, factor importances and trial counts")
+    report.add_argument(
+        "--ui-url",
+        default=None,
+        help="the MLflow UI the report's run links open (default: "
+        "$SWEEPLAB_UI_URL, else http://127.0.0.1:5000, where "
+        "`sweeplab ui` listens by default)",
+    )
+    report.add_argument(
+        "--json",
+        action="store_true",
+        help="print the answer as JSON: per condition, the best run (id, params, best_val_loss), "
+        "the settings close to it, factor importances and trial counts",
+    )
     report.set_defaults(func=_report)
 
     worker = sub.add_parser("worker", help="join a sweep's study as one more worker (any machine)")
@@ -426,10 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_worker)
 
     predict = sub.add_parser("predict", help="predict with a logged model (run id, study name, models:/ URI)")
-    predict.add_argument("model", help="an MLflow run id, a sweep/study name (its best trial), a sweep file, "
-                                       "or models:/NAME@ALIAS, models:/NAME/VERSION")
-    predict.add_argument("input", nargs="?", help="a CSV file of feature columns, or - for JSON rows on stdin "
-                                                  "(default: the seed's three test points)")
+    predict.add_argument(
+        "model",
+        help="an MLflow run id, a sweep/study name (its best trial), a sweep file, "
+        "or models:/NAME@ALIAS, models:/NAME/VERSION",
+    )
+    predict.add_argument(
+        "input",
+        nargs="?",
+        help="a CSV file of feature columns, or - for JSON rows on stdin (default: the seed's three test points)",
+    )
     predict.add_argument("--x", action="append", metavar="V1,V2", help="one input row; repeat for more")
     predict.add_argument("--tracking-uri", default=None)
     predict.add_argument("--device", default="cpu", help="where to load the weights (default cpu)")
@@ -437,10 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
 
     server = sub.add_parser("server", help="an MLflow tracking server for workers on many machines")
-    server.add_argument("--backend-store-uri", default=None,
-                        help="runs database: postgresql+psycopg://USER@HOST/DB (password from $PGPASSWORD or "
-                             "~/.pgpass) or sqlite:///FILE (default: $SWEEPLAB_BACKEND_STORE_URI, else "
-                             "sqlite:///mlflow-server.db)")
+    server.add_argument(
+        "--backend-store-uri",
+        default=None,
+        help="runs database: postgresql+psycopg://USER@HOST/DB (password from $PGPASSWORD or "
+        "~/.pgpass) or sqlite:///FILE (default: $SWEEPLAB_BACKEND_STORE_URI, else "
+        "sqlite:///mlflow-server.db)",
+    )
     server.add_argument("--artifacts-destination", default="mlartifacts", help="where served artifacts are kept")
     server.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for a cluster)")
     server.add_argument("--port", type=int, default=5000)
@@ -448,8 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.set_defaults(func=_server)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the tracking store")
-    ui.add_argument("study", nargs="?", metavar="SWEEP_OR_STUDY",
-                    help="print the link to this study's runs, best first (a sweep file or a study name)")
+    ui.add_argument(
+        "study",
+        nargs="?",
+        metavar="SWEEP_OR_STUDY",
+        help="print the link to this study's runs, best first (a sweep file or a study name)",
+    )
     ui.add_argument("--tracking-uri", default=None)
     ui.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -461,8 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(_values_of_x(sys.argv[1:] if argv is None else list(argv)))
-    if getattr(args, "command", None) == "predict" and args.input is None and len(extra) == 1 \
-            and (extra[0] == "-" or not extra[0].startswith("-")) and "=" not in extra[0]:
+    if (
+        getattr(args, "command", None) == "predict"
+        and args.input is None
+        and len(extra) == 1
+        and (extra[0] == "-" or not extra[0].startswith("-"))
+        and "=" not in extra[0]
+    ):
         args.input, extra = extra[0], []  # the printed predict line with an input file appended after its options
     # `run EXP --json epochs=20`: key=value pairs may come after options too
     strays = [item for item in extra if "=" not in item or item.startswith("-")]
@@ -479,8 +550,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sweeplab: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = " (the trial in flight is recorded as failed; run the same command again to resume)" \
-            if args.command in ("sweep", "worker") else ""
+        again = (
+            " (the trial in flight is recorded as failed; run the same command again to resume)"
+            if args.command in ("sweep", "worker")
+            else ""
+        )
         print(f"sweeplab: interrupted{again}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `sweeplab run ... | head`: the reader left; say nothing more

@@ -53,12 +53,19 @@ MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights, before the optimizer'
 MAX_EPOCHS = 1_000_000
 SEED_POINTS = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]]  # the seed's three test points
 IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"  # module.name (module may be dotted)
-SKLEARN_TASKS = {"digits": "multiclass", "iris": "multiclass", "wine": "multiclass", "breast_cancer": "binary",
-                 "diabetes": "regression"}
+SKLEARN_TASKS = {
+    "digits": "multiclass",
+    "iris": "multiclass",
+    "wine": "multiclass",
+    "breast_cancer": "binary",
+    "diabetes": "regression",
+}
 # The validation metrics each task logs per epoch: what an objective can be
-METRICS = {"regression": ("val_loss",),
-           "binary": ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"),
-           "multiclass": ("val_loss", "val_accuracy", "val_macro_f1")}
+METRICS = {
+    "regression": ("val_loss",),
+    "binary": ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"),
+    "multiclass": ("val_loss", "val_accuracy", "val_macro_f1"),
+}
 
 
 def _import_path(value: str | None, example: str) -> str | None:
@@ -69,6 +76,7 @@ def _import_path(value: str | None, example: str) -> str | None:
 
 def _plain_args(value: dict[str, Any]) -> dict[str, Any]:
     """init_args are stored as JSON beside the weights: plain values only (numbers, text, lists, maps)."""
+
     def plain(item: Any) -> bool:
         if isinstance(item, dict):
             return all(isinstance(k, str) and plain(v) for k, v in item.items())
@@ -131,13 +139,18 @@ class DataConfig(_Frozen):
     features: list[str] | None = Field(None, description="csv only: feature columns (default: all but target)")
     target: str | None = Field(None, description="csv only: the target column")
     name: Literal["digits", "iris", "wine", "breast_cancer", "diabetes"] | None = Field(
-        None, description="sklearn only: which bundled data set")
+        None, description="sklearn only: which bundled data set"
+    )
     class_path: LoaderPath = Field(None, description="python only: module.function (or class)")
     init_args: InitArgs = Field(default_factory=dict, description="python only: keyword arguments of the loader")
     val_size: Union[int, float] = Field(48, gt=0, description="validation samples, or a fraction < 1")
     split_seed: int = Field(42, **SEED)
-    train_fraction: float = Field(1.0, gt=0, le=1, description=(
-        "share of the training split kept (the first of its shuffled order): a condition of the data"))
+    train_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=("share of the training split kept (the first of its shuffled order): a condition of the data"),
+    )
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataConfig":
@@ -147,8 +160,10 @@ class DataConfig(_Frozen):
         if self.source == "sklearn" and self.name is None:
             raise ValueError("name: required when source is sklearn (digits, iris, wine, breast_cancer or diabetes)")
         if self.source == "python" and self.class_path is None:
-            raise ValueError("class_path: required when source is python (module.function, found beside the "
-                             "experiment file or on sys.path)")
+            raise ValueError(
+                "class_path: required when source is python (module.function, found beside the "
+                "experiment file or on sys.path)"
+            )
         given = {"name": "sklearn", "class_path": "python", "path": "csv", "target": "csv", "features": "csv"}
         for key, source in given.items():
             if key in self.model_fields_set and getattr(self, key) is not None and self.source != source:
@@ -230,8 +245,9 @@ class ExperimentConfig(_Frozen):
     train: TrainConfig = TrainConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     predict_x: list[list[float]] = Field(
-        None, description="points to predict after training (default: the seed's three for its synthetic data, "
-                          "none for other data)",
+        None,
+        description="points to predict after training (default: the seed's three for its synthetic data, "
+        "none for other data)",
     )
     print_every: int = Field(20, gt=0)
     # where `class_path` modules are looked for first: the experiment file's folder (set by build_experiment; not
@@ -256,8 +272,13 @@ class ExperimentConfig(_Frozen):
             data = raw.get("data")
             source = data.get("source", "synthetic") if isinstance(data, dict) else getattr(data, "source", "synthetic")
             raw = {**raw, "predict_x": SEED_POINTS if source == "synthetic" else []}
-        if isinstance(raw, dict) and "task" not in raw and isinstance(raw.get("data"), dict) \
-                and raw["data"].get("source") == "sklearn" and raw["data"].get("name") in SKLEARN_TASKS:
+        if (
+            isinstance(raw, dict)
+            and "task" not in raw
+            and isinstance(raw.get("data"), dict)
+            and raw["data"].get("source") == "sklearn"
+            and raw["data"].get("name") in SKLEARN_TASKS
+        ):
             raw = {**raw, "task": SKLEARN_TASKS[raw["data"]["name"]]}  # digits is a classification set
         return raw
 
@@ -266,11 +287,19 @@ class ExperimentConfig(_Frozen):
         if self.data.source == "synthetic":
             bad = [i for i, row in enumerate(self.predict_x) if len(row) != 2]
             if bad:
-                raise ValueError(f"predict_x: row {bad[0]} has {len(self.predict_x[bad[0]])} values, the data has 2 features")
+                raise ValueError(
+                    f"predict_x: row {bad[0]} has {len(self.predict_x[bad[0]])} values, the data has 2 features"
+                )
         if self.objective.metric not in METRICS[self.task]:
-            raise ValueError(f"objective.metric: {self.objective.metric!r} is not logged for task {self.task}; "
-                             f"choose one of {', '.join(METRICS[self.task])}")
-        if self.data.source == "sklearn" and SKLEARN_TASKS[self.data.name] == "regression" and self.task != "regression":
+            raise ValueError(
+                f"objective.metric: {self.objective.metric!r} is not logged for task {self.task}; "
+                f"choose one of {', '.join(METRICS[self.task])}"
+            )
+        if (
+            self.data.source == "sklearn"
+            and SKLEARN_TASKS[self.data.name] == "regression"
+            and self.task != "regression"
+        ):
             raise ValueError(f"task: {self.data.name} has a continuous target; its task is regression")
         return self
 
@@ -320,8 +349,10 @@ def resolve_key(key: str, raw: dict[str, Any]) -> str:
             owners.append((part, key in args))
     named = [part for part, has in owners if has]
     if len(named) > 1:
-        raise ConfigError(f"{key}: both model.init_args and data.init_args have it; give model.init_args.{key} or "
-                          f"data.init_args.{key}")
+        raise ConfigError(
+            f"{key}: both model.init_args and data.init_args have it; give model.init_args.{key} or "
+            f"data.init_args.{key}"
+        )
     if named:
         return f"{named[0]}.init_args.{key}"
     if owners and owners[0][0] == "model":  # a constructor argument left at its default in the file
@@ -442,8 +473,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: no such file")
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise ConfigError(f"{path}: {size / 1e6:.1f} MB; a sweep or experiment file is at most "
-                              f"{MAX_FILE_BYTES // 1_000_000} MB of YAML")
+            raise ConfigError(
+                f"{path}: {size / 1e6:.1f} MB; a sweep or experiment file is at most "
+                f"{MAX_FILE_BYTES // 1_000_000} MB of YAML"
+            )
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
@@ -454,12 +487,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', None) or 'cannot be parsed'}") from None
+        raise ConfigError(
+            f"{path}:{where} not valid YAML: {getattr(exc, 'problem', None) or 'cannot be parsed'}"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a sweep or experiment file") from None
     except _TooManyAliases:
-        raise ConfigError(f"{path}: its aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values; a sweep "
-                          "or experiment file is a page of YAML") from None
+        raise ConfigError(
+            f"{path}: its aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values; a sweep "
+            "or experiment file is a page of YAML"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
     return raw
@@ -490,6 +527,7 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 
 # --- sweeps -----------------------------------------------------------------------------------------------------
+
 
 class ParamSpec(_Frozen):
     """One searched parameter. `choices` makes it categorical; `low`/`high` make it int or float (`log`, `step`);
@@ -561,21 +599,29 @@ class SweepSpec(_Frozen):
     # the study names an MLflow experiment, its artifact folder and a registered model: a plain, bounded name
     study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     experiment: str | None = Field(None, description="base experiment file, relative to the sweep file")
-    base: dict[str, Any] = Field(default_factory=dict, description="inline base experiment (or changes to `experiment`)")
+    base: dict[str, Any] = Field(
+        default_factory=dict, description="inline base experiment (or changes to `experiment`)"
+    )
     space: dict[str, ParamSpec] = Field(min_length=1)
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     n_trials: int = Field(40, gt=0, description="finished trials in total, across runs and workers")
     workers: int = Field(1, gt=0)
     repeats: int = Field(1, gt=0, description="grid only: seeds per configuration (seed, seed+1, ...)")
-    engine: Literal["auto", "reference", "vectorized"] = Field("auto", description=(
-        "auto: vectorized when every trial of the sweep is one it supports, else reference"))
+    engine: Literal["auto", "reference", "vectorized"] = Field(
+        "auto", description=("auto: vectorized when every trial of the sweep is one it supports, else reference")
+    )
     batch_trials: int = Field(256, gt=0, description="vectorized engine: trials trained together at most")
-    conditions: dict[str, list[Any]] = Field(default_factory=dict, description=(
-        "factors compared, not optimised (noise: the data): each combination of values gets its own search (its "
-        "own Optuna study) and an equal share of n_trials; results are compared within a condition"))
-    condition: dict[str, Any] = Field(default_factory=dict, description="set by sweeplab: the one condition a "
-                                                                        "part of the sweep runs")
+    conditions: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description=(
+            "factors compared, not optimised (noise: the data): each combination of values gets its own search (its "
+            "own Optuna study) and an equal share of n_trials; results are compared within a condition"
+        ),
+    )
+    condition: dict[str, Any] = Field(
+        default_factory=dict, description="set by sweeplab: the one condition a part of the sweep runs"
+    )
 
     @property
     def optuna_study(self) -> str:
@@ -592,8 +638,11 @@ class SweepSpec(_Frozen):
                 unknown = sorted(set(param.cases or {}) - {str(c) for c in parent.choices or []})
                 missing = sorted({str(c) for c in parent.choices or []} - set(param.cases or {}))
                 if unknown or missing:
-                    raise ValueError(f"space.{name}.cases: must have one case per {param.by} choice"
-                                     + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
+                    raise ValueError(
+                        f"space.{name}.cases: must have one case per {param.by} choice"
+                        + (f"; unknown {unknown}" if unknown else "")
+                        + (f"; missing {missing}" if missing else "")
+                    )
         for name, values in self.conditions.items():
             if not values or len({repr(v) for v in values}) != len(values):
                 raise ValueError(f"conditions.{name}: give two or more distinct values")
@@ -602,8 +651,10 @@ class SweepSpec(_Frozen):
         if self.conditions and self.n_trials < math.prod(len(v) for v in self.conditions.values()):
             raise ValueError("n_trials: fewer than the conditions; each condition needs at least one trial")
         if self.repeats > 1 and self.sampler.type != "grid":
-            raise ValueError("repeats: needs sampler grid (every configuration with each seed); with tpe or "
-                             "random, put seed in the space instead")
+            raise ValueError(
+                "repeats: needs sampler grid (every configuration with each seed); with tpe or "
+                "random, put seed in the space instead"
+            )
         if self.repeats > 1 and "seed" in self.space:
             raise ValueError("repeats: seed is already in the space")
         if self.sampler.type == "grid":
@@ -613,14 +664,15 @@ class SweepSpec(_Frozen):
                     if case.kind != "categorical":
                         raise ValueError(f"space.{name}: the grid sampler needs choices for every parameter")
                 if param.cases and any(len(case.choices or []) != 1 for case in cases):
-                    raise ValueError(f"space.{name}: with the grid sampler, give one value per case "
-                                     "(a conditional grid would repeat the same configuration)")
+                    raise ValueError(
+                        f"space.{name}: with the grid sampler, give one value per case "
+                        "(a conditional grid would repeat the same configuration)"
+                    )
         return self
 
 
 # sweep-level override keys; any other key=value given to `sweeplab sweep` changes the base experiment
 SWEEP_KEYS = {"study", "n_trials", "workers", "repeats", "engine", "batch_trials", "sampler", "pruner"}
-
 
 
 def split_sweep_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -678,11 +730,18 @@ class Sweep:
         base = self.config_for({})
         own = {key: value_at(base, key) for key in conditions}
         mine = combos.index(own) if own in combos else 0  # none is the base's own: the first stands for it
-        return [Sweep(self.spec.model_copy(update={"condition": combo, "n_trials": share + (i < extra)}),
-                      apply_overrides(self.base, combo), self.source, self.base_dir, own_setting=i == mine,
-                      engine_reason=self.engine_reason, settled=self.settled)
-                for i, combo in enumerate(combos)]
-
+        return [
+            Sweep(
+                self.spec.model_copy(update={"condition": combo, "n_trials": share + (i < extra)}),
+                apply_overrides(self.base, combo),
+                self.source,
+                self.base_dir,
+                own_setting=i == mine,
+                engine_reason=self.engine_reason,
+                settled=self.settled,
+            )
+            for i, combo in enumerate(combos)
+        ]
 
 
 def flat_fields(config: ExperimentConfig) -> dict[str, Any]:
@@ -710,8 +769,11 @@ def result_settings(part: Sweep) -> dict[str, Any]:
     NOT_RESULTS. A study records it when created; a resume that gives other values is refused (`search`)."""
     searched = {resolve_key(key, part.base) for key in part.spec.space}
     flat = flat_fields(part.config_for({}))
-    return {key: value for key, value in flat.items()
-            if key not in searched and key not in NOT_RESULTS and not key.startswith(tuple(f"{k}." for k in searched))}
+    return {
+        key: value
+        for key, value in flat.items()
+        if key not in searched and key not in NOT_RESULTS and not key.startswith(tuple(f"{k}." for k in searched))
+    }
 
 
 def override_key(dotted: str) -> str:
@@ -772,18 +834,26 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
 def probe_points(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
     """The trials a sweep can ask for, at their edges, each with the field it comes from: the base experiment
     (""), each condition's values, and both ends of every parameter of the space (per case)."""
-    return [("", {}),
-            *((f"conditions.{name}", {name: value}) for name, values in spec.conditions.items() for value in values),
-            *((f"space.{name}", probe) for name, param in spec.space.items()
-              for probe in _probe_values(name, param, spec.space))]
+    return [
+        ("", {}),
+        *((f"conditions.{name}", {name: value}) for name, values in spec.conditions.items() for value in values),
+        *(
+            (f"space.{name}", probe)
+            for name, param in spec.space.items()
+            for probe in _probe_values(name, param, spec.space)
+        ),
+    ]
 
 
 def _probe_values(name: str, param: ParamSpec, space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
     """Points that exercise each end of a parameter's range (per case for a conditional one)."""
     if param.cases:
         parent = param.by
-        return [{parent: _choice_value(space[parent], case), **probe}
-                for case, sub in param.cases.items() for probe in _probe_values(name, sub, space)]
+        return [
+            {parent: _choice_value(space[parent], case), **probe}
+            for case, sub in param.cases.items()
+            for probe in _probe_values(name, sub, space)
+        ]
     values = list(param.choices) if param.choices is not None else [param.low, param.high]
     if param.kind == "int":
         values = [int(v) for v in values]

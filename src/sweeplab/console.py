@@ -25,8 +25,9 @@ class SeedPrinter:
 
     def __call__(self, record) -> None:
         if record.epoch == 1 or record.epoch % self.every == 0:
-            print(f"epoch={record.epoch:3d} train_loss={record.train_loss:.4f} val_loss={record.val_loss:.4f}",
-                  flush=True)
+            print(
+                f"epoch={record.epoch:3d} train_loss={record.train_loss:.4f} val_loss={record.val_loss:.4f}", flush=True
+            )
         return None
 
 
@@ -46,8 +47,11 @@ def run_summary(result, tracker) -> dict:
         "stop_reason": history.stop_reason,
         "best_val": history.best_val_loss,
         "best_epoch": history.best_epoch,
-        "objective": {"metric": result.config.objective.metric, "direction": result.config.objective.direction,
-                      "best": history.best_value},
+        "objective": {
+            "metric": result.config.objective.metric,
+            "direction": result.config.objective.direction,
+            "best": history.best_value,
+        },
         "predictions": [row["prediction"] for row in describe_outputs(result.predictions, result.spec)],
         "train_loss": history.train_loss,
         "val_loss": history.val_loss,
@@ -87,10 +91,16 @@ class Progress:
             self.close()
             self.condition = condition
             name = f"{self.study_name} {condition}" if condition else self.study_name
-            self.bar = tqdm(total=n_trials, desc=name, unit="trial", file=sys.stderr if self.tty else _Lines(),
-                            dynamic_ncols=True,
-                            mininterval=0.1 if self.tty else 15, bar_format="{desc} {bar:30} {n_fmt}/{total_fmt} "
-                            "trials [{elapsed}<{remaining}]{postfix}", ascii=not self.tty)
+            self.bar = tqdm(
+                total=n_trials,
+                desc=name,
+                unit="trial",
+                file=sys.stderr if self.tty else _Lines(),
+                dynamic_ncols=True,
+                mininterval=0.1 if self.tty else 15,
+                bar_format="{desc} {bar:30} {n_fmt}/{total_fmt} trials [{elapsed}<{remaining}]{postfix}",
+                ascii=not self.tty,
+            )
         top = best_trials(study, 1)
         self.bar.set_postfix_str(f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -", refresh=False)
         self.bar.update(min(finished_count(study), n_trials) - self.bar.n)
@@ -125,20 +135,28 @@ def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> 
     for part in outcome.parts:
         counts = outcome_counts(part.study)
         where = f", {condition_label(part.sweep.spec.condition)}" if part.sweep.spec.condition else ""
-        print(f"study {sweep.spec.study}{where}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-              + f" ({part.ran} run now)")
+        print(
+            f"study {sweep.spec.study}{where}: "
+            + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+            + f" ({part.ran} run now)"
+        )
         top = best_trials(part.study, 5)
         if top:
             names = list(sweep.spec.space)
             widths = [max(len(name), 9) for name in names]
             column = part.sweep.config_for({}).objective.column
-            print(f"{'trial':>5}  " + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
-                  + f"  {column:>13} {'best_epoch':>10}  run")
+            print(
+                f"{'trial':>5}  "
+                + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))
+                + f"  {column:>13} {'best_epoch':>10}  run"
+            )
             for trial in top:
                 values = values_of(trial.params, part.sweep.spec.space)
                 cells = " ".join(f"{value_text(values.get(name)):>{w}}" for name, w in zip(names, widths))
-                print(f"{trial.number:>5}  {cells}  {trial.value:>{len(column)}.4f} {value_text(trial.best_epoch):>10}  "
-                      f"{trial.run_id or ''}")
+                print(
+                    f"{trial.number:>5}  {cells}  {trial.value:>{len(column)}.4f} {value_text(trial.best_epoch):>10}  "
+                    f"{trial.run_id or ''}"
+                )
         if part.champion:
             champion = part.champion
             champions.append(champion)

@@ -108,8 +108,9 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
         n = x.shape[0]
         n_train, n_val = split_lengths(n, data.val_size)
         if n_train < 1 or n_val < 1:
-            raise ConfigError(f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples "
-                              f"of {n}")
+            raise ConfigError(
+                f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples of {n}"
+            )
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
         train_idx, val_idx = perm[:n_train], perm[n_train:]
         x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
@@ -125,8 +126,7 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
         n_classes = {"digits": 10, "iris": 3, "wine": 3, "breast_cancer": 2}[data.name]
     else:
         n_classes = int(max(y_train.max(), y_val.max())) + 1 if config.task == "multiclass" else 1
-    return Dataset(x_train, y_train, x_val, y_val, names, _n_outputs(config.task, n_classes), config.task,
-                   description)
+    return Dataset(x_train, y_train, x_val, y_val, names, _n_outputs(config.task, n_classes), config.task, description)
 
 
 def check_data(config: ExperimentConfig) -> Dataset | None:
@@ -142,8 +142,10 @@ def check_data(config: ExperimentConfig) -> Dataset | None:
         x, _, _ = _read_csv(config.data, config.task)
         n_train, n_val = split_lengths(x.shape[0], config.data.val_size)
         if n_train < 1 or n_val < 1:
-            raise ConfigError(f"data.val_size: {config.data.val_size} leaves {n_train} train and {n_val} validation "
-                              f"samples of {x.shape[0]}")
+            raise ConfigError(
+                f"data.val_size: {config.data.val_size} leaves {n_train} train and {n_val} validation "
+                f"samples of {x.shape[0]}"
+            )
         if config.predict_x and any(len(row) != x.shape[1] for row in config.predict_x):
             raise ConfigError(f"predict_x: rows must have {x.shape[1]} values, one per feature")
     return None
@@ -173,7 +175,9 @@ def _read_csv(data: DataConfig, task: str) -> tuple[torch.Tensor, torch.Tensor, 
     except Exception as exc:  # pandas raises many kinds for a broken file
         raise ConfigError(f"{data.path}: not a readable CSV file ({exc})") from None
     if data.target not in frame.columns:
-        raise ConfigError(f"{data.path}: data.target column {data.target!r} not found (columns: {', '.join(map(str, frame.columns))})")
+        raise ConfigError(
+            f"{data.path}: data.target column {data.target!r} not found (columns: {', '.join(map(str, frame.columns))})"
+        )
     features = data.features or [c for c in frame.columns if c != data.target]
     missing = [c for c in features if c not in frame.columns]
     if missing:
@@ -191,21 +195,29 @@ def _read_csv(data: DataConfig, task: str) -> tuple[torch.Tensor, torch.Tensor, 
     if infinite.any().any():
         column = infinite.any()[infinite.any()].index[0]
         row = int(infinite[column].to_numpy().nonzero()[0][0])
-        raise ConfigError(f"{data.path}: column {column!r} row {row + 2} is not a finite number: {frame[column].iloc[row]}")
+        raise ConfigError(
+            f"{data.path}: column {column!r} row {row + 2} is not a finite number: {frame[column].iloc[row]}"
+        )
     x = torch.tensor(numeric.to_numpy(dtype="float32"))
     target = frame[data.target]
     codes = pd.to_numeric(target, errors="coerce")
-    for bad, what in ((codes.isna() & target.notna(), "is not a number: {!r}"), (target.isna(), "is missing"),
-                      (codes.isin([math.inf, -math.inf]), "is not a finite number: {}")):
+    for bad, what in (
+        (codes.isna() & target.notna(), "is not a number: {!r}"),
+        (target.isna(), "is missing"),
+        (codes.isin([math.inf, -math.inf]), "is not a finite number: {}"),
+    ):
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
-            raise ConfigError(f"{data.path}: data.target column {data.target!r} row {row + 2} "
-                              + what.format(target.iloc[row]))
+            raise ConfigError(
+                f"{data.path}: data.target column {data.target!r} row {row + 2} " + what.format(target.iloc[row])
+            )
     if task == "regression":
         y = torch.tensor(codes.to_numpy(dtype="float32")).unsqueeze(1)
     else:
         if (codes != codes.round()).any() or (codes < 0).any():
-            raise ConfigError(f"{data.path}: data.target {data.target!r} must hold class indices 0..K-1 for task {task}")
+            raise ConfigError(
+                f"{data.path}: data.target {data.target!r} must hold class indices 0..K-1 for task {task}"
+            )
         labels = torch.tensor(codes.to_numpy(dtype="int64"))
         if task == "binary":
             if int(labels.max()) > 1:
@@ -280,8 +292,10 @@ def _from_loader(config: ExperimentConfig):
             raise ConfigError(f"{where} returned a dict with keys {sorted(map(str, got))}; give train and val")
         parts = [_pair(got[key], f"{where}[{key!r}]", config.task) for key in ("train", "val")]
         if parts[0][0].shape[1:] != parts[1][0].shape[1:]:
-            raise ConfigError(f"{where}: train inputs {list(parts[0][0].shape[1:])} and val inputs "
-                              f"{list(parts[1][0].shape[1:])} differ in shape")
+            raise ConfigError(
+                f"{where}: train inputs {list(parts[0][0].shape[1:])} and val inputs "
+                f"{list(parts[1][0].shape[1:])} differ in shape"
+            )
         return None, None, parts
     x, y = _pair(got, where, config.task)
     return x, y, None
@@ -304,8 +318,10 @@ def _pair(got, where: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
             raise ConfigError(f"{where}: its items are not (input, target) pairs of one shape ({exc})"[:300]) from None
         got = (xs, ys)
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
-        raise ConfigError(f"{where} returned {type(got).__name__}; give (X, y), {{'train': (X, y), 'val': (X, y)}} "
-                          "or a map-style torch Dataset")
+        raise ConfigError(
+            f"{where} returned {type(got).__name__}; give (X, y), {{'train': (X, y), 'val': (X, y)}} "
+            "or a map-style torch Dataset"
+        )
     x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in got)
     if x.dim() < 2 or x.shape[0] != y.shape[0]:
         raise ConfigError(f"{where}: X {list(x.shape)} and y {list(y.shape)} need one row per sample each")

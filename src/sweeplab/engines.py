@@ -154,8 +154,7 @@ def settle(sweep: Sweep) -> Sweep:
     one ConfigError naming the sweep file and the field that led to it. A settled sweep is returned as it is."""
     if sweep.spec.engine == "auto":
         engine, reason = choose([config for _, config in sweep.probes])
-        sweep = dataclasses.replace(sweep, spec=sweep.spec.model_copy(update={"engine": engine}),
-                                    engine_reason=reason)
+        sweep = dataclasses.replace(sweep, spec=sweep.spec.model_copy(update={"engine": engine}), engine_reason=reason)
     elif sweep.settled:
         return sweep
     for field_name, config in sweep.probes:

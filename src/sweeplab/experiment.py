@@ -88,13 +88,17 @@ def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
         try:
             out = model(batch_x)
         except Exception as exc:
-            raise ConfigError(f"{where}: forward on a batch of {list(batch_x.shape)} raised {error_text(exc)}") from None
+            raise ConfigError(
+                f"{where}: forward on a batch of {list(batch_x.shape)} raised {error_text(exc)}"
+            ) from None
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"{where}: forward returned {type(out).__name__}; it must return a tensor")
         wanted = [2, dataset.n_outputs]
         if list(out.shape) != wanted:
-            raise ConfigError(f"{where}: forward gave {list(out.shape)} for a batch of {list(batch_x.shape)}; task "
-                              f"{config.task} needs {wanted} ({_outputs_text(config.task, dataset.n_outputs)})")
+            raise ConfigError(
+                f"{where}: forward gave {list(out.shape)} for a batch of {list(batch_x.shape)}; task "
+                f"{config.task} needs {wanted} ({_outputs_text(config.task, dataset.n_outputs)})"
+            )
         try:
             check_batch(out, batch_y, loss_for_task(config.task, config.train.loss))
         except ShapeError as exc:
@@ -134,13 +138,21 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
     train = config.train
     batches = TensorBatches if train.loader == "tensor" else LoaderBatches
     shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
-    train_batches = batches(dataset.x_train, dataset.y_train, train.batch_size, shuffle=train.shuffle,
-                            generator=shuffle_gen, device=device)
-    val_batches = batches(dataset.x_val, dataset.y_val, train.val_batch_size or dataset.x_val.shape[0],
-                          device=device)
-    history = fit(model, optimizer, loss_for_task(config.task, train.loss), train_batches, val_batches,
-                  train.epochs, task=config.task, callbacks=callbacks,
-                  objective=(config.objective.metric, config.objective.direction))
+    train_batches = batches(
+        dataset.x_train, dataset.y_train, train.batch_size, shuffle=train.shuffle, generator=shuffle_gen, device=device
+    )
+    val_batches = batches(dataset.x_val, dataset.y_val, train.val_batch_size or dataset.x_val.shape[0], device=device)
+    history = fit(
+        model,
+        optimizer,
+        loss_for_task(config.task, train.loss),
+        train_batches,
+        val_batches,
+        train.epochs,
+        task=config.task,
+        callbacks=callbacks,
+        objective=(config.objective.metric, config.objective.direction),
+    )
     if config.predict_x:
         x = torch.tensor(config.predict_x, dtype=torch.float32).reshape(-1, *dataset.input_shape)
         predictions = predict(model, x)
@@ -150,6 +162,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
 
 
 # --- checks before any store exists (`sweeplab run`, `sweeplab sweep`) ---------------------------------------
+
 
 def check_config(config, source: str = "") -> None:
     """A config's data read and checked (data.check_data), and its model built and run on one batch

@@ -125,16 +125,26 @@ def write_curve(storage: optuna.storages.BaseStorage, trial_id: int, curve: tupl
     Optuna's own write paths (pinned in test_pinned.py); any other storage gets the public call per step.
     Idempotent, so `with_retries` may repeat it."""
     known = storage.get_trial(trial_id).intermediate_values
-    values = [(step, float(value)) for step, value in enumerate(curve, start=1)
-              if math.isfinite(value) and step not in known]
+    values = [
+        (step, float(value)) for step, value in enumerate(curve, start=1) if math.isfinite(value) and step not in known
+    ]
     if not values:
         return
     if isinstance(storage, optuna.storages.JournalStorage):
         with storage._thread_lock:
             worker = storage._replay_result.worker_id
-            storage._backend.append_logs([{"op_code": JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
-                                           "worker_id": worker, "trial_id": trial_id, "step": step,
-                                           "intermediate_value": value} for step, value in values])
+            storage._backend.append_logs(
+                [
+                    {
+                        "op_code": JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
+                        "worker_id": worker,
+                        "trial_id": trial_id,
+                        "step": step,
+                        "intermediate_value": value,
+                    }
+                    for step, value in values
+                ]
+            )
             storage._sync_with_backend()
     elif isinstance(storage, optuna.storages.RDBStorage):
         with _create_scoped_session(storage.scoped_session, True) as session:
@@ -159,8 +169,14 @@ class Ledger:
     """One worker's dealings with one study. `n_trials` is the study's budget of finished trials; `runs`, where
     the trials' runs are (a writer process, which only tells trials it trained, has none)."""
 
-    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, n_trials: int,
-                 space: dict[str, ParamSpec], runs: RunStore | None = None):
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: optuna.storages.BaseStorage,
+        n_trials: int,
+        space: dict[str, ParamSpec],
+        runs: RunStore | None = None,
+    ):
         self.study, self.storage, self.n_trials, self.space, self.runs = study, storage, n_trials, space, runs
         self.heartbeats = Heartbeats(storage)
         self._trials: dict[int, optuna.Trial] = {}  # leased here, by number: for report / should_prune
@@ -176,8 +192,11 @@ class Ledger:
         self._settle_unsettled()
         self.recover()
         states = [t.state for t in with_retries(self.study.get_trials, deepcopy=False)]
-        return Stock(sum(state in FINISHED for state in states), states.count(TrialState.RUNNING),
-                     states.count(TrialState.WAITING))
+        return Stock(
+            sum(state in FINISHED for state in states),
+            states.count(TrialState.RUNNING),
+            states.count(TrialState.WAITING),
+        )
 
     def lease(self) -> Lease | None:
         """A new trial with its parameters, claimed by this worker; None when another worker took the last free
@@ -241,6 +260,7 @@ class Ledger:
         is waiting; a trial left RUNNING is recovered by the others once this process is gone). Otherwise retried
         through an outage, and what still did not land is told before this worker's next lease. `run_ended`:
         whether its MLflow run was ended already (else recovery ends it once it sees the FAIL)."""
+
         def attempt(fn, *args, **kwargs):
             return fn(*args, **kwargs) if interrupted else with_retries(fn, *args, **kwargs)
 
@@ -306,8 +326,9 @@ class Ledger:
                     continue  # it died after its run was finished, before the tell: the run has the result
                 if not self._fail_trial(trial._trial_id, f"worker {worker} died during the trial"):
                     continue  # another worker got there first
-                with_retries(self.study.enqueue_trial, trial.params, user_attrs={"retry_of": trial.number},
-                             skip_if_exists=False)
+                with_retries(
+                    self.study.enqueue_trial, trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False
+                )
                 trials.append(with_retries(self.storage.get_trial, trial._trial_id))
         for trial in (t for t in trials if t.state == TrialState.FAIL):
             if trial.number in self._handled:
@@ -315,8 +336,10 @@ class Ledger:
             self._handled.add(trial.number)
             run_id = trial.user_attrs.get(RUN_ID_ATTR)
             if run_id and self.runs is not None:
-                self.runs.end_if_running(run_id, trial.user_attrs.get(FAIL_REASON_ATTR)
-                                         or "worker lost: no heartbeat within the grace period")
+                self.runs.end_if_running(
+                    run_id,
+                    trial.user_attrs.get(FAIL_REASON_ATTR) or "worker lost: no heartbeat within the grace period",
+                )
 
     def _tell_from_run(self, trial: optuna.trial.FrozenTrial) -> bool:
         """Tell a dead worker's trial what its finished run recorded (a worker killed between finishing the run
@@ -355,8 +378,11 @@ class Ledger:
             first_seen = self._unclaimed.setdefault(trial._trial_id, now)
             if now - first_seen >= ORPHAN_AFTER_S:
                 del self._unclaimed[trial._trial_id]
-                if self._fail_trial(trial._trial_id, f"orphaned: no worker claimed it within {ORPHAN_AFTER_S:.0f} s "
-                                    "(created while the storage was failing); it never ran"):
+                if self._fail_trial(
+                    trial._trial_id,
+                    f"orphaned: no worker claimed it within {ORPHAN_AFTER_S:.0f} s "
+                    "(created while the storage was failing); it never ran",
+                ):
                     self._handled.add(trial.number)
 
     def _fail_trial(self, trial_id: int, reason: str) -> bool:
@@ -371,6 +397,7 @@ class Ledger:
 
 # --- reading a study back ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TrialSummary:
     """A completed trial as the CLI, the champion and the run descriptions need it."""
@@ -384,8 +411,10 @@ class TrialSummary:
 
 def best_trials(study: optuna.Study, top: int = 5) -> list[TrialSummary]:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return [TrialSummary(t.number, t.value, t.user_attrs.get(RUN_ID_ATTR), t.user_attrs.get(BEST_EPOCH_ATTR), t.params)
-            for t in sorted(done, key=lambda t: t.value, reverse=maximizes(study))[:top]]
+    return [
+        TrialSummary(t.number, t.value, t.user_attrs.get(RUN_ID_ATTR), t.user_attrs.get(BEST_EPOCH_ATTR), t.params)
+        for t in sorted(done, key=lambda t: t.value, reverse=maximizes(study))[:top]
+    ]
 
 
 def maximizes(study: optuna.Study) -> bool:
@@ -408,6 +437,7 @@ def outcome_counts(study: optuna.Study) -> dict[str, int]:
             continue
         # in the outcome vocabulary (outcome.Outcome) where it has a word: completed, pruned, diverged, failed
         label = trial.user_attrs.get(OUTCOME_ATTR) or {"complete": "completed", "fail": "failed"}.get(
-            trial.state.name.lower(), trial.state.name.lower())
+            trial.state.name.lower(), trial.state.name.lower()
+        )
         counts[label] = counts.get(label, 0) + 1
     return counts

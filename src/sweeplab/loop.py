@@ -33,8 +33,15 @@ class TensorBatches:
     generator)` draws them: each pass first takes a base seed from the loader's generator (or the global RNG),
     then, when shuffling, two `randperm`s from the same generator (the second one RandomSampler discards). Tensors are moved to the device once."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ):
         self.x = x.to(device)
         self.y = y.to(device)
         self.batch_size = batch_size
@@ -68,8 +75,15 @@ class TensorBatches:
 class LoaderBatches:
     """A real `DataLoader` over the tensors, for datasets that need one (and as the reference in tests)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ):
         self.loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
         self.device = torch.device(device)
 
@@ -140,8 +154,14 @@ class History:
             return (value < math.inf) if self.objective[1] == "minimize" else (value > -math.inf)
         return value < self.best_value if self.objective[1] == "minimize" else value > self.best_value
 
-    def record(self, epoch: int, train_loss: float, val_loss: float, metrics: dict[str, float],
-               confusion: list[list[int]] | None = None) -> bool:
+    def record(
+        self,
+        epoch: int,
+        train_loss: float,
+        val_loss: float,
+        metrics: dict[str, float],
+        confusion: list[list[int]] | None = None,
+    ) -> bool:
         """Append one epoch's results; True when it is the new best, and the caller must then keep the model's
         state as `best_state`. The vectorized engine takes the same decisions (a strictly lower val_loss; a
         non-finite loss in `stop`) for K members at once as tensor operations (vectorized._Curves); the tests hold
@@ -203,12 +223,16 @@ def check_batch(pred: torch.Tensor, target: torch.Tensor, loss_fn: nn.Module) ->
     name = type(loss_fn).__name__
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if target.dtype != torch.long or target.dim() != 1 or target.shape[0] != pred.shape[0]:
-            raise ShapeError(f"{name}: labels {list(target.shape)} {target.dtype} do not fit output "
-                             f"{list(pred.shape)}: it needs class indices of shape [{pred.shape[0]}] torch.int64")
+            raise ShapeError(
+                f"{name}: labels {list(target.shape)} {target.dtype} do not fit output "
+                f"{list(pred.shape)}: it needs class indices of shape [{pred.shape[0]}] torch.int64"
+            )
         return
     if target.shape != pred.shape or not target.is_floating_point():
-        raise ShapeError(f"{name}: labels {list(target.shape)} {target.dtype} do not fit output "
-                         f"{list(pred.shape)} {pred.dtype}: they must have the same shape and a float dtype")
+        raise ShapeError(
+            f"{name}: labels {list(target.shape)} {target.dtype} do not fit output "
+            f"{list(pred.shape)} {pred.dtype}: they must have the same shape and a float dtype"
+        )
 
 
 def _sample_average(losses: list[torch.Tensor], sizes: list[int], n_samples: int) -> float:
@@ -220,8 +244,9 @@ def _sample_average(losses: list[torch.Tensor], sizes: list[int], n_samples: int
     return total / n_samples
 
 
-def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                check_shapes: bool = False) -> float:
+def train_epoch(
+    model: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, check_shapes: bool = False
+) -> float:
     """One pass over the training batches; returns the per-sample average loss."""
     model.train()
     losses: list[torch.Tensor] = []
@@ -241,8 +266,9 @@ def train_epoch(model: nn.Module, batches: Batches, loss_fn: nn.Module, optimize
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, loss_fn: nn.Module, task: str = "regression"
-             ) -> tuple[float, dict[str, float], list[list[int]] | None]:
+def evaluate(
+    model: nn.Module, batches: Batches, loss_fn: nn.Module, task: str = "regression"
+) -> tuple[float, dict[str, float], list[list[int]] | None]:
     """Validation in eval mode without gradients: (per-sample average loss, task metrics, confusion matrix)."""
     model.eval()
     losses: list[torch.Tensor] = []
@@ -262,16 +288,18 @@ def evaluate(model: nn.Module, batches: Batches, loss_fn: nn.Module, task: str =
     return loss, *classification_metrics(torch.cat(preds), torch.cat(targets), task)
 
 
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor, task: str
-                           ) -> tuple[dict[str, float], list[list[int]]]:
+def classification_metrics(
+    logits: torch.Tensor, target: torch.Tensor, task: str
+) -> tuple[dict[str, float], list[list[int]]]:
     """Validation metrics: binary -> accuracy, precision, recall, F1 (positive class 1); multiclass -> accuracy,
     macro-F1. Undefined ratios (no predicted or no actual positives) count as 0, as scikit-learn's default does."""
     metrics, confusion = stacked_classification_metrics(logits.unsqueeze(0), target.unsqueeze(0), task)
     return {name: float(values[0]) for name, values in metrics.items()}, confusion[0].tolist()
 
 
-def stacked_classification_metrics(logits: torch.Tensor, target: torch.Tensor, task: str
-                                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def stacked_classification_metrics(
+    logits: torch.Tensor, target: torch.Tensor, task: str
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """`classification_metrics` for K members at once: logits [K, N, C], targets [K, N, ...] -> each metric as a
     float64 [K] tensor and the confusion matrices [K, C, C] (CPU; rows: actual, columns: predicted)."""
     k = logits.shape[0]
@@ -302,9 +330,18 @@ def stacked_classification_metrics(logits: torch.Tensor, target: torch.Tensor, t
     return metrics, confusion
 
 
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train_batches: Batches,
-        val_batches: Batches, epochs: int, task: str = "regression", callbacks: Iterable[Callback] = (),
-        restore_best: bool = True, objective: tuple[str, str] = MINIMIZE) -> History:
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    train_batches: Batches,
+    val_batches: Batches,
+    epochs: int,
+    task: str = "regression",
+    callbacks: Iterable[Callback] = (),
+    restore_best: bool = True,
+    objective: tuple[str, str] = MINIMIZE,
+) -> History:
     """Train for `epochs`, keep the best validation state (a CPU copy), and restore it at the end.
 
     A non-finite loss ends the run with status "diverged" at that epoch; a callback returning a reason ends it
@@ -319,8 +356,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, 
         improved = history.record(epoch, train_loss, val_loss, metrics, confusion)
         if improved:
             history.best_state = state_to_cpu(model.state_dict())
-        record = EpochRecord(epoch, train_loss, val_loss, metrics, history.best_val_loss, history.best_epoch, improved,
-                             objective_value(val_loss, metrics, objective[0]), history.best_value)
+        record = EpochRecord(
+            epoch,
+            train_loss,
+            val_loss,
+            metrics,
+            history.best_val_loss,
+            history.best_epoch,
+            improved,
+            objective_value(val_loss, metrics, objective[0]),
+            history.best_value,
+        )
         reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
         if history.stop(epoch, reasons):
             break

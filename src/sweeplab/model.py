@@ -106,8 +106,9 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], spec: Mode
     torch.save({"state_dict": state_to_cpu(state), "model_spec": spec.to_dict()}, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", code_dir: str | None = None
-                    ) -> tuple[nn.Module, ModelSpec]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", code_dir: str | None = None
+) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the model from a checkpoint file; tensors saved on a GPU land on `map_location`. Anything but a
     sweeplab checkpoint (truncated, tampered with, a pickle carrying code) is a ValueError naming the file. A
     user's class is imported from `code_dir` or sys.path, and only when it is an nn.Module subclass."""
@@ -129,8 +130,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         model = build_model(spec, code_dir, where="in this folder")
     except ConfigError as exc:  # the user's class cannot be imported or built here
-        raise ValueError(f"{Path(path).name}: the run trained {spec.class_path}; {str(exc).split(': ', 1)[-1]} "
-                         "(run from the folder that holds its module, or put it on PYTHONPATH)") from None
+        raise ValueError(
+            f"{Path(path).name}: the run trained {spec.class_path}; {str(exc).split(': ', 1)[-1]} "
+            "(run from the folder that holds its module, or put it on PYTHONPATH)"
+        ) from None
     try:
         model.load_state_dict(payload["state_dict"])
     except Exception as exc:  # wrong shapes or names, a spec that is not one

@@ -60,15 +60,17 @@ def _forget_if_elsewhere(module_name: str, code_dir: str | None) -> None:
     here = Path(code_dir)
     candidates = [here / f"{top}.py", here / top / "__init__.py"]
     file = getattr(loaded, "__file__", None)
-    if any(c.is_file() for c in candidates) and (file is None or Path(file).resolve() not in
-                                                 {c.resolve() for c in candidates}):
+    if any(c.is_file() for c in candidates) and (
+        file is None or Path(file).resolve() not in {c.resolve() for c in candidates}
+    ):
         for name in [n for n in sys.modules if n == top or n.startswith(f"{top}.")]:
             del sys.modules[name]
         importlib.invalidate_caches()
 
 
-def model_class(path: str, code_dir: str | None, field: str = "model.class_path",
-                where: str = "beside the experiment file") -> type:
+def model_class(
+    path: str, code_dir: str | None, field: str = "model.class_path", where: str = "beside the experiment file"
+) -> type:
     cls = import_object(path, code_dir, field, where)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         kind = "class" if isinstance(cls, type) else type(cls).__name__
@@ -76,15 +78,20 @@ def model_class(path: str, code_dir: str | None, field: str = "model.class_path"
     return cls
 
 
-def data_args(cls: type, init_args: dict[str, Any], input_shape: tuple[int, ...], n_outputs: int,
-              n_classes: int | None) -> dict[str, Any]:
+def data_args(
+    cls: type, init_args: dict[str, Any], input_shape: tuple[int, ...], n_outputs: int, n_classes: int | None
+) -> dict[str, Any]:
     """init_args plus the DATA_ARGS the constructor takes and init_args leaves out, from the data."""
     try:
         parameters = inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):  # a builtin or C extension constructor
         return dict(init_args)
-    known = {"in_features": math.prod(input_shape), "input_shape": list(input_shape), "out_features": n_outputs,
-             "n_outputs": n_outputs}
+    known = {
+        "in_features": math.prod(input_shape),
+        "input_shape": list(input_shape),
+        "out_features": n_outputs,
+        "n_outputs": n_outputs,
+    }
     if len(input_shape) > 1:
         known["in_channels"] = input_shape[0]
     if n_classes is not None:
@@ -109,8 +116,9 @@ def instantiate(cls: type, init_args: dict[str, Any], path: str, field: str = "m
     try:
         return cls(**init_args)
     except TypeError as exc:
-        raise ConfigError(f"{field}.init_args: {path}({_args_text(init_args)}) refused its arguments: "
-                          f"{error_text(exc)}") from None
+        raise ConfigError(
+            f"{field}.init_args: {path}({_args_text(init_args)}) refused its arguments: {error_text(exc)}"
+        ) from None
     except Exception as exc:
         raise ConfigError(f"{field}.class_path: {path}({_args_text(init_args)}) raised {error_text(exc)}") from None
 
@@ -140,8 +148,11 @@ def _file_of(module) -> str:
 def error_text(exc: BaseException) -> str:
     """`ValueError: message (my_nets.py line 12)`: the exception, on one line, and where the user's code raised it."""
     message = (str(exc).strip().splitlines() or [""])[0][:200]
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/sweeplab/" not in f.filename
-              and "importlib" not in f.filename and "/torch/" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/sweeplab/" not in f.filename and "importlib" not in f.filename and "/torch/" not in f.filename
+    ]
     where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
     if isinstance(exc, SyntaxError) and exc.filename:
         where = f" ({Path(exc.filename).name} line {exc.lineno})"

@@ -72,7 +72,7 @@ def http_patience_s() -> float:
     timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
     retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 7))
     factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 2))
-    return timeout * (retries + 1) + factor * (2 ** retries - 1)
+    return timeout * (retries + 1) + factor * (2**retries - 1)
 
 
 class SayWhatWeWaitFor(logging.Filter):
@@ -91,7 +91,11 @@ class SayWhatWeWaitFor(logging.Filter):
         # a refused connection fails within seconds and its error says why; a server that accepts and then says
         # nothing is the wait worth explaining
         if "Timeout" in message and time.monotonic() - self.last_said > 120:
-            print(f"sweeplab: the MLflow tracking server is not answering; retrying for up to ~{http_patience_s():.0f} s "
-                  "(MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES)", file=sys.stderr, flush=True)
+            print(
+                f"sweeplab: the MLflow tracking server is not answering; retrying for up to ~{http_patience_s():.0f} s "
+                "(MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.last_said = time.monotonic()
         return False

@@ -85,8 +85,9 @@ def input_rows(model_input, names: list[str]) -> np.ndarray:
             missing = [n for n in names if n not in columns]
             unknown = [c for c in columns if c not in names]
             if missing or unknown:
-                said = ([f"missing column(s) {', '.join(missing)}"] if missing else []) + \
-                       ([f"unknown column(s) {', '.join(unknown)}"] if unknown else [])
+                said = ([f"missing column(s) {', '.join(missing)}"] if missing else []) + (
+                    [f"unknown column(s) {', '.join(unknown)}"] if unknown else []
+                )
                 raise BadInput(f"input: {'; '.join(said)} (the model takes {', '.join(names)})")
             model_input = model_input[names]
         frame = model_input
@@ -103,8 +104,7 @@ def input_rows(model_input, names: list[str]) -> np.ndarray:
     if values.ndim != 2:
         values = values.reshape(values.shape[0], -1)
     if values.shape[1] != len(names):
-        raise BadInput(f"input: rows of {values.shape[1]} values; the model takes {len(names)} "
-                       f"({', '.join(names)})")
+        raise BadInput(f"input: rows of {values.shape[1]} values; the model takes {len(names)} ({', '.join(names)})")
     try:
         numbers = values.astype(np.float64)
     except (ValueError, TypeError):

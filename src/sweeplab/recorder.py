@@ -53,8 +53,16 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 _DATASET_ENTITIES: dict = {}  # (description, name, data bytes) -> MLflow dataset entity
 
 
-def begin_run(tracker: Tracker, experiment_id: str, run_name: str, config: ExperimentConfig, tags: dict[str, str],
-              parent_run_id: str | None = None, live: bool = True, start_ms: int | None = None) -> "TrialRun":
+def begin_run(
+    tracker: Tracker,
+    experiment_id: str,
+    run_name: str,
+    config: ExperimentConfig,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+    live: bool = True,
+    start_ms: int | None = None,
+) -> "TrialRun":
     """A training run. Live, its params are written now and its curves as it trains (a long trial shows them in
     the UI); otherwise (a trial already trained) everything goes in the one batch that ends it."""
     tags = {**tags, **run_tags(config)}
@@ -102,8 +110,9 @@ class TrialRun:
         now = int(time.time() * 1000)
         step = record.epoch
         values = {"train_loss": record.train_loss, "val_loss": record.val_loss, **record.metrics}
-        self._pending += [Metric(name, value, now, step) for name, value in values.items()
-                          if math.isfinite(value)]  # as curve_metrics: a NaN would hide the whole curve
+        self._pending += [
+            Metric(name, value, now, step) for name, value in values.items() if math.isfinite(value)
+        ]  # as curve_metrics: a NaN would hide the whole curve
         self._epochs_seen = record.epoch
         if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self.flush()
@@ -130,8 +139,14 @@ class TrialRun:
         curves = curve_metrics(result.history, now, after_epoch=self._epochs_seen)
         self.end(outcome, reason, tags, metrics=curves + summary_metrics(result, now), end_ms=now)
 
-    def end(self, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None,
-            metrics: list[Metric] | None = None, end_ms: int | None = None) -> None:
+    def end(
+        self,
+        outcome: str,
+        reason: str | None = None,
+        tags: dict[str, str] | None = None,
+        metrics: list[Metric] | None = None,
+        end_ms: int | None = None,
+    ) -> None:
         """The remaining metrics and the outcome tags in one log_batch, then the status: two calls, which matters
         against a tracking server (~60 ms a call on a busy one)."""
         if self.ended:
@@ -169,8 +184,9 @@ class TrialRun:
         entity = _DATASET_ENTITIES.get(key)
         if entity is None:  # trials of one sweep mostly share a few datasets: describe each once
             source = CodeDatasetSource(tags={"sweeplab.data": data.description})
-            dataset = from_numpy(data.x_train.numpy(), source=source, targets=data.y_train.numpy(),
-                                 name=f"{result.config.name}-train")
+            dataset = from_numpy(
+                data.x_train.numpy(), source=source, targets=data.y_train.numpy(), name=f"{result.config.name}-train"
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 entity = _DATASET_ENTITIES[key] = dataset._to_mlflow_entity()
@@ -210,8 +226,10 @@ def summary_metrics(result, now: int) -> list[Metric]:
     history = result.history
     summary = []
     if history.best_epoch and history.status != "diverged":
-        summary = [Metric("best_val_loss", history.best_val_loss, now, SUMMARY_STEP),
-                   Metric("best_epoch", float(history.best_epoch), now, SUMMARY_STEP)]
+        summary = [
+            Metric("best_val_loss", history.best_val_loss, now, SUMMARY_STEP),
+            Metric("best_epoch", float(history.best_epoch), now, SUMMARY_STEP),
+        ]
         for name, value in history.best_metrics.items():
             summary.append(Metric(f"best_{name}", value, now, SUMMARY_STEP))
     summary.append(Metric("epochs_run", float(history.epochs_run), now, SUMMARY_STEP))
@@ -249,9 +267,23 @@ class Recorder:
     finished trial always has its finished run. Both engines' trials go through here: the reference engine's
     live (the run exists while it trains), the vectorized engine's once trained (`record`, in a writer process)."""
 
-    def __init__(self, tracker: Tracker, experiment_id: str, parent_run_id: str | None, ledger: Ledger, study: str,
-                 keys: list[str], condition: dict | None = None, engine: str = "reference"):
-        self.tracker, self.experiment_id, self.parent_run_id, self.ledger = tracker, experiment_id, parent_run_id, ledger
+    def __init__(
+        self,
+        tracker: Tracker,
+        experiment_id: str,
+        parent_run_id: str | None,
+        ledger: Ledger,
+        study: str,
+        keys: list[str],
+        condition: dict | None = None,
+        engine: str = "reference",
+    ):
+        self.tracker, self.experiment_id, self.parent_run_id, self.ledger = (
+            tracker,
+            experiment_id,
+            parent_run_id,
+            ledger,
+        )
         self.study, self.keys, self.condition, self.engine = study, keys, condition or {}, engine
 
     def tags(self, number: int) -> dict[str, str]:
@@ -264,20 +296,33 @@ class Recorder:
     def begin(self, lease, config: ExperimentConfig, live: bool = True, start_ms: int | None = None) -> TrialRun:
         """The trial's run, linked to the trial at once (so recovery can end it if this worker is lost)."""
         name = run_name_for(config, lease.number, [*self.keys, *self.condition])
-        run = begin_run(self.tracker, self.experiment_id, name, config,
-                                     self.tags(lease.number), self.parent_run_id, live=live, start_ms=start_ms)
+        run = begin_run(
+            self.tracker,
+            self.experiment_id,
+            name,
+            config,
+            self.tags(lease.number),
+            self.parent_run_id,
+            live=live,
+            start_ms=start_ms,
+        )
         self.ledger.link_run(lease, run.run_id)
         return run
 
     def finish(self, run: TrialRun, lease, result) -> Outcome:
         history = result.history
         outcome = Outcome.of_history(history)
-        run.finish(result, outcome, history.stop_reason,
-                   tags={TAG_STATE: outcome.trial_state, TAG_NOTE: self.note(lease.number, result.config, history)})
+        run.finish(
+            result,
+            outcome,
+            history.stop_reason,
+            tags={TAG_STATE: outcome.trial_state, TAG_NOTE: self.note(lease.number, result.config, history)},
+        )
         metric = history.objective[0]
         curve = history.val_loss if metric == "val_loss" else history.metrics.get(metric, [])
-        self.ledger.finish(lease, RunEnd(outcome, history.best_value, history.best_epoch, history.stop_reason,
-                                         tuple(curve)))
+        self.ledger.finish(
+            lease, RunEnd(outcome, history.best_value, history.best_epoch, history.stop_reason, tuple(curve))
+        )
         return outcome
 
     def record(self, lease, result, started_s: float) -> Outcome:
@@ -302,8 +347,11 @@ class Recorder:
         outcome = Outcome.of_history(history)
         if outcome == Outcome.COMPLETED:
             metric = history.objective[0]
-            best = (f"best validation loss {history.best_val_loss:.4g}" if metric == "val_loss" else
-                    f"best {metric} {history.best_value:.4g} (validation loss {history.best_val_loss:.4g})")
+            best = (
+                f"best validation loss {history.best_val_loss:.4g}"
+                if metric == "val_loss"
+                else f"best {metric} {history.best_value:.4g} (validation loss {history.best_val_loss:.4g})"
+            )
             result = f"completed: {best} at epoch {history.best_epoch} of {history.epochs_run}"
         else:
             result = f"{outcome}: {history.stop_reason}"
@@ -332,8 +380,13 @@ class RunTracker:
         if self.run is None:
             tracker = self.tracker
             experiment_id = tracker.experiment_id(self.config.name)
-            self.run = begin_run(tracker, experiment_id, run_name_for(self.config), self.config,
-                                         {TAG_ROLE: "run", "sweeplab.experiment_file": str(self.source)})
+            self.run = begin_run(
+                tracker,
+                experiment_id,
+                run_name_for(self.config),
+                self.config,
+                {TAG_ROLE: "run", "sweeplab.experiment_file": str(self.source)},
+            )
         return self.run.epoch_callback(record)
 
     def finish(self, result) -> None:

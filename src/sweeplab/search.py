@@ -116,17 +116,21 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0, resumed_at: int = 0) ->
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler.type == "grid":
         return BudgetGridSampler(grid_space(spec.space), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
-                                                      multivariate=True, group=True, constant_liar=True)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=spec.sampler.n_startup_trials, multivariate=True, group=True, constant_liar=True
+    )
 
 
 def make_pruner(spec: SweepSpec, epochs: int) -> optuna.pruners.BasePruner:
     pruner = spec.pruner
     if pruner.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps
+        )
     if pruner.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min(pruner.min_resource, epochs), max_resource=epochs,
-                                              reduction_factor=pruner.reduction_factor)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min(pruner.min_resource, epochs), max_resource=epochs, reduction_factor=pruner.reduction_factor
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -144,19 +148,25 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """RDB URLs (postgresql, mysql, sqlite) get heartbeats so a killed worker's trial is failed and retried;
     anything else is a journal file path."""
     if "://" in url:
+
         def connect() -> optuna.storages.RDBStorage:
             try:  # workers started together on a fresh database all create the tables: a loser finds them made
                 return retry_lost_races(
-                    optuna.storages.RDBStorage, url, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                    grace_period=GRACE_PERIOD_S, engine_kwargs={"pool_pre_ping": True},
+                    optuna.storages.RDBStorage,
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=GRACE_PERIOD_S,
+                    engine_kwargs={"pool_pre_ping": True},
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                    attempts=SCHEMA_RACE_ATTEMPTS)
+                    attempts=SCHEMA_RACE_ATTEMPTS,
+                )
             except Exception as exc:
                 if isinstance(exc, transient_errors()) and not refused(exc):
                     raise  # a restart or an outage: with_retries tries again
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise ConfigError(f"--storage {redact(url)}: cannot open the Optuna storage: "
-                                  f"{message.replace(url, redact(url))}") from None
+                raise ConfigError(
+                    f"--storage {redact(url)}: cannot open the Optuna storage: {message.replace(url, redact(url))}"
+                ) from None
 
         return with_retries(connect, what=f"the Optuna storage {redact(url)}")
 
@@ -168,15 +178,29 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage, worker_index: int = 0,
-               epochs: int = 80, direction: str = "minimize") -> optuna.Study:
+def open_study(
+    spec: SweepSpec,
+    storage: optuna.storages.BaseStorage,
+    worker_index: int = 0,
+    epochs: int = 80,
+    direction: str = "minimize",
+) -> optuna.Study:
     try:  # loaded first: create_study(load_if_exists=True) appends a refused create to a journal every time
-        study = optuna.load_study(storage=storage, study_name=spec.optuna_study,
-                                  sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs))
+        study = optuna.load_study(
+            storage=storage,
+            study_name=spec.optuna_study,
+            sampler=make_sampler(spec, worker_index),
+            pruner=make_pruner(spec, epochs),
+        )
     except KeyError:
-        study = optuna.create_study(storage=storage, study_name=spec.optuna_study, direction=direction,
-                                    sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec, epochs),
-                                    load_if_exists=True)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=spec.optuna_study,
+            direction=direction,
+            sampler=make_sampler(spec, worker_index),
+            pruner=make_pruner(spec, epochs),
+            load_if_exists=True,
+        )
     existing = len(study.get_trials(deepcopy=False))
     if existing:
         study.sampler = make_sampler(spec, worker_index, resumed_at=existing)
@@ -193,9 +217,13 @@ def distributions(space: dict[str, ParamSpec]) -> dict[str, optuna.distributions
             if kind == "categorical":
                 dist = optuna.distributions.CategoricalDistribution(sub.choices)
             elif kind == "int":
-                dist = optuna.distributions.IntDistribution(int(sub.low), int(sub.high), log=sub.log, step=int(sub.step or 1))
+                dist = optuna.distributions.IntDistribution(
+                    int(sub.low), int(sub.high), log=sub.log, step=int(sub.step or 1)
+                )
             else:
-                dist = optuna.distributions.FloatDistribution(float(sub.low), float(sub.high), log=sub.log, step=sub.step)
+                dist = optuna.distributions.FloatDistribution(
+                    float(sub.low), float(sub.high), log=sub.log, step=sub.step
+                )
             out[optuna_name(name, case)] = dist
     return out
 
@@ -222,9 +250,10 @@ def check_compatible(study: optuna.Study, spec: SweepSpec, source: str, settings
             try:
                 optuna.distributions.check_distribution_compatibility(old, new)
             except ValueError:
-                raise ConfigError(f"{source}: space: study {spec.optuna_study!r} already searched {name} over {_show(old)}; "
-                                  f"this file gives {_show(new)}. Use another study name (study=NAME) to change it"
-                                  ) from None
+                raise ConfigError(
+                    f"{source}: space: study {spec.optuna_study!r} already searched {name} over {_show(old)}; "
+                    f"this file gives {_show(new)}. Use another study name (study=NAME) to change it"
+                ) from None
 
 
 def check_settings(study: optuna.Study, spec: SweepSpec, source: str, settings: dict[str, Any]) -> None:
@@ -242,12 +271,15 @@ def check_settings(study: optuna.Study, spec: SweepSpec, source: str, settings: 
         def text(value: Any) -> str:
             return value if isinstance(value, str) else json.dumps(value)
 
-        return ", ".join(f"{override_key(key)}={text(values[key])}" for key in changed[:4]) + \
-            (f" (and {len(changed) - 4} more)" if len(changed) > 4 else "")
+        return ", ".join(f"{override_key(key)}={text(values[key])}" for key in changed[:4]) + (
+            f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+        )
 
-    raise ConfigError(f"{source}: study {spec.optuna_study!r} ran its trials with {show(recorded)}; this sweep gives "
-                      f"{show(now)}, and its trials would not compare with them. Start a new study (study=NAME), "
-                      "or give the old settings back")
+    raise ConfigError(
+        f"{source}: study {spec.optuna_study!r} ran its trials with {show(recorded)}; this sweep gives "
+        f"{show(now)}, and its trials would not compare with them. Start a new study (study=NAME), "
+        "or give the old settings back"
+    )
 
 
 OBJECTIVE_NAME = "best_val_loss"  # a trial's value by default (its intermediate values: the val_loss per epoch)
@@ -300,8 +332,10 @@ def repair_journal(path: Path) -> str | None:
         temporary = path.with_name(f".{path.name}.repair-{os.getpid()}")
         temporary.write_bytes(b"".join(line + b"\n" for line in kept))
         os.replace(temporary, path)
-        return (f"note: {path}: dropped {dropped} bytes of an interrupted write (the operation was never "
-                f"acknowledged); the journal as it was is kept in {copy.name}")
+        return (
+            f"note: {path}: dropped {dropped} bytes of an interrupted write (the operation was never "
+            f"acknowledged); the journal as it was is kept in {copy.name}"
+        )
     finally:
         lock.release()
 

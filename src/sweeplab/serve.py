@@ -33,12 +33,19 @@ def describe_outputs(outputs: torch.Tensor, spec: ModelSpec) -> list[dict[str, A
     rows = []
     for row in probs.tolist():  # `probability` and the printed p are the printed label's
         label = max(range(len(row)), key=row.__getitem__)
-        rows.append({"prediction": label, "probability": row[label], "probabilities": row,
-                     "text": f"label={label} p={row[label]:.2f}"})
+        rows.append(
+            {
+                "prediction": label,
+                "probability": row[label],
+                "probabilities": row,
+                "text": f"label={label} p={row[label]:.2f}",
+            }
+        )
     return rows
 
 
 # --- loading a logged model -------------------------------------------------------------------------------------
+
 
 class ModelNotFound(LookupError):
     """An unknown run, study or registered model, or a run without a best state: one line for the user."""
@@ -65,13 +72,16 @@ def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
         from .tracking import TAG_OBJECTIVE
 
         done = f"tags.`{TAG_OUTCOME}` = 'completed'"
-        any_run = client.search_runs([experiment.experiment_id], filter_string=done, max_results=1,
-                                     order_by=["attributes.start_time DESC"])
+        any_run = client.search_runs(
+            [experiment.experiment_id], filter_string=done, max_results=1, order_by=["attributes.start_time DESC"]
+        )
         goal = Goal.parse(any_run[0].data.tags.get(TAG_OBJECTIVE)) if any_run else Goal()
-        runs = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"{done} and metrics.{goal.column} < 1e308",
-                                  order_by=[f"metrics.{goal.column} {'ASC' if goal.minimize else 'DESC'}"],
-                                  max_results=1)
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"{done} and metrics.{goal.column} < 1e308",
+            order_by=[f"metrics.{goal.column} {'ASC' if goal.minimize else 'DESC'}"],
+            max_results=1,
+        )
         if not runs:
             raise ModelNotFound(f"{reference}: the study has no completed trial yet")
         run = runs[0]
@@ -87,7 +97,7 @@ def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
 def _registered_run(client, uri: str) -> str:
     from .tracking import TAG_CHAMPION_RUN  # (MLflow on use, as above)
 
-    rest = uri[len("models:/"):]
+    rest = uri[len("models:/") :]
     try:
         if "@" in rest:
             name, alias = rest.split("@", 1)
@@ -99,8 +109,10 @@ def _registered_run(client, uri: str) -> str:
         raise ModelNotFound(f"{uri}: no such registered model version") from None
     run_id = version.tags.get(TAG_CHAMPION_RUN)
     if not run_id:
-        raise ModelNotFound(f"{uri}: not registered by sweeplab (no {TAG_CHAMPION_RUN} tag); "
-                            "load it with mlflow.pyfunc.load_model instead")
+        raise ModelNotFound(
+            f"{uri}: not registered by sweeplab (no {TAG_CHAMPION_RUN} tag); "
+            "load it with mlflow.pyfunc.load_model instead"
+        )
     return run_id
 
 
@@ -211,11 +223,15 @@ def predict_rows(model, spec: ModelSpec, rows: list[list[float]]) -> list[dict[s
     wrong = [i for i, row in enumerate(rows) if len(row) != spec.in_features]
     if wrong:
         shape = "x".join(map(str, spec.sample_shape))
-        names = ", ".join(spec.feature_names) if len(spec.feature_names) <= 8 else \
-            f"{spec.feature_names[0]} ... {spec.feature_names[-1]}"
-        raise ValueError(f"input row {wrong[0]} has {len(rows[wrong[0]])} values; the model takes "
-                         f"{spec.in_features} ({names}" + (f"; a {shape} input, in order)" if len(spec.sample_shape) > 1
-                                                           else ")"))
+        names = (
+            ", ".join(spec.feature_names)
+            if len(spec.feature_names) <= 8
+            else f"{spec.feature_names[0]} ... {spec.feature_names[-1]}"
+        )
+        raise ValueError(
+            f"input row {wrong[0]} has {len(rows[wrong[0]])} values; the model takes "
+            f"{spec.in_features} ({names}" + (f"; a {shape} input, in order)" if len(spec.sample_shape) > 1 else ")")
+        )
     outputs = predict(model, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), *spec.sample_shape))
     described = describe_outputs(outputs, spec)
     for row, item in zip(rows, described):

@@ -73,12 +73,12 @@ def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
     sizes = [math.prod(shapes[name]) for name in param_names]
     owners, init_row = _distinct(members, lambda m: id(m.init_state))
     init_row = init_row.to(device)
-    rows = torch.stack([torch.cat([m.init_state[name].reshape(-1).float() for name in param_names])
-                        for m in owners])
+    rows = torch.stack([torch.cat([m.init_state[name].reshape(-1).float() for name in param_names]) for m in owners])
     flat = rows.to(device)[init_row].contiguous()
     flat.requires_grad_()
-    buffers = {name: torch.stack([m.init_state[name] for m in owners]).to(device)[init_row].clone()
-               for name in buffer_names}
+    buffers = {
+        name: torch.stack([m.init_state[name] for m in owners]).to(device)[init_row].clone() for name in buffer_names
+    }
 
     def params_of(values: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: part.view(k, *shapes[name]) for name, part in zip(param_names, values.split(sizes, dim=1))}

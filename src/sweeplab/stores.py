@@ -29,11 +29,24 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .stop import stop_flag
 
-SECRET_KEYS = {"password", "passwd", "pwd", "pass", "secret", "token", "access_token", "api_key", "apikey",
-               "sslpassword", "client_secret"}
+SECRET_KEYS = {
+    "password",
+    "passwd",
+    "pwd",
+    "pass",
+    "secret",
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "sslpassword",
+    "client_secret",
+}
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
-_KEY_VALUE = re.compile(r"\b(" + "|".join(sorted(SECRET_KEYS, key=len, reverse=True)) + r")(\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s&;,)]+)",
-                        re.IGNORECASE)
+_KEY_VALUE = re.compile(
+    r"\b(" + "|".join(sorted(SECRET_KEYS, key=len, reverse=True)) + r")(\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s&;,)]+)",
+    re.IGNORECASE,
+)
 
 
 def redact(url: str) -> str:
@@ -49,8 +62,13 @@ def redact(url: str) -> str:
         netloc = f"{user.split(':', 1)[0]}:***@{host}"
     query = parts.query
     if query and any(key.lower() in SECRET_KEYS for key, _ in parse_qsl(query, keep_blank_values=True)):
-        query = urlencode([(key, "***" if key.lower() in SECRET_KEYS else value)
-                           for key, value in parse_qsl(query, keep_blank_values=True)], safe="*")
+        query = urlencode(
+            [
+                (key, "***" if key.lower() in SECRET_KEYS else value)
+                for key, value in parse_qsl(query, keep_blank_values=True)
+            ],
+            safe="*",
+        )
     if (netloc, query) == (parts.netloc, parts.query):
         return url
     # by hand: urlunsplit drops the empty host of sqlite:///path
@@ -93,7 +111,7 @@ def remove_mlflow_strays(uri: str) -> None:
     database = sqlite_path(uri)
     if database is None:
         return
-    raw, keep = Path(uri[len("sqlite:///"):]).parent, {database.parent, *database.parent.parents}
+    raw, keep = Path(uri[len("sqlite:///") :]).parent, {database.parent, *database.parent.parents}
     while raw != raw.parent and raw not in keep:
         try:
             raw.rmdir()
@@ -108,7 +126,7 @@ def display_uri(uri: str) -> str:
 
 def sqlite_path(url: str) -> Path | None:
     """The database file of a `sqlite:///` URL (its path percent-decoded, as SQLAlchemy reads it), else None."""
-    return Path(unquote(url[len("sqlite:///"):])).resolve() if url.startswith("sqlite:///") else None
+    return Path(unquote(url[len("sqlite:///") :])).resolve() if url.startswith("sqlite:///") else None
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -145,8 +163,10 @@ def check_separate_stores(tracking_uri: str, storage_url: str) -> None:
     """Optuna's tables inside MLflow's SQLite database would mix two schemas in one file that both tools migrate
     on their own: refuse it."""
     if sqlite_path(storage_url) is not None and sqlite_path(storage_url) == sqlite_path(tracking_uri):
-        raise SettingError(f"--storage {redact(storage_url)}: that is the MLflow tracking database; give Optuna a file "
-                         "of its own (or leave --storage out: optuna.journal beside the database)")
+        raise SettingError(
+            f"--storage {redact(storage_url)}: that is the MLflow tracking database; give Optuna a file "
+            "of its own (or leave --storage out: optuna.journal beside the database)"
+        )
 
 
 @contextlib.contextmanager
@@ -166,8 +186,9 @@ def store_lock(uri: str, name: str):
         engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
         try:
             with engine.connect() as connection:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
-                                   {"key": zlib.crc32(f"sweeplab {name}".encode())})
+                connection.execute(
+                    sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": zlib.crc32(f"sweeplab {name}".encode())}
+                )
                 yield
         finally:
             engine.dispose()
@@ -176,6 +197,7 @@ def store_lock(uri: str, name: str):
 
 
 # --- worker identity --------------------------------------------------------------------------------------------
+
 
 def this_host() -> str:
     return socket.gethostname()
@@ -246,8 +268,16 @@ def lost_insert_race(exc: BaseException) -> bool:
     MLflow recording a dataset both workers use): PostgreSQL, MySQL and SQLite each in their words. Doing it
     again finds the other writer's row."""
     text = str(exc)
-    return any(words in text for words in ("already exists", "duplicate key", "Duplicate entry", "UniqueViolation",
-                                           "UNIQUE constraint failed"))
+    return any(
+        words in text
+        for words in (
+            "already exists",
+            "duplicate key",
+            "Duplicate entry",
+            "UniqueViolation",
+            "UNIQUE constraint failed",
+        )
+    )
 
 
 def refused(exc: BaseException) -> bool:
@@ -256,8 +286,9 @@ def refused(exc: BaseException) -> bool:
     return any(words in str(exc) for words in ("authentication failed", "does not exist", "denied", "no password"))
 
 
-def retry_lost_races(fn: Callable[..., T], *args: Any, attempts: int = 5, pause_s: tuple[float, float] = (0.1, 0.5),
-                     **kwargs: Any) -> T:
+def retry_lost_races(
+    fn: Callable[..., T], *args: Any, attempts: int = 5, pause_s: tuple[float, float] = (0.1, 0.5), **kwargs: Any
+) -> T:
     """Call fn, again (after a random pause in `pause_s`) while it loses a check-then-insert race to another
     worker (`lost_insert_race`): by the next try the other writer's row or table is there. After `attempts`
     tries, or on any other error, the error is raised as it is. The other kind of retry, through an outage, is
@@ -272,8 +303,13 @@ def retry_lost_races(fn: Callable[..., T], *args: Any, attempts: int = 5, pause_
     raise AssertionError("unreachable")
 
 
-def with_retries(fn: Callable[..., T], *args: Any, what: str = "the Optuna storage",
-                 waits: tuple[float, ...] | None = None, **kwargs: Any) -> T:
+def with_retries(
+    fn: Callable[..., T],
+    *args: Any,
+    what: str = "the Optuna storage",
+    waits: tuple[float, ...] | None = None,
+    **kwargs: Any,
+) -> T:
     """Call fn, retrying connection-level failures with backoff; after the last wait raise OutageError in one
     line. A stop requested during the outage ends the waiting at once (stop.check raises Stopped)."""
     waits = retry_waits() if waits is None else waits

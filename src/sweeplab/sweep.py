@@ -68,6 +68,7 @@ class Part:
 
 # --- one worker on one study --------------------------------------------------------------------------------
 
+
 def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> int:
     """Lease, train, record, until the study holds its budget of finished trials. Returns the trials trained here.
 
@@ -76,8 +77,18 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
     queued again."""
     spec = part.sweep.spec
     engine = engine_named(spec.engine)
-    setup = WriterSetup(part.tracking_uri, part.storage_url, spec.optuna_study, part.n_trials, part.experiment_id,
-                        part.parent_run_id, spec.study, tuple(spec.space), dict(spec.condition), engine.name)
+    setup = WriterSetup(
+        part.tracking_uri,
+        part.storage_url,
+        spec.optuna_study,
+        part.n_trials,
+        part.experiment_id,
+        part.parent_run_id,
+        spec.study,
+        tuple(spec.space),
+        dict(spec.condition),
+        engine.name,
+    )
     recorder = setup.recorder(part.tracker, part.ledger)  # the one a writer process builds for itself
     pooled = not engine.live and part.n_trials > WRITERS_FROM_TRIALS and part.pool_writers
     writer = WriterPool(setup, part.ledger, processes=2) if pooled else InlineWriter(recorder)
@@ -138,8 +149,9 @@ def lease_jobs(part: Part, size: int, on_trial_end=None) -> tuple[list[Job], int
     return jobs, refused
 
 
-def train_and_hand_over(part: Part, engine: Engine, recorder: Recorder, writer, jobs: list[Job],
-                        on_trial_end=None) -> int:
+def train_and_hand_over(
+    part: Part, engine: Engine, recorder: Recorder, writer, jobs: list[Job], on_trial_end=None
+) -> int:
     """Train a batch and hand each trained job to the writer. An error fails the jobs it left untrained (their
     runs FAILED, their trials FAIL with the reason) and the sweep goes on, unless the stores are out of reach.
     Returns how many failed."""
@@ -204,6 +216,7 @@ def report_every(spec, epochs: int) -> int:
 
 # --- the stores, once for every condition ---------------------------------------------------------------------
 
+
 def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> list[Part]:
     """Open the storage and the MLflow experiment once, then the study of each part of the sweep (one per
     condition, or the sweep itself): one Part each, without a parent run yet. Every study is checked against the
@@ -229,29 +242,60 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
         with_retries(label_study, study, settings, objective.column)
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
-    return [Part(part, study, Ledger(study, storage, budget(part.spec), part.spec.space, runs=tracker),
-                 tracker, experiment_id, tracking_uri, storage_url) for part, study, _, _ in studies]
+    return [
+        Part(
+            part,
+            study,
+            Ledger(study, storage, budget(part.spec), part.spec.space, runs=tracker),
+            tracker,
+            experiment_id,
+            tracking_uri,
+            storage_url,
+        )
+        for part, study, _, _ in studies
+    ]
 
 
-def start_parent_run(tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int,
-                     role: str = "sweep") -> str:
+def start_parent_run(
+    tracker: Tracker, experiment_id: str, sweep: Sweep, storage_url: str, workers: int, role: str = "sweep"
+) -> str:
     spec = sweep.spec
     name = f"{role} {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    run_id = tracker.start_run(experiment_id, name, {TAG_ROLE: role, TAG_STUDY: spec.study,
-                                                      "sweeplab.sweep_file": sweep.source,
-                                                      "sweeplab.storage": redact(storage_url)})
-    params = {"study": spec.study, "engine": spec.engine, "sampler": spec.sampler.type, "sampler_seed": str(spec.sampler.seed),
-              "pruner": spec.pruner.type, "n_trials": str(spec.n_trials), "workers": str(workers),
-              "repeats": str(spec.repeats), "space": ",".join(spec.space), "conditions": ",".join(spec.conditions),
-              "fields": ",".join(sweep.field_of(k) for k in [*spec.space, *spec.conditions]),
-              "objective": f"{sweep.config_for({}).objective.metric} {sweep.config_for({}).objective.direction}",
-              "continuous": ",".join(name for name, param in spec.space.items()  # ranges, not levels: plotted
-                                     if any(case.kind != "categorical" for case in (param.cases or {"": param}).values()))}
+    run_id = tracker.start_run(
+        experiment_id,
+        name,
+        {
+            TAG_ROLE: role,
+            TAG_STUDY: spec.study,
+            "sweeplab.sweep_file": sweep.source,
+            "sweeplab.storage": redact(storage_url),
+        },
+    )
+    params = {
+        "study": spec.study,
+        "engine": spec.engine,
+        "sampler": spec.sampler.type,
+        "sampler_seed": str(spec.sampler.seed),
+        "pruner": spec.pruner.type,
+        "n_trials": str(spec.n_trials),
+        "workers": str(workers),
+        "repeats": str(spec.repeats),
+        "space": ",".join(spec.space),
+        "conditions": ",".join(spec.conditions),
+        "fields": ",".join(sweep.field_of(k) for k in [*spec.space, *spec.conditions]),
+        "objective": f"{sweep.config_for({}).objective.metric} {sweep.config_for({}).objective.direction}",
+        "continuous": ",".join(
+            name
+            for name, param in spec.space.items()  # ranges, not levels: plotted
+            if any(case.kind != "categorical" for case in (param.cases or {"": param}).values())
+        ),
+    }
     tracker.log_params(run_id, params)
     return run_id
 
 
 # --- `sweeplab sweep` ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class PartOutcome:
@@ -286,9 +330,15 @@ def side_by_side(sweep: Sweep, workers: int) -> int:
     return max(1, min(len(sweep.parts()), cores))
 
 
-def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 1,
-              progress: Callable[[optuna.Study, int, str], None] | None = None, register: bool = True,
-              trials_done: Callable[[], None] | None = None) -> SweepOutcome:
+def run_sweep(
+    sweep: Sweep,
+    tracking_uri: str,
+    storage_url: str,
+    workers: int = 1,
+    progress: Callable[[optuna.Study, int, str], None] | None = None,
+    register: bool = True,
+    trials_done: Callable[[], None] | None = None,
+) -> SweepOutcome:
     """`sweeplab sweep`: this process works as worker 0, with local helpers: workers-1 of them working through
     every condition with it, or (workers=1) one per further condition run side by side (`side_by_side`). A sweep
     with conditions gives each its own study with its share of the budget, under one parent run; each condition
@@ -312,6 +362,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
     shares = [list(range(i, len(parts), side)) for i in range(side)]
     helpers.start(sweep, tracking_uri, storage_url, parent, shares[1:] if side > 1 else None)
     try:
+
         def tick(part: Part) -> None:
             if progress:
                 progress(part.study, part.n_trials, condition_label(part.sweep.spec.condition))
@@ -348,11 +399,22 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
             if index not in champions:
                 champions[index] = crown(tracker, part, experiment_id) if register else None
         ours = {worker_id(), *helpers.workers()}  # a second sweep on the same study at once runs trials too
-        outcome = SweepOutcome([PartOutcome(part.sweep, part.study,
-                                            sum(t.number not in ran_before and t.user_attrs.get(WORKER_ATTR) in ours
-                                                for t in finished_trials(part.study)),
-                                            champions[index])
-                                for index, (part, ran_before) in enumerate(zip(parts, before))], parent, experiment_id)
+        outcome = SweepOutcome(
+            [
+                PartOutcome(
+                    part.sweep,
+                    part.study,
+                    sum(
+                        t.number not in ran_before and t.user_attrs.get(WORKER_ATTR) in ours
+                        for t in finished_trials(part.study)
+                    ),
+                    champions[index],
+                )
+                for index, (part, ran_before) in enumerate(zip(parts, before))
+            ],
+            parent,
+            experiment_id,
+        )
         tracker.set_note(parent, outcome_note(outcome))
         tracker.end_run(parent, Outcome.COMPLETED)
     except BaseException as exc:
@@ -364,8 +426,11 @@ def run_sweep(sweep: Sweep, tracking_uri: str, storage_url: str, workers: int = 
         if ours:
             stop_flag.clear()  # the request was for the helpers, not for a later sweep in this process
         try:
-            tracker.end_run(parent, Outcome.KILLED if interrupted else Outcome.FAILED,
-                            "interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
+            tracker.end_run(
+                parent,
+                Outcome.KILLED if interrupted else Outcome.FAILED,
+                "interrupted" if interrupted else f"{type(exc).__name__}: {exc}",
+            )
         except Exception:
             pass  # the original error is what the user needs to see
         raise
@@ -398,8 +463,15 @@ def crown(tracker: Tracker, part: Part, experiment_id: str) -> Champion | None:
     top = best_trials(part.study, 1)
     if not top:
         return None
-    return register_champion(tracker, top[0], part.sweep.spec.study, experiment_id, champion_alias(part.sweep),
-                             part.sweep.spec.condition, part.sweep.config_for({}).objective.column)
+    return register_champion(
+        tracker,
+        top[0],
+        part.sweep.spec.study,
+        experiment_id,
+        champion_alias(part.sweep),
+        part.sweep.spec.condition,
+        part.sweep.config_for({}).objective.column,
+    )
 
 
 def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
@@ -407,11 +479,18 @@ def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
     spec = sweep.spec
     searched = ", ".join(spec.space)
     compared = "; ".join(f"{key} in {values}" for key, values in spec.conditions.items())
-    text = (f"sweeplab study {spec.study}: searches {searched} ({spec.sampler.type} sampler, {spec.n_trials} trials"
-            + (f") separately for each condition: {compared}, an equal share of trials each" if compared else ")")
-            + f". {_better_text(sweep.config_for({}).objective)} Sweep file: {sweep.source}.")
-    tracker.describe_experiment(experiment_id, text, [sweep.field_of(k) for k in [*spec.space, *spec.conditions]],
-                                [sweep.field_of(k) for k in spec.conditions], sweep.config_for({}).objective)
+    text = (
+        f"sweeplab study {spec.study}: searches {searched} ({spec.sampler.type} sampler, {spec.n_trials} trials"
+        + (f") separately for each condition: {compared}, an equal share of trials each" if compared else ")")
+        + f". {_better_text(sweep.config_for({}).objective)} Sweep file: {sweep.source}."
+    )
+    tracker.describe_experiment(
+        experiment_id,
+        text,
+        [sweep.field_of(k) for k in [*spec.space, *spec.conditions]],
+        [sweep.field_of(k) for k in spec.conditions],
+        sweep.config_for({}).objective,
+    )
 
 
 def _better_text(objective) -> str:
@@ -448,6 +527,7 @@ def champion_alias(part: Sweep) -> str:
 
 # --- local helper workers -----------------------------------------------------------------------------------------
 
+
 class Helpers:
     """The extra local workers of `sweeplab sweep workers=N`, in a process pool whose processes are forked at
     once, before this process opens any store or starts a thread (only the main thread exists after the imports):
@@ -465,15 +545,29 @@ class Helpers:
             self.pool = ProcessPoolExecutor(n, mp_context=context)
             wait([self.pool.submit(os.getpid) for _ in range(n)])  # forks all n now (fork pools start them all)
 
-    def start(self, sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str,
-              shares: list[list[int]] | None = None) -> None:
+    def start(
+        self,
+        sweep: Sweep,
+        tracking_uri: str,
+        storage_url: str,
+        parent_run_id: str,
+        shares: list[list[int]] | None = None,
+    ) -> None:
         """Every helper works through every part (workers=N), or helper i through the parts in shares[i] alone
         (conditions side by side: each is then the only worker on its parts, with worker 0's sampler seed)."""
         if self.pool is not None:
-            self.futures = [self.pool.submit(_helper_work, sweep, tracking_uri, storage_url,
-                                             index if shares is None else 0, parent_run_id,
-                                             None if shares is None else shares[index - 1])
-                            for index in range(1, self.n + 1)]
+            self.futures = [
+                self.pool.submit(
+                    _helper_work,
+                    sweep,
+                    tracking_uri,
+                    storage_url,
+                    index if shares is None else 0,
+                    parent_run_id,
+                    None if shares is None else shares[index - 1],
+                )
+                for index in range(1, self.n + 1)
+            ]
 
     def wait(self, tick: Callable[[], None] | None = None, timeout: float | None = None) -> list[str]:
         """Wait for the helpers; returns their errors. With a timeout (after a stop), helpers still running then
@@ -489,8 +583,11 @@ class Helpers:
                 for process in multiprocessing.active_children():
                     process.kill()
                 break
-        return [f"{type(exc).__name__}: {exc}" for exc in (future.exception() for future in self.futures
-                                                           if future.done()) if exc is not None]
+        return [
+            f"{type(exc).__name__}: {exc}"
+            for exc in (future.exception() for future in self.futures if future.done())
+            if exc is not None
+        ]
 
     def workers(self) -> list[str]:
         """The helpers' worker ids (host:pid), as their trials name them."""
@@ -503,8 +600,9 @@ class Helpers:
             self.pool = None
 
 
-def _helper_work(sweep: Sweep, tracking_uri: str, storage_url: str, index: int, parent_run_id: str,
-                 share: list[int] | None = None) -> int:
+def _helper_work(
+    sweep: Sweep, tracking_uri: str, storage_url: str, index: int, parent_run_id: str, share: list[int] | None = None
+) -> int:
     """A helper's whole work, in its forked process: every part, or (side by side) its share of them alone."""
     _helper_done.clear()
     threading.Thread(target=_stop_when_orphaned, name="sweeplab-orphan-watch", daemon=True).start()
@@ -534,8 +632,8 @@ def _stop_when_orphaned() -> None:
 
 # --- `sweeplab worker` --------------------------------------------------------------------------------------------
 
-def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str | None,
-               worker_index: int) -> int:
+
+def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str | None, worker_index: int) -> int:
     """`sweeplab worker`: join the study and work until the budget is reached. Without a parent run id (a
     worker on another machine), it opens a parent run of its own for this invocation."""
     sweep = settle(sweep)
@@ -553,7 +651,9 @@ def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id:
         if own_parent:
             interrupted = isinstance(exc, KeyboardInterrupt)
             try:
-                tracker.end_run(parent_run_id, Outcome.KILLED if interrupted else Outcome.FAILED, str(exc) or "interrupted")
+                tracker.end_run(
+                    parent_run_id, Outcome.KILLED if interrupted else Outcome.FAILED, str(exc) or "interrupted"
+                )
             except Exception:
                 pass  # the original error is what the user needs to see
         raise

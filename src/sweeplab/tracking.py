@@ -80,8 +80,10 @@ def runs_link(base_url: str, experiment_id: str) -> str:
     """The study's trial runs in the MLflow UI's model-training view, best (lowest best_val_loss) first, with
     best_val_loss and the searched parameters as columns: MLflow 3.17's UI restores a shared view state (sort,
     filter, columns) from the experiment tag that `viewStateShareKey` names (see share_view)."""
-    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
-            "&workflowType=machine_learning")
+    return (
+        f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+        "&workflowType=machine_learning"
+    )
 
 
 def run_link(base_url: str, experiment_id: str, run_id: str) -> str:
@@ -90,8 +92,9 @@ def run_link(base_url: str, experiment_id: str, run_id: str) -> str:
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def share_view(client: MlflowClient, experiment_id: str, fields: list[str], conditions: list[str] = (),
-               objective=None) -> None:
+def share_view(
+    client: MlflowClient, experiment_id: str, fields: list[str], conditions: list[str] = (), objective=None
+) -> None:
     """Store the view runs_link opens: trial runs only, best first by the objective (best_val_loss unless the
     sweep names another), with columns the objective, best_val_loss, best_epoch, the outcome and the parameters
     `fields` (the sweep's searched and compared fields, dotted); in a sweep with conditions, grouped by them (each
@@ -99,35 +102,68 @@ def share_view(client: MlflowClient, experiment_id: str, fields: list[str], cond
     column = objective.column if objective is not None else "best_val_loss"
     ascending = objective.minimize if objective is not None else True
     metrics = list(dict.fromkeys([column, "best_val_loss", "best_epoch"]))
-    columns = [*(f"metrics.`{name}`" for name in metrics), f"tags.`{TAG_OUTCOME}`",
-               *(f"params.`{field}`" for field in fields)]
-    state = {"orderByKey": f"metrics.`{column}`", "orderByAsc": ascending,
-             "searchFilter": f"tags.`{TAG_ROLE}` = 'trial'", "selectedColumns": columns}
+    columns = [
+        *(f"metrics.`{name}`" for name in metrics),
+        f"tags.`{TAG_OUTCOME}`",
+        *(f"params.`{field}`" for field in fields),
+    ]
+    state = {
+        "orderByKey": f"metrics.`{column}`",
+        "orderByAsc": ascending,
+        "searchFilter": f"tags.`{TAG_ROLE}` = 'trial'",
+        "selectedColumns": columns,
+    }
     if conditions:
-        state["groupBy"] = {"aggregateFunction": "min" if ascending else "max", "groupByKeys": [
-            {"mode": "param", "groupByData": field} for field in conditions]}
+        state["groupBy"] = {
+            "aggregateFunction": "min" if ascending else "max",
+            "groupByKeys": [{"mode": "param", "groupByData": field} for field in conditions],
+        }
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
 
 
 def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) -> subprocess.Popen:
     """`mlflow server` as the UI over a store. The store goes through the environment, not the command line, where
     `ps` would show its password; a local SQLite store's artifacts are where sweeplab put them (mlartifacts/)."""
-    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-               "--workers", str(workers), "--uvicorn-opts", "--log-level warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--uvicorn-opts",
+        "--log-level warning",
+    ]
     database = sqlite_path(uri)
     if database:
         command += ["--default-artifact-root", os.path.dirname(os.path.abspath(database)) + "/mlartifacts"]
     # No GenAI job runner unless asked for: its huey consumers (7 processes here) and the store MLflow makes for them
     # in /dev/shm serve evaluations and issue detection, which a sweep's UI does not run.
-    env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
+    env = {
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "PYTHONWARNINGS": "ignore",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **os.environ,
+        "MLFLOW_BACKEND_STORE_URI": uri,
+    }
     # The server and everything it starts (uvicorn workers, huey consumers) in a process group of their own, which
     # `stop_ui_server` ends whole; a watchdog outside both ends it too if this process is killed outright.
     server = subprocess.Popen(command, env=env, stdout=log.fileno() if log else None, start_new_session=True)
-    watchdog = (f"while kill -0 {os.getpid()} 2>/dev/null && kill -0 {server.pid} 2>/dev/null; do sleep 1; done; "
-                f"kill -TERM -{server.pid} 2>/dev/null; sleep 5; kill -KILL -{server.pid} 2>/dev/null")
-    subprocess.Popen(["sh", "-c", watchdog], start_new_session=True, stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watchdog = (
+        f"while kill -0 {os.getpid()} 2>/dev/null && kill -0 {server.pid} 2>/dev/null; do sleep 1; done; "
+        f"kill -TERM -{server.pid} 2>/dev/null; sleep 5; kill -KILL -{server.pid} 2>/dev/null"
+    )
+    subprocess.Popen(
+        ["sh", "-c", watchdog],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return server
 
 
@@ -185,8 +221,9 @@ def answers(url: str) -> bool:
 
 def flatten(config: ExperimentConfig) -> dict[str, str]:
     """The resolved config as MLflow params: dotted keys (`train.lr`), every field, defaults included."""
-    return {key: json.dumps(value) if isinstance(value, list) else str(value)
-            for key, value in flat_fields(config).items()}
+    return {
+        key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in flat_fields(config).items()
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,8 +233,13 @@ def git_commit() -> str | None:
     one installed inside somebody else's repository: recording that repository's commit would be wrong."""
     package = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout.split()
+        out = subprocess.run(
+            ["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None
     if len(out) != 2 or Path(out[0]).resolve() / "src" / "sweeplab" != package:
@@ -254,8 +296,11 @@ def _copy_empty_store(target: Path) -> bool:
         now = int(time.time() * 1000)
         with contextlib.closing(sqlite3.connect(target)) as connection, connection:
             connection.execute("SELECT version_num FROM alembic_version").fetchone()
-            connection.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
-                               "WHERE experiment_id = 0", (str(Path.cwd() / "mlruns" / "0"), now, now))
+            connection.execute(
+                "UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                "WHERE experiment_id = 0",
+                (str(Path.cwd() / "mlruns" / "0"), now, now),
+            )
     except (OSError, sqlite3.Error):  # none kept yet, or a damaged one: migrate (and keep the result instead)
         target.unlink(missing_ok=True)
         return False
@@ -279,7 +324,6 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
     (`with_retries`' ~15 s); then say in one line that it is unreachable, with the URI redacted."""
     import sqlalchemy  # database stores only
 
-
     connect_args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
     engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
     try:
@@ -292,8 +336,10 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
                 if wait is None or refused(exc):  # a wrong password or database name will not come right by waiting
                     first = (str(exc.orig or exc).strip().splitlines() or ["unreachable"])[0]
                     waited = "" if refused(exc) else f" for {sum(waits):.0f} s"
-                    raise ConfigError(f"--tracking-uri {display_uri(uri)}: cannot reach the MLflow tracking store"
-                                      f"{waited} ({first[:300]})") from None
+                    raise ConfigError(
+                        f"--tracking-uri {display_uri(uri)}: cannot reach the MLflow tracking store"
+                        f"{waited} ({first[:300]})"
+                    ) from None
                 time.sleep(wait)
     finally:
         engine.dispose()
@@ -324,6 +370,7 @@ def _open_database_client(uri: str) -> MlflowClient:
     run MLflow's migrations at once, and the losers fail on a duplicate type or key (`pg_type_typname_nsp_index`).
     On PostgreSQL they take turns under an advisory lock (the first migrates, the rest find the tables made);
     elsewhere a loser opens the store again once the tables exist."""
+
     def open_client() -> MlflowClient:
         client = MlflowClient(uri, registry_uri=uri)  # builds the tracking store: migrates a fresh database
         client.search_registered_models(max_results=1)  # and the registry's
@@ -348,16 +395,19 @@ class Tracker:
             self.client.search_experiments(max_results=1)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(f"--tracking-uri {display_uri(self.tracking_uri)}: cannot reach the MLflow tracking "
-                              f"store ({first[:300]})") from None
+            raise ConfigError(
+                f"--tracking-uri {display_uri(self.tracking_uri)}: cannot reach the MLflow tracking "
+                f"store ({first[:300]})"
+            ) from None
 
     @staticmethod
     def _open_client(tracking_uri: str) -> MlflowClient:
         """A client on the store. A local SQLite store that does not exist yet is created whole first
         (`create_sqlite_store`); one that exists is only read, so a read-only store serves predict and report."""
         if not tracking_uri.startswith("sqlite:///"):
-            if "://" in tracking_uri and not tracking_uri.startswith(("sqlite:", "http:", "https:", "file:",
-                                                                      "databricks")):
+            if "://" in tracking_uri and not tracking_uri.startswith(
+                ("sqlite:", "http:", "https:", "file:", "databricks")
+            ):
                 # a database store: MLflow's engine set-up retries for ~106 s, a warning per attempt
                 probe_database(tracking_uri)
                 return _open_database_client(tracking_uri)
@@ -372,8 +422,9 @@ class Tracker:
             remove_mlflow_strays(tracking_uri)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(f"--tracking-uri {display_uri(tracking_uri)}: not a usable MLflow database "
-                              f"({first[:300]})") from None
+            raise ConfigError(
+                f"--tracking-uri {display_uri(tracking_uri)}: not a usable MLflow database ({first[:300]})"
+            ) from None
         return client
 
     def experiment_id(self, name: str) -> str:
@@ -399,8 +450,14 @@ class Tracker:
             return root.as_uri()
         return None
 
-    def start_run(self, experiment_id: str, run_name: str, tags: dict[str, str] | None = None,
-                  parent_run_id: str | None = None, start_ms: int | None = None) -> str:
+    def start_run(
+        self,
+        experiment_id: str,
+        run_name: str,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+        start_ms: int | None = None,
+    ) -> str:
         all_tags = {**self._tags, TAG_WORKER: worker_id(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -427,15 +484,17 @@ class Tracker:
             return None
         outcome = Outcome(tags.get(TAG_OUTCOME, "completed"))
         column = f"best_{tags.get(TAG_OBJECTIVE, 'val_loss').split()[0]}"
-        return RunEnd(outcome, metrics.get(column, float("nan")), int(metrics.get("best_epoch", 0)),
-                      tags.get(TAG_REASON))
+        return RunEnd(
+            outcome, metrics.get(column, float("nan")), int(metrics.get("best_epoch", 0)), tags.get(TAG_REASON)
+        )
 
     def reap_dead_local_runs(self, experiment_id: str) -> int:
         """End as KILLED the RUNNING runs whose process on this machine no longer exists (a SIGKILLed sweep's
         parent and trial runs, say). Returns how many."""
         reaped = 0
-        for run in self.client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                           max_results=1000):
+        for run in self.client.search_runs(
+            [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+        ):
             worker = run.data.tags.get(TAG_WORKER)
             if worker and process_gone(worker):
                 self.end_run(run.info.run_id, Outcome.KILLED, f"process {worker} ended without closing the run")
@@ -458,8 +517,9 @@ class Tracker:
         """The run's description in the UI (Markdown)."""
         self.client.set_tag(run_id, TAG_NOTE, text)
 
-    def describe_experiment(self, experiment_id: str, text: str, fields: list[str], conditions: list[str] = (),
-                            objective=None) -> None:
+    def describe_experiment(
+        self, experiment_id: str, text: str, fields: list[str], conditions: list[str] = (), objective=None
+    ) -> None:
         """The experiment's description, and the view the printed UI link opens (`share_view`)."""
         self.client.set_experiment_tag(experiment_id, TAG_NOTE, text)
         share_view(self.client, experiment_id, fields, conditions, objective)
@@ -471,6 +531,7 @@ def outcome_tags(outcome: str, reason: str | None = None, extra: dict[str, str] 
     if reason:
         tags.append(RunTag(TAG_REASON, reason[:5000]))
     return tags
+
 
 LAB_KEYS = ("optimizer", "hidden", "lr", "noise")  # what names a `sweeplab run` of the lab
 SHORT_KEYS = {"hidden": "h", "noise": "n"}  # the UI's run column shows ~20 characters

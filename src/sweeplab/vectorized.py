@@ -81,8 +81,12 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
     spec = model_spec_for(config, dataset)
     train = config.train
     # everything that decides what the generators draw, and how often: the batches' shape, not the optimizer
-    draws_key = (data_key, repr(spec), config.device,
-                 train.model_dump_json(exclude={"optimizer", "lr", "weight_decay", "momentum"}))
+    draws_key = (
+        data_key,
+        repr(spec),
+        config.device,
+        train.model_dump_json(exclude={"optimizer", "lr", "weight_decay", "momentum"}),
+    )
     if draws_key not in shared:
         torch.set_rng_state(rng_after_data)
         model = build_model(spec, config.code_dir)
@@ -100,9 +104,21 @@ def group_key(member: Member) -> tuple:
     have the same names and shapes (model.architecture), whatever init args made them."""
     c, d = member.config, member.dataset
     model = (c.model.class_path, architecture(member.init_state)) if c.model.class_path else c.model.activation
-    return (model, c.train.batch_size, c.train.val_batch_size or d.x_val.shape[0], c.train.epochs,
-            c.train.shuffle, c.task, c.train.loss, d.x_train.shape, d.x_val.shape, d.n_outputs, c.device,
-            c.objective.metric, c.objective.direction)
+    return (
+        model,
+        c.train.batch_size,
+        c.train.val_batch_size or d.x_val.shape[0],
+        c.train.epochs,
+        c.train.shuffle,
+        c.task,
+        c.train.loss,
+        d.x_train.shape,
+        d.x_val.shape,
+        d.n_outputs,
+        c.device,
+        c.objective.metric,
+        c.objective.direction,
+    )
 
 
 def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, regression_loss: str) -> torch.Tensor:
@@ -132,11 +148,18 @@ class _StackedOptimizer:
         kinds = [c.train.optimizer for c in configs]
         self.masks = {kind: column([k == kind for k in kinds], torch.bool) for kind in sorted(set(kinds))}
         self.lr = column([c.train.lr for c in configs])
-        self.decay = column([(0.01 if c.train.optimizer == "AdamW" else 0.0) if c.train.weight_decay is None
-                             else c.train.weight_decay for c in configs])
+        self.decay = column(
+            [
+                (0.01 if c.train.optimizer == "AdamW" else 0.0)
+                if c.train.weight_decay is None
+                else c.train.weight_decay
+                for c in configs
+            ]
+        )
         self.momentum = column([c.train.momentum for c in configs])
-        self.coupled_decay = bool(((self.decay != 0) & ~self.masks.get("AdamW", torch.zeros_like(self.lr,
-                                                                                                  dtype=torch.bool))).any())
+        self.coupled_decay = bool(
+            ((self.decay != 0) & ~self.masks.get("AdamW", torch.zeros_like(self.lr, dtype=torch.bool))).any()
+        )
         zeros = lambda: torch.zeros_like(flat)  # noqa: E731
         self.adam = (zeros(), zeros()) if {"Adam", "AdamW"} & self.masks.keys() else None
         self.square_avg = zeros() if "RMSprop" in self.masks else None
@@ -158,8 +181,8 @@ class _StackedOptimizer:
             exp_avg, exp_avg_sq = self.adam
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            correction1 = 1 - beta1 ** self.steps
-            denom = (exp_avg_sq.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(ADAM_EPS)
+            correction1 = 1 - beta1**self.steps
+            denom = (exp_avg_sq.sqrt() / (1 - beta2**self.steps) ** 0.5).add_(ADAM_EPS)
             adam_mask = self.masks.get("Adam", False) | self.masks.get("AdamW", False)
             delta = torch.where(adam_mask, lr / correction1 * exp_avg / denom, delta)
         if self.square_avg is not None:
@@ -226,8 +249,14 @@ class _Curves:
         self.epochs_run = torch.zeros(k, dtype=torch.int64)
         self.reasons: dict[int, str] = {}  # members stopped by a hook
 
-    def record(self, epoch: int, train: torch.Tensor, val: torch.Tensor, metrics: dict[str, torch.Tensor],
-               confusion: torch.Tensor | None) -> torch.Tensor:
+    def record(
+        self,
+        epoch: int,
+        train: torch.Tensor,
+        val: torch.Tensor,
+        metrics: dict[str, torch.Tensor],
+        confusion: torch.Tensor | None,
+    ) -> torch.Tensor:
         """One epoch of the members still recording; returns which of them improved ([K] bool)."""
         column, active = epoch - 1, self.active
         self.train[active, column] = train[active]
@@ -263,12 +292,19 @@ class _Curves:
         confusion = self.confusion.tolist() if self.confusion is not None else None
         out = []
         for i, (n, best) in enumerate(zip(self.epochs_run.tolist(), self.best_epoch.tolist())):
-            history = History(train[i][:n], val[i][:n], {name: curve[i][:n] for name, curve in metrics.items()},
-                              objective=tuple(self.objective))
+            history = History(
+                train[i][:n],
+                val[i][:n],
+                {name: curve[i][:n] for name, curve in metrics.items()},
+                objective=tuple(self.objective),
+            )
             if best:
                 history.best_epoch, history.best_val_loss = best, val[i][best - 1]
-                history.best_value = history.val_loss[best - 1] if self.objective[0] == "val_loss" else \
-                    history.metrics[self.objective[0]][best - 1]
+                history.best_value = (
+                    history.val_loss[best - 1]
+                    if self.objective[0] == "val_loss"
+                    else history.metrics[self.objective[0]][best - 1]
+                )
                 history.best_metrics = {name: curve[i][best - 1] for name, curve in metrics.items()}
                 history.confusion_matrix = confusion[i] if confusion is not None else None
             if n:  # diverged, stopped by a hook's reason, or neither: History.stop decides, as in fit
@@ -336,12 +372,23 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     for i, m in enumerate(members):
         if m.history.best_epoch:
             h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
-            m.history.best_state = {"net.0.weight": w1[i, :h].clone(), "net.0.bias": b1[i, :h].clone(),
-                                    "net.2.weight": w2[i, :, :h].clone(), "net.2.bias": b2[i].clone()}
+            m.history.best_state = {
+                "net.0.weight": w1[i, :h].clone(),
+                "net.0.bias": b1[i, :h].clone(),
+                "net.2.weight": w2[i, :, :h].clone(),
+                "net.2.bias": b2[i].clone(),
+            }
 
 
-def fit_stacked(members: list[Member], data, flat: torch.Tensor, forward, buffers: dict[str, torch.Tensor],
-                on_epoch=None, each_epoch=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def fit_stacked(
+    members: list[Member],
+    data,
+    flat: torch.Tensor,
+    forward,
+    buffers: dict[str, torch.Tensor],
+    on_epoch=None,
+    each_epoch=None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The epoch loop both stacked paths share (fit's, for K members): each member's batch order as the reference
     draws it, `forward(x [K, B, ...], training)` -> outputs [K, B, C], one backward, each member's optimizer,
     validation, the curves and decisions (`_Curves`), the hook. `flat` [K, P] holds every member's parameters;
@@ -375,7 +422,7 @@ def fit_stacked(members: list[Member], data, flat: torch.Tensor, forward, buffer
             xs, ys = x_train[which], y_train[which]
         batch_losses, sizes = [], []
         for start in range(0, n_train, train.batch_size):
-            xb, yb = xs[:, start:start + train.batch_size], ys[:, start:start + train.batch_size]
+            xb, yb = xs[:, start : start + train.batch_size], ys[:, start : start + train.batch_size]
             losses = _member_loss(forward(xb, True), yb, task, train.loss)
             flat.grad = None
             losses.sum().backward()
@@ -388,8 +435,8 @@ def fit_stacked(members: list[Member], data, flat: torch.Tensor, forward, buffer
         with torch.no_grad():
             val_losses, val_sizes, outputs = [], [], []
             for start in range(0, n_val, val_batch):
-                out = forward(x_val[:, start:start + val_batch], False)
-                val_losses.append(_member_loss(out, y_val[:, start:start + val_batch], task, train.loss))
+                out = forward(x_val[:, start : start + val_batch], False)
+                val_losses.append(_member_loss(out, y_val[:, start : start + val_batch], task, train.loss))
                 val_sizes.append(out.shape[1])
                 outputs.append(out)
             val_loss = _sample_average(val_losses, val_sizes, n_val)
@@ -403,8 +450,9 @@ def fit_stacked(members: list[Member], data, flat: torch.Tensor, forward, buffer
             mask = improved.to(device)
             best.copy_(torch.where(mask.unsqueeze(1), flat.detach(), best))
             for name, value in buffers.items():
-                best_buffers[name].copy_(torch.where(mask.view(k, *(1,) * (value.dim() - 1)), value,
-                                                     best_buffers[name]))
+                best_buffers[name].copy_(
+                    torch.where(mask.view(k, *(1,) * (value.dim() - 1)), value, best_buffers[name])
+                )
         if not curves.active.any():
             break
     elapsed = time.perf_counter() - started
@@ -427,9 +475,17 @@ def _hook_reasons(members, curves: _Curves, epoch: int, train_loss, val_loss, me
     improved_values = improved.tolist()
     for i in curves.active.nonzero().flatten().tolist():
         epoch_metrics = {name: values[i] for name, values in metric_values.items()}
-        record = EpochRecord(epoch, train_values[i], val_values[i], epoch_metrics, best_values[i], best_epochs[i],
-                             improved_values[i], val_values[i] if metric == "val_loss" else epoch_metrics[metric],
-                             objective_best[i])
+        record = EpochRecord(
+            epoch,
+            train_values[i],
+            val_values[i],
+            epoch_metrics,
+            best_values[i],
+            best_epochs[i],
+            improved_values[i],
+            val_values[i] if metric == "val_loss" else epoch_metrics[metric],
+            objective_best[i],
+        )
         reason = on_epoch(members[i], record)
         if reason:
             reasons[i] = reason

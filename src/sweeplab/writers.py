@@ -81,8 +81,16 @@ class WriterSetup:
     def recorder(self, tracker: Tracker, ledger) -> Recorder:
         """The part's recorder, on stores opened by whoever calls: the sweep process's own (sweep.prepare), or a
         writer process's (`_open_writer`; spawned, it cannot share the sweep's connections)."""
-        return Recorder(tracker, self.experiment_id, self.parent_run_id, ledger, self.study, list(self.keys),
-                        self.condition, self.engine)
+        return Recorder(
+            tracker,
+            self.experiment_id,
+            self.parent_run_id,
+            ledger,
+            self.study,
+            list(self.keys),
+            self.condition,
+            self.engine,
+        )
 
 
 class WriterPool:
@@ -91,8 +99,9 @@ class WriterPool:
 
     def __init__(self, setup: WriterSetup, ledger, processes: int):
         self.ledger = ledger
-        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_open_writer, initargs=(setup,))
+        self.pool = ProcessPoolExecutor(
+            processes, mp_context=multiprocessing.get_context("spawn"), initializer=_open_writer, initargs=(setup,)
+        )
         self.in_flight: dict[Future, Job] = {}
         for _ in range(processes):  # start the processes now: their imports (~3 s) overlap the first batch
             self.pool.submit(os.getpid)

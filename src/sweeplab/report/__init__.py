@@ -17,12 +17,25 @@ from .pictures import draw, warm_up
 from .render import answer_text, html_page, summary_markdown, terminal_tables
 from .tables import Report, all_factor_tables, answers_of, factor_table, param_importances
 
-__all__ = ["DEFAULT_UI_URL", "Report", "ReportError", "SweepData", "answer_text", "build_report", "factor_table",
-           "load_runs", "param_importances", "report_for_sweep", "terminal_tables", "warm_up"]
+__all__ = [
+    "DEFAULT_UI_URL",
+    "Report",
+    "ReportError",
+    "SweepData",
+    "answer_text",
+    "build_report",
+    "factor_table",
+    "load_runs",
+    "param_importances",
+    "report_for_sweep",
+    "terminal_tables",
+    "warm_up",
+]
 
 
-def build_report(study: str, tracking_uri: str, out: Path, log_to_mlflow: bool = True,
-                 ui_url: str | None = None) -> Report:
+def build_report(
+    study: str, tracking_uri: str, out: Path, log_to_mlflow: bool = True, ui_url: str | None = None
+) -> Report:
     """The report's files in `out`. Its run links open the MLflow UI at `ui_url` (default $SWEEPLAB_UI_URL, else
     where `sweeplab ui` listens by default, http://127.0.0.1:5000)."""
     ui_url = (ui_url or os.environ.get("SWEEPLAB_UI_URL") or DEFAULT_UI_URL).rstrip("/")
@@ -59,5 +72,8 @@ def report_for_sweep(study: str, tracking_uri: str, out: str) -> dict:
     """The report `sweeplab sweep` ends with, built in its background process (background.Forked): the files in
     `out`, and what the sweep then prints and logs to the parent run (`Tracker.log_report`)."""
     report = build_report(study, tracking_uri, Path(out), log_to_mlflow=False)
-    return {"tables": terminal_tables(report), "note": "\n\n".join(answer_text(report)),
-            "parent_run_id": report.data.parent_run_id}
+    return {
+        "tables": terminal_tables(report),
+        "note": "\n\n".join(answer_text(report)),
+        "parent_run_id": report.data.parent_run_id,
+    }

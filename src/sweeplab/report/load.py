@@ -16,10 +16,20 @@ from ..config import ALIASES
 from ..tracking import TAG_OBJECTIVE, TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker
 
 FACTORS = ["optimizer", "hidden", "noise"]  # the scientific parameters; lr is tuned per optimizer (a nuisance)
-PARAM_COLUMNS = {"train.optimizer": "optimizer", "model.hidden": "hidden", "data.noise": "noise", "train.lr": "lr",
-                 "seed": "seed", "task": "task", "train.epochs": "epochs", "train.batch_size": "batch_size",
-                 "model.activation": "activation", "model.dropout": "dropout", "train.weight_decay": "weight_decay",
-                 "train.momentum": "momentum"}
+PARAM_COLUMNS = {
+    "train.optimizer": "optimizer",
+    "model.hidden": "hidden",
+    "data.noise": "noise",
+    "train.lr": "lr",
+    "seed": "seed",
+    "task": "task",
+    "train.epochs": "epochs",
+    "train.batch_size": "batch_size",
+    "model.activation": "activation",
+    "model.dropout": "dropout",
+    "train.weight_decay": "weight_decay",
+    "train.momentum": "momentum",
+}
 CONVERGED_WITHIN = 0.05  # epochs to converge: first epoch within 5% of the trial's own best val loss ...
 LEARNED_BELOW = 0.5  # ... counted only for a run that learned: best_val_loss at most half its baseline_val_loss
 BULK_RUNS = 500  # run ids per bulk metric query
@@ -45,6 +55,7 @@ class SweepData:
 
 # --- reading MLflow -----------------------------------------------------------------------------------------------
 
+
 def load_runs(study: str, tracking_uri: str) -> SweepData:
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
@@ -56,8 +67,9 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
     trial_runs = [r for r in runs if r.data.tags.get(TAG_ROLE) in ("trial", "run")]
     if not trial_runs:
         raise ReportError(f"{study}: the study has no trial runs yet")
-    parents = sorted((r for r in runs if r.data.tags.get(TAG_ROLE) in ("sweep", "worker")),
-                     key=lambda r: r.info.start_time)
+    parents = sorted(
+        (r for r in runs if r.data.tags.get(TAG_ROLE) in ("sweep", "worker")), key=lambda r: r.info.start_time
+    )
     params = parents[-1].data.params if parents else {}
     factors = [k for k in params.get("space", "").split(",") if k]
     conditions = [k for k in params.get("conditions", "").split(",") if k]
@@ -66,15 +78,22 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
     goal = Goal.parse(params.get("objective") or trial_runs[0].data.tags.get(TAG_OBJECTIVE))
     curves = _curves(client, [r.info.run_id for r in trial_runs], None if goal.is_loss else goal.metric)
     keys = factors + conditions
-    trials = _trial_frame(trial_runs, curves, keys, dict(zip(keys, fields)) if len(fields) == len(keys) else {},
-                          goal)
+    trials = _trial_frame(trial_runs, curves, keys, dict(zip(keys, fields)) if len(fields) == len(keys) else {}, goal)
     if not parents:  # runs of `sweeplab run`: whatever varies among the usual factors
         factors = [f for f in FACTORS + ["lr"] if f in trials.columns and trials[f].nunique() > 1]
     curves = curves.merge(trials[["run_id", "trial"]], on="run_id")[["trial", "run_id", "epoch", "split", "loss"]]
     parent_id = next((r.info.run_id for r in reversed(parents) if r.data.tags.get(TAG_ROLE) == "sweep"), None)
-    return SweepData(study, trials, curves.sort_values(["trial", "split", "epoch"], ignore_index=True),
-                     parent_id, factors=factors, conditions=conditions, experiment_id=experiment.experiment_id,
-                     continuous=continuous, goal=goal)
+    return SweepData(
+        study,
+        trials,
+        curves.sort_values(["trial", "split", "epoch"], ignore_index=True),
+        parent_id,
+        factors=factors,
+        conditions=conditions,
+        experiment_id=experiment.experiment_id,
+        continuous=continuous,
+        goal=goal,
+    )
 
 
 def _search_all(client, experiment_id: str):
@@ -97,7 +116,9 @@ def _curves(client, run_ids: list[str], metric: str | None = None) -> pd.DataFra
     rows: list[tuple[str, int, str, float]] = []
     for key, split in _curve_keys(metric).items():  # a tracking server: parallel requests
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for run_id, history in zip(run_ids, pool.map(lambda r, key=key: client.get_metric_history(r, key), run_ids)):
+            for run_id, history in zip(
+                run_ids, pool.map(lambda r, key=key: client.get_metric_history(r, key), run_ids)
+            ):
                 rows.extend((run_id, m.step, split, m.value) for m in history)
     frame = pd.DataFrame(rows, columns=["run_id", "epoch", "split", "loss"])
     # a metric logged twice for one step (a retried flush) counts once
@@ -123,12 +144,21 @@ def _select_curves(store, run_ids: list[str], metric: str | None = None) -> pd.D
     frames = []
     with engine.connect() as connection:
         for start in range(0, len(run_ids), BULK_RUNS):
-            query = (select(SqlMetric.run_uuid, SqlMetric.step, SqlMetric.key, SqlMetric.value, SqlMetric.is_nan,
-                            SqlMetric.timestamp)
-                     .where(SqlMetric.key.in_(list(_curve_keys(metric))),
-                            SqlMetric.run_uuid.in_(run_ids[start:start + BULK_RUNS])))
-            frames.append(pd.DataFrame(connection.execute(query).all(),
-                                       columns=["run_id", "epoch", "key", "loss", "is_nan", "timestamp"]))
+            query = select(
+                SqlMetric.run_uuid,
+                SqlMetric.step,
+                SqlMetric.key,
+                SqlMetric.value,
+                SqlMetric.is_nan,
+                SqlMetric.timestamp,
+            ).where(
+                SqlMetric.key.in_(list(_curve_keys(metric))), SqlMetric.run_uuid.in_(run_ids[start : start + BULK_RUNS])
+            )
+            frames.append(
+                pd.DataFrame(
+                    connection.execute(query).all(), columns=["run_id", "epoch", "key", "loss", "is_nan", "timestamp"]
+                )
+            )
     frame = pd.concat(frames, ignore_index=True)
     frame["loss"] = frame["loss"].astype(float).where(~frame["is_nan"].astype(bool), math.nan)
     frame["epoch"] = frame["epoch"].astype(int)
@@ -137,8 +167,9 @@ def _select_curves(store, run_ids: list[str], metric: str | None = None) -> pd.D
     return frame.drop_duplicates(["run_id", "epoch", "split"], keep="last")[["run_id", "epoch", "split", "loss"]]
 
 
-def _trial_frame(runs, curves: pd.DataFrame, keys: list[str] = (), fields: dict[str, str] | None = None,
-                 goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:
+def _trial_frame(
+    runs, curves: pd.DataFrame, keys: list[str] = (), fields: dict[str, str] | None = None, goal: Goal = DEFAULT_GOAL
+) -> pd.DataFrame:
     """One row per run; `keys` (the sweep's searched and compared keys, `lr` or `train.lr` or `channels`) become
     columns of their own, named as the sweep file names them; `fields` says which param each key set (the sweep
     logs it: `channels` -> model.init_args.channels)."""
@@ -150,9 +181,13 @@ def _trial_frame(runs, curves: pd.DataFrame, keys: list[str] = (), fields: dict[
     by_run = _curve_arrays(curves)
     for run in runs:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        record = {"trial": int(tags[TAG_TRIAL]) if TAG_TRIAL in tags else -1, "run_id": run.info.run_id,
-                  "run_name": run.info.run_name, "state": tags.get(TAG_OUTCOME, run.info.status.lower()),
-                  "reason": tags.get("sweeplab.reason", "")}
+        record = {
+            "trial": int(tags[TAG_TRIAL]) if TAG_TRIAL in tags else -1,
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "state": tags.get(TAG_OUTCOME, run.info.status.lower()),
+            "reason": tags.get("sweeplab.reason", ""),
+        }
         for param, column in columns.items():
             if param in params:
                 record[column] = _number(params[param])
@@ -203,9 +238,17 @@ def _curve_stats(curve: dict[str, tuple[np.ndarray, np.ndarray]] | None, baselin
     most LEARNED_BELOW times the baseline (a constant prediction fitted on the training labels; for MSE, R^2 of
     at least 0.5); unknown (True) for runs logged without a baseline. A run that never learned has no
     epochs_to_converge: being within 5% of a best that is no better than guessing is not converging."""
-    empty = {"learned": False, "best_val_loss": math.nan, "best_epoch": 0, "epochs_run": 0, "final_train_loss": math.nan,
-             "final_val_loss": math.nan, "gap_at_best": math.nan, "epochs_to_converge": math.nan,
-             "auc_val_loss": math.nan}
+    empty = {
+        "learned": False,
+        "best_val_loss": math.nan,
+        "best_epoch": 0,
+        "epochs_run": 0,
+        "final_train_loss": math.nan,
+        "final_val_loss": math.nan,
+        "gap_at_best": math.nan,
+        "epochs_to_converge": math.nan,
+        "auc_val_loss": math.nan,
+    }
     if not curve or "val" not in curve:
         return empty
     val_epochs, val = curve["val"]

@@ -22,12 +22,13 @@ def draw(data: SweepData, answers: list) -> dict[str, bytes]:
     factor, the median validation curve with its quartile band per level of each factor, parallel coordinates
     over the searched factors, and the optimization history. One row of panels per condition."""
     groups = conditions_of(data.trials, data.conditions)
-    pictures = {f"{data.goal.column}_vs_lr": _loss_vs_continuous(data, groups),
-                "val_curves": _median_curves(data, groups),
-                f"{data.goal.metric}_curves": None if data.goal.is_loss else _median_curves(data, groups,
-                                                                                           data.goal.metric),
-                "parallel_coordinates": _parallel(data, groups),
-                "optuna_history_importance": _history(data, groups, answers)}
+    pictures = {
+        f"{data.goal.column}_vs_lr": _loss_vs_continuous(data, groups),
+        "val_curves": _median_curves(data, groups),
+        f"{data.goal.metric}_curves": None if data.goal.is_loss else _median_curves(data, groups, data.goal.metric),
+        "parallel_coordinates": _parallel(data, groups),
+        "optuna_history_importance": _history(data, groups, answers),
+    }
     return {name: png for name, png in pictures.items() if png is not None}
 
 
@@ -49,7 +50,9 @@ def _colors(levels: list) -> dict:
 def _loss_vs_continuous(data: SweepData, groups) -> bytes | None:
     """The objective (best_val_loss) against each continuous factor (lr), log-log for a loss, one colour per level
     of the first factor with levels (optimizer): where each setting's good range lies."""
-    continuous = [f for f in data.factors if f in data.trials.columns and is_continuous(data.trials[f], data.continuous)]
+    continuous = [
+        f for f in data.factors if f in data.trials.columns and is_continuous(data.trials[f], data.continuous)
+    ]
     if not continuous:
         return None
     x_name = continuous[0]
@@ -62,8 +65,14 @@ def _loss_vs_continuous(data: SweepData, groups) -> bytes | None:
         colors = _colors(levels)
         for level in levels:
             subset = done if level is None else done[done[hue] == level]
-            ax.scatter(subset[x_name], subset[goal.column], s=18, alpha=0.8, color=colors[level],
-                       label=str(level) if level is not None else None)
+            ax.scatter(
+                subset[x_name],
+                subset[goal.column],
+                s=18,
+                alpha=0.8,
+                color=colors[level],
+                label=str(level) if level is not None else None,
+            )
         ax.set_xscale("log")
         if goal.is_loss:
             ax.set_yscale("log")
@@ -96,6 +105,7 @@ def _value_label(data: SweepData, scale: bool = True) -> str:
         return f"best validation loss ({loss_name(data)}{', log scale' if scale else ''})"
     return f"best {goal.label} (higher is better)"
 
+
 def _median_curves(data: SweepData, groups, split: str = "val") -> bytes | None:
     """Per level of each factor with levels: the median validation curve (val_loss, log y; or the objective's
     metric, `split`) of its completed trials and the band between their quartiles: how each level converges, not
@@ -117,15 +127,26 @@ def _median_curves(data: SweepData, groups, split: str = "val") -> bytes | None:
                 if curves.empty:
                     continue
                 median = curves.median(axis=1)
-                ax.plot(median.index, median.values, color=colors[level],
-                        label=f"{level} ({curves.shape[1]})" if level is not None else f"all ({curves.shape[1]})")
-                ax.fill_between(median.index, curves.quantile(0.25, axis=1), curves.quantile(0.75, axis=1),
-                                color=colors[level], alpha=0.15, linewidth=0)
+                ax.plot(
+                    median.index,
+                    median.values,
+                    color=colors[level],
+                    label=f"{level} ({curves.shape[1]})" if level is not None else f"all ({curves.shape[1]})",
+                )
+                ax.fill_between(
+                    median.index,
+                    curves.quantile(0.25, axis=1),
+                    curves.quantile(0.75, axis=1),
+                    color=colors[level],
+                    alpha=0.15,
+                    linewidth=0,
+                )
             if loss:
                 ax.set_yscale("log")
             ax.set_xlabel("epoch")
-            ax.set_ylabel(f"validation {loss_name(data)} (median, quartiles; log)" if loss else
-                          f"{what} (median, quartiles)")
+            ax.set_ylabel(
+                f"validation {loss_name(data)} (median, quartiles; log)" if loss else f"{what} (median, quartiles)"
+            )
             ax.set_title(_title(condition, f"{what} by {factor}" if factor else what))
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(title=f"{factor} (trials)" if factor else None, fontsize=8)
@@ -153,7 +174,7 @@ def _parallel(data: SweepData, groups) -> bytes | None:
                 logs = np.log10(values.astype(float))
                 low, high = logs.min(), logs.max()
                 scaled[name] = (logs - low) / ((high - low) or 1)
-                ticks[name] = (f"{10 ** low:.2g}", f"{10 ** high:.2g}")
+                ticks[name] = (f"{10**low:.2g}", f"{10**high:.2g}")
             else:
                 levels = levels_of(data.trials[name])
                 position = {level: i / max(len(levels) - 1, 1) for i, level in enumerate(levels)}
@@ -201,13 +222,11 @@ def _history(data: SweepData, groups, answers: list) -> bytes:
     return _png(fig)
 
 
-
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
-
 
 
 def warm_up() -> None:

@@ -20,9 +20,21 @@ from .tables import Report
 
 def shown_columns(goal: Goal = DEFAULT_GOAL) -> list[str]:
     column = goal.column
-    return ["trials", "completed", "pruned", "diverged", "failed", "learned", f"{column}_q1", f"{column}_median",
-            f"{column}_q3", f"{column}_{'min' if goal.minimize else 'max'}", "best_epoch_median",
-            "epochs_to_converge_median", "best_trial"]
+    return [
+        "trials",
+        "completed",
+        "pruned",
+        "diverged",
+        "failed",
+        "learned",
+        f"{column}_q1",
+        f"{column}_median",
+        f"{column}_q3",
+        f"{column}_{'min' if goal.minimize else 'max'}",
+        "best_epoch_median",
+        "epochs_to_converge_median",
+        "best_trial",
+    ]
 
 
 SHOWN = shown_columns()
@@ -34,8 +46,11 @@ def short_name(goal: Goal = DEFAULT_GOAL) -> str:
 
 
 def _short(column: str, goal: Goal = DEFAULT_GOAL) -> str:
-    short = {f"{goal.column}_": f"{short_name(goal)}_", "epochs_to_converge_median": "conv_med",
-             "best_epoch_median": "best_ep_med"}
+    short = {
+        f"{goal.column}_": f"{short_name(goal)}_",
+        "epochs_to_converge_median": "conv_med",
+        "best_epoch_median": "best_ep_med",
+    }
     for long, abbreviation in short.items():
         column = column.replace(long, abbreviation)
     return column
@@ -50,8 +65,12 @@ def answer_text(report: Report) -> list[str]:
 def terminal_tables(report: Report) -> str:
     """The answer, then the per-factor tables (within each condition), compact, for the terminal."""
     counts = report.data.trials["state"].value_counts().to_dict()
-    lines = [f"report for {report.data.study}: {len(report.data.trials)} trials ("
-             + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + ")", ""]
+    lines = [
+        f"report for {report.data.study}: {len(report.data.trials)} trials ("
+        + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        + ")",
+        "",
+    ]
     lines += answer_text(report)
     goal = report.data.goal
     order = shown_columns(goal)
@@ -61,11 +80,13 @@ def terminal_tables(report: Report) -> str:
         shown = table[[c for c in table.columns if c not in order] + [c for c in order if c in table.columns]]
         shown = shown.rename(columns=lambda c: _short(c, goal))
         lines += ["", shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
-    lines += ["", f"({short_name(goal)}: {goal.column} over completed trials: quartiles q1, median, q3 and the "
-                  f"{'minimum' if goal.minimize else 'maximum'}; learned: best_val_loss at most {LEARNED_BELOW:g} x the "
-                  "baseline of a constant prediction)"]
+    lines += [
+        "",
+        f"({short_name(goal)}: {goal.column} over completed trials: quartiles q1, median, q3 and the "
+        f"{'minimum' if goal.minimize else 'maximum'}; learned: best_val_loss at most {LEARNED_BELOW:g} x the "
+        "baseline of a constant prediction)",
+    ]
     return "\n".join(lines)
-
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -82,28 +103,51 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 def _top(data: SweepData, n: int = 10) -> pd.DataFrame:
     trials, goal = data.trials, data.goal
-    columns = [c for c in ["trial", *data.conditions, *data.factors, *dict.fromkeys([goal.column, "best_val_loss"]),
-                           "best_epoch", "epochs_to_converge", "gap_at_best", "run_id"] if c in trials.columns]
+    columns = [
+        c
+        for c in [
+            "trial",
+            *data.conditions,
+            *data.factors,
+            *dict.fromkeys([goal.column, "best_val_loss"]),
+            "best_epoch",
+            "epochs_to_converge",
+            "gap_at_best",
+            "run_id",
+        ]
+        if c in trials.columns
+    ]
     done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
     if data.conditions:  # the best of each condition, then the next best
-        done = done.assign(_rank=done.groupby(data.conditions)[goal.column].rank(method="first",
-                                                                                   ascending=goal.minimize))
+        done = done.assign(
+            _rank=done.groupby(data.conditions)[goal.column].rank(method="first", ascending=goal.minimize)
+        )
         return done.sort_values(["_rank", goal.column], ascending=[True, goal.minimize])[columns].head(n)
     return done.sort_values(goal.column, ascending=goal.minimize)[columns].head(n)
 
 
 def _shown(table: pd.DataFrame, goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:
     order = shown_columns(goal)
-    return table[[c for c in table.columns if c not in order and not c.startswith((goal.column, "best_epoch",
-                                                                                    "epochs_to"))]
-                 + [c for c in order if c in table.columns]]
+    return table[
+        [c for c in table.columns if c not in order and not c.startswith((goal.column, "best_epoch", "epochs_to"))]
+        + [c for c in order if c in table.columns]
+    ]
 
 
 def summary_markdown(report: Report) -> str:
     data = report.data
-    parts = [f"# Sweep report: {data.study}", "", *answer_text(report), "", f"{len(data.trials)} trials: "
-             + ", ".join(f"{n} {s}" for s, n in sorted(data.trials['state'].value_counts().items())), "",
-             "## Best trials", "", _markdown_table(_top(data))]
+    parts = [
+        f"# Sweep report: {data.study}",
+        "",
+        *answer_text(report),
+        "",
+        f"{len(data.trials)} trials: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(data.trials["state"].value_counts().items())),
+        "",
+        "## Best trials",
+        "",
+        _markdown_table(_top(data)),
+    ]
     for name, table in report.tables.items():
         parts += ["", f"## By {name}", "", _markdown_table(_shown(table, data.goal))]
     parts += [""] + [f"Note: {note}" for note in data.notes]
@@ -116,17 +160,28 @@ def html_page(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
     top = _top(data)
     links = top.copy()
     if "run_id" in links.columns and data.experiment_id:
-        links["run_id"] = [f'<a href="{html.escape(run_link(ui_url, data.experiment_id, run))}">{run[:8]}</a>'
-                           for run in links["run_id"]]
+        links["run_id"] = [
+            f'<a href="{html.escape(run_link(ui_url, data.experiment_id, run))}">{run[:8]}</a>'
+            for run in links["run_id"]
+        ]
     number = lambda v: f"{v:.4g}"  # noqa: E731
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("sweeplab", "templates"), autoescape=True,
-                                     keep_trailing_newline=True)
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("sweeplab", "templates"), autoescape=True, keep_trailing_newline=True
+    )
     return environment.get_template("report.html.j2").render(
-        study=data.study, answer=answer_text(report), n_trials=len(data.trials),
+        study=data.study,
+        answer=answer_text(report),
+        n_trials=len(data.trials),
         counts=", ".join(f"{n} {s}" for s, n in sorted(data.trials["state"].value_counts().items())),
-        ui_url=ui_url, best_trials=links.to_html(index=False, escape=False, float_format=number),
+        ui_url=ui_url,
+        best_trials=links.to_html(index=False, escape=False, float_format=number),
         pictures=[(name, base64.b64encode(png).decode()) for name, png in pictures.items()],
-        tables=[(name, _shown(table, data.goal).to_html(index=False, float_format=number))
-                for name, table in report.tables.items()],
-        notes=data.notes, objective=data.goal.column, better="lower" if data.goal.minimize else "higher",
-        loss=loss_name(data))
+        tables=[
+            (name, _shown(table, data.goal).to_html(index=False, float_format=number))
+            for name, table in report.tables.items()
+        ],
+        notes=data.notes,
+        objective=data.goal.column,
+        better="lower" if data.goal.minimize else "higher",
+        loss=loss_name(data),
+    )

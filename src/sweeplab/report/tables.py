@@ -50,12 +50,20 @@ MAX_LEVELS = 12  # a factor with more distinct values (a learning rate) is conti
 
 
 def level_factors(trials: pd.DataFrame, factors: list[str], continuous: set[str] = frozenset()) -> list[str]:
-    return [f for f in factors
-            if f in trials.columns and 1 < trials[f].nunique() and not is_continuous(trials[f], continuous)]
+    return [
+        f
+        for f in factors
+        if f in trials.columns and 1 < trials[f].nunique() and not is_continuous(trials[f], continuous)
+    ]
 
 
-def all_factor_tables(trials: pd.DataFrame, factors: list[str] | None = None, conditions: list[str] = (),
-                      continuous: set[str] = frozenset(), goal: Goal = DEFAULT_GOAL) -> dict[str, pd.DataFrame]:
+def all_factor_tables(
+    trials: pd.DataFrame,
+    factors: list[str] | None = None,
+    conditions: list[str] = (),
+    continuous: set[str] = frozenset(),
+    goal: Goal = DEFAULT_GOAL,
+) -> dict[str, pd.DataFrame]:
     """Every single factor with levels and every pair, within each condition (the condition's columns come
     first), keyed by name ("optimizer", "optimizer x hidden")."""
     levels = level_factors(trials, FACTORS if factors is None else factors, continuous)
@@ -68,13 +76,16 @@ def all_factor_tables(trials: pd.DataFrame, factors: list[str] | None = None, co
     return tables
 
 
-def param_importances(trials: pd.DataFrame, factors: list[str] | None = None,
-                      continuous: set[str] = frozenset({"lr"}), goal: Goal = DEFAULT_GOAL) -> pd.Series:
+def param_importances(
+    trials: pd.DataFrame,
+    factors: list[str] | None = None,
+    continuous: set[str] = frozenset({"lr"}),
+    goal: Goal = DEFAULT_GOAL,
+) -> pd.Series:
     """Optuna's fANOVA importances of the searched factors for the objective, computed on the trials as MLflow
     recorded them (an in-memory study rebuilt from the table). A factor with many distinct positive values that
     span more than a decade (a learning rate) is taken on a log scale."""
     import optuna  # here only: the one part of a report that needs Optuna (~0.5 s to import), and only with trials
-
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     factors = ["optimizer", "hidden", "noise", "lr"] if factors is None else factors
@@ -92,10 +103,19 @@ def param_importances(trials: pd.DataFrame, factors: list[str] | None = None,
             distributions[column] = optuna.distributions.CategoricalDistribution(levels_of(values))
     study = optuna.create_study(direction=goal.direction)
     for _, row in done.iterrows():
-        params = {c: (float(row[c]) if isinstance(distributions[c], optuna.distributions.FloatDistribution) else row[c].item() if hasattr(row[c], "item") else row[c])
-                  for c in columns}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
-                                                  value=float(row[goal.column])))
+        params = {
+            c: (
+                float(row[c])
+                if isinstance(distributions[c], optuna.distributions.FloatDistribution)
+                else row[c].item()
+                if hasattr(row[c], "item")
+                else row[c]
+            )
+            for c in columns
+        }
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=distributions, value=float(row[goal.column]))
+        )
     # Optuna's defaults (64 trees of depth 64) take ~8 s on 500 trials; 16 shallower trees rank the same handful
     # of parameters in a fraction of that.
     evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0)
@@ -107,12 +127,9 @@ def is_continuous(values: pd.Series, continuous: set[str] = frozenset()) -> bool
     return values.name in continuous or (pd.api.types.is_float_dtype(values) and values.nunique() > MAX_LEVELS)
 
 
-
-
 def levels_of(column: pd.Series) -> list:
     """A factor's values in natural order: numbers numerically, names alphabetically."""
     return sorted(column.dropna().unique().tolist(), key=lambda v: (isinstance(v, str), v))
-
 
 
 @dataclass
@@ -123,9 +140,13 @@ class Report:
     answers: list = field(default_factory=list)  # answer.ConditionAnswer, one per condition
 
     def to_json(self) -> dict:
-        return {"study": self.data.study, "experiment_id": self.data.experiment_id, "factors": self.data.factors,
-                "conditions": self.data.conditions, "answers": [a.to_json() for a in self.answers]}
-
+        return {
+            "study": self.data.study,
+            "experiment_id": self.data.experiment_id,
+            "factors": self.data.factors,
+            "conditions": self.data.conditions,
+            "answers": [a.to_json() for a in self.answers],
+        }
 
 
 def answers_of(data: SweepData) -> list:
