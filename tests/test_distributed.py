@@ -109,9 +109,11 @@ def alive(pid: int) -> bool:
 
 
 def load(study: str, storage):
+    """The study, or None while it is not there yet: not created, or its tables still being created by a worker
+    (Optuna then fails the schema check with a StorageInternalError)."""
     try:
         return optuna.load_study(study_name=study, storage=storage)
-    except KeyError:
+    except (KeyError, optuna.exceptions.StorageInternalError):
         return None
 
 
