@@ -128,6 +128,7 @@ def sweep_file(folder: Path, n_trials: int, epochs: int) -> Path:
           seed: {{choices: {list(range(n_trials // 2))}}}
         sampler: {{type: grid}}
         n_trials: {n_trials}
+        engine: reference     # one trial at a time, as the plain loop: tracking's cost (stacking: bench_stacked.py)
         """)
     )
     return path
