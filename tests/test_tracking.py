@@ -146,3 +146,28 @@ def test_tracking_imports_no_optuna():
     code = "import sys, sweeplab.tracking, sweeplab.recorder; print('optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("objective, expected", [(None, "b"), ("val_accuracy maximize", "c")])
+def test_the_best_trial_run_follows_the_study_s_objective(tracker, objective, expected):
+    """predict STUDY loads the best completed trial: lowest best_val_loss, or by the objective its trials name."""
+    experiment = tracker.experiment_id("s")
+    assert tracker.find_experiment("s") == experiment and tracker.find_experiment("nope") is None
+    assert tracker.best_trial_run(experiment) is None  # no completed trial yet
+    values = {"a": (0.5, 0.80), "b": (0.2, 0.85), "c": (0.3, 0.90), "failed": (0.1, 0.99)}
+    for name, (loss, accuracy) in values.items():
+        run_id = tracker.start_run(experiment, name, {"sweeplab.objective": objective} if objective else {})
+        tracker.client.log_metric(run_id, "best_val_loss", loss)
+        tracker.client.log_metric(run_id, "best_val_accuracy", accuracy)
+        tracker.end_run(run_id, Outcome.FAILED if name == "failed" else Outcome.COMPLETED)
+    assert tracker.best_trial_run(experiment).info.run_name == expected
+
+
+def test_a_model_version_sweeplab_did_not_register_is_one_line(tracker):
+    with pytest.raises(LookupError, match=r"^models:/nobody@champion: no such registered model version$"):
+        tracker.registered_run_id("models:/nobody@champion")
+    run_id = tracker.start_run(tracker.experiment_id("e"), "r")
+    tracker.client.create_registered_model("theirs")
+    tracker.client.create_model_version("theirs", f"runs:/{run_id}/model", run_id=run_id)
+    with pytest.raises(LookupError, match="not registered by sweeplab"):
+        tracker.registered_run_id("models:/theirs/1")

@@ -56,10 +56,6 @@ class Champion:
         return f"models:/{self.name}@{self.alias}"
 
 
-def download_checkpoint(tracker: Tracker, run_id: str, dest: Path) -> Path:
-    return Path(tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", str(dest)))
-
-
 def register_champion(
     tracker: Tracker,
     best,
@@ -119,7 +115,7 @@ def register_run_model(
     client = tracker.client
     export_failed = None
     with tempfile.TemporaryDirectory(prefix="sweeplab-champion-") as tmp:
-        model, spec = load_checkpoint(download_checkpoint(tracker, run_id, Path(tmp)))
+        model, spec = load_checkpoint(tracker.download_checkpoint(run_id, Path(tmp)))
         config = json.loads(Path(client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/config.json", tmp)).read_text())
         example = _example_batch(tracker, run_id, Path(tmp), spec, config.get("predict_x") or [])
         _remove_unfinished(tracker, experiment_id, run_id)

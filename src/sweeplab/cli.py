@@ -350,10 +350,10 @@ def _experiment_id_of(study: str, tracking_uri: str) -> str:
 
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
-    experiment = tracker.client.get_experiment_by_name(study)
-    if experiment is None:
+    experiment_id = tracker.find_experiment(study)
+    if experiment_id is None:
         raise UsageError(f"{study}: no such study (MLflow experiment) in {tracker.display_uri}")
-    return experiment.experiment_id
+    return experiment_id
 
 
 def _warn_if_public(host: str) -> None:

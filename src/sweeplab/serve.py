@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,66 +55,32 @@ class ModelNotFound(LookupError):
 def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
     """(run id, how it was found) for a run id, a study/sweep name (its best completed trial), a sweep file, or a
     `models:/NAME@ALIAS` / `models:/NAME/VERSION` URI of a model that sweeplab registered."""
-    from .tracking import TAG_OUTCOME, Tracker  # MLflow on use: `sweeplab run --no-track` uses describe_outputs
+    from .tracking import Tracker  # MLflow on use: `sweeplab run --no-track` uses describe_outputs
 
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
-    client = tracker.client
     if reference.startswith("models:/"):
-        return _registered_run(client, reference), reference
+        try:
+            return tracker.registered_run_id(reference), reference
+        except LookupError as exc:
+            raise ModelNotFound(str(exc)) from None
     if reference.endswith((".yaml", ".yml")):
         study = read_yaml(reference).get("study")
         if not study:
             raise ModelNotFound(f"{reference}: no study name in this sweep file")
         reference = str(study)
-    experiment = client.get_experiment_by_name(reference)
-    if experiment is not None:
-        from .answer import Goal  # (MLflow on use, as above)
-        from .tracking import TAG_OBJECTIVE
-
-        done = f"tags.`{TAG_OUTCOME}` = 'completed'"
-        any_run = client.search_runs(
-            [experiment.experiment_id], filter_string=done, max_results=1, order_by=["attributes.start_time DESC"]
-        )
-        goal = Goal.parse(any_run[0].data.tags.get(TAG_OBJECTIVE)) if any_run else Goal()
-        runs = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"{done} and metrics.{goal.column} < 1e308",
-            order_by=[f"metrics.{goal.column} {'ASC' if goal.minimize else 'DESC'}"],
-            max_results=1,
-        )
-        if not runs:
+    experiment_id = tracker.find_experiment(reference)
+    if experiment_id is not None:
+        run = tracker.best_trial_run(experiment_id)
+        if run is None:
             raise ModelNotFound(f"{reference}: the study has no completed trial yet")
-        run = runs[0]
         trial = run.data.tags.get("sweeplab.trial_number")
         return run.info.run_id, f"best of {reference}" + (f" (trial #{trial})" if trial else "")
     try:
-        run = client.get_run(reference)
+        run = tracker.client.get_run(reference)
     except Exception:
         raise ModelNotFound(f"{reference}: no such run id, study or sweep in {_display(tracking_uri)}") from None
     return run.info.run_id, f"run {reference}"
-
-
-def _registered_run(client, uri: str) -> str:
-    from .tracking import TAG_CHAMPION_RUN  # (MLflow on use, as above)
-
-    rest = uri[len("models:/") :]
-    try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = rest.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-    except Exception:
-        raise ModelNotFound(f"{uri}: no such registered model version") from None
-    run_id = version.tags.get(TAG_CHAMPION_RUN)
-    if not run_id:
-        raise ModelNotFound(
-            f"{uri}: not registered by sweeplab (no {TAG_CHAMPION_RUN} tag); "
-            "load it with mlflow.pyfunc.load_model instead"
-        )
-    return run_id
 
 
 def _display(uri: str) -> str:
@@ -127,10 +94,9 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run_id, found = resolve_run_id(reference, tracking_uri)
-    client = Tracker(tracking_uri).client
     with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
         try:
-            path = client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/best.pt", tmp)
+            path = Tracker(tracking_uri).download_checkpoint(run_id, Path(tmp))
         except Exception:
             raise ModelNotFound(f"{reference}: run {run_id} has no best state ({CHECKPOINT_PATH}/best.pt)") from None
 

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 
 from . import __version__
-from .config import ConfigError, ExperimentConfig, flat_fields, value_at
+from .config import ConfigError, ExperimentConfig, flat_fields, objective_column, value_at
 from .outcome import Outcome, RunEnd
 from .stores import (
     display_uri,
@@ -509,6 +509,56 @@ class Tracker:
     def end_run(self, run_id: str, outcome: Outcome, reason: str | None = None) -> None:
         self.client.log_batch(run_id, tags=outcome_tags(outcome, reason))
         self.client.set_terminated(run_id, Outcome(outcome).run_status)
+
+    # --- reading back (sweeplab predict, sweeplab ui) ------------------------------------------------------------
+
+    def find_experiment(self, name: str) -> str | None:
+        """The id of the experiment (study) called `name`, or None: a read, never a create."""
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found is not None else None
+
+    def best_trial_run(self, experiment_id: str):
+        """The study's best completed trial run by its objective (as its trials' `sweeplab.objective` tag says:
+        best_val_loss, lowest first, unless the sweep named another), or None before any trial completed."""
+        done = f"tags.`{TAG_OUTCOME}` = 'completed'"
+        latest = self.client.search_runs(
+            [experiment_id], filter_string=done, max_results=1, order_by=["attributes.start_time DESC"]
+        )
+        parts = (latest[0].data.tags.get(TAG_OBJECTIVE, "") if latest else "").split()
+        metric, direction = parts if len(parts) == 2 else ("val_loss", "minimize")
+        column = objective_column(metric)
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"{done} and metrics.{column} < 1e308",
+            order_by=[f"metrics.{column} {'ASC' if direction == 'minimize' else 'DESC'}"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def registered_run_id(self, uri: str) -> str:
+        """The trial run a model version sweeplab registered (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) came
+        from; a LookupError in one line when there is no such version, or sweeplab did not register it."""
+        rest = uri[len("models:/") :]
+        try:
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                version = self.client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = rest.rsplit("/", 1)
+                version = self.client.get_model_version(name, number)
+        except Exception:
+            raise LookupError(f"{uri}: no such registered model version") from None
+        run_id = version.tags.get(TAG_CHAMPION_RUN)
+        if not run_id:
+            raise LookupError(
+                f"{uri}: not registered by sweeplab (no {TAG_CHAMPION_RUN} tag); "
+                "load it with mlflow.pyfunc.load_model instead"
+            )
+        return run_id
+
+    def download_checkpoint(self, run_id: str, dest: Path, name: str = "best.pt") -> Path:
+        """A file of the run's checkpoint/ artifacts (its best state by default), downloaded into `dest`."""
+        return Path(self.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/{name}", str(dest)))
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         self.client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
