@@ -231,3 +231,30 @@ def test_run_without_tracking_imports_neither_mlflow_nor_optuna(lab_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "loaded: []"
+
+
+class ChangesShape(nn.Module):
+    """[B, 1] on its first call, [B, 2] after: MSE would broadcast [B, 2] against [B, 1] labels without a word."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.lin(x)
+        return out[:, :1] if self.calls == 1 else out
+
+
+def test_an_output_that_changes_shape_between_batches_fails_in_one_line():
+    """Issue #27.2: only the first batch was checked; the second trained on a broadcast loss, "completed"."""
+    x, y = torch.randn(8, 2), torch.randn(8, 1)
+    model = ChangesShape()
+    batches = TensorBatches(x, y, batch_size=4)
+    with pytest.raises(ShapeError, match=r"labels \[4, 1\] torch.float32 do not fit output \[4, 2\]"):
+        train_epoch(model, batches, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.1), check_shapes=True)
+    model = ChangesShape()
+    model.calls = 1  # validation: its later batches are checked too
+    with pytest.raises(ShapeError):
+        evaluate(model, batches, nn.MSELoss())

@@ -126,9 +126,217 @@ def test_a_model_vmap_cannot_run_trains_on_the_reference_loop_with_one_line(tmp_
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    said = [line for line in proc.stderr.splitlines() if "cannot run under torch.func.vmap" in line]
-    assert len(said) == 1 and ".item()" in said[0] and "its trials train on the reference loop" in said[0]
+    said = [line for line in proc.stderr.splitlines() if "cannot be stacked by torch.func" in line]
+    assert len(said) == 1 and ".item()" in said[0] and said[0].startswith("engine: reference (auto: nets.CallsItem")
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("engine:")]) == 1
     assert "Traceback" not in proc.stderr
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("items").experiment_id], "tags.`sweeplab.role` = 'trial'")
     assert len(runs) == 3 and all(r.info.status == "FINISHED" and r.data.metrics["best_epoch"] >= 1 for r in runs)
+
+
+# --- issue #27: every setting a sweep can vary, each member against its reference twin; auto never worse ---------
+
+SETTINGS_NETS = """\
+import torch
+from torch import nn
+
+
+class Configurable(nn.Module):
+    # init args that are not shapes: an activation's name, a dropout rate, a flag and a number
+    def __init__(self, in_channels, n_classes, activation="relu", dropout=0.0, residual=False, scale=1.0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.act = {"relu": nn.ReLU(), "tanh": nn.Tanh()}[activation]
+        self.drop = nn.Dropout(dropout)
+        self.residual, self.scale = residual, scale
+        self.head = nn.Linear(4 * 16, n_classes)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        if self.residual:
+            h = h + x
+        return self.head(self.drop(torch.max_pool2d(h, 2).flatten(1))) * self.scale
+
+
+class Tied(nn.Module):  # one module registered under two names
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.shared = nn.Linear(in_features, 16)
+        self.again = nn.Linear(16, 16)
+        self.again2 = self.again
+        self.head = nn.Linear(16, n_classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.again2(torch.relu(self.again(torch.relu(self.shared(x.flatten(1))))))))
+
+
+class Double(nn.Module):
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.lin = nn.Linear(in_features, n_classes).double()
+
+    def forward(self, x):
+        return self.lin(x.flatten(1).double()).float()
+
+
+class Clamped(nn.Module):
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.lin = nn.Linear(in_features, n_classes)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.clamp_(-0.05, 0.05)
+        return self.lin(x.flatten(1))
+
+
+class Lazy(nn.Module):
+    def __init__(self, n_classes):
+        super().__init__()
+        self.lin = nn.LazyLinear(n_classes)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+
+
+class FailsLater(nn.Module):  # passes the probe (a few batches), fails in its second epoch on either engine
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.lin = nn.Linear(in_features, n_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 12:
+            raise RuntimeError("the user's forward gave up")
+        return self.lin(x.flatten(1))
+"""
+
+
+def settings_configs(folder: Path, model: str, settings: list[dict], epochs: int = 5):
+    (folder / "snets.py").write_text(SETTINGS_NETS)
+    out = []
+    for extra in settings:
+        extra = dict(extra)
+        raw = {
+            "task": "multiclass",
+            "seed": 1,
+            "data": {"source": "sklearn", "name": "digits", "val_size": 0.2, "train_fraction": 0.4},
+            "model": {"class_path": f"snets.{model}", "init_args": extra.pop("init_args", {})},
+            "train": {"epochs": epochs, "batch_size": 64, **extra},
+        }
+        out.append(build_experiment(raw, "test", folder))
+    return out
+
+
+def test_members_with_other_init_args_train_with_their_own(tmp_path):
+    """Issue #27.1: one batch of members whose init args differ only in what is not a shape (activation, a flag, a
+    number, dropout 0). Before the fix they shared the first member's module: every member ran relu, no residual,
+    scale 1. Each must equal its own reference twin (the reference loop builds each member's own module)."""
+    variants = [
+        {"activation": "relu"},
+        {"activation": "tanh"},
+        {"activation": "relu", "residual": True},
+        {"activation": "tanh", "scale": 0.5},
+    ]
+    settings = []
+    for args in variants:  # two optimizers each, so every variant is a stacked group of two
+        settings.append({"optimizer": "Adam", "lr": 0.003, "init_args": dict(args)})
+        settings.append({"optimizer": "SGD", "lr": 0.002, "momentum": 0.5, "init_args": dict(args)})
+    reference = [Job(None, c) for c in settings_configs(tmp_path, "Configurable", settings)]
+    stacked = [Job(None, c) for c in settings_configs(tmp_path, "Configurable", settings)]
+    engine_named("reference").train(reference, None)
+    engine_named("vectorized").train(stacked, None)
+    for ref, vec in zip(reference, stacked):
+        a, b = ref.result.history, vec.result.history
+        assert b.best_epoch == a.best_epoch
+        assert b.val_loss == pytest.approx(a.val_loss, rel=1e-4)
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
+    # and the variants differ from each other (so the comparison above could fail)
+    finals = {round(job.result.history.val_loss[-1], 4) for job in reference}
+    assert len(finals) == len(settings)
+
+
+def test_dropout_is_each_members_own(tmp_path):
+    """Dropout draws per member (in distribution, not draw for draw): a dropout-0 member equals its reference twin
+    exactly, and a dropout-0.6 member of the same batch trains with dropout (a different curve from its dropout-0
+    twin, as on the reference loop), not with the first member's rate."""
+    settings = [
+        {"optimizer": "Adam", "lr": 0.01, "init_args": {"dropout": 0.0}},
+        {"optimizer": "Adam", "lr": 0.02, "init_args": {"dropout": 0.0}},
+        {"optimizer": "Adam", "lr": 0.01, "init_args": {"dropout": 0.6}},
+        {"optimizer": "Adam", "lr": 0.02, "init_args": {"dropout": 0.6}},
+    ]
+    reference = [Job(None, c) for c in settings_configs(tmp_path, "Configurable", settings)]
+    stacked = [Job(None, c) for c in settings_configs(tmp_path, "Configurable", settings)]
+    engine_named("reference").train(reference, None)
+    engine_named("vectorized").train(stacked, None)
+    for ref, vec in zip(reference[:2], stacked[:2]):
+        assert vec.result.history.train_loss == pytest.approx(ref.result.history.train_loss, rel=1e-4)
+    for i in (2, 3):  # dropout raises the training loss above the dropout-0 twin's, on both engines
+        for jobs in (reference, stacked):
+            with_dropout, without = jobs[i].result.history.train_loss, jobs[i - 2].result.history.train_loss
+            assert with_dropout[-1] > without[-1] * 1.1
+
+
+@pytest.mark.parametrize(
+    "model, stacks, reason",
+    [
+        ("Tied", True, None),
+        ("Double", False, "float64 parameters"),
+        ("Clamped", False, "cannot be stacked by torch.func"),
+        ("Lazy", False, "lazy parameters"),
+    ],
+)
+def test_auto_is_never_worse_than_the_reference_loop(tmp_path, model, stacks, reason):
+    """Issue #27.2: models the reference loop trains (tied weights, float64 parameters, a weight clamped in place in
+    forward, a lazy module) train under the vectorized engine too: stacked, each member equal to its twin, or sent
+    to the reference loop by the probe with its reason (engines.choose says it in the one `engine:` line)."""
+    from sweeplab.engines import choose
+
+    settings = [{"optimizer": "Adam", "lr": 0.01}, {"optimizer": "SGD", "lr": 0.05}, {"optimizer": "Adam", "lr": 0.03}]
+    engine, why = choose(settings_configs(tmp_path, model, settings))
+    assert engine == ("vectorized" if stacks else "reference")
+    if reason:
+        assert reason in why and f"snets.{model}" in why
+    reference = [Job(None, c) for c in settings_configs(tmp_path, model, settings)]
+    stacked = [Job(None, c) for c in settings_configs(tmp_path, model, settings)]
+    engine_named("reference").train(reference, None)
+    engine_named("vectorized").train(stacked, None)
+    for ref, vec in zip(reference, stacked):
+        assert vec.error is None and vec.result is not None
+        assert vec.result.history.best_epoch == ref.result.history.best_epoch
+        assert vec.result.history.val_loss == pytest.approx(ref.result.history.val_loss, rel=1e-4)
+        if stacks:  # every state_dict name, the tied alias included, with the reference's values
+            assert sorted(vec.result.history.best_state) == sorted(ref.result.history.best_state)
+            for name, value in ref.result.history.best_state.items():
+                assert torch.allclose(vec.result.history.best_state[name], value, rtol=1e-3, atol=1e-4)
+
+
+def test_a_trial_that_fails_in_stacked_training_gets_its_failed_run(tmp_path):
+    """A model that passes the probe and fails later: the reference loop tries each trial (never worse), and each
+    failed trial has its FAILED run with the reason, as the reference engine gives it."""
+    (tmp_path / "snets.py").write_text(SETTINGS_NETS)
+    (tmp_path / "exp.yaml").write_text(
+        "name: fails\ntask: multiclass\ndata: {source: sklearn, name: digits, val_size: 0.2, train_fraction: 0.4}\n"
+        "model: {class_path: snets.FailsLater}\ntrain: {epochs: 3, batch_size: 64}\n"
+    )
+    (tmp_path / "sweep.yaml").write_text(
+        "study: fails\nexperiment: exp.yaml\nspace:\n  lr: {choices: [0.01, 0.03]}\nsampler: {type: grid}\nn_trials: 2\n"
+    )
+    uri = f"sqlite:///{tmp_path}/t.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "sweep", "sweep.yaml", "--tracking-uri", uri, "--no-report"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("engine:")]) == 2  # header, fallback
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id], "tags.`sweeplab.role` = 'trial'")
+    assert proc.returncode == 1 and "trials in a row failed" in proc.stderr.splitlines()[-1]
+    assert len(runs) >= 2 and all(r.info.status == "FAILED" for r in runs)
+    assert all("the user's forward gave up" in r.data.tags.get("sweeplab.reason", "") for r in runs)

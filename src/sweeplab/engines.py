@@ -26,13 +26,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
+import torch
+
 from .config import ConfigError, ExperimentConfig, Sweep, SweepSpec
 from .experiment import RunResult, resolve_device, run_experiment
 from .loop import EpochRecord
-from .model import architecture
-from .stacked import train_func_group, vmap_problem
+from .stacked import stack_failure, stack_problem, train_func_group
 from .stop import stop_flag
-from .vectorized import check_supported, group_members, prepare_member, train_group
+from .vectorized import check_supported, group_members, model_key, prepare_member, train_group
 
 # Batches after TPE's random start-up: it learns between them. Ten keeps the search as good as one trial at a time
 # on the default sweep (10 trials after the start-up go one by one; bench_auto_search.py), and a 1,000-trial
@@ -48,6 +49,7 @@ class Job:
     config: ExperimentConfig
     run: object | None = None  # recorder.TrialRun, when the engine's runs are live
     result: RunResult | None = None
+    error: Exception | None = None  # why this job failed, when the others of its batch trained
     started: float = field(default_factory=time.time)
 
 
@@ -104,36 +106,45 @@ class VectorizedEngine:
         shared: dict = {}  # the batch's distinct data sets, initial weights and generators, each made once
         members = [prepare_member(job, job.config, shared) for job in jobs]
         hook = None if on_epoch is None else lambda member, record: on_epoch(member.key, record)
-        alone: set[int] = set()  # members of a model vmap cannot run: the reference loop trains them
+        alone: list = []  # members the stacked engine cannot train, or gains nothing from: the reference loop
         for group in group_members(members):  # no hook: nothing runs per member per epoch
             if group[0].spec.class_path is None:
                 train_group(group, on_epoch=hook, each_epoch=stop_flag.check)
                 continue
             problem = self.problem(group[0])
             if problem is None and len(group) > 1:
-                train_func_group(group, on_epoch=hook, each_epoch=stop_flag.check)
-            else:  # a member alone gains nothing from vmap (TPE's one-trial rounds): the reference loop, as fast
-                if problem is not None:
-                    self.say(f"engine: {problem}; its trials train on the reference loop")
-                alone |= {id(m) for m in group}
+                try:
+                    train_func_group(group, on_epoch=hook, each_epoch=stop_flag.check)
+                    continue
+                except Exception as exc:  # what the probe did not meet: the reference loop is never worse
+                    problem = stack_failure(group[0], exc)
+                    VectorizedEngine.problems[model_key(group[0])] = problem
+            if problem is not None:  # a member alone gains nothing from vmap (TPE's one-trial rounds)
+                self.say(f"engine: {problem}; its trials train on the reference loop")
+            alone += group
         for member in members:
             job = member.key
             job.started = member.started
-            if id(member) in alone:
-                ReferenceEngine().train([job], on_epoch)
+            if member in alone:
+                try:
+                    ReferenceEngine().train([job], on_epoch)
+                except Exception as exc:  # this job's own failure: the others of the batch still train
+                    job.error = exc
             else:
                 job.result = RunResult(member.config, member.dataset, member.spec, None, member.history, None, None)
 
     said: set = set()
-    problems: dict = {}  # architecture -> why vmap cannot run it (None: it can), found once per process
+    problems: dict = {}  # model_key -> why the stacked engine cannot train it (None: it can), found once per process
 
-    def problem(self, member) -> str | None:
-        key = (member.spec.class_path, architecture(member.init_state))
+    @staticmethod
+    def problem(member) -> str | None:
+        key = model_key(member)
         if key not in VectorizedEngine.problems:
-            VectorizedEngine.problems[key] = vmap_problem(member)
+            VectorizedEngine.problems[key] = stack_problem(member)
         return VectorizedEngine.problems[key]
 
-    def say(self, line: str) -> None:
+    @staticmethod
+    def say(line: str) -> None:
         """Once per process: why a model's trials left the stacked engine."""
         if line not in VectorizedEngine.said:
             VectorizedEngine.said.add(line)
@@ -168,13 +179,42 @@ def settle(sweep: Sweep) -> Sweep:
 
 def choose(configs: list[ExperimentConfig]) -> tuple[str, str]:
     """`engine: auto`: the vectorized engine when it supports every one of the sweep's probe configs, else the
-    reference loop; and why, in a few words."""
+    reference loop; and why, in a few words. A user's model is probed here as training would run it
+    (stacked.stack_problem), so the one `engine:` line the sweep prints already says which trials leave it."""
     for config in configs:
         try:
             check_supported(config)
         except ConfigError as exc:
             return "reference", f"auto: {str(exc).split(': ', 1)[-1]}"
-    return "vectorized", "auto: the vectorized engine supports every trial of this sweep"
+    problems = probe_user_models(configs)
+    if not problems:
+        return "vectorized", "auto: the vectorized engine supports every trial of this sweep"
+    said = "; ".join(sorted(set(problems.values())))
+    if len(problems) == len(configs):  # no probe stacks
+        return "reference", f"auto: {said}"
+    for problem in problems.values():  # said in the header: not again when its trials leave the stacked engine
+        VectorizedEngine.said.add(f"engine: {problem}; its trials train on the reference loop")
+    return "vectorized", f"auto: {said}; those trials train on the reference loop"
+
+
+def probe_user_models(configs: list[ExperimentConfig]) -> dict:
+    """{probe index: why the stacked engine cannot train it} for the probe configs with a user's model; torch's
+    RNG is left as it was. A config that cannot even be prepared is left to experiment.check_sweep to explain."""
+    problems, shared, state = {}, {}, torch.get_rng_state()
+    try:
+        for index, config in enumerate(configs):
+            if config.model.class_path is None:
+                continue
+            try:
+                member = prepare_member(None, config, shared)
+            except Exception:
+                continue
+            problem = VectorizedEngine.problem(member)
+            if problem is not None:
+                problems[index] = problem
+    finally:
+        torch.set_rng_state(state)
+    return problems
 
 
 def check_runnable(config: ExperimentConfig, engine: str) -> None:

@@ -235,6 +235,14 @@ def check_batch(pred: torch.Tensor, target: torch.Tensor, loss_fn: nn.Module) ->
         )
 
 
+def _same_shape(loss_fn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], bool]:
+    """The cheap per-batch half of `check_batch`: whether an output still fits its labels' shape (so MSE cannot
+    broadcast [B, 1] against [B, 2] on the one batch where a model's output changes shape)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return lambda pred, target: pred.dim() == 2 and pred.shape[0] == target.shape[0]
+    return lambda pred, target: pred.shape == target.shape
+
+
 def _sample_average(losses: list[torch.Tensor], sizes: list[int], n_samples: int) -> float:
     # One host transfer per epoch instead of .item() per batch; the sum runs in the seed's order and precision
     # (Python floats of the float32 batch means, weighted by batch size), so the result is bit-identical.
@@ -251,11 +259,14 @@ def train_epoch(
     model.train()
     losses: list[torch.Tensor] = []
     sizes: list[int] = []
+    same = _same_shape(loss_fn)
     for batch_x, batch_y in batches:
         pred = model(batch_x)
         if check_shapes:
             check_batch(pred, batch_y, loss_fn)
             check_shapes = False
+        elif not same(pred, batch_y):  # a model whose output changes shape from batch to batch
+            check_batch(pred, batch_y, loss_fn)
         loss = loss_fn(pred, batch_y)
         optimizer.zero_grad()
         loss.backward()
@@ -275,8 +286,11 @@ def evaluate(
     sizes: list[int] = []
     preds: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
+    same = _same_shape(loss_fn)
     for batch_x, batch_y in batches:
         pred = model(batch_x)
+        if not same(pred, batch_y):
+            check_batch(pred, batch_y, loss_fn)
         losses.append(loss_fn(pred, batch_y))
         sizes.append(batch_x.shape[0])
         if task != "regression":

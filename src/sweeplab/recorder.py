@@ -329,8 +329,22 @@ class Recorder:
         """A trial trained elsewhere (the vectorized engine): its whole run, backdated to when it started."""
         return self.finish(self.begin(lease, result.config, live=False, start_ms=int(started_s * 1000)), lease, result)
 
-    def fail(self, run: TrialRun | None, lease, reason: str, interrupted: bool = False) -> None:
-        """A trial that ended in an error or an interrupt: its run ended (KILLED when interrupted), its trial FAIL."""
+    def fail(
+        self,
+        run: TrialRun | None,
+        lease,
+        reason: str,
+        interrupted: bool = False,
+        config: ExperimentConfig | None = None,
+    ) -> None:
+        """A trial that ended in an error or an interrupt: its run ended (KILLED when interrupted), its trial FAIL.
+        A trial that failed before its run existed (an engine whose runs are written once trained) gets its
+        FAILED run here, given its `config`, as the reference engine's trials have theirs."""
+        if run is None and config is not None and not interrupted:
+            try:
+                run = self.begin(lease, config, live=False)
+            except Exception:
+                run = None  # the store is out of reach: the trial's FAIL still says why
         ended = run is None
         if run is not None:
             try:

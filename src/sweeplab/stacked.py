@@ -10,89 +10,131 @@ not draw for draw.
 
 Members are set up exactly as the reference loop sets them up (vectorized.prepare_member: seed, data, split,
 initial weights, batch order) and keep the same bookkeeping (vectorized._Curves: History.record/stop's rules).
-A model vmap cannot run (in-place ops on unbatched state, data-dependent control flow, `.item()` in forward) is
-found by `vmap_problem` before its batch trains; engines.py then trains its trials on the reference loop.
+Members share one module only when they were built alike: the group key (vectorized.group_key) holds every init arg,
+not only the shapes they give, so a dropout rate, an activation's name or a flag is each member's own.
+
+What this engine cannot train exactly is found by `stack_problem` before a batch trains, by running what training
+runs (two members stacked as training stacks them, two optimizer steps of `train_step` and a validation forward):
+a model vmap cannot run (in-place ops on its weights, data-dependent control flow, `.item()` in forward), lazy
+parameters, parameters that are not float32. engines.py then trains its trials on the reference loop.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
+from torch.nn.parameter import UninitializedParameter
 
 from .experiment import resolve_device
 from .model import build_model
-from .vectorized import _distinct, fit_stacked, stack_data
+from .vectorized import _distinct, _StackedOptimizer, fit_stacked, stack_data, train_step
 
 
-def _split_state(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """The state_dict's names that are parameters (trained) and buffers (carried: BatchNorm's statistics)."""
-    return [name for name, _ in model.named_parameters()], [name for name, _ in model.named_buffers()]
+class FuncStack:
+    """K members of one architecture as one functional model: every member's parameters in one [K, P] float32
+    tensor (`flat`, the layout `_StackedOptimizer` steps), its buffers as [K, ...] tensors, and `forward(x [K, B,
+    ...], training)` by vmap over functional_call. A parameter registered under two names (tied weights) is one
+    column block, as `named_parameters` lists it; `states` gives each member's whole state_dict back."""
+
+    def __init__(self, members: list, device: torch.device):
+        first = members[0]
+        self.k = len(members)
+        base = build_model(first.spec, first.config.code_dir).to(device)
+        self.base = base
+        self.param_names = [name for name, _ in base.named_parameters()]  # tied: the first name only
+        self.buffer_names = [name for name, _ in base.named_buffers()]
+        canonical = {id(t): name for name, t in [*base.named_parameters(), *base.named_buffers()]}
+        # every state_dict name -> the parameter or buffer it holds (an alias of a tied one -> its first name)
+        self.source = {name: canonical.get(id(t), name) for name, t in base.state_dict(keep_vars=True).items()}
+        self.shapes = {name: tuple(first.init_state[name].shape) for name in self.param_names}
+        self.sizes = [math.prod(self.shapes[name]) for name in self.param_names]
+        owners, init_row = _distinct(members, lambda m: id(m.init_state))
+        init_row = init_row.to(device)
+        rows = torch.stack(
+            [torch.cat([m.init_state[name].reshape(-1).float() for name in self.param_names]) for m in owners]
+        )
+        self.flat = rows.to(device)[init_row].contiguous()
+        self.flat.requires_grad_()
+        self.buffers = {
+            name: torch.stack([m.init_state[name] for m in owners]).to(device)[init_row].clone()
+            for name in self.buffer_names
+        }
+        self._stacked = vmap(lambda p, b, xs: functional_call(base, (p, b), (xs,)), randomness="different")
+
+    def params_of(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = values.split(self.sizes, dim=1)
+        return {name: part.view(self.k, *self.shapes[name]) for name, part in zip(self.param_names, parts)}
+
+    def forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        self.base.train(training)  # dropout and BatchNorm as in train_epoch / evaluate
+        return self._stacked(self.params_of(self.flat), self.buffers, x)
+
+    def states(self, members: list, flat: torch.Tensor, buffers: dict[str, torch.Tensor]) -> list[dict]:
+        """Each member's state_dict (CPU, its own dtypes) from stacked parameters and buffers."""
+        values = {**self.params_of(flat.detach().cpu()), **{n: t.cpu() for n, t in buffers.items()}}
+        return [
+            {name: values[self.source[name]][i].clone().to(m.init_state[name].dtype) for name in m.init_state}
+            for i, m in enumerate(members)
+        ]
 
 
-def vmap_problem(member, batch: int = 2) -> str | None:
-    """Why the member's model cannot be stacked by vmap (a few words), or None: two copies are run through a
-    training step and an evaluation under vmap on a real batch, with torch's RNG left as it was."""
+def stack_problem(member, steps: int = 2) -> str | None:
+    """Why the member's trials cannot be stacked (a few words), or None. Two copies of the member are stacked as
+    `train_func_group` stacks them and run through `steps` of `train_step` (forward, loss, backward, the stacked
+    optimizer's step) and a validation forward on its own data, with torch's RNG left as it was: what fails here
+    would fail training."""
     state = torch.get_rng_state()
     try:
-        models = [build_model(member.spec, member.config.code_dir) for _ in range(2)]
-        for model in models:
-            model.load_state_dict(member.init_state)
-        params, buffers = stack_module_state(models)
-        base = models[0]
-        x = member.dataset.x_train[:batch].unsqueeze(0).expand(2, *member.dataset.x_train[:batch].shape)
-
-        def forward(p, b, xs):
-            return functional_call(base, (p, b), (xs,))
-
-        base.train()
-        out = vmap(forward, randomness="different")(params, buffers, x.contiguous())
-        out.sum().backward()
-        base.eval()
-        with torch.no_grad():
-            vmap(forward, randomness="different")(params, buffers, x.contiguous())
-        return None
-    except Exception as exc:  # vmap's own errors name the op: say the first line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"{member.spec.name} cannot run under torch.func.vmap ({type(exc).__name__}: {first[:160]})"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's "performance drop" notes: said by training, if it stacks
+            return _try_stacking(member, steps)
+    except Exception as exc:
+        return stack_failure(member, exc)
     finally:
         torch.set_rng_state(state)
+
+
+def _try_stacking(member, steps: int) -> str | None:
+    name = member.spec.name
+    model = build_model(member.spec, member.config.code_dir)
+    if any(isinstance(p, UninitializedParameter) for p in model.parameters()):
+        return f"{name} has lazy parameters (shaped by its first batch), which the stacked engine cannot stack"
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()} - {"float32"})
+    if dtypes:
+        return f"{name} has {', '.join(dtypes)} parameters; the stacked engine trains float32 ones"
+    pair = [member, member]
+    device = resolve_device(member.config.device)
+    stack = FuncStack(pair, device)
+    x_train, y_train, x_val, _, which = stack_data(pair, device)
+    x_train, y_train = x_train[which], y_train[which]
+    train, task = member.config.train, member.config.task
+    optimizer = _StackedOptimizer(stack.flat, [m.config for m in pair])
+    batch = train.batch_size
+    for step in range(steps):
+        xb, yb = x_train[:, step * batch : (step + 1) * batch], y_train[:, step * batch : (step + 1) * batch]
+        if xb.shape[1]:
+            train_step(stack.forward, stack.flat, optimizer, xb, yb, task, train.loss)
+    with torch.no_grad():
+        stack.forward(x_val[:, : train.val_batch_size or x_val.shape[1]], False)
+    return None
+
+
+def stack_failure(member, exc: Exception) -> str:
+    """Why stacked training failed, in a few words: vmap's own errors name the op; the first line says it."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{member.spec.name} cannot be stacked by torch.func ({type(exc).__name__}: {first[:160]})"
 
 
 def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
     """`vectorized.train_group` for any model: the same data, batch order, optimizer, curves and decisions
     (vectorized.fit_stacked), with the forward by vmap over functional_call instead of the MLP's matmuls."""
-    first = members[0]
-    device = resolve_device(first.config.device)
-    k = len(members)
+    device = resolve_device(members[0].config.device)
     data = stack_data(members, device)
-    base = build_model(first.spec, first.config.code_dir).to(device)
-    param_names, buffer_names = _split_state(base)
-    shapes = {name: tuple(first.init_state[name].shape) for name in param_names}
-    sizes = [math.prod(shapes[name]) for name in param_names]
-    owners, init_row = _distinct(members, lambda m: id(m.init_state))
-    init_row = init_row.to(device)
-    rows = torch.stack([torch.cat([m.init_state[name].reshape(-1).float() for name in param_names]) for m in owners])
-    flat = rows.to(device)[init_row].contiguous()
-    flat.requires_grad_()
-    buffers = {
-        name: torch.stack([m.init_state[name] for m in owners]).to(device)[init_row].clone() for name in buffer_names
-    }
-
-    def params_of(values: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: part.view(k, *shapes[name]) for name, part in zip(param_names, values.split(sizes, dim=1))}
-
-    stacked = vmap(lambda p, b, xs: functional_call(base, (p, b), (xs,)), randomness="different")
-
-    def forward(x: torch.Tensor, training: bool) -> torch.Tensor:
-        base.train(training)  # dropout and BatchNorm as in train_epoch / evaluate
-        return stacked(params_of(flat), buffers, x)
-
-    best, best_buffers = fit_stacked(members, data, flat, forward, buffers, on_epoch, each_epoch)
-    best_params = params_of(best.cpu())
-    best_buffers = {name: value.cpu() for name, value in best_buffers.items()}
-    for i, m in enumerate(members):
+    stack = FuncStack(members, device)
+    best, best_buffers = fit_stacked(members, data, stack.flat, stack.forward, stack.buffers, on_epoch, each_epoch)
+    for m, state in zip(members, stack.states(members, best, best_buffers)):
         if m.history.best_epoch:
-            values = {**{n: t[i] for n, t in best_params.items()}, **{n: t[i] for n, t in best_buffers.items()}}
-            m.history.best_state = {name: values[name].clone().to(m.init_state[name].dtype) for name in m.init_state}
+            m.history.best_state = state

@@ -179,7 +179,7 @@ def train_and_hand_over(
     def fail(job: Job, exc: Exception) -> None:
         nonlocal failed
         jobs.remove(job)
-        recorder.fail(job.run, job.lease, f"{type(exc).__name__}: {exc}")
+        recorder.fail(job.run, job.lease, f"{type(exc).__name__}: {exc}", config=job.config)
         failed += 1
         if on_trial_end:
             on_trial_end(job.lease.number, "failed")
@@ -195,6 +195,8 @@ def train_and_hand_over(
     except Exception as exc:  # an interrupt is the caller's to record: `jobs` still holds what it must fail
         for job in [j for j in jobs if j.result is None]:
             fail(job, exc)
+    for job in [j for j in jobs if j.error is not None]:  # failed alone; the rest of its batch trained
+        fail(job, job.error)
     for job in list(jobs):  # each leaves `jobs` once the writer has it
         try:
             writer.submit(job, on_trial_end)

@@ -18,17 +18,19 @@ A user's own model is stacked by stacked.py through the same epoch loop (`fit_st
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parameter import is_lazy
 
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, make_dataset
 from .experiment import model_spec_for, resolve_device
-from .loop import EpochRecord, History, stacked_classification_metrics
+from .loop import EpochRecord, History, ShapeError, stacked_classification_metrics
 from .model import ACTIVATIONS, ModelSpec, architecture, build_model
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -93,19 +95,30 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
         global_gen = torch.Generator()
         global_gen.set_state(torch.get_rng_state())
         shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
-        shared[draws_key] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, shuffle_gen, global_gen)
+        # a lazy module's parameters have no values before its first batch: stacked.stack_problem refuses it
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_lazy(v)}
+        shared[draws_key] = (state, shuffle_gen, global_gen)
     init_state, shuffle_gen, global_gen = shared[draws_key]
     return Member(key, config, dataset, spec, init_state, shuffle_gen, global_gen)
 
 
+def model_key(member: Member) -> tuple | str:
+    """What decides whether members can share one model. The MLP: its activation (hidden sizes are padded). A
+    user's model: its class, every init arg (a dropout rate, an activation's name and a flag change what the one
+    shared module computes, not only the shapes they give) and its parameters' and buffers' names, shapes and
+    dtypes (model.architecture)."""
+    spec = member.spec
+    if spec.class_path is None:
+        return member.config.model.activation
+    return (spec.class_path, json.dumps(spec.init_args, sort_keys=True, default=repr), architecture(member.init_state))
+
+
 def group_key(member: Member) -> tuple:
-    """Members that can share one stacked model. Hidden sizes and optimizers may differ (padding and masks,
-    below); everything that shapes the batches may not. A user's models stack when their parameters and buffers
-    have the same names and shapes (model.architecture), whatever init args made them."""
+    """Members that can share one stacked model (`model_key`). Hidden sizes and optimizers may differ (padding
+    and masks, below); everything that shapes the batches may not."""
     c, d = member.config, member.dataset
-    model = (c.model.class_path, architecture(member.init_state)) if c.model.class_path else c.model.activation
     return (
-        model,
+        model_key(member),
         c.train.batch_size,
         c.train.val_batch_size or d.x_val.shape[0],
         c.train.epochs,
@@ -122,7 +135,13 @@ def group_key(member: Member) -> tuple:
 
 
 def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, regression_loss: str) -> torch.Tensor:
-    """Per-member mean loss, [K]: the reference's loss, reduced over each member's batch only."""
+    """Per-member mean loss, [K]: the reference's loss, reduced over each member's batch only. Outputs that do not
+    fit the labels (a model whose output shape changes between batches) fail as loop.check_output fails them."""
+    fits = out.shape[:2] == target.shape if task == "multiclass" else out.shape == target.shape
+    if not fits:
+        raise ShapeError(
+            f"the model's output {list(out.shape[1:])} does not fit the labels {list(target.shape[1:])} of this batch"
+        )
     if task == "multiclass":
         k, b, c = out.shape
         return F.cross_entropy(out.reshape(k * b, c), target.reshape(k * b), reduction="none").view(k, b).mean(1)
@@ -380,6 +399,15 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
             }
 
 
+def train_step(forward, flat: torch.Tensor, optimizer: _StackedOptimizer, xb, yb, task: str, loss: str):
+    """The seed's six lines for K members at once: forward, loss, zero_grad, backward, step; the [K] losses."""
+    losses = _member_loss(forward(xb, True), yb, task, loss)
+    flat.grad = None
+    losses.sum().backward()
+    optimizer.step()
+    return losses.detach()
+
+
 def fit_stacked(
     members: list[Member],
     data,
@@ -423,11 +451,7 @@ def fit_stacked(
         batch_losses, sizes = [], []
         for start in range(0, n_train, train.batch_size):
             xb, yb = xs[:, start : start + train.batch_size], ys[:, start : start + train.batch_size]
-            losses = _member_loss(forward(xb, True), yb, task, train.loss)
-            flat.grad = None
-            losses.sum().backward()
-            optimizer.step()
-            batch_losses.append(losses.detach())
+            batch_losses.append(train_step(forward, flat, optimizer, xb, yb, task, train.loss))
             sizes.append(xb.shape[1])
         train_loss = _sample_average(batch_losses, sizes, n_train)
         for m in draw_from:  # the reference's validation loader draws a base seed from the global RNG
