@@ -43,13 +43,17 @@ def one_trial_sweep(folder: Path, study: str, task: str) -> Path:
 
 @pytest.fixture(scope="module")
 def champions(tmp_path_factory):
-    """A binary and a multiclass sweep of one trial each, in a store not named mlflow.db."""
+    """A binary, a multiclass and a regression sweep of one trial each, in a store not named mlflow.db."""
     tmp = tmp_path_factory.mktemp("champions")
     uri = f"sqlite:///{tmp}/classifiers.db"
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
-        for study, task in (("binary_lab", "binary"), ("multiclass_lab", "multiclass")):
+        for study, task in (
+            ("binary_lab", "binary"),
+            ("multiclass_lab", "multiclass"),
+            ("regression_lab", "regression"),
+        ):
             assert (
                 main(["sweep", str(one_trial_sweep(tmp, study, task)), "--quiet", "--no-report", "--tracking-uri", uri])
                 == 0
@@ -221,6 +225,12 @@ def test_mlflow_models_serve_reads_csv_columns_by_name_and_refuses_nan(champions
             "application/json",
         )
         status_bad, bad = post(b"x1,x2\n1.0,NaN\n", "text/csv")
+        # #27.6: no rows is one answer however it is sent; a row nested once more is not a row
+        empty = [
+            post(json.dumps(body).encode(), "application/json")
+            for body in ({"inputs": []}, {"dataframe_split": {"columns": ["x1", "x2"], "data": []}})
+        ]
+        nested = post(json.dumps({"inputs": [[[1.0, 2.0]]]}).encode(), "application/json")
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
@@ -230,6 +240,43 @@ def test_mlflow_models_serve_reads_csv_columns_by_name_and_refuses_nan(champions
     for got, want in zip(proba["predictions"], expected):
         assert [got[str(c)] for c in range(3)] == pytest.approx(want, abs=1e-6)
     assert status_bad == 400 and "column x2: 'nan' is not a finite number" in bad["message"]
+    assert [code for code, _ in empty] == [400, 400], empty
+    assert nested[0] == 400 and "an array of shape [1, 1, 2]; the model takes rows of 2 values" in nested[1]["message"]
+
+
+def test_a_regression_champion_refuses_what_it_cannot_answer_in_json(champions):
+    """#27.6: [[1e308, 1e308]] and [[1e39, 1]] were answered with NaN/Infinity (HTTP 200, not JSON), [[[1, 2]]] as
+    [[1, 2]], and params={"output": ...} was ignored."""
+    folder, uri, _ = champions
+    out = without_sweeplab(
+        folder,
+        f"""\
+        import json, mlflow
+        mlflow.set_tracking_uri({uri!r})
+        model = mlflow.pyfunc.load_model("models:/regression_lab@champion")
+        errors = {{}}
+        for name, bad, params in (("huge", [[1e308, 1e308]], None), ("float32", [[1e39, 1.0]], None),
+                                  ("nested", [[[1.0, 2.0]]], None), ("param", [[1.0, 2.0]], {{"output": "labels"}})):
+            try:
+                model.predict(bad, params=params)
+                errors[name] = "accepted"
+            except Exception as exc:
+                errors[name] = str(exc)
+        ok = model.predict([[1.0, 2.0]], params={{"output": "values"}}).tolist()
+        print(json.dumps({{"errors": errors, "ok": ok}}))
+        """,
+    )
+    errors = out["errors"]
+    assert (
+        errors["huge"] == "input: row 0, column x1: '1e+308' is not a finite number (NaN, infinity, or beyond float32)"
+    )
+    assert (
+        errors["float32"]
+        == "input: row 0, column x1: '1e+39' is not a finite number (NaN, infinity, or beyond float32)"
+    )
+    assert errors["nested"] == "input: an array of shape [1, 1, 2]; the model takes rows of 2 values"
+    assert errors["param"] == "params.output: 'labels'; a regression model gives values"
+    assert len(out["ok"]) == 1 and len(out["ok"][0]) == 1
 
 
 def test_sweeplab_predict_prints_the_probability_of_the_label_it_prints(champions, tmp_path, capsys):

@@ -157,6 +157,13 @@ def test_tpe_is_asked_in_batches_it_can_learn_between(tmp_path):
         (["1.0", "2.0", "two", "4.0", "5.0", "6.0"], None, "data.target column 'y' row 4 is not a number: 'two'"),
         (["1.0", "2.0", "3.0", "inf", "5.0", "6.0"], None, "data.target column 'y' row 5 is not a finite number: inf"),
         (["1.0", "2.0", "3.0", "4.0", "5.0", "6.0"], "-inf", "column 'b' row 2 is not a finite number: -inf"),
+        # #27.3: finite in float64, infinite in the float32 it trains as
+        (["1.0", "2.0", "3.0", "4.0", "5.0", "6.0"], "1e39", "column 'b' row 2 is not a finite number: 1e+39"),
+        (
+            ["1.0", "2.0", "-1e39", "4.0", "5.0", "6.0"],
+            None,
+            "data.target column 'y' row 4 is not a finite number: -1e+39",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "sweep"])
@@ -220,3 +227,65 @@ def test_the_config_layer_imports_neither_torch_nor_optuna_nor_mlflow():
     sweep = Path(__file__).resolve().parents[1] / "sweeps" / "optimizer_hidden_noise.yaml"
     out = subprocess.run([sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("metric, direction", [("val_loss", "maximize"), ("val_accuracy", "minimize")])
+def test_a_direction_that_contradicts_its_metric_is_refused(store, capsys, metric, direction):
+    """#27.3: `maximize` with val_loss was accepted, and the champion was then the worst model."""
+    (store / "e.yaml").write_text(
+        f"name: d\ntask: multiclass\nobjective: {{metric: {metric}, direction: {direction}}}\ntrain: {{epochs: 1}}\n"
+    )
+    assert main(["run", str(store / "e.yaml"), "--no-track"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"objective: direction {direction} contradicts {metric}" in err
+
+
+def test_a_nul_byte_in_a_file_is_one_line(store, capsys):
+    """#27.3: a path with a NUL byte ended in `embedded null byte`, exit 1."""
+    (store / "e.yaml").write_text('name: n\ndata: {source: csv, path: "a\\0b.csv", target: y}\n')
+    assert main(["run", str(store / "e.yaml"), "--no-track"]) == 2
+    assert capsys.readouterr().err.strip().endswith("e.yaml: data.path: holds a NUL byte (\\0)")
+
+
+LABEL_LOADERS = """\
+import numpy as np
+
+X = np.random.default_rng(0).normal(size=(60, 3)).astype("float32")
+
+
+def one_to_k():
+    return X, np.arange(60) % 3 + 1
+
+
+def sparse():
+    return X, np.array([0, 5, 1000] * 20)
+
+
+def strings():
+    return X, np.array(["cat", "dog"] * 30)
+
+
+def cube():
+    return X, np.zeros((60, 1, 1))
+"""
+
+
+@pytest.mark.parametrize(
+    "loader, task, words",
+    [
+        ("one_to_k", "multiclass", "got {1, 2, 3}, with no sample of class 0: map them to 0..K-1 first"),
+        ("sparse", "multiclass", "got {0, 5, 1000}, with no sample of class 1 and 997 more"),
+        ("strings", "multiclass", "y holds <U3 values such as ['cat', 'dog', 'cat'], not numbers: map labels"),
+        ("cube", "regression", "targets of shape [60, 1, 1]; task regression takes [N] or [N, outputs]"),
+    ],
+)
+def test_labels_that_are_not_what_the_task_takes_are_one_line_naming_the_loader(store, capsys, loader, task, words):
+    """#27.3: labels 1..K trained a head with a never-seen class 0; {0, 5, 1000} a 1001-way head logged as 3 classes;
+    strings ended in TypeError (exit 1); [N, 1, 1] targets were blamed on model.class_path."""
+    (store / "labels.py").write_text(LABEL_LOADERS)
+    (store / "e.yaml").write_text(
+        f"name: l\ntask: {task}\ndata: {{source: python, class_path: labels.{loader}}}\ntrain: {{epochs: 1}}\n"
+    )
+    assert main(["run", str(store / "e.yaml"), "--no-track"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "data.class_path" in err, err

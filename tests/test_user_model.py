@@ -231,9 +231,17 @@ def test_the_champion_loads_without_sweeplab_or_the_users_module(cnn_sweep):
         x = np.load("images.npy")
         labels = model.predict(x).tolist()
         probs = model.predict(x, params={{"output": "probabilities"}})
-        inputs = model.metadata.signature.inputs.to_dict()
+        inputs = model.metadata.signature.inputs
+        alike = [model.predict(v).tolist() == labels for v in (x.astype("float32"), x.astype("int64"), x.reshape(len(x), 64))]
+        refused = []
+        for bad in (x.reshape(len(x), 8, 8), np.full((1, 64), 1e39)):
+            try:
+                model.predict(bad)
+            except Exception as exc:
+                refused.append(str(exc))
         print(json.dumps({{"labels": labels, "columns": list(probs.columns), "sums": probs.sum(axis=1).tolist(),
-                          "inputs": inputs}}))
+                          "inputs": inputs, "alike": alike, "refused": refused,
+                          "metadata": sorted(model.metadata.metadata)}}))
         """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -241,7 +249,13 @@ def test_the_champion_loads_without_sweeplab_or_the_users_module(cnn_sweep):
     assert out["labels"] == expected
     assert out["columns"] == [str(c) for c in range(10)]
     assert all(abs(s - 1) < 1e-9 for s in out["sums"])
-    assert out["inputs"] == [{"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": [-1, 1, 8, 8]}}]
+    assert out["inputs"] is None  # no schema: float32, integer and flat rows are taken too (#27.6)
+    assert out["alike"] == [True, True, True]
+    assert out["refused"] == [
+        "input: an array of shape [40, 8, 8]; the model takes [N, 1, 8, 8] or rows of 64 values",
+        "input: row 0, column pixel_0_0: '1e+39' is not a finite number (NaN, infinity, or beyond float32)",
+    ]
+    assert "feature_names" not in out["metadata"] and "input_shape" in out["metadata"]
 
 
 def test_predict_rebuilds_the_users_class_where_its_module_is(cnn_sweep, capsys, monkeypatch):
@@ -249,12 +263,32 @@ def test_predict_rebuilds_the_users_class_where_its_module_is(cnn_sweep, capsys,
     images = sklearn.datasets.load_digits().images[:3].reshape(3, 1, 8, 8).tolist()
     monkeypatch.chdir(project)
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(json.dumps(images)))
-    assert main(["predict", "models:/tiny_cnn@champion", "--tracking-uri", uri, "--json", "-"]) == 0
+    assert main(["predict", "tiny_cnn", "--tracking-uri", uri, "--json", "-"]) == 0
     predictions = json.loads(capsys.readouterr().out)["predictions"]
     assert [p["prediction"] for p in predictions] == [0, 1, 2]  # the first three digits, as a trained CNN reads them
-    # in a fresh process, from a folder without the module
+    # in a fresh process, from a folder without the module: the champion needs none (issue #27.5), a run does
+    champion = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeplab",
+            "predict",
+            "models:/tiny_cnn@champion",
+            "--tracking-uri",
+            uri,
+            "--json",
+            "-",
+        ],
+        cwd=elsewhere,
+        input=json.dumps(images),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert champion.returncode == 0, champion.stderr
+    assert [p["prediction"] for p in json.loads(champion.stdout)["predictions"]] == [0, 1, 2]
     proc = subprocess.run(
-        [sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri", uri, "-"],
+        [sys.executable, "-m", "sweeplab", "predict", "tiny_cnn", "--tracking-uri", uri, "-"],
         cwd=elsewhere,
         input=json.dumps(images),
         capture_output=True,
@@ -264,9 +298,38 @@ def test_predict_rebuilds_the_users_class_where_its_module_is(cnn_sweep, capsys,
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1
-    assert err[0].startswith(
-        f"sweeplab: error: best.pt: the run trained my_nets.TinyCNN; no module 'my_nets' in this folder ({elsewhere})"
+    assert err[0] == (
+        "sweeplab: error: the run trained my_nets.TinyCNN; no module 'my_nets' in this folder or on sys.path (run "
+        "from the folder that holds it or predict through its registered champion, models:/tiny_cnn@champion)"
     )
+
+
+def test_predict_imports_a_runs_module_only_when_its_source_is_the_logged_one(cnn_sweep, tmp_path):
+    """Issue #27.4: a module of the same name whose source differs from what the run logged is not imported (its
+    top-level code would run before any check of the weights); the printed predict line without input predicts
+    the run's own example inputs and says so."""
+    project, elsewhere, uri, _ = cnn_sweep
+    (tmp_path / "my_nets.py").write_text("print('EVIL RAN')\n" + (project / "my_nets.py").read_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "predict", "tiny_cnn", "--tracking-uri", uri, "--x", ",".join(["1"] * 64)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "EVIL RAN" not in proc.stdout + proc.stderr
+    assert "my_nets.py: not the source run" in proc.stderr and "its sha256 differs from the run's" in proc.stderr
+    # no input: the champion predicts the run's logged validation inputs (8 rows), from a folder without the module
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri", uri, "--json"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["predictions"]) == 8
+    assert "note: no input given: predicting the 8 validation inputs logged with run" in proc.stderr
 
 
 def test_a_model_torch_export_cannot_trace_registers_its_checkpoint(tmp_path):
@@ -608,3 +671,83 @@ def test_the_objective_follows_both_engines_for_the_mlp(tmp_path):
         first_best = max(range(len(accuracy)), key=lambda i: (accuracy[i], -i)) + 1
         assert ref.result.history.best_epoch == vec.result.history.best_epoch == first_best
         assert ref.result.history.best_value == vec.result.history.best_value == max(accuracy)
+
+
+# --- issue #27.3: user code that tries to end, hang or print into the process -----------------------------------
+
+MISBEHAVING = {
+    "exits.py": "import sys\nsys.exit()\n",
+    "interrupts.py": "raise KeyboardInterrupt\n",
+    "exits_in_init.py": "import sys\nfrom torch import nn\n\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+    "        super().__init__()\n        sys.exit(3)\n",
+    "lingers.py": "import threading\nimport time\n\nfrom torch import nn\n\n"
+    "threading.Thread(target=lambda: time.sleep(10**6)).start()\nprint('hello from the module')\n\n\n"
+    "class Net(nn.Module):\n    def __init__(self, in_features, out_features):\n        super().__init__()\n"
+    "        self.lin = nn.Linear(in_features, out_features)\n\n    def forward(self, x):\n        return self.lin(x)\n",
+}
+
+
+@pytest.mark.parametrize(
+    "module, said",
+    [
+        ("exits", "importing exits called sys.exit(None) (exits.py line 2): user code must not end the process"),
+        ("interrupts", "importing interrupts raised KeyboardInterrupt (interrupts.py line 1)"),
+        (
+            "exits_in_init",
+            "exits_in_init.Net() called sys.exit(3) (exits_in_init.py line 8): user code must not end the process",
+        ),
+    ],
+)
+def test_a_module_that_ends_the_process_is_bad_input(tmp_path, module, said):
+    for name, text in MISBEHAVING.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "exp.yaml").write_text(f"name: e\nmodel: {{class_path: {module}.Net}}\ntrain: {{epochs: 2}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "run", "exp.yaml", "--no-track"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(said), proc.stderr
+    assert "exp.yaml: model.class_path" in proc.stderr
+
+
+def test_a_module_that_starts_a_thread_and_prints_neither_hangs_nor_corrupts_json(tmp_path):
+    for name, text in MISBEHAVING.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "exp.yaml").write_text("name: e\nmodel: {class_path: lingers.Net}\ntrain: {epochs: 2}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeplab", "run", "exp.yaml", "--no-track", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,  # before the fix: never returned
+    )
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["status"] == "completed"  # the module's print went to stderr
+    assert "hello from the module" in proc.stderr
+
+
+def test_a_study_resumed_after_its_model_source_changed_is_refused(tmp_path, capsys):
+    """#27.3: relu -> tanh in the user's file, then the same study resumed: both were ranked in one table (the runs'
+    sweeplab.model_source_sha256 tags differed, and nothing was said). And a `sweeplab run` of an experiment
+    named like the study is not one of its trials in the report."""
+    sweep = cnn_project(tmp_path, n_trials=2, epochs=1)
+    uri = f"sqlite:///{tmp_path}/t.db"
+    storage = f"journal:{tmp_path}/j.journal"
+    args = ["--tracking-uri", uri, "--storage", storage, "--no-report", "--quiet"]
+    assert main(["sweep", str(sweep), *args]) == 0
+    assert main(["run", str(tmp_path / "cnn.yaml"), "--tracking-uri", uri, "epochs=1"]) == 0  # experiment tiny_cnn
+    from sweeplab.report.load import load_runs
+
+    trials = load_runs("tiny_cnn", uri).trials
+    assert sorted(trials["trial"]) == [0, 1]
+    capsys.readouterr()
+    nets = tmp_path / "my_nets.py"
+    nets.write_text(nets.read_text().replace("torch.relu", "torch.tanh"))
+    assert main(["sweep", str(sweep), "n_trials=4", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ran its trials with model.source_sha256=" in err
+    assert "Start a new study (study=NAME)" in err

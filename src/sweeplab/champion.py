@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.models import Model, ModelSignature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from . import pyfunc_model
 from .model import load_checkpoint
@@ -180,10 +180,13 @@ MAX_TAG = 5000  # MLflow refuses a tag value over 100,000 characters; a spec tha
 def spec_tag(spec) -> str:
     """The model spec as the version's tag; the feature names give way to their count when they would not fit
     (a CSV of 20,000 columns), as they are in the model's own `artifacts/model.json` anyway."""
-    text = json.dumps(spec.to_dict())
+    fields = spec.to_dict()
+    if spec.class_path is not None:  # the MLP's sizes say nothing of a user's model: its class and init args do
+        fields = {k: fields[k] for k in ("class_path", "init_args", "input_shape", "out_features", "task")}
+    text = json.dumps(fields)
     if len(text) <= MAX_TAG:
         return text
-    return json.dumps({**spec.to_dict(), "feature_names": f"{len(spec.feature_names)} names, in model.json"})
+    return json.dumps({**fields, "feature_names": f"{len(spec.feature_names)} names, in model.json"})
 
 
 class ExportError(RuntimeError):
@@ -263,14 +266,16 @@ def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> 
                     )
                 ]
             )
-            signature = ModelSignature(outputs=outputs)
+            signature = ModelSignature(outputs=outputs, params=ParamSchema([ParamSpec("output", "string", "values")]))
         else:
             signature = ModelSignature(
                 outputs=Schema([ColSpec("long", "label")]), params=ParamSchema([ParamSpec("output", "string", "label")])
             )
+        # No input schema for images either: MLflow would refuse float32 and integer arrays under a float64 tensor
+        # spec (with a message that dumps the array) and flat rows of the right width; pyfunc_model reads them all.
         images = len(shape) > 1
-        if images:  # images: a tensor of the data's true shape (float64, so float32 and integer arrays cast safely)
-            signature.inputs = Schema([TensorSpec(np.dtype("float64"), (-1, *shape))])
+        if images:  # a picture's pixels are not features anyone names in a request
+            meta = {k: v for k, v in meta.items() if k != "feature_names"}
         rows_example = (
             example.double().numpy()
             if images

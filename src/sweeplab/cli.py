@@ -13,9 +13,12 @@ import argparse
 import atexit
 import json
 import os
+import platform
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -234,7 +237,15 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .serve import ModelNotFound, load_logged_model, parse_rows, predict_rows, read_csv_rows, read_json_rows
+    from .serve import (
+        ModelNotFound,
+        example_rows,
+        load_logged_model,
+        parse_rows,
+        predict_rows,
+        read_csv_rows,
+        read_json_rows,
+    )
 
     configure(with_optuna=False, install_stop=False)
     from .experiment import resolve_device
@@ -249,7 +260,8 @@ def _predict(args: argparse.Namespace) -> int:
     if len(sources) > 1:
         raise UsageError("give the input once: --x rows, a CSV file, or - for JSON on stdin")
     try:
-        model, spec, found = load_logged_model(args.model, existing_store(args.tracking_uri), args.device)
+        store = existing_store(args.tracking_uri)
+        model, spec, found = load_logged_model(args.model, store, args.device)
         extra: list[str] = []
         if args.x:
             rows = parse_rows(args.x)
@@ -259,10 +271,12 @@ def _predict(args: argparse.Namespace) -> int:
             rows, extra = read_csv_rows(args.input, spec)
         elif spec.in_features == 2:
             rows = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]]  # the seed's three test points
-        else:
-            raise UsageError(
-                f"{args.model}: give the input: --x V1,V2,... ({spec.in_features} values a row), a "
-                "CSV file of its feature columns, or - for JSON rows on stdin"
+        else:  # no input: the run's own example inputs, and say so
+            rows, source = example_rows(args.model, store, spec)
+            print(
+                f"note: no input given: predicting {source}; give --x V1,V2,... ({spec.in_features} values a row), "
+                "a CSV file or - for JSON rows",
+                file=sys.stderr,
             )
         results = predict_rows(model, spec, rows)
     except (ModelNotFound, ValueError) as exc:
@@ -322,6 +336,14 @@ def _ui(args: argparse.Namespace) -> int:
             stop_flag.wait(0.25)
         link = runs_link(base, experiment_id) if experiment_id else base
         print(f"MLflow UI: {link}  (Ctrl-C stops it)", flush=True)
+        # MLflow 3.17's UI takes its view from the page's `workflowType` parameter (the link has it), else from the
+        # browser's localStorage (`mlflow.workflowType_v1`), else GenAI: no server or experiment setting exists
+        print(
+            "note: runs opened by clicking inside the UI show in its GenAI view until this browser has chosen once: "
+            'click "Model training" at the top of the sidebar (the UI remembers it per browser)',
+            file=sys.stderr,
+            flush=True,
+        )
         while process.poll() is None:
             stop_flag.wait(0.5)
         return process.returncode
@@ -531,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for name in ("stdout", "stderr"):  # started with the descriptor closed (`2>&-`): what it would say goes nowhere
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (open for the life of the process)
     parser = build_parser()
     args, extra = parser.parse_known_args(_values_of_x(sys.argv[1:] if argv is None else list(argv)))
     if (
@@ -653,6 +678,26 @@ def one_line(exc: BaseException, with_type: bool = False) -> str:
     return text
 
 
+# CPU kernels pinned to one instruction set, so that a sweep's numbers depend on its settings, not on which x86
+# machine ran it: torch's own kernels (ATen), oneDNN's convolutions and MKL's matrix products each pick the widest
+# instructions the CPU has (AVX-512 on some machines of a kind, AVX2 on others), and each sums in its own order, so
+# the same trial differs in its last bits, which TPE and a best epoch amplify into another answer. AVX2 is what every
+# x86 machine sweeplab runs on has; a user's own setting of any of these wins. Set before torch is imported.
+SAME_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def same_kernels_everywhere() -> None:
+    if "torch" in sys.modules or platform.machine().lower() not in ("x86_64", "amd64"):
+        return  # too late to choose; other CPUs have one kernel set
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return
+    if " avx2" in flags:
+        for name, value in SAME_KERNELS.items():
+            os.environ.setdefault(name, value)
+
+
 def entry_point() -> None:
     """The console script. Interpreter teardown (unloading torch, dynamo's and MLflow's modules one by one) takes
     ~2 s after a sweep and does nothing a user needs. So once the command has returned, the non-daemon threads are
@@ -660,6 +705,7 @@ def entry_point() -> None:
     concurrent.futures', which end child processes; logging's), the process ends at once with the command's exit
     code: `_end_now` is registered first, so it runs last. An exception other than an exit (a crash, Ctrl-C
     outside a command) takes Python's own way out."""
+    same_kernels_everywhere()
     atexit.register(_end_now)
     try:
         code = main()
@@ -668,7 +714,21 @@ def entry_point() -> None:
             _exit_code.append(exc.code or 0)
         raise
     _exit_code.append(code)
+    _leave_user_threads()
     sys.exit(code)
+
+
+def _leave_user_threads(grace_s: float = 2.0) -> None:
+    """A thread a user's module started and never ends (a non-daemon `threading.Thread` on import) would keep the
+    process alive after the command returned: Python joins every non-daemon thread before its exit handlers run.
+    Such threads get `grace_s` to end; then the exit handlers run now (`_end_now`, registered first, runs last and
+    ends the process with the command's code), so the command still exits."""
+    deadline = time.monotonic() + grace_s
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+        atexit._run_exitfuncs()
 
 
 _exit_code: list[int] = []

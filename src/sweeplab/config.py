@@ -108,8 +108,14 @@ class ObjectiveConfig(_Frozen):
 
     @model_validator(mode="after")
     def _default_direction(self) -> "ObjectiveConfig":
+        natural = "minimize" if self.metric.endswith("loss") else "maximize"  # every metric in METRICS
         if self.direction is None:
-            object.__setattr__(self, "direction", "minimize" if self.metric.endswith("loss") else "maximize")
+            object.__setattr__(self, "direction", natural)
+        elif self.direction != natural:  # the champion would be the worst model
+            raise ValueError(
+                f"direction {self.direction} contradicts {self.metric}, which is better when "
+                f"{'lower' if natural == 'minimize' else 'higher'}: give direction {natural} or leave it out"
+            )
         return self
 
     column = property(lambda self: objective_column(self.metric), doc="the run's summary metric: best_val_accuracy")
@@ -499,7 +505,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+    where = _nul_byte(raw)
+    if where is not None:  # no path, name or URI can hold one ("embedded null byte" deep inside otherwise)
+        raise ConfigError(f"{path}: {where or 'a key'}: holds a NUL byte (\\0)")
     return raw
+
+
+def _nul_byte(value: Any, where: str = "") -> str | None:
+    """The dotted key of the first string (or key) holding a NUL byte, or None."""
+    if isinstance(value, str):
+        return where if "\0" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        here = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and "\0" in key:
+            return where
+        found = _nul_byte(item, here)
+        if found is not None:
+            return found
+    return None
 
 
 def build_experiment(raw: dict[str, Any], source: str, base_dir: Path | None = None) -> ExperimentConfig:

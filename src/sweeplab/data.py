@@ -125,7 +125,7 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
     elif data.source == "sklearn" and config.task == "multiclass":
         n_classes = {"digits": 10, "iris": 3, "wine": 3, "breast_cancer": 2}[data.name]
     else:
-        n_classes = int(max(y_train.max(), y_val.max())) + 1 if config.task == "multiclass" else 1
+        n_classes = _classes(torch.cat([y_train, y_val]), config) if config.task == "multiclass" else 1
     return Dataset(x_train, y_train, x_val, y_val, names, _n_outputs(config.task, n_classes), config.task, description)
 
 
@@ -165,6 +165,27 @@ def _n_outputs(task: str, n_classes: int) -> int:
     return n_classes if task == "multiclass" else 1
 
 
+def _classes(labels: torch.Tensor, config: ExperimentConfig) -> int:
+    """K for labels that must be 0..K-1, every one of them present: labels 1..K (class 0 never seen, yet given
+    a logit) or {0, 5, 1000} (a 1001-way head for three classes) are an encoding to map first, said in one line."""
+    present = torch.unique(labels)
+    k = int(present.max()) + 1
+    if len(present) != k:
+        where = (
+            f"data.path {config.data.path}"
+            if config.data.source == "csv"
+            else f"data.class_path {config.data.class_path}"
+        )
+        missing = sorted(set(range(k)) - set(present.tolist()))
+        shown = ", ".join(map(str, present.tolist()[:6])) + (", ..." if len(present) > 6 else "")
+        raise ConfigError(
+            f"{where}: multiclass labels must be 0..K-1 with every class present; got {{{shown}}}, with no sample of "
+            f"class {missing[0]}{' and ' + str(len(missing) - 1) + ' more' if len(missing) > 1 else ''}: map them "
+            "to 0..K-1 first (e.g. sklearn's LabelEncoder)"
+        )
+    return k
+
+
 def _read_csv(data: DataConfig, task: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     import pandas as pd  # CSV data only (~0.3 s to import)
 
@@ -191,7 +212,7 @@ def _read_csv(data: DataConfig, task: str) -> tuple[torch.Tensor, torch.Tensor, 
     if numeric.isna().any().any():
         column = numeric.columns[numeric.isna().any()][0]
         raise ConfigError(f"{data.path}: column {column!r} has missing values")
-    infinite = numeric.isin([math.inf, -math.inf])
+    infinite = numeric.abs() > FLOAT32_MAX  # 1e39 is finite in float64, infinite in the float32 it trains as
     if infinite.any().any():
         column = infinite.any()[infinite.any()].index[0]
         row = int(infinite[column].to_numpy().nonzero()[0][0])
@@ -204,7 +225,7 @@ def _read_csv(data: DataConfig, task: str) -> tuple[torch.Tensor, torch.Tensor, 
     for bad, what in (
         (codes.isna() & target.notna(), "is not a number: {!r}"),
         (target.isna(), "is missing"),
-        (codes.isin([math.inf, -math.inf]), "is not a finite number: {}"),
+        (codes.abs() > FLOAT32_MAX, "is not a finite number: {}"),
     ):
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
@@ -249,12 +270,17 @@ def _sklearn_set(name: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]
     return x, torch.as_tensor(bunch.target), tuple(str(n) for n in bunch.feature_names)
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _labels(y: torch.Tensor, task: str, where: str) -> torch.Tensor:
     """Targets in the form the task's loss takes: regression [N, 1] float, binary [N, 1] float 0/1, multiclass
     [N] class indices; anything else is one line naming `where`."""
     if task == "regression":
         if not (y.is_floating_point() or y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)):
             raise ConfigError(f"{where}: targets of dtype {y.dtype} are not numbers")
+        if y.dim() > 2:
+            raise ConfigError(f"{where}: targets of shape {list(y.shape)}; task regression takes [N] or [N, outputs]")
         y = y.float()
         return y.unsqueeze(1) if y.dim() == 1 else y
     flat = y.reshape(-1) if y.dim() == 2 and y.shape[1] == 1 else y
@@ -322,7 +348,16 @@ def _pair(got, where: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"{where} returned {type(got).__name__}; give (X, y), {{'train': (X, y), 'val': (X, y)}} "
             "or a map-style torch Dataset"
         )
-    x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in got)
+    for name, value in zip("Xy", got):  # strings or objects: one line, not torch's list of dtypes
+        kind = value.dtype.kind if isinstance(value, np.ndarray) else None
+        if kind in ("U", "S", "O"):
+            first = np.asarray(value).reshape(-1)[:3].tolist()
+            hint = ": map labels to class indices 0..K-1 first (e.g. sklearn's LabelEncoder)" if name == "y" else ""
+            raise ConfigError(f"{where}: {name} holds {value.dtype} values such as {first}, not numbers{hint}")
+    try:
+        x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in got)
+    except (TypeError, ValueError) as exc:  # ragged rows, lists of strings
+        raise ConfigError(f"{where}: X and y must be arrays of numbers ({error_text(exc)[:120]})") from None
     if x.dim() < 2 or x.shape[0] != y.shape[0]:
         raise ConfigError(f"{where}: X {list(x.shape)} and y {list(y.shape)} need one row per sample each")
     if not x.is_floating_point():

@@ -245,9 +245,14 @@ class Ledger:
         self._release(lease)
 
     def _tell_end(self, trial_id: int, number: int, end: RunEnd) -> None:
-        if end.curve:
+        # A diverged trial has no result: no best_epoch (as its run has no best_*), and no curve, whose values
+        # before diverging (millions) would flatten every other trial's in optuna-dashboard's and Optuna's plots;
+        # its reason says at which epoch it diverged.
+        diverged = end.outcome == Outcome.DIVERGED
+        if end.curve and not diverged:
             with_retries(write_curve, self.storage, trial_id, end.curve)
-        with_retries(self.storage.set_trial_user_attr, trial_id, BEST_EPOCH_ATTR, end.best_epoch)
+        if not diverged:
+            with_retries(self.storage.set_trial_user_attr, trial_id, BEST_EPOCH_ATTR, end.best_epoch)
         if end.outcome == Outcome.COMPLETED:
             self._tell(number, end.value)
         else:

@@ -106,12 +106,9 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], spec: Mode
     torch.save({"state_dict": state_to_cpu(state), "model_spec": spec.to_dict()}, path)
 
 
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", code_dir: str | None = None
-) -> tuple[nn.Module, ModelSpec]:
-    """Rebuild the model from a checkpoint file; tensors saved on a GPU land on `map_location`. Anything but a
-    sweeplab checkpoint (truncated, tampered with, a pickle carrying code) is a ValueError naming the file. A
-    user's class is imported from `code_dir` or sys.path, and only when it is an nn.Module subclass."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, ModelSpec]:
+    """(the checkpoint's payload, its ModelSpec), read with torch.load(weights_only=True) and importing nothing;
+    anything but a sweeplab checkpoint is a ValueError naming the file."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code; a truncated file fails to unzip
@@ -126,7 +123,16 @@ def load_checkpoint(
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"{Path(path).name}: not a sweeplab model spec ({first[:200]})") from None
+    return payload, spec
 
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", code_dir: str | None = None
+) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the model from a checkpoint file; tensors saved on a GPU land on `map_location`. Anything but a
+    sweeplab checkpoint (truncated, tampered with, a pickle carrying code) is a ValueError naming the file. A
+    user's class is imported from `code_dir` or sys.path, and only when it is an nn.Module subclass."""
+    payload, spec = read_checkpoint(path, map_location)
     try:
         model = build_model(spec, code_dir, where="in this folder")
     except ConfigError as exc:  # the user's class cannot be imported or built here

@@ -9,11 +9,13 @@ is a ConfigError of one line naming the field. model.py builds the models; data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
+from .stop import Stopped
 
 # Constructor parameters the data decides, filled in when init_args leaves them out: the user should not have to
 # repeat the data's shape in the model's config.
@@ -36,7 +39,8 @@ def import_object(path: str, code_dir: str | None, field: str, where: str = "bes
         sys.path.insert(0, code_dir)  # kept: the trials, and torch.export, need the module again
     _forget_if_elsewhere(module_name, code_dir)
     try:
-        module = importlib.import_module(module_name)
+        with user_code():
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name) and exc.name.split(".")[0] == module_name.split(".")[0]:
             place = f"{where} ({code_dir}) or on sys.path" if code_dir else "on sys.path"
@@ -44,6 +48,10 @@ def import_object(path: str, code_dir: str | None, field: str, where: str = "bes
         raise ConfigError(f"{field}: importing {module_name} failed: {error_text(exc)}") from None
     except Exception as exc:  # the user's module raised on import: say where
         raise ConfigError(f"{field}: importing {module_name} raised {error_text(exc)}") from None
+    except (SystemExit, KeyboardInterrupt) as exc:  # sys.exit() or a raise in the module, not a Ctrl-C (Stopped)
+        if isinstance(exc, Stopped):
+            raise
+        raise ConfigError(f"{field}: importing {module_name} {exit_text(exc)}") from None
     try:
         return getattr(module, attribute)
     except AttributeError:
@@ -114,7 +122,12 @@ def instantiate(cls: type, init_args: dict[str, Any], path: str, field: str = "m
     if unknown:
         raise ConfigError(f"{field}.init_args: {path} takes no argument {unknown[0]!r}")
     try:
-        return cls(**init_args)
+        with user_code():
+            return cls(**init_args)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if isinstance(exc, Stopped):
+            raise
+        raise ConfigError(f"{field}.class_path: {path}({_args_text(init_args)}) {exit_text(exc)}") from None
     except TypeError as exc:
         raise ConfigError(
             f"{field}.init_args: {path}({_args_text(init_args)}) refused its arguments: {error_text(exc)}"
@@ -137,6 +150,21 @@ def source_of(path: str, code_dir: str | None = None) -> tuple[Path, str] | None
     return Path(file), hashlib.sha256(data).hexdigest()
 
 
+@contextlib.contextmanager
+def user_code():
+    """While the user's module or constructor runs: what it prints goes to stderr, so `--json` output stays JSON."""
+    target = sys.stderr if sys.stderr is not None else open(os.devnull, "w")  # noqa: SIM115 (stderr closed: 2>&-)
+    with contextlib.redirect_stdout(target):
+        yield
+
+
+def exit_text(exc: BaseException) -> str:
+    """A user's module or constructor that tried to end the process, in a few words."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r}){_where(exc)}: user code must not end the process"
+    return f"raised KeyboardInterrupt{_where(exc)}"
+
+
 def _args_text(init_args: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in init_args.items())[:200]
 
@@ -148,16 +176,21 @@ def _file_of(module) -> str:
 def error_text(exc: BaseException) -> str:
     """`ValueError: message (my_nets.py line 12)`: the exception, on one line, and where the user's code raised it."""
     message = (str(exc).strip().splitlines() or [""])[0][:200]
+    where = _where(exc)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({Path(exc.filename).name} line {exc.lineno})"
+        message = exc.msg
+    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
+
+
+def _where(exc: BaseException) -> str:
+    """` (my_nets.py line 12)`: the last frame of the user's own code in the traceback, or nothing."""
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
         if "/sweeplab/" not in f.filename and "importlib" not in f.filename and "/torch/" not in f.filename
     ]
-    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
-    if isinstance(exc, SyntaxError) and exc.filename:
-        where = f" ({Path(exc.filename).name} line {exc.lineno})"
-        message = exc.msg
-    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
+    return f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
 
 
 def find_module_file(path: str, code_dir: str | None) -> Path | None:

@@ -5,15 +5,17 @@ imports nothing of sweeplab: only torch, numpy, pandas and MLflow. The weights a
 (`artifacts/program.pt2`, no pickle); `artifacts/model.json` says what the model takes and gives.
 
 Inputs: a DataFrame with named columns is read by name (in any order; an unknown or missing name is refused),
-an array, a list of rows or a DataFrame with unnamed columns by position; integers are fine; NaN and infinity are
-refused. Outputs: regression gives the predicted values; a classifier gives labels, or with
-`params={"output": "probabilities"}` one column of probabilities per class.
+an array, a list of rows or a DataFrame with unnamed columns by position; an image model takes [N, C, H, W] arrays
+or flat rows of C*H*W values; float32, float64 and integers are fine; no rows, other nestings, NaN, infinity and
+numbers float32 cannot hold are refused, in one line (HTTP 400 when served). Outputs: regression gives the predicted
+values (`params={"output": "values"}`, the only one); a classifier gives labels, or with
+`params={"output": "probabilities"}` one column of probabilities per class. An input whose output is not finite is
+refused rather than answered with NaN (not JSON).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import mlflow
@@ -45,15 +47,23 @@ class Champion(mlflow.pyfunc.PythonModel):
         self.program = torch.export.load(context.artifacts["program"]).module()
 
     def predict(self, context, model_input, params=None):
-        output = (params or {}).get("output") or "label"
         task = self.meta["task"]
-        if task != "regression" and output not in OUTPUTS:
-            raise BadInput(f"params.output: {output!r}; a classifier gives one of {', '.join(OUTPUTS)}")
-        rows = input_rows(model_input, self.meta["feature_names"])
-        shape = self.meta.get("input_shape") or [len(self.meta["feature_names"])]
+        outputs = ("values",) if task == "regression" else OUTPUTS
+        output = (params or {}).get("output") or outputs[0]
+        if output not in outputs:
+            kind = "a regression model" if task == "regression" else "a classifier"
+            raise BadInput(f"params.output: {output!r}; {kind} gives {' or '.join(outputs)}")
+        names = self.meta["feature_names"]
+        shape = self.meta.get("input_shape") or [len(names)]
+        rows = input_rows(model_input, names, shape)
         x = torch.from_numpy(rows.astype(np.float32)).reshape(-1, *shape)
         with torch.no_grad():
             out = self.program(x)
+        bad = ~torch.isfinite(out).reshape(out.shape[0], -1).all(dim=1)
+        if bool(bad.any()):  # JSON has no NaN or infinity: refused, not answered with invalid JSON
+            raise BadInput(
+                f"input: row {int(bad.nonzero()[0])} gives a non-finite output (values far outside the training data?)"
+            )
         return describe(out, task, self.meta.get("classes"), output)
 
 
@@ -72,8 +82,14 @@ def describe(out, task: str, classes, output: str):
     return np.asarray(classes)[probs.argmax(axis=1)]
 
 
-def input_rows(model_input, names: list[str]) -> np.ndarray:
-    """The input as a float64 [N, features] array: named columns by name, anything else by position."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def input_rows(model_input, names: list[str], shape: list[int] | None = None) -> np.ndarray:
+    """The input as a float64 [N, features] array: named columns by name, anything else by position. An image
+    model (`shape` [C, H, W]) takes [N, C, H, W] arrays or flat rows of C*H*W values; any other nesting is refused,
+    as are no rows, NaN, infinity, and numbers float32 cannot hold."""
+    shape = list(shape or [len(names)])
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
     if isinstance(model_input, pd.Series):
@@ -99,22 +115,31 @@ def input_rows(model_input, names: list[str]) -> np.ndarray:
         except (ValueError, TypeError):
             raise BadInput("input: rows of different lengths (each row gives every feature)") from None
         columns = names
+    width = int(np.prod(shape))
     if values.ndim == 1:
-        values = values.reshape(1, -1) if len(names) > 1 or values.size == 0 else values.reshape(-1, 1)
+        values = values.reshape(1, -1) if width > 1 or values.size == 0 else values.reshape(-1, 1)
     if values.ndim != 2:
+        if list(values.shape[1:]) != shape:  # [[[1, 2]]] is not [[1, 2]]
+            wanted = f"[N, {', '.join(map(str, shape))}] or rows" if len(shape) > 1 else "rows"
+            wanted += f" of {width} values"
+            raise BadInput(f"input: an array of shape {list(values.shape)}; the model takes {wanted}")
         values = values.reshape(values.shape[0], -1)
-    if values.shape[1] != len(names):
-        raise BadInput(f"input: rows of {values.shape[1]} values; the model takes {len(names)} ({', '.join(names)})")
+    if values.shape[0] == 0:
+        raise BadInput("input: no rows")
+    if values.shape[1] != width:
+        said = f" ({', '.join(names)})" if len(shape) == 1 and len(names) <= 20 else ""
+        raise BadInput(f"input: rows of {values.shape[1]} values; the model takes {width}{said}")
     try:
         numbers = values.astype(np.float64)
     except (ValueError, TypeError):
         numbers = None
-    if numbers is None or not np.isfinite(numbers).all():
+    if numbers is None or not (np.abs(numbers) <= FLOAT32_MAX).all():  # NaN fails the comparison too
         for row, col in np.ndindex(values.shape):
             number = _number(values[row, col])
-            if number is None or not math.isfinite(number):
-                kind = "not a number" if number is None else "not a finite number (NaN or infinity)"
-                raise BadInput(f"input: row {row}, column {columns[col]}: {str(values[row, col])!r} is {kind}")
+            if number is None or not abs(number) <= FLOAT32_MAX:
+                kind = "not a number" if number is None else "not a finite number (NaN, infinity, or beyond float32)"
+                column = columns[col] if col < len(columns) else str(col)
+                raise BadInput(f"input: row {row}, column {column}: {str(values[row, col])!r} is {kind}")
     return numbers
 
 

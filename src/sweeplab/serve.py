@@ -6,9 +6,11 @@ MLflow is imported only where a logged model is looked up: `sweeplab run --no-tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 
 from .config import read_yaml
 from .loop import predict
-from .model import ModelSpec, load_checkpoint
+from .model import ModelSpec, load_checkpoint, read_checkpoint
 from .stores import redact, resolve_tracking_uri
 
 
@@ -88,20 +90,125 @@ def _display(uri: str) -> str:
 
 
 def load_logged_model(reference: str, tracking_uri: str | None = None, device: str = "cpu"):
-    """(model in eval mode on `device`, its ModelSpec, description). The checkpoint is read with
-    torch.load(weights_only=True) and mapped to `device`, so a GPU-trained model loads on a CPU machine."""
+    """(model on `device`, its ModelSpec, description). The checkpoint is read with torch.load(weights_only=True)
+    and mapped to `device`, so a GPU-trained model loads on a CPU machine. Nothing the checkpoint names is imported
+    on its say-so: a user's model registered as a champion (`models:/...`) is loaded as the champion's own
+    `torch.export` program, no module needed; from a run, its module is imported only when its source here is
+    the one the run logged (`sweeplab.model_source_sha256`), read and hashed before the import."""
     from .tracking import CHECKPOINT_PATH, Tracker  # (MLflow on use, as above)
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run_id, found = resolve_run_id(reference, tracking_uri)
+    tracker = Tracker(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
         try:
-            path = Tracker(tracking_uri).download_checkpoint(run_id, Path(tmp))
+            path = tracker.download_checkpoint(run_id, Path(tmp))
         except Exception:
             raise ModelNotFound(f"{reference}: run {run_id} has no best state ({CHECKPOINT_PATH}/best.pt)") from None
-
+        _, spec = read_checkpoint(path)
+        if spec.class_path is not None and reference.startswith("models:/"):
+            model = ExportedModel.from_champion(tracker, reference, Path(tmp), device)
+            if model is not None:
+                return model, spec, f"{found}, run {run_id}"
+        if spec.class_path is not None:  # (a champion torch.export could not trace has no program)
+            check_source(tracker, run_id, spec)
         model, spec = load_checkpoint(path, map_location=device, code_dir=os.getcwd())
     return model, spec, f"{found}, run {run_id}"
+
+
+class ExportedModel(torch.nn.Module):
+    """A registered champion's `torch.export` program (artifacts/program.pt2), as `predict_rows` uses a model:
+    the user's module is not needed, nor imported. An exported program cannot be put in eval mode: it was exported
+    in eval mode."""
+
+    def __init__(self, program: torch.nn.Module):
+        super().__init__()
+        self.program = program
+
+    @classmethod
+    def from_champion(cls, tracker, uri: str, tmp: Path, device: str) -> "ExportedModel | None":
+        """The champion's program, or None when it has none (torch.export could not trace the model: the
+        version is then its checkpoint, tagged `sweeplab.export`)."""
+        import mlflow.artifacts
+
+        version = tracker.model_version(uri)
+        if "sweeplab.export" in version.tags:
+            return None
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{version.source.rstrip('/')}/artifacts/program.pt2",
+                tracking_uri=tracker.tracking_uri,
+                dst_path=str(tmp),
+            )
+            program = torch.export.load(path).module()
+        except Exception as exc:
+            raise ModelNotFound(f"{uri}: its exported program cannot be loaded ({type(exc).__name__})") from None
+        return cls(program.to(device))
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        return self  # exported in eval mode; torch refuses train()/eval() on an exported program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
+def example_rows(reference: str, tracking_uri: str | None, spec: ModelSpec) -> tuple[list[list[float]], str]:
+    """(rows, where from): the validation inputs logged with the run (checkpoint/example.pt), for a predict line
+    given no input; a ModelNotFound when the run logged none."""
+    from .tracking import CHECKPOINT_PATH, Tracker
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    run_id, _ = resolve_run_id(reference, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
+        try:
+            path = Tracker(tracking_uri).download_checkpoint(run_id, Path(tmp), "example.pt")
+            example = torch.load(path, weights_only=True)
+        except Exception:
+            example = None
+    if not isinstance(example, torch.Tensor) or tuple(example.shape[1:]) != tuple(spec.sample_shape):
+        raise ModelNotFound(
+            f"{reference}: give the input: --x V1,V2,... ({spec.in_features} values a row), a CSV file of its "
+            "feature columns, or - for JSON rows on stdin"
+        )
+    rows = example.reshape(example.shape[0], -1).double().tolist()
+    return rows, f"the {len(rows)} validation inputs logged with run {run_id} ({CHECKPOINT_PATH}/example.pt)"
+
+
+def check_source(tracker, run_id: str, spec: ModelSpec, folder: str | None = None) -> None:
+    """Refuse, in one line, to import a run's module unless the file that would be imported (looked for in
+    `folder`, this folder by default, then on sys.path, without importing anything) has the sha256 the run
+    logged: a checkpoint must not choose what code runs here."""
+    from .tracking import TAG_SOURCE_HASH, TAG_STUDY
+
+    module_name = spec.class_path.rpartition(".")[0]
+    file = module_file(module_name, [folder or os.getcwd(), *sys.path])
+    tags = tracker.client.get_run(run_id).data.tags
+    logged = tags.get(TAG_SOURCE_HASH)
+    study = tags.get(TAG_STUDY)
+    champion = f" or predict through its registered champion, models:/{study}@champion" if study else ""
+    if file is None:
+        raise ValueError(
+            f"the run trained {spec.class_path}; no module {module_name!r} in this folder or on sys.path "
+            f"(run from the folder that holds it{champion})"
+        )
+    if logged is None or hashlib.sha256(file.read_bytes()).hexdigest() != logged:
+        why = "the run logged no source hash" if logged is None else "its sha256 differs from the run's"
+        raise ValueError(
+            f"{file}: not the source run {run_id} trained {spec.class_path} from ({why}); not imported "
+            f"(the run's own copy is in its code/ artifacts{champion})"
+        )
+
+
+def module_file(module_name: str, folders: list[str]) -> Path | None:
+    """The file `import module_name` would run first, found without importing anything (a package's own
+    `__init__.py` included): the first folder that holds it."""
+    parts = module_name.split(".")
+    for folder in folders:
+        base = Path(folder or ".", *parts)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def parse_rows(values: list[str]) -> list[list[float]]:

@@ -29,6 +29,7 @@ from .engines import Engine, Job, engine_named, learns, settle
 from .ledger import WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from .loop import EpochRecord
 from .outcome import Outcome
+from .plugins import source_of
 from .process import use_threads
 from .recorder import Recorder, finite
 from .search import budget, check_compatible, label_study, open_storage, open_study
@@ -237,7 +238,7 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
     for part in sweep.parts():
         objective = part.config_for({}).objective
         study = open_study(part.spec, storage, worker_index, epochs, objective.direction)
-        settings = result_settings(part)
+        settings = {**result_settings(part), **code_settings(part.config_for({}))}
         check_compatible(study, part.spec, part.source, settings)
         studies.append((part, study, settings, objective))
     for _, study, settings, objective in studies:  # once every part is known to fit
@@ -256,6 +257,17 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
         )
         for part, study, _, _ in studies
     ]
+
+
+def code_settings(config) -> dict[str, str]:
+    """The sha256 of the user's modules a trial runs (its model's, its data loader's), as result settings: a study
+    resumed after `relu` became `tanh` in the user's file would rank both in one table."""
+    out = {}
+    for key, path in (("model.source_sha256", config.model.class_path), ("data.source_sha256", config.data.class_path)):
+        found = source_of(path, config.code_dir) if path else None
+        if found is not None:
+            out[key] = found[1]
+    return out
 
 
 def start_parent_run(

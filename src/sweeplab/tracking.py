@@ -535,19 +535,22 @@ class Tracker:
         )
         return runs[0] if runs else None
 
-    def registered_run_id(self, uri: str) -> str:
-        """The trial run a model version sweeplab registered (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) came
-        from; a LookupError in one line when there is no such version, or sweeplab did not register it."""
+    def model_version(self, uri: str):
+        """The registered model version of `models:/NAME@ALIAS` or `models:/NAME/VERSION`; LookupError if none."""
         rest = uri[len("models:/") :]
         try:
             if "@" in rest:
                 name, alias = rest.split("@", 1)
-                version = self.client.get_model_version_by_alias(name, alias)
-            else:
-                name, number = rest.rsplit("/", 1)
-                version = self.client.get_model_version(name, number)
+                return self.client.get_model_version_by_alias(name, alias)
+            name, number = rest.rsplit("/", 1)
+            return self.client.get_model_version(name, number)
         except Exception:
             raise LookupError(f"{uri}: no such registered model version") from None
+
+    def registered_run_id(self, uri: str) -> str:
+        """The trial run a model version sweeplab registered (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) came
+        from; a LookupError in one line when there is no such version, or sweeplab did not register it."""
+        version = self.model_version(uri)
         run_id = version.tags.get(TAG_CHAMPION_RUN)
         if not run_id:
             raise LookupError(

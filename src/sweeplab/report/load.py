@@ -64,12 +64,15 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
     if experiment is None:
         raise ReportError(f"{study}: no such study (MLflow experiment) in the tracking store")
     runs = _search_all(client, experiment.experiment_id)
-    trial_runs = [r for r in runs if r.data.tags.get(TAG_ROLE) in ("trial", "run")]
-    if not trial_runs:
-        raise ReportError(f"{study}: the study has no trial runs yet")
     parents = sorted(
         (r for r in runs if r.data.tags.get(TAG_ROLE) in ("sweep", "worker")), key=lambda r: r.info.start_time
     )
+    # a study's trials are its trial runs; `sweeplab run` runs in an experiment of the same name are not among
+    # them (they are the report's rows only where no sweep ran)
+    roles = ("trial",) if parents else ("trial", "run")
+    trial_runs = [r for r in runs if r.data.tags.get(TAG_ROLE) in roles]
+    if not trial_runs:
+        raise ReportError(f"{study}: the study has no trial runs yet")
     params = parents[-1].data.params if parents else {}
     factors = [k for k in params.get("space", "").split(",") if k]
     conditions = [k for k in params.get("conditions", "").split(",") if k]
