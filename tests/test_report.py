@@ -90,7 +90,11 @@ def test_report_files_are_valid_and_logged(hand_made, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     page = (tmp_path / "out/report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<table" in page and 'src="http' not in page
-    assert "| optimizer |" in (tmp_path / "out/summary.md").read_text()
+    summary = (tmp_path / "out/summary.md").read_text()
+    assert "| optimizer |" in summary
+    # #27.8: the pictures beside it are linked, each one that was written (3 here, as in the page)
+    linked = [line for line in summary.splitlines() if line.startswith("![")]
+    assert len(linked) == 3 and all((tmp_path / "out" / line.split("](")[1][:-1]).is_file() for line in linked)
     curves = __import__("pandas").read_csv(tmp_path / "out/curves.csv")
     assert list(curves.columns) == ["trial", "run_id", "epoch", "split", "loss"] and len(curves) == 2 * (
         6 + 4 + 3 + 2 + 3

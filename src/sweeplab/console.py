@@ -7,6 +7,7 @@ imported by the function that prints with it."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -67,15 +68,14 @@ def run_summary(result, tracker) -> dict:
 
 
 class Progress:
-    """A tqdm bar per condition: trials finished out of its budget, and the best value so far. On a terminal it
-    redraws in place; on other output (a log, CI) it writes a line at most every 15 s and when a condition ends.
-    `--quiet` turns it off."""
+    """A tqdm bar per condition: trials finished out of its budget, and the best value so far; conditions run side
+    by side get their bars together, one line each. On a terminal they redraw in place; on other output (a log,
+    CI) a bar writes a line at most every 15 s and when its condition ends. `--quiet` turns it off."""
 
     def __init__(self, study_name: str, enabled: bool = True, header: str = ""):
         self.study_name, self.enabled, self.header = study_name, enabled, header  # header: before the first bar
         self.tty = sys.stderr.isatty()
-        self.bar = None
-        self.condition: str | None = None
+        self.bars: dict[str, object] = {}
 
     def update(self, study, n_trials: int, condition: str = "") -> None:
         from tqdm import tqdm
@@ -84,14 +84,13 @@ class Progress:
 
         if not self.enabled:
             return
-        if self.bar is None or condition != self.condition:
+        bar = self.bars.get(condition)
+        if bar is None:
             tqdm.monitor_interval = 0  # no monitor thread: local helpers are forked from this process
-            if self.bar is None and self.header:  # said once the sweep runs (not before an error that stops it)
+            if not self.bars and self.header:  # said once the sweep runs (not before an error that stops it)
                 print(self.header, file=sys.stderr, flush=True)
-            self.close()
-            self.condition = condition
             name = f"{self.study_name} {condition}" if condition else self.study_name
-            self.bar = tqdm(
+            bar = self.bars[condition] = tqdm(
                 total=n_trials,
                 desc=name,
                 unit="trial",
@@ -100,15 +99,19 @@ class Progress:
                 mininterval=0.1 if self.tty else 15,
                 bar_format="{desc} {bar:30} {n_fmt}/{total_fmt} trials [{elapsed}<{remaining}]{postfix}",
                 ascii=not self.tty,
+                position=len(self.bars),
             )
         top = best_trials(study, 1)
-        self.bar.set_postfix_str(f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -", refresh=False)
-        self.bar.update(min(finished_count(study), n_trials) - self.bar.n)
+        bar.set_postfix_str(f"best {top[0].value:.4g} (#{top[0].number})" if top else "best -", refresh=False)
+        bar.update(min(finished_count(study), n_trials) - bar.n)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}
+
+
+_CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class _Lines:
@@ -116,7 +119,7 @@ class _Lines:
     return."""
 
     def write(self, text: str) -> None:
-        text = text.replace("\r", "\n").strip("\n")
+        text = _CURSOR.sub("", text).replace("\r", "\n").strip("\n")  # bars side by side move the cursor
         if text.strip():
             sys.stderr.write(text + "\n")
 

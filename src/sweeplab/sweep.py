@@ -381,10 +381,21 @@ def run_sweep(
             if progress:
                 progress(part.study, part.n_trials, condition_label(part.sweep.spec.condition))
 
+        theirs = [parts[index] for share in shares[1:] for index in share] or parts[-1:]
+
+        def tick_theirs() -> None:
+            for other in theirs:
+                tick(other)
+
+        def ticks(part: Part) -> None:
+            tick(part)
+            if side > 1:  # the conditions the helpers run side by side: their bars move beside ours
+                tick_theirs()
+
         for index in shares[0]:
             part = parts[index]
             part.parent_run_id, part.pool_writers = parent, side == 1
-            work(part, on_trial_end=lambda number, result, part=part: tick(part))
+            work(part, on_trial_end=lambda number, result, part=part: ticks(part))
         stop_flag.check()  # a stop that arrived while the last trial was being recorded
         champions: dict[int, Champion | None] = {}
         report_started = None
@@ -392,16 +403,6 @@ def run_sweep(
             report_started = _when_done(helpers.futures, trials_done)
             for index in shares[0]:
                 champions[index] = crown(tracker, parts[index], experiment_id)
-        theirs = [parts[index] for share in shares[1:] for index in share] or parts[-1:]
-        shown = 0  # the helpers' conditions get their bars in order, each once the ones before it are full
-
-        def tick_theirs() -> None:
-            nonlocal shown
-            while shown < len(theirs) - 1 and finished_count(theirs[shown].study) >= theirs[shown].n_trials:
-                tick(theirs[shown])
-                shown += 1
-            tick(theirs[shown])
-
         failed = helpers.wait(tick_theirs)
         if failed and any(finished_count(part.study) < part.n_trials for part in parts):
             raise SweepError(f"{len(failed)} of {helpers.n} helper workers failed; the first: {failed[0]}")

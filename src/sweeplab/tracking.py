@@ -219,10 +219,34 @@ def answers(url: str) -> bool:
         return False
 
 
+# Fields that say nothing of a run whose data comes from elsewhere, or whose model is the user's (or the MLP)
+_DATA_FIELDS = {
+    "synthetic": ("n_samples", "noise", "n_classes"),
+    "csv": ("path", "features", "target"),
+    "sklearn": ("name",),
+    "python": ("class_path", "init_args"),
+}
+_MLP_FIELDS = ("hidden", "activation", "dropout")
+
+
 def flatten(config: ExperimentConfig) -> dict[str, str]:
-    """The resolved config as MLflow params: dotted keys (`train.lr`), every field, defaults included."""
+    """The resolved config as MLflow params: dotted keys (`train.lr`), defaults included, what the run used only:
+    no field left unset (None), no field of another data source (`data.path` of synthetic data), none of the
+    built-in MLP's for a user's model."""
+    data = config.data
+    unused = {f"data.{name}" for source, names in _DATA_FIELDS.items() if source != data.source for name in names}
+    if data.source == "synthetic" and config.task != "multiclass":
+        unused.add("data.n_classes")
+    if config.model.class_path is not None:
+        unused |= {f"model.{name}" for name in _MLP_FIELDS}
+    if config.task != "regression":  # a classifier's loss is fixed by its task
+        unused.add("train.loss")
+    if config.train.optimizer in ("Adam", "AdamW"):
+        unused.add("train.momentum")
     return {
-        key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in flat_fields(config).items()
+        key: json.dumps(value) if isinstance(value, list) else str(value)
+        for key, value in flat_fields(config).items()
+        if value is not None and key not in unused and not any(key.startswith(f"{u}.") for u in unused)
     }
 
 

@@ -57,7 +57,7 @@ def build_report(
     for name, png in pictures.items():
         (out / f"{name}.png").write_bytes(png)
         files.append(out / f"{name}.png")
-    (out / "summary.md").write_text(summary_markdown(report))
+    (out / "summary.md").write_text(summary_markdown(report, list(pictures)))
     (out / "report.html").write_text(html_page(report, pictures, ui_url))
     files += [out / "answer.json", out / "summary.md", out / "report.html"]
     if log_to_mlflow and data.parent_run_id:

@@ -134,13 +134,15 @@ def _shown(table: pd.DataFrame, goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:
     ]
 
 
-def summary_markdown(report: Report) -> str:
+def summary_markdown(report: Report, pictures: list[str] = ()) -> str:
+    """summary.md: each condition's answer a paragraph of its own, the tables, and the pictures beside it
+    (`pictures`: their names, written as NAME.png in the same folder)."""
     data = report.data
+    answers = [line for answer in answer_text(report) for line in (answer, "")]  # Markdown joins adjacent lines
     parts = [
         f"# Sweep report: {data.study}",
         "",
-        *answer_text(report),
-        "",
+        *answers,
         f"{len(data.trials)} trials: "
         + ", ".join(f"{n} {s}" for s, n in sorted(data.trials["state"].value_counts().items())),
         "",
@@ -150,6 +152,10 @@ def summary_markdown(report: Report) -> str:
     ]
     for name, table in report.tables.items():
         parts += ["", f"## By {name}", "", _markdown_table(_shown(table, data.goal))]
+    if pictures:
+        parts += ["", "## Pictures"]
+        for name in pictures:
+            parts += ["", f"![{name.replace('_', ' ')}]({name}.png)"]
     parts += [""] + [f"Note: {note}" for note in data.notes]
     return "\n".join(parts) + "\n"
 
