@@ -219,10 +219,13 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
     ]
     victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    polled = []  # the first study's storage for every later poll: a URL would open a connection pool each time
+
     def batch_in_flight():
-        found = load("vkill", storage)
+        found = load("vkill", polled[0] if polled else storage)
         if found is None:
             return None
+        polled[:1] = [found._storage]
         mine = [
             t
             for t in found.get_trials(states=(TrialState.RUNNING,))

@@ -158,3 +158,15 @@ def test_the_readmes_negative_rows_and_an_input_file_after_the_options(logged, c
     (tmp_path / "in.csv").write_text("x1,x2\n1.0,2.0\n-1.0,0.5\n0,0\n")
     code, out, _ = predict_cli(capsys, "models:/lab@champion", "--tracking-uri", uri, str(tmp_path / "in.csv"))
     assert code == 0 and out == SEED_LINES
+
+
+def test_a_database_tracking_store_that_stays_down_is_an_outage(tmp_path, monkeypatch, capsys):
+    """#27.3: a PostgreSQL tracking store that stayed down through every retry exited 2 (bad input); an outage
+    exits 1, as during a sweep. Nothing listens on port 9; the retries are shortened to two of 0.1 s."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SWEEPLAB_RETRY_WAITS", "0.1,0.1")
+    uri = "postgresql+psycopg://someone@127.0.0.1:9/mlflow"
+    assert main(["run", str(ROOT / "experiments/training_loop_lab.yaml"), "--tracking-uri", uri]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot reach the MLflow tracking store for 0 s" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written

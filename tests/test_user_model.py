@@ -6,9 +6,11 @@ user's class itself (the checkpoint put back into it), or from a plain computati
 import hashlib
 import json
 import math
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -751,3 +753,36 @@ def test_a_study_resumed_after_its_model_source_changed_is_refused(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ran its trials with model.source_sha256=" in err
     assert "Start a new study (study=NAME)" in err
+
+
+def test_ctrl_c_stops_a_slow_constructor_at_once(tmp_path):
+    """#27.3: a model taking 60 s in __init__ held Ctrl-C for those 60 s and built another model after them (105 s
+    to exit). A constructor writes to no store, so a stop raises there at once: exit 130 within seconds."""
+    (tmp_path / "slow.py").write_text(
+        "import time\nfrom torch import nn\n\nCALLS = [0]\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self, in_features, out_features):\n        super().__init__()\n        CALLS[0] += 1\n"
+        "        if CALLS[0] >= 4:  # the checks before any store build it 3 times; then the trial's build\n"
+        "            time.sleep(600)\n        self.lin = nn.Linear(in_features, out_features)\n\n"
+        "    def forward(self, x):\n        return self.lin(x)\n"
+    )
+    (tmp_path / "e.yaml").write_text("name: slow\nmodel: {class_path: slow.Net}\ntrain: {epochs: 2}\n")
+    (tmp_path / "s.yaml").write_text(
+        "study: slow\nexperiment: e.yaml\nspace:\n  lr: {choices: [0.01, 0.02]}\nsampler: {type: grid}\nn_trials: 2\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeplab", "sweep", "s.yaml", "--no-report"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "mlflow.db").exists():  # the stores exist: the trials are building their models
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - started < 20, err
+    assert err.strip().splitlines()[-1].startswith("sweeplab: interrupted")

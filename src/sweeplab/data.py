@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig, ExperimentConfig
-from .plugins import error_text, import_object
+from .plugins import error_text, exit_text, import_object, user_code
+from .stop import Stopped
 
 
 @dataclass(frozen=True)
@@ -307,11 +308,16 @@ def _from_loader(config: ExperimentConfig):
     if not callable(loader):
         raise ConfigError(f"{field}: {data.class_path} is a {type(loader).__name__}, not a function or class")
     try:
-        got = loader(**data.init_args)
+        with user_code():
+            got = loader(**data.init_args)
     except TypeError as exc:
         raise ConfigError(f"data.init_args: {data.class_path} refused its arguments: {error_text(exc)}") from None
     except Exception as exc:
         raise ConfigError(f"{field}: {data.class_path}() raised {error_text(exc)}") from None
+    except (SystemExit, KeyboardInterrupt) as exc:  # the loader tried to end the process; a Ctrl-C goes on up
+        if isinstance(exc, Stopped):
+            raise
+        raise ConfigError(f"{field}: {data.class_path}() {exit_text(exc)}") from None
     where = f"{field}: {data.class_path}()"
     if isinstance(got, dict):
         if set(got) != {"train", "val"}:

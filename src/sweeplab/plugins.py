@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from .stop import Stopped
+from .stop import Stopped, stop_flag
 
 # Constructor parameters the data decides, filled in when init_args leaves them out: the user should not have to
 # repeat the data's shape in the model's config.
@@ -152,9 +152,10 @@ def source_of(path: str, code_dir: str | None = None) -> tuple[Path, str] | None
 
 @contextlib.contextmanager
 def user_code():
-    """While the user's module or constructor runs: what it prints goes to stderr, so `--json` output stays JSON."""
+    """While the user's module, constructor or loader runs: what it prints goes to stderr, so `--json` output stays
+    JSON, and Ctrl-C stops it at once (stop.StopFlag.interruptible)."""
     target = sys.stderr if sys.stderr is not None else open(os.devnull, "w")  # noqa: SIM115 (stderr closed: 2>&-)
-    with contextlib.redirect_stdout(target):
+    with stop_flag.interruptible(), contextlib.redirect_stdout(target):
         yield
 
 

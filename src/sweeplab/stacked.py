@@ -39,10 +39,10 @@ class FuncStack:
     ...], training)` by vmap over functional_call. A parameter registered under two names (tied weights) is one
     column block, as `named_parameters` lists it; `states` gives each member's whole state_dict back."""
 
-    def __init__(self, members: list, device: torch.device):
+    def __init__(self, members: list, device: torch.device, base: torch.nn.Module | None = None):
         first = members[0]
         self.k = len(members)
-        base = build_model(first.spec, first.config.code_dir).to(device)
+        base = (base or build_model(first.spec, first.config.code_dir)).to(device)  # its weights are not used
         self.base = base
         self.param_names = [name for name, _ in base.named_parameters()]  # tied: the first name only
         self.buffer_names = [name for name, _ in base.named_buffers()]
@@ -107,7 +107,7 @@ def _try_stacking(member, steps: int) -> str | None:
         return f"{name} has {', '.join(dtypes)} parameters; the stacked engine trains float32 ones"
     pair = [member, member]
     device = resolve_device(member.config.device)
-    stack = FuncStack(pair, device)
+    stack = FuncStack(pair, device, model)
     x_train, y_train, x_val, _, which = stack_data(pair, device)
     x_train, y_train = x_train[which], y_train[which]
     train, task = member.config.train, member.config.task

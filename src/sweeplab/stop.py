@@ -12,6 +12,7 @@ process stop together, whichever of them the signal reached.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
 import threading
@@ -28,6 +29,7 @@ class StopFlag:
         self._event = threading.Event()
         self.reason: str | None = None
         self._signals = 0
+        self._interruptible = 0  # > 0 while the main thread runs user code that writes to no store
 
     def install(self) -> None:
         """Let Ctrl-C and SIGTERM (a scheduler's stop, `kill`) set this flag: once, from the CLI's entry point."""
@@ -42,6 +44,23 @@ class StopFlag:
         if self._signals >= 2:  # asked twice: the next one acts as it would without us
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self._interruptible:  # inside a user's constructor or loader: nothing half-written to leave
+            raise Stopped(self.reason or "stopped")
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """While the main thread runs a user's code that writes to no store (a model's constructor, a data loader,
+        a module's import), a stop raises `Stopped` at once rather than at the next check: a constructor that
+        takes a minute must not hold Ctrl-C for that minute (and build another model after it)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.check()
+        self._interruptible += 1
+        try:
+            yield
+        finally:
+            self._interruptible -= 1
 
     def share(self, event) -> None:
         """Keep the flag in `event` (a multiprocessing Event) from now on, so processes forked after this share it."""

@@ -29,6 +29,7 @@ from . import __version__
 from .config import ConfigError, ExperimentConfig, flat_fields, objective_column, value_at
 from .outcome import Outcome, RunEnd
 from .stores import (
+    OutageError,
     display_uri,
     process_gone,
     refused,
@@ -359,10 +360,13 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
             except sqlalchemy.exc.OperationalError as exc:
                 if wait is None or refused(exc):  # a wrong password or database name will not come right by waiting
                     first = (str(exc.orig or exc).strip().splitlines() or ["unreachable"])[0]
-                    waited = "" if refused(exc) else f" for {sum(waits):.0f} s"
-                    raise ConfigError(
-                        f"--tracking-uri {display_uri(uri)}: cannot reach the MLflow tracking store"
-                        f"{waited} ({first[:300]})"
+                    if refused(exc):  # bad input: exit 2
+                        raise ConfigError(
+                            f"--tracking-uri {display_uri(uri)}: cannot reach the MLflow tracking store ({first[:300]})"
+                        ) from None
+                    raise OutageError(  # a store that stays down is an outage, as during a sweep: exit 1
+                        f"--tracking-uri {display_uri(uri)}: cannot reach the MLflow tracking store for "
+                        f"{sum(waits):.0f} s ({first[:300]})"
                     ) from None
                 time.sleep(wait)
     finally:
