@@ -202,6 +202,9 @@ def test_a_users_cnn_sweeps_with_its_objective(cnn_sweep):
         runs, key=lambda r: (r.data.metrics["best_val_accuracy"], -int(r.data.tags["sweeplab.trial_number"]))
     )
     assert champion.run_id == best_run.info.run_id
+    spec = json.loads(champion.tags["sweeplab.model_spec"])  # #27.6: the user's class, not the MLP's sizes
+    assert spec["class_path"] == "my_nets.TinyCNN" and spec["input_shape"] == [1, 8, 8]
+    assert "hidden" not in spec and "activation" not in spec and spec["init_args"]["n_classes"] == 10
 
 
 def test_the_champion_loads_without_sweeplab_or_the_users_module(cnn_sweep):

@@ -5,8 +5,8 @@ parameters live in one [K, P] tensor (the same layout the built-in MLP's path us
 each member's own optimizer kind, lr, weight decay and momentum), viewed as [K, ...] tensors per parameter; one
 `vmap` over `functional_call` runs all K forwards, one backward gives every member its own gradients. Buffers
 (BatchNorm's running statistics) are stacked too and updated per member in train mode, used in eval mode.
-Dropout draws per member (`randomness="different"`): such members agree with the reference loop in distribution,
-not draw for draw.
+A model that draws random numbers in training (dropout with p > 0) is not stacked: its members would draw other
+numbers than the reference loop, and each one's result would depend on the trials stacked with it.
 
 Members are set up exactly as the reference loop sets them up (vectorized.prepare_member: seed, data, split,
 initial weights, batch order) and keep the same bookkeeping (vectorized._Curves: History.record/stop's rules).
@@ -16,7 +16,7 @@ not only the shapes they give, so a dropout rate, an activation's name or a flag
 What this engine cannot train exactly is found by `stack_problem` before a batch trains, by running what training
 runs (two members stacked as training stacks them, two optimizer steps of `train_step` and a validation forward):
 a model vmap cannot run (in-place ops on its weights, data-dependent control flow, `.item()` in forward), lazy
-parameters, parameters that are not float32. engines.py then trains its trials on the reference loop.
+parameters, parameters that are not float32, random draws in training. engines.py then trains its trials on the reference loop.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class FuncStack:
             name: torch.stack([m.init_state[name] for m in owners]).to(device)[init_row].clone()
             for name in self.buffer_names
         }
-        self._stacked = vmap(lambda p, b, xs: functional_call(base, (p, b), (xs,)), randomness="different")
+        self._stacked = vmap(lambda p, b, xs: functional_call(base, (p, b), (xs,)), randomness="error")
 
     def params_of(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = values.split(self.sizes, dim=1)
@@ -98,7 +98,7 @@ def stack_problem(member, steps: int = 2) -> str | None:
 
 
 def _try_stacking(member, steps: int) -> str | None:
-    name = member.spec.name
+    name = model_label(member)
     model = build_model(member.spec, member.config.code_dir)
     if any(isinstance(p, UninitializedParameter) for p in model.parameters()):
         return f"{name} has lazy parameters (shaped by its first batch), which the stacked engine cannot stack"
@@ -110,6 +110,11 @@ def _try_stacking(member, steps: int) -> str | None:
     stack = FuncStack(pair, device, model)
     x_train, y_train, x_val, _, which = stack_data(pair, device)
     x_train, y_train = x_train[which], y_train[which]
+    if draws_random_numbers(stack, x_train[:, : member.config.train.batch_size]):
+        return (
+            f"{name} draws random numbers in training (dropout, say), which stacked members would draw otherwise "
+            "than the reference loop"
+        )
     train, task = member.config.train, member.config.task
     optimizer = _StackedOptimizer(stack.flat, [m.config for m in pair])
     batch = train.batch_size
@@ -122,10 +127,32 @@ def _try_stacking(member, steps: int) -> str | None:
     return None
 
 
+def draws_random_numbers(stack: FuncStack, x: torch.Tensor) -> bool:
+    """Whether the model's training forward draws from torch's RNG (dropout with p > 0, noise layers): vmap
+    refuses that under `randomness="error"`, whatever op draws."""
+    stacked = vmap(lambda p, b, xs: functional_call(stack.base, (p, b), (xs,)), randomness="error")
+    stack.base.train()
+    try:
+        with torch.no_grad():
+            stacked(stack.params_of(stack.flat.detach()), {n: t.clone() for n, t in stack.buffers.items()}, x)
+    except RuntimeError as exc:
+        if "randomness" in str(exc):
+            return True
+        raise
+    return False
+
+
+def model_label(member) -> str:
+    """`nets.Net(dropout=0.5)`: the class with the init args the experiment gave (not those the data filled in)."""
+    given = member.config.model.init_args
+    args = ", ".join(f"{k}={v!r}" for k, v in member.spec.init_args.items() if k in given)
+    return f"{member.spec.name}({args})" if args else member.spec.name
+
+
 def stack_failure(member, exc: Exception) -> str:
     """Why stacked training failed, in a few words: vmap's own errors name the op; the first line says it."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return f"{member.spec.name} cannot be stacked by torch.func ({type(exc).__name__}: {first[:160]})"
+    return f"{model_label(member)} cannot be stacked by torch.func ({type(exc).__name__}: {first[:160]})"
 
 
 def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
