@@ -8,13 +8,16 @@ to all members at once), so a History means the same whichever engine made it; t
 writes it either way.
 
 `settle(sweep)` decides which engine a sweep runs on (`engine: auto`: the vectorized engine when it supports every
-probe trial of the sweep, else the reference loop, and why) and checks each probe against the engine and the device.
+probe trial of the sweep, else the reference loop, and why, a user's model probed as training runs it) and checks
+each probe against the engine and the device.
 
 - `ReferenceEngine`: the core loop (experiment.run_experiment), a batch of one. Its runs are live: the run exists
   in MLflow while the trial trains, and long trials stream their curves.
 - `VectorizedEngine`: the whole batch stacked into one model per shape: the MLP by hand-written batched matmuls
-  (vectorized.py), a user's model by torch.func (stacked.py; a model vmap cannot run, and a group of one, train
-  on the reference loop). Its runs are written once trained, inline or by writer processes (writers.py).
+  (vectorized.py), a user's model by torch.func (stacked.py; a model the probe finds it cannot train exactly,
+  one whose stacked training fails anyway, and a group of one train on the reference loop, each trial failing
+  there on its own with its FAILED run). Its runs are written once trained, inline or by writer processes
+  (writers.py).
 """
 
 from __future__ import annotations
