@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,6 +15,8 @@ from mlflow import MlflowClient
 from sweeplab.cli import main
 
 from reference import seed_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LAB = "experiments/training_loop_lab.yaml"
 
@@ -558,3 +561,20 @@ def test_two_sweeps_at_once_on_one_study_each_count_their_own_trials(store):
     assert all(process.returncode == 0 for process in sweeps), outs
     counts = [int(re.search(r"\((\d+) run now\)", out).group(1)) for out, _ in outs]
     assert sum(counts) == 6
+
+
+def test_a_second_store_in_the_folder_does_not_resume_the_first_ones_study(tmp_path, monkeypatch, capsys):
+    """Two MLflow stores in one folder share its default journal (optuna.journal): a sweep into the second store
+    resumed the first one's study, then failed with MLflow's `Run with id=... not found`, exit 1. Now one line, exit
+    2, before any trial runs."""
+    monkeypatch.chdir(tmp_path)
+    sweep = str(ROOT / "sweeps/optimizer_hidden_noise.yaml")
+    first = ["sweep", sweep, "n_trials=2", "epochs=2", "--no-report", "--quiet"]
+    assert main([*first, "--tracking-uri", f"sqlite:///{tmp_path}/a.db"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["sweep", sweep, "n_trials=4", "epochs=2", "--tracking-uri", f"sqlite:///{tmp_path}/b.db", "--quiet"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ran its trials against another MLflow store" in err and "b.db" in err
+    assert MlflowClient(f"sqlite:///{tmp_path}/b.db").get_experiment_by_name("optimizer_hidden_noise") is None

@@ -26,7 +26,7 @@ import optuna
 from .champion import ALIAS, Champion, register_champion
 from .config import ConfigError, Sweep, result_settings
 from .engines import Engine, Job, engine_named, learns, settle
-from .ledger import WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
+from .ledger import RUN_ID_ATTR, WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from .loop import EpochRecord
 from .outcome import Outcome
 from .plugins import source_of
@@ -240,6 +240,7 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
         study = open_study(part.spec, storage, worker_index, epochs, objective.direction)
         settings = {**result_settings(part), **code_settings(part.config_for({}))}
         check_compatible(study, part.spec, part.source, settings)
+        check_same_tracking_store(study, tracker, part.source, storage_url, tracking_uri)
         studies.append((part, study, settings, objective))
     for _, study, settings, objective in studies:  # once every part is known to fit
         with_retries(label_study, study, settings, objective.column)
@@ -257,6 +258,24 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
         )
         for part, study, _, _ in studies
     ]
+
+
+def check_same_tracking_store(study, tracker: Tracker, source: str, storage_url: str, tracking_uri: str) -> None:
+    """A study whose trials' runs are in another MLflow store (two stores in one folder share the default journal,
+    optuna.journal) would be resumed, then fail when its best run is looked up: refuse it first, in one line."""
+    linked = next((t.user_attrs[RUN_ID_ATTR] for t in finished_trials(study) if RUN_ID_ATTR in t.user_attrs), None)
+    if linked is None:
+        return
+    try:
+        with_retries(tracker.client.get_run, linked, what="the MLflow tracking store")
+    except OutageError:
+        raise
+    except Exception:
+        raise ConfigError(
+            f"{source}: study {study.study_name!r} in {redact(storage_url)} ran its trials against another MLflow "
+            f"store (its run {linked} is not in {redact(tracking_uri)}); give this store a storage of its own "
+            "(--storage journal:PATH) or the study another name (study=NAME)"
+        ) from None
 
 
 def code_settings(config) -> dict[str, str]:
