@@ -125,10 +125,11 @@ class VectorizedEngine:
             if problem is not None:  # a member alone gains nothing from vmap (TPE's one-trial rounds)
                 self.say(f"engine: {problem}; its trials train on the reference loop")
             alone += group
+        alone_ids = {id(m) for m in alone}  # by identity: Members hold tensors, which `==` cannot compare
         for member in members:
             job = member.key
             job.started = member.started
-            if member in alone:
+            if id(member) in alone_ids:
                 try:
                     ReferenceEngine().train([job], on_epoch)
                 except Exception as exc:  # this job's own failure: the others of the batch still train
