@@ -16,7 +16,8 @@ not only the shapes they give, so a dropout rate, an activation's name or a flag
 What this engine cannot train exactly is found by `stack_problem` before a batch trains, by running what training
 runs (two members stacked as training stacks them, two optimizer steps of `train_step` and a validation forward):
 a model vmap cannot run (in-place ops on its weights, data-dependent control flow, `.item()` in forward), lazy
-parameters, parameters that are not float32, random draws in training. engines.py then trains its trials on the reference loop.
+parameters, parameters that are not float32, random draws in training. engines.py then trains its trials on the
+reference loop.
 """
 
 from __future__ import annotations
@@ -128,13 +129,11 @@ def _try_stacking(member, steps: int) -> str | None:
 
 
 def draws_random_numbers(stack: FuncStack, x: torch.Tensor) -> bool:
-    """Whether the model's training forward draws from torch's RNG (dropout with p > 0, noise layers): vmap
-    refuses that under `randomness="error"`, whatever op draws."""
-    stacked = vmap(lambda p, b, xs: functional_call(stack.base, (p, b), (xs,)), randomness="error")
-    stack.base.train()
+    """Whether the model's training forward draws from torch's RNG (dropout with p > 0, noise layers): the stacked
+    forward runs under vmap's `randomness="error"`, which refuses any op that draws."""
     try:
         with torch.no_grad():
-            stacked(stack.params_of(stack.flat.detach()), {n: t.clone() for n, t in stack.buffers.items()}, x)
+            stack.forward(x, True)
     except RuntimeError as exc:
         if "randomness" in str(exc):
             return True
