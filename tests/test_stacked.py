@@ -271,7 +271,7 @@ def test_a_model_that_draws_random_numbers_trains_on_the_reference_loop(tmp_path
         {"optimizer": "Adam", "lr": 0.02, "init_args": {"dropout": 0.6}},
     ]
     engine, why = choose(settings_configs(tmp_path, "Configurable", settings))
-    assert engine == "vectorized" and "snets.Configurable(dropout=0.6) draws random numbers in training" in why
+    assert engine == "vectorized" and why.count("snets.Configurable draws random numbers in training") == 1
     reference = [Job(None, c) for c in settings_configs(tmp_path, "Configurable", settings)]
     stacked = [Job(None, c) for c in settings_configs(tmp_path, "Configurable", settings)]
     engine_named("reference").train(reference, None)

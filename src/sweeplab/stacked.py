@@ -99,7 +99,7 @@ def stack_problem(member, steps: int = 2) -> str | None:
 
 
 def _try_stacking(member, steps: int) -> str | None:
-    name = model_label(member)
+    name = member.spec.name  # one line per class and cause, whatever init args the trials give
     model = build_model(member.spec, member.config.code_dir)
     if any(isinstance(p, UninitializedParameter) for p in model.parameters()):
         return f"{name} has lazy parameters (shaped by its first batch), which the stacked engine cannot stack"
@@ -113,8 +113,8 @@ def _try_stacking(member, steps: int) -> str | None:
     x_train, y_train = x_train[which], y_train[which]
     if draws_random_numbers(stack, x_train[:, : member.config.train.batch_size]):
         return (
-            f"{name} draws random numbers in training (dropout, say), which stacked members would draw otherwise "
-            "than the reference loop"
+            f"{name} draws random numbers in training (dropout > 0, say), which stacked members would draw "
+            "otherwise than the reference loop"
         )
     train, task = member.config.train, member.config.task
     optimizer = _StackedOptimizer(stack.flat, [m.config for m in pair])
@@ -141,17 +141,10 @@ def draws_random_numbers(stack: FuncStack, x: torch.Tensor) -> bool:
     return False
 
 
-def model_label(member) -> str:
-    """`nets.Net(dropout=0.5)`: the class with the init args the experiment gave (not those the data filled in)."""
-    given = member.config.model.init_args
-    args = ", ".join(f"{k}={v!r}" for k, v in member.spec.init_args.items() if k in given)
-    return f"{member.spec.name}({args})" if args else member.spec.name
-
-
 def stack_failure(member, exc: Exception) -> str:
     """Why stacked training failed, in a few words: vmap's own errors name the op; the first line says it."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return f"{model_label(member)} cannot be stacked by torch.func ({type(exc).__name__}: {first[:160]})"
+    return f"{member.spec.name} cannot be stacked by torch.func ({type(exc).__name__}: {first[:160]})"
 
 
 def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
