@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "experiments"))  # digits_nets
 
 from sweeplab.config import build_experiment  # noqa: E402
-from sweeplab.experiment import run_experiment  # noqa: E402
-from sweeplab.stacked import train_func_group  # noqa: E402
-from sweeplab.vectorized import group_members, prepare_member  # noqa: E402
+from sweeplab.train.experiment import run_experiment  # noqa: E402
+from sweeplab.train.stacked.epochs import group_members, prepare_member  # noqa: E402
+from sweeplab.train.stacked.func import train_func_group  # noqa: E402
 
 LR = {"Adam": (3e-4, 3e-2), "SGD": (3e-3, 3e-1)}
 REFERENCE_MEMBERS = 8

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sweeplab.config import load_experiment  # noqa: E402
-from sweeplab.experiment import run_experiment  # noqa: E402
-from sweeplab.vectorized import group_members, prepare_member, train_group  # noqa: E402
+from sweeplab.train.experiment import run_experiment  # noqa: E402
+from sweeplab.train.stacked.epochs import group_members, prepare_member  # noqa: E402
+from sweeplab.train.stacked.mlp import train_group  # noqa: E402
 
 LAB = ROOT / "experiments" / "training_loop_lab.yaml"
 LR = {"Adam": (1e-4, 0.3), "AdamW": (1e-4, 0.3), "SGD": (1e-3, 0.3), "RMSprop": (1e-4, 0.1)}

@@ -18,8 +18,8 @@ from pathlib import Path
 from mlflow.entities import Metric
 
 from sweeplab.config import load_experiment
-from sweeplab.recorder import begin_run
-from sweeplab.tracking import TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, Tracker, run_name_for
+from sweeplab.track.recorder import begin_run
+from sweeplab.track.tracker import TAG_ROLE, TAG_STATE, TAG_STUDY, TAG_TRIAL, Tracker, run_name_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 80

@@ -48,8 +48,8 @@ def sweep_seconds(engine: str, sampler: str) -> float:
 
 
 def training_alone() -> tuple[float, float]:
-    from sweeplab.config import load_sweep
-    from sweeplab.engines import Job, engine_named
+    from sweeplab.sweep.spec import load_sweep
+    from sweeplab.train.engines import Job, engine_named
 
     sweep = load_sweep(SWEEP)
     configs = [

@@ -21,20 +21,45 @@ def chromium(url: str, png: Path, height: int) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         sys.exit("screenshots: needs Debian's chromium (apt-get install chromium)")
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size=1600,{height}",
-                    "--virtual-time-budget=20000", "--hide-scrollbars", f"--screenshot={png}", url],
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--window-size=1600,{height}",
+            "--virtual-time-budget=20000",
+            "--hide-scrollbars",
+            f"--screenshot={png}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     print(f"wrote {png.relative_to(ROOT)}")
 
 
 def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE")}
     with tempfile.TemporaryDirectory(prefix="sweeplab-screens-") as tmp:
-        subprocess.run([*SWEEPLAB, "sweep", str(ROOT / "sweeps/optimizer_hidden_noise.yaml"), "--quiet"], cwd=tmp,
-                       env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*SWEEPLAB, "sweep", str(ROOT / "sweeps/optimizer_hidden_noise.yaml"), "--quiet"],
+            cwd=tmp,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         chromium(Path(tmp, "reports/optimizer_hidden_noise/report.html").as_uri(), ROOT / "docs/report.png", 1500)
-        ui = subprocess.Popen([*SWEEPLAB, "ui", "optimizer_hidden_noise", "--port", "5099"], cwd=tmp, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        ui = subprocess.Popen(
+            [*SWEEPLAB, "ui", "optimizer_hidden_noise", "--port", "5099"],
+            cwd=tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         try:
             link = ui.stdout.readline().split()[2]
             chromium(link, ROOT / "docs/mlflow-ui.png", 1000)
@@ -43,17 +68,30 @@ def main() -> None:
             ui.wait(timeout=30)
 
 
-
 def digits() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SWEEPLAB_STORAGE")}
     with tempfile.TemporaryDirectory(prefix="sweeplab-digits-") as tmp:
-        out = subprocess.run([*SWEEPLAB, "sweep", str(ROOT / "sweeps/digits_cnn.yaml"), "--quiet"], cwd=tmp, env=env,
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [*SWEEPLAB, "sweep", str(ROOT / "sweeps/digits_cnn.yaml"), "--quiet"],
+            cwd=tmp,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         answer = [line for line in out.splitlines() if line.startswith(("report for", "train_fraction="))]
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "unknown CPU")
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "unknown CPU",
+        )
         stamp = f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu}"
-        (ROOT / "docs/digits_cnn_answer.txt").write_text(f"# sweeps/digits_cnn.yaml ({stamp})\n" + "\n".join(answer) + "\n")
+        (ROOT / "docs/digits_cnn_answer.txt").write_text(
+            f"# sweeps/digits_cnn.yaml ({stamp})\n" + "\n".join(answer) + "\n"
+        )
         print("wrote docs/digits_cnn_answer.txt")
         chromium(Path(tmp, "reports/digits_cnn/report.html").as_uri(), ROOT / "docs/digits_cnn_report.png", 1500)
 

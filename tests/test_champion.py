@@ -321,9 +321,9 @@ def test_two_sweeps_ending_at_once_register_the_champion_once(champions):
     the alias pointed to 2."""
     import threading
 
-    from sweeplab.champion import register_champion
-    from sweeplab.ledger import TrialSummary
-    from sweeplab.tracking import Tracker
+    from sweeplab.sweep.ledger import TrialSummary
+    from sweeplab.track.champion import register_champion
+    from sweeplab.track.tracker import Tracker
 
     _, uri, client = champions
     run_id = client.get_model_version_by_alias("binary_lab", "champion").run_id
@@ -349,7 +349,7 @@ def test_two_sweeps_ending_at_once_register_the_champion_once(champions):
 def test_an_export_cut_short_leaves_no_pending_logged_model_after_the_rerun(store, monkeypatch, lab_path):
     """#19.7: a full disk failed the export and then the write marking it FAILED; the re-run left the PENDING
     logged model beside its READY one."""
-    import sweeplab.champion as champion
+    import sweeplab.track.champion as champion
 
     (store / "s.yaml").write_text(
         f"study: full\nexperiment: {lab_path}\nspace: {{hidden: {{choices: [4]}}}}\n"

@@ -1,6 +1,7 @@
 """Configs are validated at the edge: every mistake is one line naming the file and the field, exit code 2."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 
 from sweeplab.cli import main
 from sweeplab.config import ConfigError, load_experiment
-from sweeplab.data import make_dataset
-from sweeplab.experiment import run_experiment
+from sweeplab.train.data import make_dataset
+from sweeplab.train.experiment import run_experiment
 
 from reference import seed_run
 
@@ -118,36 +119,36 @@ def test_csv_errors_name_the_column(tmp_path):
 
 
 def test_engine_auto_chooses_vectorized_only_when_it_supports_every_trial(tmp_path):
-    from sweeplab.config import load_sweep as load
-    from sweeplab.engines import settle
+    from sweeplab.sweep.probes import settle
+    from sweeplab.sweep.spec import load_sweep as load
 
     def load_sweep(*args):
-        return settle(load(*args))
+        plan = settle(load(*args))
+        return plan.sweep, plan.reason
 
     lab = Path(__file__).resolve().parents[1] / "experiments" / "training_loop_lab.yaml"
     path = tmp_path / "s.yaml"
     path.write_text(f"study: a\nexperiment: {lab}\nspace:\n  hidden: {{choices: [4, 16]}}\nengine: auto\n")
-    sweep = load_sweep(path)
-    assert sweep.spec.engine == "vectorized" and "supports every trial" in sweep.engine_reason
+    sweep, reason = load_sweep(path)
+    assert sweep.spec.engine == "vectorized" and "supports every trial" in reason
     path.write_text(f"study: a\nexperiment: {lab}\nspace:\n  hidden: {{choices: [4, [8, 8]]}}\nengine: auto\n")
-    sweep = load_sweep(path)
-    assert sweep.spec.engine == "reference" and "one-hidden-layer" in sweep.engine_reason
-    assert load_sweep(path, {"engine": "reference"}).spec.engine == "reference"
+    sweep, reason = load_sweep(path)
+    assert sweep.spec.engine == "reference" and "one-hidden-layer" in reason
+    assert load_sweep(path, {"engine": "reference"}) == (sweep, "")
 
 
 def test_tpe_is_asked_in_batches_it_can_learn_between(tmp_path):
     """By hand: 10 random start-up trials in one batch, then the other 10 of 20 in 10 rounds: one at a time; of
     1,000, the 990 after the start-up in batches of ceil(990 / 10) = 99."""
-    from sweeplab.config import SweepSpec
-    from sweeplab.engines import VectorizedEngine
-
-    batch_size = VectorizedEngine().batch_size
+    from sweeplab.sweep.batching import batch_size
+    from sweeplab.sweep.spec import SweepSpec
 
     spec = SweepSpec(study="b", space={"hidden": {"choices": [4]}}, n_trials=20, batch_trials=256)
-    assert [batch_size(spec, asked, 20) for asked in (0, 4, 10, 13, 19)] == [10, 6, 1, 1, 1]
-    assert batch_size(spec, 10, 1000) == 99
+    assert [batch_size(spec, True, asked, 20) for asked in (0, 4, 10, 13, 19)] == [10, 6, 1, 1, 1]
+    assert batch_size(spec, True, 10, 1000) == 99
     random = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"type": "random"})})
-    assert batch_size(random, 0, 20) == 256
+    assert batch_size(random, True, 0, 20) == 256
+    assert batch_size(random, False, 0, 20) == 1  # the reference loop trains one trial at a time: none waits
 
 
 @pytest.mark.parametrize(
@@ -221,12 +222,59 @@ def test_a_study_name_that_would_not_fit_a_path_is_refused(store, capsys, lab_pa
 def test_the_config_layer_imports_neither_torch_nor_optuna_nor_mlflow():
     """Reading and validating an experiment or a sweep is schema work: engine choice lives in engines.py."""
     code = (
-        "import sys, sweeplab.config as c; c.load_sweep(sys.argv[1]); "
+        "import sys, sweeplab.sweep.spec as s; s.load_sweep(sys.argv[1]); "
         "print(sorted(m for m in ('torch', 'optuna', 'mlflow') if m in sys.modules))"
     )
     sweep = Path(__file__).resolve().parents[1] / "sweeps" / "optimizer_hidden_noise.yaml"
     out = subprocess.run([sys.executable, "-c", code, str(sweep)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_training_layer_trains_without_mlflow_or_optuna():
+    """#28: `import sweeplab.train` (and everything under it) loads neither MLflow nor Optuna, and trains a run."""
+    code = (
+        "import sys, pkgutil, importlib, sweeplab.train as t\n"
+        "for m in pkgutil.walk_packages(t.__path__, 'sweeplab.train.'): importlib.import_module(m.name)\n"
+        "from sweeplab.config import load_experiment\n"
+        "from sweeplab.train.experiment import run_experiment\n"
+        "run = run_experiment(load_experiment(sys.argv[1], {'epochs': 2}))\n"
+        "print(run.history.epochs_run, sorted(m for m in ('optuna', 'mlflow') if m in sys.modules))"
+    )
+    lab = Path(__file__).resolve().parents[1] / "experiments" / "training_loop_lab.yaml"
+    out = subprocess.run([sys.executable, "-c", code, str(lab)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2 []"
+
+
+LAYERS = {"train": 1, "track": 2, "sweep": 3, "report": 3}  # the ground floor is 0; cli, console and the face 4
+
+
+def _layer(module: str) -> int:
+    head = module.split(".")[1] if "." in module else ""
+    return LAYERS.get(head, 4 if head in ("", "cli", "console", "__main__") else 0)
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    """#28: train <- track <- sweep, report <- the commands; the ground floor (config, stores, stop, outcome, process)
+    imports none of them, and sweep and report import nothing of each other. Every import counts, in a function too."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    pattern = re.compile(r"^\s*(?:from (sweeplab[\w.]*) import ([\w, ()\n]+)|import (sweeplab[\w.]*))", re.M)
+    climbs = []
+    for path in (src / "sweeplab").rglob("*.py"):
+        module = ".".join(path.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
+        for match in pattern.finditer(path.read_text()):
+            targets = [match[1] or match[3]]
+            if targets == ["sweeplab"] and match[2]:
+                targets = [f"sweeplab.{name.strip()}" for name in match[2].strip("()").split(",") if name.strip()]
+            for target in targets:
+                if target == "sweeplab.__version__":
+                    continue
+                mine, theirs = _layer(module), _layer(target)
+                sibling = mine == theirs == 3 and module.split(".")[1] != target.split(".")[1]
+                if theirs > mine or sibling:
+                    climbs.append(f"{module} -> {target}")
+    assert climbs == []
+    beside = sorted(p.name for p in (src / "sweeplab").iterdir() if not p.name.startswith((".", "__pycache__")))
+    assert {"train", "sweep", "track", "report"} <= set(beside) and len(beside) <= 4 + 12
 
 
 @pytest.mark.parametrize("metric, direction", [("val_loss", "maximize"), ("val_accuracy", "minimize")])

@@ -555,13 +555,15 @@ def test_dropped_connections_inside_ask_suggest_and_tell_lose_no_trial_and_leave
     """Each drop lands where a retry alone is not enough: inside `ask` after the trial row exists (its retry
     creates a second trial; the first is orphaned and must not hold a place of the budget forever), in the
     middle of the suggestions, and in the tell. Before the fix the orphan made the worker wait forever."""
-    from sweeplab import ledger, stores
-    from sweeplab.config import load_sweep
-    from sweeplab.sweep import prepare, start_parent_run, work
+    from sweeplab import stores
+    from sweeplab.sweep import ledger
+    from sweeplab.sweep.driver import prepare, start_parent_run, work
+    from sweeplab.sweep.probes import settle
+    from sweeplab.sweep.spec import load_sweep
 
     monkeypatch.setattr(ledger, "ORPHAN_AFTER_S", 0.5)
     monkeypatch.setattr(stores, "RETRY_WAITS_S", (0.05, 0.1))
-    sweep = load_sweep(sweep_file(tmp_path, "drops", 4), {"epochs": 4})
+    sweep = settle(load_sweep(sweep_file(tmp_path, "drops", 4), {"epochs": 4})).sweep
     tracking, storage_url = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
     (ctx,) = prepare(sweep, tracking, storage_url)
     ctx.parent_run_id = start_parent_run(ctx.tracker, ctx.experiment_id, sweep, storage_url, 1)

@@ -8,8 +8,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeplab.config import ParamSpec
-from sweeplab.ledger import (
+from sweeplab.outcome import Outcome, RunEnd
+from sweeplab.stores import this_host, worker_id
+from sweeplab.sweep.ledger import (
     FAIL_REASON_ATTR,
     OUTCOME_ATTR,
     RUN_ID_ATTR,
@@ -21,10 +22,9 @@ from sweeplab.ledger import (
     finished_count,
     outcome_counts,
 )
-from sweeplab.outcome import Outcome, RunEnd
-from sweeplab.search import open_storage
-from sweeplab.stores import this_host, worker_id
-from sweeplab.tracking import Tracker
+from sweeplab.sweep.search import open_storage
+from sweeplab.sweep.spec import ParamSpec
+from sweeplab.track.tracker import Tracker
 
 SPACE = {"hidden": ParamSpec(choices=[4, 16]), "lr": ParamSpec(low=1e-3, high=1e-1, log=True)}
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from sweeplab.config import load_experiment
-from sweeplab.experiment import run_experiment
-from sweeplab.loop import (
+from sweeplab.train.experiment import run_experiment
+from sweeplab.train.loop import (
     ShapeError,
     TensorBatches,
     check_batch,

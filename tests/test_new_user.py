@@ -216,7 +216,7 @@ def test_no_commit_is_recorded_for_a_copy_inside_another_repository(tmp_path):
         ],
         check=True,
     )
-    script = "from sweeplab.tracking import common_tags; print(sorted(common_tags()))"
+    script = "from sweeplab.track.tracker import common_tags; print(sorted(common_tags()))"
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,
@@ -280,7 +280,7 @@ def test_a_new_store_is_a_copy_of_a_cached_empty_one_and_the_same_as_a_migrated_
     $XDG_CACHE_HOME/sweeplab) and later stores are copies. A copy must be what migrating would have made here."""
     import sqlite3
 
-    from sweeplab.tracking import Tracker
+    from sweeplab.track.tracker import Tracker
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
@@ -304,7 +304,7 @@ def test_a_new_store_is_a_copy_of_a_cached_empty_one_and_the_same_as_a_migrated_
 
 def test_a_damaged_cached_store_is_migrated_again_and_replaced(tmp_path, monkeypatch):
     """The cached empty store is only a shortcut: garbage there costs a migration, not a broken store."""
-    from sweeplab.tracking import Tracker, _empty_store_template
+    from sweeplab.track.tracker import Tracker, _empty_store_template
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

@@ -21,7 +21,7 @@ def test_torch_optimizer_wrappers_that_eager_skips():
         assert callable(getattr(cls.step, "__wrapped__", None)), cls.__name__
     code = (
         "import sys; from sweeplab._eager import skip_dynamo_wrappers; assert skip_dynamo_wrappers(); "
-        "from sweeplab.config import load_experiment; from sweeplab.experiment import run_experiment; "
+        "from sweeplab.config import load_experiment; from sweeplab.train.experiment import run_experiment; "
         "run_experiment(load_experiment('experiments/training_loop_lab.yaml', {'epochs': 2})); "
         "print('torch._dynamo' in sys.modules)"
     )
@@ -91,7 +91,7 @@ def test_optuna_batched_intermediate_values_equal_the_public_calls(tmp_path, kin
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    from sweeplab.ledger import write_curve
+    from sweeplab.sweep.ledger import write_curve
 
     def storage(name):
         if kind == "journal":

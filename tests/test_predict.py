@@ -121,7 +121,7 @@ def test_champion_through_pyfunc_without_sweeplab_predicts_the_seeds_points(logg
 
 def test_a_checkpoint_saved_from_cuda_loads_on_the_cpu(tmp_path, monkeypatch):
     """Tensors tagged as CUDA storage (what torch.save writes on a GPU) cannot load here without mapping."""
-    from sweeplab.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
+    from sweeplab.train.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
 
     spec = ModelSpec(in_features=2, hidden=(4,), out_features=1)
     torch.manual_seed(0)

@@ -10,11 +10,11 @@ import torch
 from optuna.trial import TrialState
 
 from sweeplab.config import load_experiment
-from sweeplab.experiment import run_experiment
-from sweeplab.ledger import Ledger
-from sweeplab.recorder import Recorder, RunTracker
-from sweeplab.search import open_storage
-from sweeplab.tracking import TAG_OUTCOME, TAG_STATE, Tracker
+from sweeplab.sweep.ledger import Ledger
+from sweeplab.sweep.search import open_storage
+from sweeplab.track.recorder import Recorder, RunTracker
+from sweeplab.track.tracker import TAG_OUTCOME, TAG_STATE, Tracker
+from sweeplab.train.experiment import run_experiment
 
 LAB = Path(__file__).resolve().parents[1] / "experiments" / "training_loop_lab.yaml"
 

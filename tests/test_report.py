@@ -164,7 +164,7 @@ def test_run_links_open_the_model_training_view_of_the_ui_asked_for(hand_made, t
     """#19.6: run links opened the GenAI view (no workflowType) and always assumed port 5000."""
     import re
 
-    from sweeplab.tracking import Tracker
+    from sweeplab.track.tracker import Tracker
 
     experiment = Tracker(hand_made).client.get_experiment_by_name("hand").experiment_id
     build_report("hand", hand_made, tmp_path / "default")

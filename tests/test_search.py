@@ -4,8 +4,8 @@ grid and its budget, samplers per worker, resuming with other settings refused, 
 import optuna
 import pytest
 
-from sweeplab.config import ConfigError, SweepSpec
-from sweeplab.search import (
+from sweeplab.config import ConfigError
+from sweeplab.sweep.search import (
     budget,
     check_compatible,
     grid_space,
@@ -16,6 +16,7 @@ from sweeplab.search import (
     suggest,
     values_of,
 )
+from sweeplab.sweep.spec import SweepSpec
 
 SPACE = {
     "optimizer": {"choices": ["Adam", "SGD"]},

@@ -373,13 +373,14 @@ def test_sweeplab_run_tracks_one_run_with_the_same_names_and_artifacts(store, ca
     "path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
 )
 def test_shipped_sweep_files_are_valid(path):
-    from sweeplab.config import load_sweep, read_yaml
-    from sweeplab.experiment import check_sweep
+    from sweeplab.config import read_yaml
+    from sweeplab.sweep.probes import settle
+    from sweeplab.sweep.spec import load_sweep
 
     sweep = load_sweep(path)
     experiment = read_yaml(path.parent / read_yaml(path)["experiment"])
     assert sweep.config_for({}).name == experiment["name"]
-    check_sweep(sweep)  # its data and, for a user's model, the model on one batch
+    settle(sweep)  # its engine, its data and, for a user's model, the model on one batch
 
 
 def test_seed_exercises_grid_runs_every_configuration_once(store):
@@ -483,7 +484,7 @@ def test_a_worker_killed_between_its_finished_run_and_the_tell_is_told_from_the_
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sweep = write_sweep(store / "s.yaml", root, "window", SPACE, 3)
     dies_before_telling = (
-        "import os, signal, sys\nfrom sweeplab import ledger\nfrom sweeplab.cli import main\n"
+        "import os, signal, sys\nfrom sweeplab.sweep import ledger\nfrom sweeplab.cli import main\n"
         "ledger.Ledger.finish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from sweeplab.config import load_experiment
 from sweeplab.outcome import Outcome, RunEnd
 from sweeplab.stores import this_host
-from sweeplab.tracking import (
+from sweeplab.track.tracker import (
     TAG_NOTE,
     TAG_OUTCOME,
     TAG_REASON,
@@ -143,7 +143,7 @@ def test_a_run_is_named_by_what_the_sweep_varies():
 
 
 def test_tracking_imports_no_optuna():
-    code = "import sys, sweeplab.tracking, sweeplab.recorder; print('optuna' in sys.modules)"
+    code = "import sys, sweeplab.track.tracker, sweeplab.track.recorder; print('optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

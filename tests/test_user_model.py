@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from sweeplab.cli import main
 from sweeplab.config import load_experiment
-from sweeplab.data import make_dataset
+from sweeplab.train.data import make_dataset
 
 from reference import SEED_EXPECTED_OUTPUT
 
@@ -645,8 +645,8 @@ def test_scikit_learns_bundled_sets_by_name(tmp_path, name, task, shape, n_outpu
 def test_the_objective_follows_both_engines_for_the_mlp(tmp_path):
     """val_accuracy as the objective with the built-in MLP: the vectorized engine picks each member's best epoch by
     the first highest accuracy, as the reference loop does."""
-    from sweeplab.config import load_sweep
-    from sweeplab.engines import Job, engine_named
+    from sweeplab.sweep.spec import load_sweep
+    from sweeplab.train.engines import Job, engine_named
 
     write(
         tmp_path,

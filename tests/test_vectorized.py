@@ -12,8 +12,9 @@ from mlflow import MlflowClient
 
 from sweeplab.cli import main
 from sweeplab.config import load_experiment
-from sweeplab.experiment import run_experiment
-from sweeplab.vectorized import group_members, prepare_member, train_group
+from sweeplab.train.experiment import run_experiment
+from sweeplab.train.stacked.epochs import group_members, prepare_member
+from sweeplab.train.stacked.mlp import train_group
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "experiments" / "training_loop_lab.yaml"
@@ -150,9 +151,9 @@ def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, mon
             a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")
         }
         # the logged checkpoint rebuilds the member's model, which reproduces its best_val_loss
-        from sweeplab.data import make_dataset
-        from sweeplab.loop import TensorBatches, evaluate
-        from sweeplab.serve import load_logged_model
+        from sweeplab.track.serve import load_logged_model
+        from sweeplab.train.data import make_dataset
+        from sweeplab.train.loop import TensorBatches, evaluate
 
         model, spec, _ = load_logged_model(run.info.run_id, f"sqlite:///{tmp_path}/mlflow.db")
         config = load_experiment(LAB, {"epochs": 15, "optimizer": trial.params["optimizer"]})
@@ -166,7 +167,7 @@ def test_vectorized_sweep_records_trials_like_the_reference_engine(tmp_path, mon
 
 def val_loss_of(state: dict, config) -> float:
     """A best_state scored on the member's validation split, in plain torch (the seed's MSE, one batch)."""
-    from sweeplab.data import make_dataset
+    from sweeplab.train.data import make_dataset
 
     torch.manual_seed(config.seed)
     data = make_dataset(config)

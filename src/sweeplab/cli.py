@@ -1,7 +1,7 @@
 """`sweeplab run | sweep | worker | server | report | predict | ui`: parse, call, print.
 
 Nothing else lives here: what is printed is console.py; the checks made before any store exists are
-experiment.check_config / check_sweep; which engine a sweep runs on is engines.settle; the sweep itself is sweep.py.
+train.experiment.check_config; a sweep's checks and its engine are sweep.probes.settle; the sweep itself sweep.driver.
 
 Heavy libraries are imported inside the command that needs them: `sweeplab run --no-track` never imports
 MLflow or Optuna, so it starts as fast as torch allows.
@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .background import BackgroundError, Forked
-from .config import ConfigError, load_experiment, load_sweep, parse_overrides, read_yaml
-from .console import Progress, SeedPrinter, prediction_texts, print_sweep_summary, run_summary
-from .process import configure, use_threads
-from .stop import stop_flag
-from .stores import (
+from sweeplab import __version__
+from sweeplab.config import ConfigError, load_experiment, parse_overrides, read_yaml
+from sweeplab.console import Progress, SeedPrinter, prediction_texts, print_sweep_summary, run_summary
+from sweeplab.process import configure, use_threads
+from sweeplab.stop import stop_flag
+from sweeplab.stores import (
     SettingError,
     display_uri,
     has_secret,
@@ -39,6 +38,8 @@ from .stores import (
     resolve_tracking_uri,
     sqlite_path,
 )
+from sweeplab.sweep.background import BackgroundError, Forked
+from sweeplab.sweep.spec import load_sweep
 
 
 class UsageError(Exception):
@@ -48,7 +49,7 @@ class UsageError(Exception):
 def _run(args: argparse.Namespace) -> int:
     # The config is checked before torch is even imported: a typo costs milliseconds, not seconds.
     config = load_experiment(args.experiment, parse_overrides(args.overrides))
-    from .experiment import check_config, run_experiment
+    from sweeplab.train.experiment import check_config, run_experiment
 
     check_config(config, args.experiment)  # bad data or a bad model is one line before any store exists
     configure(with_optuna=False)
@@ -58,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     callbacks = [printer] if printer else []
     tracker = None
     if args.track:  # Ctrl-C or SIGTERM ends the run KILLED at the next epoch, instead of leaving it RUNNING
-        from .recorder import RunTracker
+        from sweeplab.track.recorder import RunTracker
 
         tracker = RunTracker(resolve_tracking_uri(args.tracking_uri), config, args.experiment)
         callbacks.append(tracker.epoch_callback)
@@ -90,8 +91,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .engines import settle
-    from .experiment import check_sweep
+    from sweeplab.sweep.probes import settle
 
     overrides = parse_overrides(args.overrides)
     background = None
@@ -101,10 +101,10 @@ def _sweep(args: argparse.Namespace) -> int:
         configure()
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
         # a bad sweep file fails here, before any study or run exists, and so does an engine or device it cannot use
-        sweep = settle(load_sweep(args.sweep, overrides))
-        check_sweep(sweep)  # and bad data
-        from .sweep import run_sweep
-        from .tracking import import_store_modules
+        plan = settle(load_sweep(args.sweep, overrides))  # and bad data, a bad model
+        sweep = plan.sweep
+        from sweeplab.sweep.driver import run_sweep
+        from sweeplab.track.tracker import import_store_modules
 
         spec = sweep.spec
         storage_url = resolve_storage_url(args.storage, tracking_uri)
@@ -118,11 +118,11 @@ def _sweep(args: argparse.Namespace) -> int:
         bar = Progress(
             spec.study,
             enabled=not args.quiet,
-            header=f"engine: {spec.engine} ({sweep.engine_reason})" if sweep.engine_reason else "",
+            header=f"engine: {spec.engine} ({plan.reason})" if plan.reason else "",
         )
         try:
             outcome = run_sweep(
-                sweep, tracking_uri, storage_url, workers=spec.workers, progress=bar.update, trials_done=trials_done
+                plan, tracking_uri, storage_url, workers=spec.workers, progress=bar.update, trials_done=trials_done
             )
         finally:
             bar.close()
@@ -135,7 +135,7 @@ def _sweep(args: argparse.Namespace) -> int:
         try:
             report = background.result()
             if report["parent_run_id"]:
-                from .tracking import Tracker
+                from sweeplab.track.tracker import Tracker
 
                 Tracker(tracking_uri).log_report(report["parent_run_id"], Path(out), report["note"])
         except Exception as exc:  # the sweep itself succeeded; say why there is no report and carry on
@@ -151,7 +151,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report_in_background(study: str, tracking_uri: str, out: str) -> dict:
     """The sweep's report, in the background process: imported there, so this process, which registers the
     champions meanwhile, never pays for matplotlib and the report's other imports (~0.9 s of make sweep)."""
-    from .report import report_for_sweep
+    from sweeplab.report import report_for_sweep
 
     return report_for_sweep(study, tracking_uri, out)
 
@@ -160,28 +160,26 @@ def _warm_report(tracking_uri: str | None) -> None:
     """In the sweep's background process, while the trials train: the process settings, a report's imports and
     its first-use costs."""
     configure(install_stop=False)
-    from .report import warm_up
-    from .tracking import import_store_modules
+    from sweeplab.report import warm_up
+    from sweeplab.track.tracker import import_store_modules
 
     import_store_modules(resolve_tracking_uri(tracking_uri))
     warm_up()
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .engines import settle
-    from .experiment import check_sweep
+    from sweeplab.sweep.probes import settle
 
     if args.worker_index < 0:
         raise UsageError(f"--worker-index {args.worker_index}: must be 0 or more")
-    sweep = settle(load_sweep(args.sweep, parse_overrides(args.overrides)))
-    check_sweep(sweep)
-    from .sweep import run_worker
+    plan = settle(load_sweep(args.sweep, parse_overrides(args.overrides)))
+    from sweeplab.sweep.driver import run_worker
 
     configure()
     use_threads(1)  # workers usually share a machine with others
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     storage_url = resolve_storage_url(args.storage, tracking_uri)
-    ran = run_worker(sweep, tracking_uri, storage_url, args.parent_run_id or None, args.worker_index)
+    ran = run_worker(plan, tracking_uri, storage_url, args.parent_run_id or None, args.worker_index)
     if not args.quiet:
         print(f"worker done: {ran} trials run")
     return 0
@@ -212,7 +210,7 @@ def existing_store(cli_value: str | None) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     study = _study_name(args.study)
-    from .report import ReportError, build_report, terminal_tables
+    from sweeplab.report import ReportError, build_report, terminal_tables
 
     configure(with_optuna=False, install_stop=False)  # Optuna is imported only for the fANOVA table, if it has one
 
@@ -237,7 +235,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .serve import (
+    from sweeplab.track.serve import (
         ModelNotFound,
         example_rows,
         load_logged_model,
@@ -248,7 +246,7 @@ def _predict(args: argparse.Namespace) -> int:
     )
 
     configure(with_optuna=False, install_stop=False)
-    from .experiment import resolve_device
+    from sweeplab.train.experiment import resolve_device
 
     try:
         resolve_device(args.device)
@@ -303,7 +301,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     """The MLflow UI over the store, one server worker unless asked (four take 16-40 s to start on two cores).
     The URL is printed once the server answers; with a study, the link opens its runs best first."""
-    from .tracking import answers, runs_link, start_ui_server, stop_ui_server
+    from sweeplab.track.tracker import answers, runs_link, start_ui_server, stop_ui_server
 
     configure(with_optuna=False)  # Ctrl-C or SIGTERM: the server goes with us
     uri = existing_store(args.tracking_uri)
@@ -311,7 +309,7 @@ def _ui(args: argparse.Namespace) -> int:
     if args.study:
         experiment_id = _experiment_id_of(_study_name(args.study), uri)
     elif not uri.startswith("sqlite:///"):
-        from .tracking import Tracker
+        from sweeplab.track.tracker import Tracker
 
         Tracker(uri).check_reachable()  # one line now, not a server retrying in the background
     if not _port_free(args.host, args.port):  # else a server already there (another store's UI) would answer for us
@@ -368,7 +366,7 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def _experiment_id_of(study: str, tracking_uri: str) -> str:
-    from .tracking import Tracker
+    from sweeplab.track.tracker import Tracker
 
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()

@@ -1,6 +1,6 @@
 """What the commands print: the seed's epoch lines and a run's summary (`sweeplab run`), the sweep's progress bars
 and its closing summary (`sweeplab sweep`), and the commands to paste next, written as the user invoked sweeplab.
-cli.py decides what to print when; the numbers come from the History (loop.py) and the studies (ledger.py).
+cli.py decides what to print when; the numbers come from the History (train/loop.py) and the studies (sweep/ledger.py).
 Light to import, like cli.py: each heavy module (tqdm, Optuna through the ledger, MLflow through tracking) is
 imported by the function that prints with it."""
 
@@ -12,7 +12,7 @@ import shlex
 import shutil
 import sys
 
-from .stores import redact
+from sweeplab.stores import redact
 
 
 class SeedPrinter:
@@ -33,13 +33,13 @@ class SeedPrinter:
 
 
 def prediction_texts(result) -> list[str]:
-    from .serve import describe_outputs
+    from sweeplab.track.serve import describe_outputs
 
     return [row["text"] for row in describe_outputs(result.predictions, result.spec)]
 
 
 def run_summary(result, tracker) -> dict:
-    from .serve import describe_outputs
+    from sweeplab.track.serve import describe_outputs
 
     history = result.history
     summary = {
@@ -80,7 +80,7 @@ class Progress:
     def update(self, study, n_trials: int, condition: str = "") -> None:
         from tqdm import tqdm
 
-        from .ledger import best_trials, finished_count
+        from sweeplab.sweep.ledger import best_trials, finished_count
 
         if not self.enabled:
             return
@@ -130,9 +130,9 @@ class _Lines:
 def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> None:
     """Per condition (or for the whole sweep): trial counts, the best trials with their searched values, the
     champion; then the commands to browse and to predict, as they work pasted here."""
-    from .ledger import best_trials, outcome_counts
-    from .search import values_of
-    from .tracking import condition_label, value_text
+    from sweeplab.sweep.ledger import best_trials, outcome_counts
+    from sweeplab.sweep.search import values_of
+    from sweeplab.track.tracker import condition_label, value_text
 
     champions = []
     for part in outcome.parts:
@@ -147,7 +147,7 @@ def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> 
         if top:
             names = list(sweep.spec.space)
             widths = [max(len(name), 9) for name in names]
-            column = part.sweep.config_for({}).objective.column
+            column = part.sweep.base_config.objective.column
             print(
                 f"{'trial':>5}  "
                 + " ".join(f"{name:>{w}}" for name, w in zip(names, widths))

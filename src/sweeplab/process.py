@@ -12,9 +12,9 @@ import sys
 import time
 import warnings
 
-from ._eager import skip_dynamo_wrappers
-from .stop import stop_flag
-from .stores import retry_waits
+from sweeplab._eager import skip_dynamo_wrappers
+from sweeplab.stop import stop_flag
+from sweeplab.stores import retry_waits
 
 
 def configure(with_optuna: bool = True, install_stop: bool = True) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import threading
+from typing import Callable
 
 
 class Stopped(KeyboardInterrupt):
@@ -93,9 +95,21 @@ class StopFlag:
 stop_flag = StopFlag()  # the process's one flag: the CLI installs it; library callers may `request` a stop
 
 
-def wait_for_parent() -> None:
-    """Return once the process that started this one is gone: a sweep's helpers and writer processes, whose sweep
-    was killed outright (SIGKILL, no chance to stop them), then stop on their own."""
+def exit_with_parent(before_exit: Callable[[], object] | None = None, code: int = 0) -> None:
+    """In a process the sweep forked (a local helper, a writer, the background report): start the one watch that
+    ends it once the sweep process is gone, killed outright (SIGKILL, no chance to stop it). The watch calls
+    `before_exit()` first, which may wait for the work in hand to reach a safe point (a helper fails its trials in
+    flight; a writer finishes the run it is writing), then ends the process with os._exit(code): nothing the sweep
+    set up (MLflow, Optuna, atexit handlers) is torn down twice. A process with no parent process returns at once."""
     parent = multiprocessing.parent_process()
-    while parent is not None and parent.is_alive():
-        parent.join(1.0)
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while parent.is_alive():
+            parent.join(1.0)
+        if before_exit is not None:
+            before_exit()
+        os._exit(code)
+
+    threading.Thread(target=watch, name="sweeplab-orphan-watch", daemon=True).start()

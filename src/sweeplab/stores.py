@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from .stop import stop_flag
+from sweeplab.stop import stop_flag
 
 SECRET_KEYS = {
     "password",

@@ -11,11 +11,11 @@ import json
 import os
 from pathlib import Path
 
-from ..tracking import Tracker
-from .load import ReportError, SweepData, load_runs
-from .pictures import draw, warm_up
-from .render import answer_text, html_page, summary_markdown, terminal_tables
-from .tables import Report, all_factor_tables, answers_of, factor_table, param_importances
+from sweeplab.report.load import ReportError, SweepData, load_runs
+from sweeplab.report.pictures import draw, warm_up
+from sweeplab.report.render import answer_text, html_page, summary_markdown, terminal_tables
+from sweeplab.report.tables import Report, all_factor_tables, answers_of, factor_table, param_importances
+from sweeplab.track.tracker import Tracker
 
 __all__ = [
     "DEFAULT_UI_URL",

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..answer import DEFAULT_GOAL, Goal
-from ..config import ALIASES
-from ..tracking import TAG_OBJECTIVE, TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker
+from sweeplab.config import ALIASES
+from sweeplab.report.answer import DEFAULT_GOAL, Goal
+from sweeplab.track.tracker import TAG_OBJECTIVE, TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker
 
 FACTORS = ["optimizer", "hidden", "noise"]  # the scientific parameters; lr is tuned per optimizer (a nuisance)
 PARAM_COLUMNS = {

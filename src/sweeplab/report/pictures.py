@@ -11,10 +11,10 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from ..answer import conditions_of
-from ..tracking import condition_label
-from .load import SweepData
-from .tables import is_continuous, level_factors, levels_of
+from sweeplab.report.answer import conditions_of
+from sweeplab.report.load import SweepData
+from sweeplab.report.tables import is_continuous, level_factors, levels_of
+from sweeplab.track.tracker import condition_label
 
 
 def draw(data: SweepData, answers: list) -> dict[str, bytes]:

@@ -11,11 +11,11 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from ..answer import DEFAULT_GOAL, Goal
-from ..tracking import run_link
-from .load import LEARNED_BELOW, SweepData
-from .pictures import loss_name
-from .tables import Report
+from sweeplab.report.answer import DEFAULT_GOAL, Goal
+from sweeplab.report.load import LEARNED_BELOW, SweepData
+from sweeplab.report.pictures import loss_name
+from sweeplab.report.tables import Report
+from sweeplab.track.tracker import run_link
 
 
 def shown_columns(goal: Goal = DEFAULT_GOAL) -> list[str]:
@@ -172,7 +172,7 @@ def html_page(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
         ]
     number = lambda v: f"{v:.4g}"  # noqa: E731
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("sweeplab", "templates"), autoescape=True, keep_trailing_newline=True
+        loader=jinja2.PackageLoader("sweeplab.report", "templates"), autoescape=True, keep_trailing_newline=True
     )
     return environment.get_template("report.html.j2").render(
         study=data.study,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..answer import DEFAULT_GOAL, Goal, answer_for, conditions_of
-from .load import FACTORS, SweepData
+from sweeplab.report.answer import DEFAULT_GOAL, Goal, answer_for, conditions_of
+from sweeplab.report.load import FACTORS, SweepData
 
 
 def factor_table(trials: pd.DataFrame, factors: list[str], goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:

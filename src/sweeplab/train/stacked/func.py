@@ -9,14 +9,14 @@ A model that draws random numbers in training (dropout with p > 0) is not stacke
 numbers than the reference loop, and each one's result would depend on the trials stacked with it.
 
 Members are set up exactly as the reference loop sets them up (vectorized.prepare_member: seed, data, split,
-initial weights, batch order) and keep the same bookkeeping (vectorized._Curves: History.record/stop's rules).
+initial weights, batch order) and keep the same bookkeeping (epochs._Curves: History.record/stop's rules).
 Members share one module only when they were built alike: the group key (vectorized.group_key) holds every init arg,
 not only the shapes they give, so a dropout rate, an activation's name or a flag is each member's own.
 
 What this engine cannot train exactly is found by `stack_problem` before a batch trains, by running what training
 runs (two members stacked as training stacks them, two optimizer steps of `train_step` and a validation forward):
 a model vmap cannot run (in-place ops on its weights, data-dependent control flow, `.item()` in forward), lazy
-parameters, parameters that are not float32, random draws in training. engines.py then trains its trials on the
+parameters, parameters that are not float32, random draws in training. train/engines.py then trains its trials on the
 reference loop.
 """
 
@@ -29,9 +29,9 @@ import torch
 from torch.func import functional_call, vmap
 from torch.nn.parameter import UninitializedParameter
 
-from .experiment import resolve_device
-from .model import build_model
-from .vectorized import _distinct, _StackedOptimizer, fit_stacked, stack_data, train_step
+from sweeplab.train.experiment import resolve_device
+from sweeplab.train.model import build_model
+from sweeplab.train.stacked.epochs import _distinct, _StackedOptimizer, fit_stacked, stack_data, train_step
 
 
 class FuncStack:

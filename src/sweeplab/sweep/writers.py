@@ -20,13 +20,13 @@ from typing import Callable, Optional
 
 import optuna
 
-from .engines import Job
-from .ledger import Ledger
-from .process import configure
-from .recorder import Recorder
-from .search import open_storage
-from .stop import stop_flag, wait_for_parent
-from .tracking import Tracker
+from sweeplab.process import configure
+from sweeplab.stop import exit_with_parent, stop_flag
+from sweeplab.sweep.ledger import Ledger
+from sweeplab.sweep.search import open_storage
+from sweeplab.track.recorder import Recorder
+from sweeplab.track.tracker import Tracker
+from sweeplab.train.engines import Job
 
 # Told when a trial's write is done: (trial number, outcome), for progress.
 OnWritten = Optional[Callable[[int, str], None]]
@@ -164,20 +164,14 @@ def _open_writer(setup: WriterSetup) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     configure(install_stop=False)
-    threading.Thread(target=_exit_with_parent, name="sweeplab-orphan-watch", daemon=True).start()
+    # once the sweep process is gone, exit, but never between a trial's run and its tell: a run left FINISHED for
+    # a trial that then fails (its heartbeat gone) would be counted as a second result when it is retried
+    exit_with_parent(_writing.acquire)
     global _recorder
     storage = open_storage(setup.storage_url)
     study = optuna.load_study(study_name=setup.optuna_study, storage=storage)
     # no RunStore: a writer only tells the trials it is handed, and recovers none
     _recorder = setup.recorder(Tracker(setup.tracking_uri), Ledger(study, storage, setup.n_trials, {}))
-
-
-def _exit_with_parent() -> None:
-    """Exit once the sweep process is gone, but never between a trial's run and its tell: a run left FINISHED
-    for a trial that then fails (its heartbeat gone) would be counted as a second result when it is retried."""
-    wait_for_parent()
-    _writing.acquire()
-    os._exit(0)
 
 
 def _write(lease, result, started: float) -> str:

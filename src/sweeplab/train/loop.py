@@ -3,7 +3,7 @@
 This is the seed's loop (batch -> forward -> loss -> zero_grad -> backward -> step; validate in eval mode under
 no_grad; per-sample averaged losses; the best state copied, restored before predicting), generalised to three
 tasks and per-epoch callbacks. It knows nothing of MLflow or Optuna: logging and pruning hang on the callbacks
-(recorder.py logs each epoch, the ledger asks the pruner), and experiment.py wires a config to it.
+(track/recorder.py logs each epoch, the ledger asks the pruner), and experiment.py wires a config to it.
 
 Batching in-memory tensors goes through `TensorBatches`, which indexes instead of collating one sample at a time
 (~5x less work than a DataLoader here) and consumes the random generators exactly as `DataLoader` does, so a run
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .model import state_to_cpu
+from sweeplab.train.model import state_to_cpu
 
 
 class ShapeError(ValueError):
@@ -164,7 +164,7 @@ class History:
     ) -> bool:
         """Append one epoch's results; True when it is the new best, and the caller must then keep the model's
         state as `best_state`. The vectorized engine takes the same decisions (a strictly lower val_loss; a
-        non-finite loss in `stop`) for K members at once as tensor operations (vectorized._Curves); the tests hold
+        non-finite loss in `stop`) for K members at once as tensor operations (stacked/epochs._Curves); the tests hold
         both to the reference loop."""
         self.train_loss.append(train_loss)
         self.val_loss.append(val_loss)

@@ -7,36 +7,39 @@ budget in this process (and in N-1 forked helpers), and registers each condition
     lease a batch (ledger) -> train it (engine) -> write each run, then tell its trial (recorder)
 
 until the study holds its budget of finished trials. Where to look next: ledger.py (everything Optuna, recovery),
-engines.py (the two engines), recorder.py and writers.py (MLflow), stop.py (Ctrl-C and SIGTERM).
+train/engines.py (the two engines), track/recorder.py and writers.py (MLflow), stop.py (Ctrl-C and SIGTERM).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
 import optuna
 
-from .champion import ALIAS, Champion, register_champion
-from .config import ConfigError, Sweep, result_settings
-from .engines import Engine, Job, engine_named, learns, settle
-from .ledger import RUN_ID_ATTR, WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
-from .loop import EpochRecord
-from .outcome import Outcome
-from .plugins import source_of
-from .process import use_threads
-from .recorder import Recorder, finite
-from .search import budget, check_compatible, label_study, open_storage, open_study
-from .stop import stop_flag, wait_for_parent
-from .stores import OutageError, check_separate_stores, env_number, redact, this_host, with_retries, worker_id
-from .tracking import TAG_ROLE, TAG_STUDY, Tracker, condition_label
-from .writers import InlineWriter, WriterPool, WriterSetup
+from sweeplab.config import ConfigError
+from sweeplab.outcome import Outcome
+from sweeplab.process import use_threads
+from sweeplab.stop import stop_flag
+from sweeplab.stores import OutageError, check_separate_stores, env_number, redact, with_retries, worker_id
+from sweeplab.sweep.batching import batch_size, learns
+from sweeplab.sweep.helpers import Helpers
+from sweeplab.sweep.ledger import RUN_ID_ATTR, WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
+from sweeplab.sweep.probes import Plan
+from sweeplab.sweep.search import budget, check_compatible, label_study, open_storage, open_study
+from sweeplab.sweep.spec import Sweep, result_settings
+from sweeplab.sweep.writers import InlineWriter, WriterPool, WriterSetup
+from sweeplab.track.champion import ALIAS, Champion, register_champion
+from sweeplab.track.recorder import Recorder, finite
+from sweeplab.track.tracker import TAG_ROLE, TAG_STUDY, Tracker, condition_label
+from sweeplab.train.engines import Engine, Job, engine_named
+from sweeplab.train.loop import EpochRecord
+from sweeplab.train.plugins import source_of
 
 MAX_CONSECUTIVE_FAILURES = 3
 # A writer process costs ~3 s of imports to start: it pays off only for more trials (per condition) than this.
@@ -109,7 +112,7 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
                 writer.drain(on_trial_end)  # TPE proposes from what it has been told: the previous batch first
                 continue
             places = max(part.n_trials - stock.finished - stock.running, stock.queued, 1)
-            size = min(engine.batch_size(spec, stock.finished + stock.running, part.n_trials), places)
+            size = min(batch_size(spec, engine.stacks, stock.finished + stock.running, part.n_trials), places)
             in_hand, refused = lease_jobs(part, size, on_trial_end)
             if not in_hand and not refused:
                 continue  # another worker took the last place
@@ -223,8 +226,7 @@ def report_every(spec, epochs: int) -> int:
 def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> list[Part]:
     """Open the storage and the MLflow experiment once, then the study of each part of the sweep (one per
     condition, or the sweep itself): one Part each, without a parent run yet. Every study is checked against the
-    sweep file before anything runs."""
-    sweep = settle(sweep)
+    sweep file before anything runs. `sweep` is settled (probes.settle): its engine is decided."""
     check_separate_stores(tracking_uri, storage_url)
     # Both stores are reached before either is written to: a remote tracking store is probed (reading), then the
     # Optuna storage opened, and only then a local MLflow database created.
@@ -233,12 +235,12 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
         remote.check_reachable()
     storage = open_storage(storage_url)
     tracker = remote or Tracker(tracking_uri)
-    epochs = sweep.config_for({}).train.epochs
+    epochs = sweep.base_config.train.epochs
     studies = []
     for part in sweep.parts():
-        objective = part.config_for({}).objective
+        objective = part.base_config.objective
         study = open_study(part.spec, storage, worker_index, epochs, objective.direction)
-        settings = {**result_settings(part), **code_settings(part.config_for({}))}
+        settings = {**result_settings(part), **code_settings(part.base_config)}
         check_compatible(study, part.spec, part.source, settings)
         check_same_tracking_store(study, tracker, part.source, storage_url, tracking_uri)
         studies.append((part, study, settings, objective))
@@ -316,7 +318,7 @@ def start_parent_run(
         "space": ",".join(spec.space),
         "conditions": ",".join(spec.conditions),
         "fields": ",".join(sweep.field_of(k) for k in [*spec.space, *spec.conditions]),
-        "objective": f"{sweep.config_for({}).objective.metric} {sweep.config_for({}).objective.direction}",
+        "objective": f"{sweep.base_config.objective.metric} {sweep.base_config.objective.direction}",
         "continuous": ",".join(
             name
             for name, param in spec.space.items()  # ranges, not levels: plotted
@@ -364,7 +366,7 @@ def side_by_side(sweep: Sweep, workers: int) -> int:
 
 
 def run_sweep(
-    sweep: Sweep,
+    plan: Plan,
     tracking_uri: str,
     storage_url: str,
     workers: int = 1,
@@ -376,8 +378,8 @@ def run_sweep(
     every condition with it, or (workers=1) one per further condition run side by side (`side_by_side`). A sweep
     with conditions gives each its own study with its share of the budget, under one parent run; each condition
     gets its champion. `trials_done()` is called once every trial is recorded, before the champions are
-    registered (the CLI starts its report then)."""
-    sweep = settle(sweep)
+    registered (the CLI starts its report then). `plan` is the sweep settled (probes.settle)."""
+    sweep = plan.sweep
     side = side_by_side(sweep, workers)
     # one core per worker or condition run side by side; the vectorized engine leaves the second to its writers
     use_threads(1 if workers > 1 or side > 1 or sweep.spec.engine == "vectorized" else None)
@@ -393,7 +395,12 @@ def run_sweep(
         raise
     # side by side: this process takes parts 0, side, 2*side...; helper i parts i, i+side...
     shares = [list(range(i, len(parts), side)) for i in range(side)]
-    helpers.start(sweep, tracking_uri, storage_url, parent, shares[1:] if side > 1 else None)
+    # every helper works through every part (workers=N), or helper i through the parts in shares[i] alone
+    # (conditions side by side: each is then the only worker on its parts, with worker 0's sampler seed)
+    helpers.start(
+        _helper_work,
+        lambda i: (sweep, tracking_uri, storage_url, 0 if side > 1 else i, parent, shares[i] if side > 1 else None),
+    )
     try:
 
         def tick(part: Part) -> None:
@@ -504,7 +511,7 @@ def crown(tracker: Tracker, part: Part, experiment_id: str) -> Champion | None:
         experiment_id,
         champion_alias(part.sweep),
         part.sweep.spec.condition,
-        part.sweep.config_for({}).objective.column,
+        part.sweep.base_config.objective.column,
     )
 
 
@@ -516,14 +523,14 @@ def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:
     text = (
         f"sweeplab study {spec.study}: searches {searched} ({spec.sampler.type} sampler, {spec.n_trials} trials"
         + (f") separately for each condition: {compared}, an equal share of trials each" if compared else ")")
-        + f". {_better_text(sweep.config_for({}).objective)} Sweep file: {sweep.source}."
+        + f". {_better_text(sweep.base_config.objective)} Sweep file: {sweep.source}."
     )
     tracker.describe_experiment(
         experiment_id,
         text,
         [sweep.field_of(k) for k in [*spec.space, *spec.conditions]],
         [sweep.field_of(k) for k in spec.conditions],
-        sweep.config_for({}).objective,
+        sweep.base_config.objective,
     )
 
 
@@ -545,7 +552,7 @@ def outcome_note(outcome: SweepOutcome) -> str:
             continue
         best = top[0]
         alias = f" ({part.champion.uri})" if part.champion else ""
-        column = part.sweep.config_for({}).objective.column
+        column = part.sweep.base_config.objective.column
         lines.append(f"{where}best is trial #{best.number}, {column} {best.value:.4g}{alias}.")
     return "\n\n".join(lines)
 
@@ -559,118 +566,29 @@ def champion_alias(part: Sweep) -> str:
     return re.sub(r"[^\w-]", "_", "-".join([ALIAS, *words]))
 
 
-# --- local helper workers -----------------------------------------------------------------------------------------
-
-
-class Helpers:
-    """The extra local workers of `sweeplab sweep workers=N`, in a process pool whose processes are forked at
-    once, before this process opens any store or starts a thread (only the main thread exists after the imports):
-    each starts with the imports already paid for (a spawned one, or a `sweeplab worker` subprocess, pays ~5 s of
-    them again on this 2-core machine) and opens its own database connections. Each works like `sweeplab worker`
-    under the sweep's parent run. They share this process's stop flag, so a stop reaching either stops both, and
-    an error comes back with its traceback."""
-
-    def __init__(self, n: int):
-        self.n, self.futures = n, []
-        self.pool = None
-        if n > 0:
-            context = multiprocessing.get_context("fork")
-            stop_flag.share(context.Event())
-            self.pool = ProcessPoolExecutor(n, mp_context=context)
-            wait([self.pool.submit(os.getpid) for _ in range(n)])  # forks all n now (fork pools start them all)
-
-    def start(
-        self,
-        sweep: Sweep,
-        tracking_uri: str,
-        storage_url: str,
-        parent_run_id: str,
-        shares: list[list[int]] | None = None,
-    ) -> None:
-        """Every helper works through every part (workers=N), or helper i through the parts in shares[i] alone
-        (conditions side by side: each is then the only worker on its parts, with worker 0's sampler seed)."""
-        if self.pool is not None:
-            self.futures = [
-                self.pool.submit(
-                    _helper_work,
-                    sweep,
-                    tracking_uri,
-                    storage_url,
-                    index if shares is None else 0,
-                    parent_run_id,
-                    None if shares is None else shares[index - 1],
-                )
-                for index in range(1, self.n + 1)
-            ]
-
-    def wait(self, tick: Callable[[], None] | None = None, timeout: float | None = None) -> list[str]:
-        """Wait for the helpers; returns their errors. With a timeout (after a stop), helpers still running then
-        are killed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.futures and not all(future.done() for future in self.futures):
-            wait(self.futures, timeout=0.2)
-            if tick:
-                tick()
-            if deadline is None:
-                stop_flag.check()
-            elif time.monotonic() > deadline:
-                for process in multiprocessing.active_children():
-                    process.kill()
-                break
-        return [
-            f"{type(exc).__name__}: {exc}"
-            for exc in (future.exception() for future in self.futures if future.done())
-            if exc is not None
-        ]
-
-    def workers(self) -> list[str]:
-        """The helpers' worker ids (host:pid), as their trials name them."""
-        processes = getattr(self.pool, "_processes", None) or {}
-        return [f"{this_host()}:{pid}" for pid in processes]
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+# --- local helper workers: what each does (helpers.py starts them) ----------------------------------------
 
 
 def _helper_work(
     sweep: Sweep, tracking_uri: str, storage_url: str, index: int, parent_run_id: str, share: list[int] | None = None
 ) -> int:
     """A helper's whole work, in its forked process: every part, or (side by side) its share of them alone."""
-    _helper_done.clear()
-    threading.Thread(target=_stop_when_orphaned, name="sweeplab-orphan-watch", daemon=True).start()
     ran = 0
-    try:
-        parts = prepare(sweep, tracking_uri, storage_url, worker_index=index)
-        for number, part in enumerate(parts):
-            if share is None or number in share:
-                part.parent_run_id, part.pool_writers = parent_run_id, share is None
-                ran += work(part)
-    finally:
-        _helper_done.set()
+    parts = prepare(sweep, tracking_uri, storage_url, worker_index=index)
+    for number, part in enumerate(parts):
+        if share is None or number in share:
+            part.parent_run_id, part.pool_writers = parent_run_id, share is None
+            ran += work(part)
     return ran
-
-
-_helper_done = threading.Event()
-
-
-def _stop_when_orphaned() -> None:
-    """A helper whose sweep process was killed outright stops as if interrupted, its trials in flight failed
-    (running the sweep again resumes them), and then ends: an idle pool process would wait for work forever."""
-    wait_for_parent()
-    stop_flag.request("the sweep process is gone")
-    _helper_done.wait(60)
-    os._exit(1)
 
 
 # --- `sweeplab worker` --------------------------------------------------------------------------------------------
 
 
-def run_worker(sweep: Sweep, tracking_uri: str, storage_url: str, parent_run_id: str | None, worker_index: int) -> int:
+def run_worker(plan: Plan, tracking_uri: str, storage_url: str, parent_run_id: str | None, worker_index: int) -> int:
     """`sweeplab worker`: join the study and work until the budget is reached. Without a parent run id (a
     worker on another machine), it opens a parent run of its own for this invocation."""
-    sweep = settle(sweep)
+    sweep = plan.sweep
     parts = prepare(sweep, tracking_uri, storage_url, worker_index)
     tracker = parts[0].tracker
     own_parent = parent_run_id is None

@@ -25,10 +25,10 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 
-from . import __version__
-from .config import ConfigError, ExperimentConfig, flat_fields, objective_column, value_at
-from .outcome import Outcome, RunEnd
-from .stores import (
+from sweeplab import __version__
+from sweeplab.config import ConfigError, ExperimentConfig, flat_fields, objective_column, value_at
+from sweeplab.outcome import Outcome, RunEnd
+from sweeplab.stores import (
     OutageError,
     display_uri,
     process_gone,
@@ -256,7 +256,7 @@ def git_commit() -> str | None:
     """The commit of the sweeplab source that is running: the checkout this package was imported from, whatever
     folder the command runs in. None when the package is not a git checkout (an installed wheel), including
     one installed inside somebody else's repository: recording that repository's commit would be wrong."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # src/sweeplab
     try:
         out = subprocess.run(
             ["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],

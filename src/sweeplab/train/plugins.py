@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
-from .stop import Stopped, stop_flag
+from sweeplab.config import ConfigError
+from sweeplab.stop import Stopped, stop_flag
 
 # Constructor parameters the data decides, filled in when init_args leaves them out: the user should not have to
 # repeat the data's shape in the model's config.

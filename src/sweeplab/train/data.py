@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig, ExperimentConfig
-from .plugins import error_text, exit_text, import_object, user_code
-from .stop import Stopped
+from sweeplab.config import ConfigError, DataConfig, ExperimentConfig
+from sweeplab.stop import Stopped
+from sweeplab.train.plugins import error_text, exit_text, import_object, user_code
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .plugins import instantiate, model_class
+from sweeplab.config import ConfigError
+from sweeplab.train.plugins import instantiate, model_class
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 

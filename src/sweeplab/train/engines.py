@@ -3,27 +3,25 @@
 An engine takes a batch of jobs (a leased trial and its config) and trains them, checking the stop flag after every
 epoch, calling `on_epoch(job, record)` (when given) after every epoch of every job (a returned reason stops that
 job: its pruner's decision), and leaving a finished `RunResult` on each job. Both engines decide a History's best
-epoch and its end by the same rules (`History.record`/`History.stop` in loop.py; the vectorized engine applies them
+epoch and its end by the same rules (`History.record`/`History.stop` in loop.py; the stacked engine applies them
 to all members at once), so a History means the same whichever engine made it; the recorder (recorder.Recorder)
 writes it either way.
 
-`settle(sweep)` decides which engine a sweep runs on (`engine: auto`: the vectorized engine when it supports every
-probe trial of the sweep, else the reference loop, and why, a user's model probed as training runs it) and checks
-each probe against the engine and the device.
+`choose(configs)` is `engine: auto`'s decision (the vectorized engine when it supports every one of a sweep's probe
+configs, else the reference loop, and why, a user's model probed as training runs it); `check_runnable` checks a
+config against an engine and the device. The sweep decides how many jobs a batch holds (sweeplab.sweep.batching).
 
 - `ReferenceEngine`: the core loop (experiment.run_experiment), a batch of one. Its runs are live: the run exists
   in MLflow while the trial trains, and long trials stream their curves.
 - `VectorizedEngine`: the whole batch stacked into one model per shape: the MLP by hand-written batched matmuls
-  (vectorized.py), a user's model by torch.func (stacked.py; a model the probe finds it cannot train exactly,
+  (stacked/mlp.py), a user's model by torch.func (stacked/func.py; a model the probe finds it cannot train exactly,
   one whose stacked training fails anyway, and a group of one train on the reference loop, each trial failing
   there on its own with its FAILED run). Its runs are written once trained, inline or by writer processes
-  (writers.py).
+  (sweep/writers.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,17 +29,13 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from .config import ConfigError, ExperimentConfig, Sweep, SweepSpec
-from .experiment import RunResult, resolve_device, run_experiment
-from .loop import EpochRecord
-from .stacked import stack_failure, stack_problem, train_func_group
-from .stop import stop_flag
-from .vectorized import check_supported, group_members, model_key, prepare_member, train_group
-
-# Batches after TPE's random start-up: it learns between them. Ten keeps the search as good as one trial at a time
-# on the default sweep (10 trials after the start-up go one by one; bench_auto_search.py), and a 1,000-trial
-# sweep still trains 99 trials per batch.
-LEARNING_ROUNDS = 10
+from sweeplab.config import ConfigError, ExperimentConfig
+from sweeplab.stop import stop_flag
+from sweeplab.train.experiment import Trained, resolve_device, run_experiment
+from sweeplab.train.loop import EpochRecord
+from sweeplab.train.stacked.epochs import check_supported, group_members, model_key, prepare_member
+from sweeplab.train.stacked.func import stack_failure, stack_problem, train_func_group
+from sweeplab.train.stacked.mlp import train_group
 
 
 @dataclass
@@ -50,8 +44,8 @@ class Job:
 
     lease: object  # ledger.Lease
     config: ExperimentConfig
-    run: object | None = None  # recorder.TrialRun, when the engine's runs are live
-    result: RunResult | None = None
+    run: object | None = None  # track.recorder.TrialRun, when the engine's runs are live
+    result: Trained | None = None
     error: Exception | None = None  # why this job failed, when the others of its batch trained
     started: float = field(default_factory=time.time)
 
@@ -61,21 +55,25 @@ EpochHook = Callable[[Job, EpochRecord], Optional[str]]
 
 
 class Engine(Protocol):
+    """Jobs in, trained results out. The sweep driver (sweep.driver.work) is its only caller."""
+
     name: str
     live: bool  # whether a job's MLflow run exists while it trains (else it is written once trained)
-
-    def batch_size(self, spec: SweepSpec, asked: int, n_trials: int) -> int:
-        """How many trials to lease for the next batch, `asked` having been leased so far."""
+    stacks: bool  # whether a batch of jobs trains together (so a bigger batch is faster), or one job after another
 
     def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
-        """Train every job, leaving its result on it. An exception fails the jobs left without one."""
+        """Train every job, leaving a `Trained` (its History) on `job.result`, or its own failure on `job.error`.
+
+        Called with jobs whose trials are leased (and, for a live engine, whose runs are begun: `job.run`); each
+        `job.config` is valid and passed `check_runnable` for this engine. It may assume it is the only code
+        training in this process. It must check `stop_flag` at least once per epoch (raising Stopped leaves the
+        unfinished jobs to the caller to fail), call `on_epoch(job, record)` after every epoch of every job when
+        given (a returned reason stops that job: its pruner's decision), and must not touch MLflow or Optuna: the
+        caller writes each result. An exception out of `train` fails every job left without a result."""
 
 
 class ReferenceEngine:
-    name, live = "reference", True
-
-    def batch_size(self, spec: SweepSpec, asked: int, n_trials: int) -> int:
-        return 1
+    name, live, stacks = "reference", True, False
 
     def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
         def callback(job: Job, record: EpochRecord) -> str | None:
@@ -86,24 +84,8 @@ class ReferenceEngine:
             job.result = run_experiment(job.config, callbacks=[lambda record, job=job: callback(job, record)])
 
 
-def learns(spec: SweepSpec) -> bool:
-    """Whether the sampler proposes from earlier results (TPE) rather than independently (random, grid)."""
-    return spec.sampler.type == "tpe"
-
-
 class VectorizedEngine:
-    name, live = "vectorized", False
-
-    def batch_size(self, spec: SweepSpec, asked: int, n_trials: int) -> int:
-        """A sampler that learns must see results between batches, or a batch of 256 asked at once is a random
-        search: TPE's random start-up trials go in one batch, the rest of the budget in LEARNING_ROUNDS batches.
-        Random and grid samplers learn nothing: as many as batch_trials allows."""
-        if not learns(spec):
-            return spec.batch_trials
-        startup = spec.sampler.n_startup_trials
-        if asked < startup:
-            return min(spec.batch_trials, startup - asked)
-        return min(spec.batch_trials, max(1, math.ceil((n_trials - startup) / LEARNING_ROUNDS)))
+    name, live, stacks = "vectorized", False, True
 
     def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
         shared: dict = {}  # the batch's distinct data sets, initial weights and generators, each made once
@@ -135,7 +117,7 @@ class VectorizedEngine:
                 except Exception as exc:  # this job's own failure: the others of the batch still train
                     job.error = exc
             else:
-                job.result = RunResult(member.config, member.dataset, member.spec, None, member.history, None, None)
+                job.result = Trained(member.config, member.dataset, member.spec, member.history)
 
     said: set = set()
     problems: dict = {}  # model_key -> why the stacked engine cannot train it (None: it can), found once per process
@@ -156,29 +138,11 @@ class VectorizedEngine:
 
 
 def engine_named(name: str) -> Engine:
-    """The engine a settled sweep names (`auto` is resolved by `settle` first)."""
+    """The engine a settled sweep names (`auto` is resolved by sweep.probes.settle first)."""
     engines = {"vectorized": VectorizedEngine, "reference": ReferenceEngine}
     if name not in engines:
-        raise ValueError(f"engine {name!r}: the sweep must be settled first (engines.settle)")
+        raise ValueError(f"engine {name!r}: the sweep must be settled first (sweep.probes.settle)")
     return engines[name]()
-
-
-def settle(sweep: Sweep) -> Sweep:
-    """The sweep as it will run: `engine: auto` resolved (`choose`), and every probe config (load_sweep's
-    trials at the space's edges) checked runnable here, its device and the engine's support for it; a problem is
-    one ConfigError naming the sweep file and the field that led to it. A settled sweep is returned as it is."""
-    if sweep.spec.engine == "auto":
-        engine, reason = choose([config for _, config in sweep.probes])
-        sweep = dataclasses.replace(sweep, spec=sweep.spec.model_copy(update={"engine": engine}), engine_reason=reason)
-    elif sweep.settled:
-        return sweep
-    for field_name, config in sweep.probes:
-        try:
-            check_runnable(config, sweep.spec.engine)
-        except ConfigError as exc:  # `device: ...` or `engine: ...`, said of the field that led to it
-            where = f"{field_name}: {str(exc).split(': ', 1)[1]}" if field_name else str(exc)
-            raise ConfigError(f"{sweep.source}: {where}") from None
-    return dataclasses.replace(sweep, settled=True)
 
 
 def choose(configs: list[ExperimentConfig]) -> tuple[str, str]:
@@ -203,7 +167,7 @@ def choose(configs: list[ExperimentConfig]) -> tuple[str, str]:
 
 def probe_user_models(configs: list[ExperimentConfig]) -> dict:
     """{probe index: why the stacked engine cannot train it} for the probe configs with a user's model; torch's
-    RNG is left as it was. A config that cannot even be prepared is left to experiment.check_sweep to explain."""
+    RNG is left as it was. A config that cannot even be prepared is left to experiment.check_probes to explain."""
     problems, shared, state = {}, {}, torch.get_rng_state()
     try:
         for index, config in enumerate(configs):

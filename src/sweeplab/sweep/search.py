@@ -1,7 +1,7 @@
 """Optuna's side of a sweep file: storage, study, sampler, pruner, and turning a trial into parameter values.
 
 The search space is data (SweepSpec.space in config.py); `suggest` is the only place that sees a `trial`, and only
-the ledger (ledger.py) calls it. The driver that ties this to training and MLflow is sweep.py.
+the ledger (ledger.py) calls it. The driver that ties this to training and MLflow is driver.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
-from .config import ConfigError, ParamSpec, SweepSpec, override_key
-from .stores import env_number, redact, refused, retry_lost_races, transient_errors, with_retries
+from sweeplab.config import ConfigError, override_key
+from sweeplab.stores import env_number, redact, refused, retry_lost_races, transient_errors, with_retries
+from sweeplab.sweep.spec import ParamSpec, SweepSpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that hold a place in the budget: finished, running, or queued to run again.

@@ -6,7 +6,7 @@ fonts, MLflow's SQL store). A `Forked` process pays those first-use costs while 
 one call it is sent (the report, once the trials are done) while this process registers the champions.
 
 It is forked before any store is opened (it opens its own) and before any thread starts, as the local helpers are
-(sweep.Helpers). It ignores Ctrl-C: the sweep decides, and closes it. It ends with `os._exit`, so nothing this
+(helpers.Helpers). It ignores Ctrl-C: the sweep decides, and closes it. It ends with `os._exit`, so nothing this
 process set up (MLflow, Optuna, atexit handlers) is torn down twice; and when this process dies, the pipe closes
 and it ends too.
 """
@@ -18,7 +18,7 @@ import os
 import signal
 from typing import Any, Callable
 
-from .stop import stop_flag
+from sweeplab.stop import exit_with_parent, stop_flag
 
 
 class BackgroundError(RuntimeError):
@@ -75,6 +75,7 @@ def _serve(conn, ours, warm: Callable[[], None]) -> None:
     ours.close()  # the sweep's end, copied by the fork: with it closed here, the sweep's death is an EOF here
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep handles Ctrl-C, then closes this process
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    exit_with_parent()  # while it warms up or builds the report: the pipe's EOF tells only a process waiting on it
     try:
         try:
             warm()

@@ -2,7 +2,7 @@
 
 The order of random draws is the seed's (torch.manual_seed, data X and noise, then the model's initial weights),
 so the lab config reproduces the seed's numbers. cli.py (`sweeplab run`) and engines.ReferenceEngine (each trial
-of a sweep) call `run_experiment`; the loop itself is in loop.py. `check_config` / `check_sweep` read the data and
+of a sweep) call `run_experiment`; the loop itself is in loop.py. `check_config` / `check_probes` read the data and
 run the model on one batch before any store exists, so bad data or a bad plugin is one line, not a failed trial.
 """
 
@@ -13,11 +13,21 @@ from typing import Iterable
 
 import torch
 
-from .config import ConfigError, ExperimentConfig
-from .data import Dataset, check_data, make_dataset, seeded_dataset
-from .loop import Callback, History, LoaderBatches, ShapeError, TensorBatches, check_batch, fit, loss_for_task, predict
-from .model import ModelSpec, build_model
-from .plugins import data_args, error_text, model_class
+from sweeplab.config import ConfigError, ExperimentConfig
+from sweeplab.train.data import Dataset, check_data, make_dataset, seeded_dataset
+from sweeplab.train.loop import (
+    Callback,
+    History,
+    LoaderBatches,
+    ShapeError,
+    TensorBatches,
+    check_batch,
+    fit,
+    loss_for_task,
+    predict,
+)
+from sweeplab.train.model import ModelSpec, build_model
+from sweeplab.train.plugins import data_args, error_text, model_class
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,12 +126,21 @@ def _outputs_text(task: str, n_outputs: int) -> str:
 
 
 @dataclass
-class RunResult:
+class Trained:
+    """What training leaves for the recorder, whichever engine trained: the config, the data it trained on, what
+    rebuilds its model (the spec) and its History, the best state included."""
+
     config: ExperimentConfig
     dataset: Dataset
     spec: ModelSpec
-    model: torch.nn.Module
     history: History
+
+
+@dataclass
+class RunResult(Trained):
+    """A run of the reference loop, which also leaves its model (best state restored) and its predictions."""
+
+    model: torch.nn.Module
     device: torch.device
     predictions: torch.Tensor  # model outputs for config.predict_x, best state restored
 
@@ -158,7 +177,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
         predictions = predict(model, x)
     else:  # a user's model need not take an empty batch
         predictions = torch.empty(0, dataset.n_outputs)
-    return RunResult(config, dataset, spec, model, history, device, predictions)
+    return RunResult(config, dataset, spec, history, model, device, predictions)
 
 
 # --- checks before any store exists (`sweeplab run`, `sweeplab sweep`) ---------------------------------------
@@ -189,16 +208,17 @@ def _check(config, seen: dict) -> None:
             check_model(config, dataset)
 
 
-def check_sweep(sweep) -> None:
-    """Each distinct data source of the sweep, read and checked once (data.check_data), and each distinct model of
-    its probe points (both ends of every range, each choice) built and run on one batch: a bad CSV value or a bad
-    plugin is one line before any study or run exists, not a failure inside every trial."""
+def check_probes(probes, source: str) -> None:
+    """Each distinct data source of a sweep's probe configs ((field, config) pairs: both ends of every range, each
+    choice), read and checked once (data.check_data), and each distinct model built and run on one batch: a bad CSV
+    value or a bad plugin is one line naming `source` before any study or run exists, not a failure in every
+    trial."""
     seen: dict = {}
-    for field, config in sweep.probe_configs():
+    for field, config in probes:
         try:
             _check(config, seen)
         except ConfigError as exc:
             message = str(exc)
             if field and not message.startswith(("model.", "data.")):
                 message = f"{field}: {message}"
-            raise ConfigError(f"{sweep.source}: {message}") from None
+            raise ConfigError(f"{source}: {message}") from None

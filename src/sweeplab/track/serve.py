@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .config import read_yaml
-from .loop import predict
-from .model import ModelSpec, load_checkpoint, read_checkpoint
-from .stores import redact, resolve_tracking_uri
+from sweeplab.config import read_yaml
+from sweeplab.stores import redact, resolve_tracking_uri
+from sweeplab.train.loop import predict
+from sweeplab.train.model import ModelSpec, load_checkpoint, read_checkpoint
 
 
 def describe_outputs(outputs: torch.Tensor, spec: ModelSpec) -> list[dict[str, Any]]:
@@ -57,7 +57,7 @@ class ModelNotFound(LookupError):
 def resolve_run_id(reference: str, tracking_uri: str) -> tuple[str, str]:
     """(run id, how it was found) for a run id, a study/sweep name (its best completed trial), a sweep file, or a
     `models:/NAME@ALIAS` / `models:/NAME/VERSION` URI of a model that sweeplab registered."""
-    from .tracking import Tracker  # MLflow on use: `sweeplab run --no-track` uses describe_outputs
+    from sweeplab.track.tracker import Tracker  # MLflow on use: `sweeplab run --no-track` uses describe_outputs
 
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
@@ -95,7 +95,7 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
     on its say-so: a user's model registered as a champion (`models:/...`) is loaded as the champion's own
     `torch.export` program, no module needed; from a run, its module is imported only when its source here is
     the one the run logged (`sweeplab.model_source_sha256`), read and hashed before the import."""
-    from .tracking import CHECKPOINT_PATH, Tracker  # (MLflow on use, as above)
+    from sweeplab.track.tracker import CHECKPOINT_PATH, Tracker  # (MLflow on use, as above)
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run_id, found = resolve_run_id(reference, tracking_uri)
@@ -155,7 +155,7 @@ class ExportedModel(torch.nn.Module):
 def example_rows(reference: str, tracking_uri: str | None, spec: ModelSpec) -> tuple[list[list[float]], str]:
     """(rows, where from): the validation inputs logged with the run (checkpoint/example.pt), for a predict line
     given no input; a ModelNotFound when the run logged none."""
-    from .tracking import CHECKPOINT_PATH, Tracker
+    from sweeplab.track.tracker import CHECKPOINT_PATH, Tracker
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run_id, _ = resolve_run_id(reference, tracking_uri)
@@ -178,7 +178,7 @@ def check_source(tracker, run_id: str, spec: ModelSpec, folder: str | None = Non
     """Refuse, in one line, to import a run's module unless the file that would be imported (looked for in
     `folder`, this folder by default, then on sys.path, without importing anything) has the sha256 the run
     logged: a checkpoint must not choose what code runs here."""
-    from .tracking import TAG_SOURCE_HASH, TAG_STUDY
+    from sweeplab.track.tracker import TAG_SOURCE_HASH, TAG_STUDY
 
     module_name = spec.class_path.rpartition(".")[0]
     file = module_file(module_name, [folder or os.getcwd(), *sys.path])

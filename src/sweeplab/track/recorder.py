@@ -3,7 +3,7 @@
 One set of metric names, logged from one place (`TrialRun`): train_loss, val_loss and the task metrics with
 step=epoch; summaries (best_val_loss, best_epoch, ...) at step 0; the checkpoint, config and dataset. `Recorder`
 writes a sweep's trials for both engines (live while the reference engine trains, or once the vectorized engine
-has trained them, in writers.py); `RunTracker` is a tracked `sweeplab run`. Imports nothing of Optuna.
+has trained them, in sweep/writers.py); `RunTracker` is a tracked `sweeplab run`. Imports nothing of Optuna.
 """
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.numpy_dataset import from_numpy
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from .config import ExperimentConfig, value_at
-from .loop import EpochRecord, baseline_loss
-from .model import save_checkpoint, spec_json
-from .outcome import Outcome, RunEnd
-from .plugins import source_of
-from .stores import display_uri, retry_lost_races
-from .tracking import (
+from sweeplab.config import ExperimentConfig, value_at
+from sweeplab.outcome import Outcome, RunEnd
+from sweeplab.stores import display_uri, retry_lost_races
+from sweeplab.track.tracker import (
     CHECKPOINT_PATH,
     TAG_CONDITION,
     TAG_ENGINE,
@@ -47,6 +44,9 @@ from .tracking import (
     run_name_for,
     value_text,
 )
+from sweeplab.train.loop import EpochRecord, baseline_loss
+from sweeplab.train.model import save_checkpoint, spec_json
+from sweeplab.train.plugins import source_of
 
 FLUSH_EVERY_S = 5.0  # long trials show their curves live; short ones log once, at the end
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
@@ -253,13 +253,25 @@ def finite(value: float) -> bool:
 
 
 class Ledger(Protocol):
-    """What the recorder tells the sweep's ledger (ledger.Ledger); a Protocol, so this module needs no Optuna."""
+    """What the recorder tells the sweep's ledger (sweep.ledger.Ledger fulfils it); a Protocol, so track/ needs
+    no Optuna. The recorder holds one per study, and is the only caller of these three for the leases it is given;
+    each lease is told `finish` or `fail` once."""
 
-    def link_run(self, lease, run_id: str) -> None: ...
+    def link_run(self, lease, run_id: str) -> None:
+        """Called right after the trial's MLflow run is created, before anything is logged to it. May assume the
+        lease is held (its heartbeat goes on). Must only record the link (recovery uses it to end the run of a
+        lost worker's trial); it must not end the run or the trial."""
 
-    def finish(self, lease, end: RunEnd) -> None: ...
+    def finish(self, lease, end: RunEnd) -> None:
+        """Called once the trial's run is FINISHED with every metric and artifact logged: never before, so a
+        finished trial always has its finished run. `end` is the run's own reading of how it ended (take a copy
+        before keeping it). Tells the trial and releases the lease; it must not write to MLflow."""
 
-    def fail(self, lease, reason: str, interrupted: bool = False, run_ended: bool = True) -> None: ...
+    def fail(self, lease, reason: str, interrupted: bool = False, run_ended: bool = True) -> None:
+        """Called when the trial cannot finish: its training or its writing failed, or it was interrupted.
+        `run_ended` says whether its run was ended (FAILED or KILLED) already; when not, recovery ends it later.
+        `interrupted`: the user is waiting; one attempt, no retries through an outage. Must not raise for a trial
+        that is already finished elsewhere."""
 
 
 class Recorder:

@@ -29,10 +29,10 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from . import pyfunc_model
-from .model import load_checkpoint
-from .stores import store_lock
-from .tracking import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
+from sweeplab.stores import store_lock
+from sweeplab.track import pyfunc_model
+from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
+from sweeplab.train.model import load_checkpoint
 
 ALIAS = "champion"
 

@@ -13,7 +13,8 @@ train/val loss and task metrics, best_epoch, best state (CPU), divergence, pruni
 batched matmul differs, so curves agree to float rounding, not bit for bit (see tests/test_vectorized.py).
 
 Supported here: one hidden layer MLPs without dropout (the lab's family), Adam/AdamW/SGD/RMSprop, all three tasks.
-A user's own model is stacked by stacked.py through the same epoch loop (`fit_stacked`).
+The MLP's forward is mlp.py; a user's own model is stacked by func.py, both through the same epoch loop
+(`fit_stacked`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parameter import is_lazy
 
-from .config import ConfigError, ExperimentConfig
-from .data import Dataset, make_dataset
-from .experiment import model_spec_for, resolve_device
-from .loop import EpochRecord, History, ShapeError, stacked_classification_metrics
-from .model import ACTIVATIONS, ModelSpec, architecture, build_model
+from sweeplab.config import ConfigError, ExperimentConfig
+from sweeplab.train.data import Dataset, make_dataset
+from sweeplab.train.experiment import model_spec_for
+from sweeplab.train.loop import EpochRecord, History, ShapeError, stacked_classification_metrics
+from sweeplab.train.model import ModelSpec, architecture, build_model
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
@@ -39,7 +40,7 @@ RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
 
 def check_supported(config: ExperimentConfig) -> None:
     """What the engine can stack, said of the config alone. A user's model (`class_path`) is stacked by torch.func
-    (stacked.py); whether vmap can run it is found when its batch is prepared (stacked.vmap_problem)."""
+    (func.py); whether vmap can run it exactly is found by func.stack_problem."""
     if config.model.class_path is not None:
         return
     if len(config.model.hidden_sizes) != 1:
@@ -343,60 +344,6 @@ def stack_data(members: list[Member], device: torch.device, flatten: bool = Fals
     x_val = torch.stack([shape(d.x_val) for d in sets]).to(device)[which]
     y_val = torch.stack([d.y_val for d in sets]).to(device)[which]
     return x_train, y_train, x_val, y_val, which
-
-
-def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
-    """Train a group of same-shaped MLP members together (the forward as batched matmuls; stacked.py has it by
-    torch.func for any model). `on_epoch(member, record)` sees each epoch of each member still recording, as
-    fit's callbacks do, and may return a reason to stop recording that member (its pruner's decision); it keeps
-    computing with the others. `each_epoch()` is called once per epoch (a stop check). Without `on_epoch`, no
-    Python runs per member per epoch: the curves and decisions are [K] tensor operations."""
-    first = members[0]
-    config, dataset = first.config, first.dataset
-    device = resolve_device(config.device)
-    k = len(members)
-    data = stack_data(members, device, flatten=True)
-    # Every member padded to the group's widest hidden layer with zero rows in W1, b1 and zero columns in W2.
-    # A padded unit outputs act(0) = 0 (relu, tanh, gelu, silu) into a zero column, so it changes no output;
-    # its gradients are zero (dL/dW2 = dL/dout * 0, dL/dh = W2_pad^T dL/dout = 0), so no optimizer moves it
-    # (Adam, RMSprop: 0 / (0 + eps) = 0; SGD, momentum, weight decay: 0), and the padding stays exactly zero.
-    width = max(m.spec.hidden[0] for m in members)
-    n_in, n_out = dataset.n_features, dataset.n_outputs
-    shapes = [(width, n_in), (width,), (n_out, width), (n_out,)]
-    sizes_p = [math.prod(shape) for shape in shapes]
-    owners, init_row = _distinct(members, lambda m: id(m.init_state))
-    padded_rows = []  # each distinct initial weight set padded once, then gathered for every member on the device
-    for state in (m.init_state for m in owners):
-        h = state["net.0.weight"].shape[0]
-        padded = [torch.zeros(shape) for shape in shapes]
-        padded[0][:h] = state["net.0.weight"]
-        padded[1][:h] = state["net.0.bias"]
-        padded[2][:, :h] = state["net.2.weight"]
-        padded[3][:] = state["net.2.bias"]
-        padded_rows.append(torch.cat([t.reshape(-1) for t in padded]))
-    flat = torch.stack(padded_rows).to(device)[init_row.to(device)]
-    flat.requires_grad_()
-    activation = ACTIVATIONS[config.model.activation]()
-
-    def unpack(values: torch.Tensor) -> list[torch.Tensor]:
-        return [part.view(k, *shape) for part, shape in zip(values.split(sizes_p, dim=1), shapes)]
-
-    def forward(x: torch.Tensor, training: bool) -> torch.Tensor:
-        w1, b1, w2, b2 = unpack(flat)
-        hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
-        return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
-
-    best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch)
-    w1, b1, w2, b2 = unpack(best.cpu())
-    for i, m in enumerate(members):
-        if m.history.best_epoch:
-            h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
-            m.history.best_state = {
-                "net.0.weight": w1[i, :h].clone(),
-                "net.0.bias": b1[i, :h].clone(),
-                "net.2.weight": w2[i, :, :h].clone(),
-                "net.2.bias": b2[i].clone(),
-            }
 
 
 def train_step(forward, flat: torch.Tensor, optimizer: _StackedOptimizer, xb, yb, task: str, loss: str):

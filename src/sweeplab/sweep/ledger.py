@@ -11,7 +11,7 @@ recovers lost trials:
   longer exists is failed and queued again the same way;
 - orphaned: a trial created by an ask that failed half-way is never claimed; after ORPHAN_AFTER_S it is failed.
 
-Either way the lost trial's MLflow run is ended as KILLED (through `runs`, the tracking.Tracker it is given: a
+Either way the lost trial's MLflow run is ended as KILLED (through `runs`, the track.tracker.Tracker it is given: a
 `RunStore` to the ledger, which knows nothing of MLflow). Every write is retried through outages
 (`stores.with_retries`); a FAIL that still did not land is told before the next lease. Engines and the recorder hold `Lease`s, never Optuna trials.
 """
@@ -30,11 +30,11 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
-from .config import ParamSpec
-from .outcome import Outcome, RunEnd
-from .search import ALIVE, FINISHED, suggest
-from .stop import stop_flag
-from .stores import env_number, process_gone, with_retries, worker_id
+from sweeplab.outcome import Outcome, RunEnd
+from sweeplab.stop import stop_flag
+from sweeplab.stores import env_number, process_gone, with_retries, worker_id
+from sweeplab.sweep.search import ALIVE, FINISHED, suggest
+from sweeplab.sweep.spec import ParamSpec
 
 # The trial user attributes sweeplab keeps (reports and other workers read them back from the storage):
 RUN_ID_ATTR = "mlflow_run_id"  # its MLflow run
@@ -156,13 +156,18 @@ def write_curve(storage: optuna.storages.BaseStorage, trial_id: int, curve: tupl
 
 
 class RunStore(Protocol):
-    """What the ledger asks of the trials' runs (tracking.Tracker): a Protocol, so this module needs no MLflow."""
+    """What the ledger asks of the trials' runs (track.tracker.Tracker fulfils it); a Protocol, so the ledger is
+    written against no MLflow API. Called only while the ledger recovers lost trials (before a worker's next lease),
+    never while a trial of this worker trains."""
 
     def end_if_running(self, run_id: str, reason: str) -> None:
-        """End a lost trial's run (and a lost worker's own run) as KILLED."""
+        """Called for the run of a trial found lost (its worker's heartbeat stopped, its worker process gone): end
+        it as KILLED with `reason` if it is still RUNNING. May assume nobody writes to the run any more. Must leave
+        a run that already ended as it is (its own end is the truth), and must not touch the study."""
 
     def run_end(self, run_id: str) -> RunEnd | None:
-        """How a trial's run says its trial ended, if it did."""
+        """Called for a lost trial whose run may have finished before its tell landed: how the run says its trial
+        ended (its outcome, curve and value), or None if the run did not finish. Reads only."""
 
 
 class Ledger:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .config import objective_column
-from .tracking import condition_label, value_text
+from sweeplab.config import objective_column
+from sweeplab.track.tracker import condition_label, value_text
 
 NEAR_BEST = 0.10  # "close to the best": a loss within 10% of the condition's best (an accuracy: its error rate)
 OUTCOMES = ("completed", "pruned", "diverged", "failed", "killed")

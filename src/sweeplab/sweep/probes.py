@@ -1,0 +1,43 @@
+"""The checks before any store: a loaded sweep settled into the plan that runs it.
+
+`settle` is called once per process, by the command that starts the sweep (cli.py), before any study or run
+exists: it resolves `engine: auto` (train.engines.choose), checks every probe config (load_sweep's trials at the
+space's edges) against the engine and the device, and reads the data and runs each distinct model on one batch
+(train.experiment.check_probes). Each problem is one ConfigError naming the sweep file and the field that led to
+it. The driver (driver.py) takes the Plan it returns and never settles again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from sweeplab.config import ConfigError
+from sweeplab.sweep.spec import Sweep
+from sweeplab.train.engines import check_runnable, choose
+from sweeplab.train.experiment import check_probes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A sweep as it will run: its engine decided (`sweep.spec.engine` is `vectorized` or `reference`) and every
+    probe checked; `reason` says why `engine: auto` chose that engine ("" when the file named it)."""
+
+    sweep: Sweep
+    reason: str = ""
+
+
+def settle(sweep: Sweep) -> Plan:
+    """The plan for a loaded sweep (see the module's docstring); raises ConfigError."""
+    reason = ""
+    if sweep.spec.engine == "auto":
+        engine, reason = choose([config for _, config in sweep.probes])
+        sweep = dataclasses.replace(sweep, spec=sweep.spec.model_copy(update={"engine": engine}))
+    for field_name, config in sweep.probes:
+        try:
+            check_runnable(config, sweep.spec.engine)
+        except ConfigError as exc:  # `device: ...` or `engine: ...`, said of the field that led to it
+            where = f"{field_name}: {str(exc).split(': ', 1)[1]}" if field_name else str(exc)
+            raise ConfigError(f"{sweep.source}: {where}") from None
+    check_probes(sweep.probes, sweep.source)  # and bad data, a bad model
+    return Plan(sweep, reason)

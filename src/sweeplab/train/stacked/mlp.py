@@ -1,0 +1,70 @@
+"""The seed's MLP stacked by hand: K members' weights in one [K, P] tensor, their forwards as batched matmuls.
+
+The lab's one-hidden-layer MLPs of different widths train together here, zero-padded to the group's widest layer
+(the padding is proved inert below). The epoch loop, the optimizers and the curves are the shared ones in
+epochs.py; func.py stacks any other model by torch.func instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sweeplab.train.experiment import resolve_device
+from sweeplab.train.model import ACTIVATIONS
+from sweeplab.train.stacked.epochs import Member, _distinct, fit_stacked, stack_data
+
+
+def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
+    """Train a group of same-shaped MLP members together (the forward as batched matmuls; func.py has it by
+    torch.func for any model). `on_epoch(member, record)` sees each epoch of each member still recording, as
+    fit's callbacks do, and may return a reason to stop recording that member (its pruner's decision); it keeps
+    computing with the others. `each_epoch()` is called once per epoch (a stop check). Without `on_epoch`, no
+    Python runs per member per epoch: the curves and decisions are [K] tensor operations."""
+    first = members[0]
+    config, dataset = first.config, first.dataset
+    device = resolve_device(config.device)
+    k = len(members)
+    data = stack_data(members, device, flatten=True)
+    # Every member padded to the group's widest hidden layer with zero rows in W1, b1 and zero columns in W2.
+    # A padded unit outputs act(0) = 0 (relu, tanh, gelu, silu) into a zero column, so it changes no output;
+    # its gradients are zero (dL/dW2 = dL/dout * 0, dL/dh = W2_pad^T dL/dout = 0), so no optimizer moves it
+    # (Adam, RMSprop: 0 / (0 + eps) = 0; SGD, momentum, weight decay: 0), and the padding stays exactly zero.
+    width = max(m.spec.hidden[0] for m in members)
+    n_in, n_out = dataset.n_features, dataset.n_outputs
+    shapes = [(width, n_in), (width,), (n_out, width), (n_out,)]
+    sizes_p = [math.prod(shape) for shape in shapes]
+    owners, init_row = _distinct(members, lambda m: id(m.init_state))
+    padded_rows = []  # each distinct initial weight set padded once, then gathered for every member on the device
+    for state in (m.init_state for m in owners):
+        h = state["net.0.weight"].shape[0]
+        padded = [torch.zeros(shape) for shape in shapes]
+        padded[0][:h] = state["net.0.weight"]
+        padded[1][:h] = state["net.0.bias"]
+        padded[2][:, :h] = state["net.2.weight"]
+        padded[3][:] = state["net.2.bias"]
+        padded_rows.append(torch.cat([t.reshape(-1) for t in padded]))
+    flat = torch.stack(padded_rows).to(device)[init_row.to(device)]
+    flat.requires_grad_()
+    activation = ACTIVATIONS[config.model.activation]()
+
+    def unpack(values: torch.Tensor) -> list[torch.Tensor]:
+        return [part.view(k, *shape) for part, shape in zip(values.split(sizes_p, dim=1), shapes)]
+
+    def forward(x: torch.Tensor, training: bool) -> torch.Tensor:
+        w1, b1, w2, b2 = unpack(flat)
+        hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
+        return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
+
+    best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch)
+    w1, b1, w2, b2 = unpack(best.cpu())
+    for i, m in enumerate(members):
+        if m.history.best_epoch:
+            h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
+            m.history.best_state = {
+                "net.0.weight": w1[i, :h].clone(),
+                "net.0.bias": b1[i, :h].clone(),
+                "net.2.weight": w2[i, :, :h].clone(),
+                "net.2.bias": b2[i].clone(),
+            }
