@@ -59,10 +59,43 @@ SKLEARN_TASKS = {
 }
 # The validation metrics each task logs per epoch: what an objective can be
 METRICS = {
-    "regression": ("val_loss",),
-    "binary": ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"),
+    "regression": ("val_loss", "val_mae", "val_rmse", "val_r2"),
+    "binary": (
+        "val_loss",
+        "val_accuracy",
+        "val_precision",
+        "val_recall",
+        "val_f1",
+        "val_auroc",
+        "val_average_precision",
+    ),
     "multiclass": ("val_loss", "val_accuracy", "val_macro_f1"),
 }
+# Each metric's direction, declared (not guessed from its name): what `objective.direction` defaults to and must be
+DIRECTIONS = {
+    "val_loss": "minimize",
+    "val_mae": "minimize",
+    "val_rmse": "minimize",
+    "val_r2": "maximize",
+    "val_accuracy": "maximize",
+    "val_precision": "maximize",
+    "val_recall": "maximize",
+    "val_f1": "maximize",
+    "val_macro_f1": "maximize",
+    "val_auroc": "maximize",
+    "val_average_precision": "maximize",
+}
+# train.loss by name: the regression losses, and each classification task's own (the default for its task)
+LOSS_NAMES = {"mse": "regression", "l1": "regression", "huber": "regression", "smooth_l1": "regression"}
+LOSS_NAMES.update(bce="binary", cross_entropy="multiclass")
+
+
+LOSS_NAMES_OF = {"binary": "bce", "multiclass": "cross_entropy"}
+
+
+def metric_direction(metric: str) -> str:
+    """Whether a validation metric is better lower ("minimize") or higher ("maximize")."""
+    return DIRECTIONS.get(metric, "maximize")
 
 
 def _import_path(value: str | None, example: str) -> str | None:
@@ -97,7 +130,7 @@ LoaderPath = Annotated[Union[str, None], AfterValidator(lambda value: _import_pa
 
 class ObjectiveConfig(_Frozen):
     """What a trial is judged by: a per-epoch validation metric (METRICS) and whether more or less is better
-    (default: less for a loss, more for accuracy, precision, recall, F1). best_epoch, the best state, pruning,
+    (default, and the only one allowed: the metric's own direction, DIRECTIONS). best_epoch, the best state, pruning,
     the champion and the report all follow it."""
 
     metric: str = "val_loss"
@@ -105,7 +138,7 @@ class ObjectiveConfig(_Frozen):
 
     @model_validator(mode="after")
     def _default_direction(self) -> "ObjectiveConfig":
-        natural = "minimize" if self.metric.endswith("loss") else "maximize"  # every metric in METRICS
+        natural = metric_direction(self.metric)
         if self.direction is None:
             object.__setattr__(self, "direction", natural)
         elif self.direction != natural:  # the champion would be the worst model
@@ -219,8 +252,39 @@ class ModelConfig(_Frozen):
         return [self.hidden] if isinstance(self.hidden, int) else list(self.hidden)
 
 
+def _short_or_import_path(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value) and not re.fullmatch(IMPORT_PATH, value):
+        raise ValueError("a class of torch's by its name (CosineAnnealingLR) or an import path (module.Name)")
+    return value
+
+
+class ClassSpec(_Frozen):
+    """A class (or a function that builds one) named as LightningCLI names it: `class_path` (torch's own by short
+    name: `CosineAnnealingLR`, `CrossEntropyLoss`, `NAdam`; the user's by import path) and its `init_args`."""
+
+    class_path: Annotated[str, AfterValidator(_short_or_import_path)]
+    init_args: InitArgs = Field(default_factory=dict)
+
+
+class SchedulerConfig(ClassSpec):
+    """A learning-rate schedule: any torch.optim.lr_scheduler class or the user's class or function that takes the
+    optimizer first. Stepped after each optimizer step (`interval: step`) or after each epoch, as torch's own loop
+    steps it; ReduceLROnPlateau is told `monitor` (default: the objective's metric) after each validation."""
+
+    interval: Literal["epoch", "step"] = "epoch"
+    monitor: str | None = None
+
+
+class EarlyStoppingConfig(_Frozen):
+    """Stop after `patience` epochs in a row whose objective does not beat the best by more than `min_delta`
+    (Keras' and Lightning's EarlyStopping). The trial completes; its best epoch is its best as always."""
+
+    patience: int = Field(gt=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
 class TrainConfig(_Frozen):
-    optimizer: OptimizerName = "Adam"
+    optimizer: Union[OptimizerName, ClassSpec] = "Adam"
     lr: float = Field(0.03, gt=0)
     weight_decay: float | None = Field(None, ge=0, description="default: the optimizer's own (AdamW 0.01, others 0)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD and RMSprop only")
@@ -229,10 +293,26 @@ class TrainConfig(_Frozen):
     val_batch_size: int | None = Field(None, gt=0, description="default: the whole validation set")
     shuffle: bool = True
     shuffle_seed: int | None = Field(7, **SEED)
-    loss: Literal["mse", "l1"] = Field("mse", description="regression only")
+    loss: Union[Literal["mse", "l1", "huber", "smooth_l1", "bce", "cross_entropy"], ClassSpec] = Field(
+        "mse", description="a name (regression: mse, l1, huber, smooth_l1; the task's own for a classifier) or a class"
+    )
     loader: Literal["tensor", "dataloader"] = Field(
         "tensor", description="tensor: batch in-memory tensors by indexing (same numbers, ~5x faster)"
     )
+    scheduler: SchedulerConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = None
+    clip_grad_norm: float | None = Field(None, gt=0, description="max norm of all gradients (clip_grad_norm_)")
+    clip_grad_value: float | None = Field(None, gt=0, description="clamp every gradient to +-value")
+    accumulate_grad_batches: int = Field(1, ge=1, le=MAX_SAMPLES)
+    precision: Literal["32", "bf16", "16"] = Field("32", description="bf16: autocast; 16: CUDA only, with a GradScaler")
+
+    @model_validator(mode="after")
+    def _one_clipping(self) -> "TrainConfig":
+        if self.clip_grad_norm is not None and self.clip_grad_value is not None:
+            raise ValueError("clip_grad_norm and clip_grad_value: give one of them, not both")
+        if isinstance(self.optimizer, ClassSpec) and self.momentum:
+            raise ValueError("momentum: with optimizer.class_path, give momentum in optimizer.init_args")
+        return self
 
 
 class ExperimentConfig(_Frozen):
@@ -298,6 +378,16 @@ class ExperimentConfig(_Frozen):
                 f"objective.metric: {self.objective.metric!r} is not logged for task {self.task}; "
                 f"choose one of {', '.join(METRICS[self.task])}"
             )
+        loss = self.train.loss
+        if isinstance(loss, str) and loss != "mse" and LOSS_NAMES[loss] != self.task:
+            own = "mse, l1, huber or smooth_l1" if self.task == "regression" else LOSS_NAMES_OF[self.task]
+            raise ValueError(f"train.loss: {loss} is a {LOSS_NAMES[loss]} loss; task {self.task} takes {own}")
+        schedule = self.train.scheduler
+        if schedule is not None and schedule.monitor is not None and schedule.monitor not in METRICS[self.task]:
+            raise ValueError(
+                f"train.scheduler.monitor: {schedule.monitor!r} is not logged for task {self.task}; "
+                f"choose one of {', '.join(METRICS[self.task])}"
+            )
         if (
             self.data.source == "sklearn"
             and SKLEARN_TASKS[self.data.name] == "regression"
@@ -318,6 +408,13 @@ ALIASES: dict[str, str] = {
     "val_batch_size": "train.val_batch_size",
     "loader": "train.loader",
     "loss": "train.loss",
+    "scheduler": "train.scheduler",
+    "early_stopping": "train.early_stopping",
+    "patience": "train.early_stopping.patience",
+    "clip_grad_norm": "train.clip_grad_norm",
+    "clip_grad_value": "train.clip_grad_value",
+    "accumulate_grad_batches": "train.accumulate_grad_batches",
+    "precision": "train.precision",
     "hidden": "model.hidden",
     "activation": "model.activation",
     "dropout": "model.dropout",

@@ -110,6 +110,8 @@ class TrialRun:
         now = int(time.time() * 1000)
         step = record.epoch
         values = {"train_loss": record.train_loss, "val_loss": record.val_loss, **record.metrics}
+        if record.lr is not None:
+            values["lr"] = record.lr
         self._pending += [
             Metric(name, value, now, step) for name, value in values.items() if math.isfinite(value)
         ]  # as curve_metrics: a NaN would hide the whole curve
@@ -213,6 +215,8 @@ def curve_metrics(history, now: int, after_epoch: int = 0) -> list[Metric]:
             continue
         metrics += [Metric("train_loss", train, now, epoch), Metric("val_loss", val, now, epoch)]
         metrics += [Metric(name, values[epoch - 1], now, epoch) for name, values in history.metrics.items()]
+        if len(history.lr) >= epoch:
+            metrics.append(Metric("lr", history.lr[epoch - 1], now, epoch))
     return [metric for metric in metrics if math.isfinite(metric.value)]
 
 
@@ -242,8 +246,8 @@ def summary_metrics(result, now: int) -> list[Metric]:
 
 def baseline_val_loss(result) -> float | None:
     data, config = result.dataset, result.config
-    if data is None:
-        return None
+    if data is None or config.train.loss not in ("mse", "l1", "bce", "cross_entropy"):
+        return None  # another loss's constant prediction is not worked out here: no baseline rather than a wrong one
     value = baseline_loss(data.y_train, data.y_val, config.task, config.train.loss)  # ~50 us: not worth a cache
     return value if math.isfinite(value) else None
 

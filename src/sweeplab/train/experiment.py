@@ -8,6 +8,7 @@ run the model on one batch before any store exists, so bad data or a bad plugin 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -20,13 +21,14 @@ from sweeplab.train.loop import (
     History,
     LoaderBatches,
     ShapeError,
+    Step,
     TensorBatches,
     check_batch,
     fit,
-    loss_for_task,
     predict,
 )
 from sweeplab.train.model import ModelSpec, build_model
+from sweeplab.train.options import build_loss, build_optimizer, build_scheduler, monitor_of
 from sweeplab.train.plugins import data_args, error_text, model_class
 
 
@@ -47,17 +49,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device: {name} requested but MPS is not available on this machine")
     return device
-
-
-def build_optimizer(config: ExperimentConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    train = config.train
-    decay = {} if train.weight_decay is None else {"weight_decay": train.weight_decay}
-    if train.optimizer == "SGD":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, **decay)
-    if train.optimizer == "RMSprop":
-        return torch.optim.RMSprop(params, lr=train.lr, momentum=train.momentum, **decay)
-    optimizer = torch.optim.AdamW if train.optimizer == "AdamW" else torch.optim.Adam
-    return optimizer(params, lr=train.lr, **decay)
 
 
 def model_spec_for(config: ExperimentConfig, dataset: Dataset) -> ModelSpec:
@@ -110,7 +101,7 @@ def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
                 f"{config.task} needs {wanted} ({_outputs_text(config.task, dataset.n_outputs)})"
             )
         try:
-            check_batch(out, batch_y, loss_for_task(config.task, config.train.loss))
+            check_batch(out, batch_y, build_loss(config, dataset.y_train, dataset.n_classes))
         except ShapeError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     finally:
@@ -155,22 +146,38 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
     model = build_model(spec, config.code_dir).to(device)
     optimizer = build_optimizer(config, model.parameters())
     train = config.train
+    loss_fn = build_loss(config, dataset.y_train, dataset.n_classes).to(device)
     batches = TensorBatches if train.loader == "tensor" else LoaderBatches
     shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
     train_batches = batches(
         dataset.x_train, dataset.y_train, train.batch_size, shuffle=train.shuffle, generator=shuffle_gen, device=device
     )
     val_batches = batches(dataset.x_val, dataset.y_val, train.val_batch_size or dataset.x_val.shape[0], device=device)
+    scheduler = build_scheduler(config, optimizer, math.ceil(dataset.x_train.shape[0] / train.batch_size))
+    step = Step(
+        optimizer,
+        train.clip_grad_norm,
+        train.clip_grad_value,
+        train.accumulate_grad_batches,
+        train.precision,
+        device.type,
+        scheduler,
+        train.scheduler.interval if train.scheduler else "epoch",
+    )
+    stopping = train.early_stopping
     history = fit(
         model,
         optimizer,
-        loss_for_task(config.task, train.loss),
+        loss_fn,
         train_batches,
         val_batches,
         train.epochs,
         task=config.task,
         callbacks=callbacks,
         objective=(config.objective.metric, config.objective.direction),
+        step=step,
+        early_stopping=(stopping.patience, stopping.min_delta) if stopping else None,
+        monitor=monitor_of(config),
     )
     if config.predict_x:
         x = torch.tensor(config.predict_x, dtype=torch.float32).reshape(-1, *dataset.input_shape)

@@ -12,6 +12,7 @@ is bit-identical to the seed's DataLoader loop for the same seeds.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class EpochRecord:
     improved: bool
     value: float = math.nan  # the objective's metric this epoch (val_loss by default): what a pruner is told
     best_value: float = math.nan  # ... and at the best epoch
+    lr: float | None = None  # the rate the epoch's last optimizer step used, when a schedule changes it
 
 
 # A callback sees each epoch and may return a reason to stop (a pruner does); None carries on.
@@ -143,6 +145,10 @@ class History:
     seconds: float = 0.0
     objective: tuple[str, str] = MINIMIZE
     best_value: float = math.nan  # the objective's metric at the best epoch (= best_val_loss by default)
+    lr: list[float] = field(default_factory=list)  # per epoch, the rate its last optimizer step used (a schedule)
+    early_stopping: tuple[int, float] | None = None  # (patience, min_delta) on the objective
+    patience_best: float = math.nan  # early stopping's reference: the best by more than min_delta so far
+    epochs_without: int = 0  # epochs in a row without such an improvement
 
     @property
     def epochs_run(self) -> int:
@@ -175,6 +181,15 @@ class History:
         if improved:
             self.best_val_loss, self.best_epoch, self.best_value = val_loss, epoch, value
             self.best_metrics, self.confusion_matrix = dict(metrics), confusion
+        if self.early_stopping is not None:
+            minimize = self.objective[1] == "minimize"
+            reference = (
+                self.patience_best if not math.isnan(self.patience_best) else (math.inf if minimize else -math.inf)
+            )
+            if improves(value, reference, minimize, self.early_stopping[1]):
+                self.patience_best, self.epochs_without = value, 0
+            else:
+                self.epochs_without += 1
         return improved
 
     def stop(self, epoch: int, reasons: list[str]) -> bool:
@@ -188,7 +203,31 @@ class History:
         if reasons:
             self.status, self.stop_reason = "stopped", reasons[0]
             return True
+        if self.early_stopping is not None and out_of_patience(self.epochs_without, self.early_stopping[0]):
+            patience, min_delta = self.early_stopping
+            by = f" by more than {min_delta:g}" if min_delta else ""
+            self.stop_reason = (
+                f"early stopping at epoch {epoch}: {self.objective[0]} did not improve{by} in {patience} epochs"
+            )
+            return True  # a completed run: its best epoch is its result
         return False
+
+
+# --- the epoch decisions both engines take: on a Python float, or on a [K] tensor of members ---------------------
+
+
+def improves(value, best, minimize, min_delta=0.0):
+    """Whether `value` beats `best` by more than `min_delta` (NaN never does). `minimize`: a bool, or a [K] bool
+    tensor (each member's direction)."""
+    lower, higher = value < best - min_delta, value > best + min_delta
+    if isinstance(minimize, bool):
+        return lower if minimize else higher
+    return torch.where(minimize, lower, higher)
+
+
+def out_of_patience(epochs_without, patience):
+    """Early stopping as Keras and Lightning define it: `patience` epochs in a row without an improvement."""
+    return epochs_without >= patience
 
 
 def loss_for_task(task: str, regression_loss: str = "mse") -> nn.Module:
@@ -252,54 +291,137 @@ def _sample_average(losses: list[torch.Tensor], sizes: list[int], n_samples: int
     return total / n_samples
 
 
+class Step:
+    """The per-batch contract's options: what happens between a batch's loss and the next batch. By default the
+    seed's lines (zero_grad, backward, step); with options, in Lightning's order: the loss scaled by
+    1/`accumulate` and backward (through a GradScaler for float16); once `accumulate` batches are in (or the
+    epoch's batches end): gradients unscaled, clipped by norm (`clip_grad_norm_`) or value (`clip_grad_value_`),
+    the optimizer step, a step-interval scheduler's step, zero_grad. `autocast` runs the forward and the loss under
+    torch.autocast (bf16, or float16 on CUDA)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        accumulate: int = 1,
+        precision: str = "32",
+        device_type: str = "cpu",
+        scheduler=None,
+        interval: str = "epoch",
+    ):
+        self.optimizer, self.accumulate, self.scheduler, self.interval = optimizer, accumulate, scheduler, interval
+        self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
+        self.dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+        self.device_type = device_type
+        self.scaler = torch.amp.GradScaler(device_type) if precision == "16" else None
+        self.plain = (
+            accumulate == 1 and clip_grad_norm is None and clip_grad_value is None and self.scaler is None
+        ) and (scheduler is None or interval == "epoch")
+        self.lr = optimizer.param_groups[0]["lr"]  # the rate the last optimizer step used
+        self.pending = 0  # batches backpropagated since the last optimizer step
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def batch(self, model: nn.Module, loss: torch.Tensor) -> None:
+        if self.plain:  # the seed's lines
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            return
+        if self.pending == 0:
+            self.optimizer.zero_grad()
+        scaled = loss / self.accumulate if self.accumulate > 1 else loss
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.pending += 1
+        if self.pending == self.accumulate:
+            self.optimizer_step(model)
+
+    def end_epoch(self, model: nn.Module) -> None:
+        """The epoch's last batches, when fewer than `accumulate`, step too (as Lightning does)."""
+        if self.pending:
+            self.optimizer_step(model)
+
+    def optimizer_step(self, model: nn.Module) -> None:
+        self.pending = 0
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_value is not None:
+            nn.utils.clip_grad_value_(model.parameters(), self.clip_grad_value)
+        if self.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None and self.interval == "step":
+            self.scheduler.step()
+
+
 def train_epoch(
-    model: nn.Module, batches: Batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, check_shapes: bool = False
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    check_shapes: bool = False,
+    step: Step | None = None,
 ) -> float:
-    """One pass over the training batches; returns the per-sample average loss."""
+    """One pass over the training batches; returns the per-sample average loss (of the unscaled batch losses)."""
     model.train()
+    step = step if step is not None else Step(optimizer)
     losses: list[torch.Tensor] = []
     sizes: list[int] = []
     same = _same_shape(loss_fn)
     for batch_x, batch_y in batches:
-        pred = model(batch_x)
-        if check_shapes:
-            check_batch(pred, batch_y, loss_fn)
-            check_shapes = False
-        elif not same(pred, batch_y):  # a model whose output changes shape from batch to batch
-            check_batch(pred, batch_y, loss_fn)
-        loss = loss_fn(pred, batch_y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with step.autocast():
+            pred = model(batch_x)
+            if check_shapes:
+                check_batch(pred, batch_y, loss_fn)
+                check_shapes = False
+            elif not same(pred, batch_y):  # a model whose output changes shape from batch to batch
+                check_batch(pred, batch_y, loss_fn)
+            loss = loss_fn(pred, batch_y)
+        step.batch(model, loss)
         losses.append(loss.detach())
         sizes.append(batch_x.shape[0])
+    step.end_epoch(model)
     return _sample_average(losses, sizes, len(batches))
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Batches, loss_fn: nn.Module, task: str = "regression"
+    model: nn.Module, batches: Batches, loss_fn: nn.Module, task: str = "regression", step: Step | None = None
 ) -> tuple[float, dict[str, float], list[list[int]] | None]:
-    """Validation in eval mode without gradients: (per-sample average loss, task metrics, confusion matrix)."""
+    """Validation in eval mode without gradients (under the training's autocast, when it has one): (per-sample
+    average loss, the task's metrics, confusion matrix)."""
     model.eval()
     losses: list[torch.Tensor] = []
     sizes: list[int] = []
     preds: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     same = _same_shape(loss_fn)
-    for batch_x, batch_y in batches:
-        pred = model(batch_x)
-        if not same(pred, batch_y):
-            check_batch(pred, batch_y, loss_fn)
-        losses.append(loss_fn(pred, batch_y))
-        sizes.append(batch_x.shape[0])
-        if task != "regression":
+    autocast = step.autocast() if step is not None else contextlib.nullcontext()
+    with autocast:
+        for batch_x, batch_y in batches:
+            pred = model(batch_x)
+            if not same(pred, batch_y):
+                check_batch(pred, batch_y, loss_fn)
+            losses.append(loss_fn(pred, batch_y))
+            sizes.append(batch_x.shape[0])
             preds.append(pred)
             targets.append(batch_y)
     loss = _sample_average(losses, sizes, len(batches))
+    outputs = torch.cat(preds).float()
     if task == "regression":
-        return loss, {}, None
-    return loss, *classification_metrics(torch.cat(preds), torch.cat(targets), task)
+        values = stacked_regression_metrics(outputs.unsqueeze(0), torch.cat(targets).unsqueeze(0))
+        return loss, {name: float(v[0]) for name, v in values.items()}, None
+    return loss, *classification_metrics(outputs, torch.cat(targets), task)
 
 
 def classification_metrics(
@@ -339,9 +461,55 @@ def stacked_classification_metrics(
     metrics = {"val_accuracy": tp.sum(dim=1) / confusion.sum(dim=(1, 2))}
     if task == "binary":
         metrics.update(val_precision=precision[:, 1], val_recall=recall[:, 1], val_f1=f1[:, 1])
+        metrics.update(ranking_metrics(logits[..., 0], target[..., 0]))
     else:
         metrics["val_macro_f1"] = f1.mean(dim=1)
     return metrics, confusion
+
+
+def stacked_regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Regression metrics for K members: pred, target [K, N, C] -> each a float64 [K] tensor (CPU), as
+    scikit-learn computes them with its default multioutput="uniform_average" (each output's, then their mean):
+    val_mae, val_rmse (the root of each output's mean squared error), val_r2 (1 for a constant target predicted
+    exactly, else 0 for a constant target: scikit-learn's force_finite)."""
+    error = pred.double() - target.double()
+    actual = target.double()
+    squared = error.pow(2).sum(dim=1)
+    spread = (actual - actual.mean(dim=1, keepdim=True)).pow(2).sum(dim=1)
+    r2 = torch.where(spread > 0, 1 - squared / spread.clamp(min=1e-300), torch.where(squared == 0, 1.0, 0.0))
+    return {
+        "val_mae": error.abs().mean(dim=1).mean(dim=1).cpu(),
+        "val_rmse": error.pow(2).mean(dim=1).sqrt().mean(dim=1).cpu(),
+        "val_r2": r2.mean(dim=1).cpu(),
+    }
+
+
+def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A binary classifier's ranking metrics for K members: scores (logits), labels [K, N] -> val_auroc and
+    val_average_precision, float64 [K] (CPU), as scikit-learn's roc_auc_score and average_precision_score compute
+    them: tied scores are one threshold. NaN where undefined (AUROC without both classes, AP without positives)."""
+    auroc, average_precision = [], []
+    for member_scores, member_labels in zip(scores.detach().double().cpu(), labels.detach().double().cpu()):
+        order = torch.argsort(member_scores, descending=True, stable=True)
+        ranked, hits = member_scores[order], member_labels[order]
+        last = torch.cat([(ranked[1:] != ranked[:-1]).nonzero().flatten(), torch.tensor([len(ranked) - 1])])
+        true_pos = hits.cumsum(0)[last]
+        false_pos = (last + 1).double() - true_pos
+        positives, negatives = float(true_pos[-1]), float(false_pos[-1])
+        if positives == 0 or negatives == 0:
+            auroc.append(math.nan)
+        else:
+            tpr = torch.cat([torch.zeros(1, dtype=torch.float64), true_pos / positives])
+            fpr = torch.cat([torch.zeros(1, dtype=torch.float64), false_pos / negatives])
+            auroc.append(float(torch.trapezoid(tpr, fpr)))
+        if positives == 0:
+            average_precision.append(math.nan)
+        else:
+            recall = torch.cat([torch.zeros(1, dtype=torch.float64), true_pos / positives])
+            precision = true_pos / (true_pos + false_pos)
+            average_precision.append(float(((recall[1:] - recall[:-1]) * precision).sum()))
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    return {"val_auroc": as_tensor(auroc), "val_average_precision": as_tensor(average_precision)}
 
 
 def fit(
@@ -355,18 +523,32 @@ def fit(
     callbacks: Iterable[Callback] = (),
     restore_best: bool = True,
     objective: tuple[str, str] = MINIMIZE,
+    step: Step | None = None,
+    early_stopping: tuple[int, float] | None = None,
+    monitor: str | None = None,
 ) -> History:
     """Train for `epochs`, keep the best validation state (a CPU copy), and restore it at the end.
 
     A non-finite loss ends the run with status "diverged" at that epoch; a callback returning a reason ends it
-    with status "stopped". Either way the History holds the curves up to that epoch.
+    with status "stopped"; early stopping (patience, min_delta) ends it completed. Either way the History holds the
+    curves up to that epoch. `step` holds the per-batch options (Step); its epoch-interval scheduler is stepped
+    after each validation (ReduceLROnPlateau with the `monitor` metric's value), as torch's own loop steps it.
     """
     callbacks = list(callbacks)
-    history = History(objective=tuple(objective))
+    step = step if step is not None else Step(optimizer)
+    history = History(objective=tuple(objective), early_stopping=early_stopping)
+    scheduler = step.scheduler
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train_loss = train_epoch(model, train_batches, loss_fn, optimizer, check_shapes=epoch == 1)
-        val_loss, metrics, confusion = evaluate(model, val_batches, loss_fn, task)
+        train_loss = train_epoch(model, train_batches, loss_fn, optimizer, check_shapes=epoch == 1, step=step)
+        val_loss, metrics, confusion = evaluate(model, val_batches, loss_fn, task, step)
+        if scheduler is not None:
+            history.lr.append(step.lr)
+            if step.interval == "epoch":
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(objective_value(val_loss, metrics, monitor or objective[0]))
+                else:
+                    scheduler.step()
         improved = history.record(epoch, train_loss, val_loss, metrics, confusion)
         if improved:
             history.best_state = state_to_cpu(model.state_dict())
@@ -380,6 +562,7 @@ def fit(
             improved,
             objective_value(val_loss, metrics, objective[0]),
             history.best_value,
+            history.lr[-1] if history.lr else None,
         )
         reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
         if history.stop(epoch, reasons):

@@ -31,7 +31,15 @@ from torch.nn.parameter import is_lazy
 from sweeplab.config import ConfigError, ExperimentConfig
 from sweeplab.train.data import Dataset, make_dataset
 from sweeplab.train.experiment import model_spec_for
-from sweeplab.train.loop import EpochRecord, History, ShapeError, stacked_classification_metrics
+from sweeplab.train.loop import (
+    EpochRecord,
+    History,
+    ShapeError,
+    improves,
+    out_of_patience,
+    stacked_classification_metrics,
+    stacked_regression_metrics,
+)
 from sweeplab.train.model import ModelSpec, architecture, build_model
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -39,8 +47,20 @@ RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
 
 
 def check_supported(config: ExperimentConfig) -> None:
-    """What the engine can stack, said of the config alone. A user's model (`class_path`) is stacked by torch.func
-    (func.py); whether vmap can run it exactly is found by func.stack_problem."""
+    """What the engine can stack, said of the config alone: a setting it cannot apply exactly sends the trial to the
+    reference loop (engine: auto) or is refused (engine: vectorized), never ignored. A user's model (`class_path`)
+    is stacked by torch.func (func.py); whether vmap can run it exactly is found by func.stack_problem."""
+    train = config.train
+    if not isinstance(train.optimizer, str):
+        raise ConfigError("engine: vectorized stacks Adam, AdamW, SGD and RMSprop; not train.optimizer.class_path")
+    if not isinstance(train.loss, str):
+        raise ConfigError("engine: vectorized stacks the named losses; not train.loss.class_path")
+    if train.accumulate_grad_batches != 1:
+        raise ConfigError("engine: vectorized does not support train.accumulate_grad_batches")
+    if train.precision != "32":
+        raise ConfigError("engine: vectorized trains in float32; not train.precision " + train.precision)
+    if train.scheduler is not None:
+        raise ConfigError("engine: vectorized does not support train.scheduler yet")
     if config.model.class_path is not None:
         return
     if len(config.model.hidden_sizes) != 1:
@@ -88,7 +108,18 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
         data_key,
         repr(spec),
         config.device,
-        train.model_dump_json(exclude={"optimizer", "lr", "weight_decay", "momentum"}),
+        config.objective.model_dump_json(),  # in group_key: members of two groups must not share generators
+        train.model_dump_json(
+            exclude={
+                "optimizer",
+                "lr",
+                "weight_decay",
+                "momentum",
+                "clip_grad_norm",
+                "clip_grad_value",
+                "early_stopping",
+            }
+        ),
     )
     if draws_key not in shared:
         torch.set_rng_state(rng_after_data)
@@ -150,6 +181,10 @@ def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, regression_
         return F.binary_cross_entropy_with_logits(out, target, reduction="none").mean(dim=(1, 2))
     if regression_loss == "l1":
         return (out - target).abs().mean(dim=(1, 2))
+    if regression_loss == "huber":
+        return F.huber_loss(out, target, reduction="none").mean(dim=(1, 2))
+    if regression_loss == "smooth_l1":
+        return F.smooth_l1_loss(out, target, reduction="none").mean(dim=(1, 2))
     return (out - target).pow(2).mean(dim=(1, 2))
 
 
@@ -177,6 +212,10 @@ class _StackedOptimizer:
             ]
         )
         self.momentum = column([c.train.momentum for c in configs])
+        # clipping as torch.nn.utils does it, each member its own (inf: none): by value, then by the row's norm
+        norms, values = [c.train.clip_grad_norm for c in configs], [c.train.clip_grad_value for c in configs]
+        self.clip_norm = column([v or math.inf for v in norms]) if any(norms) else None
+        self.clip_value = column([v or math.inf for v in values]) if any(values) else None
         self.coupled_decay = bool(
             ((self.decay != 0) & ~self.masks.get("AdamW", torch.zeros_like(self.lr, dtype=torch.bool))).any()
         )
@@ -191,6 +230,11 @@ class _StackedOptimizer:
     def step(self) -> None:
         self.steps += 1
         param, grad, lr = self.flat, self.flat.grad, self.lr
+        if self.clip_value is not None:  # clip_grad_value_
+            grad.clamp_(-self.clip_value, self.clip_value)
+        if self.clip_norm is not None:  # clip_grad_norm_: max_norm / (total_norm + 1e-6), at most 1
+            total = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
+            grad.mul_((self.clip_norm / (total + 1e-6)).clamp(max=1.0))
         if "AdamW" in self.masks:  # decoupled decay, before the Adam update
             param.mul_(torch.where(self.masks["AdamW"], 1 - lr * self.decay, 1.0))
         if self.coupled_decay:
@@ -254,8 +298,21 @@ class _Curves:
     best so far (NaN never does), a non-finite train or val loss ends the member as diverged, a hook's reason as
     stopped. Each member's History is built once, at the end (`histories`)."""
 
-    def __init__(self, k: int, epochs: int, objective: tuple[str, str] = ("val_loss", "minimize")):
+    def __init__(
+        self,
+        k: int,
+        epochs: int,
+        objective: tuple[str, str] = ("val_loss", "minimize"),
+        stopping: list[tuple[int, float] | None] | None = None,
+    ):
         self.objective = objective
+        # early stopping per member (patience, min_delta; none: infinite patience), with History's decisions
+        self.stopping = stopping if stopping and any(stopping) else None
+        if self.stopping is not None:
+            self.patience = torch.tensor([s[0] if s else math.inf for s in self.stopping], dtype=torch.float64)
+            self.min_delta = torch.tensor([s[1] if s else 0.0 for s in self.stopping], dtype=torch.float64)
+            self.patience_best = torch.full((k,), math.nan, dtype=torch.float64)
+            self.epochs_without = torch.zeros(k, dtype=torch.int64)
         self.sign = 1.0 if objective[1] == "minimize" else -1.0  # decisions on sign * value: lower is better
         self.best_score = torch.full((k,), math.inf, dtype=torch.float64)
         self.best_value = torch.full((k,), math.nan, dtype=torch.float64)
@@ -295,6 +352,13 @@ class _Curves:
             self.confusion = torch.zeros_like(confusion) if self.confusion is None else self.confusion
             self.confusion[improved] = confusion[improved]
         self.epochs_run[active] = epoch
+        if self.stopping is not None:
+            minimize = self.objective[1] == "minimize"
+            unset = math.inf if minimize else -math.inf
+            reference = torch.where(torch.isnan(self.patience_best), unset, self.patience_best)
+            better = active & improves(value, reference, minimize, self.min_delta)
+            self.patience_best = torch.where(better, value, self.patience_best)
+            self.epochs_without = torch.where(better, 0, self.epochs_without + active.long())
         return improved
 
     def stop(self, epoch: int, train: torch.Tensor, val: torch.Tensor, reasons: dict[int, str]) -> None:
@@ -305,6 +369,8 @@ class _Curves:
                 self.reasons[row] = reason
                 self.active[row] = False
         self.active &= ~diverged
+        if self.stopping is not None:  # History.stop decides the reason again, member by member (histories)
+            self.active &= ~out_of_patience(self.epochs_without, self.patience)
 
     def histories(self) -> list[History]:
         train, val = self.train.tolist(), self.val.tolist()
@@ -327,7 +393,10 @@ class _Curves:
                 )
                 history.best_metrics = {name: curve[i][best - 1] for name, curve in metrics.items()}
                 history.confusion_matrix = confusion[i] if confusion is not None else None
-            if n:  # diverged, stopped by a hook's reason, or neither: History.stop decides, as in fit
+            if self.stopping is not None and self.stopping[i]:
+                history.early_stopping = self.stopping[i]
+                history.epochs_without = int(self.epochs_without[i])
+            if n:  # diverged, stopped by a hook's reason, early, or none: History.stop decides, as in fit
                 history.stop(n, [self.reasons[i]] if i in self.reasons else [])
             out.append(history)
         return out
@@ -380,7 +449,13 @@ def fit_stacked(
     val_batch = train.val_batch_size or n_val
     best = flat.detach().clone()
     best_buffers = {name: value.clone() for name, value in buffers.items()}
-    curves = _Curves(k, train.epochs, (config.objective.metric, config.objective.direction))
+    stopping = [m.config.train.early_stopping for m in members]
+    curves = _Curves(
+        k,
+        train.epochs,
+        (config.objective.metric, config.objective.direction),
+        [(s.patience, s.min_delta) if s else None for s in stopping],
+    )
     started = time.perf_counter()
     # members that share their generators share their draws: one batch order per distinct pair per epoch, sent to
     # the device once and gathered there for every member
@@ -411,8 +486,9 @@ def fit_stacked(
                 val_sizes.append(out.shape[1])
                 outputs.append(out)
             val_loss = _sample_average(val_losses, val_sizes, n_val)
-        metrics, confusion = {}, None
-        if task != "regression":
+        if task == "regression":
+            metrics, confusion = stacked_regression_metrics(torch.cat(outputs, dim=1), y_val), None
+        else:
             metrics, confusion = stacked_classification_metrics(torch.cat(outputs, dim=1), y_val, task)
         improved = curves.record(epoch, train_loss, val_loss, metrics, confusion)
         reasons = _hook_reasons(members, curves, epoch, train_loss, val_loss, metrics, improved, on_epoch)

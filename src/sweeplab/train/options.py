@@ -1,0 +1,192 @@
+"""The loop's options, built from a config: the optimizer, the learning-rate schedule, the loss, the metrics.
+
+Each is named in the experiment file by a short name (`Adam`, `CosineAnnealingLR`, `huber`, `CrossEntropyLoss`) or
+by `class_path` + `init_args` (torch's own classes by short name, or the user's by import path), and built here,
+so the reference loop (loop.py) and the checks before any store (experiment.py) build them the same way. The
+stacked engine applies the same options to K members at once (stacked/epochs.py) or, for what it cannot apply
+exactly, sends the trial to the reference loop (stacked/epochs.check_supported says which and why).
+
+The epoch decisions both engines share (`improves`, `out_of_patience`) are written with operators that work on a
+Python float and on a [K] tensor alike: two engines may differ in how they compute, never in what they decide.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from sweeplab.config import ClassSpec, ConfigError, ExperimentConfig, metric_direction
+from sweeplab.train.plugins import error_text, import_object, user_code
+
+# --- where short names resolve -----------------------------------------------------------------------------------
+
+
+def resolve(spec: ClassSpec, modules: tuple, field: str, code_dir: str | None) -> Any:
+    """The class (or function) a `class_path` names: a short name in torch's own module(s), else an import path."""
+    path = spec.class_path
+    if "." not in path:
+        for module in modules:
+            found = getattr(module, path, None)
+            if found is not None and not path.startswith("_"):
+                return found
+        names = ", ".join(m.__name__ for m in modules)
+        raise ConfigError(f"{field}.class_path: {path!r} is not in {names}; give its import path (module.Name)")
+    return import_object(path, code_dir, f"{field}.class_path")
+
+
+def tensor_args(init_args: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """init_args with the numbers given for tensor arguments (a loss's `weight`, `pos_weight`) as float32 tensors."""
+    return {
+        key: torch.as_tensor(value, dtype=torch.float32) if key in names and not isinstance(value, str) else value
+        for key, value in init_args.items()
+    }
+
+
+def _built(build: Callable[[], Any], field: str, what: str) -> Any:
+    """Build a user's or torch's object; what it raises is one ConfigError naming the field."""
+    try:
+        with user_code():
+            return build()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{field}: {what} raised {error_text(exc)}") from None
+
+
+# --- the optimizer -------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(config: ExperimentConfig, params) -> torch.optim.Optimizer:
+    """The trial's optimizer: one of the four names with `lr`, `weight_decay`, `momentum` (as always), or any
+    torch.optim class or the user's by `class_path`, given `lr` (and `weight_decay` when set) before its own
+    init_args."""
+    train = config.train
+    decay = {} if train.weight_decay is None else {"weight_decay": train.weight_decay}
+    if isinstance(train.optimizer, str):
+        if train.optimizer == "SGD":
+            return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, **decay)
+        if train.optimizer == "RMSprop":
+            return torch.optim.RMSprop(params, lr=train.lr, momentum=train.momentum, **decay)
+        optimizer = torch.optim.AdamW if train.optimizer == "AdamW" else torch.optim.Adam
+        return optimizer(params, lr=train.lr, **decay)
+    cls = resolve(train.optimizer, (torch.optim,), "train.optimizer", config.code_dir)
+    args = {"lr": train.lr, **decay, **train.optimizer.init_args}
+    return _built(lambda: cls(params, **args), "train.optimizer", cls.__name__)
+
+
+# --- the schedule --------------------------------------------------------------------------------------------------
+
+PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+def build_scheduler(config: ExperimentConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """The trial's learning-rate scheduler, or None: a torch.optim.lr_scheduler class by short name, or the user's
+    class or function taking the optimizer first. `total_steps` / `steps_per_epoch` / `epochs` are filled in when
+    the class takes them and the file does not give them (OneCycleLR), from the trial's own epochs and batches;
+    ReduceLROnPlateau's `mode` follows the monitored metric's direction unless given."""
+    schedule = config.train.scheduler
+    if schedule is None:
+        return None
+    factory = resolve(schedule, (torch.optim.lr_scheduler,), "train.scheduler", config.code_dir)
+    args = dict(schedule.init_args)
+    steps = math.ceil(steps_per_epoch / config.train.accumulate_grad_batches)
+    try:
+        takes = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes = {}
+    if "total_steps" in takes and not {"total_steps", "epochs", "steps_per_epoch"} & set(args):
+        # OneCycleLR: as many steps as the scheduler will be stepped
+        args["total_steps"] = config.train.epochs * (steps if schedule.interval == "step" else 1)
+    if factory is PLATEAU and "mode" not in args:
+        args["mode"] = "min" if metric_direction(monitor_of(config)) == "minimize" else "max"
+    scheduler = _built(lambda: factory(optimizer, **args), "train.scheduler", getattr(factory, "__name__", "it"))
+    if not callable(getattr(scheduler, "step", None)):
+        raise ConfigError(
+            f"train.scheduler: {schedule.class_path} returned {type(scheduler).__name__}, not a scheduler"
+        )
+    return scheduler
+
+
+def monitor_of(config: ExperimentConfig) -> str:
+    """The validation metric a ReduceLROnPlateau schedule watches: `monitor`, else the objective's."""
+    schedule = config.train.scheduler
+    return (schedule.monitor if schedule is not None and schedule.monitor else None) or config.objective.metric
+
+
+# --- the loss ------------------------------------------------------------------------------------------------------
+
+TENSOR_ARGS = ("weight", "pos_weight")
+
+
+def build_loss(config: ExperimentConfig, y_train: torch.Tensor | None = None, n_classes: int = 0) -> nn.Module:
+    """The trial's loss module: the task's own (as always), a name (LOSS_NAMES), or a torch.nn loss by short name or
+    the user's module or function `(output, target) -> scalar`. `weight: balanced` is scikit-learn's
+    class_weight="balanced" over the training labels: n_samples / (n_classes * count of each class)."""
+    loss = config.train.loss
+    task = config.task
+    if isinstance(loss, str):
+        return named_loss(loss, task)
+    cls = resolve(loss, (nn,), "train.loss", config.code_dir)
+    args = dict(loss.init_args)
+    if args.get("weight") == "balanced" or args.get("pos_weight") == "balanced":
+        if y_train is None:
+            raise ConfigError("train.loss.init_args: `balanced` needs the training labels")
+        key = "pos_weight" if args.get("pos_weight") == "balanced" else "weight"
+        args[key] = balanced_weights(y_train, task, n_classes, key)
+    args = tensor_args(args, TENSOR_ARGS)
+    if inspect.isclass(cls):
+        built = _built(lambda: cls(**args), "train.loss", cls.__name__)
+    else:  # a function (output, target) -> scalar; its init_args are keyword arguments
+        built = FunctionLoss(cls, args)
+    return built
+
+
+class FunctionLoss(nn.Module):
+    """A user's loss function `(output, target, **init_args) -> scalar` as a module."""
+
+    def __init__(self, function: Callable, kwargs: dict[str, Any]):
+        super().__init__()
+        self.function, self.kwargs = function, kwargs
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.function(output, target, **self.kwargs)
+
+
+def named_loss(name: str, task: str) -> nn.Module:
+    if task == "binary":
+        return nn.BCEWithLogitsLoss()
+    if task == "multiclass":
+        return nn.CrossEntropyLoss()
+    return {"l1": nn.L1Loss, "huber": nn.HuberLoss, "smooth_l1": nn.SmoothL1Loss}.get(name, nn.MSELoss)()
+
+
+def balanced_weights(y_train: torch.Tensor, task: str, n_classes: int, key: str) -> torch.Tensor:
+    """scikit-learn's compute_class_weight("balanced"): n_samples / (n_classes * bincount(y)). For a binary
+    `pos_weight`, the ratio of negatives to positives (what makes the two classes weigh the same)."""
+    labels = y_train.reshape(-1).long()
+    counts = torch.bincount(labels, minlength=max(n_classes, 2)).double()
+    if task == "binary" and key == "pos_weight":
+        return torch.tensor([counts[0] / counts[1]], dtype=torch.float32)
+    return (labels.numel() / (len(counts) * counts)).float()
+
+
+# --- the epoch decisions, on a float or a [K] tensor ----------------------------------------------------------------
+
+
+def improves(value, best, minimize, min_delta=0.0):
+    """Whether `value` beats `best` by more than `min_delta` (NaN never does). `minimize` is a bool, or a [K] bool
+    tensor for K members."""
+    lower = value < best - min_delta
+    higher = value > best + min_delta
+    if isinstance(minimize, bool):
+        return lower if minimize else higher
+    return torch.where(minimize, lower, higher)
+
+
+def out_of_patience(epochs_without, patience):
+    """Early stopping, as Keras and Lightning define it: `patience` epochs in a row without an improvement."""
+    return epochs_without >= patience
