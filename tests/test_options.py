@@ -17,9 +17,10 @@ from sklearn import metrics as skm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
+from sweeplab.cli import main
 from sweeplab.config import ConfigError, load_experiment
 from sweeplab.train.engines import Job, engine_named
-from sweeplab.train.experiment import run_experiment
+from sweeplab.train.experiment import check_config, run_experiment
 from sweeplab.train.loop import ranking_metrics, stacked_regression_metrics
 
 LAB = Path(__file__).resolve().parents[1] / "experiments" / "training_loop_lab.yaml"
@@ -229,6 +230,18 @@ STACKED = [
     {"train.loss": "smooth_l1"},
     {"objective.metric": "val_mae", "train.early_stopping": {"patience": 3}},
     {"objective.metric": "val_r2"},
+    {"train.scheduler": {"class_path": "CosineAnnealingLR", "init_args": {"T_max": EPOCHS}}},
+    {"train.scheduler": {"class_path": "StepLR", "init_args": {"step_size": 2, "gamma": 0.5}}, "optimizer": "SGD"},
+    {
+        "train.scheduler": {"class_path": "OneCycleLR", "init_args": {"max_lr": 0.05, "cycle_momentum": False}},
+        "train.scheduler.interval": "step",
+    },
+    {"train.scheduler": {"class_path": "ReduceLROnPlateau", "init_args": {"factor": 0.5, "patience": 1}}},
+    {
+        "train.scheduler": {"class_path": "LinearLR", "init_args": {"start_factor": 0.1, "total_iters": 30}},
+        "train.scheduler.interval": "step",
+        "train.clip_grad_norm": 1.0,
+    },
 ]
 
 
@@ -246,6 +259,7 @@ def test_stacked_members_equal_their_reference_twins_for_every_stackable_option(
         for name in r.metrics:
             assert v.metrics[name] == pytest.approx(r.metrics[name], rel=1e-4, abs=1e-6), (options, name)
         assert (v.best_epoch, v.status, v.stop_reason) == (r.best_epoch, r.status, r.stop_reason), options
+        assert v.lr == pytest.approx(r.lr, rel=1e-6), options
 
 
 def test_options_the_stacked_engine_cannot_apply_go_to_the_reference_loop_with_their_reason():
@@ -254,6 +268,9 @@ def test_options_the_stacked_engine_cannot_apply_go_to_the_reference_loop_with_t
     configs = [load_experiment(LAB, {"epochs": 2, "train.accumulate_grad_batches": 2})]
     engine, reason = choose(configs)
     assert engine == "reference" and "accumulate_grad_batches" in reason
+    one_cycle = {"class_path": "OneCycleLR", "init_args": {"max_lr": 0.05}, "interval": "step"}
+    engine, reason = choose([load_experiment(LAB, {"epochs": 2, "train.scheduler": one_cycle})])
+    assert engine == "reference" and "OneCycleLR also changes betas" in reason
 
 
 @pytest.mark.parametrize(
@@ -271,4 +288,56 @@ def test_options_the_stacked_engine_cannot_apply_go_to_the_reference_loop_with_t
 )
 def test_bad_options_are_one_line_naming_the_field(overrides, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
-        run_experiment(load_experiment(LAB, {"epochs": 1, **overrides}))
+        check_config(load_experiment(LAB, {"epochs": 1, **overrides}))
+
+
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        ({"class_path": "StepLR"}, "train.scheduler: StepLR raised TypeError"),  # step_size missing
+        (
+            {"class_path": "CosineAnnealingLR", "init_args": {"T_max": 5, "nope": 1}},
+            "unexpected keyword argument 'nope'",
+        ),
+    ],
+)
+def test_a_scheduler_that_cannot_be_built_fails_before_any_store(store, capsys, option, words):
+    (store / "s.yaml").write_text(
+        f"study: s\nexperiment: {LAB}\nspace: {{lr: {{low: 0.01, high: 0.1}}}}\nn_trials: 2\n"
+        f"base: {{train: {{scheduler: {__import__('json').dumps(option)}}}}}\n"
+    )
+    assert main(["sweep", str(store / "s.yaml"), "--quiet"]) == 2
+    assert words in capsys.readouterr().err
+    assert sorted(p.name for p in store.iterdir()) == ["s.yaml"]  # nothing written
+
+
+def test_a_loss_that_does_not_return_a_scalar_is_refused(tmp_path):
+    (tmp_path / "my_losses.py").write_text("def per_sample(out, target):\n    return (out - target) ** 2\n")
+    config = load_experiment(LAB, {"train.loss": {"class_path": "my_losses.per_sample"}})
+    object.__setattr__(config, "_code_dir", str(tmp_path))
+    with pytest.raises(
+        ConfigError, match=r"train.loss: returned \[2, 1\] on a batch of 2; a loss must return a scalar"
+    ):
+        check_config(config)
+
+
+def test_the_sweep_files_objective_wins_and_a_loss_judged_by_itself_is_refused(tmp_path):
+    from sweeplab.sweep.spec import load_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"study: s\nexperiment: {LAB}\nobjective: {{metric: val_mae}}\n"
+        "space: {loss: {choices: [mse, huber, l1]}}\n"
+    )
+    sweep = load_sweep(path)
+    assert sweep.base_config.objective.metric == "val_mae" and sweep.base_config.objective.direction == "minimize"
+    path.write_text(f"study: s\nexperiment: {LAB}\nspace: {{loss: {{choices: [mse, huber]}}}}\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: space.loss: searching the loss while the objective is val_loss"):
+        load_sweep(path)
+    path.write_text(
+        f"study: s\nexperiment: {LAB}\nobjective: {{metric: val_loss}}\n"
+        "space: {train.loss.init_args.delta: {low: 0.1, high: 2.0}}\n"
+        "base: {train: {loss: {class_path: HuberLoss, init_args: {delta: 1.0}}}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"space.train.loss.init_args.delta: searching the loss"):
+        load_sweep(path)

@@ -22,6 +22,7 @@ from sweeplab.config import (
     ALIASES,
     ConfigError,
     ExperimentConfig,
+    ObjectiveConfig,
     _Frozen,
     apply_overrides,
     build_experiment,
@@ -126,6 +127,9 @@ class SweepSpec(_Frozen):
     )
     condition: dict[str, Any] = Field(
         default_factory=dict, description="set by sweeplab: the one condition a part of the sweep runs"
+    )
+    objective: ObjectiveConfig | None = Field(
+        None, description="what trials are judged by, where W&B and Optuna users give it: wins over the experiment's"
     )
 
     @property
@@ -291,12 +295,15 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         base = read_yaml(experiment_path)
         base_dir = experiment_path.parent
     base = merge(base, spec.base)  # `base:` changes the experiment: `train: {epochs: 5}` keeps its lr
+    if spec.objective is not None:  # the sweep's objective wins over its experiment's
+        base = {**base, "objective": spec.objective.model_dump(exclude_none=True)}
     base = apply_overrides(base, experiment_overrides)
     if spec.repeats > 1:  # each configuration once per seed: seed becomes one more grid dimension
         first = int(base.get("seed", ExperimentConfig.model_fields["seed"].default))
         seeds = ParamSpec(choices=list(range(first, first + spec.repeats)))
         spec = spec.model_copy(update={"space": {**spec.space, "seed": seeds}})
     sweep = Sweep(spec, base, str(path), base_dir)
+    _check_loss_not_judged_by_itself(sweep, path)
     probes = []
     for field, point in probe_points(spec):  # every config is built (and so validated) once
         try:
@@ -304,6 +311,25 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         except ConfigError as exc:  # `FILE: train.lr: ...`, said of the field that led to it
             raise ConfigError(f"{path}: {field}: {str(exc).split(': ', 1)[1]}" if field else str(exc)) from None
     return dataclasses.replace(sweep, probes=tuple(probes))
+
+
+def _check_loss_not_judged_by_itself(sweep: Sweep, path: Path) -> None:
+    """A sweep that searches (or compares) the loss while its objective is that loss ranks MSE against MAE: refused
+    in one line; another objective (val_mae) makes the losses comparable."""
+    metric = (
+        sweep.base.get("objective", {}).get("metric", "val_loss")
+        if isinstance(sweep.base.get("objective"), dict)
+        else "val_loss"
+    )
+    if metric != "val_loss":
+        return
+    for where, keys in (("space", sweep.spec.space), ("conditions", sweep.spec.conditions)):
+        for key in keys:
+            if sweep.field_of(key) == "train.loss" or sweep.field_of(key).startswith("train.loss."):
+                raise ConfigError(
+                    f"{path}: {where}.{key}: searching the loss while the objective is val_loss compares one loss's "
+                    "values with another's; judge the trials by a metric (objective: {metric: val_mae}, say)"
+                )
 
 
 def probe_points(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:

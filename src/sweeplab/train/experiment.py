@@ -205,14 +205,54 @@ def _check(config, seen: dict) -> None:
     if key not in seen:
         seen[key] = check_data(config)
     dataset = seen[key]
+    options_key = (key, config.train.model_dump_json(), config.objective.model_dump_json())
+    if options_key not in seen and _has_options(config):
+        seen[options_key] = True
+        if dataset is None:
+            dataset = seen[key] = seeded_dataset(config)
+        check_options(config, dataset)
     user_model = config.model.class_path is not None
     if user_model or config.data.source == "python":
-        model_key = (key, config.model.model_dump_json(), config.train.loss)
+        model_key = (key, config.model.model_dump_json(), config.train.model_dump_json(include={"loss"}))
         if model_key not in seen:
             seen[model_key] = True
             if dataset is None:  # CSV or the seed's data, which check_data reads without building
-                dataset = seeded_dataset(config)
+                dataset = seen[key] = seeded_dataset(config)
             check_model(config, dataset)
+
+
+def _has_options(config) -> bool:
+    train = config.train
+    return (
+        not isinstance(train.optimizer, str)
+        or not isinstance(train.loss, str)
+        or train.scheduler is not None
+        or train.precision != "32"
+    )
+
+
+def check_options(config: ExperimentConfig, dataset: Dataset) -> None:
+    """The optimizer, the schedule and the loss built as a trial builds them (over one scalar parameter, and the
+    loss on outputs of the task's shape for two training samples): an unknown class, init args it refuses, a
+    scheduler missing an argument, or a loss that does not return a scalar is one line naming the field."""
+    if config.train.precision == "16" and resolve_device(config.device).type != "cuda":
+        raise ConfigError("train.precision: 16 needs a CUDA device (float16 with a GradScaler); give bf16 here")
+    state = torch.get_rng_state()
+    try:
+        optimizer = build_optimizer(config, [torch.zeros(1, requires_grad=True)])
+        build_scheduler(config, optimizer, math.ceil(dataset.x_train.shape[0] / config.train.batch_size))
+        loss_fn = build_loss(config, dataset.y_train, dataset.n_classes)
+        target = dataset.y_train[:2]
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.precision == "bf16"):
+                value = loss_fn(torch.zeros(target.shape[0], dataset.n_outputs), target)
+        except Exception as exc:
+            raise ConfigError(f"train.loss: on a batch of 2 it raised {error_text(exc)}") from None
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConfigError(f"train.loss: returned {shape} on a batch of 2; a loss must return a scalar")
+    finally:
+        torch.set_rng_state(state)
 
 
 def check_probes(probes, source: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -60,13 +61,92 @@ def check_supported(config: ExperimentConfig) -> None:
     if train.precision != "32":
         raise ConfigError("engine: vectorized trains in float32; not train.precision " + train.precision)
     if train.scheduler is not None:
-        raise ConfigError("engine: vectorized does not support train.scheduler yet")
+        changes = schedule_changes_more_than_lr(config)
+        if changes:
+            raise ConfigError(f"engine: vectorized applies a schedule's learning rates; {changes}")
     if config.model.class_path is not None:
         return
     if len(config.model.hidden_sizes) != 1:
         raise ConfigError("engine: vectorized trains one-hidden-layer MLPs; model.hidden must be one size")
     if config.model.dropout:
         raise ConfigError("engine: vectorized does not support model.dropout")
+
+
+def schedule_changes_more_than_lr(config: ExperimentConfig, steps: int = 40) -> str | None:
+    """Whether the config's scheduler changes more than the learning rate (OneCycleLR and CyclicLR cycle momentum
+    or Adam's beta1 by default), found by stepping it over a shadow optimizer: the stacked optimizers take each
+    member's rate from its own scheduler, and nothing else."""
+    from sweeplab.train.options import build_optimizer, build_scheduler  # the options import torch.optim's classes
+
+    shadow = build_optimizer(config, [torch.zeros(1, requires_grad=True)])
+    scheduler = build_scheduler(config, shadow, steps)
+    before = {key: value for key, value in shadow.param_groups[0].items() if key not in ("lr", "params")}
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "step() before optimizer.step()": the shadow never steps
+        for _ in range(min(steps, config.train.epochs)):
+            scheduler.step(1.0) if plateau else scheduler.step()
+            group = shadow.param_groups[0]
+            changed = sorted(key for key, value in before.items() if group.get(key) != value)
+            if changed:
+                name = config.train.scheduler.class_path
+                return f"{name} also changes {', '.join(changed)} (give cycle_momentum: false to stack it)"
+    return None
+
+
+class _Schedules:
+    """Each member's own torch scheduler, driven over a shadow optimizer of the member's own class and settings
+    (one scalar parameter): torch's own learning rates, copied into the stacked optimizer's [K, 1] lr column after
+    every step that changes them, and the rate each member's last step used (History.lr)."""
+
+    def __init__(self, members: list, optimizer, steps_per_epoch: int):
+        from sweeplab.train.options import build_optimizer, build_scheduler, monitor_of
+
+        self.optimizer = optimizer
+        self.rows = []  # (row, shadow, scheduler, interval, monitor or None)
+        for row, member in enumerate(members):
+            config = member.config
+            if config.train.scheduler is None:
+                continue
+            shadow = build_optimizer(config, [torch.zeros(1, requires_grad=True)])
+            scheduler = build_scheduler(config, shadow, steps_per_epoch)
+            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            self.rows.append(
+                (row, shadow, scheduler, config.train.scheduler.interval, monitor_of(config) if plateau else None)
+            )
+        self.scheduled = torch.tensor([row for row, *_ in self.rows], dtype=torch.long)
+        self.values = optimizer.lr.flatten().tolist()
+        self.used = list(self.values)
+        self.sync()
+
+    def sync(self) -> None:
+        for row, shadow, *_ in self.rows:
+            self.values[row] = shadow.param_groups[0]["lr"]
+        self.optimizer.lr.copy_(torch.tensor(self.values, dtype=self.optimizer.lr.dtype).unsqueeze(1))
+
+    def after_step(self) -> None:
+        self.used = list(self.values)
+        stepped = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the shadow optimizer never steps
+            for _, _, scheduler, interval, _ in self.rows:
+                if interval == "step":
+                    scheduler.step()
+                    stepped = True
+        if stepped:
+            self.sync()
+
+    def after_epoch(self, val_loss: torch.Tensor, metrics: dict[str, torch.Tensor], active: torch.Tensor) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for row, _, scheduler, interval, monitor in self.rows:
+                if interval != "epoch" or not active[row]:
+                    continue
+                if monitor is None:
+                    scheduler.step()
+                else:
+                    scheduler.step(float(val_loss[row] if monitor == "val_loss" else metrics[monitor][row]))
+        self.sync()
 
 
 @dataclass
@@ -325,6 +405,7 @@ class _Curves:
         self.active = torch.ones(k, dtype=torch.bool)
         self.epochs_run = torch.zeros(k, dtype=torch.int64)
         self.reasons: dict[int, str] = {}  # members stopped by a hook
+        self.lr = torch.full((k, epochs), math.nan, dtype=torch.float64)  # members with a schedule: History.lr
 
     def record(
         self,
@@ -376,6 +457,7 @@ class _Curves:
         train, val = self.train.tolist(), self.val.tolist()
         metrics = {name: curve.tolist() for name, curve in self.metrics.items()}
         confusion = self.confusion.tolist() if self.confusion is not None else None
+        lr = self.lr.tolist()
         out = []
         for i, (n, best) in enumerate(zip(self.epochs_run.tolist(), self.best_epoch.tolist())):
             history = History(
@@ -393,6 +475,8 @@ class _Curves:
                 )
                 history.best_metrics = {name: curve[i][best - 1] for name, curve in metrics.items()}
                 history.confusion_matrix = confusion[i] if confusion is not None else None
+            if n and not math.isnan(lr[i][0]):
+                history.lr = lr[i][:n]
             if self.stopping is not None and self.stopping[i]:
                 history.early_stopping = self.stopping[i]
                 history.epochs_without = int(self.epochs_without[i])
@@ -446,6 +530,8 @@ def fit_stacked(
     x_train, y_train, x_val, y_val, which = data
     optimizer = _StackedOptimizer(flat, [m.config for m in members])
     n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
+    scheduled = any(m.config.train.scheduler is not None for m in members)
+    schedules = _Schedules(members, optimizer, math.ceil(n_train / train.batch_size)) if scheduled else None
     val_batch = train.val_batch_size or n_val
     best = flat.detach().clone()
     best_buffers = {name: value.clone() for name, value in buffers.items()}
@@ -475,6 +561,8 @@ def fit_stacked(
             xb, yb = xs[:, start : start + train.batch_size], ys[:, start : start + train.batch_size]
             batch_losses.append(train_step(forward, flat, optimizer, xb, yb, task, train.loss))
             sizes.append(xb.shape[1])
+            if schedules is not None:
+                schedules.after_step()
         train_loss = _sample_average(batch_losses, sizes, n_train)
         for m in draw_from:  # the reference's validation loader draws a base seed from the global RNG
             torch.empty((), dtype=torch.int64).random_(generator=m.global_gen)
@@ -490,6 +578,11 @@ def fit_stacked(
             metrics, confusion = stacked_regression_metrics(torch.cat(outputs, dim=1), y_val), None
         else:
             metrics, confusion = stacked_classification_metrics(torch.cat(outputs, dim=1), y_val, task)
+        if schedules is not None:  # the rate each member's last step used, then its epoch-interval schedule
+            curves.lr[schedules.scheduled, epoch - 1] = torch.tensor(schedules.used, dtype=torch.float64)[
+                schedules.scheduled
+            ]
+            schedules.after_epoch(val_loss, metrics, curves.active)
         improved = curves.record(epoch, train_loss, val_loss, metrics, confusion)
         reasons = _hook_reasons(members, curves, epoch, train_loss, val_loss, metrics, improved, on_epoch)
         curves.stop(epoch, train_loss, val_loss, reasons)
