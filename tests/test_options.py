@@ -326,8 +326,7 @@ def test_the_sweep_files_objective_wins_and_a_loss_judged_by_itself_is_refused(t
 
     path = tmp_path / "s.yaml"
     path.write_text(
-        f"study: s\nexperiment: {LAB}\nobjective: {{metric: val_mae}}\n"
-        "space: {loss: {choices: [mse, huber, l1]}}\n"
+        f"study: s\nexperiment: {LAB}\nobjective: {{metric: val_mae}}\nspace: {{loss: {{choices: [mse, huber, l1]}}}}\n"
     )
     sweep = load_sweep(path)
     assert sweep.base_config.objective.metric == "val_mae" and sweep.base_config.objective.direction == "minimize"
