@@ -340,3 +340,33 @@ def test_the_sweep_files_objective_wins_and_a_loss_judged_by_itself_is_refused(t
     )
     with pytest.raises(ConfigError, match=r"space.train.loss.init_args.delta: searching the loss"):
         load_sweep(path)
+
+
+CLASSIFIER_LOSSES = [
+    {"task": "binary"},
+    {"task": "binary", "train.loss": {"class_path": "BCEWithLogitsLoss", "init_args": {"pos_weight": 2.0}}},
+    {"task": "binary", "train.loss": {"class_path": "BCEWithLogitsLoss", "init_args": {"pos_weight": "balanced"}}},
+    {"task": "multiclass"},
+    {"task": "multiclass", "train.loss": {"class_path": "CrossEntropyLoss", "init_args": {"label_smoothing": 0.1}}},
+    {"task": "multiclass", "train.loss": {"class_path": "CrossEntropyLoss", "init_args": {"weight": [1.0, 2.0, 3.0]}}},
+    {
+        "task": "multiclass",
+        "train.loss": {"class_path": "CrossEntropyLoss", "init_args": {"weight": "balanced", "label_smoothing": 0.2}},
+        "data.noise": 1.0,
+    },
+]
+
+
+def test_stacked_classifier_losses_equal_their_reference_twins():
+    """Weighted and smoothed losses, `balanced` from each member's own training labels, and the weighted mean of a
+    validation split as torch takes it for one (sum of the weighted losses over the sum of the labels' weights)."""
+    configs = [load_experiment(LAB, {"epochs": 6, "data.n_classes": 3, **options}) for options in CLASSIFIER_LOSSES]
+    reference = [Job(None, c) for c in configs]
+    stacked = [Job(None, c) for c in configs]
+    engine_named("reference").train(reference, None)
+    engine_named("vectorized").train(stacked, None)
+    for options, ref, vec in zip(CLASSIFIER_LOSSES, reference, stacked):
+        r, v = ref.result.history, vec.result.history
+        assert v.train_loss == pytest.approx(r.train_loss, rel=1e-4), options
+        assert v.val_loss == pytest.approx(r.val_loss, rel=1e-4), options
+        assert v.best_epoch == r.best_epoch, options

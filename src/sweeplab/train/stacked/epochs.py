@@ -54,8 +54,9 @@ def check_supported(config: ExperimentConfig) -> None:
     train = config.train
     if not isinstance(train.optimizer, str):
         raise ConfigError("engine: vectorized stacks Adam, AdamW, SGD and RMSprop; not train.optimizer.class_path")
-    if not isinstance(train.loss, str):
-        raise ConfigError("engine: vectorized stacks the named losses; not train.loss.class_path")
+    problem = loss_problem(config)
+    if problem:
+        raise ConfigError(f"engine: vectorized {problem}")
     if train.accumulate_grad_batches != 1:
         raise ConfigError("engine: vectorized does not support train.accumulate_grad_batches")
     if train.precision != "32":
@@ -236,7 +237,7 @@ def group_key(member: Member) -> tuple:
         c.train.epochs,
         c.train.shuffle,
         c.task,
-        c.train.loss,
+        c.train.model_dump_json(include={"loss"}),
         d.x_train.shape,
         d.x_val.shape,
         d.n_outputs,
@@ -246,25 +247,97 @@ def group_key(member: Member) -> tuple:
     )
 
 
-def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, regression_loss: str) -> torch.Tensor:
+# torch.nn losses the stacked engine reduces per member exactly as torch reduces them for one, with the init args
+# it applies; any other loss (or init arg) sends the trial to the reference loop
+STACKED_LOSSES = {
+    "MSELoss": set(),
+    "L1Loss": set(),
+    "HuberLoss": {"delta"},
+    "SmoothL1Loss": {"beta"},
+    "CrossEntropyLoss": {"weight", "label_smoothing"},
+    "BCEWithLogitsLoss": {"pos_weight"},
+}
+
+
+def loss_problem(config: ExperimentConfig) -> str | None:
+    loss = config.train.loss
+    if isinstance(loss, str):
+        return None
+    if loss.class_path not in STACKED_LOSSES:
+        return f"stacks {', '.join(STACKED_LOSSES)} by short name; not train.loss {loss.class_path}"
+    extra = sorted(set(loss.init_args) - STACKED_LOSSES[loss.class_path])
+    if extra:
+        return f"stacks {loss.class_path} without {', '.join(extra)}"
+    return None
+
+
+class StackedLoss:
+    """The members' loss, [K] per-member means, each reduced as torch reduces it for one member: built per member
+    (options.build_loss, so `balanced` weights are each member's own) and applied to all at once. A group's members
+    share the loss and its plain init args (group_key); class weights may differ per member ([K, C])."""
+
+    def __init__(self, members: list):
+        from sweeplab.train.options import build_loss
+
+        modules = [build_loss(m.config, m.dataset.y_train, m.dataset.n_classes) for m in members]
+        first = modules[0]
+        self.kind = type(first).__name__
+        self.delta = getattr(first, "delta", 1.0)
+        self.beta = getattr(first, "beta", 1.0)
+        self.smoothing = getattr(first, "label_smoothing", 0.0)
+        weights = [getattr(m, "weight", None) for m in modules]
+        self.weight = torch.stack(weights).unsqueeze(1) if weights[0] is not None else None  # [K, 1, C]
+        pos = [getattr(m, "pos_weight", None) for m in modules]
+        self.pos_weight = torch.stack(pos).view(len(pos), 1, -1) if pos[0] is not None else None  # [K, 1, outputs]
+
+    def to(self, device: torch.device) -> "StackedLoss":
+        self.weight = self.weight.to(device) if self.weight is not None else None
+        self.pos_weight = self.pos_weight.to(device) if self.pos_weight is not None else None
+        return self
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+        return _member_loss(out, target, task, self)
+
+
+def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, loss) -> torch.Tensor:
     """Per-member mean loss, [K]: the reference's loss, reduced over each member's batch only. Outputs that do not
-    fit the labels (a model whose output shape changes between batches) fail as loop.check_output fails them."""
+    fit the labels (a model whose output shape changes between batches) fail as loop.check_output fails them.
+    `loss`: a StackedLoss, or a name (a probe's)."""
     fits = out.shape[:2] == target.shape if task == "multiclass" else out.shape == target.shape
     if not fits:
         raise ShapeError(
             f"the model's output {list(out.shape[1:])} does not fit the labels {list(target.shape[1:])} of this batch"
         )
+    kind = loss.kind if isinstance(loss, StackedLoss) else {"l1": "L1Loss", "huber": "HuberLoss"}.get(loss, loss)
     if task == "multiclass":
         k, b, c = out.shape
-        return F.cross_entropy(out.reshape(k * b, c), target.reshape(k * b), reduction="none").view(k, b).mean(1)
+        smoothing = loss.smoothing if isinstance(loss, StackedLoss) else 0.0
+        weight = loss.weight if isinstance(loss, StackedLoss) else None
+        if weight is None:
+            flat = F.cross_entropy(
+                out.reshape(k * b, c), target.reshape(k * b), reduction="none", label_smoothing=smoothing
+            )
+            return flat.view(k, b).mean(1)
+        # torch's weighted mean: sum of each sample's weighted loss over the sum of its class's weights
+        logp = F.log_softmax(out, dim=2)
+        labels = target.long().unsqueeze(2)
+        picked = weight.expand(k, b, c).gather(2, labels).squeeze(2)  # [K, B]: w[y_i]
+        nll = -logp.gather(2, labels).squeeze(2) * picked
+        if smoothing:
+            spread = -(logp * weight).sum(dim=2) / c
+            nll = (1 - smoothing) * nll + smoothing * spread
+        return nll.sum(1) / picked.sum(1)
     if task == "binary":
-        return F.binary_cross_entropy_with_logits(out, target, reduction="none").mean(dim=(1, 2))
-    if regression_loss == "l1":
+        pos_weight = loss.pos_weight if isinstance(loss, StackedLoss) else None
+        return F.binary_cross_entropy_with_logits(out, target, reduction="none", pos_weight=pos_weight).mean(dim=(1, 2))
+    if kind == "L1Loss":
         return (out - target).abs().mean(dim=(1, 2))
-    if regression_loss == "huber":
-        return F.huber_loss(out, target, reduction="none").mean(dim=(1, 2))
-    if regression_loss == "smooth_l1":
-        return F.smooth_l1_loss(out, target, reduction="none").mean(dim=(1, 2))
+    if kind == "HuberLoss":
+        delta = loss.delta if isinstance(loss, StackedLoss) else 1.0
+        return F.huber_loss(out, target, reduction="none", delta=delta).mean(dim=(1, 2))
+    if kind in ("SmoothL1Loss", "smooth_l1"):
+        beta = loss.beta if isinstance(loss, StackedLoss) else 1.0
+        return F.smooth_l1_loss(out, target, reduction="none", beta=beta).mean(dim=(1, 2))
     return (out - target).pow(2).mean(dim=(1, 2))
 
 
@@ -499,7 +572,7 @@ def stack_data(members: list[Member], device: torch.device, flatten: bool = Fals
     return x_train, y_train, x_val, y_val, which
 
 
-def train_step(forward, flat: torch.Tensor, optimizer: _StackedOptimizer, xb, yb, task: str, loss: str):
+def train_step(forward, flat: torch.Tensor, optimizer: _StackedOptimizer, xb, yb, task: str, loss):
     """The seed's six lines for K members at once: forward, loss, zero_grad, backward, step; the [K] losses."""
     losses = _member_loss(forward(xb, True), yb, task, loss)
     flat.grad = None
@@ -529,6 +602,7 @@ def fit_stacked(
     k = len(members)
     x_train, y_train, x_val, y_val, which = data
     optimizer = _StackedOptimizer(flat, [m.config for m in members])
+    loss = StackedLoss(members).to(device)
     n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
     scheduled = any(m.config.train.scheduler is not None for m in members)
     schedules = _Schedules(members, optimizer, math.ceil(n_train / train.batch_size)) if scheduled else None
@@ -559,7 +633,7 @@ def fit_stacked(
         batch_losses, sizes = [], []
         for start in range(0, n_train, train.batch_size):
             xb, yb = xs[:, start : start + train.batch_size], ys[:, start : start + train.batch_size]
-            batch_losses.append(train_step(forward, flat, optimizer, xb, yb, task, train.loss))
+            batch_losses.append(train_step(forward, flat, optimizer, xb, yb, task, loss))
             sizes.append(xb.shape[1])
             if schedules is not None:
                 schedules.after_step()
@@ -570,7 +644,7 @@ def fit_stacked(
             val_losses, val_sizes, outputs = [], [], []
             for start in range(0, n_val, val_batch):
                 out = forward(x_val[:, start : start + val_batch], False)
-                val_losses.append(_member_loss(out, y_val[:, start : start + val_batch], task, train.loss))
+                val_losses.append(_member_loss(out, y_val[:, start : start + val_batch], task, loss))
                 val_sizes.append(out.shape[1])
                 outputs.append(out)
             val_loss = _sample_average(val_losses, val_sizes, n_val)

@@ -31,7 +31,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from sweeplab.train.experiment import resolve_device
 from sweeplab.train.model import build_model
-from sweeplab.train.stacked.epochs import _distinct, _StackedOptimizer, fit_stacked, stack_data, train_step
+from sweeplab.train.stacked.epochs import StackedLoss, _distinct, _StackedOptimizer, fit_stacked, stack_data, train_step
 
 
 class FuncStack:
@@ -122,7 +122,7 @@ def _try_stacking(member, steps: int) -> str | None:
     for step in range(steps):
         xb, yb = x_train[:, step * batch : (step + 1) * batch], y_train[:, step * batch : (step + 1) * batch]
         if xb.shape[1]:
-            train_step(stack.forward, stack.flat, optimizer, xb, yb, task, train.loss)
+            train_step(stack.forward, stack.flat, optimizer, xb, yb, task, StackedLoss(pair).to(device))
     with torch.no_grad():
         stack.forward(x_val[:, : train.val_batch_size or x_val.shape[1]], False)
     return None
