@@ -354,10 +354,14 @@ CLASSIFIER_LOSSES = [
         "train.loss": {"class_path": "CrossEntropyLoss", "init_args": {"weight": "balanced", "label_smoothing": 0.2}},
         "data.noise": 1.0,
     },
+    {"task": "multiclass", "train.loss": {"class_path": "CrossEntropyLoss", "init_args": {"label_smoothing": 0.05}}},
+    {"train.loss": {"class_path": "HuberLoss", "init_args": {"delta": 0.3}}},
+    {"train.loss": {"class_path": "HuberLoss", "init_args": {"delta": 2.0}}},
+    {"train.loss": {"class_path": "SmoothL1Loss", "init_args": {"beta": 0.5}}},
 ]
 
 
-def test_stacked_classifier_losses_equal_their_reference_twins():
+def test_stacked_losses_equal_their_reference_twins():
     """Weighted and smoothed losses, `balanced` from each member's own training labels, and the weighted mean of a
     validation split as torch takes it for one (sum of the weighted losses over the sum of the labels' weights)."""
     configs = [load_experiment(LAB, {"epochs": 6, "data.n_classes": 3, **options}) for options in CLASSIFIER_LOSSES]
@@ -365,6 +369,11 @@ def test_stacked_classifier_losses_equal_their_reference_twins():
     stacked = [Job(None, c) for c in configs]
     engine_named("reference").train(reference, None)
     engine_named("vectorized").train(stacked, None)
+    from sweeplab.train.stacked.epochs import group_members, prepare_member
+
+    shared: dict = {}  # two smoothings, two Huber deltas: one group each, their init args per member
+    groups = group_members([prepare_member(None, c, shared) for c in configs])
+    assert len(groups) == 4  # binary, multiclass, Huber, SmoothL1
     for options, ref, vec in zip(CLASSIFIER_LOSSES, reference, stacked):
         r, v = ref.result.history, vec.result.history
         assert v.train_loss == pytest.approx(r.train_loss, rel=1e-4), options

@@ -78,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if history.status != "completed":
         print(f"stopped: {history.stop_reason}")
+    elif history.stop_reason:  # early stopping: a completed run that ended before its last epoch
+        print(history.stop_reason)
     print("best_val:", round(history.best_val_loss, 4))
     if config.objective.metric != "val_loss":
         print(f"best_{config.objective.metric}:", round(history.best_value, 4))

@@ -237,7 +237,7 @@ def group_key(member: Member) -> tuple:
         c.train.epochs,
         c.train.shuffle,
         c.task,
-        c.train.model_dump_json(include={"loss"}),
+        _loss_kind(c),  # the loss's class; its init args are per member (StackedLoss)
         d.x_train.shape,
         d.x_val.shape,
         d.n_outputs,
@@ -257,6 +257,16 @@ STACKED_LOSSES = {
     "CrossEntropyLoss": {"weight", "label_smoothing"},
     "BCEWithLogitsLoss": {"pos_weight"},
 }
+
+
+def _loss_kind(config: ExperimentConfig) -> str:
+    """The torch loss class a config trains with (`mse` in a classifier is its task's own)."""
+    loss = config.train.loss
+    if not isinstance(loss, str):
+        return loss.class_path
+    if config.task != "regression":
+        return "BCEWithLogitsLoss" if config.task == "binary" else "CrossEntropyLoss"
+    return {"mse": "MSELoss", "l1": "L1Loss", "huber": "HuberLoss", "smooth_l1": "SmoothL1Loss"}[loss]
 
 
 def loss_problem(config: ExperimentConfig) -> str | None:
@@ -280,19 +290,35 @@ class StackedLoss:
         from sweeplab.train.options import build_loss
 
         modules = [build_loss(m.config, m.dataset.y_train, m.dataset.n_classes) for m in members]
+        k = len(modules)
         first = modules[0]
         self.kind = type(first).__name__
-        self.delta = getattr(first, "delta", 1.0)
-        self.beta = getattr(first, "beta", 1.0)
-        self.smoothing = getattr(first, "label_smoothing", 0.0)
-        weights = [getattr(m, "weight", None) for m in modules]
-        self.weight = torch.stack(weights).unsqueeze(1) if weights[0] is not None else None  # [K, 1, C]
-        pos = [getattr(m, "pos_weight", None) for m in modules]
-        self.pos_weight = torch.stack(pos).view(len(pos), 1, -1) if pos[0] is not None else None  # [K, 1, outputs]
+
+        def column(name: str, default: float) -> torch.Tensor | None:
+            values = [float(getattr(m, name, default)) for m in modules]
+            return None if all(v == default for v in values) else torch.tensor(values).view(k, 1, 1)
+
+        # each member's own: a searched delta, beta or label smoothing need not split the group
+        self.delta, self.beta, self.smoothing = (
+            column("delta", 1.0),
+            column("beta", 1.0),
+            column("label_smoothing", 0.0),
+        )
+        self.weight = self._rows([getattr(m, "weight", None) for m in modules], members[0].dataset.n_classes)
+        self.pos_weight = self._rows([getattr(m, "pos_weight", None) for m in modules], members[0].dataset.n_outputs)
+
+    @staticmethod
+    def _rows(values: list, width: int) -> torch.Tensor | None:
+        """Per-member class weights as [K, 1, width] (ones for a member without), or None when none has any."""
+        if all(value is None for value in values):
+            return None
+        rows = [torch.ones(width) if value is None else value.reshape(-1).float().expand(width) for value in values]
+        return torch.stack(rows).unsqueeze(1)
 
     def to(self, device: torch.device) -> "StackedLoss":
-        self.weight = self.weight.to(device) if self.weight is not None else None
-        self.pos_weight = self.pos_weight.to(device) if self.pos_weight is not None else None
+        for name in ("weight", "pos_weight", "delta", "beta", "smoothing"):
+            value = getattr(self, name)
+            setattr(self, name, value.to(device) if value is not None else None)
         return self
 
     def __call__(self, out: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
@@ -311,21 +337,19 @@ def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, loss) -> to
     kind = loss.kind if isinstance(loss, StackedLoss) else {"l1": "L1Loss", "huber": "HuberLoss"}.get(loss, loss)
     if task == "multiclass":
         k, b, c = out.shape
-        smoothing = loss.smoothing if isinstance(loss, StackedLoss) else 0.0
+        smoothing = loss.smoothing if isinstance(loss, StackedLoss) else None
         weight = loss.weight if isinstance(loss, StackedLoss) else None
-        if weight is None:
-            flat = F.cross_entropy(
-                out.reshape(k * b, c), target.reshape(k * b), reduction="none", label_smoothing=smoothing
-            )
-            return flat.view(k, b).mean(1)
-        # torch's weighted mean: sum of each sample's weighted loss over the sum of its class's weights
+        if weight is None and smoothing is None:
+            return F.cross_entropy(out.reshape(k * b, c), target.reshape(k * b), reduction="none").view(k, b).mean(1)
+        # torch's formula: (1 - eps) w[y] (-log p_y) + eps/C sum_c w_c (-log p_c); its mean divides by sum of w[y]
         logp = F.log_softmax(out, dim=2)
         labels = target.long().unsqueeze(2)
+        weight = torch.ones(1, 1, c, device=out.device, dtype=out.dtype) if weight is None else weight
         picked = weight.expand(k, b, c).gather(2, labels).squeeze(2)  # [K, B]: w[y_i]
         nll = -logp.gather(2, labels).squeeze(2) * picked
-        if smoothing:
-            spread = -(logp * weight).sum(dim=2) / c
-            nll = (1 - smoothing) * nll + smoothing * spread
+        if smoothing is not None:
+            eps = smoothing.view(k, 1)
+            nll = (1 - eps) * nll + eps * (-(logp * weight).sum(dim=2) / c)
         return nll.sum(1) / picked.sum(1)
     if task == "binary":
         pos_weight = loss.pos_weight if isinstance(loss, StackedLoss) else None
@@ -333,11 +357,17 @@ def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, loss) -> to
     if kind == "L1Loss":
         return (out - target).abs().mean(dim=(1, 2))
     if kind == "HuberLoss":
-        delta = loss.delta if isinstance(loss, StackedLoss) else 1.0
-        return F.huber_loss(out, target, reduction="none", delta=delta).mean(dim=(1, 2))
+        delta = loss.delta if isinstance(loss, StackedLoss) else None
+        if delta is None:
+            return F.huber_loss(out, target, reduction="none").mean(dim=(1, 2))
+        error = (out - target).abs()  # torch's: 0.5 e^2 below delta, delta (|e| - delta / 2) above
+        return torch.where(error < delta, 0.5 * error * error, delta * (error - 0.5 * delta)).mean(dim=(1, 2))
     if kind in ("SmoothL1Loss", "smooth_l1"):
-        beta = loss.beta if isinstance(loss, StackedLoss) else 1.0
-        return F.smooth_l1_loss(out, target, reduction="none", beta=beta).mean(dim=(1, 2))
+        beta = loss.beta if isinstance(loss, StackedLoss) else None
+        if beta is None:
+            return F.smooth_l1_loss(out, target, reduction="none").mean(dim=(1, 2))
+        error = (out - target).abs()  # torch's: 0.5 e^2 / beta below beta, |e| - beta / 2 above
+        return torch.where(error < beta, 0.5 * error * error / beta, error - 0.5 * beta).mean(dim=(1, 2))
     return (out - target).pow(2).mean(dim=(1, 2))
 
 
