@@ -345,3 +345,37 @@ def test_a_trial_that_fails_in_stacked_training_gets_its_failed_run(tmp_path):
     assert proc.returncode == 1 and "trials in a row failed" in proc.stderr.splitlines()[-1]
     assert len(runs) >= 2 and all(r.info.status == "FAILED" for r in runs)
     assert all("the user's forward gave up" in r.data.tags.get("sweeplab.reason", "") for r in runs)
+
+
+OPTIONS = [  # #29: the 1D-CNN user's options, on a user's model stacked by torch.func
+    {"optimizer": "Adam", "lr": 0.003},
+    {
+        "optimizer": "Adam",
+        "lr": 0.01,
+        "loss": {"class_path": "CrossEntropyLoss", "init_args": {"label_smoothing": 0.1}},
+        "scheduler": {"class_path": "CosineAnnealingLR", "init_args": {"T_max": 6}},
+        "clip_grad_norm": 0.5,
+        "early_stopping": {"patience": 2},
+    },
+    {
+        "optimizer": "SGD",
+        "lr": 0.05,
+        "loss": {"class_path": "CrossEntropyLoss", "init_args": {"label_smoothing": 0.2}},
+        "scheduler": {"class_path": "StepLR", "init_args": {"step_size": 2, "gamma": 0.5}},
+        "clip_grad_value": 0.05,
+    },
+]
+
+
+def test_stacked_user_models_apply_the_loops_options_as_the_reference_loop_does(tmp_path):
+    reference = [Job(None, c) for c in configs(tmp_path, "CNN", [dict(s) for s in OPTIONS])]
+    stacked = [Job(None, c) for c in configs(tmp_path, "CNN", [dict(s) for s in OPTIONS])]
+    engine_named("reference").train(reference, None)
+    engine_named("vectorized").train(stacked, None)
+    assert not isinstance(stacked[1].result, RunResult)  # stacked, not sent to the reference loop
+    for ref, vec in zip(reference, stacked):
+        a, b = ref.result.history, vec.result.history
+        assert (b.best_epoch, b.epochs_run, b.stop_reason) == (a.best_epoch, a.epochs_run, a.stop_reason)
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
+        assert b.val_loss == pytest.approx(a.val_loss, rel=1e-4)
+        assert b.lr == pytest.approx(a.lr, rel=1e-6)
