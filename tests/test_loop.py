@@ -184,8 +184,17 @@ def test_classification_metrics_by_hand():
     actual = torch.tensor([[1.0], [0.0], [0.0], [1.0], [1.0]])
     metrics, confusion = classification_metrics(logits, actual, "binary")
     assert confusion == [[1, 1], [1, 2]]
+    # ranked by score: 2 (pos), 1 (neg), 0.5 (pos), -1 (neg), -3 (pos): of the 6 (pos, neg) pairs, 3 are ordered
+    # right -> AUROC 1/2; the precision at each positive, 1, 2/3, 3/5 -> average precision 34/45
     assert metrics == pytest.approx(
-        {"val_accuracy": 3 / 5, "val_precision": 2 / 3, "val_recall": 2 / 3, "val_f1": 2 / 3}
+        {
+            "val_accuracy": 3 / 5,
+            "val_precision": 2 / 3,
+            "val_recall": 2 / 3,
+            "val_f1": 2 / 3,
+            "val_auroc": 1 / 2,
+            "val_average_precision": 34 / 45,
+        }
     )
     # multiclass: predicted [0,1,2,2], actual [0,1,1,2]: F1 per class 1, 2/3, 2/3
     logits = torch.eye(3)[[0, 1, 2, 2]]

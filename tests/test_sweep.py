@@ -336,7 +336,7 @@ def test_resuming_with_settings_that_change_results_is_refused_and_others_resume
 @pytest.mark.parametrize(
     "space, words",
     [
-        ("optimizer: {choices: [Adam, Adagrad]}\n", "space.optimizer: train.optimizer: Input should be"),
+        ("optimizer: {choices: [Adam, Adamm]}\n", "space.optimizer: train.optimizer.class_path: 'Adamm' is not in"),
         ("lr: {low: 0.1, high: 0.01}\n", "low (0.1) must not exceed high (0.01)"),
         ("lr: {by: optimizer, cases: {Adam: {choices: [0.1]}}}\n", "must be a categorical parameter of the space"),
         ("hidden: {choices: [4, -1]}\n", "space.hidden: model.hidden"),

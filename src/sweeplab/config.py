@@ -306,6 +306,15 @@ class TrainConfig(_Frozen):
     accumulate_grad_batches: int = Field(1, ge=1, le=MAX_SAMPLES)
     precision: Literal["32", "bf16", "16"] = Field("32", description="bf16: autocast; 16: CUDA only, with a GradScaler")
 
+    @field_validator("optimizer", "loss", mode="before")
+    @classmethod
+    def _class_by_name(cls, value: Any, info) -> Any:
+        """`optimizer: NAdam` or `loss: HuberLoss`: a torch class by its short name, as {class_path: NAdam}."""
+        names = ("Adam", "AdamW", "SGD", "RMSprop") if info.field_name == "optimizer" else tuple(LOSS_NAMES)
+        if isinstance(value, str) and value not in names:
+            return {"class_path": value}
+        return value
+
     @model_validator(mode="after")
     def _one_clipping(self) -> "TrainConfig":
         if self.clip_grad_norm is not None and self.clip_grad_value is not None:
