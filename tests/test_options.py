@@ -106,8 +106,8 @@ def plain_run(
     return train_losses, val_losses, lrs
 
 
-def sweeplab_run(binary=False, **train):
-    overrides = {"epochs": EPOCHS, **{f"train.{key}": value for key, value in train.items()}}
+def sweeplab_run(binary=False, metrics=(), **train):
+    overrides = {"epochs": EPOCHS, "metrics": list(metrics), **{f"train.{key}": value for key, value in train.items()}}
     if binary:
         overrides["task"] = "binary"
     return run_experiment(load_experiment(LAB, overrides))
@@ -206,7 +206,7 @@ def test_regression_and_ranking_metrics_equal_scikit_learns():
 
 
 def test_the_logged_best_metrics_are_what_the_best_checkpoint_scores():
-    result = sweeplab_run(binary=True)
+    result = sweeplab_run(binary=True, metrics=["val_auroc", "val_average_precision"])
     history, data = result.history, result.dataset
     logits = result.model(data.x_val).detach()[:, 0].numpy()  # the model is restored to its best state
     y = data.y_val[:, 0].numpy()
@@ -214,7 +214,9 @@ def test_the_logged_best_metrics_are_what_the_best_checkpoint_scores():
     assert history.best_metrics["val_average_precision"] == pytest.approx(
         skm.average_precision_score(y, logits), rel=1e-9
     )
-    regression = sweeplab_run()
+    regression = sweeplab_run(metrics=["val_mae", "val_r2"])
+    assert sorted(regression.history.metrics) == ["val_mae", "val_r2"]  # what it asked for, no more
+    assert sweeplab_run().history.metrics == {}  # the seed's run logs its losses only, as always
     pred = regression.model(regression.dataset.x_val).detach().numpy()
     y = regression.dataset.y_val.numpy()
     assert regression.history.best_metrics["val_mae"] == pytest.approx(skm.mean_absolute_error(y, pred), rel=1e-6)
@@ -223,6 +225,7 @@ def test_the_logged_best_metrics_are_what_the_best_checkpoint_scores():
 
 STACKED = [
     {},
+    {"metrics": ["val_mae", "val_rmse", "val_r2"]},
     {"train.clip_grad_norm": 0.5},
     {"train.clip_grad_value": 0.1},
     {"train.early_stopping": {"patience": 2, "min_delta": 0.3}},

@@ -91,6 +91,14 @@ LOSS_NAMES.update(bce="binary", cross_entropy="multiclass")
 
 
 LOSS_NAMES_OF = {"binary": "bce", "multiclass": "cross_entropy"}
+# The metrics every run of a task logs per epoch; the others of METRICS are logged when named in `metrics`, as the
+# objective or as a schedule's monitor (each is one more curve per run for MLflow to store: the default sweep
+# would write 2.3x the metric rows for three regression curves nobody asked for)
+DEFAULT_METRICS = {
+    "regression": (),
+    "binary": ("val_accuracy", "val_precision", "val_recall", "val_f1"),
+    "multiclass": ("val_accuracy", "val_macro_f1"),
+}
 
 
 def metric_direction(metric: str) -> str:
@@ -342,6 +350,9 @@ class ExperimentConfig(_Frozen):
         "none for other data)",
     )
     print_every: int = Field(20, gt=0)
+    metrics: list[str] = Field(
+        default_factory=list, description="validation metrics logged per epoch beyond the task's defaults"
+    )
     # where `class_path` modules are looked for first: the experiment file's folder (set by build_experiment; not
     # a setting, so not dumped, compared or logged)
     _code_dir: str | None = PrivateAttr(None)
@@ -386,6 +397,11 @@ class ExperimentConfig(_Frozen):
             raise ValueError(
                 f"objective.metric: {self.objective.metric!r} is not logged for task {self.task}; "
                 f"choose one of {', '.join(METRICS[self.task])}"
+            )
+        unknown = [name for name in self.metrics if name not in METRICS[self.task]]
+        if unknown:
+            raise ValueError(
+                f"metrics: {unknown[0]!r} is not a metric of task {self.task}; choose from {', '.join(METRICS[self.task])}"
             )
         loss = self.train.loss
         if isinstance(loss, str) and loss != "mse" and LOSS_NAMES[loss] != self.task:
@@ -651,6 +667,16 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or {})
     return build_experiment(raw, str(path), base_dir=path.parent)
+
+
+def logged_metrics(config: ExperimentConfig) -> tuple[str, ...]:
+    """The validation metrics a run computes and logs per epoch (besides val_loss): its task's defaults, those it
+    names in `metrics`, its objective's and its schedule's monitor."""
+    named = [*DEFAULT_METRICS[config.task], *config.metrics, config.objective.metric]
+    schedule = config.train.scheduler
+    if schedule is not None and schedule.monitor:
+        named.append(schedule.monitor)
+    return tuple(name for name in METRICS[config.task] if name in named and name != "val_loss")
 
 
 def flat_fields(config: ExperimentConfig) -> dict[str, Any]:

@@ -252,7 +252,7 @@ class Sweep:
 
 
 # Settings that do not change what a trial finds: a study resumed with other values of these goes on.
-NOT_RESULTS = ("name", "device", "predict_x", "print_every", "train.loader")
+NOT_RESULTS = ("name", "device", "predict_x", "print_every", "train.loader", "metrics")
 
 
 def result_settings(part: Sweep) -> dict[str, Any]:

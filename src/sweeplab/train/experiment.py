@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from sweeplab.config import ConfigError, ExperimentConfig
+from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics
 from sweeplab.train.data import Dataset, check_data, make_dataset, seeded_dataset
 from sweeplab.train.loop import (
     Callback,
@@ -178,6 +178,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
         step=step,
         early_stopping=(stopping.patience, stopping.min_delta) if stopping else None,
         monitor=monitor_of(config),
+        metrics=logged_metrics(config),
     )
     if config.predict_x:
         x = torch.tensor(config.predict_x, dtype=torch.float32).reshape(-1, *dataset.input_shape)

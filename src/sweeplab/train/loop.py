@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from sweeplab.config import DEFAULT_METRICS
 from sweeplab.train.model import state_to_cpu
 
 
@@ -396,10 +397,16 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Batches, loss_fn: nn.Module, task: str = "regression", step: Step | None = None
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: nn.Module,
+    task: str = "regression",
+    step: Step | None = None,
+    metrics: Iterable[str] | None = None,
 ) -> tuple[float, dict[str, float], list[list[int]] | None]:
     """Validation in eval mode without gradients (under the training's autocast, when it has one): (per-sample
-    average loss, the task's metrics, confusion matrix)."""
+    average loss, the `metrics` asked for (default: the task's, config.DEFAULT_METRICS), confusion matrix)."""
+    wanted = set(DEFAULT_METRICS[task] if metrics is None else metrics)
     model.eval()
     losses: list[torch.Tensor] = []
     sizes: list[int] = []
@@ -419,22 +426,28 @@ def evaluate(
     loss = _sample_average(losses, sizes, len(batches))
     outputs = torch.cat(preds).float()
     if task == "regression":
+        if not wanted:
+            return loss, {}, None
         values = stacked_regression_metrics(outputs.unsqueeze(0), torch.cat(targets).unsqueeze(0))
-        return loss, {name: float(v[0]) for name, v in values.items()}, None
-    return loss, *classification_metrics(outputs, torch.cat(targets), task)
+        return loss, {name: float(v[0]) for name, v in values.items() if name in wanted}, None
+    values, confusion = classification_metrics(outputs, torch.cat(targets), task, ranking=bool(wanted & RANKING))
+    return loss, {name: value for name, value in values.items() if name in wanted}, confusion
+
+
+RANKING = {"val_auroc", "val_average_precision"}
 
 
 def classification_metrics(
-    logits: torch.Tensor, target: torch.Tensor, task: str
+    logits: torch.Tensor, target: torch.Tensor, task: str, ranking: bool = True
 ) -> tuple[dict[str, float], list[list[int]]]:
     """Validation metrics: binary -> accuracy, precision, recall, F1 (positive class 1); multiclass -> accuracy,
     macro-F1. Undefined ratios (no predicted or no actual positives) count as 0, as scikit-learn's default does."""
-    metrics, confusion = stacked_classification_metrics(logits.unsqueeze(0), target.unsqueeze(0), task)
+    metrics, confusion = stacked_classification_metrics(logits.unsqueeze(0), target.unsqueeze(0), task, ranking)
     return {name: float(values[0]) for name, values in metrics.items()}, confusion[0].tolist()
 
 
 def stacked_classification_metrics(
-    logits: torch.Tensor, target: torch.Tensor, task: str
+    logits: torch.Tensor, target: torch.Tensor, task: str, ranking: bool = True
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """`classification_metrics` for K members at once: logits [K, N, C], targets [K, N, ...] -> each metric as a
     float64 [K] tensor and the confusion matrices [K, C, C] (CPU; rows: actual, columns: predicted)."""
@@ -461,7 +474,8 @@ def stacked_classification_metrics(
     metrics = {"val_accuracy": tp.sum(dim=1) / confusion.sum(dim=(1, 2))}
     if task == "binary":
         metrics.update(val_precision=precision[:, 1], val_recall=recall[:, 1], val_f1=f1[:, 1])
-        metrics.update(ranking_metrics(logits[..., 0], target[..., 0]))
+        if ranking:  # a Python loop over the members: only when asked for
+            metrics.update(ranking_metrics(logits[..., 0], target[..., 0]))
     else:
         metrics["val_macro_f1"] = f1.mean(dim=1)
     return metrics, confusion
@@ -526,6 +540,7 @@ def fit(
     step: Step | None = None,
     early_stopping: tuple[int, float] | None = None,
     monitor: str | None = None,
+    metrics: Iterable[str] | None = None,
 ) -> History:
     """Train for `epochs`, keep the best validation state (a CPU copy), and restore it at the end.
 
@@ -541,26 +556,26 @@ def fit(
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         train_loss = train_epoch(model, train_batches, loss_fn, optimizer, check_shapes=epoch == 1, step=step)
-        val_loss, metrics, confusion = evaluate(model, val_batches, loss_fn, task, step)
+        val_loss, values, confusion = evaluate(model, val_batches, loss_fn, task, step, metrics)
         if scheduler is not None:
             history.lr.append(step.lr)
             if step.interval == "epoch":
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(objective_value(val_loss, metrics, monitor or objective[0]))
+                    scheduler.step(objective_value(val_loss, values, monitor or objective[0]))
                 else:
                     scheduler.step()
-        improved = history.record(epoch, train_loss, val_loss, metrics, confusion)
+        improved = history.record(epoch, train_loss, val_loss, values, confusion)
         if improved:
             history.best_state = state_to_cpu(model.state_dict())
         record = EpochRecord(
             epoch,
             train_loss,
             val_loss,
-            metrics,
+            values,
             history.best_val_loss,
             history.best_epoch,
             improved,
-            objective_value(val_loss, metrics, objective[0]),
+            objective_value(val_loss, values, objective[0]),
             history.best_value,
             history.lr[-1] if history.lr else None,
         )

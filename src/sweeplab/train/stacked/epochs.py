@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parameter import is_lazy
 
-from sweeplab.config import ConfigError, ExperimentConfig
+from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics
 from sweeplab.train.data import Dataset, make_dataset
 from sweeplab.train.experiment import model_spec_for
 from sweeplab.train.loop import (
+    RANKING,
     EpochRecord,
     History,
     ShapeError,
@@ -190,6 +191,7 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
         repr(spec),
         config.device,
         config.objective.model_dump_json(),  # in group_key: members of two groups must not share generators
+        logged_metrics(config),
         train.model_dump_json(
             exclude={
                 "optimizer",
@@ -244,6 +246,7 @@ def group_key(member: Member) -> tuple:
         c.device,
         c.objective.metric,
         c.objective.direction,
+        logged_metrics(c),
     )
 
 
@@ -633,6 +636,7 @@ def fit_stacked(
     x_train, y_train, x_val, y_val, which = data
     optimizer = _StackedOptimizer(flat, [m.config for m in members])
     loss = StackedLoss(members).to(device)
+    wanted = set(logged_metrics(config))  # the group's (group_key): the same for every member
     n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
     scheduled = any(m.config.train.scheduler is not None for m in members)
     schedules = _Schedules(members, optimizer, math.ceil(n_train / train.batch_size)) if scheduled else None
@@ -679,9 +683,13 @@ def fit_stacked(
                 outputs.append(out)
             val_loss = _sample_average(val_losses, val_sizes, n_val)
         if task == "regression":
-            metrics, confusion = stacked_regression_metrics(torch.cat(outputs, dim=1), y_val), None
+            metrics = stacked_regression_metrics(torch.cat(outputs, dim=1), y_val) if wanted else {}
+            confusion = None
         else:
-            metrics, confusion = stacked_classification_metrics(torch.cat(outputs, dim=1), y_val, task)
+            metrics, confusion = stacked_classification_metrics(
+                torch.cat(outputs, dim=1), y_val, task, ranking=bool(wanted & RANKING)
+            )
+        metrics = {name: values for name, values in metrics.items() if name in wanted}
         if schedules is not None:  # the rate each member's last step used, then its epoch-interval schedule
             curves.lr[schedules.scheduled, epoch - 1] = torch.tensor(schedules.used, dtype=torch.float64)[
                 schedules.scheduled
