@@ -297,9 +297,10 @@ class StackedLoss:
         first = modules[0]
         self.kind = type(first).__name__
 
-        def column(name: str, default: float) -> torch.Tensor | None:
+        def column(name: str, default: float) -> float | torch.Tensor:
+            """One value for all members (torch's fused loss takes it), or a [K, 1, 1] column when they differ."""
             values = [float(getattr(m, name, default)) for m in modules]
-            return None if all(v == default for v in values) else torch.tensor(values).view(k, 1, 1)
+            return values[0] if len(set(values)) == 1 else torch.tensor(values).view(k, 1, 1)
 
         # each member's own: a searched delta, beta or label smoothing need not split the group
         self.delta, self.beta, self.smoothing = (
@@ -321,7 +322,7 @@ class StackedLoss:
     def to(self, device: torch.device) -> "StackedLoss":
         for name in ("weight", "pos_weight", "delta", "beta", "smoothing"):
             value = getattr(self, name)
-            setattr(self, name, value.to(device) if value is not None else None)
+            setattr(self, name, value.to(device) if isinstance(value, torch.Tensor) else value)
         return self
 
     def __call__(self, out: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
@@ -340,18 +341,21 @@ def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, loss) -> to
     kind = loss.kind if isinstance(loss, StackedLoss) else {"l1": "L1Loss", "huber": "HuberLoss"}.get(loss, loss)
     if task == "multiclass":
         k, b, c = out.shape
-        smoothing = loss.smoothing if isinstance(loss, StackedLoss) else None
+        smoothing = loss.smoothing if isinstance(loss, StackedLoss) else 0.0
         weight = loss.weight if isinstance(loss, StackedLoss) else None
-        if weight is None and smoothing is None:
-            return F.cross_entropy(out.reshape(k * b, c), target.reshape(k * b), reduction="none").view(k, b).mean(1)
+        if weight is None and not isinstance(smoothing, torch.Tensor):  # torch's fused loss, one smoothing for all
+            flat = F.cross_entropy(
+                out.reshape(k * b, c), target.reshape(k * b), reduction="none", label_smoothing=smoothing
+            )
+            return flat.view(k, b).mean(1)
         # torch's formula: (1 - eps) w[y] (-log p_y) + eps/C sum_c w_c (-log p_c); its mean divides by sum of w[y]
         logp = F.log_softmax(out, dim=2)
         labels = target.long().unsqueeze(2)
         weight = torch.ones(1, 1, c, device=out.device, dtype=out.dtype) if weight is None else weight
         picked = weight.expand(k, b, c).gather(2, labels).squeeze(2)  # [K, B]: w[y_i]
         nll = -logp.gather(2, labels).squeeze(2) * picked
-        if smoothing is not None:
-            eps = smoothing.view(k, 1)
+        if isinstance(smoothing, torch.Tensor) or smoothing:
+            eps = smoothing.view(k, 1) if isinstance(smoothing, torch.Tensor) else smoothing
             nll = (1 - eps) * nll + eps * (-(logp * weight).sum(dim=2) / c)
         return nll.sum(1) / picked.sum(1)
     if task == "binary":
@@ -360,15 +364,15 @@ def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, loss) -> to
     if kind == "L1Loss":
         return (out - target).abs().mean(dim=(1, 2))
     if kind == "HuberLoss":
-        delta = loss.delta if isinstance(loss, StackedLoss) else None
-        if delta is None:
-            return F.huber_loss(out, target, reduction="none").mean(dim=(1, 2))
+        delta = loss.delta if isinstance(loss, StackedLoss) else 1.0
+        if not isinstance(delta, torch.Tensor):
+            return F.huber_loss(out, target, reduction="none", delta=delta).mean(dim=(1, 2))
         error = (out - target).abs()  # torch's: 0.5 e^2 below delta, delta (|e| - delta / 2) above
         return torch.where(error < delta, 0.5 * error * error, delta * (error - 0.5 * delta)).mean(dim=(1, 2))
     if kind in ("SmoothL1Loss", "smooth_l1"):
-        beta = loss.beta if isinstance(loss, StackedLoss) else None
-        if beta is None:
-            return F.smooth_l1_loss(out, target, reduction="none").mean(dim=(1, 2))
+        beta = loss.beta if isinstance(loss, StackedLoss) else 1.0
+        if not isinstance(beta, torch.Tensor):
+            return F.smooth_l1_loss(out, target, reduction="none", beta=beta).mean(dim=(1, 2))
         error = (out - target).abs()  # torch's: 0.5 e^2 / beta below beta, |e| - beta / 2 above
         return torch.where(error < beta, 0.5 * error * error / beta, error - 0.5 * beta).mean(dim=(1, 2))
     return (out - target).pow(2).mean(dim=(1, 2))
