@@ -31,7 +31,7 @@ def _write(tmp_path, text, name="exp.yaml"):
         ("train:\n  epochs: many\n", "train.epochs", "valid integer"),  # wrong type
         ("model:\n  hidden: -4\n", "model.hidden", "positive"),  # negative size
         ("train:\n  batch_size: 0\n", "train.batch_size", "greater than 0"),
-        ("train:\n  optimizer: Adagrad\n", "train.optimizer", "'Adam', 'AdamW', 'SGD' or 'RMSprop'"),
+        ("train:\n  optimizer: Adamm\n", "train.optimizer", "'Adamm' is not in torch.optim"),
         ("task: ranking\n", "task", "'regression', 'binary' or 'multiclass'"),
         ("device: tpu\n", "device", "auto, cpu, cuda"),
         ("data:\n  source: csv\n", "data", "path: required when source is csv"),
@@ -63,7 +63,7 @@ def test_missing_file_and_broken_yaml(tmp_path, capsys):
 
 
 def test_cli_exit_code_and_no_traceback_in_a_real_process(tmp_path):
-    path = _write(tmp_path, "train:\n  optimizer: Adagrad\n")
+    path = _write(tmp_path, "train:\n  optimizer: Adamm\n")
     proc = subprocess.run([sys.executable, "-m", "sweeplab", "run", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
