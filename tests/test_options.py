@@ -382,3 +382,44 @@ def test_stacked_losses_equal_their_reference_twins():
         assert v.train_loss == pytest.approx(r.train_loss, rel=1e-4), options
         assert v.val_loss == pytest.approx(r.val_loss, rel=1e-4), options
         assert v.best_epoch == r.best_epoch, options
+
+
+PINBALL = """
+import torch
+
+
+def pinball(outputs, targets, q=0.5):
+    error = targets - outputs
+    return torch.maximum(q * error, (q - 1) * error).mean().item()
+"""
+
+
+def test_a_metric_of_the_users_is_logged_judges_the_trials_and_trains_on_the_reference_loop(store, capsys):
+    """#29: `metrics: [{name, class_path, init_args, direction}]`: per epoch, as the objective (its declared
+    direction), worked out again here from the best checkpoint's outputs."""
+    (store / "my_metrics.py").write_text(PINBALL)
+    (store / "e.yaml").write_text(
+        "name: pin\ntrain: {epochs: 6}\n"
+        + "metrics:\n  - {name: val_pinball, class_path: my_metrics.pinball, init_args: {q: 0.9}, direction: minimize}\n"
+        + "objective: {metric: val_pinball}\n"
+    )
+    config = load_experiment(store / "e.yaml")
+    assert config.objective.direction == "minimize"
+    result = run_experiment(config)
+    history = result.history
+    assert len(history.metrics["val_pinball"]) == 6
+    assert history.best_value == min(history.metrics["val_pinball"])
+    outputs = result.model(result.dataset.x_val).detach()
+    error = result.dataset.y_val - outputs
+    assert history.best_value == pytest.approx(float(torch.maximum(0.9 * error, -0.1 * error).mean()), rel=1e-6)
+    from sweeplab.train.engines import choose
+
+    engine, reason = choose([config])
+    assert engine == "reference" and "metrics.class_path" in reason
+    (store / "bad_metrics.py").write_text("def pinball(outputs, targets, q=0.5):\n    return 'high'\n")
+    bad = load_experiment(
+        store / "e.yaml",
+        {"metrics": [{"name": "val_pinball", "class_path": "bad_metrics.pinball", "direction": "minimize"}]},
+    )
+    with pytest.raises(ConfigError, match=r"metrics.val_pinball: raised ValueError: could not convert"):
+        check_config(bad)

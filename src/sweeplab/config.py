@@ -146,6 +146,8 @@ class ObjectiveConfig(_Frozen):
 
     @model_validator(mode="after")
     def _default_direction(self) -> "ObjectiveConfig":
+        if self.metric not in DIRECTIONS:  # a metric of the user's: its own `direction` (ExperimentConfig checks)
+            return self
         natural = metric_direction(self.metric)
         if self.direction is None:
             object.__setattr__(self, "direction", natural)
@@ -291,6 +293,22 @@ class EarlyStoppingConfig(_Frozen):
     min_delta: float = Field(0.0, ge=0)
 
 
+class MetricSpec(ClassSpec):
+    """A validation metric of the user's: a function `(outputs, targets, **init_args) -> number` over the whole
+    validation split (the model's outputs and the labels, as the loss gets them), by import path, its name and its
+    direction declared. Logged per epoch and usable as the objective; its trials train on the reference loop."""
+
+    name: str = Field(pattern=r"^val_[a-z0-9_]+$")
+    direction: Literal["minimize", "maximize"]
+
+    @field_validator("class_path")
+    @classmethod
+    def _import_path_only(cls, value: str) -> str:
+        if not re.fullmatch(IMPORT_PATH, value):
+            raise ValueError("an import path, module.function (the module beside the experiment file or on sys.path)")
+        return value
+
+
 class TrainConfig(_Frozen):
     optimizer: Union[OptimizerName, ClassSpec] = "Adam"
     lr: float = Field(0.03, gt=0)
@@ -350,8 +368,9 @@ class ExperimentConfig(_Frozen):
         "none for other data)",
     )
     print_every: int = Field(20, gt=0)
-    metrics: list[str] = Field(
-        default_factory=list, description="validation metrics logged per epoch beyond the task's defaults"
+    metrics: list[Union[str, MetricSpec]] = Field(
+        default_factory=list,
+        description="validation metrics logged per epoch beyond the task's defaults: names, or your own functions",
     )
     # where `class_path` modules are looked for first: the experiment file's folder (set by build_experiment; not
     # a setting, so not dumped, compared or logged)
@@ -393,12 +412,25 @@ class ExperimentConfig(_Frozen):
                 raise ValueError(
                     f"predict_x: row {bad[0]} has {len(self.predict_x[bad[0]])} values, the data has 2 features"
                 )
-        if self.objective.metric not in METRICS[self.task]:
+        own = {m.name: m for m in self.metrics if isinstance(m, MetricSpec)}
+        clash = sorted(set(own) & set(DIRECTIONS))
+        if clash:
+            raise ValueError(f"metrics: {clash[0]} is a built-in metric's name; give yours another")
+        if self.objective.metric in own:  # the user's metric: its declared direction
+            declared = own[self.objective.metric].direction
+            if self.objective.direction is None:
+                object.__setattr__(self.objective, "direction", declared)
+            elif self.objective.direction != declared:
+                raise ValueError(
+                    f"objective.direction: {self.objective.direction} contradicts {self.objective.metric}, "
+                    f"declared {declared} in metrics"
+                )
+        elif self.objective.metric not in METRICS[self.task]:
             raise ValueError(
                 f"objective.metric: {self.objective.metric!r} is not logged for task {self.task}; "
-                f"choose one of {', '.join(METRICS[self.task])}"
+                f"choose one of {', '.join([*METRICS[self.task], *own])}"
             )
-        unknown = [name for name in self.metrics if name not in METRICS[self.task]]
+        unknown = [name for name in self.metrics if isinstance(name, str) and name not in METRICS[self.task]]
         if unknown:
             raise ValueError(
                 f"metrics: {unknown[0]!r} is not a metric of task {self.task}; choose from {', '.join(METRICS[self.task])}"
@@ -408,7 +440,12 @@ class ExperimentConfig(_Frozen):
             own = "mse, l1, huber or smooth_l1" if self.task == "regression" else LOSS_NAMES_OF[self.task]
             raise ValueError(f"train.loss: {loss} is a {LOSS_NAMES[loss]} loss; task {self.task} takes {own}")
         schedule = self.train.scheduler
-        if schedule is not None and schedule.monitor is not None and schedule.monitor not in METRICS[self.task]:
+        if (
+            schedule is not None
+            and schedule.monitor is not None
+            and schedule.monitor not in METRICS[self.task]
+            and schedule.monitor not in own
+        ):
             raise ValueError(
                 f"train.scheduler.monitor: {schedule.monitor!r} is not logged for task {self.task}; "
                 f"choose one of {', '.join(METRICS[self.task])}"
@@ -672,11 +709,17 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
 def logged_metrics(config: ExperimentConfig) -> tuple[str, ...]:
     """The validation metrics a run computes and logs per epoch (besides val_loss): its task's defaults, those it
     names in `metrics`, its objective's and its schedule's monitor."""
-    named = [*DEFAULT_METRICS[config.task], *config.metrics, config.objective.metric]
+    names = [m for m in config.metrics if isinstance(m, str)]
+    named = [*DEFAULT_METRICS[config.task], *names, config.objective.metric]
     schedule = config.train.scheduler
     if schedule is not None and schedule.monitor:
         named.append(schedule.monitor)
     return tuple(name for name in METRICS[config.task] if name in named and name != "val_loss")
+
+
+def own_metrics(config: ExperimentConfig) -> list["MetricSpec"]:
+    """The user's metrics of a config (its `metrics` given by class_path)."""
+    return [m for m in config.metrics if isinstance(m, MetricSpec)]
 
 
 def flat_fields(config: ExperimentConfig) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics
+from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
 from sweeplab.train.data import Dataset, check_data, make_dataset, seeded_dataset
 from sweeplab.train.loop import (
     Callback,
@@ -28,7 +28,7 @@ from sweeplab.train.loop import (
     predict,
 )
 from sweeplab.train.model import ModelSpec, build_model
-from sweeplab.train.options import build_loss, build_optimizer, build_scheduler, monitor_of
+from sweeplab.train.options import build_loss, build_metrics, build_optimizer, build_scheduler, monitor_of
 from sweeplab.train.plugins import data_args, error_text, model_class
 
 
@@ -179,6 +179,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
         early_stopping=(stopping.patience, stopping.min_delta) if stopping else None,
         monitor=monitor_of(config),
         metrics=logged_metrics(config),
+        own_metrics=build_metrics(config),
     )
     if config.predict_x:
         x = torch.tensor(config.predict_x, dtype=torch.float32).reshape(-1, *dataset.input_shape)
@@ -229,6 +230,7 @@ def _has_options(config) -> bool:
         or not isinstance(train.loss, str)
         or train.scheduler is not None
         or train.precision != "32"
+        or bool(own_metrics(config))
     )
 
 
@@ -252,6 +254,9 @@ def check_options(config: ExperimentConfig, dataset: Dataset) -> None:
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ConfigError(f"train.loss: returned {shape} on a batch of 2; a loss must return a scalar")
+        outputs = torch.randn(target.shape[0], dataset.n_outputs)
+        for metric in build_metrics(config).values():  # each user metric once, on outputs of the task's shape
+            metric(outputs, target)
     finally:
         torch.set_rng_state(state)
 

@@ -403,9 +403,11 @@ def evaluate(
     task: str = "regression",
     step: Step | None = None,
     metrics: Iterable[str] | None = None,
+    own: dict[str, Callable] | None = None,
 ) -> tuple[float, dict[str, float], list[list[int]] | None]:
     """Validation in eval mode without gradients (under the training's autocast, when it has one): (per-sample
-    average loss, the `metrics` asked for (default: the task's, config.DEFAULT_METRICS), confusion matrix)."""
+    average loss, the `metrics` asked for (default: the task's, config.DEFAULT_METRICS) and the user's `own`
+    ({name: function(outputs, targets)} over the whole split), confusion matrix)."""
     wanted = set(DEFAULT_METRICS[task] if metrics is None else metrics)
     model.eval()
     losses: list[torch.Tensor] = []
@@ -424,14 +426,18 @@ def evaluate(
             preds.append(pred)
             targets.append(batch_y)
     loss = _sample_average(losses, sizes, len(batches))
-    outputs = torch.cat(preds).float()
+    outputs, target = torch.cat(preds).float(), torch.cat(targets)
+    confusion, values = None, {}
     if task == "regression":
-        if not wanted:
-            return loss, {}, None
-        values = stacked_regression_metrics(outputs.unsqueeze(0), torch.cat(targets).unsqueeze(0))
-        return loss, {name: float(v[0]) for name, v in values.items() if name in wanted}, None
-    values, confusion = classification_metrics(outputs, torch.cat(targets), task, ranking=bool(wanted & RANKING))
-    return loss, {name: value for name, value in values.items() if name in wanted}, confusion
+        if wanted:
+            stacked = stacked_regression_metrics(outputs.unsqueeze(0), target.unsqueeze(0))
+            values = {name: float(v[0]) for name, v in stacked.items() if name in wanted}
+    else:
+        found, confusion = classification_metrics(outputs, target, task, ranking=bool(wanted & RANKING))
+        values = {name: value for name, value in found.items() if name in wanted}
+    for name, function in (own or {}).items():
+        values[name] = function(outputs.cpu(), target.cpu())
+    return loss, values, confusion
 
 
 RANKING = {"val_auroc", "val_average_precision"}
@@ -541,6 +547,7 @@ def fit(
     early_stopping: tuple[int, float] | None = None,
     monitor: str | None = None,
     metrics: Iterable[str] | None = None,
+    own_metrics: dict[str, Callable] | None = None,
 ) -> History:
     """Train for `epochs`, keep the best validation state (a CPU copy), and restore it at the end.
 
@@ -556,7 +563,7 @@ def fit(
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         train_loss = train_epoch(model, train_batches, loss_fn, optimizer, check_shapes=epoch == 1, step=step)
-        val_loss, values, confusion = evaluate(model, val_batches, loss_fn, task, step, metrics)
+        val_loss, values, confusion = evaluate(model, val_batches, loss_fn, task, step, metrics, own_metrics)
         if scheduler is not None:
             history.lr.append(step.lr)
             if step.interval == "epoch":

@@ -6,8 +6,7 @@ so the reference loop (loop.py) and the checks before any store (experiment.py) 
 stacked engine applies the same options to K members at once (stacked/epochs.py) or, for what it cannot apply
 exactly, sends the trial to the reference loop (stacked/epochs.check_supported says which and why).
 
-The epoch decisions both engines share (`improves`, `out_of_patience`) are written with operators that work on a
-Python float and on a [K] tensor alike: two engines may differ in how they compute, never in what they decide.
+The epoch decisions both engines share (`improves`, `out_of_patience`) are in loop.py.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sweeplab.config import ClassSpec, ConfigError, ExperimentConfig, metric_direction
+from sweeplab.config import ClassSpec, ConfigError, ExperimentConfig, metric_direction, own_metrics
 from sweeplab.train.plugins import error_text, import_object, user_code
 
 # --- where short names resolve -----------------------------------------------------------------------------------
@@ -102,13 +101,19 @@ def build_scheduler(config: ExperimentConfig, optimizer: torch.optim.Optimizer, 
         # OneCycleLR: as many steps as the scheduler will be stepped
         args["total_steps"] = config.train.epochs * (steps if schedule.interval == "step" else 1)
     if factory is PLATEAU and "mode" not in args:
-        args["mode"] = "min" if metric_direction(monitor_of(config)) == "minimize" else "max"
+        args["mode"] = "min" if direction_of(config, monitor_of(config)) == "minimize" else "max"
     scheduler = _built(lambda: factory(optimizer, **args), "train.scheduler", getattr(factory, "__name__", "it"))
     if not callable(getattr(scheduler, "step", None)):
         raise ConfigError(
             f"train.scheduler: {schedule.class_path} returned {type(scheduler).__name__}, not a scheduler"
         )
     return scheduler
+
+
+def direction_of(config: ExperimentConfig, metric: str) -> str:
+    """A metric's direction: a built-in's own (config.DIRECTIONS), or the one a user's metric declares."""
+    own = {m.name: m.direction for m in own_metrics(config)}
+    return own.get(metric) or metric_direction(metric)
 
 
 def monitor_of(config: ExperimentConfig) -> str:
@@ -174,19 +179,30 @@ def balanced_weights(y_train: torch.Tensor, task: str, n_classes: int, key: str)
     return (labels.numel() / (len(counts) * counts)).float()
 
 
-# --- the epoch decisions, on a float or a [K] tensor ----------------------------------------------------------------
+# --- the user's metrics ----------------------------------------------------------------------------------------------
 
 
-def improves(value, best, minimize, min_delta=0.0):
-    """Whether `value` beats `best` by more than `min_delta` (NaN never does). `minimize` is a bool, or a [K] bool
-    tensor for K members."""
-    lower = value < best - min_delta
-    higher = value > best + min_delta
-    if isinstance(minimize, bool):
-        return lower if minimize else higher
-    return torch.where(minimize, lower, higher)
+def build_metrics(config: ExperimentConfig) -> dict[str, Callable]:
+    """{name: outputs, targets -> float} for the config's own metrics (config.own_metrics), imported by path."""
+    out = {}
+    for spec in own_metrics(config):
+        function = import_object(spec.class_path, config.code_dir, f"metrics.{spec.name}.class_path")
+        out[spec.name] = UserMetric(spec.name, function, dict(spec.init_args))
+    return out
 
 
-def out_of_patience(epochs_without, patience):
-    """Early stopping, as Keras and Lightning define it: `patience` epochs in a row without an improvement."""
-    return epochs_without >= patience
+class UserMetric:
+    """A user's metric function, contained: its prints go to stderr, its result must be a finite or NaN number."""
+
+    def __init__(self, name: str, function: Callable, kwargs: dict[str, Any]):
+        self.name, self.function, self.kwargs = name, function, kwargs
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        try:
+            with user_code():
+                value = self.function(outputs, targets, **self.kwargs)
+            return float(value)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"metrics.{self.name}: raised {error_text(exc)}; it must return a number") from None

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parameter import is_lazy
 
-from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics
+from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
 from sweeplab.train.data import Dataset, make_dataset
 from sweeplab.train.experiment import model_spec_for
 from sweeplab.train.loop import (
@@ -60,6 +60,8 @@ def check_supported(config: ExperimentConfig) -> None:
         raise ConfigError(f"engine: vectorized {problem}")
     if train.accumulate_grad_batches != 1:
         raise ConfigError("engine: vectorized does not support train.accumulate_grad_batches")
+    if own_metrics(config):
+        raise ConfigError("engine: vectorized computes the built-in metrics; not metrics.class_path (yours)")
     if train.precision != "32":
         raise ConfigError("engine: vectorized trains in float32; not train.precision " + train.precision)
     if train.scheduler is not None:
