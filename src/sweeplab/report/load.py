@@ -21,6 +21,8 @@ PARAM_COLUMNS = {
     "model.hidden": "hidden",
     "data.noise": "noise",
     "train.lr": "lr",
+    "train.loss": "loss",  # a regression's loss by name
+    "train.loss.class_path": "loss_class",  # a torch loss by class
     "seed": "seed",
     "task": "task",
     "train.epochs": "epochs",

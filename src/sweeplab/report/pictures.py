@@ -91,11 +91,23 @@ def _is_mse(data: SweepData) -> bool:
     return "task" not in data.trials.columns or (data.trials["task"] == "regression").all()
 
 
+NAMED_LOSSES = {"mse": "MSE", "l1": "L1", "huber": "Huber", "smooth_l1": "smooth L1"}
+
+
 def loss_name(data: SweepData) -> str:
-    """What the validation loss is: MSE for regression (the default loss), cross-entropy for classifiers."""
-    if _is_mse(data):
-        return "MSE"
-    return "cross-entropy"
+    """What the validation loss is: the trials' loss (a class by its name: `BCEWithLogitsLoss`), or by default MSE
+    for regression and cross-entropy for classifiers; "loss" when the trials' losses differ."""
+    trials = data.trials
+    names = set()
+    for _, row in trials.iterrows():
+        given = row.get("loss_class") if "loss_class" in trials.columns else None
+        if isinstance(given, str):
+            names.add(given)
+        elif _is_mse(data):
+            names.add(NAMED_LOSSES.get(row.get("loss") if "loss" in trials.columns else "mse", "MSE"))
+        else:
+            names.add("cross-entropy")
+    return names.pop() if len(names) == 1 else "loss"
 
 
 def _value_label(data: SweepData, scale: bool = True) -> str:

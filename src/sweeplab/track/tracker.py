@@ -240,7 +240,7 @@ def flatten(config: ExperimentConfig) -> dict[str, str]:
         unused.add("data.n_classes")
     if config.model.class_path is not None:
         unused |= {f"model.{name}" for name in _MLP_FIELDS}
-    if config.task != "regression":  # a classifier's loss is fixed by its task
+    if config.task != "regression" and isinstance(config.train.loss, str):  # the task's own loss: nothing to log
         unused.add("train.loss")
     if config.train.optimizer in ("Adam", "AdamW"):
         unused.add("train.momentum")
