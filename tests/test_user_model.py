@@ -544,6 +544,7 @@ def split(n_val=30):
 class Wine(torch.utils.data.Dataset):
     def __init__(self):
         self.x, self.y = pair()
+        self.targets = self.y  # torchvision's convention: the labels, without reading the items
 
     def __len__(self):
         return len(self.y)
@@ -581,8 +582,14 @@ def test_a_users_loader_is_split_as_random_split_splits(tmp_path, loader):
         torch.utils.data.TensorDataset(x, y), [0.75, 0.25], generator=torch.Generator().manual_seed(5)
     )
     train_idx, val_idx = (torch.tensor(s.indices) for s in subsets)
-    assert torch.equal(dataset.x_train, x[train_idx]) and torch.equal(dataset.y_train, y[train_idx])
-    assert torch.equal(dataset.x_val, x[val_idx]) and torch.equal(dataset.y_val, y[val_idx])
+    if loader == "Wine":  # a map-style Dataset is split by indices and read lazily, not read into tensors
+        assert dataset.lazy and dataset.x_train is None
+        assert dataset.train_set.indices == train_idx.tolist() and dataset.val_set.indices == val_idx.tolist()
+        xs = torch.stack([dataset.train_set[i][0] for i in range(len(dataset.train_set))])
+        assert torch.equal(xs, x[train_idx]) and torch.equal(dataset.y_train, y[train_idx])
+    else:
+        assert torch.equal(dataset.x_train, x[train_idx]) and torch.equal(dataset.y_train, y[train_idx])
+        assert torch.equal(dataset.x_val, x[val_idx]) and torch.equal(dataset.y_val, y[val_idx])
     assert dataset.n_outputs == 3 and dataset.input_shape == (13,)
 
 

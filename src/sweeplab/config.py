@@ -175,6 +175,8 @@ class DataConfig(_Frozen):
     `csv` reads feature columns and a target column with pandas. `sklearn` is one of scikit-learn's bundled data
     sets by `name` (no download; digits as [N, 1, 8, 8] images). `python` calls the user's loader (`class_path` +
     `init_args`), which returns tensors (X, y), {"train": (X, y), "val": (X, y)}, or a map-style torch Dataset.
+    X may be a tuple or dict of arrays (several inputs: `model(*X)`, `model(**X)`); a Dataset's items are (inputs,
+    target) and are read lazily, through a DataLoader with `num_workers` workers; `collate_fn` makes every batch.
     """
 
     source: Literal["synthetic", "csv", "sklearn", "python"] = "synthetic"
@@ -197,6 +199,12 @@ class DataConfig(_Frozen):
         le=1,
         description=("share of the training split kept (the first of its shuffled order): a condition of the data"),
     )
+    collate_fn: LoaderPath = Field(
+        None, description="module.function that makes a batch of items (padding, packing), wherever batches are made"
+    )
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers, where batches come from a DataLoader")
+    pin_memory: bool = False
+    persistent_workers: bool = False
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataConfig":
@@ -487,6 +495,8 @@ ALIASES: dict[str, str] = {
     "split_seed": "data.split_seed",
     "shuffle_seed": "train.shuffle_seed",
     "train_fraction": "data.train_fraction",
+    "collate_fn": "data.collate_fn",
+    "num_workers": "data.num_workers",
     "metric": "objective.metric",
     "direction": "objective.direction",
 }

@@ -8,6 +8,7 @@ has trained them, in sweep/writers.py); `RunTracker` is a tracked `sweeplab run`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -19,6 +20,7 @@ from typing import Protocol
 import torch
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.numpy_dataset import from_numpy
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
@@ -44,6 +46,7 @@ from sweeplab.track.tracker import (
     run_name_for,
     value_text,
 )
+from sweeplab.train import batch
 from sweeplab.train.loop import EpochRecord, baseline_loss
 from sweeplab.train.model import save_checkpoint, spec_json
 from sweeplab.train.plugins import source_of
@@ -165,7 +168,7 @@ class TrialRun:
             if result.history.best_state is not None:
                 save_checkpoint(folder / "best.pt", result.history.best_state, result.spec)
                 if result.dataset is not None:  # a real batch: what the champion is exported with
-                    torch_save_example(folder / "example.pt", result.dataset.x_val[:EXAMPLE_ROWS])
+                    torch_save_example(folder / "example.pt", example_inputs(result.dataset))
             (folder / "model_spec.json").write_text(spec_json(result.spec))
             (folder / "config.json").write_text(json.dumps(result.config.model_dump(), indent=2))
             if result.history.confusion_matrix is not None:
@@ -180,28 +183,55 @@ class TrialRun:
                 self.client.log_artifacts(self.run_id, str(code), "code")
 
     def log_dataset(self, result) -> None:
-        """The training split, described with MLflow's dataset entity (name, digest, schema, source)."""
+        """The training split, described with MLflow's dataset entity (name, digest, schema, source). A lazy
+        Dataset is described by what is cheap (its loader, length and a sample), never read whole."""
         data = result.dataset
-        key = (data.description, result.config.name, data.x_train.numpy().tobytes(), data.y_train.numpy().tobytes())
+        name = f"{result.config.name}-train"
+        if data.lazy:
+            sample = [t.numpy().tobytes() for t in batch.tensors(data.example[0])] + [data.example[1].numpy().tobytes()]
+            key = (data.description, name, data.n_train, json.dumps(result.config.data.model_dump(), default=str))
+            key += (hashlib.sha256(b"".join(sample)).hexdigest(),)
+        else:
+            features = batch.tensors(data.x_train)
+            key = (data.description, name, *(t.numpy().tobytes() for t in features), data.y_train.numpy().tobytes())
         entity = _DATASET_ENTITIES.get(key)
         if entity is None:  # trials of one sweep mostly share a few datasets: describe each once
             source = CodeDatasetSource(tags={"sweeplab.data": data.description})
-            dataset = from_numpy(
-                data.x_train.numpy(), source=source, targets=data.y_train.numpy(), name=f"{result.config.name}-train"
-            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                if data.lazy:
+                    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:8]
+                    dataset = MetaDataset(source, name=name, digest=digest)
+                else:
+                    dataset = from_numpy(_numpy_inputs(data.x_train), source=source, targets=data.y_train.numpy(), name=name)
                 entity = _DATASET_ENTITIES[key] = dataset._to_mlflow_entity()
         inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
         # MLflow checks for the dataset, then inserts it: two workers can both insert
         retry_lost_races(self.client.log_inputs, self.run_id, inputs, attempts=3, pause_s=(0.05, 0.15))
 
 
+def _numpy_inputs(x):
+    """One array, or several inputs as MLflow's dict of named arrays (a tuple's by position)."""
+    if isinstance(x, torch.Tensor):
+        return x.numpy()
+    if isinstance(x, dict):
+        return {str(k): v.numpy() for k, v in x.items() if isinstance(v, torch.Tensor)}
+    return {f"input_{i}": v.numpy() for i, v in enumerate(x) if isinstance(v, torch.Tensor)}
+
+
+def example_inputs(data):
+    """The first validation samples' inputs (a tensor, or several as a tuple or dict): plain tensors in plain
+    containers, which torch.load(weights_only=True) reads."""
+    if data.example is not None:
+        return data.example[0]
+    return batch.each(lambda t: t[:EXAMPLE_ROWS], data.x_val)
+
+
 EXAMPLE_ROWS = 8
 
 
 def torch_save_example(path: Path, x) -> None:
-    torch.save(x.detach().cpu().clone(), path)  # a plain tensor: torch.load(weights_only=True) reads it
+    torch.save(batch.each(lambda t: t.detach().cpu().clone(), x), path)  # tensors: weights_only reads them
 
 
 def curve_metrics(history, now: int, after_epoch: int = 0) -> list[Metric]:
@@ -246,7 +276,7 @@ def summary_metrics(result, now: int) -> list[Metric]:
 
 def baseline_val_loss(result) -> float | None:
     data, config = result.dataset, result.config
-    if data is None or config.train.loss not in ("mse", "l1", "bce", "cross_entropy"):
+    if data is None or data.y_train is None or config.train.loss not in ("mse", "l1", "bce", "cross_entropy"):
         return None  # another loss's constant prediction is not worked out here: no baseline rather than a wrong one
     value = baseline_loss(data.y_train, data.y_val, config.task, config.train.loss)  # ~50 us: not worth a cache
     return value if math.isfinite(value) else None

@@ -9,42 +9,119 @@ loop.py; the model that fits the data is in model.py.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import IterableDataset, Subset, TensorDataset, default_collate
 
 from sweeplab.config import ConfigError, DataConfig, ExperimentConfig
 from sweeplab.stop import Stopped
+from sweeplab.train import batch
+from sweeplab.train.batch import Inputs
 from sweeplab.train.plugins import error_text, exit_text, import_object, user_code
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train/validation tensors (on CPU) and what a model needs to know about them."""
+    """Train/validation data and what a model needs to know about them.
 
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
+    In memory (the default where it applies): `x_*` are tensors, or tuples/dicts of tensors (several inputs), with
+    one row per sample, and `y_*` the targets. Lazy (a map-style Dataset the user's loader returned): `train_set` /
+    `val_set` are Subsets of it by the split's indices, never read whole; batches come from a DataLoader
+    (`loop.LoaderBatches`); `y_*` are known only when the Dataset has a `targets` attribute. `collate_fn` (the
+    user's `data.collate_fn`) makes batches wherever they are made; `example` is a batch of the first validation
+    samples (what checks, the logged example and the champion's export use)."""
+
+    x_train: Inputs | None
+    y_train: torch.Tensor | None
+    x_val: Inputs | None
+    y_val: torch.Tensor | None
     feature_names: tuple[str, ...]
     n_outputs: int
     task: str
     description: str
+    train_set: TorchDataset | None = None
+    val_set: TorchDataset | None = None
+    collate_fn: Callable | None = None
+    example: tuple[Inputs, torch.Tensor] | None = None
+    loader_args: dict = field(default_factory=dict)  # num_workers, pin_memory, persistent_workers
+
+    @property
+    def lazy(self) -> bool:
+        return self.train_set is not None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_set) if self.lazy else int(self.y_train.shape[0])
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val_set) if self.lazy else int(self.y_val.shape[0])
+
+    @property
+    def inputs(self) -> Inputs:
+        """A few samples' inputs (the example batch): the structure the model is called with."""
+        return self.example[0] if self.example is not None else self.x_val
+
+    @property
+    def structured(self) -> bool:
+        """Several inputs (a tuple or dict), not one tensor."""
+        return not batch.is_tensor(self.inputs)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """One sample's shape: (2,) for the seed's data, (1, 8, 8) for digits."""
-        return tuple(self.x_train.shape[1:])
+        """One sample's shape: (2,) for the seed's data, (1, 8, 8) for digits; () when the inputs are several
+        tensors, or one whose shape a collate_fn decides per batch."""
+        if self.structured or self.collate_fn is not None:
+            return ()
+        return tuple(self.inputs.shape[1:])
 
     @property
     def n_features(self) -> int:
-        return math.prod(self.input_shape)
+        return math.prod(self.input_shape) if self.input_shape else 0
 
     @property
     def n_classes(self) -> int | None:
         return None if self.task == "regression" else (2 if self.task == "binary" else self.n_outputs)
+
+    def first_batch(self, n: int = 2) -> tuple[Inputs, torch.Tensor]:
+        """The first `n` training samples as one batch, made as training makes batches (the collate_fn's)."""
+        if self.lazy or self.collate_fn is not None:
+            items = self.train_set if self.lazy else InMemoryItems(self.x_train, self.y_train)
+            collate = self.collate_fn or default_collate
+            inputs, target = collate([items[i] for i in range(min(n, len(items)))])
+            return inputs, target_for_task(target, self.task)
+        return batch.each(lambda t: t[:n], self.x_train), self.y_train[:n]
+
+
+class InMemoryItems(TorchDataset):
+    """In-memory inputs (a tensor, or tuples/dicts of tensors) and targets as a map-style Dataset of (inputs,
+    target) items: what a DataLoader with the user's collate_fn reads."""
+
+    def __init__(self, x: Inputs, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitem__(self, i):
+        return batch.each(lambda t: t[i], self.x), self.y[i]
+
+
+def target_for_task(y, task: str) -> torch.Tensor:
+    """A batch's targets in the form the task's loss takes (as `_labels` makes them for in-memory data):
+    regression and binary [B, outputs] float, multiclass [B] class indices."""
+    y = torch.as_tensor(y)
+    if task == "multiclass":
+        return (y.reshape(-1) if y.dim() == 2 and y.shape[1] == 1 else y).long()
+    y = y.float()
+    return y.unsqueeze(1) if y.dim() == 1 else y
 
 
 def synthetic_xy(n_samples: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +172,10 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
         x, y, names = _sklearn(data.name, config.task)
         description = f"sklearn:{data.name}"
     elif data.source == "python":
-        x, y, split = _from_loader(config)
+        loaded = _from_loader(config)
+        if loaded.lazy:
+            return _lazy_dataset(config, loaded)
+        x, y, split = loaded.x, loaded.y, loaded.split
         names = ()
         description = f"python:{data.class_path}"
     else:
@@ -104,22 +184,19 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
         names = ("x1", "x2")
         description = f"synthetic(n={data.n_samples}, noise={data.noise})"
     if split is not None:  # the loader's own train/validation split
-        (x_train, y_train), (x_val, y_val) = split
+        (x_train, y_train), (x_val, y_val) = ((part.x, part.y) for part in split)
     else:
-        n = x.shape[0]
-        n_train, n_val = split_lengths(n, data.val_size)
-        if n_train < 1 or n_val < 1:
-            raise ConfigError(
-                f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples of {n}"
-            )
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
-        train_idx, val_idx = perm[:n_train], perm[n_train:]
-        x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+        train_idx, val_idx = split_indices(y.shape[0], data)
+        if batch.is_tensor(x):
+            x_train, x_val = x[train_idx], x[val_idx]
+        else:
+            x_train, x_val = (batch.each(lambda t, i=i: t[i], x) for i in (train_idx, val_idx))
+        y_train, y_val = y[train_idx], y[val_idx]
     if data.train_fraction < 1:  # the first of the (shuffled) training split: smaller sets nest in larger ones
-        keep = max(1, math.floor(x_train.shape[0] * data.train_fraction))
-        x_train, y_train = x_train[:keep], y_train[:keep]
+        keep = max(1, math.floor(y_train.shape[0] * data.train_fraction))
+        x_train, y_train = batch.each(lambda t: t[:keep], x_train), y_train[:keep]
         description += f", train_fraction={data.train_fraction:g}"
-    if not names:
+    if not names and batch.is_tensor(x_train):
         names = tuple(f"x{i + 1}" for i in range(math.prod(x_train.shape[1:])))
     if data.source == "synthetic":
         n_classes = data.n_classes
@@ -127,7 +204,166 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
         n_classes = {"digits": 10, "iris": 3, "wine": 3, "breast_cancer": 2}[data.name]
     else:
         n_classes = _classes(torch.cat([y_train, y_val]), config) if config.task == "multiclass" else 1
-    return Dataset(x_train, y_train, x_val, y_val, names, _n_outputs(config.task, n_classes), config.task, description)
+    collate = collate_fn_of(config)
+    example = None
+    if collate is not None:
+        items = InMemoryItems(x_val, y_val)
+        example = _example(items, collate, f"data.collate_fn: {data.collate_fn}", config.task)
+    return Dataset(
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        names,
+        _n_outputs(config.task, n_classes),
+        config.task,
+        description,
+        collate_fn=collate,
+        example=example,
+        loader_args=loader_args(data),
+    )
+
+
+def split_indices(n: int, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices: `random_split`'s permutation of n samples by `data.split_seed`."""
+    n_train, n_val = split_lengths(n, data.val_size)
+    if n_train < 1 or n_val < 1:
+        raise ConfigError(f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
+    return perm[:n_train], perm[n_train:]
+
+
+def loader_args(data: DataConfig) -> dict:
+    return {
+        "num_workers": data.num_workers,
+        "pin_memory": data.pin_memory,
+        "persistent_workers": data.persistent_workers and data.num_workers > 0,
+    }
+
+
+def collate_fn_of(config: ExperimentConfig) -> Callable | None:
+    """The user's `data.collate_fn` (module.function, found as a class_path is), or None."""
+    path = config.data.collate_fn
+    if path is None:
+        return None
+    function = import_object(path, config.code_dir, "data.collate_fn")
+    if not callable(function):
+        raise ConfigError(f"data.collate_fn: {path} is a {type(function).__name__}, not a function")
+    return function
+
+
+def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
+    """A map-style Dataset split by indices (Subsets: nothing is read here but the example batch)."""
+    data = config.data
+    description = f"python:{data.class_path} (lazy)"
+    if loaded.split is not None:
+        train, val = loaded.split
+        train_set, val_set = train.dataset, val.dataset
+        y_train, y_val = train.y, val.y
+    else:
+        train_idx, val_idx = split_indices(len(loaded.dataset), data)
+        train_set = Subset(loaded.dataset, train_idx.tolist())
+        val_set = Subset(loaded.dataset, val_idx.tolist())
+        known = loaded.y is not None
+        y_train, y_val = (loaded.y[train_idx], loaded.y[val_idx]) if known else (None, None)
+    if data.train_fraction < 1:
+        keep = max(1, math.floor(len(train_set) * data.train_fraction))
+        train_set = Subset(train_set, list(range(keep)))
+        y_train = y_train[:keep] if y_train is not None else None
+        description += f", train_fraction={data.train_fraction:g}"
+    where = f"data.class_path: {data.class_path}()"
+    collate = collate_fn_of(config)
+    example = _example(val_set, collate, where, config.task)
+    _example(train_set, collate, where + " (training split)", config.task, n=2)
+    if config.task == "multiclass":
+        if y_train is not None:
+            n_classes = _classes(torch.cat([y_train, y_val]), config)
+        elif "n_classes" in data.model_fields_set:
+            n_classes = data.n_classes
+        else:
+            raise ConfigError(
+                f"{where}: a lazy Dataset for task multiclass needs its number of classes: give data.n_classes, or a "
+                "`targets` attribute (one label per item, as torchvision's datasets have)"
+            )
+        n_outputs = n_classes
+    elif config.task == "binary":
+        n_outputs = 1
+    else:
+        n_outputs = int(example[1].shape[1])
+    return Dataset(
+        None,
+        y_train,
+        None,
+        y_val,
+        (),
+        n_outputs,
+        config.task,
+        description,
+        train_set=train_set,
+        val_set=val_set,
+        collate_fn=collate,
+        example=example,
+        loader_args=loader_args(data),
+    )
+
+
+EXAMPLE_ITEMS = 8
+
+
+def _example(items, collate, where: str, task: str, n: int = EXAMPLE_ITEMS):
+    """The first `n` items read, checked and collated as training collates them: an item that is not (inputs,
+    target), whose structure differs from the first's, or that the collate_fn refuses is one line naming `where`
+    and the item's index. Returns the batch (inputs, target), targets in the task's form."""
+    n = min(n, len(items))
+    got = []
+    first_structure = None
+    for i in range(n):
+        try:
+            with user_code():
+                item = items[i]
+        except Exception as exc:
+            raise ConfigError(f"{where}: reading item {_index(items, i)} raised {error_text(exc)}") from None
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            kind = f"a {type(item).__name__} of {len(item)}" if isinstance(item, (tuple, list)) else type(item).__name__
+            raise ConfigError(
+                f"{where}: item {_index(items, i)} is {kind}; an item must be (inputs, target), inputs a tensor, "
+                "a tuple or a dict of them"
+            )
+        inputs, target = item
+        shape = batch.structure(_as_tensors(inputs), skip_first=0 if collate is None else 99)
+        if first_structure is None:
+            first_structure = shape
+        elif shape != first_structure:
+            raise ConfigError(
+                f"{where}: item {_index(items, i)}'s inputs {batch.describe(_as_tensors(inputs))} differ from item "
+                f"{_index(items, 0)}'s {batch.describe(_as_tensors(got[0][0]))}"
+                + ("" if collate is not None else " (give data.collate_fn to batch items of different shapes)")
+            )
+        got.append(item)
+    try:
+        with user_code():
+            inputs, target = (collate or default_collate)(got)
+    except Exception as exc:
+        field = "data.collate_fn" if collate is not None else where
+        raise ConfigError(f"{field}: collating items 0-{n - 1} raised {error_text(exc)}"[:400]) from None
+    for leaf in batch.tensors(inputs):
+        if leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            raise ConfigError(f"{where}: items 0-{n - 1} hold NaN or infinite inputs")
+    if not isinstance(target, torch.Tensor):
+        raise ConfigError(f"{where}: a batch's target is a {type(target).__name__}; it must be one tensor")
+    _labels(target, task, where)
+    return inputs, target_for_task(target, task)
+
+
+def _index(items, i: int) -> int:
+    """The item's index in the user's own Dataset (a split's Subset maps it)."""
+    while isinstance(items, Subset):
+        i, items = items.indices[i], items.dataset
+    return int(i)
+
+
+def _as_tensors(inputs):
+    return batch.each(lambda t: t, inputs) if not isinstance(inputs, np.ndarray) else torch.as_tensor(inputs)
 
 
 def check_data(config: ExperimentConfig) -> Dataset | None:
@@ -136,8 +372,7 @@ def check_data(config: ExperimentConfig) -> Dataset | None:
     seed's generator needs no check. Returns the data set when it built one (seeded as a run seeds it)."""
     if config.data.source in ("sklearn", "python"):
         dataset = seeded_dataset(config)
-        if config.predict_x and any(len(row) != dataset.n_features for row in config.predict_x):
-            raise ConfigError(f"predict_x: rows must have {dataset.n_features} values, one per feature")
+        check_predict_x(config, dataset)
         return dataset
     if config.data.source == "csv":
         x, _, _ = _read_csv(config.data, config.task)
@@ -150,6 +385,18 @@ def check_data(config: ExperimentConfig) -> Dataset | None:
         if config.predict_x and any(len(row) != x.shape[1] for row in config.predict_x):
             raise ConfigError(f"predict_x: rows must have {x.shape[1]} values, one per feature")
     return None
+
+
+def check_predict_x(config: ExperimentConfig, dataset: Dataset) -> None:
+    if not config.predict_x:
+        return
+    if not dataset.input_shape:
+        raise ConfigError(
+            f"predict_x: the model takes {batch.describe(dataset.inputs)}, not rows of features; predict with "
+            "`sweeplab predict RUN --input FILE.json` ({name: values} per input)"
+        )
+    if any(len(row) != dataset.n_features for row in config.predict_x):
+        raise ConfigError(f"predict_x: rows must have {dataset.n_features} values, one per feature")
 
 
 def seeded_dataset(config: ExperimentConfig) -> Dataset:
@@ -299,11 +546,45 @@ def _labels(y: torch.Tensor, task: str, where: str) -> torch.Tensor:
     return labels
 
 
-def _from_loader(config: ExperimentConfig):
-    """The user's loader (`data.class_path` + `init_args`), called once: (x, y, None), or (None, None, the split)
-    when it gives {"train": (x, y), "val": (x, y)}. A map-style Dataset is read item by item into tensors."""
+@dataclass
+class Loaded:
+    """What the user's loader gave: in-memory inputs `x` (a tensor, or tuples/dicts of them) and targets `y`; or a
+    map-style `dataset`, read lazily, with its `targets` (`y`) when it has them; or its own train/val split of
+    either kind."""
+
+    x: Inputs = None
+    y: torch.Tensor | None = None
+    dataset: TorchDataset | None = None
+    split: tuple["Loaded", "Loaded"] | None = None
+
+    @property
+    def lazy(self) -> bool:
+        return self.dataset is not None or (self.split is not None and self.split[0].dataset is not None)
+
+
+# The loader's result per process: a sweep's trials (and the checks before them) call it once, not once each.
+# Keyed by torch's RNG state too, and the state after the call restored on a hit, so a loader that draws random
+# numbers leaves the run exactly as calling it would.
+_LOADED: dict = {}
+
+
+def _from_loader(config: ExperimentConfig) -> Loaded:
+    """The user's loader (`data.class_path` + `init_args`), called once per process: (X, y), {"train": (X, y),
+    "val": (X, y)}, or a map-style Dataset of (inputs, target) items (read lazily), or {"train": Dataset, "val":
+    Dataset}. X may be a tensor, an array, or a tuple or dict of them (several inputs)."""
     data = config.data
     field = "data.class_path"
+    key = (
+        data.class_path,
+        json.dumps(data.init_args, sort_keys=True, default=repr),
+        config.code_dir,
+        hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
+        config.task,
+    )
+    if key in _LOADED:
+        loaded, rng_after = _LOADED[key]
+        torch.set_rng_state(rng_after)
+        return loaded
     loader = import_object(data.class_path, config.code_dir, field)
     if not callable(loader):
         raise ConfigError(f"{field}: {data.class_path} is a {type(loader).__name__}, not a function or class")
@@ -319,59 +600,119 @@ def _from_loader(config: ExperimentConfig):
             raise
         raise ConfigError(f"{field}: {data.class_path}() {exit_text(exc)}") from None
     where = f"{field}: {data.class_path}()"
-    if isinstance(got, dict):
-        if set(got) != {"train", "val"}:
-            raise ConfigError(f"{where} returned a dict with keys {sorted(map(str, got))}; give train and val")
-        parts = [_pair(got[key], f"{where}[{key!r}]", config.task) for key in ("train", "val")]
-        if parts[0][0].shape[1:] != parts[1][0].shape[1:]:
+    if isinstance(got, dict) and set(got) == {"train", "val"}:
+        parts = tuple(_part(got[key], f"{where}[{key!r}]", config.task) for key in ("train", "val"))
+        if parts[0].lazy != parts[1].lazy:
+            raise ConfigError(f"{where}: train and val must both be Datasets, or both (X, y)")
+        if not parts[0].lazy and batch.structure(parts[0].x) != batch.structure(parts[1].x):
             raise ConfigError(
-                f"{where}: train inputs {list(parts[0][0].shape[1:])} and val inputs "
-                f"{list(parts[1][0].shape[1:])} differ in shape"
+                f"{where}: train inputs {batch.describe(parts[0].x)} and val inputs {batch.describe(parts[1].x)} "
+                "differ in shape"
             )
-        return None, None, parts
-    x, y = _pair(got, where, config.task)
-    return x, y, None
+        loaded = Loaded(split=parts)
+    elif isinstance(got, dict) and set(got) & {"train", "val"}:
+        raise ConfigError(f"{where} returned a dict with keys {sorted(map(str, got))}; give train and val")
+    else:
+        loaded = _part(got, where, config.task)
+    _LOADED[key] = (loaded, torch.get_rng_state())
+    return loaded
 
 
-def _pair(got, where: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) as tensors from a pair of tensors or arrays, or a map-style Dataset of (x, y) items."""
-    if isinstance(got, torch.utils.data.Dataset) and not isinstance(got, (tuple, list)):
+def _part(got, where: str, task: str) -> Loaded:
+    if isinstance(got, TensorDataset) and len(got.tensors) == 2:  # tensors in memory: indexed, not read item by item
+        got = got.tensors
+    if isinstance(got, IterableDataset):
+        raise ConfigError(
+            f"{where} returned an IterableDataset, which has no length or index to split by; give a map-style Dataset "
+            "(__len__ and __getitem__)"
+        )
+    if isinstance(got, TorchDataset) and not isinstance(got, (tuple, list)):
         try:
             n = len(got)  # type: ignore[arg-type]
         except TypeError:
             raise ConfigError(f"{where} returned a Dataset without len(); give a map-style Dataset") from None
         if n < 2:
             raise ConfigError(f"{where} returned a Dataset of {n} samples")
-        try:
-            items = [got[i] for i in range(n)]
-            xs = torch.stack([torch.as_tensor(item[0]) for item in items])
-            ys = torch.stack([torch.as_tensor(item[1]) for item in items])
-        except Exception as exc:
-            raise ConfigError(f"{where}: its items are not (input, target) pairs of one shape ({exc})"[:300]) from None
-        got = (xs, ys)
+        return Loaded(dataset=got, y=_targets_of(got, n, where, task))
+    x, y = _pair(got, where, task)
+    return Loaded(x=x, y=y)
+
+
+def _targets_of(dataset, n: int, where: str, task: str) -> torch.Tensor | None:
+    """A Dataset's `targets` attribute (torchvision's convention: one label per item), read without reading the
+    items; None when it has none."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return None
+    try:
+        y = torch.as_tensor(np.asarray(targets))
+    except (TypeError, ValueError):
+        return None
+    if y.shape[0] != n:
+        raise ConfigError(f"{where}: its targets attribute has {y.shape[0]} labels for {n} items")
+    return _labels(y, task, f"{where}.targets")
+
+
+def _pair(got, where: str, task: str) -> tuple[Inputs, torch.Tensor]:
+    """(x, y) as tensors from a pair of tensors or arrays; x may be a tuple or dict of them (several inputs)."""
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
         raise ConfigError(
             f"{where} returned {type(got).__name__}; give (X, y), {{'train': (X, y), 'val': (X, y)}} "
             "or a map-style torch Dataset"
         )
-    for name, value in zip("Xy", got):  # strings or objects: one line, not torch's list of dtypes
-        kind = value.dtype.kind if isinstance(value, np.ndarray) else None
-        if kind in ("U", "S", "O"):
-            first = np.asarray(value).reshape(-1)[:3].tolist()
-            hint = ": map labels to class indices 0..K-1 first (e.g. sklearn's LabelEncoder)" if name == "y" else ""
-            raise ConfigError(f"{where}: {name} holds {value.dtype} values such as {first}, not numbers{hint}")
+    value = got[1]
+    kind = value.dtype.kind if isinstance(value, np.ndarray) else None
+    if kind in ("U", "S", "O"):
+        first = np.asarray(value).reshape(-1)[:3].tolist()
+        raise ConfigError(
+            f"{where}: y holds {value.dtype} values such as {first}, not numbers: map labels to class indices 0..K-1 "
+            "first (e.g. sklearn's LabelEncoder)"
+        )
     try:
-        x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in got)
-    except (TypeError, ValueError) as exc:  # ragged rows, lists of strings
-        raise ConfigError(f"{where}: X and y must be arrays of numbers ({error_text(exc)[:120]})") from None
-    if x.dim() < 2 or x.shape[0] != y.shape[0]:
-        raise ConfigError(f"{where}: X {list(x.shape)} and y {list(y.shape)} need one row per sample each")
-    if not x.is_floating_point():
-        x = x.float()
-    x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise ConfigError(f"{where}: X holds NaN or infinite values")
+        y = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: y must be an array of numbers ({error_text(exc)[:120]})") from None
+    if isinstance(got[0], (dict, tuple, list)) and not _is_rows(got[0]):
+        x = _inputs_tree(got[0], where, y.shape[0] if y.dim() else -1)
+    else:
+        x = _features(got[0], where, "X")
+        if x.dim() < 2 or x.shape[0] != y.shape[0]:
+            raise ConfigError(f"{where}: X {list(x.shape)} and y {list(y.shape)} need one row per sample each")
     y = _labels(y, task, where)
     if y.is_floating_point() and not bool(torch.isfinite(y).all()):
         raise ConfigError(f"{where}: y holds NaN or infinite values")
-    return x.detach().cpu().contiguous(), y.detach().cpu().contiguous()
+    return x, y.detach().cpu().contiguous()
+
+
+def _is_rows(value) -> bool:
+    """A list of rows of numbers ([[1, 2], [3, 4]]), not several inputs."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], (list, int, float))
+
+
+def _features(value, where: str, name: str, floats: bool = True) -> torch.Tensor:
+    kind = value.dtype.kind if isinstance(value, np.ndarray) else None
+    if kind in ("U", "S", "O"):
+        first = np.asarray(value).reshape(-1)[:3].tolist()
+        raise ConfigError(f"{where}: {name} holds {value.dtype} values such as {first}, not numbers")
+    try:
+        x = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+    except (TypeError, ValueError) as exc:  # ragged rows, lists of strings
+        raise ConfigError(f"{where}: {name} must be an array of numbers ({error_text(exc)[:120]})") from None
+    if floats or x.is_floating_point():
+        x = x.to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise ConfigError(f"{where}: {name} holds NaN or infinite values")
+    return x.detach().cpu().contiguous()
+
+
+def _inputs_tree(value, where: str, n: int, name: str = "X"):
+    """Several inputs: a tuple, list or dict of arrays or tensors (nested as deep as the model takes them), each
+    with one row per sample. Floating inputs train as float32; integer ones (lengths, token ids) keep their type."""
+    if isinstance(value, dict):
+        return {key: _inputs_tree(v, where, n, f"{name}[{key!r}]") for key, v in value.items()}
+    if isinstance(value, (tuple, list)) and not _is_rows(value):
+        return type(value)(_inputs_tree(v, where, n, f"{name}[{i}]") for i, v in enumerate(value))
+    x = _features(value, where, name, floats=False)
+    if x.dim() < 1 or x.shape[0] != n:
+        raise ConfigError(f"{where}: {name} {list(x.shape)} needs one row per sample ({n} targets)")
+    return x

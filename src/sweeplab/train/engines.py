@@ -33,7 +33,7 @@ from sweeplab.config import ConfigError, ExperimentConfig
 from sweeplab.stop import stop_flag
 from sweeplab.train.experiment import Trained, resolve_device, run_experiment
 from sweeplab.train.loop import EpochRecord
-from sweeplab.train.stacked.epochs import check_supported, group_members, model_key, prepare_member
+from sweeplab.train.stacked.epochs import check_supported, data_problem, group_members, model_key, prepare_member
 from sweeplab.train.stacked.func import stack_failure, stack_problem, train_func_group
 from sweeplab.train.stacked.mlp import train_group
 
@@ -93,10 +93,11 @@ class VectorizedEngine:
         hook = None if on_epoch is None else lambda member, record: on_epoch(member.key, record)
         alone: list = []  # members the stacked engine cannot train, or gains nothing from: the reference loop
         for group in group_members(members):  # no hook: nothing runs per member per epoch
-            if group[0].spec.class_path is None:
+            problem = data_problem(group[0].dataset)
+            if problem is None and group[0].spec.class_path is None:
                 train_group(group, on_epoch=hook, each_epoch=stop_flag.check)
                 continue
-            problem = self.problem(group[0])
+            problem = problem or self.problem(group[0])
             if problem is None and len(group) > 1:
                 try:
                     train_func_group(group, on_epoch=hook, each_epoch=stop_flag.check)
@@ -171,13 +172,15 @@ def probe_user_models(configs: list[ExperimentConfig]) -> dict:
     problems, shared, state = {}, {}, torch.get_rng_state()
     try:
         for index, config in enumerate(configs):
-            if config.model.class_path is None:
+            if config.model.class_path is None and config.data.source != "python":
                 continue
             try:
                 member = prepare_member(None, config, shared)
             except Exception:
                 continue
-            problem = VectorizedEngine.problem(member)
+            problem = data_problem(member.dataset)
+            if problem is None and config.model.class_path is not None:
+                problem = VectorizedEngine.problem(member)
             if problem is not None:
                 problems[index] = problem
     finally:

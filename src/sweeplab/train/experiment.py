@@ -15,7 +15,9 @@ from typing import Iterable
 import torch
 
 from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
-from sweeplab.train.data import Dataset, check_data, make_dataset, seeded_dataset
+from sweeplab.stop import Stopped
+from sweeplab.train import batch
+from sweeplab.train.data import Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
 from sweeplab.train.loop import (
     Callback,
     History,
@@ -29,7 +31,7 @@ from sweeplab.train.loop import (
 )
 from sweeplab.train.model import ModelSpec, build_model
 from sweeplab.train.options import build_loss, build_metrics, build_optimizer, build_scheduler, monitor_of
-from sweeplab.train.plugins import data_args, error_text, model_class
+from sweeplab.train.plugins import data_args, error_text, exit_text, model_class, user_code
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,7 +72,34 @@ def model_spec_for(config: ExperimentConfig, dataset: Dataset) -> ModelSpec:
         class_path=model.class_path,
         init_args=init_args,
         input_shape=dataset.input_shape,
+        inputs=inputs_spec(dataset, cls if model.class_path is not None else None),
     )
+
+
+def inputs_spec(dataset: Dataset, cls: type | None) -> dict:
+    """The forward's inputs by name, dtype and shape, for data of several inputs (or of one a collate_fn shapes):
+    what the champion's signature and `sweeplab predict` take. A collate_fn decides the sizes between the batch
+    and the last dimension (a padded length), so they are -1; {} for one tensor of features."""
+    if dataset.input_shape:
+        return {}
+    inputs = dataset.inputs
+    names = batch.input_names(cls, inputs) if cls is not None else ["x"]
+    if isinstance(inputs, dict):
+        kind, values = "kwargs", list(inputs.values())
+    elif isinstance(inputs, (tuple, list)):
+        kind, values = "args", list(inputs)
+    else:
+        kind, values = "tensor", [inputs]
+    specs = []
+    for name, value in zip(names, values):
+        if not isinstance(value, torch.Tensor):  # nested deeper: described, not named (the pyfunc refuses it)
+            specs.append({"name": name, "dtype": "nested", "shape": []})
+            continue
+        shape = [-1, *value.shape[1:]]
+        if dataset.collate_fn is not None:
+            shape = [-1 if 0 < i < len(shape) - 1 else size for i, size in enumerate(shape)]
+        specs.append({"name": name, "dtype": str(value.dtype).replace("torch.", ""), "shape": shape})
+    return {"kind": kind, "inputs": specs}
 
 
 def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
@@ -84,22 +113,35 @@ def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
         where = f"model.class_path: {spec.class_path}"
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"{where} has no trainable parameters: there is nothing to train")
-        batch_x, batch_y = dataset.x_train[:2], dataset.y_train[:2]
+        if spec.class_path is None and not dataset.input_shape:
+            raise ConfigError(
+                f"model: the built-in MLP takes one tensor of features; the data gives {batch.describe(dataset.inputs)}"
+                ": give model.class_path (your nn.Module, whose forward takes them)"
+            )
+        batch_x, batch_y = dataset.first_batch(2)
+        size = int(batch_y.shape[0])
         model.train()
         try:
-            out = model(batch_x)
+            with user_code():
+                out = batch.call(model, batch_x)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if isinstance(exc, Stopped):
+                raise
+            raise ConfigError(f"{where}: forward {exit_text(exc)}") from None
         except Exception as exc:
             raise ConfigError(
-                f"{where}: forward on a batch of {list(batch_x.shape)} raised {error_text(exc)}"
+                f"{where}: forward on a batch of {batch.describe(batch_x)} raised {error_text(exc)}"
             ) from None
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"{where}: forward returned {type(out).__name__}; it must return a tensor")
-        wanted = [2, dataset.n_outputs]
+        wanted = [size, dataset.n_outputs]
         if list(out.shape) != wanted:
             raise ConfigError(
-                f"{where}: forward gave {list(out.shape)} for a batch of {list(batch_x.shape)}; task "
+                f"{where}: forward gave {list(out.shape)} for a batch of {batch.describe(batch_x)}; task "
                 f"{config.task} needs {wanted} ({_outputs_text(config.task, dataset.n_outputs)})"
             )
+        if not bool(torch.isfinite(out.detach()).all()):
+            raise ConfigError(f"{where}: forward gave NaN or infinite outputs on a batch of {batch.describe(batch_x)}")
         try:
             check_batch(out, batch_y, build_loss(config, dataset.y_train, dataset.n_classes))
         except ShapeError as exc:
@@ -136,24 +178,45 @@ class RunResult(Trained):
     predictions: torch.Tensor  # model outputs for config.predict_x, best state restored
 
 
+def make_batches(
+    dataset: Dataset,
+    split: str,
+    batch_size: int,
+    loader: str = "tensor",
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+):
+    """A split's batches: in-memory tensors indexed directly (TensorBatches, the fast path), or a real DataLoader
+    (LoaderBatches) for a lazy Dataset, the user's collate_fn, or `train.loader: dataloader`."""
+    if dataset.lazy or dataset.collate_fn is not None or loader == "dataloader":
+        items = dataset.train_set if split == "train" else dataset.val_set
+        if items is None:
+            x, y = (dataset.x_train, dataset.y_train) if split == "train" else (dataset.x_val, dataset.y_val)
+            return LoaderBatches(
+                x, y, batch_size, shuffle, generator, device, dataset.collate_fn, None, **dataset.loader_args
+            )
+        return LoaderBatches(
+            items, None, batch_size, shuffle, generator, device, dataset.collate_fn, dataset.task, **dataset.loader_args
+        )
+    x, y = (dataset.x_train, dataset.y_train) if split == "train" else (dataset.x_val, dataset.y_val)
+    return TensorBatches(x, y, batch_size, shuffle=shuffle, generator=generator, device=device)
+
+
 def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ()) -> RunResult:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
-    if config.predict_x and any(len(row) != dataset.n_features for row in config.predict_x):
-        raise ConfigError(f"predict_x: rows must have {dataset.n_features} values, one per feature")
+    check_predict_x(config, dataset)
     spec = model_spec_for(config, dataset)
     model = build_model(spec, config.code_dir).to(device)
     optimizer = build_optimizer(config, model.parameters())
     train = config.train
     loss_fn = build_loss(config, dataset.y_train, dataset.n_classes).to(device)
-    batches = TensorBatches if train.loader == "tensor" else LoaderBatches
     shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
-    train_batches = batches(
-        dataset.x_train, dataset.y_train, train.batch_size, shuffle=train.shuffle, generator=shuffle_gen, device=device
-    )
-    val_batches = batches(dataset.x_val, dataset.y_val, train.val_batch_size or dataset.x_val.shape[0], device=device)
-    scheduler = build_scheduler(config, optimizer, math.ceil(dataset.x_train.shape[0] / train.batch_size))
+    train_batches = make_batches(dataset, "train", train.batch_size, train.loader, train.shuffle, shuffle_gen, device)
+    val_batches = make_batches(dataset, "val", train.val_batch_size or dataset.n_val, train.loader, device=device)
+    scheduler = build_scheduler(config, optimizer, math.ceil(dataset.n_train / train.batch_size))
     step = Step(
         optimizer,
         train.clip_grad_norm,
@@ -181,7 +244,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
         metrics=logged_metrics(config),
         own_metrics=build_metrics(config),
     )
-    if config.predict_x:
+    if config.predict_x and dataset.input_shape:
         x = torch.tensor(config.predict_x, dtype=torch.float32).reshape(-1, *dataset.input_shape)
         predictions = predict(model, x)
     else:  # a user's model need not take an empty batch
@@ -243,9 +306,9 @@ def check_options(config: ExperimentConfig, dataset: Dataset) -> None:
     state = torch.get_rng_state()
     try:
         optimizer = build_optimizer(config, [torch.zeros(1, requires_grad=True)])
-        build_scheduler(config, optimizer, math.ceil(dataset.x_train.shape[0] / config.train.batch_size))
+        build_scheduler(config, optimizer, math.ceil(dataset.n_train / config.train.batch_size))
         loss_fn = build_loss(config, dataset.y_train, dataset.n_classes)
-        target = dataset.y_train[:2]
+        target = dataset.first_batch(2)[1]
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.precision == "bf16"):
                 value = loss_fn(torch.zeros(target.shape[0], dataset.n_outputs), target)

@@ -23,6 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sweeplab.config import DEFAULT_METRICS
+from sweeplab.train import batch
+from sweeplab.train.batch import Inputs
+from sweeplab.train.data import InMemoryItems, target_for_task
 from sweeplab.train.model import state_to_cpu
 
 
@@ -33,18 +36,19 @@ class ShapeError(ValueError):
 class TensorBatches:
     """Mini-batches of in-memory tensors, drawn as `DataLoader(TensorDataset(x, y), batch_size, shuffle,
     generator)` draws them: each pass first takes a base seed from the loader's generator (or the global RNG),
-    then, when shuffling, two `randperm`s from the same generator (the second one RandomSampler discards). Tensors are moved to the device once."""
+    then, when shuffling, two `randperm`s from the same generator (the second one RandomSampler discards). Tensors
+    are moved to the device once. `x` may be several inputs (a tuple or dict of tensors): each is indexed alike."""
 
     def __init__(
         self,
-        x: torch.Tensor,
+        x: Inputs,
         y: torch.Tensor,
         batch_size: int,
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ):
-        self.x = x.to(device)
+        self.x = batch.to(x, device)
         self.y = y.to(device)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -52,9 +56,9 @@ class TensorBatches:
         self.device = torch.device(device)
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return self.y.shape[0]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
         # DataLoader's _BaseDataLoaderIter draws this seed on every pass, used or not (it seeds worker RNGs).
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         x, y = self.x, self.y
@@ -70,35 +74,70 @@ class TensorBatches:
             torch.randperm(len(self), generator=generator)
             if self.device.type != "cpu":
                 perm = perm.to(self.device)
-            x, y = x[perm], y[perm]
-        return zip(x.split(self.batch_size), y.split(self.batch_size))
+            x, y = (x[perm] if isinstance(x, torch.Tensor) else batch.each(lambda t: t[perm], x)), y[perm]
+        if isinstance(x, torch.Tensor):
+            return zip(x.split(self.batch_size), y.split(self.batch_size))
+        return zip(batch.split(x, self.batch_size), y.split(self.batch_size))
+
+
+def seed_worker(worker_id: int) -> None:
+    """A DataLoader worker's numpy and random seeded from its torch seed (the loader's base seed + worker id), as
+    PyTorch's reproducibility notes do: a Dataset that draws from either is then reproducible too."""
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class LoaderBatches:
-    """A real `DataLoader` over the tensors, for datasets that need one (and as the reference in tests)."""
+    """A real `DataLoader`: over a map-style Dataset read lazily (with the user's workers and collate_fn), or over
+    in-memory tensors (`train.loader: dataloader`, a collate_fn, and the reference in tests). It draws from the
+    generators exactly as `TensorBatches` does. Every tensor of a batch is moved to the device; targets take the
+    task's form (data.target_for_task) when `task` is given."""
 
     def __init__(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        batch_size: int,
+        x,
+        y: torch.Tensor | None = None,
+        batch_size: int = 1,
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        collate_fn: Callable | None = None,
+        task: str | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
     ):
-        self.loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+        dataset = x if y is None else (TensorDataset(x, y) if isinstance(x, torch.Tensor) else InMemoryItems(x, y))
         self.device = torch.device(device)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            pin_memory=pin_memory and self.device.type == "cuda",
+            persistent_workers=persistent_workers and num_workers > 0,
+            worker_init_fn=seed_worker if num_workers else None,
+        )
+        self.target = (lambda t: target_for_task(t, task)) if task is not None else (lambda t: t)
+        self.non_blocking = pin_memory and self.device.type == "cuda"
 
     def __len__(self) -> int:
         return len(self.loader.dataset)  # type: ignore[arg-type]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            yield x.to(self.device), y.to(self.device)
+    def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        for inputs, target in self.loader:
+            yield batch.to(inputs, self.device, self.non_blocking), self.target(target).to(self.device)
 
 
 class Batches(Protocol, Sized):
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]: ...
 
 
 @dataclass
@@ -381,7 +420,7 @@ def train_epoch(
     same = _same_shape(loss_fn)
     for batch_x, batch_y in batches:
         with step.autocast():
-            pred = model(batch_x)
+            pred = batch.call(model, batch_x)
             if check_shapes:
                 check_batch(pred, batch_y, loss_fn)
                 check_shapes = False
@@ -390,7 +429,7 @@ def train_epoch(
             loss = loss_fn(pred, batch_y)
         step.batch(model, loss)
         losses.append(loss.detach())
-        sizes.append(batch_x.shape[0])
+        sizes.append(batch_y.shape[0])  # the batch's size is its target's
     step.end_epoch(model)
     return _sample_average(losses, sizes, len(batches))
 
@@ -418,11 +457,11 @@ def evaluate(
     autocast = step.autocast() if step is not None else contextlib.nullcontext()
     with autocast:
         for batch_x, batch_y in batches:
-            pred = model(batch_x)
+            pred = batch.call(model, batch_x)
             if not same(pred, batch_y):
                 check_batch(pred, batch_y, loss_fn)
             losses.append(loss_fn(pred, batch_y))
-            sizes.append(batch_x.shape[0])
+            sizes.append(batch_y.shape[0])
             preds.append(pred)
             targets.append(batch_y)
     loss = _sample_average(losses, sizes, len(batches))
@@ -596,8 +635,8 @@ def fit(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Outputs (values or logits) for x in eval mode, without gradients, returned on the CPU."""
+def predict(model: nn.Module, x: Inputs) -> torch.Tensor:
+    """Outputs (values or logits) for x (a tensor, or several inputs) in eval mode, without gradients, on the CPU."""
     model.eval()
     device = next(model.parameters()).device
-    return model(x.to(device)).cpu()
+    return batch.call(model, batch.to(x, device)).cpu()

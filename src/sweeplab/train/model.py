@@ -37,6 +37,9 @@ class ModelSpec:
     class_path: str | None = None  # the user's nn.Module (module.Class); None: the built-in MLP
     init_args: dict[str, Any] = field(default_factory=dict)  # with the data's shape filled in (plugins.DATA_ARGS)
     input_shape: tuple[int, ...] = ()  # one sample's shape: (2,) for the seed's data, (1, 8, 8) for digits
+    # several inputs (or one whose shape a collate_fn decides): {"kind": tensor|args|kwargs, "inputs": [{"name",
+    # "dtype", "shape"}]}, a shape's -1s the batch and the sizes that vary; {} for one tensor of input_shape
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -52,7 +55,13 @@ class ModelSpec:
         known["feature_names"] = tuple(known.get("feature_names", ()))
         known["input_shape"] = tuple(known.get("input_shape") or ())
         known["init_args"] = dict(known.get("init_args") or {})
+        known["inputs"] = dict(known.get("inputs") or {})
         return cls(**known)
+
+    @property
+    def named_inputs(self) -> list[str]:
+        """The forward's inputs by name, for a model of several inputs; [] for one tensor of features."""
+        return [spec["name"] for spec in self.inputs.get("inputs", [])]
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -139,7 +139,10 @@ def build_loss(config: ExperimentConfig, y_train: torch.Tensor | None = None, n_
     args = dict(loss.init_args)
     if args.get("weight") == "balanced" or args.get("pos_weight") == "balanced":
         if y_train is None:
-            raise ConfigError("train.loss.init_args: `balanced` needs the training labels")
+            raise ConfigError(
+                "train.loss.init_args: `balanced` needs the training labels; a lazy Dataset gives them by a `targets` "
+                "attribute (one label per item), or give the weights as numbers"
+            )
         key = "pos_weight" if args.get("pos_weight") == "balanced" else "weight"
         args[key] = balanced_weights(y_train, task, n_classes, key)
     args = tensor_args(args, TENSOR_ARGS)

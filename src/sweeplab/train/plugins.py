@@ -94,12 +94,9 @@ def data_args(
         parameters = inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):  # a builtin or C extension constructor
         return dict(init_args)
-    known = {
-        "in_features": math.prod(input_shape),
-        "input_shape": list(input_shape),
-        "out_features": n_outputs,
-        "n_outputs": n_outputs,
-    }
+    known = {"out_features": n_outputs, "n_outputs": n_outputs}
+    if input_shape:  # () for several inputs, or one whose shape a collate_fn decides: nothing to fill in
+        known.update(in_features=math.prod(input_shape), input_shape=list(input_shape))
     if len(input_shape) > 1:
         known["in_channels"] = input_shape[0]
     if n_classes is not None:

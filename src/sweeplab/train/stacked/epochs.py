@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parameter import is_lazy
 
 from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
+from sweeplab.train import batch
 from sweeplab.train.data import Dataset, make_dataset
 from sweeplab.train.experiment import model_spec_for
 from sweeplab.train.loop import (
@@ -53,6 +54,11 @@ def check_supported(config: ExperimentConfig) -> None:
     reference loop (engine: auto) or is refused (engine: vectorized), never ignored. A user's model (`class_path`)
     is stacked by torch.func (func.py); whether vmap can run it exactly is found by func.stack_problem."""
     train = config.train
+    if config.data.collate_fn is not None:
+        raise ConfigError(
+            "engine: vectorized stacks in-memory batches of one shape; not data.collate_fn (its batches' shapes are "
+            "the function's)"
+        )
     if not isinstance(train.optimizer, str):
         raise ConfigError("engine: vectorized stacks Adam, AdamW, SGD and RMSprop; not train.optimizer.class_path")
     problem = loss_problem(config)
@@ -74,6 +80,14 @@ def check_supported(config: ExperimentConfig) -> None:
         raise ConfigError("engine: vectorized trains one-hidden-layer MLPs; model.hidden must be one size")
     if config.model.dropout:
         raise ConfigError("engine: vectorized does not support model.dropout")
+
+
+def data_problem(dataset: Dataset) -> str | None:
+    """Why a member's data cannot be stacked (a few words), or None: the stacked engine keeps every member's data
+    on the device as tensors, so a Dataset read lazily through a DataLoader trains on the reference loop."""
+    if dataset.lazy:
+        return f"{dataset.description.split(' (')[0]} is a Dataset read lazily through a DataLoader"
+    return None
 
 
 def schedule_changes_more_than_lr(config: ExperimentConfig, steps: int = 40) -> str | None:
@@ -237,13 +251,14 @@ def group_key(member: Member) -> tuple:
     return (
         model_key(member),
         c.train.batch_size,
-        c.train.val_batch_size or d.x_val.shape[0],
+        c.train.val_batch_size or d.n_val,
         c.train.epochs,
         c.train.shuffle,
         c.task,
         _loss_kind(c),  # the loss's class; its init args are per member (StackedLoss)
-        d.x_train.shape,
-        d.x_val.shape,
+        d.n_train,
+        d.n_val,
+        batch.structure(d.x_train),  # one tensor's or several inputs' dtypes and shapes
         d.n_outputs,
         c.device,
         c.objective.metric,
@@ -604,9 +619,9 @@ def stack_data(members: list[Member], device: torch.device, flatten: bool = Fals
     owners, which = _distinct(members, lambda m: id(m.dataset))
     which, sets = which.to(device), [m.dataset for m in owners]
     shape = (lambda x: x.flatten(1)) if flatten else (lambda x: x)  # the MLP takes an image's pixels as features
-    x_train = torch.stack([shape(d.x_train) for d in sets]).to(device)
+    x_train = batch.to(batch.stack([shape(d.x_train) for d in sets]), device)  # several inputs: each stacked
     y_train = torch.stack([d.y_train for d in sets]).to(device)
-    x_val = torch.stack([shape(d.x_val) for d in sets]).to(device)[which]
+    x_val = batch.each(lambda t: t[which], batch.to(batch.stack([shape(d.x_val) for d in sets]), device))
     y_val = torch.stack([d.y_val for d in sets]).to(device)[which]
     return x_train, y_train, x_val, y_val, which
 
@@ -643,7 +658,7 @@ def fit_stacked(
     optimizer = _StackedOptimizer(flat, [m.config for m in members])
     loss = StackedLoss(members).to(device)
     wanted = set(logged_metrics(config))  # the group's (group_key): the same for every member
-    n_train, n_val = dataset.x_train.shape[0], dataset.x_val.shape[0]
+    n_train, n_val = dataset.n_train, dataset.n_val
     scheduled = any(m.config.train.scheduler is not None for m in members)
     schedules = _Schedules(members, optimizer, math.ceil(n_train / train.batch_size)) if scheduled else None
     val_batch = train.val_batch_size or n_val
@@ -667,14 +682,16 @@ def fit_stacked(
         drawn = [_draw_order(m, n_train, train.shuffle) for m in draw_from]
         if train.shuffle:
             index = torch.stack(drawn).to(device)[draw_row]
-            xs, ys = x_train[which.unsqueeze(1), index], y_train[which.unsqueeze(1), index]
+            rows = which.unsqueeze(1)
+            xs, ys = batch.each(lambda t: t[rows, index], x_train), y_train[rows, index]
         else:
-            xs, ys = x_train[which], y_train[which]
+            xs, ys = batch.each(lambda t: t[which], x_train), y_train[which]
         batch_losses, sizes = [], []
         for start in range(0, n_train, train.batch_size):
-            xb, yb = xs[:, start : start + train.batch_size], ys[:, start : start + train.batch_size]
+            end = start + train.batch_size
+            xb, yb = batch.each(lambda t: t[:, start:end], xs), ys[:, start:end]
             batch_losses.append(train_step(forward, flat, optimizer, xb, yb, task, loss))
-            sizes.append(xb.shape[1])
+            sizes.append(yb.shape[1])
             if schedules is not None:
                 schedules.after_step()
         train_loss = _sample_average(batch_losses, sizes, n_train)
@@ -683,7 +700,7 @@ def fit_stacked(
         with torch.no_grad():
             val_losses, val_sizes, outputs = [], [], []
             for start in range(0, n_val, val_batch):
-                out = forward(x_val[:, start : start + val_batch], False)
+                out = forward(batch.each(lambda t: t[:, start : start + val_batch], x_val), False)
                 val_losses.append(_member_loss(out, y_val[:, start : start + val_batch], task, loss))
                 val_sizes.append(out.shape[1])
                 outputs.append(out)

@@ -29,6 +29,7 @@ import torch
 from torch.func import functional_call, vmap
 from torch.nn.parameter import UninitializedParameter
 
+from sweeplab.train import batch
 from sweeplab.train.experiment import resolve_device
 from sweeplab.train.model import build_model
 from sweeplab.train.stacked.epochs import StackedLoss, _distinct, _StackedOptimizer, fit_stacked, stack_data, train_step
@@ -63,7 +64,8 @@ class FuncStack:
             name: torch.stack([m.init_state[name] for m in owners]).to(device)[init_row].clone()
             for name in self.buffer_names
         }
-        self._stacked = vmap(lambda p, b, xs: functional_call(base, (p, b), (xs,)), randomness="error")
+        # several inputs are a tuple (forward(*xs)) or a dict (forward(**xs)): vmap maps every tensor in them
+        self._stacked = vmap(lambda p, b, xs: functional_call(base, (p, b), *batch.args_kwargs(xs)), randomness="error")
 
     def params_of(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = values.split(self.sizes, dim=1)
@@ -110,21 +112,23 @@ def _try_stacking(member, steps: int) -> str | None:
     device = resolve_device(member.config.device)
     stack = FuncStack(pair, device, model)
     x_train, y_train, x_val, _, which = stack_data(pair, device)
-    x_train, y_train = x_train[which], y_train[which]
-    if draws_random_numbers(stack, x_train[:, : member.config.train.batch_size]):
+    x_train, y_train = batch.each(lambda t: t[which], x_train), y_train[which]
+    size = member.config.train.batch_size
+    if draws_random_numbers(stack, batch.each(lambda t: t[:, :size], x_train)):
         return (
             f"{name} draws random numbers in training (dropout > 0, say), which stacked members would draw "
             "otherwise than the reference loop"
         )
     train, task = member.config.train, member.config.task
     optimizer = _StackedOptimizer(stack.flat, [m.config for m in pair])
-    batch = train.batch_size
     for step in range(steps):
-        xb, yb = x_train[:, step * batch : (step + 1) * batch], y_train[:, step * batch : (step + 1) * batch]
-        if xb.shape[1]:
+        start, end = step * size, (step + 1) * size
+        xb, yb = batch.each(lambda t: t[:, start:end], x_train), y_train[:, start:end]
+        if yb.shape[1]:
             train_step(stack.forward, stack.flat, optimizer, xb, yb, task, StackedLoss(pair).to(device))
     with torch.no_grad():
-        stack.forward(x_val[:, : train.val_batch_size or x_val.shape[1]], False)
+        n_val = train.val_batch_size or member.dataset.n_val
+        stack.forward(batch.each(lambda t: t[:, :n_val], x_val), False)
     return None
 
 
