@@ -203,7 +203,9 @@ class TrialRun:
                     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:8]
                     dataset = MetaDataset(source, name=name, digest=digest)
                 else:
-                    dataset = from_numpy(_numpy_inputs(data.x_train), source=source, targets=data.y_train.numpy(), name=name)
+                    dataset = from_numpy(
+                        _numpy_inputs(data.x_train), source=source, targets=data.y_train.numpy(), name=name
+                    )
                 entity = _DATASET_ENTITIES[key] = dataset._to_mlflow_entity()
         inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
         # MLflow checks for the dataset, then inserts it: two workers can both insert

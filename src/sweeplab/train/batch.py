@@ -42,6 +42,13 @@ def each(fn: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs) -> Inputs:
     return pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf, inputs)
 
 
+def take(inputs: Inputs, key) -> Inputs:
+    """`tensor[key]` for every tensor of the structure (a slice, an index tensor, or a tuple of them)."""
+    if isinstance(inputs, torch.Tensor):  # the one-tensor fast path: no tree walk per batch
+        return inputs[key]
+    return each(lambda t: t[key], inputs)
+
+
 def to(inputs: Inputs, device: torch.device | str, non_blocking: bool = False) -> Inputs:
     device = torch.device(device)
     return each(lambda t: t if t.device == device else t.to(device, non_blocking=non_blocking), inputs)

@@ -97,7 +97,7 @@ class Dataset:
             collate = self.collate_fn or default_collate
             inputs, target = collate([items[i] for i in range(min(n, len(items)))])
             return inputs, target_for_task(target, self.task)
-        return batch.each(lambda t: t[:n], self.x_train), self.y_train[:n]
+        return batch.take(self.x_train, slice(n)), self.y_train[:n]
 
 
 class InMemoryItems(TorchDataset):
@@ -111,7 +111,7 @@ class InMemoryItems(TorchDataset):
         return int(self.y.shape[0])
 
     def __getitem__(self, i):
-        return batch.each(lambda t: t[i], self.x), self.y[i]
+        return batch.take(self.x, i), self.y[i]
 
 
 def target_for_task(y, task: str) -> torch.Tensor:
@@ -187,14 +187,11 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
         (x_train, y_train), (x_val, y_val) = ((part.x, part.y) for part in split)
     else:
         train_idx, val_idx = split_indices(y.shape[0], data)
-        if batch.is_tensor(x):
-            x_train, x_val = x[train_idx], x[val_idx]
-        else:
-            x_train, x_val = (batch.each(lambda t, i=i: t[i], x) for i in (train_idx, val_idx))
+        x_train, x_val = batch.take(x, train_idx), batch.take(x, val_idx)
         y_train, y_val = y[train_idx], y[val_idx]
     if data.train_fraction < 1:  # the first of the (shuffled) training split: smaller sets nest in larger ones
         keep = max(1, math.floor(y_train.shape[0] * data.train_fraction))
-        x_train, y_train = batch.each(lambda t: t[:keep], x_train), y_train[:keep]
+        x_train, y_train = batch.take(x_train, slice(keep)), y_train[:keep]
         description += f", train_fraction={data.train_fraction:g}"
     if not names and batch.is_tensor(x_train):
         names = tuple(f"x{i + 1}" for i in range(math.prod(x_train.shape[1:])))
@@ -228,7 +225,9 @@ def split_indices(n: int, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]
     """(train, validation) indices: `random_split`'s permutation of n samples by `data.split_seed`."""
     n_train, n_val = split_lengths(n, data.val_size)
     if n_train < 1 or n_val < 1:
-        raise ConfigError(f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples of {n}")
+        raise ConfigError(
+            f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples of {n}"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
     return perm[:n_train], perm[n_train:]
 

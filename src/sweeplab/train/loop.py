@@ -74,7 +74,7 @@ class TensorBatches:
             torch.randperm(len(self), generator=generator)
             if self.device.type != "cpu":
                 perm = perm.to(self.device)
-            x, y = (x[perm] if isinstance(x, torch.Tensor) else batch.each(lambda t: t[perm], x)), y[perm]
+            x, y = batch.take(x, perm), y[perm]
         if isinstance(x, torch.Tensor):
             return zip(x.split(self.batch_size), y.split(self.batch_size))
         return zip(batch.split(x, self.batch_size), y.split(self.batch_size))

@@ -621,7 +621,7 @@ def stack_data(members: list[Member], device: torch.device, flatten: bool = Fals
     shape = (lambda x: x.flatten(1)) if flatten else (lambda x: x)  # the MLP takes an image's pixels as features
     x_train = batch.to(batch.stack([shape(d.x_train) for d in sets]), device)  # several inputs: each stacked
     y_train = torch.stack([d.y_train for d in sets]).to(device)
-    x_val = batch.each(lambda t: t[which], batch.to(batch.stack([shape(d.x_val) for d in sets]), device))
+    x_val = batch.take(batch.to(batch.stack([shape(d.x_val) for d in sets]), device), which)
     y_val = torch.stack([d.y_val for d in sets]).to(device)[which]
     return x_train, y_train, x_val, y_val, which
 
@@ -683,13 +683,13 @@ def fit_stacked(
         if train.shuffle:
             index = torch.stack(drawn).to(device)[draw_row]
             rows = which.unsqueeze(1)
-            xs, ys = batch.each(lambda t: t[rows, index], x_train), y_train[rows, index]
+            xs, ys = batch.take(x_train, (rows, index)), y_train[rows, index]
         else:
-            xs, ys = batch.each(lambda t: t[which], x_train), y_train[which]
+            xs, ys = batch.take(x_train, which), y_train[which]
         batch_losses, sizes = [], []
         for start in range(0, n_train, train.batch_size):
             end = start + train.batch_size
-            xb, yb = batch.each(lambda t: t[:, start:end], xs), ys[:, start:end]
+            xb, yb = batch.take(xs, (slice(None), slice(start, end))), ys[:, start:end]
             batch_losses.append(train_step(forward, flat, optimizer, xb, yb, task, loss))
             sizes.append(yb.shape[1])
             if schedules is not None:
@@ -700,7 +700,7 @@ def fit_stacked(
         with torch.no_grad():
             val_losses, val_sizes, outputs = [], [], []
             for start in range(0, n_val, val_batch):
-                out = forward(batch.each(lambda t: t[:, start : start + val_batch], x_val), False)
+                out = forward(batch.take(x_val, (slice(None), slice(start, start + val_batch))), False)
                 val_losses.append(_member_loss(out, y_val[:, start : start + val_batch], task, loss))
                 val_sizes.append(out.shape[1])
                 outputs.append(out)

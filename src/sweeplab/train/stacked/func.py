@@ -112,9 +112,9 @@ def _try_stacking(member, steps: int) -> str | None:
     device = resolve_device(member.config.device)
     stack = FuncStack(pair, device, model)
     x_train, y_train, x_val, _, which = stack_data(pair, device)
-    x_train, y_train = batch.each(lambda t: t[which], x_train), y_train[which]
+    x_train, y_train = batch.take(x_train, which), y_train[which]
     size = member.config.train.batch_size
-    if draws_random_numbers(stack, batch.each(lambda t: t[:, :size], x_train)):
+    if draws_random_numbers(stack, batch.take(x_train, (slice(None), slice(size)))):
         return (
             f"{name} draws random numbers in training (dropout > 0, say), which stacked members would draw "
             "otherwise than the reference loop"
@@ -123,12 +123,12 @@ def _try_stacking(member, steps: int) -> str | None:
     optimizer = _StackedOptimizer(stack.flat, [m.config for m in pair])
     for step in range(steps):
         start, end = step * size, (step + 1) * size
-        xb, yb = batch.each(lambda t: t[:, start:end], x_train), y_train[:, start:end]
+        xb, yb = batch.take(x_train, (slice(None), slice(start, end))), y_train[:, start:end]
         if yb.shape[1]:
             train_step(stack.forward, stack.flat, optimizer, xb, yb, task, StackedLoss(pair).to(device))
     with torch.no_grad():
         n_val = train.val_batch_size or member.dataset.n_val
-        stack.forward(batch.each(lambda t: t[:, :n_val], x_val), False)
+        stack.forward(batch.take(x_val, (slice(None), slice(n_val))), False)
     return None
 
 
