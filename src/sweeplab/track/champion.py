@@ -13,6 +13,7 @@ store named anything but ./mlflow.db must not be looked up in ./mlflow.db.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -27,12 +28,12 @@ import pandas as pd
 import torch
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.models import Model, ModelSignature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from sweeplab.stores import store_lock
 from sweeplab.track import pyfunc_model
 from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
-from sweeplab.train.model import load_checkpoint
+from sweeplab.train.model import load_checkpoint, state_to_cpu
 
 ALIAS = "champion"
 
@@ -124,9 +125,10 @@ def register_run_model(
         )
         try:
             local = Path(tmp) / "model"
+            code = _logged_code(tracker, run_id, Path(tmp), spec)
             try:
-                save_pyfunc_model(model, spec, example, local, logged, run_id)
-            except ExportError as exc:  # the checkpoint model instead, which `sweeplab predict` serves
+                save_pyfunc_model(model, spec, example, local, logged, run_id, code=code)
+            except ExportError as exc:  # not traceable, and no logged source to rebuild the class from
                 export_failed = str(exc)
                 print(
                     f"sweeplab: {export_failed}; registered the checkpoint (sweeplab predict serves it)",
@@ -196,6 +198,17 @@ class ExportError(RuntimeError):
 def _example_batch(tracker: Tracker, run_id: str, tmp: Path, spec, predict_x: list):
     """A real batch of the data (the run's `checkpoint/example.pt`, validation inputs), else the config's predict
     points, else random inputs of the data's shape (runs logged before examples were)."""
+    if spec.named_inputs:  # several inputs: the logged example batch, by the forward's argument names
+        path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/example.pt", str(tmp))
+        example = torch.load(path, weights_only=True)
+        values = (
+            list(example.values())
+            if isinstance(example, dict)
+            else list(example)
+            if isinstance(example, (tuple, list))
+            else [example]
+        )
+        return dict(zip(spec.named_inputs, values))
     try:
         path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/example.pt", str(tmp))
         example = torch.load(path, weights_only=True)
@@ -223,64 +236,92 @@ def save_checkpoint_model(tracker: Tracker, run_id: str, path: Path) -> None:
         )
 
 
-def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> None:
-    """The champion as an MLflow "models from code" pyfunc (`pyfunc_model.py`, no pickle) around the weights as a
-    `torch.export` program, so it loads without sweeplab and owns its input handling: named columns by name,
-    arrays and lists by position, NaN refused; labels (or probabilities) from a classifier.
+def _logged_code(tracker: Tracker, run_id: str, tmp: Path, spec) -> Path | None:
+    """The user's model module as the run logged it (`code/<module>.py`), for a champion that rebuilds the class;
+    None for the built-in MLP, a class in a package, or a run that logged no source."""
+    if spec.class_path is None or spec.class_path.count(".") != 1:
+        return None
+    name = spec.class_path.split(".")[0] + ".py"
+    try:
+        return Path(tracker.client.download_artifacts(run_id, f"code/{name}", str(tmp)))
+    except Exception:
+        return None
 
-    The signature gives the outputs and the `output` param but no input schema: MLflow enforces an input schema
-    by position for unnamed columns (`x2,x1` read as `x1,x2`, a third column dropped) and refuses arrays under
-    named ones, and people try both. The feature names are in `artifacts/model.json`, the model's metadata and
-    the input example."""
-    if not isinstance(example, torch.Tensor):  # rows of features
+
+def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str, code: Path | None = None) -> None:
+    """The champion as an MLflow "models from code" pyfunc (`pyfunc_model.py`, no pickle), so it loads without
+    sweeplab and owns its input handling. The weights are a `torch.export` program where the model traces; where
+    it does not (packed sequences, data-dependent control flow), they are the state_dict (read with
+    weights_only=True) and the user's module travels with the model (MLflow's `code_paths`, the source the run
+    logged, its sha256 checked on load), which rebuilds the class. One tensor of features: named columns by name,
+    arrays and lists by position, NaN refused, no input schema (MLflow would enforce named columns by position).
+    Several inputs: a signature of one named tensor per forward argument, `{"padded_x": ..., "lengths": ...}`."""
+    named = bool(spec.named_inputs)
+    if not named and not isinstance(example, torch.Tensor):  # rows of features
         example = torch.tensor([list(map(float, row)) for row in example], dtype=torch.float32)
     shape = list(spec.sample_shape)
     names = list(spec.feature_names) or [f"x{i + 1}" for i in range(spec.in_features)]
     classes = [] if spec.task == "regression" else list(range(2 if spec.task == "binary" else spec.out_features))
     with tempfile.TemporaryDirectory(prefix="sweeplab-export-") as tmp:
-        try:
-            program = torch.export.export(
-                model.cpu().eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
-            )
-            torch.export.save(program, f"{tmp}/program.pt2")
-        except Exception as exc:  # data-dependent control flow, an untraceable op, a batch size fixed inside
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise ExportError(f"torch.export cannot trace {spec.name}: {type(exc).__name__}: {first}") from None
+        artifacts = {"model": f"{tmp}/model.json"}
         meta = {
             "task": spec.task,
-            "feature_names": names,
-            "input_shape": shape,
             "classes": classes,
             "model": spec.name,
             "outputs": "values" if spec.task == "regression" else "labels, or probabilities per class",
         }
-        Path(f"{tmp}/model.json").write_text(json.dumps(meta, indent=2))
-        if spec.task == "regression":
-            outputs = Schema(
+        code_paths = None
+        try:
+            _export(model, spec, example, f"{tmp}/program.pt2")
+            artifacts["program"] = f"{tmp}/program.pt2"
+        except ExportError as exc:
+            if code is None:
+                raise
+            torch.save(state_to_cpu(model.state_dict()), f"{tmp}/weights.pt")
+            artifacts["weights"] = f"{tmp}/weights.pt"
+            code_paths = [str(code)]
+            meta.update(
+                class_path=spec.class_path,
+                init_args=spec.init_args,
+                source_sha256=hashlib.sha256(code.read_bytes()).hexdigest(),
+                rebuilt_because=str(exc),
+            )
+            print(f"sweeplab: {exc}; the champion rebuilds {spec.class_path} from its logged source", file=sys.stderr)
+        if named:
+            meta["inputs"] = spec.inputs
+            inputs = Schema(
                 [
-                    ColSpec("double", name)
-                    for name in (
-                        ["prediction"]
-                        if spec.out_features == 1
-                        else [f"prediction_{i}" for i in range(spec.out_features)]
+                    TensorSpec(
+                        np.dtype("float64" if "float" in item["dtype"] else item["dtype"]),
+                        tuple(item["shape"]),
+                        item["name"],
                     )
+                    for item in spec.inputs["inputs"]
                 ]
             )
-            signature = ModelSignature(outputs=outputs, params=ParamSchema([ParamSpec("output", "string", "values")]))
+            input_example = {k: v.double().numpy() if v.is_floating_point() else v.numpy() for k, v in example.items()}
         else:
-            signature = ModelSignature(
-                outputs=Schema([ColSpec("long", "label")]), params=ParamSchema([ParamSpec("output", "string", "label")])
+            meta.update(feature_names=names, input_shape=shape)
+            inputs = None
+            images = len(shape) > 1
+            if images:  # a picture's pixels are not features anyone names in a request
+                meta = {k: v for k, v in meta.items() if k != "feature_names"}
+            input_example = (
+                example.double().numpy()
+                if images
+                else pd.DataFrame(example.reshape(example.shape[0], -1).double().numpy(), columns=names)
             )
-        # No input schema for images either: MLflow would refuse float32 and integer arrays under a float64 tensor
-        # spec (with a message that dumps the array) and flat rows of the right width; pyfunc_model reads them all.
-        images = len(shape) > 1
-        if images:  # a picture's pixels are not features anyone names in a request
-            meta = {k: v for k, v in meta.items() if k != "feature_names"}
-        rows_example = (
-            example.double().numpy()
-            if images
-            else pd.DataFrame(example.reshape(example.shape[0], -1).double().numpy(), columns=names)
-        )
+        Path(f"{tmp}/model.json").write_text(json.dumps(meta, indent=2))
+        if spec.task == "regression":
+            columns = (
+                ["prediction"] if spec.out_features == 1 else [f"prediction_{i}" for i in range(spec.out_features)]
+            )
+            outputs = Schema([ColSpec("double", name) for name in columns])
+            params = ParamSchema([ParamSpec("output", "string", "values")])
+        else:
+            outputs = Schema([ColSpec("long", "label")])
+            params = ParamSchema([ParamSpec("output", "string", "label")])
+        signature = ModelSignature(inputs=inputs, outputs=outputs, params=params)
         requirements = [
             f"torch=={torch.__version__.split('+')[0]}",
             f"mlflow=={mlflow.__version__}",
@@ -294,9 +335,10 @@ def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> 
             mlflow.pyfunc.save_model(
                 str(path),
                 python_model=pyfunc_model.__file__,
-                artifacts={"program": f"{tmp}/program.pt2", "model": f"{tmp}/model.json"},
+                artifacts=artifacts,
+                code_paths=code_paths,
                 signature=signature,
-                input_example=rows_example,
+                input_example=input_example,
                 pip_requirements=requirements,
                 metadata=meta,
                 mlflow_model=Model(
@@ -308,6 +350,33 @@ def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str) -> 
             )
         finally:
             quiet.setLevel(level)
+
+
+def _export(model, spec, example, path: str) -> None:
+    """The model as a `torch.export` program, the batch dimension (and, for several inputs, every size marked -1:
+    a padded length) dynamic; ExportError when it cannot be traced."""
+    model = model.cpu().eval()
+    try:
+        if spec.named_inputs:
+            batch_dim = torch.export.Dim("batch", min=1)
+            dynamic = {}
+            for item in spec.inputs["inputs"]:
+                dims = {0: batch_dim}
+                for i, size in enumerate(item["shape"][1:], start=1):
+                    if size == -1:
+                        dims[i] = torch.export.Dim(f"{item['name']}_{i}", min=1)
+                dynamic[item["name"]] = dims
+            if spec.inputs["kind"] == "tensor":  # one tensor a collate_fn shapes: passed as the forward takes it
+                (name, value), = example.items()
+                program = torch.export.export(model, (value,), dynamic_shapes=(dynamic[name],))
+            else:
+                program = torch.export.export(model, (), dict(example), dynamic_shapes=dynamic)
+        else:
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(program, path)
+    except Exception as exc:  # data-dependent control flow, an untraceable op, a batch size fixed inside
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"torch.export cannot trace {spec.name}: {type(exc).__name__}: {first}") from None
 
 
 def _registered_model(tracker: Tracker, name: str):

@@ -15,6 +15,8 @@ refused rather than answered with NaN (not JSON).
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 from pathlib import Path
 
@@ -44,7 +46,10 @@ class Champion(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.meta = json.loads(Path(context.artifacts["model"]).read_text())
-        self.program = torch.export.load(context.artifacts["program"]).module()
+        if "program" in context.artifacts:
+            self.program = torch.export.load(context.artifacts["program"]).module()
+        else:  # a model torch.export cannot trace: rebuilt from the user's module that travels with it
+            self.program = rebuild(self.meta, context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
         task = self.meta["task"]
@@ -53,18 +58,89 @@ class Champion(mlflow.pyfunc.PythonModel):
         if output not in outputs:
             kind = "a regression model" if task == "regression" else "a classifier"
             raise BadInput(f"params.output: {output!r}; {kind} gives {' or '.join(outputs)}")
-        names = self.meta["feature_names"]
-        shape = self.meta.get("input_shape") or [len(names)]
-        rows = input_rows(model_input, names, shape)
-        x = torch.from_numpy(rows.astype(np.float32)).reshape(-1, *shape)
-        with torch.no_grad():
-            out = self.program(x)
+        if self.meta.get("inputs"):
+            with torch.no_grad():
+                out = call(self.program, self.meta["inputs"], named_inputs(model_input, self.meta["inputs"]))
+        else:
+            names = self.meta.get("feature_names") or [str(i) for i in range(int(np.prod(self.meta["input_shape"])))]
+            shape = self.meta.get("input_shape") or [len(names)]
+            rows = input_rows(model_input, names, shape)
+            x = torch.from_numpy(rows.astype(np.float32)).reshape(-1, *shape)
+            with torch.no_grad():
+                out = self.program(x)
         bad = ~torch.isfinite(out).reshape(out.shape[0], -1).all(dim=1)
         if bool(bad.any()):  # JSON has no NaN or infinity: refused, not answered with invalid JSON
             raise BadInput(
                 f"input: row {int(bad.nonzero()[0])} gives a non-finite output (values far outside the training data?)"
             )
         return describe(out, task, self.meta.get("classes"), output)
+
+
+def rebuild(meta: dict, weights: str):
+    """The user's class from its module (on sys.path through MLflow's code_paths), checked against the source the
+    run logged, built with its init args, its weights loaded with weights_only=True (nothing unpickled)."""
+    module_name, _, name = meta["class_path"].rpartition(".")
+    module = importlib.import_module(module_name)
+    file = getattr(module, "__file__", None)
+    found = hashlib.sha256(Path(file).read_bytes()).hexdigest() if file else None
+    if found != meta.get("source_sha256"):
+        raise MlflowException(
+            f"{meta['class_path']}: the module imported from {file} is not the source this model was logged with "
+            "(another module of that name is on sys.path first)"
+        )
+    model = getattr(module, name)(**meta.get("init_args", {}))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def named_inputs(model_input, spec: dict) -> dict:
+    """{name: tensor} for a model of several inputs: a dict of arrays or lists (what MLflow passes for a tensor
+    signature, and what `{"inputs": {...}}` is when served), or a DataFrame whose columns are the names. Each is
+    the dtype the model trained on (floats as float32); a missing or unknown name, a wrong number of dimensions,
+    a size that should not vary, batches of different sizes, and NaN are refused in one line."""
+    if isinstance(model_input, pd.DataFrame):
+        model_input = {str(c): np.stack([np.asarray(v) for v in model_input[c]]) for c in model_input.columns}
+    if not isinstance(model_input, dict):
+        wanted = ", ".join(item["name"] for item in spec["inputs"])
+        raise BadInput(f"input: give one array per input by name ({wanted}), not a {type(model_input).__name__}")
+    names = [item["name"] for item in spec["inputs"]]
+    missing, unknown = [n for n in names if n not in model_input], [k for k in model_input if k not in names]
+    if missing or unknown:
+        said = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(map(str, unknown))}"] if unknown else []
+        )
+        raise BadInput(f"input: {'; '.join(said)} (the model takes {', '.join(names)})")
+    tensors, sizes = {}, set()
+    for item in spec["inputs"]:
+        name, shape = item["name"], item["shape"]
+        floating = "float" in item["dtype"]
+        try:
+            values = np.asarray(model_input[name], dtype=np.float64 if floating else None)
+        except (ValueError, TypeError):
+            raise BadInput(f"input: {name} is not an array of numbers of one shape") from None
+        if values.ndim != len(shape) or any(s != -1 and s != v for s, v in zip(shape[1:], values.shape[1:])):
+            wanted = (
+                "[" + ", ".join("N" if i == 0 else ("any" if s == -1 else str(s)) for i, s in enumerate(shape)) + "]"
+            )
+            raise BadInput(f"input: {name} has shape {list(values.shape)}; the model takes {wanted}")
+        if floating and not (np.abs(values) <= FLOAT32_MAX).all():
+            raise BadInput(f"input: {name} holds NaN, infinity or numbers beyond float32")
+        if not floating and values.dtype.kind not in "iub":
+            raise BadInput(f"input: {name} takes whole numbers ({item['dtype']}), not {values.dtype}")
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(values)).to(getattr(torch, item["dtype"]))
+        sizes.add(values.shape[0])
+    if len(sizes) != 1:
+        raise BadInput(f"input: the inputs give {sorted(sizes)} rows; each needs one row per sample")
+    if 0 in sizes:
+        raise BadInput("input: no rows")
+    return tensors
+
+
+def call(model, spec: dict, tensors: dict):
+    """The forward as training called it: model(x), model(*inputs) in the forward's order, or model(**inputs)."""
+    if spec["kind"] == "tensor":
+        return model(*tensors.values())
+    return model(**tensors)
 
 
 def describe(out, task: str, classes, output: str):

@@ -88,8 +88,9 @@ def run_tags(config: ExperimentConfig) -> dict[str, str]:
 
 
 def code_sources(config: ExperimentConfig) -> list[Path]:
-    """The source files of the user's modules the run imported (its model class, its data loader)."""
-    paths = [config.model.class_path, config.data.class_path if config.data.source == "python" else None]
+    """The source files of the user's modules the run imported (its model class, its loader, its collate_fn)."""
+    python = config.data.source == "python"
+    paths = [config.model.class_path, config.data.class_path if python else None, config.data.collate_fn]
     found = [source_of(path, config.code_dir) for path in paths if path]
     return list(dict.fromkeys(item[0] for item in found if item is not None))
 
