@@ -239,12 +239,15 @@ def _report(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from sweeplab.track.serve import (
         ModelNotFound,
+        example_inputs,
         example_rows,
         load_logged_model,
         parse_rows,
+        predict_named,
         predict_rows,
         read_csv_rows,
         read_json_rows,
+        read_named_inputs,
     )
 
     configure(with_optuna=False, install_stop=False)
@@ -263,7 +266,24 @@ def _predict(args: argparse.Namespace) -> int:
         store = existing_store(args.tracking_uri)
         model, spec, found = load_logged_model(args.model, store, args.device)
         extra: list[str] = []
-        if args.x:
+        if spec.named_inputs:  # several inputs, by name, as JSON
+            if args.x:
+                raise UsageError(
+                    f"--x: the model takes {', '.join(spec.named_inputs)} by name; give a JSON file or - for JSON on "
+                    'stdin: {"' + '": [...], "'.join(spec.named_inputs) + '": [...]}'
+                )
+            if args.input:
+                where = "stdin" if args.input == "-" else args.input
+                try:
+                    text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text()
+                except OSError as exc:
+                    raise ValueError(f"{args.input}: cannot be read ({exc.strerror})") from None
+                tensors = read_named_inputs(text, spec, where)
+            else:
+                tensors, source = example_inputs(args.model, store, spec)
+                print(f"note: no input given: predicting {source}", file=sys.stderr)
+            results = predict_named(model, spec, tensors)
+        elif args.x:
             rows = parse_rows(args.x)
         elif args.input == "-":
             rows = read_json_rows(sys.stdin.read(), spec)
@@ -278,7 +298,8 @@ def _predict(args: argparse.Namespace) -> int:
                 "a CSV file or - for JSON rows",
                 file=sys.stderr,
             )
-        results = predict_rows(model, spec, rows)
+        if not spec.named_inputs:
+            results = predict_rows(model, spec, rows)
     except (ModelNotFound, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if extra:
@@ -295,7 +316,9 @@ def _predict(args: argparse.Namespace) -> int:
         return 0
     print(f"model: {found}", file=sys.stderr)
     for i, item in enumerate(results):
-        shown = f"x={item['x']}" if len(item["x"]) <= 8 else f"row {i}"  # an image's 64 values say nothing
+        shown = (
+            f"x={item['x']}" if isinstance(item["x"], list) and len(item["x"]) <= 8 else f"row {i}"
+        )  # an image's 64 values say nothing
         print(f"{shown} -> {item['text']}")
     return 0
 
@@ -515,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "input",
         nargs="?",
-        help="a CSV file of feature columns, or - for JSON rows on stdin (default: the seed's three test points)",
+        help="a CSV file of feature columns, or - for JSON rows on stdin (default: the seed's three test points); "
+        'a model of several inputs takes a JSON file (or -) of {"name": [...]} per input',
     )
     predict.add_argument("--x", action="append", metavar="V1,V2", help="one input row; repeat for more")
     predict.add_argument("--tracking-uri", default=None)

@@ -367,7 +367,7 @@ def _export(model, spec, example, path: str) -> None:
                         dims[i] = torch.export.Dim(f"{item['name']}_{i}", min=1)
                 dynamic[item["name"]] = dims
             if spec.inputs["kind"] == "tensor":  # one tensor a collate_fn shapes: passed as the forward takes it
-                (name, value), = example.items()
+                ((name, value),) = example.items()
                 program = torch.export.export(model, (value,), dynamic_shapes=(dynamic[name],))
             else:
                 program = torch.export.export(model, (), dict(example), dynamic_shapes=dynamic)

@@ -110,10 +110,26 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
             model = ExportedModel.from_champion(tracker, reference, Path(tmp), device)
             if model is not None:
                 return model, spec, f"{found}, run {run_id}"
-        if spec.class_path is not None:  # (a champion torch.export could not trace has no program)
+        code_dir = os.getcwd()
+        if spec.class_path is not None and reference.startswith("models:/"):
+            # a registered champion torch.export could not trace is rebuilt from the source its run logged, as
+            # mlflow.pyfunc rebuilds it: naming the registered model is naming that code
+            code_dir = _logged_code_dir(tracker, run_id, spec, Path(tmp))
+        elif spec.class_path is not None:
             check_source(tracker, run_id, spec)
-        model, spec = load_checkpoint(path, map_location=device, code_dir=os.getcwd())
+        model, spec = load_checkpoint(path, map_location=device, code_dir=code_dir)
     return model, spec, f"{found}, run {run_id}"
+
+
+def _logged_code_dir(tracker, run_id: str, spec: ModelSpec, tmp: Path) -> str:
+    module = spec.class_path.rpartition(".")[0].split(".")[0]
+    folder = tmp / "code"
+    folder.mkdir(exist_ok=True)
+    try:
+        tracker.client.download_artifacts(run_id, f"code/{module}.py", str(folder))  # lands as folder/module.py
+    except Exception:
+        raise ModelNotFound(f"run {run_id} logged no source of {spec.class_path} to rebuild its champion from") from None
+    return str(folder)
 
 
 class ExportedModel(torch.nn.Module):
@@ -140,6 +156,9 @@ class ExportedModel(torch.nn.Module):
                 tracking_uri=tracker.tracking_uri,
                 dst_path=str(tmp),
             )
+        except Exception:  # a champion rebuilt from its logged source has no program: its run's checkpoint serves
+            return None
+        try:
             program = torch.export.load(path).module()
         except Exception as exc:
             raise ModelNotFound(f"{uri}: its exported program cannot be loaded ({type(exc).__name__})") from None
@@ -148,8 +167,8 @@ class ExportedModel(torch.nn.Module):
     def train(self, mode: bool = True) -> "ExportedModel":
         return self  # exported in eval mode; torch refuses train()/eval() on an exported program
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.program(*args, **kwargs)
 
 
 def example_rows(reference: str, tracking_uri: str | None, spec: ModelSpec) -> tuple[list[list[float]], str]:
@@ -309,4 +328,86 @@ def predict_rows(model, spec: ModelSpec, rows: list[list[float]]) -> list[dict[s
     described = describe_outputs(outputs, spec)
     for row, item in zip(rows, described):
         item["x"] = row
+    return described
+
+
+def read_named_inputs(text: str, spec: ModelSpec, where: str) -> dict[str, torch.Tensor]:
+    """JSON of a model of several inputs: {"padded_x": [...], "lengths": [...]} (or under "inputs", as
+    `mlflow models serve` takes it), each input as nested lists, in the dtype the model trained on."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict) and set(data) == {"inputs"}:
+        data = data["inputs"]
+    names = spec.named_inputs
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{where}: the model takes its inputs by name: {{{', '.join(f'{n!r}: [...]' for n in names)}}}"
+        )
+    missing, unknown = [n for n in names if n not in data], [k for k in data if k not in names]
+    if missing or unknown:
+        said = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else []
+        )
+        raise ValueError(f"{where}: {'; '.join(said)} (the model takes {', '.join(names)})")
+    tensors, sizes = {}, set()
+    for item in spec.inputs["inputs"]:
+        name, shape, dtype = item["name"], item["shape"], getattr(torch, item["dtype"], torch.float32)
+        try:
+            value = torch.tensor(data[name], dtype=torch.float64 if dtype.is_floating_point else None)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{where}: {name} is not an array of numbers of one shape") from None
+        if value.dim() != len(shape) or any(s not in (-1, v) for s, v in zip(shape[1:], value.shape[1:])):
+            wanted = (
+                "[" + ", ".join("N" if i == 0 else ("any" if s == -1 else str(s)) for i, s in enumerate(shape)) + "]"
+            )
+            raise ValueError(f"{where}: {name} has shape {list(value.shape)}; the model takes {wanted}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: {name} holds NaN or infinity")
+        tensors[name] = value.to(dtype)
+        sizes.add(value.shape[0])
+    if len(sizes) != 1:
+        raise ValueError(f"{where}: the inputs give {sorted(sizes)} rows; each needs one row per sample")
+    return tensors
+
+
+def example_inputs(reference: str, tracking_uri: str | None, spec: ModelSpec) -> tuple[dict, str]:
+    """A model of several inputs' example batch logged with its run, by name; a ModelNotFound when there is none."""
+    from sweeplab.track.tracker import CHECKPOINT_PATH, Tracker
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    run_id, _ = resolve_run_id(reference, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
+        try:
+            example = torch.load(
+                Tracker(tracking_uri).download_checkpoint(run_id, Path(tmp), "example.pt"), weights_only=True
+            )
+        except Exception:
+            raise ModelNotFound(
+                f"{reference}: give the input as JSON by name ({', '.join(spec.named_inputs)})"
+            ) from None
+    values = (
+        list(example.values())
+        if isinstance(example, dict)
+        else list(example)
+        if isinstance(example, (tuple, list))
+        else [example]
+    )
+    n = int(values[0].shape[0])
+    return dict(
+        zip(spec.named_inputs, values)
+    ), f"the {n} validation inputs logged with run {run_id} ({CHECKPOINT_PATH}/example.pt)"
+
+
+def predict_named(model, spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Predictions for a model of several inputs, called as training called it (by name; one tensor as itself)."""
+    inputs = next(iter(tensors.values())) if spec.inputs["kind"] == "tensor" else tensors
+    with torch.no_grad():
+        if hasattr(model, "eval") and not isinstance(model, ExportedModel):
+            model.eval()
+        outputs = (model(inputs) if spec.inputs["kind"] == "tensor" else model(**inputs)).detach().cpu()
+    described = describe_outputs(outputs, spec)
+    for i, item in enumerate(described):
+        item["x"] = {name: value[i].tolist() for name, value in tensors.items()}
     return described
