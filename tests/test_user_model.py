@@ -584,7 +584,8 @@ def test_a_users_loader_is_split_as_random_split_splits(tmp_path, loader):
     train_idx, val_idx = (torch.tensor(s.indices) for s in subsets)
     if loader == "Wine":  # a map-style Dataset is split by indices and read lazily, not read into tensors
         assert dataset.lazy and dataset.x_train is None
-        assert dataset.train_set.indices == train_idx.tolist() and dataset.val_set.indices == val_idx.tolist()
+        assert dataset.train_set.indices.tolist() == train_idx.tolist()
+        assert dataset.val_set.indices.tolist() == val_idx.tolist()
         xs = torch.stack([dataset.train_set[i][0] for i in range(len(dataset.train_set))])
         assert torch.equal(xs, x[train_idx]) and torch.equal(dataset.y_train, y[train_idx])
     else:

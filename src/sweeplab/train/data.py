@@ -261,13 +261,14 @@ def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
         y_train, y_val = train.y, val.y
     else:
         train_idx, val_idx = split_indices(len(loaded.dataset), data)
-        train_set = Subset(loaded.dataset, train_idx.tolist())
-        val_set = Subset(loaded.dataset, val_idx.tolist())
+        # the indices as int64 arrays (8 bytes each; a list of Python ints takes ~36, in every worker it is sent to)
+        train_set = Subset(loaded.dataset, train_idx.numpy())
+        val_set = Subset(loaded.dataset, val_idx.numpy())
         known = loaded.y is not None
         y_train, y_val = (loaded.y[train_idx], loaded.y[val_idx]) if known else (None, None)
     if data.train_fraction < 1:
         keep = max(1, math.floor(len(train_set) * data.train_fraction))
-        train_set = Subset(train_set, list(range(keep)))
+        train_set = Subset(train_set, np.arange(keep))
         y_train = y_train[:keep] if y_train is not None else None
         description += f", train_fraction={data.train_fraction:g}"
     where = f"data.class_path: {data.class_path}()"
@@ -644,7 +645,7 @@ def _targets_of(dataset, n: int, where: str, task: str) -> torch.Tensor | None:
     if targets is None:
         return None
     try:
-        y = torch.as_tensor(np.asarray(targets))
+        y = torch.as_tensor(np.array(targets))  # a copy: a memory-mapped array is read-only
     except (TypeError, ValueError):
         return None
     if y.shape[0] != n:
