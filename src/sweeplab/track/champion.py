@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,26 +358,33 @@ def _export(model, spec, example, path: str) -> None:
     a padded length) dynamic; ExportError when it cannot be traced."""
     model = model.cpu().eval()
     try:
-        if spec.named_inputs:
-            batch_dim = torch.export.Dim("batch", min=1)
-            dynamic = {}
-            for item in spec.inputs["inputs"]:
-                dims = {0: batch_dim}
-                for i, size in enumerate(item["shape"][1:], start=1):
-                    if size == -1:
-                        dims[i] = torch.export.Dim(f"{item['name']}_{i}", min=1)
-                dynamic[item["name"]] = dims
-            if spec.inputs["kind"] == "tensor":  # one tensor a collate_fn shapes: passed as the forward takes it
-                ((name, value),) = example.items()
-                program = torch.export.export(model, (value,), dynamic_shapes=(dynamic[name],))
-            else:
-                program = torch.export.export(model, (), dict(example), dynamic_shapes=dynamic)
-        else:
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        torch.export.save(program, path)
+        with warnings.catch_warnings():  # torch.export's notes on the user's module: said by its failure, if any
+            warnings.simplefilter("ignore")
+            _trace(model, spec, example, path)
     except Exception as exc:  # data-dependent control flow, an untraceable op, a batch size fixed inside
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ExportError(f"torch.export cannot trace {spec.name}: {type(exc).__name__}: {first}") from None
+
+
+def _trace(model, spec, example, path: str) -> None:
+    """torch.export of the model, the batch dimension dynamic (and every size of several inputs marked -1)."""
+    if spec.named_inputs:
+        batch_dim = torch.export.Dim("batch", min=1)
+        dynamic = {}
+        for item in spec.inputs["inputs"]:
+            dims = {0: batch_dim}
+            for i, size in enumerate(item["shape"][1:], start=1):
+                if size == -1:
+                    dims[i] = torch.export.Dim(f"{item['name']}_{i}", min=1)
+            dynamic[item["name"]] = dims
+        if spec.inputs["kind"] == "tensor":  # one tensor a collate_fn shapes: passed as the forward takes it
+            ((name, value),) = example.items()
+            program = torch.export.export(model, (value,), dynamic_shapes=(dynamic[name],))
+        else:
+            program = torch.export.export(model, (), dict(example), dynamic_shapes=dynamic)
+    else:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, path)
 
 
 def _registered_model(tracker: Tracker, name: str):

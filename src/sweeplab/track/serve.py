@@ -128,7 +128,9 @@ def _logged_code_dir(tracker, run_id: str, spec: ModelSpec, tmp: Path) -> str:
     try:
         tracker.client.download_artifacts(run_id, f"code/{module}.py", str(folder))  # lands as folder/module.py
     except Exception:
-        raise ModelNotFound(f"run {run_id} logged no source of {spec.class_path} to rebuild its champion from") from None
+        raise ModelNotFound(
+            f"run {run_id} logged no source of {spec.class_path} to rebuild its champion from"
+        ) from None
     return str(folder)
 
 

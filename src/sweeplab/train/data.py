@@ -645,7 +645,7 @@ def _targets_of(dataset, n: int, where: str, task: str) -> torch.Tensor | None:
     if targets is None:
         return None
     try:
-        y = torch.as_tensor(np.array(targets))  # a copy: a memory-mapped array is read-only
+        y = targets.clone() if isinstance(targets, torch.Tensor) else torch.as_tensor(np.array(targets))
     except (TypeError, ValueError):
         return None
     if y.shape[0] != n:

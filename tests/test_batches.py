@@ -1,0 +1,399 @@
+"""Any batch, any data size (issue #30): a GRU over variable-length sequences with the user's collate_fn and a
+forward of two arguments, a two-input model with dict items (stacked), a memory-mapped data set read lazily by
+DataLoader workers, and bad data as one line. Each is first the user's plain PyTorch loop, written here, then the
+same in sweeplab; the curves must agree, the logged best metric must be what the best checkpoint scores in the
+user's own class, and the champion must answer named inputs without sweeplab or the user's module."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from test_user_model import assert_refused_before_writing, write
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from sweeplab.cli import main
+from sweeplab.config import build_experiment, load_experiment
+from sweeplab.train.engines import Job, choose, engine_named
+from sweeplab.train.experiment import RunResult, run_experiment
+
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import rows_file  # noqa: E402
+import two_inputs  # noqa: E402
+import vowels  # noqa: E402
+
+
+def plain_loop(model, train_loader, val_loader, optimizer, loss_fn, epochs):
+    """The user's own loop: per-sample averaged losses, validation in eval mode under no_grad, accuracy."""
+    curves = {"train_loss": [], "val_loss": [], "val_accuracy": []}
+    for _ in range(epochs):
+        model.train()
+        total, n = 0.0, 0
+        for inputs, target in train_loader:
+            out = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+            loss = loss_fn(out, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(target)
+            n += len(target)
+        curves["train_loss"].append(total / n)
+        model.eval()
+        total, n, right = 0.0, 0, 0
+        with torch.no_grad():
+            for inputs, target in val_loader:
+                out = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+                total += loss_fn(out, target).item() * len(target)
+                right += int((out.argmax(1) == target).sum())
+                n += len(target)
+        curves["val_loss"].append(total / n)
+        curves["val_accuracy"].append(right / n)
+    return curves
+
+
+def vowels_config(folder: Path, **train) -> dict:
+    shutil.copy(EXPERIMENTS / "vowels.py", folder / "vowels.py")
+    shutil.copy(EXPERIMENTS / "japanese_vowels.yaml", folder / "jv.yaml")
+    (folder / "data").mkdir(exist_ok=True)
+    shutil.copy(EXPERIMENTS / "data" / "japanese_vowels.npz", folder / "data" / "japanese_vowels.npz")
+    return load_experiment(folder / "jv.yaml", train)
+
+
+def test_a_gru_with_its_collate_fn_trains_exactly_as_its_plain_pytorch_loop(tmp_path):
+    config = vowels_config(tmp_path, **{"epochs": 3, "model.init_args.hidden": 16})
+    result = run_experiment(config)
+    # the user's script: the same seed, the archive's split, their DataLoaders with their collate_fn
+    torch.manual_seed(0)
+    parts = vowels.utterances()
+    model = vowels.VowelGRU(n_classes=9, hidden=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    shuffle = torch.Generator().manual_seed(7)  # train.shuffle_seed's default, as the seed's loop shuffles
+    train = DataLoader(parts["train"], batch_size=32, shuffle=True, collate_fn=vowels.pad_batch, generator=shuffle)
+    val = DataLoader(parts["val"], batch_size=len(parts["val"]), collate_fn=vowels.pad_batch)
+    curves = plain_loop(model, train, val, optimizer, nn.CrossEntropyLoss(), 3)
+    history = result.history
+    assert history.train_loss == pytest.approx(curves["train_loss"], rel=1e-6)
+    assert history.val_loss == pytest.approx(curves["val_loss"], rel=1e-6)
+    assert history.metrics["val_accuracy"] == pytest.approx(curves["val_accuracy"])
+    assert result.dataset.lazy and result.spec.named_inputs == ["padded_x", "lengths"]
+    assert curves["val_accuracy"][-1] > 0.5  # it learns: 9 speakers, chance is 0.15
+
+
+def test_a_sweep_of_the_gru_logs_what_its_checkpoints_score_and_its_champion_answers_by_name(tmp_path):
+    config_dir = tmp_path / "exp"
+    config_dir.mkdir()
+    vowels_config(config_dir)
+    sweep = write(
+        config_dir,
+        "sweep.yaml",
+        """\
+        study: vowels_test
+        experiment: jv.yaml
+        engine: auto
+        space:
+          lr: {choices: [0.003, 0.02]}
+        base: {train: {epochs: 3}, model: {init_args: {hidden: 16}}}
+        sampler: {type: grid}
+        n_trials: 2
+        """,
+    )
+    uri = f"sqlite:///{tmp_path / 'vowels runs.db'}"
+    assert main(["sweep", str(sweep), "--tracking-uri", uri, "--storage", f"journal:{tmp_path / 'o.journal'}"]) == 0
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("vowels_test")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if "best_val_accuracy" in r.data.metrics]
+    assert len(runs) == 2
+    val = vowels.utterances()["val"]
+    (padded, lengths), labels = vowels.pad_batch([val[i] for i in range(len(val))])
+    for run in runs:  # the logged best equals what the best checkpoint scores in the user's own class
+        path = client.download_artifacts(run.info.run_id, "checkpoint/best.pt", str(tmp_path))
+        payload = torch.load(path, weights_only=True)
+        model = vowels.VowelGRU(**payload["model_spec"]["init_args"])
+        model.load_state_dict(payload["state_dict"])
+        model.eval()
+        with torch.no_grad():
+            accuracy = int((model(padded, lengths).argmax(1) == labels).sum()) / len(labels)
+        assert run.data.metrics["best_val_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    # the champion in a process that can import neither sweeplab nor vowels (it travels with the model)
+    champion = client.get_model_version_by_alias("vowels_test", "champion")
+    path = client.download_artifacts(champion.run_id, "checkpoint/best.pt", str(tmp_path / "champ"))
+    payload = torch.load(path, weights_only=True)
+    model = vowels.VowelGRU(**payload["model_spec"]["init_args"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        expected = model(padded[:5], lengths[:5]).argmax(1).tolist()
+    request = {"padded_x": padded[:5].tolist(), "lengths": lengths[:5].tolist()}
+    script = textwrap.dedent(
+        f"""\
+        import sys, json
+        import importlib.util
+        assert importlib.util.find_spec("vowels") is None  # not here: it travels with the model
+        sys.modules["sweeplab"] = None  # any import of sweeplab now fails
+        import numpy as np, mlflow
+        mlflow.set_tracking_uri({uri!r})
+        model = mlflow.pyfunc.load_model("models:/vowels_test@champion")
+        request = json.loads({json.dumps(json.dumps(request))})
+        labels = model.predict({{"padded_x": np.array(request["padded_x"]), "lengths": np.array(request["lengths"])}})
+        names = [spec.name for spec in model.metadata.signature.inputs.inputs]
+        print(json.dumps({{"labels": np.asarray(labels).tolist(), "names": names}}))
+        """
+    )
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=empty, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["names"] == ["padded_x", "lengths"]
+    assert out["labels"] == expected
+    # `sweeplab predict` takes the same request as JSON, by name
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    os.chdir(empty)
+    assert main(["predict", "models:/vowels_test@champion", str(tmp_path / "request.json"), "--tracking-uri", uri]) == 0
+
+
+def test_the_rebuilt_champion_is_served_by_mlflow_models_serve(tmp_path):
+    config_dir = tmp_path / "exp"
+    config_dir.mkdir()
+    vowels_config(config_dir)
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    sweep = write(
+        config_dir,
+        "sweep.yaml",
+        """\
+        study: served_vowels
+        experiment: jv.yaml
+        space:
+          lr: {choices: [0.02]}
+        base: {train: {epochs: 2}, model: {init_args: {hidden: 8}}}
+        sampler: {type: grid}
+        n_trials: 1
+        """,
+    )
+    assert main(["sweep", str(sweep), "--tracking-uri", uri, "--storage", f"journal:{tmp_path / 'o.journal'}"]) == 0
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/served_vowels@champion"]
+    server = subprocess.Popen(
+        [*command, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def post(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    frames = np.random.default_rng(0).normal(size=(2, 9, 12)).round(3).tolist()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+        ok = post({"inputs": {"padded_x": frames, "lengths": [9, 5]}})
+        wrong = post({"inputs": {"padded_x": [[[0.1, 0.2]]], "lengths": [1]}})
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    client = MlflowClient(uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias("served_vowels", "champion")
+    payload = torch.load(
+        client.download_artifacts(champion.run_id, "checkpoint/best.pt", str(tmp_path)), weights_only=True
+    )
+    model = vowels.VowelGRU(**payload["model_spec"]["init_args"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.tensor(frames, dtype=torch.float32), torch.tensor([9, 5])).argmax(1).tolist()
+    assert ok == (200, {"predictions": expected})
+    assert wrong[0] == 400 and "(-1, -1, 12)" in wrong[1]["message"]
+
+
+TWO_SETTINGS = [
+    {"optimizer": "Adam", "lr": 0.003},
+    {"optimizer": "SGD", "lr": 0.05, "momentum": 0.9},
+    {"optimizer": "AdamW", "lr": 0.01, "weight_decay": 0.1},
+    {"optimizer": "RMSprop", "lr": 0.001},
+    {"optimizer": "Adam", "lr": 0.01, "clip_grad_norm": 0.5},
+]
+
+
+def two_input_configs(folder: Path) -> list:
+    shutil.copy(EXPERIMENTS / "two_inputs.py", folder / "two_inputs.py")
+    out = []
+    for extra in TWO_SETTINGS:
+        raw = {
+            "task": "multiclass",
+            "seed": 2,
+            "data": {"source": "python", "class_path": "two_inputs.digits_two_inputs", "val_size": 0.2},
+            "model": {"class_path": "two_inputs.ImageAndProfile", "init_args": {"channels": 4, "hidden": 8}},
+            "train": {"epochs": 4, "batch_size": 64, **extra},
+        }
+        out.append(build_experiment(raw, "test", folder))
+    return out
+
+
+def test_a_two_input_model_with_dict_items_stacks_and_each_member_equals_its_reference_twin(tmp_path):
+    assert choose(two_input_configs(tmp_path))[0] == "vectorized"
+    reference = [Job(None, c) for c in two_input_configs(tmp_path)]
+    stacked = [Job(None, c) for c in two_input_configs(tmp_path)]
+    engine_named("reference").train(reference, None)
+    engine_named("vectorized").train(stacked, None)
+    for ref, vec in zip(reference, stacked):
+        assert not isinstance(vec.result, RunResult)  # trained stacked, not sent to the reference loop
+        a, b = ref.result.history, vec.result.history
+        assert b.best_epoch == a.best_epoch
+        assert b.val_loss == pytest.approx(a.val_loss, rel=1e-4)
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
+    finals = {round(job.result.history.val_loss[-1], 4) for job in reference}
+    assert len(finals) == len(TWO_SETTINGS)  # the settings differ, so the comparison above could fail
+    # and the reference loop is the user's plain loop: model(image=..., profile=...) on the dict's rows
+    first = reference[0].result
+    torch.manual_seed(2)
+    inputs, labels = two_inputs.digits_two_inputs()
+    model = two_inputs.ImageAndProfile(n_classes=10, channels=4, hidden=8)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(42))
+    n_val = int(len(labels) * 0.2)
+    train_idx, val_idx = perm[: len(labels) - n_val], perm[len(labels) - n_val :]
+    items = [({k: torch.from_numpy(v[i]) for k, v in inputs.items()}, int(labels[i])) for i in range(len(labels))]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.003)
+    shuffle = torch.Generator().manual_seed(7)
+    train = DataLoader(Subset(items, train_idx.tolist()), batch_size=64, shuffle=True, generator=shuffle)
+    val = DataLoader(Subset(items, val_idx.tolist()), batch_size=n_val)
+
+    def dict_loop():
+        def call(batch):
+            return model(**batch)
+
+        curves = []
+        for _ in range(4):
+            model.train()
+            for batch, target in train:
+                loss = nn.functional.cross_entropy(call(batch), target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                batch, target = next(iter(val))
+                curves.append(nn.functional.cross_entropy(call(batch), target).item())
+        return curves
+
+    assert first.history.val_loss == pytest.approx(dict_loop(), rel=1e-5)
+
+
+def test_a_memory_mapped_set_read_lazily_by_two_workers_trains_as_a_plain_dataloader_loop(tmp_path):
+    rows_file.write_rows(tmp_path / "data", 4000)
+    shutil.copy(ROOT / "benchmarks" / "rows_file.py", tmp_path / "rows_file.py")
+    raw = {
+        "task": "multiclass",
+        "seed": 3,
+        "data": {
+            "source": "python",
+            "class_path": "rows_file.RowFile",
+            "init_args": {"folder": str(tmp_path / "data")},
+            "num_workers": 2,
+            "val_size": 0.1,
+        },
+        "model": {"hidden": 16},
+        "train": {"epochs": 2, "batch_size": 128, "lr": 0.003},
+    }
+    config = build_experiment(raw, "test", tmp_path)
+    engine, reason = choose([config])
+    assert engine == "reference" and "read lazily through a DataLoader" in reason
+    result = run_experiment(config)
+    assert result.dataset.lazy and result.dataset.x_train is None  # never read into tensors
+    torch.manual_seed(3)
+    dataset = rows_file.RowFile(str(tmp_path / "data"))
+    perm = torch.randperm(4000, generator=torch.Generator().manual_seed(42))
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.003)
+    shuffle = torch.Generator().manual_seed(7)
+    train = DataLoader(Subset(dataset, perm[:3600].tolist()), 128, shuffle=True, num_workers=2, generator=shuffle)
+    val = DataLoader(Subset(dataset, perm[3600:].tolist()), batch_size=400, num_workers=2)
+    curves = plain_loop(model, train, val, optimizer, nn.CrossEntropyLoss(), 2)
+    assert result.history.train_loss == pytest.approx(curves["train_loss"], rel=1e-6)
+    assert result.history.val_loss == pytest.approx(curves["val_loss"], rel=1e-6)
+
+
+BAD_DATA = """\
+import torch
+
+
+class Items(torch.utils.data.Dataset):
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        if self.kind == "single":
+            return torch.zeros(3)
+        if self.kind == "ragged" and i % 2:
+            return torch.zeros(4), 0
+        return torch.zeros(3), i % 2
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(3), 0
+
+
+def stream():
+    return Stream()
+
+
+def broken_collate(items):
+    raise ValueError("no padding for you")
+"""
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("class_path: bad.Items, init_args: {kind: single}", "bad.Items(): item 8 is Tensor; an item must be (inputs, target)"),
+        ("class_path: bad.Items, init_args: {kind: ragged}", "bad.Items(): item 3's inputs [4] differ from item 8's [3]"),
+        ("class_path: bad.stream", "returned an IterableDataset"),
+        (
+            "class_path: bad.Items, init_args: {kind: fine}, collate_fn: bad.broken_collate",
+            "data.collate_fn: collating items 0-7 raised ValueError: no padding for you",
+        ),
+    ],
+)
+def test_bad_data_is_one_line_naming_the_field_and_item_and_nothing_written(store, capsys, data, expected):
+    write(store, "bad.py", BAD_DATA)
+    write(store, "exp.yaml", f"task: binary\ndata: {{source: python, {data}, val_size: 10}}\n")
+    assert_refused_before_writing(store, ["run", str(store / "exp.yaml")], expected, capsys)
