@@ -384,8 +384,14 @@ def broken_collate(items):
 @pytest.mark.parametrize(
     "data, expected",
     [
-        ("class_path: bad.Items, init_args: {kind: single}", "bad.Items(): item 8 is Tensor; an item must be (inputs, target)"),
-        ("class_path: bad.Items, init_args: {kind: ragged}", "bad.Items(): item 3's inputs [4] differ from item 8's [3]"),
+        (
+            "class_path: bad.Items, init_args: {kind: single}",
+            "bad.Items(): item 8 is Tensor; an item must be (inputs, target)",
+        ),
+        (
+            "class_path: bad.Items, init_args: {kind: ragged}",
+            "bad.Items(): item 3's inputs [4] differ from item 8's [3]",
+        ),
         ("class_path: bad.stream", "returned an IterableDataset"),
         (
             "class_path: bad.Items, init_args: {kind: fine}, collate_fn: bad.broken_collate",

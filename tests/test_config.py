@@ -250,7 +250,7 @@ LAYERS = {"train": 1, "track": 2, "sweep": 3, "report": 3}  # the ground floor i
 
 def _layer(module: str) -> int:
     head = module.split(".")[1] if "." in module else ""
-    return LAYERS.get(head, 4 if head in ("", "cli", "console", "__main__") else 0)
+    return LAYERS.get(head, 4 if head in ("", "api", "cli", "console", "__main__") else 0)
 
 
 def test_no_module_imports_a_layer_above_its_own():

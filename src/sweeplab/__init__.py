@@ -6,13 +6,57 @@ top, and the ground floor every layer stands on (config.py, stores.py, stop.py, 
 cli.py for the commands, train/loop.py for the training loop, sweep/driver.py for a sweep. In a notebook:
 
     import sweeplab
+    result = sweeplab.sweep("sweeps/digits_cnn.yaml", n_trials=8)        # or a dict; objects for class paths
+    result.trials                                                        # a DataFrame, one row per trial
+    run = sweeplab.run({"data": {...}, "model": {"class_path": MyNet}}, epochs=4)
+    run.history                                                          # a DataFrame per epoch
     model = sweeplab.load_model("models:/optimizer_hidden_noise@champion")   # torch.nn.Module, eval mode
     sweeplab.predict("optimizer_hidden_noise", [[1.0, 2.0]])                 # values, or class probabilities
 """
 
 from __future__ import annotations
 
+import types
+
+from sweeplab import sweep as _sweep_package  # the package sweeplab/sweep/ (its __init__ imports nothing)
+
 __version__ = "0.1.0"
+
+
+class _CallableSweep(types.ModuleType):
+    """`sweeplab.sweep` is both the sweep runtime's package (`import sweeplab.sweep.driver`) and the function
+    `sweeplab.sweep(spec, ...)`: importing a submodule sets the package as the parent's attribute, so the package
+    itself answers the call."""
+
+    def __call__(self, spec, *, tracking_uri=None, storage=None, quiet=False, **overrides):
+        from sweeplab.api import sweep
+
+        return sweep(spec, tracking_uri=tracking_uri, storage=storage, quiet=quiet, **overrides)
+
+
+_sweep_package.__class__ = _CallableSweep
+
+
+def run(experiment, *, tracking_uri=None, track=True, **overrides):
+    """Train one experiment (a file's path, or a dict of its form whose class_path may be the class itself);
+    `overrides` as on the command line (`epochs=20`). Returns a RunResult: .history (a DataFrame per epoch),
+    .best_epoch, .best, .model (best state restored), .run_id. Bad input raises sweeplab.ConfigError."""
+    from sweeplab.api import run as run_
+
+    return run_(experiment, tracking_uri=tracking_uri, track=track, **overrides)
+
+
+def __getattr__(name: str):
+    """ConfigError, SweepResult and RunResult on first use: `import sweeplab` stays free of torch and MLflow."""
+    if name == "ConfigError":
+        from sweeplab.config import ConfigError
+
+        return ConfigError
+    if name in ("SweepResult", "RunResult"):
+        from sweeplab import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_model(model: str, tracking_uri: str | None = None, device: str = "cpu"):

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from sweeplab import __version__
 from sweeplab.config import ConfigError, load_experiment, parse_overrides, read_yaml
-from sweeplab.console import Progress, SeedPrinter, prediction_texts, print_sweep_summary, run_summary
+from sweeplab.console import SeedPrinter, prediction_texts, print_sweep_summary, run_summary
 from sweeplab.process import configure, use_threads
 from sweeplab.stop import stop_flag
 from sweeplab.stores import (
@@ -49,29 +49,13 @@ class UsageError(Exception):
 def _run(args: argparse.Namespace) -> int:
     # The config is checked before torch is even imported: a typo costs milliseconds, not seconds.
     config = load_experiment(args.experiment, parse_overrides(args.overrides))
-    from sweeplab.train.experiment import check_config, run_experiment
+    from sweeplab.api import train_run  # what sweeplab.run calls too
 
-    check_config(config, args.experiment)  # bad data or a bad model is one line before any store exists
     configure(with_optuna=False)
     printer = None if args.json else SeedPrinter(config.name, config.print_every)
     if printer:
         printer.header()
-    callbacks = [printer] if printer else []
-    tracker = None
-    if args.track:  # Ctrl-C or SIGTERM ends the run KILLED at the next epoch, instead of leaving it RUNNING
-        from sweeplab.track.recorder import RunTracker
-
-        tracker = RunTracker(resolve_tracking_uri(args.tracking_uri), config, args.experiment)
-        callbacks.append(tracker.epoch_callback)
-    callbacks.append(lambda record: stop_flag.check())
-    try:
-        result = run_experiment(config, callbacks=callbacks)
-    except BaseException as exc:
-        if tracker:
-            tracker.fail(exc)
-        raise
-    if tracker:
-        tracker.finish(result)
+    result, tracker = train_run(config, args.experiment, args.tracking_uri, args.track, [printer] if printer else [])
     history = result.history
     if args.json:
         print(json.dumps(run_summary(result, tracker)))
@@ -93,41 +77,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sweeplab.sweep.probes import settle
+    from sweeplab.api import start_sweep  # what sweeplab.sweep calls too
 
     overrides = parse_overrides(args.overrides)
     background = None
     if args.report:  # forked first: it imports what a report needs while this process imports torch and the rest
         background = Forked(lambda: _warm_report(args.tracking_uri))
+
+    def trials_done(study: str, tracking_uri: str) -> None:  # the report, built while the champions register
+        if background is not None:
+            background.submit(_report_in_background, study, tracking_uri, f"reports/{study}")
+
     try:
         configure()
-        tracking_uri = resolve_tracking_uri(args.tracking_uri)
-        # a bad sweep file fails here, before any study or run exists, and so does an engine or device it cannot use
-        plan = settle(load_sweep(args.sweep, overrides))  # and bad data, a bad model
-        sweep = plan.sweep
-        from sweeplab.sweep.driver import run_sweep
-        from sweeplab.track.tracker import import_store_modules
-
-        spec = sweep.spec
-        storage_url = resolve_storage_url(args.storage, tracking_uri)
-        import_store_modules(tracking_uri)  # once, before the helpers are forked
-        out = f"reports/{spec.study}"
-
-        def trials_done() -> None:  # the report, built while this process registers the champions
-            if background is not None:
-                background.submit(_report_in_background, spec.study, tracking_uri, out)
-
-        bar = Progress(
-            spec.study,
-            enabled=not args.quiet,
-            header=f"engine: {spec.engine} ({plan.reason})" if plan.reason else "",
+        plan, outcome, tracking_uri, storage_url = start_sweep(
+            args.sweep, overrides, args.tracking_uri, args.storage, args.quiet, trials_done
         )
-        try:
-            outcome = run_sweep(
-                plan, tracking_uri, storage_url, workers=spec.workers, progress=bar.update, trials_done=trials_done
-            )
-        finally:
-            bar.close()
+        sweep = plan.sweep
+        out = f"reports/{sweep.spec.study}"
     except BaseException:
         if background is not None:
             background.close()

@@ -6,6 +6,7 @@ imported by the function that prints with it."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -78,7 +79,10 @@ class Progress:
         self.bars: dict[str, object] = {}
 
     def update(self, study, n_trials: int, condition: str = "") -> None:
-        from tqdm import tqdm
+        if "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets"):  # Jupyter's own progress bars
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
 
         from sweeplab.sweep.ledger import best_trials, finished_count
 
@@ -94,7 +98,7 @@ class Progress:
                 total=n_trials,
                 desc=name,
                 unit="trial",
-                file=sys.stderr if self.tty else _Lines(),
+                file=sys.stderr if self.tty or "ipykernel" in sys.modules else _Lines(),
                 dynamic_ncols=True,
                 mininterval=0.1 if self.tty else 15,
                 bar_format="{desc} {bar:30} {n_fmt}/{total_fmt} trials [{elapsed}<{remaining}]{postfix}",

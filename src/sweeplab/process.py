@@ -6,9 +6,12 @@ keep their own settings.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -17,8 +20,9 @@ from sweeplab.stop import stop_flag
 from sweeplab.stores import retry_waits
 
 
-def configure(with_optuna: bool = True, install_stop: bool = True) -> None:
-    """Everything a sweeplab command wants of its process, before it opens any store."""
+def configure(with_optuna: bool = True, install_stop: bool = True, library: bool = False) -> None:
+    """Everything a sweeplab command wants of its process, before it opens any store. `library`: called from
+    Python (sweeplab.sweep, sweeplab.run, inside `borrowed()`), where torch's optimizers are left as they are."""
     # MLflow: no progress bars or "View run at" lines (the sweep prints its own progress and the UI link once;
     # against a server each line also costs a request to read the run back).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -51,11 +55,59 @@ def configure(with_optuna: bool = True, install_stop: bool = True) -> None:
 
     retry_waits()  # a bad $SWEEPLAB_RETRY_WAITS is one line now, before any store is touched
 
-    skip_dynamo_wrappers()
+    if not library:
+        skip_dynamo_wrappers()
 
     stop_flag.clear()  # a command run in a process that ran one before (a test, a notebook) starts afresh
     if install_stop:
         stop_flag.install()
+
+
+@contextlib.contextmanager
+def borrowed():
+    """What a sweep or run from Python changes in the caller's interpreter, given back afterwards however it ends
+    (an error, Ctrl-C): the SIGINT and SIGTERM handlers, sys.stdout and sys.stderr, the warning filters, the levels
+    of the loggers configure() sets, the environment variables it sets by default, torch's thread counts, and the
+    stop flag. A notebook is then as it was, and a later Ctrl-C interrupts its own loops again."""
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    streams = sys.stdout, sys.stderr
+    filters = list(warnings.filters)
+    loggers = {name: logging.getLogger(name).level for name in ("mlflow", "mlflow.store.db.utils", "optuna")}
+    environ = dict(os.environ)
+    import torch  # a sweep or run needs it anyway; its thread count is read before anything sets it
+
+    threads = torch.get_num_threads()
+    # torch wraps an optimizer class's `step` (its profiler hook) the first time one is built: the caller's classes
+    # are given back as they were, whatever the sweep built
+    steps = {cls: cls.__dict__["step"] for cls in _optimizer_classes(torch) if "step" in cls.__dict__}
+    try:
+        yield
+    finally:
+        stop_flag.clear()
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        sys.stdout, sys.stderr = streams
+        warnings.filters[:] = filters
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
+        for key in [k for k in os.environ if k not in environ]:
+            del os.environ[key]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+        torch.set_num_threads(threads)
+        for cls, step in steps.items():
+            cls.step = step
+
+
+def _optimizer_classes(torch) -> list[type]:
+    found, stack = [], [torch.optim.Optimizer]
+    while stack:
+        cls = stack.pop()
+        found.append(cls)
+        stack += cls.__subclasses__()
+    return found
 
 
 def use_threads(threads: int | None) -> None:

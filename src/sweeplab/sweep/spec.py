@@ -268,11 +268,20 @@ def result_settings(part: Sweep) -> dict[str, Any]:
     }
 
 
-def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
+def load_sweep(path: str | Path | dict, overrides: dict[str, Any] | None = None, folder: Path | None = None) -> Sweep:
     """Read and validate a sweep file, its base experiment and every parameter of its space, so that a bad
-    sweep fails here, before any study or run exists."""
-    path = Path(path)
-    raw = read_yaml(path)
+    sweep fails here, before any study or run exists. `path` may be the sweep file's content as a dict (from
+    Python: sweeplab.sweep), whose `experiment` is a file (relative to `folder`, default the current folder) or
+    the experiment itself as a dict; its messages then name `sweep` where they would name the file."""
+    inline_experiment: dict[str, Any] = {}
+    if isinstance(path, dict):
+        raw = dict(path)
+        if isinstance(raw.get("experiment"), dict):
+            inline_experiment = raw.pop("experiment")
+        path = Path(folder or Path.cwd()) / "sweep"
+    else:
+        path = Path(path)
+        raw = read_yaml(path)
     sweep_overrides, experiment_overrides = split_sweep_overrides(overrides or {})
     raw = apply_overrides(raw, sweep_overrides)
     space = raw.get("space")
@@ -294,7 +303,9 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             raise ConfigError(f"{path}: experiment: no such file {spec.experiment}")
         base = read_yaml(experiment_path)
         base_dir = experiment_path.parent
-    base = merge(base, spec.base)  # `base:` changes the experiment: `train: {epochs: 5}` keeps its lr
+    base = merge(
+        merge(base, inline_experiment), spec.base
+    )  # `base:` changes the experiment: `train: {epochs: 5}` keeps its lr
     if spec.objective is not None:  # the sweep's objective wins over its experiment's
         base = {**base, "objective": spec.objective.model_dump(exclude_none=True)}
     base = apply_overrides(base, experiment_overrides)

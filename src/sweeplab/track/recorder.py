@@ -49,7 +49,7 @@ from sweeplab.track.tracker import (
 from sweeplab.train import batch
 from sweeplab.train.loop import EpochRecord, baseline_loss
 from sweeplab.train.model import save_checkpoint, spec_json
-from sweeplab.train.plugins import source_of
+from sweeplab.train.plugins import main_source, source_of
 
 FLUSH_EVERY_S = 5.0  # long trials show their curves live; short ones log once, at the end
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
@@ -82,17 +82,29 @@ def run_tags(config: ExperimentConfig) -> dict[str, str]:
     if config.model.class_path:
         tags[TAG_MODEL_CLASS] = config.model.class_path
         found = source_of(config.model.class_path, config.code_dir)
+        text = main_source(config.model.class_path)
         if found is not None:
             tags[TAG_SOURCE_HASH] = found[1]
+        elif text is not None:  # a notebook's class: the hash of its source, as inspect.getsource gives it
+            tags[TAG_SOURCE_HASH] = hashlib.sha256(text.encode()).hexdigest()
     return tags
 
 
-def code_sources(config: ExperimentConfig) -> list[Path]:
-    """The source files of the user's modules the run imported (its model class, its loader, its collate_fn)."""
+def code_sources(config: ExperimentConfig) -> list[tuple[str, bytes]]:
+    """(file name, source) of the user's code the run imported (its model class, its loader, its collate_fn): each
+    module's file, or for an object defined in a notebook (`__main__`) its own source, `__main__.Name.py`."""
     python = config.data.source == "python"
     paths = [config.model.class_path, config.data.class_path if python else None, config.data.collate_fn]
-    found = [source_of(path, config.code_dir) for path in paths if path]
-    return list(dict.fromkeys(item[0] for item in found if item is not None))
+    out: dict[str, bytes] = {}
+    for path in filter(None, paths):
+        found = source_of(path, config.code_dir)
+        if found is not None:
+            out.setdefault(found[0].name, found[0].read_bytes())
+            continue
+        text = main_source(path)
+        if text is not None:
+            out.setdefault(f"{path}.py", text.encode())
+    return list(out.items())
 
 
 class TrialRun:
@@ -179,8 +191,8 @@ class TrialRun:
             if sources:  # what code the run trained: the user's module(s), hashed in the run's tags
                 code = Path(tmp) / "code"
                 code.mkdir()
-                for source in sources:
-                    (code / source.name).write_bytes(source.read_bytes())
+                for name, text in sources:
+                    (code / name).write_bytes(text)
                 self.client.log_artifacts(self.run_id, str(code), "code")
 
     def log_dataset(self, result) -> None:

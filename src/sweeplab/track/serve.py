@@ -202,11 +202,17 @@ def check_source(tracker, run_id: str, spec: ModelSpec, folder: str | None = Non
     from sweeplab.track.tracker import TAG_SOURCE_HASH, TAG_STUDY
 
     module_name = spec.class_path.rpartition(".")[0]
-    file = module_file(module_name, [folder or os.getcwd(), *sys.path])
     tags = tracker.client.get_run(run_id).data.tags
     logged = tags.get(TAG_SOURCE_HASH)
     study = tags.get(TAG_STUDY)
     champion = f" or predict through its registered champion, models:/{study}@champion" if study else ""
+    if module_name.split(".")[0] == "__main__":  # a class defined in a notebook has no module to import
+        where = f"models:/{study}@champion" if study else "its champion (a sweep registers one)"
+        raise ValueError(
+            f"the run trained {spec.class_path}, a class defined in a notebook (its source is in the run's code/ "
+            f"artifacts); predict through {where}, which loads without it"
+        )
+    file = module_file(module_name, [folder or os.getcwd(), *sys.path])
     if file is None:
         raise ValueError(
             f"the run trained {spec.class_path}; no module {module_name!r} in this folder or on sys.path "

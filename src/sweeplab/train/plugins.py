@@ -31,9 +31,37 @@ from sweeplab.stop import Stopped, stop_flag
 DATA_ARGS = ("in_features", "in_channels", "input_shape", "n_classes", "num_classes", "out_features", "n_outputs")
 
 
+# Objects given in place of import paths (sweeplab.sweep / sweeplab.run from Python: a class defined in a notebook),
+# by the path that names them in the config; processes forked from this one have them too.
+REGISTERED: dict[str, Any] = {}
+
+
+def path_of(obj: Any) -> str:
+    """The import path that stands for `obj` in a config: `module.QualName` where that finds it again (a class in
+    a module, or in a notebook's `__main__`), else a name registered in this process (a class made in a function)."""
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not name:
+        raise ConfigError(f"{obj!r} has no name to stand for it; give a class or a function")
+    found = sys.modules.get(module)
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    path = f"{module}.{name}"
+    if found is not obj:  # `<locals>` in the name, or shadowed since: known by this process only
+        path = f"{module}.{getattr(obj, '__name__', 'object')}_{id(obj):x}".replace("<", "").replace(">", "")
+    REGISTERED[path] = obj
+    return path
+
+
+def in_main(path: str) -> bool:
+    """Whether the path names an object of `__main__` (a notebook's, or a script's run as a program)."""
+    return path.split(".")[0] == "__main__"
+
+
 def import_object(path: str, code_dir: str | None, field: str, where: str = "beside the experiment file") -> Any:
     """`module.name` -> the object, the module looked for in `code_dir` (`where` says what that folder is) first.
     One-line ConfigErrors."""
+    if path in REGISTERED:
+        return REGISTERED[path]
     module_name, _, attribute = path.rpartition(".")
     if code_dir and code_dir not in sys.path:
         sys.path.insert(0, code_dir)  # kept: the trials, and torch.export, need the module again
@@ -133,9 +161,23 @@ def instantiate(cls: type, init_args: dict[str, Any], path: str, field: str = "m
         raise ConfigError(f"{field}.class_path: {path}({_args_text(init_args)}) raised {error_text(exc)}") from None
 
 
+def main_source(path: str) -> str | None:
+    """The source of an object of `__main__` (a notebook's class): `inspect.getsource`, where this process has it."""
+    obj = REGISTERED.get(path)
+    if obj is None:
+        return None
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):  # defined in an interpreter without source (a plain `python -c`)
+        return None
+
+
 def source_of(path: str, code_dir: str | None = None) -> tuple[Path, str] | None:
     """(file, sha256) of the module that `path` (module.name) comes from (imported here, or where it would be
-    imported from: a writer process never imports it); None for a module without a source file."""
+    imported from: a writer process never imports it); None for a module without a source file, and for an
+    object of `__main__` (main_source gives its source)."""
+    if in_main(path) or path in REGISTERED:
+        return None
     module = sys.modules.get(path.rpartition(".")[0])
     file = getattr(module, "__file__", None)
     if file is None and "." not in path.rpartition(".")[0]:
