@@ -86,7 +86,8 @@ def start_sweep(
     from sweeplab.track.tracker import import_store_modules
 
     storage_url = resolve_storage_url(storage, tracking_uri)
-    if objects and not storage_url.startswith(("sqlite:", "journal:")):
+    remote = "://" in storage_url and not storage_url.startswith("sqlite:")  # a path or journal: is this machine's
+    if objects and remote:
         print(
             f"sweeplab: {', '.join(objects)} given as objects: workers on other machines (`sweeplab worker`) need "
             "import paths (module.Name in a file they can import); this process and its local helpers have them",
