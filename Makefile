@@ -73,6 +73,7 @@ bench: install
 	$(PY) benchmarks/bench_user_model.py
 	$(PY) benchmarks/bench_stacked.py
 	$(PY) benchmarks/bench_cnn_members.py
+	$(PY) benchmarks/bench_lazy.py
 
 # docs/mlflow-ui.png and docs/report.png: the default sweep as headless Chromium shows it (Debian's chromium)
 screenshots: install

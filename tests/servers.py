@@ -54,7 +54,8 @@ class Postgres:
                 "-l",
                 str(self.data.parent / "postgres.log"),
                 "-o",
-                f"-p {self.port} -k {self.data.parent} -c listen_addresses=127.0.0.1",
+                # max_connections: every worker, MLflow server process and helper holds a pool; 100 ran out under load
+                f"-p {self.port} -k {self.data.parent} -c listen_addresses=127.0.0.1 -c max_connections=300",
                 "start",
             ),
             check=True,

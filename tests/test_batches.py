@@ -86,7 +86,7 @@ def test_a_gru_with_its_collate_fn_trains_exactly_as_its_plain_pytorch_loop(tmp_
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     shuffle = torch.Generator().manual_seed(7)  # train.shuffle_seed's default, as the seed's loop shuffles
     train = DataLoader(parts["train"], batch_size=32, shuffle=True, collate_fn=vowels.pad_batch, generator=shuffle)
-    val = DataLoader(parts["val"], batch_size=len(parts["val"]), collate_fn=vowels.pad_batch)
+    val = DataLoader(parts["val"], batch_size=32, collate_fn=vowels.pad_batch)  # a lazy set validates in batches
     curves = plain_loop(model, train, val, optimizer, nn.CrossEntropyLoss(), 3)
     history = result.history
     assert history.train_loss == pytest.approx(curves["train_loss"], rel=1e-6)
@@ -342,7 +342,7 @@ def test_a_memory_mapped_set_read_lazily_by_two_workers_trains_as_a_plain_datalo
     optimizer = torch.optim.Adam(model.parameters(), lr=0.003)
     shuffle = torch.Generator().manual_seed(7)
     train = DataLoader(Subset(dataset, perm[:3600].tolist()), 128, shuffle=True, num_workers=2, generator=shuffle)
-    val = DataLoader(Subset(dataset, perm[3600:].tolist()), batch_size=400, num_workers=2)
+    val = DataLoader(Subset(dataset, perm[3600:].tolist()), batch_size=128, num_workers=2)
     curves = plain_loop(model, train, val, optimizer, nn.CrossEntropyLoss(), 2)
     assert result.history.train_loss == pytest.approx(curves["train_loss"], rel=1e-6)
     assert result.history.val_loss == pytest.approx(curves["val_loss"], rel=1e-6)
@@ -403,3 +403,60 @@ def test_bad_data_is_one_line_naming_the_field_and_item_and_nothing_written(stor
     write(store, "bad.py", BAD_DATA)
     write(store, "exp.yaml", f"task: binary\ndata: {{source: python, {data}, val_size: 10}}\n")
     assert_refused_before_writing(store, ["run", str(store / "exp.yaml")], expected, capsys)
+
+
+def test_a_two_input_champion_answers_by_name_without_sweeplab_or_the_users_module(tmp_path):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    shutil.copy(EXPERIMENTS / "two_inputs.py", folder / "two_inputs.py")
+    shutil.copy(EXPERIMENTS / "two_inputs.yaml", folder / "two_inputs.yaml")
+    sweep = write(
+        folder,
+        "sweep.yaml",
+        """\
+        study: two_inputs_test
+        experiment: two_inputs.yaml
+        base: {train: {epochs: 2}}
+        space:
+          lr: {choices: [0.003, 0.01]}
+        sampler: {type: grid}
+        n_trials: 2
+        """,
+    )
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    assert main(["sweep", str(sweep), "--tracking-uri", uri, "--storage", f"journal:{tmp_path / 'o.journal'}"]) == 0
+    client = MlflowClient(uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias("two_inputs_test", "champion")
+    payload = torch.load(
+        client.download_artifacts(champion.run_id, "checkpoint/best.pt", str(tmp_path)), weights_only=True
+    )
+    model = two_inputs.ImageAndProfile(**payload["model_spec"]["init_args"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    inputs, labels = two_inputs.digits_two_inputs()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(inputs["image"][:6]), torch.from_numpy(inputs["profile"][:6]))
+    request = {name: value[:6].astype("float64").tolist() for name, value in inputs.items()}
+    script = textwrap.dedent(
+        f"""\
+        import sys, json
+        import importlib.util
+        assert importlib.util.find_spec("two_inputs") is None
+        sys.modules["sweeplab"] = None
+        import numpy as np, mlflow
+        mlflow.set_tracking_uri({uri!r})
+        model = mlflow.pyfunc.load_model("models:/two_inputs_test@champion")
+        request = json.loads({json.dumps(json.dumps(request))})
+        arrays = {{name: np.array(value) for name, value in request.items()}}
+        labels = model.predict(arrays)
+        proba = model.predict(arrays, params={{"output": "probabilities"}})
+        print(json.dumps({{"labels": np.asarray(labels).tolist(), "proba": proba.to_numpy().tolist()}}))
+        """
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["labels"] == expected.argmax(1).tolist()
+    assert np.allclose(out["proba"], torch.softmax(expected.double(), 1).numpy(), atol=1e-5)

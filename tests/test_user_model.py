@@ -337,7 +337,9 @@ def test_predict_imports_a_runs_module_only_when_its_source_is_the_logged_one(cn
     assert "note: no input given: predicting the 8 validation inputs logged with run" in proc.stderr
 
 
-def test_a_model_torch_export_cannot_trace_registers_its_checkpoint(tmp_path):
+def test_a_model_torch_export_cannot_trace_gets_a_champion_rebuilt_from_its_logged_source(tmp_path):
+    """#30: it was registered as its checkpoint, which mlflow.pyfunc.load_model refused (no MLmodel file); now its
+    champion is a pyfunc with the logged module in code_paths, which mlflow loads where the module is not found."""
     sweep = cnn_project(tmp_path, n_trials=1, epochs=2, model="Branchy")
     sweep.write_text(sweep.read_text().replace("channels: {choices: [2, 4]}", "seed: {choices: [3]}"))
     uri = f"sqlite:///{tmp_path}/t.db"
@@ -361,10 +363,21 @@ def test_a_model_torch_export_cannot_trace_registers_its_checkpoint(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if "torch.export cannot trace" in line]
-    assert len(said) == 1 and "my_nets.Branchy" in said[0] and "sweeplab predict serves it" in said[0]
+    assert len(said) == 1 and "the champion rebuilds my_nets.Branchy from its logged source" in said[0]
     version = MlflowClient(uri).get_model_version_by_alias("tiny_cnn", "champion")
-    assert version.tags["sweeplab.export"].startswith("torch.export cannot trace my_nets.Branchy")
+    assert "sweeplab.export" not in version.tags
     rows = sklearn.datasets.load_digits().data[:2].tolist()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = (
+        "import sys, json, numpy as np, mlflow; sys.modules['sweeplab'] = None; "
+        "import importlib.util; assert importlib.util.find_spec('my_nets') is None; "
+        f"mlflow.set_tracking_uri({uri!r}); model = mlflow.pyfunc.load_model('models:/tiny_cnn@champion'); "
+        f"print(json.dumps(np.asarray(model.predict(np.array({rows!r}))).tolist()))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=180)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert len(json.loads(loaded.stdout.strip().splitlines()[-1])) == 2
     out = subprocess.run(
         [
             sys.executable,

@@ -324,7 +324,9 @@ class TrainConfig(_Frozen):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD and RMSprop only")
     epochs: int = Field(80, gt=0, le=MAX_EPOCHS)
     batch_size: int = Field(32, gt=0, le=MAX_SAMPLES)
-    val_batch_size: int | None = Field(None, gt=0, description="default: the whole validation set")
+    val_batch_size: int | None = Field(
+        None, gt=0, description="default: the whole validation set (batch_size for a Dataset read lazily)"
+    )
     shuffle: bool = True
     shuffle_seed: int | None = Field(7, **SEED)
     loss: Union[Literal["mse", "l1", "huber", "smooth_l1", "bce", "cross_entropy"], ClassSpec] = Field(

@@ -324,6 +324,7 @@ class Ledger:
         only the worker whose state change succeeds requeues a trial."""
         beating = bool(heartbeat_interval(self.storage))
         if beating:  # Optuna fails stale trials and RetryHeartbeatStaleTrialCallback queues them again
+            self._tell_stale_from_runs()
             with_retries(optuna.storages.fail_stale_trials, self.study)
         trials = with_retries(self.study.get_trials, deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL))
         running = [t for t in trials if t.state == TrialState.RUNNING]
@@ -350,6 +351,19 @@ class Ledger:
                     run_id,
                     trial.user_attrs.get(FAIL_REASON_ATTR) or "worker lost: no heartbeat within the grace period",
                 )
+
+    def _tell_stale_from_runs(self) -> None:
+        """Before Optuna fails the stale trials (and queues each again): a stale trial whose run finished was lost
+        between the run's end and its tell (a SIGKILL there), and is told what its run recorded instead, as for a
+        dead worker on a journal storage; failing and retrying it would train it twice beside a finished run."""
+        if self.runs is None:
+            return
+        stale = set(with_retries(self.storage._get_stale_trial_ids, self.study._study_id))
+        if not stale:
+            return
+        for trial in with_retries(self.study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial._trial_id in stale:
+                self._tell_from_run(trial)
 
     def _tell_from_run(self, trial: optuna.trial.FrozenTrial) -> bool:
         """Tell a dead worker's trial what its finished run recorded (a worker killed between finishing the run

@@ -34,6 +34,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from sweeplab.stores import store_lock
 from sweeplab.track import pyfunc_model
 from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
+from sweeplab.train.batch import by_name
 from sweeplab.train.model import load_checkpoint, state_to_cpu
 
 ALIAS = "champion"
@@ -201,15 +202,7 @@ def _example_batch(tracker: Tracker, run_id: str, tmp: Path, spec, predict_x: li
     points, else random inputs of the data's shape (runs logged before examples were)."""
     if spec.named_inputs:  # several inputs: the logged example batch, by the forward's argument names
         path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/example.pt", str(tmp))
-        example = torch.load(path, weights_only=True)
-        values = (
-            list(example.values())
-            if isinstance(example, dict)
-            else list(example)
-            if isinstance(example, (tuple, list))
-            else [example]
-        )
-        return dict(zip(spec.named_inputs, values))
+        return by_name(torch.load(path, weights_only=True), spec.named_inputs)
     try:
         path = tracker.client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/example.pt", str(tmp))
         example = torch.load(path, weights_only=True)
@@ -305,14 +298,14 @@ def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str, cod
             meta.update(feature_names=names, input_shape=shape)
             inputs = None
             images = len(shape) > 1
-            if images:  # a picture's pixels are not features anyone names in a request
-                meta = {k: v for k, v in meta.items() if k != "feature_names"}
             input_example = (
                 example.double().numpy()
                 if images
                 else pd.DataFrame(example.reshape(example.shape[0], -1).double().numpy(), columns=names)
             )
         Path(f"{tmp}/model.json").write_text(json.dumps(meta, indent=2))
+        if not named and images:  # a picture's pixels are not features anyone names in a request
+            meta = {k: v for k, v in meta.items() if k != "feature_names"}
         if spec.task == "regression":
             columns = (
                 ["prediction"] if spec.out_features == 1 else [f"prediction_{i}" for i in range(spec.out_features)]

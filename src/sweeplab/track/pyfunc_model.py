@@ -62,7 +62,7 @@ class Champion(mlflow.pyfunc.PythonModel):
             with torch.no_grad():
                 out = call(self.program, self.meta["inputs"], named_inputs(model_input, self.meta["inputs"]))
         else:
-            names = self.meta.get("feature_names") or [str(i) for i in range(int(np.prod(self.meta["input_shape"])))]
+            names = self.meta["feature_names"]
             shape = self.meta.get("input_shape") or [len(names)]
             rows = input_rows(model_input, names, shape)
             x = torch.from_numpy(rows.astype(np.float32)).reshape(-1, *shape)

@@ -19,6 +19,7 @@ import torch
 
 from sweeplab.config import read_yaml
 from sweeplab.stores import redact, resolve_tracking_uri
+from sweeplab.train.batch import by_name
 from sweeplab.train.loop import predict
 from sweeplab.train.model import ModelSpec, load_checkpoint, read_checkpoint
 
@@ -348,36 +349,12 @@ def read_named_inputs(text: str, spec: ModelSpec, where: str) -> dict[str, torch
         raise ValueError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict) and set(data) == {"inputs"}:
         data = data["inputs"]
-    names = spec.named_inputs
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{where}: the model takes its inputs by name: {{{', '.join(f'{n!r}: [...]' for n in names)}}}"
-        )
-    missing, unknown = [n for n in names if n not in data], [k for k in data if k not in names]
-    if missing or unknown:
-        said = ([f"missing {', '.join(missing)}"] if missing else []) + (
-            [f"unknown {', '.join(unknown)}"] if unknown else []
-        )
-        raise ValueError(f"{where}: {'; '.join(said)} (the model takes {', '.join(names)})")
-    tensors, sizes = {}, set()
-    for item in spec.inputs["inputs"]:
-        name, shape, dtype = item["name"], item["shape"], getattr(torch, item["dtype"], torch.float32)
-        try:
-            value = torch.tensor(data[name], dtype=torch.float64 if dtype.is_floating_point else None)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{where}: {name} is not an array of numbers of one shape") from None
-        if value.dim() != len(shape) or any(s not in (-1, v) for s, v in zip(shape[1:], value.shape[1:])):
-            wanted = (
-                "[" + ", ".join("N" if i == 0 else ("any" if s == -1 else str(s)) for i, s in enumerate(shape)) + "]"
-            )
-            raise ValueError(f"{where}: {name} has shape {list(value.shape)}; the model takes {wanted}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{where}: {name} holds NaN or infinity")
-        tensors[name] = value.to(dtype)
-        sizes.add(value.shape[0])
-    if len(sizes) != 1:
-        raise ValueError(f"{where}: the inputs give {sorted(sizes)} rows; each needs one row per sample")
-    return tensors
+    from sweeplab.track.pyfunc_model import BadInput, named_inputs  # the champion's own reading of named inputs
+
+    try:
+        return named_inputs(data, spec.inputs)
+    except BadInput as exc:
+        raise ValueError(f"{where}: {exc.message.removeprefix('input: ')}") from None
 
 
 def example_inputs(reference: str, tracking_uri: str | None, spec: ModelSpec) -> tuple[dict, str]:
@@ -395,17 +372,9 @@ def example_inputs(reference: str, tracking_uri: str | None, spec: ModelSpec) ->
             raise ModelNotFound(
                 f"{reference}: give the input as JSON by name ({', '.join(spec.named_inputs)})"
             ) from None
-    values = (
-        list(example.values())
-        if isinstance(example, dict)
-        else list(example)
-        if isinstance(example, (tuple, list))
-        else [example]
-    )
-    n = int(values[0].shape[0])
-    return dict(
-        zip(spec.named_inputs, values)
-    ), f"the {n} validation inputs logged with run {run_id} ({CHECKPOINT_PATH}/example.pt)"
+    inputs = by_name(example, spec.named_inputs)
+    n = int(next(iter(inputs.values())).shape[0])
+    return inputs, f"the {n} validation inputs logged with run {run_id} ({CHECKPOINT_PATH}/example.pt)"
 
 
 def predict_named(model, spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:

@@ -106,6 +106,17 @@ def describe(inputs: Inputs, top: bool = True) -> str:
     return type(inputs).__name__
 
 
+def by_name(inputs: Inputs, names: list[str]) -> dict:
+    """The top-level inputs keyed by the forward's argument names (a dict's values, a tuple's in order, a tensor)."""
+    if isinstance(inputs, dict):
+        values = list(inputs.values())
+    elif isinstance(inputs, (tuple, list)):
+        values = list(inputs)
+    else:
+        values = [inputs]
+    return dict(zip(names, values))
+
+
 def input_names(model: Any, inputs: Inputs) -> list[str]:
     """The forward's argument names for each top-level input: a dict's keys, or the forward's parameters in
     order for a tuple (`forward(self, padded_x, lengths)` -> padded_x, lengths); `x` for a single tensor."""

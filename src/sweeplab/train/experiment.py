@@ -215,7 +215,10 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
     loss_fn = build_loss(config, dataset.y_train, dataset.n_classes).to(device)
     shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
     train_batches = make_batches(dataset, "train", train.batch_size, train.loader, train.shuffle, shuffle_gen, device)
-    val_batches = make_batches(dataset, "val", train.val_batch_size or dataset.n_val, train.loader, device=device)
+    # the whole validation split as one batch (the seed's), except from a lazy Dataset: batches of batch_size there,
+    # or the batch alone would hold the split in memory
+    val_batch = train.val_batch_size or (train.batch_size if dataset.lazy else dataset.n_val)
+    val_batches = make_batches(dataset, "val", val_batch, train.loader, device=device)
     scheduler = build_scheduler(config, optimizer, math.ceil(dataset.n_train / train.batch_size))
     step = Step(
         optimizer,
