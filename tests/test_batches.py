@@ -96,7 +96,7 @@ def test_a_gru_with_its_collate_fn_trains_exactly_as_its_plain_pytorch_loop(tmp_
     assert curves["val_accuracy"][-1] > 0.5  # it learns: 9 speakers, chance is 0.15
 
 
-def test_a_sweep_of_the_gru_logs_what_its_checkpoints_score_and_its_champion_answers_by_name(tmp_path):
+def test_a_sweep_of_the_gru_logs_what_its_checkpoints_score_and_its_champion_answers_by_name(tmp_path, monkeypatch):
     config_dir = tmp_path / "exp"
     config_dir.mkdir()
     vowels_config(config_dir)
@@ -165,7 +165,7 @@ def test_a_sweep_of_the_gru_logs_what_its_checkpoints_score_and_its_champion_ans
     assert out["labels"] == expected
     # `sweeplab predict` takes the same request as JSON, by name
     (tmp_path / "request.json").write_text(json.dumps(request))
-    os.chdir(empty)
+    monkeypatch.chdir(empty)
     assert main(["predict", "models:/vowels_test@champion", str(tmp_path / "request.json"), "--tracking-uri", uri]) == 0
 
 
