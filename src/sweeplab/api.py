@@ -23,7 +23,6 @@ from sweeplab.config import ConfigError, apply_overrides, build_experiment, load
 from sweeplab.process import borrowed, configure
 from sweeplab.stop import stop_flag
 from sweeplab.stores import SettingError, resolve_storage_url, resolve_tracking_uri
-from sweeplab.train.plugins import path_of
 
 # --- objects where the files have import paths ---------------------------------------------------------------------
 
@@ -38,6 +37,8 @@ def with_paths(raw: Any, found: list[str] | None = None) -> Any:
     if isinstance(raw, (str, bytes, int, float, bool, Path)) or raw is None:
         return str(raw) if isinstance(raw, Path) else raw
     if isinstance(raw, type) or callable(raw):
+        from sweeplab.train.plugins import path_of  # torch: imported only when there are objects
+
         path = path_of(raw)
         if found is not None:
             found.append(path)

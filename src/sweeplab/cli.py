@@ -77,12 +77,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sweeplab.api import start_sweep  # what sweeplab.sweep calls too
-
     overrides = parse_overrides(args.overrides)
     background = None
     if args.report:  # forked first: it imports what a report needs while this process imports torch and the rest
         background = Forked(lambda: _warm_report(args.tracking_uri))
+    from sweeplab.api import start_sweep  # what sweeplab.sweep calls too
 
     def trials_done(study: str, tracking_uri: str) -> None:  # the report, built while the champions register
         if background is not None:
