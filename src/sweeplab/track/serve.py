@@ -365,9 +365,8 @@ def example_inputs(reference: str, tracking_uri: str | None, spec: ModelSpec) ->
     run_id, _ = resolve_run_id(reference, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
         try:
-            example = torch.load(
-                Tracker(tracking_uri).download_checkpoint(run_id, Path(tmp), "example.pt"), weights_only=True
-            )
+            path = Tracker(tracking_uri).download_checkpoint(run_id, Path(tmp), "example.pt")
+            example = torch.load(path, weights_only=True)
         except Exception:
             raise ModelNotFound(
                 f"{reference}: give the input as JSON by name ({', '.join(spec.named_inputs)})"
