@@ -174,19 +174,26 @@ class ExportedModel(torch.nn.Module):
         return self.program(*args, **kwargs)
 
 
-def example_rows(reference: str, tracking_uri: str | None, spec: ModelSpec) -> tuple[list[list[float]], str]:
-    """(rows, where from): the validation inputs logged with the run (checkpoint/example.pt), for a predict line
-    given no input; a ModelNotFound when the run logged none."""
-    from sweeplab.track.tracker import CHECKPOINT_PATH, Tracker
+def logged_example(reference: str, tracking_uri: str | None):
+    """(the example inputs logged with the run, checkpoint/example.pt, or None; the run's id)."""
+    from sweeplab.track.tracker import Tracker
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run_id, _ = resolve_run_id(reference, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
         try:
             path = Tracker(tracking_uri).download_checkpoint(run_id, Path(tmp), "example.pt")
-            example = torch.load(path, weights_only=True)
-        except Exception:
-            example = None
+            return torch.load(path, weights_only=True), run_id
+        except Exception:  # no example logged
+            return None, run_id
+
+
+def example_rows(reference: str, tracking_uri: str | None, spec: ModelSpec) -> tuple[list[list[float]], str]:
+    """(rows, where from): the validation inputs logged with the run (checkpoint/example.pt), for a predict line
+    given no input; a ModelNotFound when the run logged none."""
+    from sweeplab.track.tracker import CHECKPOINT_PATH
+
+    example, run_id = logged_example(reference, tracking_uri)
     if not isinstance(example, torch.Tensor) or tuple(example.shape[1:]) != tuple(spec.sample_shape):
         raise ModelNotFound(
             f"{reference}: give the input: --x V1,V2,... ({spec.in_features} values a row), a CSV file of its "
@@ -359,18 +366,11 @@ def read_named_inputs(text: str, spec: ModelSpec, where: str) -> dict[str, torch
 
 def example_inputs(reference: str, tracking_uri: str | None, spec: ModelSpec) -> tuple[dict, str]:
     """A model of several inputs' example batch logged with its run, by name; a ModelNotFound when there is none."""
-    from sweeplab.track.tracker import CHECKPOINT_PATH, Tracker
+    from sweeplab.track.tracker import CHECKPOINT_PATH
 
-    tracking_uri = resolve_tracking_uri(tracking_uri)
-    run_id, _ = resolve_run_id(reference, tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
-        try:
-            path = Tracker(tracking_uri).download_checkpoint(run_id, Path(tmp), "example.pt")
-            example = torch.load(path, weights_only=True)
-        except Exception:
-            raise ModelNotFound(
-                f"{reference}: give the input as JSON by name ({', '.join(spec.named_inputs)})"
-            ) from None
+    example, run_id = logged_example(reference, tracking_uri)
+    if example is None:
+        raise ModelNotFound(f"{reference}: give the input as JSON by name ({', '.join(spec.named_inputs)})")
     inputs = by_name(example, spec.named_inputs)
     n = int(next(iter(inputs.values())).shape[0])
     return inputs, f"the {n} validation inputs logged with run {run_id} ({CHECKPOINT_PATH}/example.pt)"
