@@ -349,6 +349,7 @@ def test_a_memory_mapped_set_read_lazily_by_two_workers_trains_as_a_plain_datalo
 
 
 BAD_DATA = """\
+import numpy as np
 import torch
 
 
@@ -364,6 +365,8 @@ class Items(torch.utils.data.Dataset):
             return torch.zeros(3)
         if self.kind == "ragged" and i % 2:
             return torch.zeros(4), 0
+        if self.kind == "arrays":  # numpy inputs in a dict, of two lengths
+            return {"a": np.zeros(3 + i % 2, dtype=np.float32)}, i % 2
         return torch.zeros(3), i % 2
 
 
@@ -392,6 +395,7 @@ def broken_collate(items):
             "class_path: bad.Items, init_args: {kind: ragged}",
             "bad.Items(): item 3's inputs [4] differ from item 8's [3]",
         ),
+        ("class_path: bad.Items, init_args: {kind: arrays}", "item 3's inputs {a: [4] float32} differ from item 8's"),
         ("class_path: bad.stream", "returned an IterableDataset"),
         (
             "class_path: bad.Items, init_args: {kind: fine}, collate_fn: bad.broken_collate",

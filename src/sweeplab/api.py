@@ -203,12 +203,14 @@ def load_run_config(experiment: Any, overrides: dict[str, Any]):
     return load_experiment(raw, overrides)
 
 
-def train_run(config, source: str, tracking_uri: str | None, track: bool, callbacks: list):
-    """Check and train one experiment, tracked in MLflow when `track`: (experiment.RunResult, its RunTracker or
-    None). What `sweeplab run` and `sweeplab.run` both do; the caller has configured the process."""
+def train_run(config, source: str, tracking_uri: str | None, track: bool, callbacks: list, checked: bool = False):
+    """Check (unless the caller has: `checked`) and train one experiment, tracked in MLflow when `track`:
+    (experiment.RunResult, its RunTracker or None). What `sweeplab run` and `sweeplab.run` both do; the caller has
+    configured the process."""
     from sweeplab.train.experiment import check_config, run_experiment
 
-    check_config(config, source)  # bad data or a bad model is one line before any store exists
+    if not checked:
+        check_config(config, source)  # bad data or a bad model is one line before any store exists
     tracker = None
     if track:  # Ctrl-C or SIGTERM ends the run KILLED at the next epoch, instead of leaving it RUNNING
         from sweeplab.track.recorder import RunTracker

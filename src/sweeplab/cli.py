@@ -50,12 +50,15 @@ def _run(args: argparse.Namespace) -> int:
     # The config is checked before torch is even imported: a typo costs milliseconds, not seconds.
     config = load_experiment(args.experiment, parse_overrides(args.overrides))
     from sweeplab.api import train_run  # what sweeplab.run calls too
+    from sweeplab.train.experiment import check_config
 
+    check_config(config, args.experiment)  # before anything is printed or written
     configure(with_optuna=False)
     printer = None if args.json else SeedPrinter(config.name, config.print_every)
     if printer:
         printer.header()
-    result, tracker = train_run(config, args.experiment, args.tracking_uri, args.track, [printer] if printer else [])
+    callbacks = [printer] if printer else []
+    result, tracker = train_run(config, args.experiment, args.tracking_uri, args.track, callbacks, checked=True)
     history = result.history
     if args.json:
         print(json.dumps(run_summary(result, tracker)))

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset, Subset, TensorDataset, default_collate
 
@@ -330,6 +331,8 @@ def _example(items, collate, where: str, task: str, n: int = EXAMPLE_ITEMS):
                 "a tuple or a dict of them"
             )
         inputs, target = item
+        # without a collate_fn every shape must agree (default_collate stacks them); with one, only the nesting
+        # and the dtypes (skip every dimension: padding is the function's job)
         shape = batch.structure(_as_tensors(inputs), skip_first=0 if collate is None else 99)
         if first_structure is None:
             first_structure = shape
@@ -363,7 +366,8 @@ def _index(items, i: int) -> int:
 
 
 def _as_tensors(inputs):
-    return batch.each(lambda t: t, inputs) if not isinstance(inputs, np.ndarray) else torch.as_tensor(inputs)
+    """An item's inputs with every numpy array (at any nesting) as a tensor, so its shapes can be compared."""
+    return pytree.tree_map(lambda leaf: torch.as_tensor(leaf) if isinstance(leaf, np.ndarray) else leaf, inputs)
 
 
 def check_data(config: ExperimentConfig) -> Dataset | None:
