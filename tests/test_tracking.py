@@ -128,6 +128,38 @@ def test_the_experiment_description_and_the_view_its_link_opens(tracker):
     assert "params.`train.lr`" in view["selectedColumns"]
 
 
+RACE = """
+import sys, time
+from sweeplab.track.tracker import Tracker
+tracker = Tracker(sys.argv[1])
+ids = [tracker.experiment_id(f"e{i}") for i in range(40)]
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+for experiment in ids:
+    tracker.describe_experiment(experiment, "note " + sys.argv[3], ["train.lr"])
+"""
+
+
+def test_sweeps_describing_one_experiment_at_once_both_succeed(tracker, tmp_path):
+    """CI stop 34: two sweeps started together on one experiment; the slower one's insert of the same experiment
+    tag failed with SQLite's UNIQUE constraint and the sweep died. Four processes describe forty experiments in
+    step (without the retry, most runs of this lose at least one race)."""
+    import time
+
+    for i in range(40):
+        tracker.experiment_id(f"e{i}")  # made once, before the race
+    start = str(time.time() + 6)
+    workers = [
+        subprocess.Popen([sys.executable, "-c", RACE, tracker.tracking_uri, start, str(n)], stderr=subprocess.PIPE)
+        for n in range(4)
+    ]
+    errors = [worker.communicate(timeout=120)[1].decode() for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers), errors
+    tags = tracker.client.get_experiment(tracker.experiment_id("e39")).tags
+    assert tags[TAG_NOTE] in {f"note {n}" for n in range(4)}
+
+
 def test_params_and_notes_through_the_tracker(tracker):
     run_id = tracker.start_run(tracker.experiment_id("e"), "parent")
     tracker.log_params(run_id, {"study": "s", "n_trials": "40"})

@@ -119,7 +119,10 @@ def share_view(
             "aggregateFunction": "min" if ascending else "max",
             "groupByKeys": [{"mode": "param", "groupByData": field} for field in conditions],
         }
-    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
+    # two sweeps starting at once on one experiment both insert the tag; the loser finds the winner's row next time
+    retry_lost_races(
+        client.set_experiment_tag, experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state), attempts=3
+    )
 
 
 def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) -> subprocess.Popen:
@@ -602,7 +605,7 @@ class Tracker:
         self, experiment_id: str, text: str, fields: list[str], conditions: list[str] = (), objective=None
     ) -> None:
         """The experiment's description, and the view the printed UI link opens (`share_view`)."""
-        self.client.set_experiment_tag(experiment_id, TAG_NOTE, text)
+        retry_lost_races(self.client.set_experiment_tag, experiment_id, TAG_NOTE, text, attempts=3)
         share_view(self.client, experiment_id, fields, conditions, objective)
 
 
