@@ -11,6 +11,7 @@ from mlflow.entities import Metric, Param
 
 from sweeplab.cli import main
 from sweeplab.report import build_report, factor_table, load_runs
+from sweeplab.report.render import terminal_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,6 +159,29 @@ def test_a_run_that_never_learned_has_no_epochs_to_converge(tmp_path):
     trials = load_runs("learn", uri).trials.set_index("trial")
     assert not trials.loc[0, "learned"] and math.isnan(trials.loc[0, "epochs_to_converge"])
     assert trials.loc[1, "learned"] and trials.loc[1, "epochs_to_converge"] == 4
+
+
+def test_runs_without_a_baseline_are_neither_counted_as_learned_nor_as_not(tmp_path):
+    """A lazy data set without `targets` logs no baseline_val_loss. Its trials' `learned` is unknown: the Adam
+    row, whose two trials logged none, shows a blank, not "2" (every trial counted as learned, as before) nor
+    "0"; the SGD row counts its one trial with a baseline (best 0.5 <= 14 / 2) and leaves the other out."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("lazy")
+    p = lambda o: {"train.optimizer": o, "model.hidden": 8, "data.noise": 0.3}  # noqa: E731
+    log_run(client, experiment, 0, p("Adam"), [3, 2], [3, 2.5])
+    log_run(client, experiment, 1, p("Adam"), [3, 1], [3, 1.0, 0.9])
+    with_baseline = log_run(client, experiment, 2, p("SGD"), [20, 5, 1], [12, 3, 0.5])
+    client.log_metric(with_baseline, "baseline_val_loss", 14.0, step=0)
+    log_run(client, experiment, 3, p("SGD"), [20, 9], [12, 30])
+    trials = load_runs("lazy", uri).trials.set_index("trial")
+    assert trials.loc[0, "learned"] is None and trials.loc[1, "learned"] is None and trials.loc[2, "learned"]
+    assert trials.loc[1, "epochs_to_converge"] == 3  # unknown is not ruled out: 0.9 is its first within 5%
+    table = factor_table(trials.reset_index(), ["optimizer"]).set_index("optimizer")
+    assert math.isnan(table.loc["Adam", "learned"]) and table.loc["SGD", "learned"] == 1
+    report = build_report("lazy", uri, tmp_path / "out")
+    adam = next(line for line in terminal_tables(report).splitlines() if line.lstrip().startswith("Adam"))
+    assert adam.split()[1:7] == ["2", "2", "0", "0", "0", "1.3"]  # trials..failed, then bvl_q1 (0.9 + 1.6 / 4)
 
 
 def test_run_links_open_the_model_training_view_of_the_ui_asked_for(hand_made, tmp_path, monkeypatch, capsys):

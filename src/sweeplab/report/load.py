@@ -241,8 +241,9 @@ def _curve_arrays(curves: pd.DataFrame) -> dict[str, dict[str, tuple[np.ndarray,
 def _curve_stats(curve: dict[str, tuple[np.ndarray, np.ndarray]] | None, baseline: float = math.nan) -> dict:
     """Per-trial convergence numbers, computed from the logged curves. `learned`: the best validation loss is at
     most LEARNED_BELOW times the baseline (a constant prediction fitted on the training labels; for MSE, R^2 of
-    at least 0.5); unknown (True) for runs logged without a baseline. A run that never learned has no
-    epochs_to_converge: being within 5% of a best that is no better than guessing is not converging."""
+    at least 0.5); unknown (None) for runs logged without a baseline (a lazy data set without `targets`), which
+    the tables leave blank rather than count either way. A run that never learned has no epochs_to_converge:
+    being within 5% of a best that is no better than guessing is not converging."""
     empty = {
         "learned": False,
         "best_val_loss": math.nan,
@@ -265,7 +266,7 @@ def _curve_stats(curve: dict[str, tuple[np.ndarray, np.ndarray]] | None, baselin
     at_best = int(np.argmin(finite_val))  # the first epoch of the minimum, as the loop keeps the first best
     best_epoch, best = int(finite_epochs[at_best]), float(finite_val[at_best])
     within = finite_epochs[finite_val <= best + CONVERGED_WITHIN * abs(best)]
-    learned = not best > LEARNED_BELOW * baseline  # NaN baseline: not known, so not ruled out
+    learned = None if math.isnan(baseline) else bool(best <= LEARNED_BELOW * baseline)
     train_at_best = train[train_epochs == best_epoch]
     return {
         "learned": learned,
@@ -275,6 +276,6 @@ def _curve_stats(curve: dict[str, tuple[np.ndarray, np.ndarray]] | None, baselin
         "final_train_loss": float(train[-1]) if len(train) else math.nan,
         "final_val_loss": float(val[-1]),
         "gap_at_best": best - (float(train_at_best[0]) if len(train_at_best) else math.nan),
-        "epochs_to_converge": int(within.min()) if learned else math.nan,
+        "epochs_to_converge": int(within.min()) if learned is not False else math.nan,  # unknown: not ruled out
         "auc_val_loss": float(np.trapezoid(finite_val, finite_epochs)) if len(finite_val) > 1 else best,
     }

@@ -79,12 +79,12 @@ def terminal_tables(report: Report) -> str:
             continue
         shown = table[[c for c in table.columns if c not in order] + [c for c in order if c in table.columns]]
         shown = shown.rename(columns=lambda c: _short(c, goal))
-        lines += ["", shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+        lines += ["", shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")]
     lines += [
         "",
         f"({short_name(goal)}: {goal.column} over completed trials: quartiles q1, median, q3 and the "
         f"{'minimum' if goal.minimize else 'maximum'}; learned: best_val_loss at most {LEARNED_BELOW:g} x the "
-        "baseline of a constant prediction)",
+        "baseline of a constant prediction; blank where the runs logged no baseline)",
     ]
     return "\n".join(lines)
 

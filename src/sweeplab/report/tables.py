@@ -5,6 +5,7 @@ them. Read from load.py's SweepData; drawn by pictures.py, written by render.py.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def factor_table(trials: pd.DataFrame, factors: list[str], goal: Goal = DEFAULT_
         row["trials"] = len(group)
         for state in ("completed", "pruned", "diverged", "failed"):
             row[state] = int((group["state"] == state).sum())
-        row["learned"] = int(group["learned"].fillna(False).astype(bool).sum()) if "learned" in group else 0
+        known = group["learned"].dropna() if "learned" in group else group.iloc[:0]
+        # blank (NaN) where no trial logged a baseline: counting those as learned, or as not, would mislead
+        row["learned"] = int(known.astype(bool).sum()) if len(known) else math.nan
         values = goal.values(done)
         column = goal.column
         row[f"{column}_q1"] = values.quantile(0.25)
