@@ -1,5 +1,6 @@
 """Lazy data through DataLoader workers, measured: (1) the peak memory of `sweeplab run` on a memory-mapped file
-of 3,000 and of 300,000 rows read lazily with 2 workers, and of the 300,000 rows read into memory, as the process
+of 3,000 and of 300,000 rows read lazily with 2 workers, beside the same epoch as a plain PyTorch loop (random_split,
+DataLoader, 2 workers: the baseline), and of the 300,000 rows read into memory, as the process
 tree's peak proportional set size (PSS: resident memory with each shared page counted once), and of that the
 anonymous part (the processes' own memory, not pages of mapped files); every process of the run, its DataLoader
 workers included, sampled every 10 ms from /proc;
@@ -84,6 +85,44 @@ def peak_rss_mb(folder: Path, loader: str, workers: int, epochs: int) -> tuple[f
     return peak / 1024, peak_anon / 1024, seconds
 
 
+# The baseline: the same epoch as a user writes it in plain PyTorch (random_split, DataLoader, 2 workers).
+PLAIN = """
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+import rows_file
+from torch.utils.data import DataLoader, random_split
+torch.manual_seed(0)
+ds, workers, epochs = rows_file.RowFile(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
+n_val = round(len(ds) * 0.1)
+train, val = random_split(ds, [len(ds) - n_val, n_val], generator=torch.Generator().manual_seed(0))
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+optimizer, loss_fn = torch.optim.Adam(model.parameters(), 3e-3), torch.nn.CrossEntropyLoss()
+for epoch in range(epochs):
+    model.train()
+    for x, y in DataLoader(train, batch_size=256, shuffle=True, num_workers=workers):
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        total = sum(loss_fn(model(x), y).item() * len(y) for x, y in DataLoader(val, batch_size=256, num_workers=workers))
+"""
+
+
+def plain_peak_mb(folder: Path, workers: int, epochs: int) -> tuple[float, float]:
+    """(peak PSS MB, peak anonymous PSS MB) of the PLAIN loop's process tree, sampled as peak_rss_mb does."""
+    command = [sys.executable, "-c", PLAIN, str(folder / "data"), str(workers), str(HERE), str(epochs)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = peak_anon = 0
+    while proc.poll() is None:
+        pss, anon = tree_pss_kb(proc.pid)
+        peak, peak_anon = max(peak, pss), max(peak_anon, anon)
+        time.sleep(0.01)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr.read().decode()[-2000:])
+    return peak / 1024, peak_anon / 1024
+
+
 def seconds_per_epoch(folder: Path, lazy: bool, epochs: int) -> float:
     from sweeplab.config import build_experiment
     from sweeplab.train.experiment import run_experiment
@@ -115,15 +154,26 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory(prefix="sweeplab-lazy-") as tmp:
         print(f"\n(1) peak memory (PSS) of `sweeplab run`'s process tree, {args.epochs} epoch(s), batch 256, MLP 64")
+        anons: dict[str, list[float]] = {"sweeplab": [], "plain": []}
         for rows in (args.small, args.rows):
             folder = Path(tmp) / str(rows)
             rows_file.write_rows(folder / "data", rows)
             size = (folder / "data" / "rows.f32").stat().st_size / 2**20
             mb, anon, seconds = peak_rss_mb(folder, "RowFile", 2, args.epochs)
+            anons["sweeplab"].append(anon)
             print(
                 f"  lazy, 2 workers, {rows:>7,} rows ({size:5.1f} MB file): peak {mb:5.0f} MB, anonymous {anon:5.0f} MB"
                 f"  ({seconds:.1f} s)"
             )
+            mb, anon = plain_peak_mb(folder, 2, args.epochs)
+            anons["plain"].append(anon)
+            print(f"    plain PyTorch loop, same rows:            peak {mb:5.0f} MB, anonymous {anon:5.0f} MB")
+        extra = args.rows - args.small
+        per_sample = {name: (big - small) * 2**20 / extra for name, (small, big) in anons.items()}
+        print(
+            f"  anonymous memory per extra row: sweeplab {per_sample['sweeplab']:.0f} bytes, plain PyTorch "
+            f"{per_sample['plain']:.0f} bytes (ratio {per_sample['sweeplab'] / per_sample['plain']:.2f})"
+        )
         mb, anon, seconds = peak_rss_mb(Path(tmp) / str(args.rows), "rows_in_memory", 0, args.epochs)
         print(
             f"  in memory,         {args.rows:>7,} rows:                peak {mb:5.0f} MB, anonymous {anon:5.0f} MB"
