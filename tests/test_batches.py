@@ -6,6 +6,7 @@ user's own class, and the champion must answer named inputs without sweeplab or 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -407,6 +408,77 @@ def test_bad_data_is_one_line_naming_the_field_and_item_and_nothing_written(stor
     write(store, "bad.py", BAD_DATA)
     write(store, "exp.yaml", f"task: binary\ndata: {{source: python, {data}, val_size: 10}}\n")
     assert_refused_before_writing(store, ["run", str(store / "exp.yaml")], expected, capsys)
+
+
+LATE_BAD = """\
+import torch
+
+
+class Late(torch.utils.data.Dataset):
+    \"\"\"60 items of 3 features; item `bad` has 4 (kind ragged), or holds 7s, which the collate_fn refuses.\"\"\"
+
+    def __init__(self, bad, kind):
+        self.bad, self.kind = bad, kind
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            return (torch.zeros(4), 1) if self.kind == "ragged" else (torch.full((3,), 7.0), 1)
+        return torch.full((3,), i / 60), i % 2
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def refuse_sevens(items):
+    if any(float(x.max()) == 7.0 for x, _ in items):
+        raise ValueError("a seven")
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", ["ragged", "refused"])
+def test_an_item_the_pre_flight_did_not_read_fails_the_run_in_one_line_naming_its_index(store, capsys, kind, workers):
+    """The pre-flight reads 8 validation and 2 training items. A bad item past those was found only mid-run, as
+    `RuntimeError: stack expects each tensor to be equal size` (exit 1) that named no item. The bad item here is
+    the training split's last (random_split's permutation of 60 by split_seed 0, worked out below), so the
+    pre-flight cannot see it; read by the loop itself or by 2 DataLoader workers, it is named by its index in the
+    user's Dataset, exit 2, and no run is left (it fails in the first epoch, before its run is started)."""
+    n_train = 50
+    bad = int(torch.randperm(60, generator=torch.Generator().manual_seed(0))[n_train - 1])
+    write(store, "late.py", LATE_BAD)
+    collate = ", collate_fn: late.refuse_sevens" if kind == "refused" else ""
+    write(
+        store,
+        "exp.yaml",
+        f"task: binary\ndata: {{source: python, class_path: late.Late, init_args: {{bad: {bad}, kind: {kind}}}, "
+        f"val_size: 10, num_workers: {workers}{collate}}}\nmodel: {{class_path: late.Net}}\n"
+        "train: {epochs: 2, batch_size: 8}\n",
+    )
+    uri = f"sqlite:///{store}/runs.db"
+    assert main(["run", str(store / "exp.yaml"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    if kind == "ragged":
+        pattern = (
+            rf"sweeplab: error: data.class_path: late.Late\(\) \(training split\): item {bad}'s inputs \[4\] "
+            rf"differ from item \d+'s \[3\] \(give data.collate_fn to batch items of different shapes\)"
+        )
+    else:
+        line = LATE_BAD.splitlines().index('        raise ValueError("a seven")') + 1
+        pattern = rf"sweeplab: error: data.collate_fn: collating items [\d, ]*\b{bad}\b[\d, ]* raised ValueError: a seven \(late.py line {line}\)"
+    assert re.fullmatch(pattern, err[0]), err[0]
+    client = MlflowClient(uri)  # the run starts once its first epoch has trained: no half-written run
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_a_two_input_champion_answers_by_name_without_sweeplab_or_the_users_module(tmp_path):

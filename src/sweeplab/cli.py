@@ -586,14 +586,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except Exception as exc:
         # Every failure ends in one line (SWEEPLAB_DEBUG=1 shows the traceback). ShapeError (labels that do not
-        # fit the loss) is bad input, exit 2; SweepError and OutageError say why the sweep cannot go on; any other
+        # fit the loss) and BatchError (items read mid-run that make no batch) are bad input, exit 2; SweepError and OutageError say why the sweep cannot go on; any other
         # error (a damaged or read-only store, a full disk) is named by its type, exit 1.
         if os.environ.get("SWEEPLAB_DEBUG"):
             raise
         kind = type(exc).__name__
-        named = kind in ("ShapeError", "SweepError", "OutageError")
+        named = kind in ("ShapeError", "BatchError", "SweepError", "OutageError")
         print(f"sweeplab: error: {one_line(exc, with_type=not named)}", file=sys.stderr)
-        return 2 if kind == "ShapeError" else 1
+        return 2 if kind in ("ShapeError", "BatchError") else 1
 
 
 def _values_of_x(argv: list[str]) -> list[str]:

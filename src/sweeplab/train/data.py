@@ -52,6 +52,7 @@ class Dataset:
     collate_fn: Callable | None = None
     example: tuple[Inputs, torch.Tensor] | None = None
     loader_args: dict = field(default_factory=dict)  # num_workers, pin_memory, persistent_workers
+    where: str = "data"  # how errors name the data: `data.class_path: my_data.load()` for a user's loader
 
     @property
     def lazy(self) -> bool:
@@ -113,6 +114,65 @@ class InMemoryItems(TorchDataset):
 
     def __getitem__(self, i):
         return batch.take(self.x, i), self.y[i]
+
+
+class BatchError(RuntimeError):
+    """Items read during training that cannot make a batch (a ragged item past the ones checked before the run, a
+    collate_fn that refuses some batch): one line naming the items by their index in the user's Dataset."""
+
+
+class Items(list):
+    """A batch's items as read, with `indices`: each one's index in the user's own Dataset."""
+
+    indices: list[int]
+
+
+class IndexedSubset(Subset):
+    """A split of the user's Dataset (torch's Subset) whose batches of items carry their indices in that Dataset,
+    so that a batch that will not collate is named by them (CheckedCollate). It reads exactly as Subset does."""
+
+    def __getitems__(self, positions: list[int]) -> Items:
+        items = Items(super().__getitems__(positions))
+        items.indices = [_index(self, int(p)) for p in positions]
+        return items
+
+
+class CheckedCollate:
+    """The collate_fn (the user's, or torch's default_collate) of a DataLoader, which turns its failure into
+    BatchError: the first item unlike the first of its batch (not an (inputs, target) pair, or of another
+    structure or shape), else the function's own error, with the batch's indices. A class, not a closure: a
+    DataLoader worker started by `spawn` (macOS, Windows) receives it pickled."""
+
+    def __init__(self, collate: Callable | None, where: str = "data"):
+        self.collate, self.where = collate, where
+
+    def __call__(self, items):
+        try:
+            return (self.collate or default_collate)(items)
+        except Exception as exc:
+            raise BatchError(self.problem(items, exc)) from None
+
+    def problem(self, items, exc: Exception) -> str:
+        indices = getattr(items, "indices", None)
+        name = (lambda k: f"item {indices[k]}") if indices else (lambda k: f"the batch's item {k}")
+        shapes = []
+        for k, item in enumerate(items):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                return f"{self.where}: {name(k)} is a {type(item).__name__}; an item must be (inputs, target)"
+            shapes.append(batch.structure(_as_tensors(item[0]), skip_first=0 if self.collate is None else 99))
+        if len(set(shapes)) > 1:  # name the odd one out: the first item of the rarest structure, against the commonest
+            counts = {shape: shapes.count(shape) for shape in shapes}
+            odd = shapes.index(min(counts, key=counts.get))
+            usual = shapes.index(max(counts, key=counts.get))
+            return (
+                f"{self.where}: {name(odd)}'s inputs {batch.describe(_as_tensors(items[odd][0]))} differ from "
+                f"{name(usual)}'s {batch.describe(_as_tensors(items[usual][0]))}"
+                + ("" if self.collate is not None else " (give data.collate_fn to batch items of different shapes)")
+            )
+        field = "data.collate_fn" if self.collate is not None else self.where
+        listed = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "") if indices else ""
+        of = f"items {listed}" if indices else f"a batch of {len(items)} items"
+        return f"{field}: collating {of} raised {error_text(exc)}"[:400]
 
 
 def target_for_task(y, task: str) -> torch.Tensor:
@@ -258,18 +318,20 @@ def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
     description = f"python:{data.class_path} (lazy)"
     if loaded.split is not None:
         train, val = loaded.split
-        train_set, val_set = train.dataset, val.dataset
+        # each split's items by their index in its own Dataset (a range costs no memory)
+        train_set = IndexedSubset(train.dataset, range(len(train.dataset)))
+        val_set = IndexedSubset(val.dataset, range(len(val.dataset)))
         y_train, y_val = train.y, val.y
     else:
         train_idx, val_idx = split_indices(len(loaded.dataset), data)
         # the indices as int64 arrays (8 bytes each; a list of Python ints takes ~36, in every worker it is sent to)
-        train_set = Subset(loaded.dataset, train_idx.numpy())
-        val_set = Subset(loaded.dataset, val_idx.numpy())
+        train_set = IndexedSubset(loaded.dataset, train_idx.numpy())
+        val_set = IndexedSubset(loaded.dataset, val_idx.numpy())
         known = loaded.y is not None
         y_train, y_val = (loaded.y[train_idx], loaded.y[val_idx]) if known else (None, None)
     if data.train_fraction < 1:
         keep = max(1, math.floor(len(train_set) * data.train_fraction))
-        train_set = Subset(train_set, np.arange(keep))
+        train_set = IndexedSubset(train_set, np.arange(keep))
         y_train = y_train[:keep] if y_train is not None else None
         description += f", train_fraction={data.train_fraction:g}"
     where = f"data.class_path: {data.class_path}()"
@@ -305,6 +367,7 @@ def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
         collate_fn=collate,
         example=example,
         loader_args=loader_args(data),
+        where=where,
     )
 
 

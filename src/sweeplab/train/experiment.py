@@ -17,7 +17,7 @@ import torch
 from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
 from sweeplab.stop import Stopped
 from sweeplab.train import batch
-from sweeplab.train.data import Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
+from sweeplab.train.data import CheckedCollate, Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
 from sweeplab.train.loop import (
     Callback,
     History,
@@ -114,6 +114,12 @@ def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"{where} has no trainable parameters: there is nothing to train")
         if spec.class_path is None and not dataset.input_shape:
+            if dataset.collate_fn is not None and not dataset.structured:
+                raise ConfigError(
+                    f"model: the built-in MLP needs a fixed number of features, and data.collate_fn decides each "
+                    f"batch's shape (the first gives {batch.describe(dataset.inputs)}): give model.class_path "
+                    "(your nn.Module)"
+                )
             raise ConfigError(
                 f"model: the built-in MLP takes one tensor of features; the data gives {batch.describe(dataset.inputs)}"
                 ": give model.class_path (your nn.Module, whose forward takes them)"
@@ -191,13 +197,14 @@ def make_batches(
     (LoaderBatches) for a lazy Dataset, the user's collate_fn, or `train.loader: dataloader`."""
     if dataset.lazy or dataset.collate_fn is not None or loader == "dataloader":
         items = dataset.train_set if split == "train" else dataset.val_set
+        collate = CheckedCollate(
+            dataset.collate_fn, f"{dataset.where} ({'training' if split == 'train' else 'validation'} split)"
+        )
         if items is None:
             x, y = (dataset.x_train, dataset.y_train) if split == "train" else (dataset.x_val, dataset.y_val)
-            return LoaderBatches(
-                x, y, batch_size, shuffle, generator, device, dataset.collate_fn, None, **dataset.loader_args
-            )
+            return LoaderBatches(x, y, batch_size, shuffle, generator, device, collate, None, **dataset.loader_args)
         return LoaderBatches(
-            items, None, batch_size, shuffle, generator, device, dataset.collate_fn, dataset.task, **dataset.loader_args
+            items, None, batch_size, shuffle, generator, device, collate, dataset.task, **dataset.loader_args
         )
     x, y = (dataset.x_train, dataset.y_train) if split == "train" else (dataset.x_val, dataset.y_val)
     return TensorBatches(x, y, batch_size, shuffle=shuffle, generator=generator, device=device)

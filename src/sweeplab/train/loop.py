@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sweeplab.config import DEFAULT_METRICS
 from sweeplab.train import batch
 from sweeplab.train.batch import Inputs
-from sweeplab.train.data import InMemoryItems, target_for_task
+from sweeplab.train.data import BatchError, InMemoryItems, target_for_task
 from sweeplab.train.model import state_to_cpu
 
 
@@ -132,8 +132,16 @@ class LoaderBatches:
         return len(self.loader.dataset)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
-        for inputs, target in self.loader:
-            yield batch.to(inputs, self.device, self.non_blocking), self.target(target).to(self.device)
+        try:
+            for inputs, target in self.loader:
+                yield batch.to(inputs, self.device, self.non_blocking), self.target(target).to(self.device)
+        except BatchError as exc:
+            # from a worker, torch re-raises it as "Caught BatchError in DataLoader worker process 0. Original
+            # Traceback ...": its own line is the traceback's last
+            text = str(exc).rstrip()
+            if text.startswith("Caught "):
+                text = text.splitlines()[-1].split(f"{BatchError.__name__}: ", 1)[-1]
+            raise BatchError(text) from None
 
 
 class Batches(Protocol, Sized):
