@@ -349,6 +349,43 @@ def test_a_memory_mapped_set_read_lazily_by_two_workers_trains_as_a_plain_datalo
     assert result.history.val_loss == pytest.approx(curves["val_loss"], rel=1e-6)
 
 
+DOUBLED = """\
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+
+def digits(times=1.0):
+    data = load_digits()
+    return (data.data / 16.0 * times).astype(np.float32), data.target
+
+
+def doubled(items):
+    return torch.stack([x for x, _ in items]) * 2, torch.stack([torch.as_tensor(y) for _, y in items])
+"""
+
+
+def test_the_built_in_mlp_takes_the_shape_a_stacking_collate_fn_keeps_and_trains_as_on_data_made_so(tmp_path):
+    """A collate_fn that keeps each item's shape (here it doubles the features) used to leave the built-in MLP
+    without a feature count ("takes one tensor of features; the data gives [8, 64]"). Now it is sized from the
+    items (64 features), and training through the collate_fn gives exactly the curves of the same data doubled by
+    the loader itself (x * 2 is exact in float32), read through a DataLoader without one."""
+    write(tmp_path, "doubling.py", DOUBLED)
+    common = "task: multiclass\nmodel: {hidden: 16}\ntrain: {epochs: 3, batch_size: 64, lr: 0.01, loader: dataloader}\n"
+    write(
+        tmp_path,
+        "a.yaml",
+        common + "data: {source: python, class_path: doubling.digits, collate_fn: doubling.doubled}\n",
+    )
+    write(tmp_path, "b.yaml", common + "data: {source: python, class_path: doubling.digits, init_args: {times: 2.0}}\n")
+    through_collate = run_experiment(load_experiment(tmp_path / "a.yaml"))
+    made_so = run_experiment(load_experiment(tmp_path / "b.yaml"))
+    assert through_collate.spec.in_features == 64 and through_collate.dataset.input_shape == (64,)
+    assert through_collate.history.train_loss == made_so.history.train_loss
+    assert through_collate.history.val_loss == made_so.history.val_loss
+    assert through_collate.history.val_loss[-1] < through_collate.history.val_loss[0]
+
+
 BAD_DATA = """\
 import numpy as np
 import torch

@@ -53,6 +53,7 @@ class Dataset:
     example: tuple[Inputs, torch.Tensor] | None = None
     loader_args: dict = field(default_factory=dict)  # num_workers, pin_memory, persistent_workers
     where: str = "data"  # how errors name the data: `data.class_path: my_data.load()` for a user's loader
+    collated_shape: tuple[int, ...] = ()  # one sample's shape where the collate_fn keeps it (_example); () if not
 
     @property
     def lazy(self) -> bool:
@@ -79,9 +80,12 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """One sample's shape: (2,) for the seed's data, (1, 8, 8) for digits; () when the inputs are several
-        tensors, or one whose shape a collate_fn decides per batch."""
-        if self.structured or self.collate_fn is not None:
+        tensors, or one whose shape a collate_fn decides per batch (one that keeps every item's shape, as a
+        collate_fn that only stacks or transforms does, gives that shape)."""
+        if self.structured:
             return ()
+        if self.collate_fn is not None:
+            return self.collated_shape
         return tuple(self.inputs.shape[1:])
 
     @property
@@ -263,10 +267,11 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
     else:
         n_classes = _classes(torch.cat([y_train, y_val]), config) if config.task == "multiclass" else 1
     collate = collate_fn_of(config)
-    example = None
+    example, kept = None, ()
     if collate is not None:
         items = InMemoryItems(x_val, y_val)
-        example = _example(items, collate, f"data.collate_fn: {data.collate_fn}", config.task)
+        *example, kept = _example(items, collate, f"data.collate_fn: {data.collate_fn}", config.task)
+        example = tuple(example)
     return Dataset(
         x_train,
         y_train,
@@ -279,6 +284,7 @@ def make_dataset(config: ExperimentConfig) -> Dataset:
         collate_fn=collate,
         example=example,
         loader_args=loader_args(data),
+        collated_shape=kept,
     )
 
 
@@ -336,7 +342,8 @@ def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
         description += f", train_fraction={data.train_fraction:g}"
     where = f"data.class_path: {data.class_path}()"
     collate = collate_fn_of(config)
-    example = _example(val_set, collate, where, config.task)
+    *example, kept = _example(val_set, collate, where, config.task)
+    example = tuple(example)
     _example(train_set, collate, where + " (training split)", config.task, n=2)
     if config.task == "multiclass":
         if y_train is not None:
@@ -368,6 +375,7 @@ def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
         example=example,
         loader_args=loader_args(data),
         where=where,
+        collated_shape=kept if collate is not None else (),
     )
 
 
@@ -377,7 +385,9 @@ EXAMPLE_ITEMS = 8
 def _example(items, collate, where: str, task: str, n: int = EXAMPLE_ITEMS):
     """The first `n` items read, checked and collated as training collates them: an item that is not (inputs,
     target), whose structure differs from the first's, or that the collate_fn refuses is one line naming `where`
-    and the item's index. Returns the batch (inputs, target), targets in the task's form."""
+    and the item's index. Returns (inputs, target, kept): the batch, targets in the task's form, and one sample's
+    shape when every item's inputs are one tensor of that shape and the batch is them stacked ([n, *shape]), else
+    ()."""
     n = min(n, len(items))
     got = []
     first_structure = None
@@ -418,7 +428,10 @@ def _example(items, collate, where: str, task: str, n: int = EXAMPLE_ITEMS):
     if not isinstance(target, torch.Tensor):
         raise ConfigError(f"{where}: a batch's target is a {type(target).__name__}; it must be one tensor")
     _labels(target, task, where)
-    return inputs, target_for_task(target, task)
+    shapes = {tuple(_as_tensors(item[0]).shape) if batch.is_tensor(_as_tensors(item[0])) else None for item in got}
+    kept = next(iter(shapes)) if len(shapes) == 1 and None not in shapes else None
+    kept = kept if batch.is_tensor(inputs) and kept is not None and tuple(inputs.shape) == (n, *kept) else ()
+    return inputs, target_for_task(target, task), kept
 
 
 def _index(items, i: int) -> int:
