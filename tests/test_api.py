@@ -279,3 +279,78 @@ def test_the_notebook_in_docs_runs_in_a_jupyter_kernel(tmp_path):
     # the committed notebook is this one, executed
     committed = json.loads((ROOT / "docs" / "sweeplab_notebook.ipynb").read_text())
     assert ["".join(c["source"]) for c in committed["cells"]] == [c.source for c in done.cells]
+
+
+MAIN_WRITERS = """\
+import json
+import numpy as np
+from torch import nn
+import sweeplab
+
+
+class Tiny(nn.Module):
+    def __init__(self, in_features, n_classes):
+        super().__init__()
+        self.linear = nn.Linear(in_features, n_classes)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def wine():
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    x = (data.data - data.data.mean(0)) / data.data.std(0)
+    return x.astype(np.float32), data.target
+
+
+spec = {
+    "study": "writers",
+    "engine": "vectorized",
+    "experiment": {
+        "task": "multiclass",
+        "data": {"source": "python", "class_path": wine},
+        "model": {"class_path": Tiny},
+        "train": {"epochs": 3},
+    },
+    "space": {"lr": {"low": 1e-3, "high": 1e-1, "log": True}},
+    "sampler": {"type": "random", "seed": 0},
+    "n_trials": 3,
+}
+result = sweeplab.sweep(spec, tracking_uri=URI, storage=STORAGE, quiet=True)
+print(json.dumps({
+    "run_ids": result.trials["run_id"].tolist(),
+    "columns": list(result.trials.columns),
+    "losses": result.trials["best_val_loss"].tolist(),
+    "best": float(result.best["best_val_loss"].iloc[0]),
+}))
+"""
+
+
+def test_trials_written_by_spawned_writer_processes_log_the_notebook_class_s_source(tmp_path, monkeypatch):
+    """Vectorized sweeps of more than SWEEPLAB_WRITERS_FROM_TRIALS trials (100 by default; 1 here) write their runs
+    in spawned writer processes, which cannot see the notebook's `__main__`: their runs had no code/ and no source
+    hash for a class defined there, and a script without `if __name__ == "__main__":` ran its sweep again in each
+    writer (spawn re-runs the main module). The sweep process now hands the sources over and hides its main
+    module from spawn."""
+    import hashlib
+
+    monkeypatch.setenv("SWEEPLAB_WRITERS_FROM_TRIALS", "1")
+    uri = f"sqlite:///{tmp_path / 'w.db'}"
+    body = f"URI = {uri!r}\nSTORAGE = {'journal:' + str(tmp_path / 'w.journal')!r}\n" + MAIN_WRITERS
+    proc = run_script(tmp_path, body)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    run_ids = out["run_ids"]
+    assert len(run_ids) == 3
+    # the default objective (best_val_loss) once, not twice (sort_values refused the doubled column)
+    assert out["columns"] == ["trial", "state", "lr", "best_epoch", "best_val_loss", "run_id"]
+    assert out["best"] == min(out["losses"])
+    client = MlflowClient(uri)
+    expected = MAIN_WRITERS[MAIN_WRITERS.index("class Tiny") : MAIN_WRITERS.index("def wine")].rstrip() + "\n"
+    for run_id in run_ids:
+        text = Path(client.download_artifacts(run_id, "code/__main__.Tiny.py", str(tmp_path))).read_text()
+        assert text == expected
+        tags = client.get_run(run_id).data.tags
+        assert tags["sweeplab.model_source_sha256"] == hashlib.sha256(expected.encode()).hexdigest()

@@ -172,7 +172,8 @@ def sweep_result(outcome, tracking_uri: str, storage_url: str) -> SweepResult:
             condition=[", ".join(f"{k}={row[k]}" for k in data.conditions) for _, row in frame.iterrows()]
         )
     columns = ["trial", *(["condition", *data.conditions] if data.conditions else []), "state", *data.factors]
-    columns += [c for c in ("best_epoch", goal, "best_val_loss", "run_id") if c not in columns]
+    # (once each: with the default objective the goal is best_val_loss itself)
+    columns = list(dict.fromkeys([*columns, "best_epoch", goal, "best_val_loss", "run_id"]))
     trials = frame[[c for c in columns if c in frame.columns]].copy()
     completed = trials[trials["state"] == "completed"] if "state" in trials else trials
     best = completed.iloc[0:0]

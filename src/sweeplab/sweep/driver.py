@@ -39,7 +39,7 @@ from sweeplab.track.recorder import Recorder, finite
 from sweeplab.track.tracker import TAG_ROLE, TAG_STUDY, Tracker, condition_label
 from sweeplab.train.engines import Engine, Job, engine_named
 from sweeplab.train.loop import EpochRecord
-from sweeplab.train.plugins import source_of
+from sweeplab.train.plugins import main_sources, source_of
 
 MAX_CONSECUTIVE_FAILURES = 3
 # A writer process costs ~3 s of imports to start: it pays off only for more trials (per condition) than this.
@@ -92,6 +92,7 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
         tuple(spec.space),
         dict(spec.condition),
         engine.name,
+        main_sources(),
     )
     recorder = setup.recorder(part.tracker, part.ledger)  # the one a writer process builds for itself
     pooled = not engine.live and part.n_trials > WRITERS_FROM_TRIALS and part.pool_writers

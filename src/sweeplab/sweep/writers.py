@@ -10,9 +10,11 @@ through `concurrent.futures`.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from sweeplab.sweep.ledger import Ledger
 from sweeplab.sweep.search import open_storage
 from sweeplab.track.recorder import Recorder
 from sweeplab.track.tracker import Tracker
+from sweeplab.train import plugins
 from sweeplab.train.engines import Job
 
 # Told when a trial's write is done: (trial number, outcome), for progress.
@@ -77,6 +80,7 @@ class WriterSetup:
     keys: tuple[str, ...]
     condition: dict
     engine: str
+    main_sources: tuple[tuple[str, str], ...] = ()  # plugins.main_sources() of the sweep process
 
     def recorder(self, tracker: Tracker, ledger) -> Recorder:
         """The part's recorder, on stores opened by whoever calls: the sweep process's own (sweep.prepare), or a
@@ -93,6 +97,26 @@ class WriterSetup:
         )
 
 
+@contextlib.contextmanager
+def main_not_rerun():
+    """While writer processes start: multiprocessing's spawn runs the main module again in each child, by its
+    path, and a user's script that calls sweeplab.sweep without `if __name__ == "__main__":` (as notebook code is
+    written) would start its sweep again in every writer. A writer needs nothing of it (jobs name the user's code
+    by import path; a notebook class's source comes in WriterSetup), so the main module is hidden from spawn."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    file, spec = main.__dict__.pop("__file__", None), getattr(main, "__spec__", None)
+    main.__spec__ = None  # spawn reads __spec__ (python -m module) and then __file__ (a script)
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+        if file is not None:
+            main.__file__ = file
+
+
 class WriterPool:
     """Writes jobs in `processes` spawned writer processes. The ledger of this process keeps each trial's
     heartbeat until its write is collected."""
@@ -103,11 +127,13 @@ class WriterPool:
             processes, mp_context=multiprocessing.get_context("spawn"), initializer=_open_writer, initargs=(setup,)
         )
         self.in_flight: dict[Future, Job] = {}
-        for _ in range(processes):  # start the processes now: their imports (~3 s) overlap the first batch
-            self.pool.submit(os.getpid)
+        with main_not_rerun():
+            for _ in range(processes):  # start the processes now: their imports (~3 s) overlap the first batch
+                self.pool.submit(os.getpid)
 
     def submit(self, job: Job, on_written: OnWritten = None) -> None:
-        future = self.pool.submit(_write, job.lease, job.result, job.started)
+        with main_not_rerun():  # (the processes are started; should the pool start another, the same holds)
+            future = self.pool.submit(_write, job.lease, job.result, job.started)
         self.in_flight[future] = job
 
     def busy(self) -> bool:
@@ -168,6 +194,7 @@ def _open_writer(setup: WriterSetup) -> None:
     # a trial that then fails (its heartbeat gone) would be counted as a second result when it is retried
     exit_with_parent(_writing.acquire)
     global _recorder
+    plugins.MAIN_SOURCES.update(setup.main_sources)  # a notebook class's source, logged with each run
     storage = open_storage(setup.storage_url)
     study = optuna.load_study(study_name=setup.optuna_study, storage=storage)
     # no RunStore: a writer only tells the trials it is handed, and recovers none

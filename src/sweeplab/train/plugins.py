@@ -161,15 +161,27 @@ def instantiate(cls: type, init_args: dict[str, Any], path: str, field: str = "m
         raise ConfigError(f"{field}.class_path: {path}({_args_text(init_args)}) raised {error_text(exc)}") from None
 
 
+# Sources of `__main__` objects handed to a process that does not have them (a spawned writer): path -> text.
+MAIN_SOURCES: dict[str, str] = {}
+
+
 def main_source(path: str) -> str | None:
-    """The source of an object of `__main__` (a notebook's class): `inspect.getsource`, where this process has it."""
+    """The source of an object of `__main__` (a notebook's class): `inspect.getsource`, where this process has it,
+    else what the sweep process handed over (MAIN_SOURCES)."""
     obj = REGISTERED.get(path)
     if obj is None:
-        return None
+        return MAIN_SOURCES.get(path)
     try:
         return inspect.getsource(obj)
     except (OSError, TypeError):  # defined in an interpreter without source (a plain `python -c`)
         return None
+
+
+def main_sources() -> tuple[tuple[str, str], ...]:
+    """(path, source) of every registered object whose source this process has: what a spawned writer process
+    needs to log a notebook class's code with its runs (it cannot import `__main__` of this process)."""
+    found = ((path, main_source(path)) for path in REGISTERED)
+    return tuple((path, text) for path, text in found if text is not None)
 
 
 def source_of(path: str, code_dir: str | None = None) -> tuple[Path, str] | None:
