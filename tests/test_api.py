@@ -270,6 +270,10 @@ def test_the_notebook_in_docs_runs_in_a_jupyter_kernel(tmp_path):
     done = make_notebook.execute(make_notebook.notebook(), tmp_path)
     outputs = [o for cell in done.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    stderr = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
+    # what the reader sees: the engine line and the bars; no library warning with a path into site-packages
+    # (tqdm's "IProgress not found" without ipywidgets was)
+    assert "engine: vectorized" in stderr and "Warning" not in stderr and "site-packages" not in stderr, stderr
     images = [o for o in outputs if "data" in o and "image/png" in o.data]
     assert len(images) == 2  # the trials' scatter and the retrained history
     tables = [

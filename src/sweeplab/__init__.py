@@ -37,6 +37,25 @@ class _CallableSweep(types.ModuleType):
 _sweep_package.__class__ = _CallableSweep
 
 
+def _quiet_notebook_tqdm() -> None:
+    """In a Jupyter kernel without ipywidgets, tqdm.auto (which Optuna imports) warns "IProgress not found" into
+    the notebook's first sweep cell, with a path into site-packages. sweeplab's bars are text there anyway
+    (console.Progress picks the widget bars only where ipywidgets is installed), so tqdm.auto is imported first,
+    with that one warning silenced. Outside a kernel nothing is done."""
+    import sys
+
+    if "ipykernel" not in sys.modules or "tqdm.autonotebook" in sys.modules:
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import tqdm.auto  # noqa: F401
+
+
+_quiet_notebook_tqdm()
+
+
 def run(experiment, *, tracking_uri=None, track=True, **overrides):
     """Train one experiment (a file's path, or a dict of its form whose class_path may be the class itself);
     `overrides` as on the command line (`epochs=20`). Returns a RunResult: .history (a DataFrame per epoch),
