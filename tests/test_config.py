@@ -190,7 +190,8 @@ def test_run_on_csv_data_of_any_width_needs_no_predict_x(store, capsys):
     (store / "d.csv").write_text("a,b,c,y\n" + "".join(f"{i},{i % 3},{i % 5},{2 * i}\n" for i in range(12)))
     (store / "e.yaml").write_text("data: {source: csv, path: d.csv, target: y, val_size: 3}\ntrain: {epochs: 2}\n")
     assert main(["run", str(store / "e.yaml"), "--no-track"]) == 0
-    assert "predictions:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best_epoch:" in out and "predictions:" not in out  # #36.7: no empty `predictions:` line without points
 
 
 def test_a_billion_laughs_file_is_refused_at_once(store, capsys):

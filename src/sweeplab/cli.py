@@ -63,16 +63,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(run_summary(result, tracker)))
         return 0
+    if history.status == "failed":  # trained, with no epoch whose objective was finite: no result to show
+        print(f"failed: {history.stop_reason}")
+        if tracker and tracker.run_id:
+            print(f"mlflow run: {tracker.run_id} ({tracker.tracking_uri_display})")
+        return 1
     if history.status != "completed":
         print(f"stopped: {history.stop_reason}")
     elif history.stop_reason:  # early stopping: a completed run that ended before its last epoch
         print(history.stop_reason)
-    print("best_val:", round(history.best_val_loss, 4))
-    if config.objective.metric != "val_loss":
-        print(f"best_{config.objective.metric}:", round(history.best_value, 4))
-    print("predictions:")
-    for row, line in zip(config.predict_x, prediction_texts(result)):
-        print(f"x={row} -> {line}")
+    if config.objective.metric == "val_loss":
+        print("best_val:", round(history.best_val_loss, 4))  # the seed's line
+    else:  # the objective judged the best epoch: its value first, the loss there beside it
+        metric = config.objective.metric
+        print(f"best_{metric}: {round(history.best_value, 4)} (val_loss {round(history.best_val_loss, 4)})")
+    if config.predict_x:
+        print("predictions:")
+        for row, line in zip(config.predict_x, prediction_texts(result)):
+            print(f"x={row} -> {line}")
     print(f"best_epoch: {history.best_epoch}")
     if tracker:
         print(f"mlflow run: {tracker.run_id} ({tracker.tracking_uri_display})")

@@ -34,6 +34,8 @@ class Outcome(str, Enum):
             return cls.COMPLETED
         if history.status == "diverged":
             return cls.DIVERGED
+        if history.status == "failed":  # trained, but no epoch had a finite objective (History.settle)
+            return cls.FAILED
         return stopped or cls.PRUNED
 
     def __str__(self) -> str:

@@ -202,6 +202,8 @@ def train_and_hand_over(
             fail(job, exc)
     for job in [j for j in jobs if j.error is not None]:  # failed alone; the rest of its batch trained
         fail(job, job.error)
+    # trained without a result (no finite objective at any epoch): written as FAILED, and a failure in a row
+    failed += sum(1 for job in jobs if job.result is not None and job.result.history.status == "failed")
     for job in list(jobs):  # each leaves `jobs` once the writer has it
         try:
             writer.submit(job, on_trial_end)

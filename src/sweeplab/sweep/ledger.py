@@ -263,6 +263,8 @@ class Ledger:
         else:
             with_retries(self.storage.set_trial_user_attr, trial_id, OUTCOME_ATTR, str(end.outcome))
             with_retries(self.storage.set_trial_user_attr, trial_id, REASON_ATTR, end.reason)
+            if end.outcome == Outcome.FAILED:  # trained without a result: what `last_failure` reads
+                with_retries(self.storage.set_trial_user_attr, trial_id, FAIL_REASON_ATTR, end.reason)
             self._tell(number, state=TrialState[end.outcome.trial_state])
 
     def fail(self, lease: Lease, reason: str, interrupted: bool = False, run_ended: bool = True) -> None:

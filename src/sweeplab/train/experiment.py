@@ -286,6 +286,12 @@ def _check(config, seen: dict) -> None:
         if dataset is None:
             dataset = seen[key] = seeded_dataset(config)
         check_options(config, dataset)
+    objective_key = (key, config.objective.metric)
+    if config.objective.metric in NEEDS_SPREAD and objective_key not in seen:
+        seen[objective_key] = True
+        if dataset is None:
+            dataset = seen[key] = seeded_dataset(config)
+        check_objective(config, dataset)
     user_model = config.model.class_path is not None
     if user_model or config.data.source == "python":
         model_key = (key, config.model.model_dump_json(), config.train.model_dump_json(include={"loss"}))
@@ -294,6 +300,38 @@ def _check(config, seen: dict) -> None:
             if dataset is None:  # CSV or the seed's data, which check_data reads without building
                 dataset = seen[key] = seeded_dataset(config)
             check_model(config, dataset)
+
+
+# Objectives that the validation targets alone can leave undefined, whatever the model predicts
+NEEDS_SPREAD = ("val_auroc", "val_average_precision", "val_r2")
+
+
+def check_objective(config: ExperimentConfig, dataset: Dataset) -> None:
+    """An objective the validation split makes undefined at every epoch is bad input, not a sweep of trials that
+    each fail: AUROC or average precision over one class (no ranking to judge), R2 of a constant target (its
+    denominator is zero: 0 or 1 whatever the model). Lazy data without `targets` is not read here; its trials
+    fail with the reason (loop.History.settle)."""
+    metric, y = config.objective.metric, dataset.y_val
+    if y is None or metric not in NEEDS_SPREAD:
+        return
+    where = f"objective.metric: {metric} is undefined on the validation split"
+    if metric == "val_r2" and config.task == "regression":
+        targets = y.reshape(len(y), -1).double()
+        constant = [i for i in range(targets.shape[1]) if bool((targets[:, i] == targets[0, i]).all())]
+        if constant:
+            output = f"output {constant[0]}'s" if targets.shape[1] > 1 else "its"
+            raise ConfigError(
+                f"{where}: {output} {len(y)} targets all equal {float(targets[0, constant[0]]):g} "
+                "(R2 divides by their spread); give a validation split whose targets vary (data.val_size, "
+                "data.split_seed) or another objective"
+            )
+    elif metric != "val_r2" and config.task == "binary":
+        classes = torch.unique(y.reshape(-1)).tolist()
+        if len(classes) < 2:
+            raise ConfigError(
+                f"{where}: its {len(y)} samples are all class {classes[0]:g} (it ranks class 1 against class 0); "
+                "give a validation split with both classes (data.val_size, data.split_seed) or another objective"
+            )
 
 
 def _has_options(config) -> bool:

@@ -188,7 +188,7 @@ class History:
     best_state: dict[str, torch.Tensor] | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
     confusion_matrix: list[list[int]] | None = None
-    status: str = "completed"  # completed | diverged | stopped
+    status: str = "completed"  # completed | diverged | stopped | failed (no finite objective: settle)
     stop_reason: str | None = None
     seconds: float = 0.0
     objective: tuple[str, str] = MINIMIZE
@@ -203,9 +203,11 @@ class History:
         return len(self.train_loss)
 
     def better(self, value: float) -> bool:
-        """Strictly better than the best so far (NaN never is; the first best of a tie is kept)."""
+        """Strictly better than the best so far (NaN and +-inf never are; the first best of a tie is kept)."""
+        if not math.isfinite(value):
+            return False
         if not self.best_epoch:
-            return (value < math.inf) if self.objective[1] == "minimize" else (value > -math.inf)
+            return True
         return value < self.best_value if self.objective[1] == "minimize" else value > self.best_value
 
     def record(
@@ -259,6 +261,19 @@ class History:
             )
             return True  # a completed run: its best epoch is its result
         return False
+
+    def settle(self) -> None:
+        """Once training has ended: a run that trained without one finite objective value has no best epoch and
+        so no result (a user metric that returns NaN, AUROC of one class): it failed, with the reason. Both
+        engines call it on every member's History; Outcome.of_history reads the status."""
+        if self.status != "completed" or self.best_epoch or not self.epochs_run:
+            return
+        metric = self.objective[0]
+        last = self.val_loss[-1] if metric == "val_loss" else self.metrics.get(metric, [math.nan])[-1]
+        self.status = "failed"
+        self.stop_reason = (
+            f"{metric} was not finite at any of its {self.epochs_run} epochs (the last: {last}): no best epoch"
+        )
 
 
 # --- the epoch decisions both engines take: on a Python float, or on a [K] tensor of members ---------------------
@@ -636,6 +651,7 @@ def fit(
         reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
         if history.stop(epoch, reasons):
             break
+    history.settle()
     if restore_best and history.best_state is not None:
         model.load_state_dict(history.best_state)
     history.seconds = time.perf_counter() - started

@@ -551,7 +551,7 @@ class _Curves:
             curve[active, column] = values[active]
         value = val if self.objective[0] == "val_loss" else metrics[self.objective[0]].double()
         score = self.sign * value
-        improved = active & (score < self.best_score)  # NaN never improves; a tie keeps the first
+        improved = active & torch.isfinite(score) & (score < self.best_score)  # NaN, inf never; a tie keeps the first
         self.best_score = torch.where(improved, score, self.best_score)
         self.best_value = torch.where(improved, value, self.best_value)
         self.best_val = torch.where(improved, val, self.best_val)
@@ -609,6 +609,7 @@ class _Curves:
                 history.epochs_without = int(self.epochs_without[i])
             if n:  # diverged, stopped by a hook's reason, early, or none: History.stop decides, as in fit
                 history.stop(n, [self.reasons[i]] if i in self.reasons else [])
+            history.settle()
             out.append(history)
         return out
 

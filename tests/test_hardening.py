@@ -1,0 +1,145 @@
+"""Issue #36: defects found trying sweeplab as users and as an attacker would. Each expectation here (the exit code,
+the one line, what the stores hold) is written by hand from the issue, not read back from the code."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+SWEEPLAB = str(Path(sys.executable).parent / "sweeplab")
+
+LOADERS = """\
+import torch
+from sklearn.datasets import load_breast_cancer, load_diabetes
+
+
+def _cancer():
+    d = load_breast_cancer()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    return (x - x.mean(0)) / x.std(0), torch.tensor(d.target)
+
+
+def one_class_val():
+    x, y = _cancer()
+    val = (y == 0).nonzero().flatten()[:40]  # 40 malignant cases, no benign one
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    return {"train": (x[keep], y[keep]), "val": (x[val], y[val])}
+
+
+def cancer():
+    return _cancer()
+
+
+def constant_val():
+    d = load_diabetes()
+    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32)
+    return {"train": (x[30:], y[30:]), "val": (x[:30], torch.full((30,), 140.0))}
+"""
+
+METRICS = """\
+def always_nan(outputs, targets):
+    return float("nan")
+
+
+def always_inf(outputs, targets):
+    return float("inf")
+"""
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def sweeplab(*args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([SWEEPLAB, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def project(folder: Path, task: str, loader: str, objective: str, extra: str = "", n_trials: int = 4) -> Path:
+    write(folder, "loaders.py", LOADERS)
+    write(folder, "my_metrics.py", METRICS)
+    write(
+        folder,
+        "exp.yaml",
+        f"name: e\ntask: {task}\ndata: {{source: python, class_path: loaders.{loader}}}\n"
+        f"train: {{epochs: 3}}\nobjective: {{metric: {objective}}}\n{extra}",
+    )
+    return write(
+        folder,
+        "sweep.yaml",
+        "study: nan_study\nexperiment: exp.yaml\nspace:\n  lr: {low: 1.0e-3, high: 1.0e-1, log: true}\n"
+        f"sampler: {{type: random, seed: 0}}\nn_trials: {n_trials}\n",
+    )
+
+
+# --- 1. an objective that is undefined is bad input; one NaN at every epoch is a failed trial ---------------------
+
+
+@pytest.mark.parametrize(
+    "task, loader, objective, expected",
+    [
+        (
+            "binary",
+            "one_class_val",
+            "val_auroc",
+            "sweep.yaml: objective.metric: val_auroc is undefined on the validation split: its 40 samples are all "
+            "class 0",
+        ),
+        (
+            "binary",
+            "one_class_val",
+            "val_average_precision",
+            "objective.metric: val_average_precision is undefined on the validation split: its 40 samples are all "
+            "class 0",
+        ),
+        (
+            "regression",
+            "constant_val",
+            "val_r2",
+            "objective.metric: val_r2 is undefined on the validation split: its 30 targets all equal 140",
+        ),
+    ],
+)
+def test_a_validation_split_that_leaves_the_objective_undefined_is_one_line_before_any_store(
+    tmp_path, task, loader, objective, expected
+):
+    project(tmp_path, task, loader, objective)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = sweeplab("sweep", "sweep.yaml", "--tracking-uri", "sqlite:///runs.db", cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before  # no store, no journal
+    run = sweeplab("run", "exp.yaml", "--no-track", cwd=tmp_path)  # `sweeplab run` checks it the same way
+    assert run.returncode == 2 and expected.replace("sweep.yaml: ", "") in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("metric, direction", [("always_nan", "maximize"), ("always_inf", "maximize")])
+def test_a_trial_whose_objective_is_never_finite_fails_and_the_sweep_stops_after_three(tmp_path, metric, direction):
+    """352 trials in 90 s for n_trials: 4 before the fix: Optuna failed each trial while its run said completed."""
+    extra = f"metrics:\n  - {{name: val_odd, class_path: my_metrics.{metric}, direction: {direction}}}\n"
+    project(tmp_path, "binary", "cancer", "val_odd", extra)
+    proc = sweeplab("sweep", "sweep.yaml", "--tracking-uri", "sqlite:///runs.db", cwd=tmp_path, timeout=240)
+    value = "nan" if metric == "always_nan" else "inf"
+    reason = f"val_odd was not finite at any of its 3 epochs (the last: {value}): no best epoch"
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"sweeplab: error: 3 trials in a row failed; the last: {reason}"
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+    )
+    trials = optuna.load_study(study_name="nan_study", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 3  # three tries, not hundreds
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs.db")
+    runs = client.search_runs([client.get_experiment_by_name("nan_study").experiment_id])
+    trial_runs = [r for r in runs if r.data.tags.get("sweeplab.role") == "trial"]
+    assert len(trial_runs) == 3
+    for run in trial_runs:  # MLflow and Optuna agree: the run FAILED with the same reason, and has no best_*
+        assert run.info.status == "FAILED" and run.data.tags["sweeplab.outcome"] == "failed"
+        assert run.data.tags["sweeplab.reason"] == reason
+        assert "best_val_loss" not in run.data.metrics
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in trial_runs}
