@@ -323,7 +323,7 @@ def test_predict_imports_a_runs_module_only_when_its_source_is_the_logged_one(cn
         timeout=120,
     )
     assert proc.returncode == 2 and "EVIL RAN" not in proc.stdout + proc.stderr
-    assert "my_nets.py: not the source run" in proc.stderr and "its sha256 differs from the run's" in proc.stderr
+    assert "my_nets.py: not the source the run trained my_nets from (its sha256 differs from the run's)" in proc.stderr
     # no input: the champion predicts the run's logged validation inputs (8 rows), from a folder without the module
     proc = subprocess.run(
         [sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri", uri, "--json"],
@@ -775,7 +775,7 @@ def test_a_study_resumed_after_its_model_source_changed_is_refused(tmp_path, cap
     nets.write_text(nets.read_text().replace("torch.relu", "torch.tanh"))
     assert main(["sweep", str(sweep), "n_trials=4", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "ran its trials with model.source_sha256=" in err
+    assert len(err.splitlines()) == 1 and "ran its trials with other code: module my_nets changed since" in err
     assert "Start a new study (study=NAME)" in err
 
 

@@ -31,7 +31,7 @@ from sweeplab.sweep.batching import batch_size, learns
 from sweeplab.sweep.helpers import Helpers
 from sweeplab.sweep.ledger import RUN_ID_ATTR, WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from sweeplab.sweep.probes import Plan
-from sweeplab.sweep.search import budget, check_compatible, label_study, open_storage, open_study
+from sweeplab.sweep.search import CODE_KEY, budget, check_compatible, label_study, open_storage, open_study
 from sweeplab.sweep.spec import Sweep, result_settings
 from sweeplab.sweep.writers import InlineWriter, WriterPool, WriterSetup
 from sweeplab.track.champion import ALIAS, Champion, register_champion
@@ -39,7 +39,8 @@ from sweeplab.track.recorder import Recorder, finite
 from sweeplab.track.tracker import TAG_ROLE, TAG_STUDY, Tracker, condition_label
 from sweeplab.train.engines import Engine, Job, engine_named
 from sweeplab.train.loop import EpochRecord
-from sweeplab.train.plugins import main_sources, source_of
+from sweeplab.train.plugins import REGISTERED, in_main, main_sources, source_of
+from sweeplab.train.sources import import_paths, source_hashes
 
 MAX_CONSECUTIVE_FAILURES = 3
 # A writer process costs ~3 s of imports to start: it pays off only for more trials (per condition) than this.
@@ -284,13 +285,21 @@ def check_same_tracking_store(study, tracker: Tracker, source: str, storage_url:
 
 
 def code_settings(config) -> dict[str, str]:
-    """The sha256 of the user's modules a trial runs (its model's, its data loader's), as result settings: a study
-    resumed after `relu` became `tanh` in the user's file would rank both in one table."""
+    """The sha256 of the user's code a trial runs, as result settings: a study resumed after `relu` became `tanh`
+    in the user's file, or in a helper module that file imports, would rank both in one table. Each module of the
+    user's that the model, the data loader, the collate_fn, a loss, optimizer, scheduler or metric imports is one
+    `code:<module>` key (train/sources.py); `model.source_sha256` / `data.source_sha256` are what studies
+    recorded before those keys existed."""
     out = {}
     for key, path in (("model.source_sha256", config.model.class_path), ("data.source_sha256", config.data.class_path)):
         found = source_of(path, config.code_dir) if path else None
         if found is not None:
             out[key] = found[1]
+    search = [config.code_dir] if config.code_dir else None
+    for path in import_paths(config).values():
+        if not (in_main(path) or path in REGISTERED):
+            for module, sha256 in source_hashes(path.rpartition(".")[0], search).items():
+                out[f"{CODE_KEY}{module}"] = sha256
     return out
 
 

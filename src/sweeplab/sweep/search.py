@@ -245,8 +245,14 @@ def check_compatible(study: optuna.Study, spec: SweepSpec, source: str, settings
         for name, old in trial.distributions.items():
             new = wanted.get(name)
             key = (name, optuna.distributions.distribution_to_json(old))
-            if new is None or key in seen:
+            if key in seen:
                 continue
+            if new is None:  # pinned (lr=0.01) or dropped: the next trials would have no value for it
+                raise ConfigError(
+                    f"{source}: space: study {spec.optuna_study!r} already searched {name} over {_show(old)}; "
+                    f"this sweep does not search it (a searched key pinned, or left out of the space), and its "
+                    "trials would not compare. Use another study name (study=NAME) to change it"
+                )
             seen.add(key)
             try:
                 optuna.distributions.check_distribution_compatibility(old, new)
@@ -257,22 +263,63 @@ def check_compatible(study: optuna.Study, spec: SweepSpec, source: str, settings
                 ) from None
 
 
+CODE_KEY = "code:"  # a result setting `code:<module>`: the sha256 of one module of the user's (driver.code_settings)
+
+
+def _related(key: str, keys) -> bool:
+    """Whether another form of the same setting is among `keys`: `train.scheduler` (none) and
+    `train.scheduler.class_path` (one given), or `train.loss` (by name) and `train.loss.class_path` (a class)."""
+    return key in keys or any(k.startswith(f"{key}.") or key.startswith(f"{k}.") for k in keys)
+
+
+def changed_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings a resume changes. A key only one side has is a change when the other side has the same
+    setting in another form (none -> a scheduler; a loss by name -> by class), or when it is code (a module
+    added to or dropped from what the trials import); otherwise it is a field one sweeplab version has and the
+    other has not, which is not a change."""
+    code = any(key.startswith(CODE_KEY) for key in recorded)
+    changed = [key for key in recorded if key in now and recorded[key] != now[key]]
+    for key in [*recorded, *now]:
+        if key in recorded and key in now:
+            continue
+        other = now if key in recorded else recorded
+        if (code and key.startswith(CODE_KEY)) or (not key.startswith(CODE_KEY) and _related(key, other)):
+            changed.append(key)
+    changed = list(dict.fromkeys(changed))
+    return [key for key in changed if not any(key.startswith(f"{other}.") for other in changed)]  # the setting once
+
+
 def check_settings(study: optuna.Study, spec: SweepSpec, source: str, settings: dict[str, Any]) -> None:
-    """Refuse, in one line, a resume whose settings differ from those the study recorded (only keys both know:
-    a field added by a later sweeplab is not a change)."""
+    """Refuse, in one line, a resume whose settings differ from those the study recorded: a value changed, a
+    setting given in another form (a scheduler or early stopping added, a loss given by class), a module of the
+    user's code changed, added or dropped."""
     recorded = study.user_attrs.get(SETTINGS_ATTR)
     if not isinstance(recorded, dict):
         return
     now = json.loads(json.dumps(settings))
-    changed = [key for key in recorded if key in now and recorded[key] != now[key]]
+    changed = changed_settings(recorded, now)
     if not changed:
         return
+    modules = [key[len(CODE_KEY) :] for key in changed if key.startswith(CODE_KEY)]
+    if modules:
+        raise ConfigError(
+            f"{source}: study {spec.optuna_study!r} ran its trials with other code: module "
+            f"{', '.join(modules[:4])} changed since (its sha256 is not the one the study recorded), and the "
+            "trials would not compare. Start a new study (study=NAME), or put the old code back"
+        )
 
     def show(values: dict[str, Any]) -> str:
-        def text(value: Any) -> str:
-            return value if isinstance(value, str) else json.dumps(value)
+        def text(key: str) -> str:
+            if key in values:
+                value = values[key]
+                return value if isinstance(value, str) else json.dumps(value)
+            nested = {k[len(key) + 1 :]: v for k, v in values.items() if k.startswith(f"{key}.")}
+            if nested:
+                return json.dumps(nested)
+            parent = next((k for k in values if key.startswith(f"{k}.")), None)
+            return json.dumps(values[parent]) if parent else "(not given)"
 
-        return ", ".join(f"{override_key(key)}={text(values[key])}" for key in changed[:4]) + (
+        return ", ".join(f"{override_key(key)}={text(key)}" for key in changed[:4]) + (
             f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
         )
 

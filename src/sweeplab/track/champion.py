@@ -33,7 +33,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from sweeplab.stores import store_lock
 from sweeplab.track import pyfunc_model
-from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker
+from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_CHAMPION_RUN, Tracker, recorded_sources
 from sweeplab.train.batch import by_name
 from sweeplab.train.model import load_checkpoint, state_to_cpu
 
@@ -230,19 +230,30 @@ def save_checkpoint_model(tracker: Tracker, run_id: str, path: Path) -> None:
         )
 
 
-def _logged_code(tracker: Tracker, run_id: str, tmp: Path, spec) -> Path | None:
-    """The user's model module as the run logged it (`code/<module>.py`), for a champion that rebuilds the class;
-    None for the built-in MLP, a class in a package, or a run that logged no source."""
-    if spec.class_path is None or spec.class_path.count(".") != 1:
+def _logged_code(tracker: Tracker, run_id: str, tmp: Path, spec) -> tuple[Path, dict[str, str]] | None:
+    """The user's code as the run logged it (its code/ folder, laid out as on sys.path) and the {module: sha256}
+    its tags in the tracking store recorded, for a champion that rebuilds the class; None for the built-in MLP, a
+    notebook's class, or a run that logged no source. A logged file whose hash is not the recorded one (the artifact
+    store written to since) is not shipped: the champion is then its checkpoint."""
+    if spec.class_path is None or spec.class_path.startswith("__main__."):
         return None
-    name = spec.class_path.split(".")[0] + ".py"
+    recorded = recorded_sources(tracker.client.get_run(run_id).data.tags, spec.class_path)
     try:
-        return Path(tracker.client.download_artifacts(run_id, f"code/{name}", str(tmp)))
+        folder = Path(tracker.client.download_artifacts(run_id, "code", str(tmp / "logged")))
     except Exception:
         return None
+    for module, sha256 in recorded.items():
+        parts = module.split(".")
+        candidates = [folder.joinpath(*parts).with_suffix(".py"), folder.joinpath(*parts, "__init__.py")]
+        file = next((c for c in candidates if c.is_file()), None)
+        if file is None or hashlib.sha256(file.read_bytes()).hexdigest() != sha256:
+            return None
+    return (folder, recorded) if recorded else None
 
 
-def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str, code: Path | None = None) -> None:
+def save_pyfunc_model(
+    model, spec, example, path: Path, logged, run_id: str, code: tuple[Path, dict[str, str]] | None = None
+) -> None:
     """The champion as an MLflow "models from code" pyfunc (`pyfunc_model.py`, no pickle), so it loads without
     sweeplab and owns its input handling. The weights are a `torch.export` program where the model traces; where
     it does not (packed sequences, data-dependent control flow), they are the state_dict (read with
@@ -273,11 +284,12 @@ def save_pyfunc_model(model, spec, example, path: Path, logged, run_id: str, cod
                 raise
             torch.save(state_to_cpu(model.state_dict()), f"{tmp}/weights.pt")
             artifacts["weights"] = f"{tmp}/weights.pt"
-            code_paths = [str(code)]
+            folder, recorded = code
+            code_paths = sorted(str(entry) for entry in folder.iterdir())
             meta.update(
                 class_path=spec.class_path,
                 init_args=spec.init_args,
-                source_sha256=hashlib.sha256(code.read_bytes()).hexdigest(),
+                sources=recorded,  # from the run's tags: each file is checked against it before any import
                 rebuilt_because=str(exc),
             )
             print(f"sweeplab: {exc}; the champion rebuilds {spec.class_path} from its logged source", file=sys.stderr)

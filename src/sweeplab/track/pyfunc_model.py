@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import sys
+import sysconfig
 from pathlib import Path
 
 import mlflow
@@ -77,20 +79,73 @@ class Champion(mlflow.pyfunc.PythonModel):
 
 
 def rebuild(meta: dict, weights: str):
-    """The user's class from its module (on sys.path through MLflow's code_paths), checked against the source the
-    run logged, built with its init args, its weights loaded with weights_only=True (nothing unpickled)."""
+    """The user's class from its module (on sys.path through MLflow's code_paths), built with its init args, its
+    weights loaded with weights_only=True (nothing unpickled). Before anything is imported, every file the import
+    would run (each package's __init__.py on the way, the user's modules it imports) is found as `import` finds it
+    and must hash to what the run recorded (`sources`): another module of that name first on sys.path, or a
+    package folder beside the file, is refused without running."""
     module_name, _, name = meta["class_path"].rpartition(".")
+    sources = meta.get("sources") or {}
+    parts = module_name.split(".")
+    chain = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    importlib.invalidate_caches()
+    for each in dict.fromkeys([*chain, *sources]):
+        file = _file_of(each)
+        if each not in sources and file is not None and _in_library(file):
+            continue  # a library's module on the way (not the user's code)
+        found = hashlib.sha256(Path(file).read_bytes()).hexdigest() if file and Path(file).is_file() else None
+        if found is None or found != sources.get(each):
+            raise MlflowException(
+                f"{meta['class_path']}: {file or each} is not the source this model was logged with (another "
+                "module of that name is first on sys.path?); not imported"
+            )
     module = importlib.import_module(module_name)
-    file = getattr(module, "__file__", None)
-    found = hashlib.sha256(Path(file).read_bytes()).hexdigest() if file else None
-    if found != meta.get("source_sha256"):
-        raise MlflowException(
-            f"{meta['class_path']}: the module imported from {file} is not the source this model was logged with "
-            "(another module of that name is on sys.path first)"
-        )
     model = getattr(module, name)(**meta.get("init_args", {}))
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def _file_of(name: str) -> str | None:
+    """The file `import name` would run, found as importlib finds it (sys.meta_path over each package's
+    __path__), without importing anything; None when there is none."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return getattr(module, "__file__", None)
+    parent, path = name.rpartition(".")[0], None
+    if parent:
+        path = _locations(parent)
+        if path is None:
+            return None
+    for finder in sys.meta_path:
+        spec = finder.find_spec(name, path, None) if hasattr(finder, "find_spec") else None
+        if spec is not None:
+            return spec.origin if spec.has_location else None
+    return None
+
+
+def _locations(name: str) -> list[str] | None:
+    """Where a package's submodules are looked for (its __path__), found without importing it."""
+    module = sys.modules.get(name)
+    if module is not None:
+        path = getattr(module, "__path__", None)
+        return list(path) if path is not None else None
+    parent = name.rpartition(".")[0]
+    path = _locations(parent) if parent else None
+    if parent and path is None:
+        return None
+    for finder in sys.meta_path:
+        spec = finder.find_spec(name, path, None) if hasattr(finder, "find_spec") else None
+        if spec is not None:
+            locations = spec.submodule_search_locations
+            return list(locations) if locations is not None else None
+    return None
+
+
+def _in_library(file: str) -> bool:
+    paths = sysconfig.get_paths()
+    folders = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+    resolved = Path(file).resolve()
+    return any(resolved.is_relative_to(Path(folder).resolve()) for folder in folders)
 
 
 def named_inputs(model_input, spec: dict) -> dict:

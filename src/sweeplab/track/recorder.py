@@ -36,6 +36,7 @@ from sweeplab.track.tracker import (
     TAG_OBJECTIVE,
     TAG_ROLE,
     TAG_SOURCE_HASH,
+    TAG_SOURCES,
     TAG_STATE,
     TAG_STUDY,
     TAG_TRIAL,
@@ -49,7 +50,8 @@ from sweeplab.track.tracker import (
 from sweeplab.train import batch
 from sweeplab.train.loop import EpochRecord, baseline_loss
 from sweeplab.train.model import save_checkpoint, spec_json
-from sweeplab.train.plugins import main_source, source_of
+from sweeplab.train.plugins import REGISTERED, in_main, main_source, source_of
+from sweeplab.train.sources import import_paths, source_hashes, user_modules
 
 FLUSH_EVERY_S = 5.0  # long trials show their curves live; short ones log once, at the end
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
@@ -87,23 +89,28 @@ def run_tags(config: ExperimentConfig) -> dict[str, str]:
             tags[TAG_SOURCE_HASH] = found[1]
         elif text is not None:  # a notebook's class: the hash of its source, as inspect.getsource gives it
             tags[TAG_SOURCE_HASH] = hashlib.sha256(text.encode()).hexdigest()
+        path = config.model.class_path
+        if not (in_main(path) or path in REGISTERED):
+            search = [config.code_dir] if config.code_dir else None
+            tags[TAG_SOURCES] = json.dumps(source_hashes(path.rpartition(".")[0], search), separators=(",", ":"))
     return tags
 
 
 def code_sources(config: ExperimentConfig) -> list[tuple[str, bytes]]:
-    """(file name, source) of the user's code the run imported (its model class, its loader, its collate_fn): each
-    module's file, or for an object defined in a notebook (`__main__`) its own source, `__main__.Name.py`."""
-    python = config.data.source == "python"
-    paths = [config.model.class_path, config.data.class_path if python else None, config.data.collate_fn]
+    """(path under code/, source) of the user's code the run imported (its model class, its loader, its collate_fn,
+    its loss, optimizer, scheduler and metrics by class_path), each with every module of the user's it imports
+    (sources.user_modules), laid out as on sys.path (`nets.py`, `layers.py`, `pkg/__init__.py`); for an object
+    defined in a notebook (`__main__`), its own source as `__main__.Name.py`."""
+    search = [config.code_dir] if config.code_dir else None
     out: dict[str, bytes] = {}
-    for path in filter(None, paths):
-        found = source_of(path, config.code_dir)
-        if found is not None:
-            out.setdefault(found[0].name, found[0].read_bytes())
+    for path in import_paths(config).values():
+        if in_main(path) or path in REGISTERED:
+            text = main_source(path)
+            if text is not None:
+                out.setdefault(f"{path}.py", text.encode())
             continue
-        text = main_source(path)
-        if text is not None:
-            out.setdefault(f"{path}.py", text.encode())
+        for found in user_modules(path.rpartition(".")[0], search).values():
+            out.setdefault(found.relative_file, found.origin.read_bytes())
     return list(out.items())
 
 
@@ -192,6 +199,7 @@ class TrialRun:
                 code = Path(tmp) / "code"
                 code.mkdir()
                 for name, text in sources:
+                    (code / name).parent.mkdir(parents=True, exist_ok=True)
                     (code / name).write_bytes(text)
                 self.client.log_artifacts(self.run_id, str(code), "code")
 

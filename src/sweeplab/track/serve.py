@@ -6,11 +6,9 @@ MLflow is imported only where a logged model is looked up: `sweeplab run --no-tr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -123,16 +121,18 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
 
 
 def _logged_code_dir(tracker, run_id: str, spec: ModelSpec, tmp: Path) -> str:
-    module = spec.class_path.rpartition(".")[0].split(".")[0]
-    folder = tmp / "code"
+    """The run's code/ artifacts, checked file by file against the hashes its tags hold before anything of it
+    is imported (an artifact store written to after the run cannot choose what runs here)."""
+    folder = tmp / "logged"
     folder.mkdir(exist_ok=True)
     try:
-        tracker.client.download_artifacts(run_id, f"code/{module}.py", str(folder))  # lands as folder/module.py
+        tracker.client.download_artifacts(run_id, "code", str(folder))  # lands as folder/code/...
     except Exception:
         raise ModelNotFound(
             f"run {run_id} logged no source of {spec.class_path} to rebuild its champion from"
         ) from None
-    return str(folder)
+    check_source(tracker, run_id, spec, str(folder / "code"), logged_copy=True)
+    return str(folder / "code")
 
 
 class ExportedModel(torch.nn.Module):
@@ -203,15 +203,17 @@ def example_rows(reference: str, tracking_uri: str | None, spec: ModelSpec) -> t
     return rows, f"the {len(rows)} validation inputs logged with run {run_id} ({CHECKPOINT_PATH}/example.pt)"
 
 
-def check_source(tracker, run_id: str, spec: ModelSpec, folder: str | None = None) -> None:
-    """Refuse, in one line, to import a run's module unless the file that would be imported (looked for in
-    `folder`, this folder by default, then on sys.path, without importing anything) has the sha256 the run
-    logged: a checkpoint must not choose what code runs here."""
-    from sweeplab.track.tracker import TAG_SOURCE_HASH, TAG_STUDY
+def check_source(tracker, run_id: str, spec: ModelSpec, folder: str | None = None, logged_copy: bool = False) -> None:
+    """Refuse, in one line, to import a run's module unless every file `import` would run for it (found in
+    `folder`, this folder by default, then on sys.path, without importing anything: a package's __init__.py on
+    the way, the user's modules it imports) hashes to what the run's tags in the tracking store recorded. Neither
+    the checkpoint nor the artifact store chooses what code runs here. `logged_copy`: `folder` holds the run's
+    own code/ artifacts (a champion rebuilt from its logged source)."""
+    from sweeplab.track.tracker import TAG_STUDY, recorded_sources
+    from sweeplab.train.sources import Finder, SourceMismatch, check_modules
 
     module_name = spec.class_path.rpartition(".")[0]
     tags = tracker.client.get_run(run_id).data.tags
-    logged = tags.get(TAG_SOURCE_HASH)
     study = tags.get(TAG_STUDY)
     champion = f" or predict through its registered champion, models:/{study}@champion" if study else ""
     if module_name.split(".")[0] == "__main__":  # a class defined in a notebook has no module to import
@@ -220,30 +222,22 @@ def check_source(tracker, run_id: str, spec: ModelSpec, folder: str | None = Non
             f"the run trained {spec.class_path}, a class defined in a notebook (its source is in the run's code/ "
             f"artifacts); predict through {where}, which loads without it"
         )
-    file = module_file(module_name, [folder or os.getcwd(), *sys.path])
-    if file is None:
+    search = [folder or os.getcwd()]
+    if None in Finder(search).chain(module_name):
+        if logged_copy:
+            raise ModelNotFound(f"run {run_id} logged no source of {spec.class_path} to rebuild its champion from")
         raise ValueError(
             f"the run trained {spec.class_path}; no module {module_name!r} in this folder or on sys.path "
             f"(run from the folder that holds it{champion})"
         )
-    if logged is None or hashlib.sha256(file.read_bytes()).hexdigest() != logged:
-        why = "the run logged no source hash" if logged is None else "its sha256 differs from the run's"
-        raise ValueError(
-            f"{file}: not the source run {run_id} trained {spec.class_path} from ({why}); not imported "
-            f"(the run's own copy is in its code/ artifacts{champion})"
-        )
-
-
-def module_file(module_name: str, folders: list[str]) -> Path | None:
-    """The file `import module_name` would run first, found without importing anything (a package's own
-    `__init__.py` included): the first folder that holds it."""
-    parts = module_name.split(".")
-    for folder in folders:
-        base = Path(folder or ".", *parts)
-        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-            if candidate.is_file():
-                return candidate
-    return None
+    recorded = recorded_sources(tags, spec.class_path)
+    if not recorded:
+        raise ValueError(f"run {run_id} logged no source hash of {spec.class_path}: its module is not imported")
+    try:
+        check_modules(module_name, recorded, search)
+    except SourceMismatch as exc:
+        copy = "" if logged_copy else f" (the run's own copy is in its code/ artifacts{champion})"
+        raise ValueError(f"{exc}: not imported{copy}") from None
 
 
 def parse_rows(values: list[str]) -> list[list[float]]:

@@ -57,8 +57,25 @@ TAG_COMMIT = "sweeplab.git_commit"
 TAG_OBJECTIVE = "sweeplab.objective"  # `val_accuracy maximize`: what the run's best epoch and its trial's value follow
 TAG_MODEL_CLASS = "sweeplab.model_class"  # the user's nn.Module (module.Class), when the run trained one
 TAG_SOURCE_HASH = "sweeplab.model_source_sha256"  # ... and the sha256 of its module's source, logged under code/
+# {module: sha256} of every module of the user's that importing the model's module runs (train/sources.py): what
+# `predict` and `load_model` check each file against before importing the run's code
+TAG_SOURCES = "sweeplab.model_sources"
 TAG_CHAMPION_RUN = "sweeplab.source_run_id"  # on a registered model version: the trial run it came from
 CHECKPOINT_PATH = "checkpoint"  # artifacts: checkpoint/best.pt, checkpoint/model_spec.json, config.json
+
+
+def recorded_sources(tags: dict[str, str], class_path: str) -> dict[str, str]:
+    """{module: sha256} of the code a run trained with, as its tags in the tracking store hold it: every module of
+    the user's that its model's module imports (TAG_SOURCES); for a run logged before that tag existed, its model's
+    module alone (TAG_SOURCE_HASH)."""
+    try:
+        found = json.loads(tags.get(TAG_SOURCES) or "{}")
+    except json.JSONDecodeError:
+        found = {}
+    if isinstance(found, dict) and found and all(isinstance(v, str) for v in found.values()):
+        return found
+    logged = tags.get(TAG_SOURCE_HASH)
+    return {class_path.rpartition(".")[0]: logged} if logged else {}
 
 
 def condition_label(condition: dict) -> str:
