@@ -143,3 +143,89 @@ def test_a_trial_whose_objective_is_never_finite_fails_and_the_sweep_stops_after
         assert run.data.tags["sweeplab.reason"] == reason
         assert "best_val_loss" not in run.data.metrics
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in trial_runs}
+
+
+# --- 3. a resume that would mix incomparable trials is refused ---------------------------------------------------
+
+LAB = Path(__file__).resolve().parents[1] / "experiments" / "training_loop_lab.yaml"
+
+HELPER = "import torch\n\n\ndef act(x):\n    return torch.relu(x)\n"
+NET = """\
+from torch import nn
+
+from layers import act
+
+
+class Net(nn.Module):
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.a, self.b = nn.Linear(in_features, 8), nn.Linear(8, out_features)
+
+    def forward(self, x):
+        return self.b(act(self.a(x)))
+"""
+
+
+def resumable(folder: Path, train: str = "", model: str = "") -> Path:
+    lab = LAB.read_text().replace("  epochs: 80", "  epochs: 2")
+    if model:
+        lab = lab.replace("  hidden: 16", f"  class_path: {model}  #").replace("  activation: relu", "")
+    write(folder, "exp.yaml", lab + (f"{train}\n" if train else ""))
+    return write(
+        folder,
+        "sweep.yaml",
+        "study: resumed\nexperiment: exp.yaml\nspace:\n  lr: {low: 1.0e-3, high: 1.0e-1, log: true}\n"
+        "  seed: {choices: [1, 2]}\n"
+        "sampler: {type: random, seed: 0}\nn_trials: 1\n",
+    )
+
+
+def with_train(folder: Path, lines: str) -> None:
+    text = (folder / "exp.yaml").read_text()
+    if lines.startswith("optimizer:"):
+        text = text.replace("  optimizer: Adam\n", "")
+    text = text.replace("train:\n", f"train:\n{textwrap.indent(lines, '  ')}")
+    (folder / "exp.yaml").write_text(text)
+
+
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        (
+            "scheduler: {class_path: StepLR, init_args: {step_size: 1}}\n",
+            "ran its trials with scheduler=null; this sweep gives scheduler={",
+        ),
+        ("early_stopping: {patience: 3}\n", "ran its trials with early_stopping=null"),
+        (
+            "loss: {class_path: HuberLoss}\n",
+            'ran its trials with loss=mse; this sweep gives loss={"class_path": "HuberLoss"',
+        ),
+        ("optimizer: {class_path: NAdam}\n", "ran its trials with optimizer=Adam"),
+        ("helper", "module layers changed since"),
+        ("pinned", "already searched lr over"),
+    ],
+)
+def test_a_resume_that_changes_what_a_trial_means_is_refused(tmp_path, change, said):
+    """Before the fix each of these resumed (exit 0) and ranked the new trials among the old."""
+    model = "nets.Net" if change == "helper" else ""
+    if model:
+        write(tmp_path, "layers.py", HELPER)
+        write(tmp_path, "nets.py", NET)
+    resumable(tmp_path, model=model)
+    args = ["--tracking-uri", "sqlite:///runs.db", "--no-report", "--quiet"]
+    first = sweeplab("sweep", "sweep.yaml", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    extra = []
+    if change == "helper":  # the model's module is unchanged; the module it imports is not
+        write(tmp_path, "layers.py", HELPER.replace("torch.relu", "torch.tanh"))
+    elif change == "pinned":
+        extra = ["lr=0.01"]
+    else:
+        with_train(tmp_path, change)
+    again = sweeplab("sweep", "sweep.yaml", "n_trials=2", *extra, *args, cwd=tmp_path)
+    lines = [line for line in again.stderr.splitlines() if line.strip()]
+    assert again.returncode == 2 and len(lines) == 1 and said in lines[0], again.stderr
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+    )
+    assert len(optuna.load_study(study_name="resumed", storage=storage).trials) == 1  # nothing added

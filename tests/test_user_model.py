@@ -337,6 +337,52 @@ def test_predict_imports_a_runs_module_only_when_its_source_is_the_logged_one(cn
     assert "note: no input given: predicting the 8 validation inputs logged with run" in proc.stderr
 
 
+def _best_run(uri: str, study: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(study)
+    runs = client.search_runs([experiment.experiment_id], "tags.`sweeplab.role` = 'trial'")
+    return max(runs, key=lambda r: r.data.metrics.get("best_val_accuracy", -1))
+
+
+def _artifacts(run) -> Path:
+    return Path(run.info.artifact_uri.removeprefix("file://"))
+
+
+def test_predict_run_refuses_a_package_that_shadows_the_module_or_wraps_it_before_running_it(cnn_sweep, tmp_path):
+    """#36.2: a package folder `my_nets/` beside the genuine my_nets.py was imported (the file was hashed), and a
+    checkpoint whose class_path was `evilpkg.my_nets.TinyCNN` ran `evilpkg/__init__.py` (the leaf was hashed)."""
+    project, _, uri, _ = cnn_sweep
+    run = _best_run(uri, "tiny_cnn")
+    recorded = json.loads(run.data.tags["sweeplab.model_sources"])
+    assert recorded == {"my_nets": hashlib.sha256((project / "my_nets.py").read_bytes()).hexdigest()}
+    shadow = tmp_path / "shadow"
+    (shadow / "my_nets").mkdir(parents=True)
+    (shadow / "my_nets.py").write_text((project / "my_nets.py").read_text())  # the genuine file, beside a package
+    (shadow / "my_nets" / "__init__.py").write_text("print('EVIL RAN')\n" + (project / "my_nets.py").read_text())
+    argv = [sys.executable, "-m", "sweeplab", "predict", run.info.run_id, "--tracking-uri", uri, "--x", "1," * 63 + "1"]
+    proc = subprocess.run(argv, cwd=shadow, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "EVIL RAN" not in proc.stdout + proc.stderr and len(lines) == 1, proc.stderr
+    assert f"{shadow}/my_nets/__init__.py: not the source the run trained my_nets from" in lines[0]
+    # the checkpoint says evilpkg.my_nets.TinyCNN; evilpkg/my_nets.py is the genuine file, evilpkg/__init__.py not
+    wrapped = tmp_path / "wrapped"
+    (wrapped / "evilpkg").mkdir(parents=True)
+    (wrapped / "evilpkg" / "__init__.py").write_text("print('EVIL RAN')\n")
+    (wrapped / "evilpkg" / "my_nets.py").write_text((project / "my_nets.py").read_text())
+    best = _artifacts(run) / "checkpoint" / "best.pt"
+    original = best.read_bytes()
+    payload = torch.load(best, weights_only=True)
+    payload["model_spec"]["class_path"] = "evilpkg.my_nets.TinyCNN"
+    try:
+        torch.save(payload, best)
+        proc = subprocess.run(argv, cwd=wrapped, capture_output=True, text=True, timeout=120)
+    finally:
+        best.write_bytes(original)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "EVIL RAN" not in proc.stdout + proc.stderr and len(lines) == 1, proc.stderr
+    assert f"{wrapped}/evilpkg/__init__.py: the package evilpkg, which the run did not record" in lines[0]
+
+
 def test_a_model_torch_export_cannot_trace_gets_a_champion_rebuilt_from_its_logged_source(tmp_path):
     """#30: it was registered as its checkpoint, which mlflow.pyfunc.load_model refused (no MLmodel file); now its
     champion is a pyfunc with the logged module in code_paths, which mlflow loads where the module is not found."""
@@ -400,6 +446,24 @@ def test_a_model_torch_export_cannot_trace_gets_a_champion_rebuilt_from_its_logg
     )
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)["predictions"]) == 2
+    # #36.2: the logged source appended to in the artifact store: `predict` of the champion checks it against the
+    # run's tag before importing it (it ran, exit 0); the pyfunc checks its shipped copy before importing it
+    run_id = version.tags["sweeplab.source_run_id"]
+    logged = _artifacts(MlflowClient(uri).get_run(run_id)) / "code" / "my_nets.py"
+    logged.write_text(logged.read_text() + "\nprint('EVIL RAN')\n")
+    argv = [sys.executable, "-m", "sweeplab", "predict", "models:/tiny_cnn@champion", "--tracking-uri", uri]
+    out = subprocess.run([*argv, "--x", ",".join(map(str, rows[0]))], cwd=elsewhere, capture_output=True, text=True)
+    assert out.returncode == 2 and "EVIL RAN" not in out.stdout + out.stderr, out.stderr
+    assert "my_nets.py: not the source the run trained my_nets from (its sha256 differs" in out.stderr
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=180)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]  # the pyfunc's own copy is intact: it still loads
+    copies = [p for p in tmp_path.rglob("my_nets.py") if "code" in p.parts and p != logged]
+    assert copies  # the registered model's own code/ folder
+    for copy in copies:
+        copy.write_text(copy.read_text() + "\nprint('EVIL RAN')\n")
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=180)
+    assert loaded.returncode != 0 and "EVIL RAN" not in loaded.stdout + loaded.stderr
+    assert "is not the source this model was logged with" in loaded.stderr
 
 
 BAD_MODELS = {
