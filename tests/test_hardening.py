@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow import MlflowClient
 
 SWEEPLAB = str(Path(sys.executable).parent / "sweeplab")
@@ -229,3 +230,151 @@ def test_a_resume_that_changes_what_a_trial_means_is_refused(tmp_path, change, s
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
     )
     assert len(optuna.load_study(study_name="resumed", storage=storage).trials) == 1  # nothing added
+
+
+# --- 4. bad data found mid-run is one line naming the split and the item -----------------------------------------
+
+ROWS = """\
+import torch
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, kind="ok", bad=-1):
+        self.kind, self.bad = kind, bad
+        self.x = torch.randn(120, 3, generator=torch.Generator().manual_seed(0))
+        self.y = (self.x.sum(1) > 0).long()
+
+    def __len__(self):
+        return 120
+
+    def __getitem__(self, i):
+        x = self.x[i].clone()
+        if i == self.bad:
+            if self.kind == "raises":
+                raise RuntimeError(f"bad item {i}")
+            if self.kind == "nan":
+                x[1] = float("nan")
+            if self.kind == "empty":
+                x = torch.zeros(0, 3)
+            if self.kind == "odd":
+                x[0] = 99.0
+        return x, int(self.y[i])
+
+
+def pad(items):
+    xs = [x.reshape(-1, 3) for x, _ in items]
+    lengths = torch.tensor([len(x) for x in xs])
+    return (torch.nn.utils.rnn.pad_sequence(xs, batch_first=True), lengths), torch.tensor([y for _, y in items])
+
+
+def odd(items):
+    x, y = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    return (x, y, "extra") if bool((x == 99.0).any()) else (x, y)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Seq(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.GRU(3, 4, batch_first=True)
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, padded, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
+        return self.lin(self.rnn(packed)[1][-1])
+
+
+def only_negatives():
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0] * 40 + [0, 1] * 10)
+    return {"train": (x[:40], y[:40]), "val": (x[40:], y[40:])}
+"""
+
+# random_split's permutation of the 120 items by split_seed 42 (the default): the training split is its first 100;
+# its last item is past the 2 training items the pre-flight reads (and not a validation item), so only the loop
+# reads it
+BAD = int(torch.randperm(120, generator=torch.Generator().manual_seed(42))[99])
+RAISES_LINE = ROWS.splitlines().index('                raise RuntimeError(f"bad item {i}")') + 1
+WHERE = "sweeplab: error: data.class_path: rows.Rows() (training split)"
+
+
+@pytest.mark.parametrize(
+    "kind, workers, extra, expected",
+    [
+        (
+            "raises",
+            0,
+            "",
+            f"{WHERE}: reading item {BAD} raised RuntimeError: bad item {BAD} (rows.py line {RAISES_LINE})",
+        ),
+        (
+            "raises",
+            2,
+            "",
+            f"{WHERE}: reading item {BAD} raised RuntimeError: bad item {BAD} (rows.py line {RAISES_LINE})",
+        ),
+        ("nan", 0, "", f"{WHERE}: item {BAD}'s inputs hold NaN or infinite values"),
+        ("nan", 2, "", f"{WHERE}: item {BAD}'s inputs hold NaN or infinite values"),
+        (
+            "empty",
+            0,
+            "collate_fn: rows.pad",
+            f"{WHERE}: item {BAD}'s inputs [0, 3] are empty (a sequence of length 0?): every item needs at least one value",
+        ),
+        ("odd", 2, "collate_fn: rows.odd", "sweeplab: error: data.collate_fn: for items "),
+    ],
+)
+def test_a_bad_item_read_mid_run_is_one_line_naming_its_split_and_index(tmp_path, kind, workers, extra, expected):
+    """Before: `RuntimeError: bad item 5000` (exit 1; from workers, the cause lost), `too many values to unpack`,
+    a NaN or a zero-length sequence ending the trial as "diverged" or deep in the model. Now each is named by its
+    index in the user's Dataset and its split, exit 2, for `run` and for `sweep` (its trial FAILED with the line)."""
+    write(tmp_path, "rows.py", ROWS)
+    model = "rows.Seq" if kind == "empty" else "rows.Net"
+    write(
+        tmp_path,
+        "exp.yaml",
+        f"name: rows\ntask: binary\ndata: {{source: python, class_path: rows.Rows, init_args: {{kind: {kind}, "
+        f"bad: {BAD}}}, val_size: 20, num_workers: {workers}{', ' + extra if extra else ''}}}\n"
+        f"model: {{class_path: {model}}}\ntrain: {{epochs: 2, batch_size: 16}}\n",
+    )
+    run = sweeplab("run", "exp.yaml", "--no-track", cwd=tmp_path)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), run.stderr
+    if kind == "odd":
+        assert lines[0].endswith("it returned a tuple of 3; a batch must be (inputs, target)")
+    write(
+        tmp_path, "sweep.yaml", "study: rows\nexperiment: exp.yaml\nspace:\n  lr: {choices: [0.01, 0.1]}\nn_trials: 2\n"
+    )
+    sweep = sweeplab("sweep", "sweep.yaml", "--tracking-uri", "sqlite:///runs.db", "--no-report", cwd=tmp_path)
+    assert sweep.returncode == 2 and sweep.stderr.strip().splitlines()[-1] == lines[0], sweep.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs.db")
+    runs = client.search_runs([client.get_experiment_by_name("rows").experiment_id], "tags.`sweeplab.role` = 'trial'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"  # the first trial, not one per trial
+    assert runs[0].data.tags["sweeplab.reason"] == "BatchError: " + lines[0].removeprefix("sweeplab: error: ")
+
+
+def test_balanced_weights_with_a_class_missing_from_the_training_split_is_one_line(tmp_path):
+    """Before: every trial "diverged" (the missing class weighs n / 0 = inf)."""
+    write(tmp_path, "rows.py", ROWS)
+    write(
+        tmp_path,
+        "exp.yaml",
+        "name: rows\ntask: binary\ndata: {source: python, class_path: rows.only_negatives}\n"
+        "train: {epochs: 2, loss: {class_path: BCEWithLogitsLoss, init_args: {pos_weight: balanced}}}\n",
+    )
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = sweeplab("run", "exp.yaml", "--tracking-uri", "sqlite:///runs.db", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "sweeplab: error: exp.yaml: train.loss.init_args.pos_weight: balanced weighs each class by 1 / its count in "
+        "the training split, and class 1 has no sample there (40 samples, counts 40, 0); give the weights, or a "
+        "split with every class"
+    ), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before

@@ -37,8 +37,9 @@ from sweeplab.sweep.writers import InlineWriter, WriterPool, WriterSetup
 from sweeplab.track.champion import ALIAS, Champion, register_champion
 from sweeplab.track.recorder import Recorder, finite
 from sweeplab.track.tracker import TAG_ROLE, TAG_STUDY, Tracker, condition_label
+from sweeplab.train.data import BatchError
 from sweeplab.train.engines import Engine, Job, engine_named
-from sweeplab.train.loop import EpochRecord
+from sweeplab.train.loop import EpochRecord, ShapeError
 from sweeplab.train.plugins import REGISTERED, in_main, main_sources, source_of
 from sweeplab.train.sources import import_paths, source_hashes
 
@@ -189,8 +190,8 @@ def train_and_hand_over(
         failed += 1
         if on_trial_end:
             on_trial_end(job.lease.number, "failed")
-        if isinstance(exc, OutageError):
-            raise exc
+        if isinstance(exc, (OutageError, BatchError, ShapeError)):
+            raise exc  # the stores are gone, or the data is bad input: every next trial would fail the same way
 
     try:
         if engine.live:

@@ -126,19 +126,36 @@ class BatchError(RuntimeError):
 
 
 class Items(list):
-    """A batch's items as read, with `indices`: each one's index in the user's own Dataset."""
+    """A batch's items as read, with `indices`: each one's index in the user's own Dataset; `failure`: (index,
+    error) when reading one of them raised (CheckedCollate, which knows the split, says so)."""
 
     indices: list[int]
+    failure: tuple[int | None, str] | None = None
 
 
 class IndexedSubset(Subset):
     """A split of the user's Dataset (torch's Subset) whose batches of items carry their indices in that Dataset,
-    so that a batch that will not collate is named by them (CheckedCollate). It reads exactly as Subset does."""
+    so that a batch that will not collate, or an item that raises when read, is named by them (CheckedCollate: the
+    collate runs right after the read, in the loop's process or in a DataLoader worker). It reads exactly as
+    Subset does."""
 
     def __getitems__(self, positions: list[int]) -> Items:
-        items = Items(super().__getitems__(positions))
+        try:
+            items = Items(super().__getitems__(positions))
+        except Exception as exc:
+            items = Items()
+            items.failure = self._failing(positions, exc)
         items.indices = [_index(self, int(p)) for p in positions]
         return items
+
+    def _failing(self, positions: list[int], exc: Exception) -> tuple[int | None, str]:
+        """The first item that raises when read alone, with its error; else the batch read's own error."""
+        for p in positions:
+            try:
+                self[int(p)]
+            except Exception as alone:
+                return _index(self, int(p)), error_text(alone)
+        return None, error_text(exc)
 
 
 class CheckedCollate:
@@ -151,10 +168,60 @@ class CheckedCollate:
         self.collate, self.where = collate, where
 
     def __call__(self, items):
+        failure = getattr(items, "failure", None)
+        if failure is not None:
+            index, error = failure
+            what = f"item {index}" if index is not None else f"items {_listed(items.indices)}"
+            raise BatchError(f"{self.where}: reading {what} raised {error}"[:400])
+        if self.collate is not None:  # a zero-length sequence pads to nothing: said here, not in the model
+            self.check_empty(items)
         try:
-            return (self.collate or default_collate)(items)
+            out = (self.collate or default_collate)(items)
         except Exception as exc:
             raise BatchError(self.problem(items, exc)) from None
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            field = "data.collate_fn" if self.collate is not None else self.where
+            raise BatchError(
+                f"{field}: for {self.of(items)} it returned {_shown(out)}; a batch must be (inputs, target)"
+            )
+        self.check_finite(items, out)
+        return out
+
+    def of(self, items) -> str:
+        indices = getattr(items, "indices", None)
+        return f"items {_listed(indices)}" if indices else f"a batch of {len(items)} items"
+
+    def check_empty(self, items) -> None:
+        for k, item in enumerate(items):
+            inputs = item[0] if isinstance(item, (tuple, list)) and len(item) == 2 else None
+            leaves = [inputs] if isinstance(inputs, torch.Tensor) else batch.tensors(_as_tensors(inputs))
+            empty = next((leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.numel() == 0), None)
+            if empty is not None:
+                raise BatchError(
+                    f"{self.where}: {self.name(items, k)}'s inputs {list(empty.shape)} are empty (a sequence of "
+                    "length 0?): every item needs at least one value"
+                )
+
+    def check_finite(self, items, out) -> None:
+        """NaN or infinity in a batch ends a run as "diverged" with no word of where it came from: named here."""
+        leaves = [t for t in batch.tensors(out[0]) if t.is_floating_point()]
+        if isinstance(out[1], torch.Tensor) and out[1].is_floating_point():
+            leaves.append(out[1])
+        if all(bool(torch.isfinite(t).all()) for t in leaves):
+            return
+        for k, item in enumerate(items):
+            for part, value in zip(("inputs", "target"), item):
+                leaves = pytree.tree_leaves(_as_tensors(value))
+                values = [torch.as_tensor(leaf) for leaf in leaves if isinstance(leaf, (torch.Tensor, float))]
+                if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in values):
+                    raise BatchError(f"{self.where}: {self.name(items, k)}'s {part} hold NaN or infinite values")
+        field = "data.collate_fn" if self.collate is not None else self.where
+        raise BatchError(f"{field}: the batch it made of {self.of(items)} holds NaN or infinite values")
+
+    @staticmethod
+    def name(items, k: int) -> str:
+        indices = getattr(items, "indices", None)
+        return f"item {indices[k]}" if indices else f"the batch's item {k}"
 
     def problem(self, items, exc: Exception) -> str:
         indices = getattr(items, "indices", None)
@@ -174,9 +241,19 @@ class CheckedCollate:
                 + ("" if self.collate is not None else " (give data.collate_fn to batch items of different shapes)")
             )
         field = "data.collate_fn" if self.collate is not None else self.where
-        listed = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "") if indices else ""
-        of = f"items {listed}" if indices else f"a batch of {len(items)} items"
-        return f"{field}: collating {of} raised {error_text(exc)}"[:400]
+        return f"{field}: collating {self.of(items)} raised {error_text(exc)}"[:400]
+
+
+def _listed(indices: list[int]) -> str:
+    return ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {list(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 def target_for_task(y, task: str) -> torch.Tensor:

@@ -177,6 +177,13 @@ def balanced_weights(y_train: torch.Tensor, task: str, n_classes: int, key: str)
     `pos_weight`, the ratio of negatives to positives (what makes the two classes weigh the same)."""
     labels = y_train.reshape(-1).long()
     counts = torch.bincount(labels, minlength=max(n_classes, 2)).double()
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:  # its weight would be infinite: every loss after the first batch with it is inf, "diverged"
+        raise ConfigError(
+            f"train.loss.init_args.{key}: balanced weighs each class by 1 / its count in the training split, and "
+            f"class {missing[0]} has no sample there ({labels.numel()} samples, counts "
+            f"{', '.join(str(int(c)) for c in counts.tolist()[:10])}); give the weights, or a split with every class"
+        )
     if task == "binary" and key == "pos_weight":
         return torch.tensor([counts[0] / counts[1]], dtype=torch.float32)
     return (labels.numel() / (len(counts) * counts)).float()
