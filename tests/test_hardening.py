@@ -378,3 +378,91 @@ def test_balanced_weights_with_a_class_missing_from_the_training_split_is_one_li
         "split with every class"
     ), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before
+
+
+# --- 5. option errors are found by the checks, not in training ---------------------------------------------------
+
+BOOM = """\
+import torch
+
+
+class Boom(torch.optim.lr_scheduler.LambdaLR):
+    def __init__(self, optimizer):
+        self.calls = 0
+        super().__init__(optimizer, lambda epoch: 1.0)
+
+    def step(self, *args):
+        self.calls += 1
+        if self.calls > 3:
+            raise RuntimeError(f"scheduler boom at step {self.calls - 1}")
+        return super().step(*args)
+"""
+
+
+def lab(folder: Path) -> Path:
+    write(folder, "boom.py", BOOM)
+    return write(folder, "lab.yaml", LAB.read_text().replace("  epochs: 80", "  epochs: 4"))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "optimizer=LBFGS",
+            "lab.yaml: train.optimizer: LBFGS.step() needs a closure that re-evaluates the loss; sweeplab's loop "
+            "takes one step per batch",
+        ),
+        (
+            "scheduler={class_path: StepLR, init_args: {step_size: abc}}",
+            "lab.yaml: train.scheduler: StepLR.step() at step 1 raised TypeError: unsupported operand type(s) for %",
+        ),
+        (
+            "scheduler={class_path: boom.Boom}",
+            "lab.yaml: train.scheduler: boom.Boom.step() at step 3 raised RuntimeError: scheduler boom at step 3 "
+            "(boom.py line 12)",
+        ),
+        ("optimizer={class_path: Adam, init_args: {eps: .nan}}", "train.optimizer.init_args: eps: not a finite number"),
+        ("precision=bf16-true", "train.precision: bf16-true trains half-precision weights"),
+        ("epochs=true", "epochs: true is not a number"),
+    ],
+)
+def test_an_option_that_would_fail_in_training_is_one_line_before_anything_runs(tmp_path, override, expected):
+    lab(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = sweeplab("run", "lab.yaml", override, "--tracking-uri", "sqlite:///runs.db", cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before
+
+
+def test_a_scheduler_that_raises_is_found_before_engine_auto_probes_it(tmp_path):
+    """Before: `sweeplab: error: RuntimeError: scheduler boom at step 3`, exit 1 (the engine's probe stepped it)."""
+    lab(tmp_path)
+    write(
+        tmp_path,
+        "sweep.yaml",
+        "study: boom\nexperiment: lab.yaml\nbase: {train: {scheduler: {class_path: boom.Boom}}}\n"
+        "space:\n  lr: {low: 0.001, high: 0.1}\nn_trials: 2\n",
+    )
+    proc = sweeplab("sweep", "sweep.yaml", "--tracking-uri", "sqlite:///runs.db", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "sweeplab: error: sweep.yaml: train.scheduler: boom.Boom.step() at step 3 raised RuntimeError: scheduler "
+        "boom at step 3 (boom.py line 12)"
+    ), proc.stderr
+    assert not (tmp_path / "runs.db").exists() and not (tmp_path / "optuna.journal").exists()
+    proc = sweeplab("sweep", "sweep.yaml", "n_trials=True", "--tracking-uri", "sqlite:///runs.db", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == "sweeplab: error: sweep.yaml: n_trials: true is not a number"
+
+
+@pytest.mark.parametrize("given", ["32", "32-true", "bf16", "bf16-mixed"])
+def test_precision_takes_numbers_and_lightnings_names(tmp_path, given):
+    """`precision: 32` in YAML is a number, refused before (`Input should be '32', 'bf16' or '16' (got 32)`)."""
+    from sweeplab.config import load_experiment
+
+    path = lab(tmp_path)
+    path.write_text(path.read_text().replace("  epochs: 4\n", f"  epochs: 4\n  precision: {given}\n"))
+    assert load_experiment(path).train.precision == {"32-true": "32", "bf16-mixed": "bf16"}.get(given, given)
+    assert load_experiment(path, {"precision": 16}).train.precision == "16"  # a number on the command line
+    assert load_experiment(path, {"precision": "16-mixed"}).train.precision == "16"
+    proc = sweeplab("run", "lab.yaml", "--no-track", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -39,6 +40,22 @@ class ConfigError(ValueError):
 class _Frozen(BaseModel):
     # inf and nan are refused everywhere (lr=inf, noise=.inf, a range bound of .inf)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        """`n_trials=True` is not 1: pydantic's lax mode takes a bool for an int (YAML reads `yes` as one too)."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and _takes_a_number(field.annotation):
+                    raise ValueError(f"{name}: {str(data[name]).lower()} is not a number")
+        return data
+
+
+def _takes_a_number(annotation: Any) -> bool:
+    """int or float (or Optional of one), and not bool."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    return bool not in options and any(option in (int, float) for option in options)
 
 
 SEED = dict(ge=-(2**63), lt=2**64)  # what torch.manual_seed and torch.Generator accept
@@ -342,6 +359,22 @@ class TrainConfig(_Frozen):
     accumulate_grad_batches: int = Field(1, ge=1, le=MAX_SAMPLES)
     precision: Literal["32", "bf16", "16"] = Field("32", description="bf16: autocast; 16: CUDA only, with a GradScaler")
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_spellings(cls, value: Any) -> Any:
+        """32 and 16 as YAML numbers, and Lightning's names for the same: 32-true, 16-mixed, bf16-mixed (autocast,
+        float32 weights, as here). Its 16-true and bf16-true (half-precision weights) are another thing: refused."""
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (32, 16):
+            return str(int(value))
+        if value in ("16-true", "bf16-true"):
+            raise ValueError(
+                f"{value} trains half-precision weights; sweeplab autocasts over float32 weights: give bf16 "
+                "(bf16-mixed) or 16 (16-mixed)"
+            )
+        return {"32-true": "32", "16-mixed": "16", "bf16-mixed": "bf16"}.get(value, value)
+
     @field_validator("optimizer", "loss", mode="before")
     @classmethod
     def _class_by_name(cls, value: Any, info) -> Any:
@@ -585,16 +618,23 @@ def _deep_copy(value: Any) -> Any:
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
-    """The first problem, as `source: field.path: message (got value)` on one line."""
-    first = error.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-after"))
+    """The first problem, as `source: field.path: message (got value)` on one line. Of a union's branches (a name or
+    a class), the one the input took: a map is a class, so its error is about the class's fields, not that it is
+    not one of the names."""
+    errors = error.errors()
+    first = errors[0]
+    if len(errors) > 1 and first["type"] == "literal_error" and isinstance(first.get("input"), dict):
+        first = next((e for e in errors[1:] if e["loc"][: len(first["loc"]) - 1] == first["loc"][:-1]), first)
+        errors = [first]
+    branch = re.compile(r"^(function-after|literal\[|[A-Z][A-Za-z]+$)")
+    loc = ".".join(str(part) for part in first["loc"] if not branch.match(str(part)))
     message = first["msg"].replace("Value error, ", "")
     got = first.get("input")
     detail = ""
     if first["type"] not in ("missing", "model_type") and not isinstance(got, (dict, BaseModel)):
         detail = f" (got {got!r})"
     where = f"{source}: {loc}: " if loc else f"{source}: "
-    more = len(error.errors()) - 1
+    more = len(errors) - 1
     suffix = f" [and {more} more]" if more else ""
     return f"{where}{message}{detail}{suffix}"
 

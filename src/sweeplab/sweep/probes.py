@@ -1,9 +1,9 @@
 """The checks before any store: a loaded sweep settled into the plan that runs it.
 
 `settle` is called once per process, by the command that starts the sweep (cli.py), before any study or run
-exists: it resolves `engine: auto` (train.engines.choose), checks every probe config (load_sweep's trials at the
-space's edges) against the engine and the device, and reads the data and runs each distinct model on one batch
-(train.experiment.check_probes). Each problem is one ConfigError naming the sweep file and the field that led to
+exists: it reads the data, builds the options and runs each distinct model on one batch for every probe config
+(load_sweep's trials at the space's edges; train.experiment.check_probes), then resolves `engine: auto`
+(train.engines.choose) and checks each probe against the engine and the device. Each problem is one ConfigError naming the sweep file and the field that led to
 it. The driver (driver.py) takes the Plan it returns and never settles again.
 """
 
@@ -30,6 +30,7 @@ class Plan:
 def settle(sweep: Sweep) -> Plan:
     """The plan for a loaded sweep (see the module's docstring); raises ConfigError."""
     reason = ""
+    check_probes(sweep.probes, sweep.source)  # bad data, a bad model or option: before `auto` probes them
     if sweep.spec.engine == "auto":
         engine, reason = choose([config for _, config in sweep.probes])
         sweep = dataclasses.replace(sweep, spec=sweep.spec.model_copy(update={"engine": engine}))
@@ -39,5 +40,4 @@ def settle(sweep: Sweep) -> Plan:
         except ConfigError as exc:  # `device: ...` or `engine: ...`, said of the field that led to it
             where = f"{field_name}: {str(exc).split(': ', 1)[1]}" if field_name else str(exc)
             raise ConfigError(f"{sweep.source}: {where}") from None
-    check_probes(sweep.probes, sweep.source)  # and bad data, a bad model
     return Plan(sweep, reason)

@@ -8,7 +8,9 @@ run the model on one batch before any store exists, so bad data or a bad plugin 
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -354,7 +356,9 @@ def check_options(config: ExperimentConfig, dataset: Dataset) -> None:
     state = torch.get_rng_state()
     try:
         optimizer = build_optimizer(config, [torch.zeros(1, requires_grad=True)])
-        build_scheduler(config, optimizer, math.ceil(dataset.n_train / config.train.batch_size))
+        check_step(config, optimizer)
+        steps_per_epoch = math.ceil(dataset.n_train / config.train.batch_size)
+        check_schedule(config, optimizer, build_scheduler(config, optimizer, steps_per_epoch), steps_per_epoch)
         loss_fn = build_loss(config, dataset.y_train, dataset.n_classes)
         target = dataset.first_batch(2)[1]
         try:
@@ -370,6 +374,57 @@ def check_options(config: ExperimentConfig, dataset: Dataset) -> None:
             metric(outputs, target)
     finally:
         torch.set_rng_state(state)
+
+
+MAX_CHECKED_STEPS = 10_000  # a schedule is stepped this far before any run (~10 us a step)
+
+
+def check_step(config: ExperimentConfig, optimizer) -> None:
+    """An optimizer whose step() needs a closure (LBFGS re-evaluates the loss several times a step) does not fit a
+    loop that takes one step per batch: refused here, not as a TypeError in the first batch."""
+    try:
+        parameters = inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):
+        return
+    closure = parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        name = type(optimizer).__name__
+        raise ConfigError(
+            f"train.optimizer: {name}.step() needs a closure that re-evaluates the loss; sweeplab's loop takes one "
+            "step per batch (the seed's zero_grad, backward, step): give an optimizer whose closure is optional"
+        )
+
+
+def check_schedule(config: ExperimentConfig, optimizer, scheduler, steps_per_epoch: int) -> None:
+    """The schedule stepped over a shadow optimizer as far as a run steps it (at most MAX_CHECKED_STEPS): an init
+    arg of the wrong type (`step_size: abc`), a scheduler that raises at some step, or a learning rate that is not
+    a finite number is one line naming train.scheduler, before any store, and before `engine: auto` probes it."""
+    if scheduler is None:
+        return
+    schedule = config.train.scheduler
+    per_epoch = math.ceil(steps_per_epoch / config.train.accumulate_grad_batches) if schedule.interval == "step" else 1
+    steps = min(config.train.epochs * per_epoch, MAX_CHECKED_STEPS)
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": the shadow never steps
+        for step in range(1, steps + 1):
+            try:
+                with user_code():
+                    scheduler.step(1.0) if plateau else scheduler.step()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                if isinstance(exc, Stopped):
+                    raise
+                raise ConfigError(f"train.scheduler: {schedule.class_path}.step() {exit_text(exc)}") from None
+            except Exception as exc:
+                raise ConfigError(
+                    f"train.scheduler: {schedule.class_path}.step() at step {step} raised {error_text(exc)}"
+                ) from None
+            rates = [group["lr"] for group in optimizer.param_groups]
+            bad = next((r for r in rates if not (isinstance(r, (int, float)) and math.isfinite(r))), None)
+            if bad is not None:
+                raise ConfigError(
+                    f"train.scheduler: {schedule.class_path} sets the learning rate to {bad!r} at step {step}"
+                )
 
 
 def check_probes(probes, source: str) -> None:
