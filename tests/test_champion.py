@@ -256,7 +256,8 @@ def test_a_regression_champion_refuses_what_it_cannot_answer_in_json(champions):
         model = mlflow.pyfunc.load_model("models:/regression_lab@champion")
         errors = {{}}
         for name, bad, params in (("huge", [[1e308, 1e308]], None), ("float32", [[1e39, 1.0]], None),
-                                  ("nested", [[[1.0, 2.0]]], None), ("param", [[1.0, 2.0]], {{"output": "labels"}})):
+                                  ("nested", [[[1.0, 2.0]]], None), ("param", [[1.0, 2.0]], {{"output": "labels"}}),
+                                  ("bools", [[True, False]], None), ("text", [[1.0, "2"]], None)):
             try:
                 model.predict(bad, params=params)
                 errors[name] = "accepted"
@@ -276,6 +277,9 @@ def test_a_regression_champion_refuses_what_it_cannot_answer_in_json(champions):
     )
     assert errors["nested"] == "input: an array of shape [1, 1, 2]; the model takes rows of 2 values"
     assert errors["param"] == "params.output: 'labels'; a regression model gives values"
+    # #36.6: answered 200 before (numpy reads True as 1.0 and "2" as 2.0)
+    assert errors["bools"] == "input: row 0, column x1: 'True' is not a number"
+    assert errors["text"] == "input: row 0, column x2: '2' is not a number"
     assert len(out["ok"]) == 1 and len(out["ok"][0]) == 1
 
 

@@ -466,3 +466,98 @@ def test_precision_takes_numbers_and_lightnings_names(tmp_path, given):
     assert load_experiment(path, {"precision": "16-mixed"}).train.precision == "16"
     proc = sweeplab("run", "lab.yaml", "--no-track", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- 6. left from the last round ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory):
+    """The seed's lab, 4 epochs, tracked in a store not named mlflow.db: (folder, uri, run id)."""
+    folder = tmp_path_factory.mktemp("lab")
+    write(folder, "lab.yaml", LAB.read_text().replace("  epochs: 80", "  epochs: 4"))
+    proc = sweeplab("run", "lab.yaml", "--tracking-uri", "sqlite:///lab.db", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    run_id = proc.stdout.strip().splitlines()[-1].split()[2]
+    return folder, "sqlite:///lab.db", run_id
+
+
+@pytest.mark.parametrize(
+    "args, stdin, expected",
+    [
+        (["--x", "1e308,1"], None, "input row 0 holds a value beyond float32 (|v| > 3.4e38)"),
+        (
+            ["--x", "1e38,1e38", "--json"],
+            None,
+            "input row 0 gives a non-finite output (values far outside the training data?)",
+        ),
+        (["-"], "[]", "input: no rows to predict"),
+        (["-"], "[[true, false]]", "stdin: row 0 holds a value that is not a number: [True, False]"),
+        (["--json", "-"], '[[1.0, "2"]]', "stdin: row 0 holds a value that is not a number: [1.0, '2']"),
+    ],
+)
+def test_predict_refuses_what_it_cannot_answer(lab_run, args, stdin, expected):
+    """Before: `pred=inf`, `Infinity` in --json, `[]` answered with nothing (exit 0), true and "2" read as numbers."""
+    folder, uri, run_id = lab_run
+    proc = subprocess.run(
+        [SWEEPLAB, "predict", run_id, "--tracking-uri", uri, *args],
+        cwd=folder,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip() == f"sweeplab: error: {expected}"
+
+
+def test_predict_names_a_run_once(lab_run):
+    folder, uri, run_id = lab_run
+    proc = sweeplab("predict", run_id, "--tracking-uri", uri, cwd=folder)
+    assert proc.returncode == 0 and f"model: run {run_id}\n" in proc.stderr, proc.stderr  # not `run X, run X`
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_without_torchs_advice(tmp_path):
+    import builtins
+
+    class Evil:
+        def __reduce__(self):
+            return (builtins.print, ("EVIL RAN",))
+
+    torch.save({"state_dict": {}, "model_spec": Evil()}, tmp_path / "best.pt")
+    from sweeplab.train.model import read_checkpoint
+
+    with pytest.raises(ValueError) as caught:
+        read_checkpoint(tmp_path / "best.pt")
+    assert str(caught.value) == (
+        "best.pt: holds pickled objects, not only tensors and plain values: Unsupported global: GLOBAL print; "
+        "refused (sweeplab reads checkpoints with weights_only=True and never runs their code)"
+    )
+    assert "weights_only=False" not in str(caught.value)
+
+
+def test_a_report_that_cannot_be_written_is_one_line_and_leaves_no_cut_short_file(lab_run, tmp_path):
+    folder, _, _ = lab_run
+    write(folder, "sweep.yaml", "study: lab_report\nexperiment: lab.yaml\nspace:\n  lr: {choices: [0.01, 0.03]}\n")
+    proc = sweeplab(
+        "sweep", "sweep.yaml", "n_trials=2", "--tracking-uri", "sqlite:///lab.db", "--no-report", cwd=folder
+    )
+    assert proc.returncode == 0, proc.stderr
+    bad = sweeplab("report", "lab_report", "--tracking-uri", "sqlite:///lab.db", "--out", "/proc/x", cwd=folder)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(
+        "sweeplab: error: --out /proc/x: cannot make the report's folder there ("
+    ), bad.stderr
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(tiny)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("no tmpfs to fill here (mounting one needs root)")
+    try:
+        full = sweeplab("report", "lab_report", "--tracking-uri", "sqlite:///lab.db", "--out", str(tiny), cwd=folder)
+        files = {p.name: p.stat().st_size for p in tiny.iterdir()}
+    finally:
+        subprocess.run(["umount", str(tiny)], capture_output=True)
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 1 and len(lines) == 1 and lines[0].startswith("sweeplab: error: report: "), full.stderr
+    assert lines[0].endswith(" not written (No space left on device)")
+    assert files and all(size > 0 for size in files.values()), files  # whole files, or none: no 0-byte trials.csv

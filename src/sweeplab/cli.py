@@ -599,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("SWEEPLAB_DEBUG"):
             raise
         kind = type(exc).__name__
-        named = kind in ("ShapeError", "BatchError", "SweepError", "OutageError")
+        named = kind in ("ShapeError", "BatchError", "SweepError", "OutageError", "ReportWriteError")
         print(f"sweeplab: error: {one_line(exc, with_type=not named)}", file=sys.stderr)
         return 2 if kind in ("ShapeError", "BatchError") else 1
 

@@ -7,6 +7,7 @@ seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -42,23 +43,21 @@ def build_report(
     data = load_runs(study, tracking_uri)
     tables = all_factor_tables(data.trials, data.factors, data.conditions, data.continuous, data.goal)
     answers = answers_of(data)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    data.trials.to_csv(out / "trials.csv", index=False)
-    data.curves.to_csv(out / "curves.csv", index=False)
-    files += [out / "trials.csv", out / "curves.csv"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"--out {out}: cannot make the report's folder there ({exc.strerror})") from None
+    files = [write_whole(out / "trials.csv", data.trials.to_csv(index=False))]
+    files.append(write_whole(out / "curves.csv", data.curves.to_csv(index=False)))
     for name, table in tables.items():
-        path = out / f"by_{name.replace(' x ', '_x_')}.csv"
-        table.to_csv(path, index=False)
-        files.append(path)
+        files.append(write_whole(out / f"by_{name.replace(' x ', '_x_')}.csv", table.to_csv(index=False)))
     report = Report(data, tables, files, answers)
-    (out / "answer.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
+    write_whole(out / "answer.json", json.dumps(report.to_json(), indent=2, default=str))
     pictures = draw(data, answers)
     for name, png in pictures.items():
-        (out / f"{name}.png").write_bytes(png)
-        files.append(out / f"{name}.png")
-    (out / "summary.md").write_text(summary_markdown(report, list(pictures)))
-    (out / "report.html").write_text(html_page(report, pictures, ui_url))
+        files.append(write_whole(out / f"{name}.png", png))
+    write_whole(out / "summary.md", summary_markdown(report, list(pictures)))
+    write_whole(out / "report.html", html_page(report, pictures, ui_url))
     files += [out / "answer.json", out / "summary.md", out / "report.html"]
     if log_to_mlflow and data.parent_run_id:
         Tracker(tracking_uri).log_report(data.parent_run_id, out, "\n\n".join(answer_text(report)))
@@ -66,6 +65,28 @@ def build_report(
 
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
+
+
+class ReportWriteError(OSError):
+    """A report file that could not be written (a full disk, a folder that refuses it): one line, exit 1."""
+
+
+def write_whole(path: Path, content: str | bytes) -> Path:
+    """The file written whole or not at all: into a hidden file beside it, flushed to disk, then renamed into
+    place, so a full disk leaves the previous file (or none), never a 0-byte or cut-short one."""
+    data = content.encode() if isinstance(content, str) else content
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise ReportWriteError(f"report: {path} not written ({exc.strerror or exc})") from None
+    return path
 
 
 def report_for_sweep(study: str, tracking_uri: str, out: str) -> dict:

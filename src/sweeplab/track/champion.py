@@ -13,7 +13,9 @@ store named anything but ./mlflow.db must not be looked up in ./mlflow.db.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -29,7 +31,7 @@ import pandas as pd
 import torch
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.models import Model, ModelSignature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from sweeplab.stores import store_lock
 from sweeplab.track import pyfunc_model
@@ -294,17 +296,11 @@ def save_pyfunc_model(
             )
             print(f"sweeplab: {exc}; the champion rebuilds {spec.class_path} from its logged source", file=sys.stderr)
         if named:
+            # No input schema: MLflow enforces a TensorSpec's dtype exactly (a float64 spec refuses the float32
+            # arrays users have) and echoes the whole input in its errors; the inputs are described in the
+            # model's metadata (`inputs`: name, dtype, shape) and checked by the champion itself, in one line.
             meta["inputs"] = spec.inputs
-            inputs = Schema(
-                [
-                    TensorSpec(
-                        np.dtype("float64" if "float" in item["dtype"] else item["dtype"]),
-                        tuple(item["shape"]),
-                        item["name"],
-                    )
-                    for item in spec.inputs["inputs"]
-                ]
-            )
+            inputs = None
             input_example = {k: v.double().numpy() if v.is_floating_point() else v.numpy() for k, v in example.items()}
         else:
             meta.update(feature_names=names, input_shape=shape)
@@ -363,12 +359,30 @@ def _export(model, spec, example, path: str) -> None:
     a padded length) dynamic; ExportError when it cannot be traced."""
     model = model.cpu().eval()
     try:
-        with warnings.catch_warnings():  # torch.export's notes on the user's module: said by its failure, if any
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), _torch_logs_quiet():  # torch.export's notes and FX graphs: said by its
+            warnings.simplefilter("ignore")  # failure, in one line, if any
             _trace(model, spec, example, path)
     except Exception as exc:  # data-dependent control flow, an untraceable op, a batch size fixed inside
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ExportError(f"torch.export cannot trace {spec.name}: {type(exc).__name__}: {first}") from None
+
+
+@contextlib.contextmanager
+def _torch_logs_quiet():
+    """torch's own loggers (torch.fx's symbolic shapes log whole FX graphs at WARNING when a trace fails) held to
+    ERROR while the champion is exported, then as they were."""
+    loggers = [logging.getLogger("torch")] + [
+        logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch.")
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # and what it writes to stderr itself (a failed trace's graph)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _trace(model, spec, example, path: str) -> None:

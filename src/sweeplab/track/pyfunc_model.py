@@ -33,10 +33,21 @@ OUTPUTS = ("label", "probabilities")  # a classifier's `output` param; regressio
 
 
 class BadInput(MlflowException):
-    """Input the model cannot take: one line, and HTTP 400 from `mlflow models serve`."""
+    """Input the model cannot take: one line, and HTTP 400 from `mlflow models serve`. Its message is set once:
+    MLflow's scoring server rewrites it as "Failed to predict data '<the whole input>'. Error: ...", which echoes
+    a request of any size back into the response and the server's log."""
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
 
 
 class Champion(mlflow.pyfunc.PythonModel):
@@ -170,17 +181,22 @@ def named_inputs(model_input, spec: dict) -> dict:
         name, shape = item["name"], item["shape"]
         floating = "float" in item["dtype"]
         try:
-            values = np.asarray(model_input[name], dtype=np.float64 if floating else None)
+            values = np.asarray(model_input[name])
         except (ValueError, TypeError):
             raise BadInput(f"input: {name} is not an array of numbers of one shape") from None
+        if values.dtype.kind not in "iuf":  # booleans, text (numpy would read "2" as 2.0), mixed objects
+            said = {"b": "booleans", "U": "text", "S": "text"}.get(values.dtype.kind, f"{values.dtype} values")
+            raise BadInput(f"input: {name} holds {said}; the model takes numbers ({item['dtype']})")
+        if floating:
+            values = values.astype(np.float64, copy=False)
         if values.ndim != len(shape) or any(s != -1 and s != v for s, v in zip(shape[1:], values.shape[1:])):
             wanted = (
                 "[" + ", ".join("N" if i == 0 else ("any" if s == -1 else str(s)) for i, s in enumerate(shape)) + "]"
             )
             raise BadInput(f"input: {name} has shape {list(values.shape)}; the model takes {wanted}")
-        if floating and not (np.abs(values) <= FLOAT32_MAX).all():
+        if floating and _first_bad(values.reshape(len(values), -1)) is not None:
             raise BadInput(f"input: {name} holds NaN, infinity or numbers beyond float32")
-        if not floating and values.dtype.kind not in "iub":
+        if not floating and values.dtype.kind not in "iu":
             raise BadInput(f"input: {name} takes whole numbers ({item['dtype']}), not {values.dtype}")
         tensors[name] = torch.from_numpy(np.ascontiguousarray(values)).to(getattr(torch, item["dtype"]))
         sizes.add(values.shape[0])
@@ -243,6 +259,8 @@ def input_rows(model_input, names: list[str], shape: list[int] | None = None) ->
     else:
         try:
             values = np.asarray(model_input)
+            if values.dtype.kind in "US" and isinstance(model_input, list):  # [[1.0, "2"]]: numpy made both text
+                values = np.asarray(model_input, dtype=object)
         except (ValueError, TypeError):
             raise BadInput("input: rows of different lengths (each row gives every feature)") from None
         columns = names
@@ -260,22 +278,47 @@ def input_rows(model_input, names: list[str], shape: list[int] | None = None) ->
     if values.shape[1] != width:
         said = f" ({', '.join(names)})" if len(shape) == 1 and len(names) <= 20 else ""
         raise BadInput(f"input: rows of {values.shape[1]} values; the model takes {width}{said}")
-    try:
-        numbers = values.astype(np.float64)
-    except (ValueError, TypeError):
-        numbers = None
-    if numbers is None or not (np.abs(numbers) <= FLOAT32_MAX).all():  # NaN fails the comparison too
-        for row, col in np.ndindex(values.shape):
-            number = _number(values[row, col])
+    numbers = None
+    if values.dtype.kind in "iuf":  # booleans and text are not numbers, though numpy would make them 1.0 and 2.0
+        try:
+            numbers = values.astype(np.float64, copy=False)  # no copy of what is float64 already
+        except MemoryError:
+            raise MemoryError(
+                f"input: {values.shape[0]} rows of {values.shape[1]} values ({values.shape[0] * values.shape[1] * 8 / 2**30:.1f} "
+                "GiB as float64) do not fit in this machine's memory; predict in parts"
+            ) from None
+    bad = _first_bad(numbers) if numbers is not None else None
+    if numbers is None or bad is not None:
+        start = bad[0] if bad is not None else 0
+        for row, col in np.ndindex(values[start:].shape):
+            number = _number(values[start + row, col])
             if number is None or not abs(number) <= FLOAT32_MAX:
                 kind = "not a number" if number is None else "not a finite number (NaN, infinity, or beyond float32)"
                 column = columns[col] if col < len(columns) else str(col)
-                raise BadInput(f"input: row {row}, column {column}: {str(values[row, col])!r} is {kind}")
-    return numbers
+                raise BadInput(
+                    f"input: row {start + row}, column {column}: {str(values[start + row, col])!r} is {kind}"
+                )
+    return numbers if numbers is not None else values.astype(np.float64)  # objects that are each a number
+
+
+CHUNK_VALUES = 1 << 22  # values checked at a time: a few MB of temporaries, however large the input
+
+
+def _first_bad(numbers: np.ndarray) -> tuple[int, int] | None:
+    """(row, column) of the first value that is NaN, infinite or beyond float32 in a [N, W] float array, checked a
+    chunk of rows at a time (a whole-array check doubles the peak memory of a 5 GiB input); None when all are."""
+    rows = max(1, CHUNK_VALUES // max(1, numbers.shape[1]))
+    for start in range(0, numbers.shape[0], rows):
+        chunk = numbers[start : start + rows]
+        fine = np.abs(chunk) <= FLOAT32_MAX  # NaN fails the comparison too
+        if not fine.all():
+            row, col = np.argwhere(~fine)[0]
+            return start + int(row), int(col)
+    return None
 
 
 def _number(value) -> float | None:
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_, str, bytes, np.str_)):
         return None
     try:
         return float(value)

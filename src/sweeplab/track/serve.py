@@ -108,7 +108,7 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
         if spec.class_path is not None and reference.startswith("models:/"):
             model = ExportedModel.from_champion(tracker, reference, Path(tmp), device)
             if model is not None:
-                return model, spec, f"{found}, run {run_id}"
+                return model, spec, _described(found, run_id)
         code_dir = os.getcwd()
         if spec.class_path is not None and reference.startswith("models:/"):
             # a registered champion torch.export could not trace is rebuilt from the source its run logged, as
@@ -117,7 +117,12 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
         elif spec.class_path is not None:
             check_source(tracker, run_id, spec)
         model, spec = load_checkpoint(path, map_location=device, code_dir=code_dir)
-    return model, spec, f"{found}, run {run_id}"
+    return model, spec, _described(found, run_id)
+
+
+def _described(found: str, run_id: str) -> str:
+    """`best of STUDY (trial #3), run ID`; a run named by its id only once."""
+    return found if found == f"run {run_id}" else f"{found}, run {run_id}"
 
 
 def _logged_code_dir(tracker, run_id: str, spec: ModelSpec, tmp: Path) -> str:
@@ -280,6 +285,8 @@ def read_json_rows(text: str, spec: ModelSpec) -> list[list[float]]:
             row = _flat(row)
         if not isinstance(row, list):
             raise ValueError(f"stdin: row {i} is not a list of numbers")
+        if any(isinstance(v, (bool, str)) or v is None for v in row):  # float() takes True and "2"
+            raise ValueError(f"stdin: row {i} holds a value that is not a number: {str(row)[:100]}")
         try:
             values = [float(v) for v in row]
         except (TypeError, ValueError):
@@ -321,7 +328,20 @@ def read_csv_rows(path: str, spec: ModelSpec) -> tuple[list[list[float]], list[s
     return numeric.to_numpy(dtype="float64").tolist(), extra
 
 
+def finite_outputs(outputs: torch.Tensor) -> torch.Tensor:
+    """Outputs that JSON can carry: an input whose output is NaN or infinite is refused in one line, as the
+    champion refuses it over HTTP (`pred=inf` and `Infinity` are no answer)."""
+    bad = ~torch.isfinite(outputs).reshape(outputs.shape[0], -1).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"input row {int(bad.nonzero()[0])} gives a non-finite output (values far outside the training data?)"
+        )
+    return outputs
+
+
 def predict_rows(model, spec: ModelSpec, rows: list[list[float]]) -> list[dict[str, Any]]:
+    if not rows:
+        raise ValueError("input: no rows to predict")
     wrong = [i for i, row in enumerate(rows) if len(row) != spec.in_features]
     if wrong:
         shape = "x".join(map(str, spec.sample_shape))
@@ -334,7 +354,11 @@ def predict_rows(model, spec: ModelSpec, rows: list[list[float]]) -> list[dict[s
             f"input row {wrong[0]} has {len(rows[wrong[0]])} values; the model takes "
             f"{spec.in_features} ({names}" + (f"; a {shape} input, in order)" if len(spec.sample_shape) > 1 else ")")
         )
-    outputs = predict(model, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), *spec.sample_shape))
+    x = torch.tensor(rows, dtype=torch.float32)
+    beyond = ~torch.isfinite(x).all(dim=1)  # finite as given, beyond float32 (1e308): the model would see inf
+    if bool(beyond.any()):
+        raise ValueError(f"input row {int(beyond.nonzero()[0])} holds a value beyond float32 (|v| > 3.4e38)")
+    outputs = finite_outputs(predict(model, x.reshape(len(rows), *spec.sample_shape)))
     described = describe_outputs(outputs, spec)
     for row, item in zip(rows, described):
         item["x"] = row
@@ -377,7 +401,7 @@ def predict_named(model, spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> l
         if hasattr(model, "eval") and not isinstance(model, ExportedModel):
             model.eval()
         outputs = (model(inputs) if spec.inputs["kind"] == "tensor" else model(**inputs)).detach().cpu()
-    described = describe_outputs(outputs, spec)
+    described = describe_outputs(finite_outputs(outputs), spec)
     for i, item in enumerate(described):
         item["x"] = {name: value[i].tolist() for name, value in tensors.items()}
     return described

@@ -105,6 +105,12 @@ class VectorizedEngine:
                 except Exception as exc:  # what the probe did not meet: the reference loop is never worse
                     problem = stack_failure(group[0], exc)
                     VectorizedEngine.problems[model_key(group[0])] = problem
+                    # an update of the header's line (which the probe's success wrote), said as one
+                    self.say(
+                        f"engine: not stacked after all: {problem} (met in training, not in its probe); its "
+                        "trials train on the reference loop"
+                    )
+                    VectorizedEngine.said.add(f"engine: {problem}; its trials train on the reference loop")
             if problem is not None:  # a member alone gains nothing from vmap (TPE's one-trial rounds)
                 self.say(f"engine: {problem}; its trials train on the reference loop")
             alone += group

@@ -10,6 +10,7 @@ module the user can import; the checkpoint does not say where to look.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code; a truncated file fails to unzip
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = str(exc)
+        if "Weights only load failed" in text:  # not torch's advice to load it with weights_only=False
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand \d+|(\w+Error: [^\n]+)", text)
+            why = f": {found.group(0)}" if found else ""
+            raise ValueError(
+                f"{Path(path).name}: holds pickled objects, not only tensors and plain values{why}; refused "
+                "(sweeplab reads checkpoints with weights_only=True and never runs their code)"
+            ) from None
+        first = (text.strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"{Path(path).name}: not a loadable checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "model_spec" not in payload:
         raise ValueError(f"{Path(path).name}: not a sweeplab checkpoint (needs state_dict and model_spec)")
