@@ -561,3 +561,76 @@ def test_a_report_that_cannot_be_written_is_one_line_and_leaves_no_cut_short_fil
     assert full.returncode == 1 and len(lines) == 1 and lines[0].startswith("sweeplab: error: report: "), full.stderr
     assert lines[0].endswith(" not written (No space left on device)")
     assert files and all(size > 0 for size in files.values()), files  # whole files, or none: no 0-byte trials.csv
+
+
+def _until(predicate, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return predicate()
+
+
+def test_the_ui_over_a_store_in_a_folder_with_a_percent_leaves_no_stray_folder_even_when_killed(tmp_path):
+    """Before: MLflow's server made `p%2541 x` (the store's folder, still URL-quoted) beside `p%41 x`, and it stayed."""
+    import os
+    import signal
+
+    from servers import free_port
+
+    folder = tmp_path / "p%41 x"
+    folder.mkdir()
+    write(folder, "lab.yaml", LAB.read_text().replace("  epochs: 80", "  epochs: 2"))
+    assert sweeplab("run", "lab.yaml", cwd=folder).returncode == 0  # the default store, mlflow.db, in that folder
+    port = free_port()
+    ui = subprocess.Popen(
+        [SWEEPLAB, "ui", "training_loop_lab", "--port", str(port)],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert "MLflow UI: http://127.0.0.1:" in ui.stdout.readline()  # printed once the server answers
+    finally:
+        os.kill(ui.pid, signal.SIGKILL)  # no clean-up of its own: the watchdog ends the server and tidies
+        ui.wait()
+    assert _until(lambda: sorted(p.name for p in tmp_path.iterdir()) == ["p%41 x"], 30), list(tmp_path.iterdir())
+
+
+def test_sweeplab_server_leaves_nothing_in_dev_shm(tmp_path):
+    """Before: MLflow's GenAI job runner made a folder in /dev/shm that SIGTERM left behind."""
+    import os
+    import signal
+    import urllib.request
+
+    from servers import free_port
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    before = set(os.listdir(shm))
+    port = free_port()
+    server = subprocess.Popen(
+        [SWEEPLAB, "server", "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path}/server.db"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def answers() -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        assert _until(answers, 120)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert set(os.listdir(shm)) - before == set()

@@ -415,6 +415,9 @@ def _server(args: argparse.Namespace) -> int:
         flush=True,
     )
     _warn_if_public(args.host)
+    # No GenAI job runner (as for `sweeplab ui`) unless the environment asks for one: its huey consumers serve
+    # evaluations a sweep never runs, and MLflow leaves the store it makes for them in /dev/shm when stopped.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, command)
     return 0
 

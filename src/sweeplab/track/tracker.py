@@ -12,12 +12,14 @@ import fcntl
 import functools
 import json
 import os
+import shlex
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -173,10 +175,13 @@ def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) 
     }
     # The server and everything it starts (uvicorn workers, huey consumers) in a process group of their own, which
     # `stop_ui_server` ends whole; a watchdog outside both ends it too if this process is killed outright.
+    stray = _stray_folder(uri)
     server = subprocess.Popen(command, env=env, stdout=log.fileno() if log else None, start_new_session=True)
+    server.stray_folder = stray  # type: ignore[attr-defined]
     watchdog = (
         f"while kill -0 {os.getpid()} 2>/dev/null && kill -0 {server.pid} 2>/dev/null; do sleep 1; done; "
         f"kill -TERM -{server.pid} 2>/dev/null; sleep 5; kill -KILL -{server.pid} 2>/dev/null"
+        + (f"; rmdir {shlex.quote(stray)} 2>/dev/null" if stray else "")
     )
     subprocess.Popen(
         ["sh", "-c", watchdog],
@@ -186,6 +191,19 @@ def start_ui_server(uri: str, host: str, port: int, workers: int = 1, log=None) 
         stderr=subprocess.DEVNULL,
     )
     return server
+
+
+def _stray_folder(uri: str) -> str | None:
+    """The folder MLflow's server makes from a SQLite URI's path before unquoting it (`p%2541 x` beside the store's
+    folder `p%41 x`), when it does not exist yet: removed again, if still empty, once the server has ended."""
+    database = sqlite_path(uri)
+    if not database:
+        return None
+    raw = os.path.dirname(urllib.parse.urlparse(uri).path)
+    real = os.path.dirname(os.path.abspath(database))
+    if "%" not in raw or os.path.abspath(raw) == real or os.path.exists(raw):
+        return None
+    return os.path.abspath(raw)
 
 
 def stop_ui_server(server: subprocess.Popen, grace_s: float = 10) -> None:
@@ -203,6 +221,10 @@ def stop_ui_server(server: subprocess.Popen, grace_s: float = 10) -> None:
             break
     with contextlib.suppress(subprocess.TimeoutExpired):
         server.wait(timeout=1)
+    stray = getattr(server, "stray_folder", None)
+    if stray:
+        with contextlib.suppress(OSError):
+            os.rmdir(stray)  # only if empty: never anything the user put there
 
 
 def _group_alive(pgid: int) -> bool:
