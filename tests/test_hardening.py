@@ -634,3 +634,33 @@ def test_sweeplab_server_leaves_nothing_in_dev_shm(tmp_path):
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     assert set(os.listdir(shm)) - before == set()
+
+
+def test_a_worker_killed_after_its_last_trial_has_its_parent_run_ended_by_the_survivors(tmp_path):
+    """Before: its parent run (role worker) stayed RUNNING until the next `sweeplab sweep` in that folder: no trial
+    of it was left to recover, only trial recovery ended a lost worker's parent, and a worker's start-up had
+    looked for dead runs before that worker died. Here the "worker" is a process that is alive when the survivor
+    starts and ends while the survivor trains (12 reference trials of 200 epochs: ~9 s here)."""
+    from sweeplab.stores import this_host
+
+    write(tmp_path, "lab.yaml", LAB.read_text().replace("  epochs: 80", "  epochs: 200"))
+    write(
+        tmp_path,
+        "sweep.yaml",
+        "study: late\nexperiment: lab.yaml\nspace:\n  lr: {low: 0.001, high: 0.1}\nsampler: {type: random, seed: 0}\n",
+    )
+    args = ["--tracking-uri", "sqlite:///runs.db", "--storage", "journal:late.journal", "--quiet"]
+    assert sweeplab("sweep", "sweep.yaml", "n_trials=1", "--no-report", *args, cwd=tmp_path).returncode == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs.db")
+    experiment = client.get_experiment_by_name("late").experiment_id
+    # not a child of this process (a child would stay a zombie, alive to kill -0, until waited for)
+    pid = int(subprocess.run(["sh", "-c", "sleep 3 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True).stdout)
+    lost = client.create_run(
+        experiment, tags={"sweeplab.role": "worker", "sweeplab.worker": f"{this_host()}:{pid}"}
+    ).info.run_id
+    survivor = sweeplab("worker", "sweep.yaml", "n_trials=13", "engine=reference", *args, cwd=tmp_path)
+    assert survivor.returncode == 0, survivor.stderr
+    assert not Path(f"/proc/{pid}").exists()  # it ended while the survivor worked
+    run = client.get_run(lost)
+    assert run.info.status == "KILLED" and run.data.tags["sweeplab.outcome"] == "killed"
+    assert all(r.info.status != "RUNNING" for r in client.search_runs([experiment]))

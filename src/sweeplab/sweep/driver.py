@@ -12,6 +12,7 @@ train/engines.py (the two engines), track/recorder.py and writers.py (MLflow), s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -126,6 +127,10 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise SweepError(f"{failures} trials in a row failed; the last: {part.ledger.last_failure}")
         writer.drain(on_trial_end)
+        # a worker on this machine killed after its last trial left only its own parent run RUNNING, which no
+        # trial's recovery ends: the survivors end it as they finish (a run's process that is gone, only)
+        with contextlib.suppress(Exception):
+            part.tracker.reap_dead_local_runs(part.experiment_id)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         reason = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
