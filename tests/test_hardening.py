@@ -664,3 +664,118 @@ def test_a_worker_killed_after_its_last_trial_has_its_parent_run_ended_by_the_su
     run = client.get_run(lost)
     assert run.info.status == "KILLED" and run.data.tags["sweeplab.outcome"] == "killed"
     assert all(r.info.status != "RUNNING" for r in client.search_runs([experiment]))
+
+
+# --- 7. what users hit --------------------------------------------------------------------------------------------
+
+
+def _logged_baseline(folder: Path, experiment: str) -> float:
+    client = MlflowClient(f"sqlite:///{folder}/runs.db")
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run.data.metrics["baseline_val_loss"]
+
+
+@pytest.mark.parametrize("case", ["label_smoothing", "pos_weight", "huber"])
+def test_a_loss_given_by_class_logs_the_baseline_of_its_own_constant_prediction(tmp_path, case):
+    """Before: no baseline_val_loss for a loss by class, so the report's `learned` was blank. The expected values
+    are the closed forms worked out by hand below (the Huber one numerically, by scipy), from the split's labels."""
+    import numpy as np
+    from scipy.optimize import minimize_scalar
+
+    from sweeplab.config import load_experiment
+    from sweeplab.train.data import make_dataset
+
+    data, loss, task = {
+        "label_smoothing": ("wine", "{class_path: CrossEntropyLoss, init_args: {label_smoothing: 0.1}}", "multiclass"),
+        "pos_weight": ("breast_cancer", "{class_path: BCEWithLogitsLoss, init_args: {pos_weight: 2.0}}", "binary"),
+        "huber": ("diabetes", "{class_path: HuberLoss, init_args: {delta: 50.0}}", "regression"),
+    }[case]
+    path = write(
+        tmp_path,
+        "exp.yaml",
+        f"name: base\ntask: {task}\ndata: {{source: sklearn, name: {data}, val_size: 0.25}}\n"
+        f"train: {{epochs: 1, loss: {loss}}}\n",
+    )
+    proc = sweeplab("run", "exp.yaml", "--tracking-uri", "sqlite:///runs.db", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    dataset = make_dataset(load_experiment(path))
+    train, val = dataset.y_train.double().numpy().reshape(-1), dataset.y_val.double().numpy().reshape(-1)
+    if case == "label_smoothing":  # the best distribution is (1 - e) * frequencies + e / K
+        k, e = 3, 0.1
+        p = (1 - e) * np.bincount(train.astype(int), minlength=k) / len(train) + e / k
+        expected = np.mean([-((1 - e) * np.log(p[int(y)]) + e / k * np.log(p).sum()) for y in val])
+    elif case == "pos_weight":  # d/dc of the weighted log loss is zero where sigma(c) = w r / (w r + 1 - r)
+        w, r = 2.0, train.mean()
+        s = w * r / (w * r + 1 - r)
+        expected = np.mean(-(w * val * np.log(s) + (1 - val) * np.log(1 - s)))
+    else:
+
+        def huber(c, y, delta=50.0):
+            a = np.abs(y - c)
+            return np.mean(np.where(a <= delta, 0.5 * a**2, delta * (a - 0.5 * delta)))
+
+        c = minimize_scalar(lambda c: huber(c, train), bounds=(train.min(), train.max()), method="bounded").x
+        expected = huber(c, val)
+    assert _logged_baseline(tmp_path, "base") == pytest.approx(expected, rel=1e-4)
+
+
+def test_sweeplab_serve_works_as_printed_without_the_venv_on_path(lab_run):
+    """`mlflow models serve` as the README showed it failed unless the venv was on PATH (`exec: uvicorn: not found`,
+    exit 127). The sweep now prints `serve:`, which runs it with this interpreter's scripts first on PATH."""
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    from servers import free_port
+
+    folder, uri, _ = lab_run
+    write(folder, "served.yaml", "study: lab_served\nexperiment: lab.yaml\nspace:\n  lr: {choices: [0.03]}\n")
+    swept = sweeplab("sweep", "served.yaml", "n_trials=1", "--tracking-uri", uri, "--no-report", cwd=folder)
+    line = next(line for line in swept.stdout.splitlines() if line.startswith("serve:"))
+    assert f" serve models:/lab_served@champion --tracking-uri sqlite:///{folder}/lab.db" in line, line
+    port = free_port()
+    bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MLFLOW_TRACKING_URI")}
+    bare["PATH"] = "/usr/bin:/bin"  # no venv on PATH, as in a fresh shell
+    server = subprocess.Popen(
+        [SWEEPLAB, "serve", "models:/lab_served@champion", "--tracking-uri", uri, "--port", str(port)],
+        cwd=folder,
+        env=bare,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        said = server.stdout.readline() + server.stdout.readline()
+        assert f"on http://127.0.0.1:{port}/invocations" in said and '{"inputs": [[0.0, 0.0]]}' in said, said
+        body = json.dumps({"inputs": [[1.0, 2.0], [0.0, 0.0]]}).encode()
+
+        def answer():
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+            )
+            try:
+                return json.loads(urllib.request.urlopen(request, timeout=5).read())
+            except OSError:
+                return None
+
+        assert _until(lambda: answer() is not None or server.poll() is not None, 120) and server.poll() is None
+        served = answer()["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    predicted = sweeplab(
+        "predict",
+        "models:/lab_served@champion",
+        "--tracking-uri",
+        uri,
+        "--json",
+        "--x",
+        "1,2",
+        "--x",
+        "0,0",
+        cwd=folder,
+    )
+    expected = [p["prediction"] for p in json.loads(predicted.stdout)["predictions"]]
+    assert [row[0] if isinstance(row, list) else row for row in served] == pytest.approx(expected, abs=1e-5)

@@ -383,6 +383,53 @@ def _warn_if_public(host: str) -> None:
         print(f"note: listening on {host}: anyone who can reach this port can read and write runs", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """`mlflow models serve` of a registered champion, in this environment (`--env-manager local`), with this
+    interpreter's scripts first on PATH: run bare, MLflow execs `uvicorn` from PATH and fails (exit 127) unless the
+    virtual environment is activated."""
+    if not args.model.startswith("models:/"):
+        raise UsageError(f"{args.model}: serve takes a registered model, models:/NAME@ALIAS or models:/NAME/VERSION")
+    configure(with_optuna=False, install_stop=False)
+    store = existing_store(args.tracking_uri)
+    from sweeplab.track.serve import ModelNotFound, resolve_run_id
+
+    try:
+        run_id, _ = resolve_run_id(args.model, store)
+        example = _request_example(run_id, store)
+    except ModelNotFound as exc:
+        raise UsageError(str(exc)) from None
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local"]
+    command += ["-h", args.host, "-p", str(args.port)]
+    url = f"http://{args.host}:{args.port}/invocations"
+    print(
+        f"serving {args.model} on {url} (Ctrl-C stops it); e.g.\n"
+        f"  curl -s {url} -H 'Content-Type: application/json' -d '{example}'",
+        flush=True,
+    )
+    _warn_if_public(args.host)
+    os.execve(sys.executable, command, env)
+    return 0
+
+
+def _request_example(run_id: str, store: str) -> str:
+    """A request body for the champion of `run_id`: one row of zeros of its width, or its inputs by name."""
+    import tempfile
+
+    from sweeplab.track.tracker import Tracker
+    from sweeplab.train.model import read_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="sweeplab-") as tmp:
+        try:
+            _, spec = read_checkpoint(Tracker(store).download_checkpoint(run_id, Path(tmp)))
+        except Exception:
+            return '{"inputs": [[...]]}'
+    if spec.named_inputs:
+        return json.dumps({"inputs": {name: "[...]" for name in spec.named_inputs}}).replace('"[...]"', "[...]")
+    return json.dumps({"inputs": [[0.0] * spec.in_features]})
+
+
 def _server(args: argparse.Namespace) -> int:
     """An MLflow tracking server for many workers: a database backend store and served artifacts."""
     backend = args.backend_store_uri or os.environ.get("SWEEPLAB_BACKEND_STORE_URI") or "sqlite:///mlflow-server.db"
@@ -526,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", help="where to load the weights (default cpu)")
     predict.add_argument("--json", action="store_true", help="one JSON object with every prediction")
     predict.set_defaults(func=_predict)
+
+    serve = sub.add_parser("serve", help="serve a champion over HTTP: `mlflow models serve`, set up to work as is")
+    serve.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION (what a sweep prints)")
+    serve.add_argument("--tracking-uri", default=None)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.set_defaults(func=_serve)
 
     server = sub.add_parser("server", help="an MLflow tracking server for workers on many machines")
     server.add_argument(

@@ -175,6 +175,8 @@ def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> 
     print(f"browse:   {me} ui {shlex.quote(sweep.spec.study)}{store}")
     for champion in champions:
         print(f"predict:  {me} predict {champion.uri}{store}")
+    for champion in champions[:1]:  # one line: the others differ only by their name
+        print(f"serve:    {me} serve {champion.uri}{store}  (HTTP, mlflow models serve)")
 
 
 def invocation() -> str:

@@ -50,6 +50,7 @@ from sweeplab.track.tracker import (
 from sweeplab.train import batch
 from sweeplab.train.loop import EpochRecord, baseline_loss
 from sweeplab.train.model import save_checkpoint, spec_json
+from sweeplab.train.options import build_loss, fitted_constant_loss
 from sweeplab.train.plugins import REGISTERED, in_main, main_source, source_of
 from sweeplab.train.sources import import_paths, source_hashes, user_modules
 
@@ -297,12 +298,29 @@ def summary_metrics(result, now: int) -> list[Metric]:
     return summary
 
 
+_FITTED_BASELINES: dict = {}  # (loss, task, labels' digest) -> the fitted constant's loss: trials share their data
+
+
 def baseline_val_loss(result) -> float | None:
+    """The validation loss of the best constant prediction under the trial's own loss: in closed form for the
+    named losses (~50 us), fitted numerically for any other (options.fitted_constant_loss, once per loss and data).
+    None without the labels (a lazy Dataset without `targets`)."""
     data, config = result.dataset, result.config
-    if data is None or data.y_train is None or config.train.loss not in ("mse", "l1", "bce", "cross_entropy"):
-        return None  # another loss's constant prediction is not worked out here: no baseline rather than a wrong one
-    value = baseline_loss(data.y_train, data.y_val, config.task, config.train.loss)  # ~50 us: not worth a cache
-    return value if math.isfinite(value) else None
+    if data is None or data.y_train is None or data.y_val is None:
+        return None
+    loss = config.train.loss
+    if loss in ("mse", "l1", "bce", "cross_entropy"):
+        value = baseline_loss(data.y_train, data.y_val, config.task, loss)
+        return value if math.isfinite(value) else None
+    labels = hashlib.sha256(data.y_train.numpy().tobytes() + b"|" + data.y_val.numpy().tobytes()).hexdigest()
+    key = (json.dumps(loss.model_dump() if hasattr(loss, "model_dump") else loss, sort_keys=True), config.task, labels)
+    if key not in _FITTED_BASELINES:
+        try:
+            loss_fn = build_loss(config, data.y_train, data.n_classes or 0)
+        except Exception:
+            return None
+        _FITTED_BASELINES[key] = fitted_constant_loss(loss_fn, data.y_train, data.y_val, config.task, data.n_outputs)
+    return _FITTED_BASELINES[key]
 
 
 def finite(value: float) -> bool:

@@ -189,6 +189,50 @@ def balanced_weights(y_train: torch.Tensor, task: str, n_classes: int, key: str)
     return (labels.numel() / (len(counts) * counts)).float()
 
 
+# --- what "learned nothing" means under any loss ---------------------------------------------------------------------
+
+
+def fitted_constant_loss(
+    loss_fn: Callable, y_train: torch.Tensor, y_val: torch.Tensor, task: str, n_outputs: int
+) -> float | None:
+    """The validation loss, under the trial's own loss (label smoothing, pos_weight, Huber, the user's), of the
+    best constant prediction fitted on the training labels: one output row, the same for every sample, found by
+    LBFGS from the closed-form start (the mean; the log of each class's frequency). A run that does not get well
+    below it learned nothing about x. None when the loss cannot be fitted so (it raises, or is not finite)."""
+    from sweeplab.train.data import target_for_task  # (data imports the options' neighbours)
+
+    y_train, y_val = y_train.detach().cpu(), y_val.detach().cpu()
+    target, val_target = target_for_task(y_train, task), target_for_task(y_val, task)
+    if task == "multiclass":
+        counts = torch.bincount(target, minlength=n_outputs).double()
+        start = (counts.clamp(min=0.5) / counts.sum()).log()
+    elif task == "binary":
+        rate = float(target.double().mean().clamp(1e-6, 1 - 1e-6))
+        start = torch.full((n_outputs,), math.log(rate / (1 - rate)), dtype=torch.float64)
+    else:
+        start = target.double().reshape(len(target), -1).mean(dim=0)
+    row = start.float().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([row], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss_at(value: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with user_code():
+            return loss_fn(value.unsqueeze(0).expand(len(labels), -1), labels)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_at(row, target)
+        loss.backward()
+        return loss
+
+    try:
+        optimizer.step(closure)
+        with torch.no_grad():
+            value = float(loss_at(row.detach(), val_target))
+    except Exception:
+        return None
+    return value if math.isfinite(value) else None
+
+
 # --- the user's metrics ----------------------------------------------------------------------------------------------
 
 
