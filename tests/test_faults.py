@@ -305,7 +305,7 @@ def test_a_damaged_store_is_one_line(lab_run, here, capsys, damage):
 def test_reading_a_store_takes_no_lock_and_writes_nothing(lab_run, capsys):
     """predict and report on a store they must not write (read-only for its owner): no lock file opened."""
     tmp, uri, run_id = lab_run
-    (tmp / "mlflow.db.lock").unlink(missing_ok=True)
+    (tmp / ".mlflow.db.lock").unlink(missing_ok=True)
     before = {p.name for p in tmp.iterdir()}
     assert main(["predict", run_id, "--tracking-uri", uri]) == 0
     assert {p.name for p in tmp.iterdir()} == before

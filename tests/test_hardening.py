@@ -779,3 +779,31 @@ def test_sweeplab_serve_works_as_printed_without_the_venv_on_path(lab_run):
     )
     expected = [p["prediction"] for p in json.loads(predicted.stdout)["predictions"]]
     assert [row[0] if isinstance(row, list) else row for row in served] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_sweep_from_python_prints_what_the_cli_prints_and_leaves_the_interpreter_as_it_was(tmp_path, capsys):
+    """Before: torch's global RNG advanced, sqlalchemy and alembic loggers left at WARNING, no best-trials table
+    nor commands printed, and `champions` keyed '' for a sweep without conditions."""
+    import logging
+
+    import sweeplab
+
+    write(tmp_path, "lab.yaml", LAB.read_text().replace("  epochs: 80", "  epochs: 3"))
+    write(tmp_path, "s.yaml", "study: from_python\nexperiment: lab.yaml\nspace:\n  lr: {low: 0.001, high: 0.1}\n")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    levels = {name: logging.getLogger(name).level for name in ("sqlalchemy", "sqlalchemy.engine", "alembic")}
+    result = sweeplab.sweep(str(tmp_path / "s.yaml"), tracking_uri=f"sqlite:///{tmp_path}/py.db", n_trials=2)
+    out = capsys.readouterr().out
+    assert torch.equal(torch.get_rng_state(), state)
+    assert {name: logging.getLogger(name).level for name in levels} == levels
+    assert result.champions == {"from_python": "models:/from_python@champion"}
+    assert set(result.commands) == {"browse", "predict", "serve"}
+    assert result.commands["predict"] == [
+        f"{sys.executable} -m sweeplab predict models:/from_python@champion --tracking-uri sqlite:///{tmp_path}/py.db"
+    ]
+    assert "trial " in out and "best_val_loss" in out  # the best trials' table
+    for line in (f"browse:   {result.commands['browse']}", f"predict:  {result.commands['predict'][0]}"):
+        assert line in out.splitlines()
+    sweeplab.sweep(str(tmp_path / "s.yaml"), tracking_uri=f"sqlite:///{tmp_path}/py.db", n_trials=3, quiet=True)
+    assert capsys.readouterr().out == ""

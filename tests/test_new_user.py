@@ -80,8 +80,8 @@ def test_a_store_of_any_name_gets_its_champion_and_nothing_is_written_elsewhere(
     assert "champion: models:/sgd_lr@champion (version 1" in out
     assert list((home / "work").iterdir()) == []  # no stray mlflow.db (or anything) where the command ran
     assert sorted(p.name for p in (home / "stores").iterdir()) == [
+        ".experiments.db.lock",  # #36.7: hidden, no longer beside every store in plain sight
         "experiments.db",
-        "experiments.db.lock",
         "mlartifacts",
         "optuna.journal",
     ]

@@ -115,7 +115,9 @@ class SweepResult:
     """What `sweeplab.sweep` found. `trials`: one row per trial of the study (its number, condition, state, each
     searched parameter under its sweep-file key, best_epoch, the objective's column, best_val_loss, run id);
     `best`: the best completed trial per condition; `champion`: `models:/STUDY@champion`; `champions`: the URI per
-    condition; `report()`: the report's answer in words."""
+    condition (`noise=0.3`; the study's name in a sweep without conditions); `commands`: the shell commands that
+    browse its runs, predict with and serve its champions ({"browse", "predict": [...], "serve"}), printed at the
+    end unless `quiet`; `report()`: the report's answer in words."""
 
     study_name: str
     tracking_uri: str
@@ -125,6 +127,7 @@ class SweepResult:
     champion: str | None
     champions: dict[str, str] = field(default_factory=dict)
     objective: str = "best_val_loss"
+    commands: dict = field(default_factory=dict)
 
     def report(self, out: str | Path | None = None) -> str:
         """The report's answer, in words; its files (tables, pictures, report.html) in `out` when given (else a
@@ -153,10 +156,16 @@ def sweep(spec, *, tracking_uri: str | None = None, storage: str | None = None, 
     with borrowed():
         configure(library=True)
         try:
-            _, outcome, tracking_uri, storage_url = start_sweep(spec, dict(overrides), tracking_uri, storage, quiet)
+            plan, outcome, tracking_uri, storage_url = start_sweep(spec, dict(overrides), tracking_uri, storage, quiet)
         except SettingError as exc:
             raise _config_error(exc) from None
-        return sweep_result(outcome, tracking_uri, storage_url)
+        from sweeplab.console import print_sweep_summary, sweep_commands
+
+        if not quiet:  # what `sweeplab sweep` prints: the counts, the best trials, the champions, the commands
+            print_sweep_summary(outcome, plan.sweep, tracking_uri, storage_url)
+        result = sweep_result(outcome, tracking_uri, storage_url)
+        result.commands = sweep_commands(outcome, plan.sweep, tracking_uri)
+        return result
 
 
 def sweep_result(outcome, tracking_uri: str, storage_url: str) -> SweepResult:
@@ -184,9 +193,9 @@ def sweep_result(outcome, tracking_uri: str, storage_url: str) -> SweepResult:
     champions = {}
     for part in outcome.parts:
         if part.champion is not None:
-            label = ", ".join(f"{k}={v}" for k, v in part.sweep.spec.condition.items()) or ""
+            label = ", ".join(f"{k}={v}" for k, v in part.sweep.spec.condition.items()) or study
             champions[label] = part.champion.uri
-    champion = champions.get("") or (f"models:/{study}@champion" if champions else None)
+    champion = f"models:/{study}@champion" if champions else None
     return SweepResult(
         study, tracking_uri, redact(storage_url), trials.reset_index(drop=True), best.reset_index(drop=True),
         champion, champions, goal,

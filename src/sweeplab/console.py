@@ -170,13 +170,26 @@ def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> 
             state = "registered" if champion.new else "unchanged"
             print(f"champion: {champion.uri} (version {champion.version}, trial #{champion.trial}, {state})")
         print()
+    commands = sweep_commands(outcome, sweep, tracking_uri)
+    print(f"browse:   {commands['browse']}")
+    for line in commands["predict"]:
+        print(f"predict:  {line}")
+    if commands["serve"]:
+        print(f"serve:    {commands['serve']}  (HTTP, mlflow models serve)")
+
+
+def sweep_commands(outcome, sweep, tracking_uri: str) -> dict:
+    """The commands that browse a sweep's runs and predict with (and serve) its champions, as they work pasted in
+    this folder: {"browse": str, "predict": [str per champion], "serve": str or None (the first champion's; the
+    others differ only by their name)}. What the sweep prints last, and `SweepResult.commands`."""
     me = invocation()
     store = f" --tracking-uri {shlex.quote(redact(tracking_uri))}"
-    print(f"browse:   {me} ui {shlex.quote(sweep.spec.study)}{store}")
-    for champion in champions:
-        print(f"predict:  {me} predict {champion.uri}{store}")
-    for champion in champions[:1]:  # one line: the others differ only by their name
-        print(f"serve:    {me} serve {champion.uri}{store}  (HTTP, mlflow models serve)")
+    uris = [part.champion.uri for part in outcome.parts if part.champion is not None]
+    return {
+        "browse": f"{me} ui {shlex.quote(sweep.spec.study)}{store}",
+        "predict": [f"{me} predict {uri}{store}" for uri in uris],
+        "serve": f"{me} serve {uris[0]}{store}" if uris else None,
+    }
 
 
 def invocation() -> str:

@@ -67,18 +67,26 @@ def configure(with_optuna: bool = True, install_stop: bool = True, library: bool
 def borrowed():
     """What a sweep or run from Python changes in the caller's interpreter, given back afterwards however it ends
     (an error, Ctrl-C): the SIGINT and SIGTERM handlers, sys.stdout and sys.stderr, the warning filters, the levels
-    of the loggers configure() sets, the environment variables it sets by default, torch's thread counts, and the
-    stop flag. A notebook is then as it was, and a later Ctrl-C interrupts its own loops again."""
+    of every logger (configure()'s, and the sqlalchemy and alembic ones MLflow's store sets), the environment
+    variables it sets by default, torch's thread counts and its random state, and the stop flag. A notebook is then as it was, and a later Ctrl-C interrupts its own loops again."""
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     streams = sys.stdout, sys.stderr
     filters = list(warnings.filters)
     loggers = {name: logging.getLogger(name).level for name in ("mlflow", "mlflow.store.db.utils", "optuna")}
+    # every logger the caller has, as it is (alembic's migrations set levels, and may disable existing loggers)
+    existing = {
+        name: (logger.level, logger.disabled)
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
     environ = dict(os.environ)
     import torch  # a sweep or run needs it anyway; its thread count is read before anything sets it
 
     threads = torch.get_num_threads()
+    rng = torch.get_rng_state()  # a sweep seeds its trials: the caller's own draws go on as if it had not run
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     # torch wraps an optimizer class's `step` (its profiler hook) the first time one is built: the caller's classes
     # are given back as they were, whatever the sweep built
     steps = {cls: cls.__dict__["step"] for cls in _optimizer_classes(torch) if "step" in cls.__dict__}
@@ -93,6 +101,18 @@ def borrowed():
         warnings.filters[:] = filters
         for name, level in loggers.items():
             logging.getLogger(name).setLevel(level)
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if not isinstance(logger, logging.Logger):
+                continue
+            if name in existing:
+                logger.setLevel(existing[name][0])
+                logger.disabled = existing[name][1]
+            elif name.split(".")[0] in ("sqlalchemy", "alembic"):  # set by MLflow's store on first use
+                logger.setLevel(logging.NOTSET)
+                logger.disabled = False
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         for key in [k for k in os.environ if k not in environ]:
             del os.environ[key]
         os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})

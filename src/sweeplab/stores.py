@@ -169,6 +169,14 @@ def check_separate_stores(tracking_uri: str, storage_url: str) -> None:
         )
 
 
+def lock_path(database: str | os.PathLike) -> str:
+    """The lock file beside a local store: hidden (`.mlflow.db.lock`), as a lock file must stay once made (removing
+    it while another process waits on it would let a third take a second lock)."""
+    path = os.fspath(database)
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.lock")
+
+
 @contextlib.contextmanager
 def store_lock(uri: str, name: str):
     """Held across a check-then-write that two processes on one store must not interleave: a file lock beside a
@@ -176,7 +184,7 @@ def store_lock(uri: str, name: str):
     elsewhere (a tracking server offers no lock)."""
     database = sqlite_path(uri)
     if database is not None:
-        with open(f"{database}.lock", "a") as lock:
+        with open(lock_path(database), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
         return

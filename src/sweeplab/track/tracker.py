@@ -33,6 +33,7 @@ from sweeplab.outcome import Outcome, RunEnd
 from sweeplab.stores import (
     OutageError,
     display_uri,
+    lock_path,
     process_gone,
     refused,
     remove_mlflow_strays,
@@ -328,7 +329,7 @@ def create_sqlite_store(database: Path) -> None:
     open (`_alembic_tmp_experiments already exists`). The schema is built in a hidden file beside the database and
     renamed into place; a lock file beside it lets one process at a time do it (two migrating at once collide)."""
     database.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.lock", "w") as lock:
+    with open(lock_path(database), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if database.exists():  # another process created it while we waited
             return
@@ -662,10 +663,19 @@ SHORT_KEYS = {"hidden": "h", "noise": "n"}  # the UI's run column shows ~20 char
 
 def run_name_for(config: ExperimentConfig, trial_number: int | None = None, keys=LAB_KEYS) -> str:
     """What the trial is, at a glance, from the keys a sweep varies (its space, then its conditions), most
-    telling first: `adam-h16-lr0.03-n0.3 #12`. Text values stand alone, numbers follow their key."""
+    telling first: `adam-h16-lr0.03-n0.3 #12`. Text values stand alone, numbers follow their key; a key that does
+    not apply (no `hidden` for a user's model, no `noise` but for the synthetic data) is left out, and a `sweeplab
+    run` of a user's model is named by its class first: `tinycnn-adam-lr0.003`."""
     parts = []
+    if keys == LAB_KEYS:
+        if config.model.class_path:
+            parts.append(config.model.class_path.rpartition(".")[2].lower())
+        if config.data.source != "synthetic":
+            keys = tuple(key for key in keys if key != "noise")
     for key in keys:
         value = value_at(config, key)
+        if value is None:
+            continue
         if isinstance(value, str):
             parts.append(value.lower())
             continue
