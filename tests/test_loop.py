@@ -8,15 +8,14 @@ import torch
 from torch import nn
 
 from sweeplab.config import load_experiment
+from sweeplab.train.epoch import classification_metrics, stacked_classification_metrics
 from sweeplab.train.experiment import run_experiment
 from sweeplab.train.loop import (
     ShapeError,
     TensorBatches,
     check_batch,
-    classification_metrics,
     evaluate,
     fit,
-    stacked_classification_metrics,
     train_epoch,
 )
 

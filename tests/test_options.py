@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset, random_split
 from sweeplab.cli import main
 from sweeplab.config import ConfigError, load_experiment
 from sweeplab.train.engines import Job, engine_named
+from sweeplab.train.epoch import ranking_metrics, stacked_regression_metrics
 from sweeplab.train.experiment import check_config, run_experiment
-from sweeplab.train.loop import ranking_metrics, stacked_regression_metrics
 
 LAB = Path(__file__).resolve().parents[1] / "experiments" / "training_loop_lab.yaml"
 EPOCHS = 12

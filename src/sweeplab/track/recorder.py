@@ -48,7 +48,8 @@ from sweeplab.track.tracker import (
     value_text,
 )
 from sweeplab.train import batch
-from sweeplab.train.loop import EpochRecord, baseline_loss
+from sweeplab.train.epoch import EpochRecord
+from sweeplab.train.loop import baseline_loss
 from sweeplab.train.model import save_checkpoint, spec_json
 from sweeplab.train.options import build_loss, fitted_constant_loss
 from sweeplab.train.plugins import REGISTERED, in_main, main_source, source_of

@@ -31,8 +31,8 @@ import torch
 
 from sweeplab.config import ConfigError, ExperimentConfig
 from sweeplab.stop import stop_flag
+from sweeplab.train.epoch import EpochRecord
 from sweeplab.train.experiment import Trained, resolve_device, run_experiment
-from sweeplab.train.loop import EpochRecord
 from sweeplab.train.stacked.epochs import check_supported, data_problem, group_members, model_key, prepare_member
 from sweeplab.train.stacked.func import stack_failure, stack_problem, train_func_group
 from sweeplab.train.stacked.mlp import train_group

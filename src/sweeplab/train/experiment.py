@@ -20,9 +20,8 @@ from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_m
 from sweeplab.stop import Stopped
 from sweeplab.train import batch
 from sweeplab.train.data import CheckedCollate, Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
+from sweeplab.train.epoch import Callback, History
 from sweeplab.train.loop import (
-    Callback,
-    History,
     LoaderBatches,
     ShapeError,
     Step,

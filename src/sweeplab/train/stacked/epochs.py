@@ -32,17 +32,17 @@ from torch.nn.parameter import is_lazy
 from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
 from sweeplab.train import batch
 from sweeplab.train.data import Dataset, make_dataset
-from sweeplab.train.experiment import model_spec_for
-from sweeplab.train.loop import (
+from sweeplab.train.epoch import (
     RANKING,
-    EpochRecord,
+    Curves,
     History,
-    ShapeError,
-    improves,
-    out_of_patience,
+    draw_order,
+    sample_average,
     stacked_classification_metrics,
     stacked_regression_metrics,
 )
+from sweeplab.train.experiment import model_spec_for
+from sweeplab.train.loop import ShapeError
 from sweeplab.train.model import ModelSpec, architecture, build_model
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -470,148 +470,11 @@ class _StackedOptimizer:
         param.sub_(delta)
 
 
-def _draw_order(member: Member, n: int, shuffle: bool) -> torch.Tensor | None:
-    """The member's batch order for one epoch, consuming its generators as DataLoader does (see TensorBatches)."""
-    torch.empty((), dtype=torch.int64).random_(generator=member.shuffle_gen or member.global_gen)
-    if not shuffle:
-        return None
-    generator = member.shuffle_gen
-    if generator is None:
-        seed = int(torch.empty((), dtype=torch.int64).random_(generator=member.global_gen).item())
-        generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=generator)
-    torch.randperm(n, generator=generator)
-    return perm
-
-
-def _sample_average(batch_losses: list[torch.Tensor], sizes: list[int], n: int) -> torch.Tensor:
-    """Per member, sum(batch mean * batch size) / n in float64, in batch order (as the reference, in Python)."""
-    total = torch.zeros(batch_losses[0].shape[0], dtype=torch.float64)
-    for losses, size in zip(torch.stack(batch_losses).double().cpu(), sizes):
-        total += losses * size
-    return total / n
-
-
 def _distinct(members: list[Member], key) -> tuple[list[Member], torch.Tensor]:
     """One member for each distinct `key(member)`, and each member's row in that list."""
     first: dict = {}
     rows = [first.setdefault(key(m), (len(first), m))[0] for m in members]
     return [m for _, m in first.values()], torch.tensor(rows)
-
-
-class _Curves:
-    """Every member's epochs as [K, epochs] float64 tensors (CPU), with the decisions `History.record` and
-    `History.stop` make, taken for all members at once: an epoch improves when its val_loss is strictly below the
-    best so far (NaN never does), a non-finite train or val loss ends the member as diverged, a hook's reason as
-    stopped. Each member's History is built once, at the end (`histories`)."""
-
-    def __init__(
-        self,
-        k: int,
-        epochs: int,
-        objective: tuple[str, str] = ("val_loss", "minimize"),
-        stopping: list[tuple[int, float] | None] | None = None,
-    ):
-        self.objective = objective
-        # early stopping per member (patience, min_delta; none: infinite patience), with History's decisions
-        self.stopping = stopping if stopping and any(stopping) else None
-        if self.stopping is not None:
-            self.patience = torch.tensor([s[0] if s else math.inf for s in self.stopping], dtype=torch.float64)
-            self.min_delta = torch.tensor([s[1] if s else 0.0 for s in self.stopping], dtype=torch.float64)
-            self.patience_best = torch.full((k,), math.nan, dtype=torch.float64)
-            self.epochs_without = torch.zeros(k, dtype=torch.int64)
-        self.sign = 1.0 if objective[1] == "minimize" else -1.0  # decisions on sign * value: lower is better
-        self.best_score = torch.full((k,), math.inf, dtype=torch.float64)
-        self.best_value = torch.full((k,), math.nan, dtype=torch.float64)
-        self.train = torch.full((k, epochs), math.nan, dtype=torch.float64)
-        self.val = torch.full((k, epochs), math.nan, dtype=torch.float64)
-        self.metrics: dict[str, torch.Tensor] = {}
-        self.confusion: torch.Tensor | None = None  # each member's at its best epoch
-        self.best_val = torch.full((k,), math.inf, dtype=torch.float64)
-        self.best_epoch = torch.zeros(k, dtype=torch.int64)
-        self.active = torch.ones(k, dtype=torch.bool)
-        self.epochs_run = torch.zeros(k, dtype=torch.int64)
-        self.reasons: dict[int, str] = {}  # members stopped by a hook
-        self.lr = torch.full((k, epochs), math.nan, dtype=torch.float64)  # members with a schedule: History.lr
-
-    def record(
-        self,
-        epoch: int,
-        train: torch.Tensor,
-        val: torch.Tensor,
-        metrics: dict[str, torch.Tensor],
-        confusion: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One epoch of the members still recording; returns which of them improved ([K] bool)."""
-        column, active = epoch - 1, self.active
-        self.train[active, column] = train[active]
-        self.val[active, column] = val[active]
-        for name, values in metrics.items():
-            curve = self.metrics.setdefault(name, torch.full_like(self.train, math.nan))
-            curve[active, column] = values[active]
-        value = val if self.objective[0] == "val_loss" else metrics[self.objective[0]].double()
-        score = self.sign * value
-        improved = active & torch.isfinite(score) & (score < self.best_score)  # NaN, inf never; a tie keeps the first
-        self.best_score = torch.where(improved, score, self.best_score)
-        self.best_value = torch.where(improved, value, self.best_value)
-        self.best_val = torch.where(improved, val, self.best_val)
-        self.best_epoch[improved] = epoch
-        if confusion is not None:
-            self.confusion = torch.zeros_like(confusion) if self.confusion is None else self.confusion
-            self.confusion[improved] = confusion[improved]
-        self.epochs_run[active] = epoch
-        if self.stopping is not None:
-            minimize = self.objective[1] == "minimize"
-            unset = math.inf if minimize else -math.inf
-            reference = torch.where(torch.isnan(self.patience_best), unset, self.patience_best)
-            better = active & improves(value, reference, minimize, self.min_delta)
-            self.patience_best = torch.where(better, value, self.patience_best)
-            self.epochs_without = torch.where(better, 0, self.epochs_without + active.long())
-        return improved
-
-    def stop(self, epoch: int, train: torch.Tensor, val: torch.Tensor, reasons: dict[int, str]) -> None:
-        """After `record`: members with a non-finite loss, and those a hook gave a reason, stop recording."""
-        diverged = self.active & ~(torch.isfinite(train) & torch.isfinite(val))
-        for row, reason in reasons.items():
-            if not diverged[row]:
-                self.reasons[row] = reason
-                self.active[row] = False
-        self.active &= ~diverged
-        if self.stopping is not None:  # History.stop decides the reason again, member by member (histories)
-            self.active &= ~out_of_patience(self.epochs_without, self.patience)
-
-    def histories(self) -> list[History]:
-        train, val = self.train.tolist(), self.val.tolist()
-        metrics = {name: curve.tolist() for name, curve in self.metrics.items()}
-        confusion = self.confusion.tolist() if self.confusion is not None else None
-        lr = self.lr.tolist()
-        out = []
-        for i, (n, best) in enumerate(zip(self.epochs_run.tolist(), self.best_epoch.tolist())):
-            history = History(
-                train[i][:n],
-                val[i][:n],
-                {name: curve[i][:n] for name, curve in metrics.items()},
-                objective=tuple(self.objective),
-            )
-            if best:
-                history.best_epoch, history.best_val_loss = best, val[i][best - 1]
-                history.best_value = (
-                    history.val_loss[best - 1]
-                    if self.objective[0] == "val_loss"
-                    else history.metrics[self.objective[0]][best - 1]
-                )
-                history.best_metrics = {name: curve[i][best - 1] for name, curve in metrics.items()}
-                history.confusion_matrix = confusion[i] if confusion is not None else None
-            if n and not math.isnan(lr[i][0]):
-                history.lr = lr[i][:n]
-            if self.stopping is not None and self.stopping[i]:
-                history.early_stopping = self.stopping[i]
-                history.epochs_without = int(self.epochs_without[i])
-            if n:  # diverged, stopped by a hook's reason, early, or none: History.stop decides, as in fit
-                history.stop(n, [self.reasons[i]] if i in self.reasons else [])
-            history.settle()
-            out.append(history)
-        return out
 
 
 def stack_data(members: list[Member], device: torch.device, flatten: bool = False):
@@ -647,7 +510,7 @@ def fit_stacked(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The epoch loop both stacked paths share (fit's, for K members): each member's batch order as the reference
     draws it, `forward(x [K, B, ...], training)` -> outputs [K, B, C], one backward, each member's optimizer,
-    validation, the curves and decisions (`_Curves`), the hook. `flat` [K, P] holds every member's parameters;
+    validation, the curves and decisions (epoch.Curves, as the reference loop takes them at K = 1), the hook. `flat` [K, P] holds every member's parameters;
     `buffers` ({name: [K, ...]}, BatchNorm's statistics) are updated by the forward in training. Leaves each
     member's History on it and returns the best parameters and buffers (each member's row at its best epoch)."""
     first = members[0]
@@ -666,7 +529,7 @@ def fit_stacked(
     best = flat.detach().clone()
     best_buffers = {name: value.clone() for name, value in buffers.items()}
     stopping = [m.config.train.early_stopping for m in members]
-    curves = _Curves(
+    curves = Curves(
         k,
         train.epochs,
         (config.objective.metric, config.objective.direction),
@@ -680,7 +543,7 @@ def fit_stacked(
     for epoch in range(1, train.epochs + 1):
         if each_epoch is not None:
             each_epoch()
-        drawn = [_draw_order(m, n_train, train.shuffle) for m in draw_from]
+        drawn = [draw_order(n_train, train.shuffle, m.shuffle_gen, m.global_gen) for m in draw_from]
         if train.shuffle:
             index = torch.stack(drawn).to(device)[draw_row]
             rows = which.unsqueeze(1)
@@ -695,7 +558,7 @@ def fit_stacked(
             sizes.append(yb.shape[1])
             if schedules is not None:
                 schedules.after_step()
-        train_loss = _sample_average(batch_losses, sizes, n_train)
+        train_loss = sample_average(batch_losses, sizes, n_train)
         for m in draw_from:  # the reference's validation loader draws a base seed from the global RNG
             torch.empty((), dtype=torch.int64).random_(generator=m.global_gen)
         with torch.no_grad():
@@ -705,7 +568,7 @@ def fit_stacked(
                 val_losses.append(_member_loss(out, y_val[:, start : start + val_batch], task, loss))
                 val_sizes.append(out.shape[1])
                 outputs.append(out)
-            val_loss = _sample_average(val_losses, val_sizes, n_val)
+            val_loss = sample_average(val_losses, val_sizes, n_val)
         if task == "regression":
             metrics = stacked_regression_metrics(torch.cat(outputs, dim=1), y_val) if wanted else {}
             confusion = None
@@ -720,7 +583,7 @@ def fit_stacked(
             ]
             schedules.after_epoch(val_loss, metrics, curves.active)
         improved = curves.record(epoch, train_loss, val_loss, metrics, confusion)
-        reasons = _hook_reasons(members, curves, epoch, train_loss, val_loss, metrics, improved, on_epoch)
+        reasons = _hook_reasons(curves, members, epoch, train_loss, val_loss, metrics, improved, on_epoch)
         curves.stop(epoch, train_loss, val_loss, reasons)
         if improved.any():  # each improved member's row, in one masked copy: its best_state, taken at the end
             mask = improved.to(device)
@@ -738,34 +601,13 @@ def fit_stacked(
     return best, best_buffers
 
 
-def _hook_reasons(members, curves: _Curves, epoch: int, train_loss, val_loss, metrics, improved, on_epoch) -> dict:
+def _hook_reasons(curves: Curves, members, epoch: int, train_loss, val_loss, metrics, improved, on_epoch) -> dict:
     """As fit's callbacks: each member still recording sees its epoch; a returned reason (a pruner's) stops it."""
-    reasons: dict[int, str] = {}
     if on_epoch is None:
-        return reasons
-    metric = members[0].config.objective.metric
-    train_values, val_values = train_loss.tolist(), val_loss.tolist()
-    best_values, best_epochs = curves.best_val.tolist(), curves.best_epoch.tolist()
-    objective_best = curves.best_value.tolist()
-    metric_values = {name: values.tolist() for name, values in metrics.items()}
-    improved_values = improved.tolist()
-    for i in curves.active.nonzero().flatten().tolist():
-        epoch_metrics = {name: values[i] for name, values in metric_values.items()}
-        record = EpochRecord(
-            epoch,
-            train_values[i],
-            val_values[i],
-            epoch_metrics,
-            best_values[i],
-            best_epochs[i],
-            improved_values[i],
-            val_values[i] if metric == "val_loss" else epoch_metrics[metric],
-            objective_best[i],
-        )
-        reason = on_epoch(members[i], record)
-        if reason:
-            reasons[i] = reason
-    return reasons
+        return {}
+    records = curves.records(epoch, train_loss, val_loss, metrics, improved)
+    reasons = {i: on_epoch(members[i], record) for i, record in records.items()}
+    return {i: reason for i, reason in reasons.items() if reason}
 
 
 def group_members(members: list[Member]) -> list[list[Member]]:
