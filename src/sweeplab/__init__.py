@@ -19,8 +19,7 @@ from __future__ import annotations
 import types
 
 from sweeplab import sweep as _sweep_package  # the package sweeplab/sweep/ (its __init__ imports nothing)
-
-__version__ = "0.1.0"
+from sweeplab.version import __version__  # noqa: E402,F401  (the ground floor holds it)
 
 
 class _CallableSweep(types.ModuleType):

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from sweeplab import __version__
 from sweeplab.config import ConfigError, load_experiment, parse_overrides, read_yaml
 from sweeplab.console import SeedPrinter, prediction_texts, print_sweep_summary, run_summary
 from sweeplab.process import configure, use_threads
@@ -40,6 +39,7 @@ from sweeplab.stores import (
 )
 from sweeplab.sweep.background import BackgroundError, Forked
 from sweeplab.sweep.spec import load_sweep
+from sweeplab.version import __version__
 
 
 class UsageError(Exception):

@@ -52,8 +52,8 @@ class Helpers:
             if deadline is None:
                 stop_flag.check()
             elif time.monotonic() > deadline:
-                for process in multiprocessing.active_children():
-                    process.kill()
+                for process in (getattr(self.pool, "_processes", None) or {}).values():
+                    process.kill()  # the pool's own processes: not every child of this process (a user's own)
                 break
         return [
             f"{type(exc).__name__}: {exc}"

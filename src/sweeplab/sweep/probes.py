@@ -1,6 +1,7 @@
 """The checks before any store: a loaded sweep settled into the plan that runs it.
 
-`settle` is called once per process, by the command that starts the sweep (cli.py), before any study or run
+`settle` is called once per sweep, by whatever starts it (api.start_sweep for `sweeplab sweep` and
+sweeplab.sweep, cli._worker for `sweeplab worker`), before any study or run
 exists: it reads the data, builds the options and runs each distinct model on one batch for every probe config
 (load_sweep's trials at the space's edges; train.experiment.check_probes), then resolves `engine: auto`
 (train.engines.choose) and checks each probe against the engine and the device. Each problem is one ConfigError naming the sweep file and the field that led to
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from sweeplab.config import ConfigError
 from sweeplab.sweep.spec import Sweep
-from sweeplab.train.engines import check_runnable, choose
+from sweeplab.train.engines import VectorizedEngine, check_runnable, choose
 from sweeplab.train.experiment import check_probes
 
 
@@ -30,6 +31,7 @@ class Plan:
 def settle(sweep: Sweep) -> Plan:
     """The plan for a loaded sweep (see the module's docstring); raises ConfigError."""
     reason = ""
+    VectorizedEngine.forget()  # what an earlier sweep in this process found (a notebook's) is not this one's
     check_probes(sweep.probes, sweep.source)  # bad data, a bad model or option: before `auto` probes them
     if sweep.spec.engine == "auto":
         engine, reason = choose([config for _, config in sweep.probes])

@@ -27,7 +27,6 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 
-from sweeplab import __version__
 from sweeplab.config import ConfigError, ExperimentConfig, flat_fields, objective_column, value_at
 from sweeplab.outcome import Outcome, RunEnd
 from sweeplab.stores import (
@@ -45,6 +44,7 @@ from sweeplab.stores import (
     with_retries,
     worker_id,
 )
+from sweeplab.version import __version__
 
 TAG_ROLE = "sweeplab.role"
 TAG_STUDY = "sweeplab.study"

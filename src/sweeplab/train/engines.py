@@ -126,8 +126,16 @@ class VectorizedEngine:
             else:
                 job.result = Trained(member.config, member.dataset, member.spec, member.history)
 
+    # Per sweep (forget() at each settle): the lines said, and model_key -> why the stacked engine cannot train
+    # it (None: it can), found once per sweep. Class-level because `choose` fills them before any engine exists.
     said: set = set()
-    problems: dict = {}  # model_key -> why the stacked engine cannot train it (None: it can), found once per process
+    problems: dict = {}
+
+    @classmethod
+    def forget(cls) -> None:
+        """A new sweep: nothing said yet, no model probed (a class edited in a notebook is probed again)."""
+        cls.said.clear()
+        cls.problems.clear()
 
     @staticmethod
     def problem(member) -> str | None:

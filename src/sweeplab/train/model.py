@@ -173,6 +173,6 @@ def spec_json(spec: ModelSpec) -> str:
 
 
 def architecture(state: dict[str, torch.Tensor]) -> tuple:
-    """What decides whether members stack (vectorized.group_members): every parameter's and buffer's name, shape
+    """What decides whether members stack (stacked.epochs.group_members): every parameter's and buffer's name, shape
     and dtype, whatever init args made them."""
     return tuple((name, tuple(t.shape), str(t.dtype)) for name, t in state.items())

@@ -348,7 +348,7 @@ class StackedLoss:
 
 def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, loss) -> torch.Tensor:
     """Per-member mean loss, [K]: the reference's loss, reduced over each member's batch only. Outputs that do not
-    fit the labels (a model whose output shape changes between batches) fail as loop.check_output fails them.
+    fit the labels (a model whose output shape changes between batches) fail as loop.check_batch fails them.
     `loss`: a StackedLoss, or a name (a probe's)."""
     fits = out.shape[:2] == target.shape if task == "multiclass" else out.shape == target.shape
     if not fits:

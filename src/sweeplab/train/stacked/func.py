@@ -8,9 +8,9 @@ each member's own optimizer kind, lr, weight decay and momentum), viewed as [K, 
 A model that draws random numbers in training (dropout with p > 0) is not stacked: its members would draw other
 numbers than the reference loop, and each one's result would depend on the trials stacked with it.
 
-Members are set up exactly as the reference loop sets them up (vectorized.prepare_member: seed, data, split,
-initial weights, batch order) and keep the same bookkeeping (epochs._Curves: History.record/stop's rules).
-Members share one module only when they were built alike: the group key (vectorized.group_key) holds every init arg,
+Members are set up exactly as the reference loop sets them up (epochs.prepare_member: seed, data, split,
+initial weights, batch order) and keep the same bookkeeping (epoch.Curves: the decisions the reference loop takes at K = 1).
+Members share one module only when they were built alike: the group key (epochs.group_key) holds every init arg,
 not only the shapes they give, so a dropout rate, an activation's name or a flag is each member's own.
 
 What this engine cannot train exactly is found by `stack_problem` before a batch trains, by running what training
@@ -152,8 +152,8 @@ def stack_failure(member, exc: Exception) -> str:
 
 
 def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
-    """`vectorized.train_group` for any model: the same data, batch order, optimizer, curves and decisions
-    (vectorized.fit_stacked), with the forward by vmap over functional_call instead of the MLP's matmuls."""
+    """`mlp.train_group` for any model: the same data, batch order, optimizer, curves and decisions
+    (epochs.fit_stacked), with the forward by vmap over functional_call instead of the MLP's matmuls."""
     device = resolve_device(members[0].config.device)
     data = stack_data(members, device)
     stack = FuncStack(members, device)
