@@ -10,11 +10,12 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install lint test run sweep ui server predict report bench screenshots clean help
+.PHONY: install lint test test-fast docs run sweep ui server predict report bench screenshots clean help
 
 help:
 	@echo "make sweep    run the default sweep (sets up .venv on first use)"
-	@echo "make test     run the test suite"
+	@echo "make test     run the test suite (make test-fast: without the tests marked slow)"
+	@echo "make docs     build the documentation site into site/ (mkdocs --strict)"
 	@echo "make lint     ruff check and ruff format --check over src, tests, benchmarks and experiments"
 	@echo "make server   MLflow tracking server for many workers (BACKEND=postgresql+psycopg://..., HOST=)"
 	@echo "make report   tables and pictures for the default sweep (reports/<study>/)"
@@ -34,6 +35,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The documentation site: docs/*.md, the experiment and sweep references generated from the schema and the API
+# reference from the docstrings (docs/gen_pages.py, mkdocstrings); --strict fails on a broken link or a missing page
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	@echo "site/index.html"
+
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet -e '.[docs]' -c constraints.txt
+	touch $@
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks experiments
