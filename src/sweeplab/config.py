@@ -158,8 +158,8 @@ class ObjectiveConfig(_Frozen):
     (default, and the only one allowed: the metric's own direction, DIRECTIONS). best_epoch, the best state, pruning,
     the champion and the report all follow it."""
 
-    metric: str = "val_loss"
-    direction: Literal["minimize", "maximize"] | None = None
+    metric: str = Field("val_loss", description="the validation metric a trial is judged by (its best epoch's)")
+    direction: Literal["minimize", "maximize"] | None = Field(None, description="default: the metric's own")
 
     @model_validator(mode="after")
     def _default_direction(self) -> "ObjectiveConfig":
@@ -196,9 +196,11 @@ class DataConfig(_Frozen):
     target) and are read lazily, through a DataLoader with `num_workers` workers; `collate_fn` makes every batch.
     """
 
-    source: Literal["synthetic", "csv", "sklearn", "python"] = "synthetic"
-    n_samples: int = Field(240, gt=1, le=MAX_SAMPLES)
-    noise: float = Field(0.3, ge=0)
+    source: Literal["synthetic", "csv", "sklearn", "python"] = Field(
+        "synthetic", description="the seed's generator, a CSV file, a bundled scikit-learn set, or your loader"
+    )
+    n_samples: int = Field(240, gt=1, le=MAX_SAMPLES, description="synthetic only: samples drawn")
+    noise: float = Field(0.3, ge=0, description="synthetic only: the noise's standard deviation")
     n_classes: int = Field(3, ge=2, description="multiclass only")
     path: str | None = Field(None, description="csv only: the file, relative to the experiment file")
     features: list[str] | None = Field(None, description="csv only: feature columns (default: all but target)")
@@ -209,7 +211,7 @@ class DataConfig(_Frozen):
     class_path: LoaderPath = Field(None, description="python only: module.function (or class)")
     init_args: InitArgs = Field(default_factory=dict, description="python only: keyword arguments of the loader")
     val_size: Union[int, float] = Field(48, gt=0, description="validation samples, or a fraction < 1")
-    split_seed: int = Field(42, **SEED)
+    split_seed: int = Field(42, **SEED, description="random_split's generator seed (train / validation)")
     train_fraction: float = Field(
         1.0,
         gt=0,
@@ -220,8 +222,8 @@ class DataConfig(_Frozen):
         None, description="module.function that makes a batch of items (padding, packing), wherever batches are made"
     )
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers, where batches come from a DataLoader")
-    pin_memory: bool = False
-    persistent_workers: bool = False
+    pin_memory: bool = Field(False, description="DataLoader's pin_memory (CUDA only)")
+    persistent_workers: bool = Field(False, description="DataLoader's persistent_workers (with num_workers)")
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataConfig":
@@ -252,9 +254,9 @@ class ModelConfig(_Frozen):
     parameters the data decides (in_features, in_channels, input_shape, n_classes, num_classes, out_features,
     n_outputs) are filled from the data when init_args leaves them out (plugins.DATA_ARGS)."""
 
-    hidden: Union[int, list[int]] = 16
-    activation: Activation = "relu"
-    dropout: float = Field(0.0, ge=0, lt=1)
+    hidden: Union[int, list[int]] = Field(16, description="the built-in MLP's hidden sizes: one layer, or a list")
+    activation: Activation = Field("relu", description="the built-in MLP's activation")
+    dropout: float = Field(0.0, ge=0, lt=1, description="the built-in MLP's dropout after each hidden layer")
     class_path: ModelPath = Field(None, description="module.Class of the user's nn.Module")
     init_args: InitArgs = Field(default_factory=dict, description="keyword arguments of the class")
 
@@ -335,28 +337,32 @@ class MetricSpec(ClassSpec):
 
 
 class TrainConfig(_Frozen):
-    optimizer: Union[OptimizerName, ClassSpec] = "Adam"
-    lr: float = Field(0.03, gt=0)
+    optimizer: Union[OptimizerName, ClassSpec] = Field(
+        "Adam", description="a name, or any torch.optim class (or yours) by class_path with init_args"
+    )
+    lr: float = Field(0.03, gt=0, description="the learning rate (of the default parameter group)")
     weight_decay: float | None = Field(None, ge=0, description="default: the optimizer's own (AdamW 0.01, others 0)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD and RMSprop only")
-    epochs: int = Field(80, gt=0, le=MAX_EPOCHS)
-    batch_size: int = Field(32, gt=0, le=MAX_SAMPLES)
+    epochs: int = Field(80, gt=0, le=MAX_EPOCHS, description="epochs at most (early stopping may end sooner)")
+    batch_size: int = Field(32, gt=0, le=MAX_SAMPLES, description="training batch size")
     val_batch_size: int | None = Field(
         None, gt=0, description="default: the whole validation set (batch_size for a Dataset read lazily)"
     )
-    shuffle: bool = True
-    shuffle_seed: int | None = Field(7, **SEED)
+    shuffle: bool = Field(True, description="shuffle the training split each epoch")
+    shuffle_seed: int | None = Field(7, **SEED, description="the train loader's generator seed (none: the global RNG)")
     loss: Union[Literal["mse", "l1", "huber", "smooth_l1", "bce", "cross_entropy"], ClassSpec] = Field(
         "mse", description="a name (regression: mse, l1, huber, smooth_l1; the task's own for a classifier) or a class"
     )
     loader: Literal["tensor", "dataloader"] = Field(
         "tensor", description="tensor: batch in-memory tensors by indexing (same numbers, ~5x faster)"
     )
-    scheduler: SchedulerConfig | None = None
-    early_stopping: EarlyStoppingConfig | None = None
+    scheduler: SchedulerConfig | None = Field(
+        None, description="a learning-rate schedule (any torch scheduler, or yours)"
+    )
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="patience and min_delta on the objective")
     clip_grad_norm: float | None = Field(None, gt=0, description="max norm of all gradients (clip_grad_norm_)")
     clip_grad_value: float | None = Field(None, gt=0, description="clamp every gradient to +-value")
-    accumulate_grad_batches: int = Field(1, ge=1, le=MAX_SAMPLES)
+    accumulate_grad_batches: int = Field(1, ge=1, le=MAX_SAMPLES, description="batches whose gradients one step takes")
     precision: Literal["32", "bf16", "16"] = Field("32", description="bf16: autocast; 16: CUDA only, with a GradScaler")
 
     @field_validator("precision", mode="before")
@@ -397,10 +403,14 @@ class ExperimentConfig(_Frozen):
     """One training run, fully described."""
 
     # the name becomes an MLflow experiment and a folder of artifacts: a plain name, never a path
-    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
-    task: Task = "regression"
-    seed: int = Field(42, **SEED)
-    device: str = "auto"
+    name: str = Field(
+        "experiment",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$",
+        description="the MLflow experiment of `sweeplab run`",
+    )
+    task: Task = Field("regression", description="what the model predicts: its loss, metrics and outputs")
+    seed: int = Field(42, **SEED, description="torch.manual_seed before the data and the model are drawn")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -410,7 +420,7 @@ class ExperimentConfig(_Frozen):
         description="points to predict after training (default: the seed's three for its synthetic data, "
         "none for other data)",
     )
-    print_every: int = Field(20, gt=0)
+    print_every: int = Field(20, gt=0, description="sweeplab run: print a line every this many epochs")
     metrics: list[Union[str, MetricSpec]] = Field(
         default_factory=list,
         description="validation metrics logged per epoch beyond the task's defaults: names, or your own functions",
