@@ -88,6 +88,10 @@ def test_stacked_members_agree_with_the_reference_loop(tmp_path, model):
     engine_named("vectorized").train(stacked, None)
     for ref, vec in zip(reference, stacked):
         a, b = ref.result.history, vec.result.history
+        assert not isinstance(
+            vec.result, RunResult
+        )  # it stacked (a silent fallback would compare the loop with itself)
+        assert b.val_loss[:2] == pytest.approx(a.val_loss[:2], rel=1e-5)  # early epochs tightly; later, rounding grows
         assert b.best_epoch == a.best_epoch
         assert b.best_val_loss == pytest.approx(a.best_val_loss, rel=1e-4)
         assert b.val_loss == pytest.approx(a.val_loss, rel=1e-3)  # every epoch; the bar (1e-4) is the best
@@ -251,6 +255,10 @@ def test_members_with_other_init_args_train_with_their_own(tmp_path):
     engine_named("vectorized").train(stacked, None)
     for ref, vec in zip(reference, stacked):
         a, b = ref.result.history, vec.result.history
+        assert not isinstance(
+            vec.result, RunResult
+        )  # it stacked (a silent fallback would compare the loop with itself)
+        assert b.val_loss[:2] == pytest.approx(a.val_loss[:2], rel=1e-5)  # early epochs tightly; later, rounding grows
         assert b.best_epoch == a.best_epoch
         assert b.val_loss == pytest.approx(a.val_loss, rel=1e-4)
         assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
@@ -311,6 +319,7 @@ def test_auto_is_never_worse_than_the_reference_loop(tmp_path, model, stacks, re
     engine_named("vectorized").train(stacked, None)
     for ref, vec in zip(reference, stacked):
         assert vec.error is None and vec.result is not None
+        assert isinstance(vec.result, RunResult) == (not stacks)  # stacked, or sent to the reference loop
         assert vec.result.history.best_epoch == ref.result.history.best_epoch
         assert vec.result.history.val_loss == pytest.approx(ref.result.history.val_loss, rel=1e-4)
         if stacks:  # every state_dict name, the tied alias included, with the reference's values

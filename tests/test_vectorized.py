@@ -48,15 +48,22 @@ def test_each_member_agrees_with_the_reference_loop():
     members = [prepare_member(i, c) for i, c in enumerate(configs)]
     assert len(group_members(members)) == 1  # mixed optimizers and hidden sizes share one stacked model
     train_group(members)
-    deviations, same_epoch = [], 0
+    deviations, early, same_epoch = [], [], 0
     for member, config in zip(members, configs):
         reference = run_experiment(config).history
         deviations.append(abs(member.history.best_val_loss - reference.best_val_loss) / reference.best_val_loss)
+        early.append(max(abs(a - b) / b for a, b in zip(member.history.val_loss[:3], reference.val_loss[:3])))
         same_epoch += member.history.best_epoch == reference.best_epoch
         assert len(member.history.val_loss) == len(reference.val_loss)
     worst = max(deviations)
-    print(f"worst best_val_loss deviation {worst:.2e} (tolerance 5e-3); best_epoch equal {same_epoch}/40")
-    assert worst < 5e-3 and same_epoch >= 36
+    print(
+        f"worst deviation: first 3 epochs {max(early):.2e}, best_val_loss {worst:.2e}; best_epoch equal {same_epoch}/40"
+    )
+    # The first epochs agree to float32 rounding (a batched matmul sums in another order); 40 epochs of Adam on
+    # 40 members amplify it (a member at a plateau may take its best one epoch apart), which is measured here and
+    # bounded, not hidden: see the printed line.
+    assert max(early) < 1e-5
+    assert worst < 1e-3 and same_epoch >= 36
 
 
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
@@ -210,3 +217,60 @@ def test_members_that_share_seeds_share_their_draws_and_train_the_same():
         assert mine.history.best_epoch == theirs.history.best_epoch
         for name, tensor in mine.history.best_state.items():
             assert torch.equal(tensor, theirs.history.best_state[name])
+
+
+OPTIMIZER_CASES = [
+    ({"optimizer": "Adam"}, lambda p, lr: torch.optim.Adam([p], lr=lr)),
+    ({"optimizer": "Adam", "weight_decay": 0.05}, lambda p, lr: torch.optim.Adam([p], lr=lr, weight_decay=0.05)),
+    ({"optimizer": "AdamW"}, lambda p, lr: torch.optim.AdamW([p], lr=lr)),  # its own default decay, 0.01
+    ({"optimizer": "AdamW", "weight_decay": 0.1}, lambda p, lr: torch.optim.AdamW([p], lr=lr, weight_decay=0.1)),
+    ({"optimizer": "SGD"}, lambda p, lr: torch.optim.SGD([p], lr=lr)),
+    ({"optimizer": "SGD", "momentum": 0.9}, lambda p, lr: torch.optim.SGD([p], lr=lr, momentum=0.9)),
+    (
+        {"optimizer": "SGD", "momentum": 0.5, "weight_decay": 0.01},
+        lambda p, lr: torch.optim.SGD([p], lr=lr, momentum=0.5, weight_decay=0.01),
+    ),
+    ({"optimizer": "RMSprop"}, lambda p, lr: torch.optim.RMSprop([p], lr=lr)),
+    ({"optimizer": "RMSprop", "momentum": 0.9}, lambda p, lr: torch.optim.RMSprop([p], lr=lr, momentum=0.9)),
+]
+
+
+@pytest.mark.parametrize("clip", [None, ("clip_grad_norm", 0.5), ("clip_grad_value", 0.02)])
+def test_the_stacked_optimizer_is_torch_optim_step_by_step(clip):
+    """Every optimizer and option the stacked engine applies, as members of one stacked optimizer (each its own
+    lr), held to torch.optim's own optimizer over 300 steps of the same gradients, and to torch.nn.utils' clipping:
+    the members' parameters after every step. The expected values are torch's, computed here."""
+    from sweeplab.train.stacked.epochs import _StackedOptimizer
+
+    generator = torch.Generator().manual_seed(0)
+    n_params, steps = 37, 300
+    cases = [(dict(options, lr=lr), make) for options, make in OPTIMIZER_CASES for lr in (0.001, 0.05)]
+    overrides = [dict(options, **({clip[0]: clip[1]} if clip else {})) for options, _ in cases]
+    configs = [load_experiment(LAB, o) for o in overrides]
+    start = torch.randn(len(cases), n_params, generator=generator)
+    flat = start.clone().requires_grad_(True)
+    stacked = _StackedOptimizer(flat, configs)
+    params = [start[i].clone().requires_grad_(True) for i in range(len(cases))]
+    reference = [make(p, options["lr"]) for p, (options, make) in zip(params, cases)]
+    worst = torch.zeros(len(cases))
+    for _ in range(steps):
+        grads = torch.randn(len(cases), n_params, generator=generator) * 0.1
+        flat.grad = grads.clone()
+        stacked.step()
+        for i, (p, optimizer) in enumerate(zip(params, reference)):
+            p.grad = grads[i].clone()
+            if clip and clip[0] == "clip_grad_norm":
+                torch.nn.utils.clip_grad_norm_([p], clip[1])
+            elif clip:
+                torch.nn.utils.clip_grad_value_([p], clip[1])
+            optimizer.step()
+        expected = torch.stack([p.detach() for p in params])
+        scale = expected.abs().clamp(min=1.0)  # parameters start O(1) (randn) and may walk to ~15 (lr 0.05)
+        worst = torch.maximum(worst, ((flat.detach() - expected).abs() / scale).amax(dim=1))
+    # float32's step is ~1.2e-7 of a value. Measured here: <= 3e-7 for Adam, AdamW and SGD; RMSprop at lr 0.05
+    # up to 2e-6 (one ulp at its first step: torch's addcdiv and add(alpha=-lr) multiply and add in one kernel,
+    # the stacked update rounds the product first; its divisions by a small running average grow it). A wrong
+    # formula, a missing decay or a misplaced clip is ~1e-2.
+    for (options, _), value in zip(cases, worst.tolist()):
+        print(f"{options}: worst difference over {steps} steps {value:.2e} of max(|value|, 1)")
+    assert float(worst.max()) < 5e-6

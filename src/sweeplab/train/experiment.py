@@ -17,7 +17,6 @@ from typing import Iterable
 import torch
 
 from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
-from sweeplab.stop import Stopped
 from sweeplab.train import batch
 from sweeplab.train.data import CheckedCollate, Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
 from sweeplab.train.epoch import Callback, History
@@ -32,7 +31,7 @@ from sweeplab.train.loop import (
 )
 from sweeplab.train.model import ModelSpec, build_model
 from sweeplab.train.options import build_loss, build_metrics, build_optimizer, build_scheduler, monitor_of
-from sweeplab.train.plugins import data_args, error_text, exit_text, model_class, user_code
+from sweeplab.train.plugins import call_users, data_args, error_text, model_class
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,17 +127,9 @@ def check_model(config: ExperimentConfig, dataset: Dataset) -> None:
         batch_x, batch_y = dataset.first_batch(2)
         size = int(batch_y.shape[0])
         model.train()
-        try:
-            with user_code():
-                out = batch.call(model, batch_x)
-        except (SystemExit, KeyboardInterrupt) as exc:
-            if isinstance(exc, Stopped):
-                raise
-            raise ConfigError(f"{where}: forward {exit_text(exc)}") from None
-        except Exception as exc:
-            raise ConfigError(
-                f"{where}: forward on a batch of {batch.describe(batch_x)} raised {error_text(exc)}"
-            ) from None
+        out = call_users(
+            lambda: batch.call(model, batch_x), f"{where}: forward", f" on a batch of {batch.describe(batch_x)}"
+        )
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"{where}: forward returned {type(out).__name__}; it must return a tensor")
         wanted = [size, dataset.n_outputs]
@@ -407,17 +398,11 @@ def check_schedule(config: ExperimentConfig, optimizer, scheduler, steps_per_epo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": the shadow never steps
         for step in range(1, steps + 1):
-            try:
-                with user_code():
-                    scheduler.step(1.0) if plateau else scheduler.step()
-            except (SystemExit, KeyboardInterrupt) as exc:
-                if isinstance(exc, Stopped):
-                    raise
-                raise ConfigError(f"train.scheduler: {schedule.class_path}.step() {exit_text(exc)}") from None
-            except Exception as exc:
-                raise ConfigError(
-                    f"train.scheduler: {schedule.class_path}.step() at step {step} raised {error_text(exc)}"
-                ) from None
+            call_users(
+                lambda: scheduler.step(1.0) if plateau else scheduler.step(),
+                f"train.scheduler: {schedule.class_path}.step()",
+                f" at step {step}",
+            )
             rates = [group["lr"] for group in optimizer.param_groups]
             bad = next((r for r in rates if not (isinstance(r, (int, float)) and math.isfinite(r))), None)
             if bad is not None:

@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -208,6 +208,21 @@ def user_code():
     target = sys.stderr if sys.stderr is not None else open(os.devnull, "w")  # noqa: SIM115 (stderr closed: 2>&-)
     with stop_flag.interruptible(), contextlib.redirect_stdout(target):
         yield
+
+
+def call_users(function: Callable[[], Any], where: str, doing: str = "") -> Any:
+    """`function()` as the user's code runs (contained: user_code), its failure one ConfigError: `{where}{doing}
+    raised ValueError: ... (my_nets.py line 12)`, or `{where} called sys.exit(...)` for code that tries to end
+    the process. Ctrl-C (Stopped) goes through."""
+    try:
+        with user_code():
+            return function()
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if isinstance(exc, Stopped):
+            raise
+        raise ConfigError(f"{where} {exit_text(exc)}") from None
+    except Exception as exc:
+        raise ConfigError(f"{where}{doing} raised {error_text(exc)}") from None
 
 
 def exit_text(exc: BaseException) -> str:
