@@ -304,7 +304,7 @@ def _ui(args: argparse.Namespace) -> int:
     """The MLflow UI over the store, one server worker unless asked (four take 16-40 s to start on two cores).
     The URL is printed once the server answers; with a study, the link opens its runs best first."""
     from sweeplab.track.tracker import runs_link
-    from sweeplab.ui_server import answers, start_ui_server, stop_ui_server
+    from sweeplab.track.ui_server import answers, start_ui_server, stop_ui_server
 
     configure(with_optuna=False)  # Ctrl-C or SIGTERM: the server goes with us
     uri = existing_store(args.tracking_uri)

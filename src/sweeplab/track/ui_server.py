@@ -1,4 +1,4 @@
-"""The MLflow UI's server as a child process of `sweeplab ui`: started in a process group of its own with a
+"""The MLflow UI's server (`mlflow server`) as a child process of `sweeplab ui`: started in a process group of its own with a
 watchdog that ends it if sweeplab is killed outright, ended whole (its uvicorn workers too), and the stray folder
 MLflow's server makes for a store in a folder whose name has a `%` removed after it. Beside the sweep's other
 child processes (sweep/helpers.py, the local workers; sweep/background.py, the report); imports no MLflow."""
