@@ -103,8 +103,21 @@ DIRECTIONS = {
     "val_average_precision": "maximize",
 }
 # train.loss by name: the regression losses, and each classification task's own (the default for its task)
-LOSS_NAMES = {"mse": "regression", "l1": "regression", "huber": "regression", "smooth_l1": "regression"}
-LOSS_NAMES.update(bce="binary", cross_entropy="multiclass")
+# train.loss by name, the one table: the task it serves, torch's class, and how a picture's axis names it
+LOSSES = {
+    "mse": ("regression", "MSELoss", "MSE"),
+    "l1": ("regression", "L1Loss", "L1"),
+    "huber": ("regression", "HuberLoss", "Huber"),
+    "smooth_l1": ("regression", "SmoothL1Loss", "smooth L1"),
+    "bce": ("binary", "BCEWithLogitsLoss", "BCE"),
+    "cross_entropy": ("multiclass", "CrossEntropyLoss", "cross-entropy"),
+}
+LOSS_NAMES = {name: task for name, (task, _, _) in LOSSES.items()}
+
+
+def loss_class_name(loss: str, task: str) -> str:
+    """torch's class of a loss given by name: the task's own for a classifier (`mse` is then its default)."""
+    return LOSSES[LOSS_NAMES_OF[task]][1] if task != "regression" else LOSSES[loss][1]
 
 
 LOSS_NAMES_OF = {"binary": "bce", "multiclass": "cross_entropy"}

@@ -11,6 +11,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from sweeplab.config import LOSSES
 from sweeplab.report.answer import conditions_of
 from sweeplab.report.load import SweepData
 from sweeplab.report.tables import is_continuous, level_factors, levels_of
@@ -91,7 +92,7 @@ def _is_mse(data: SweepData) -> bool:
     return "task" not in data.trials.columns or (data.trials["task"] == "regression").all()
 
 
-NAMED_LOSSES = {"mse": "MSE", "l1": "L1", "huber": "Huber", "smooth_l1": "smooth L1"}
+NAMED_LOSSES = {name: label for name, (task, _, label) in LOSSES.items() if task == "regression"}
 
 
 def loss_name(data: SweepData) -> str:

@@ -217,9 +217,6 @@ class Step:
         self.dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
         self.device_type = device_type
         self.scaler = torch.amp.GradScaler(device_type) if precision == "16" else None
-        self.plain = (
-            accumulate == 1 and clip_grad_norm is None and clip_grad_value is None and self.scaler is None
-        ) and (scheduler is None or interval == "epoch")
         self.lr = optimizer.param_groups[0]["lr"]  # the rate the last optimizer step used
         self.pending = 0  # batches backpropagated since the last optimizer step
 
@@ -229,12 +226,7 @@ class Step:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def batch(self, model: nn.Module, loss: torch.Tensor) -> None:
-        if self.plain:  # the seed's lines
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            return
+        """Without options these are the seed's lines: zero_grad, backward, step (optimizer_step at once)."""
         if self.pending == 0:
             self.optimizer.zero_grad()
         scaled = loss / self.accumulate if self.accumulate > 1 else loss

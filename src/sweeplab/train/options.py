@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sweeplab.config import ClassSpec, ConfigError, ExperimentConfig, metric_direction, own_metrics
+from sweeplab.config import ClassSpec, ConfigError, ExperimentConfig, loss_class_name, metric_direction, own_metrics
 from sweeplab.train.plugins import error_text, import_object, user_code
 
 # --- where short names resolve -----------------------------------------------------------------------------------
@@ -165,11 +165,7 @@ class FunctionLoss(nn.Module):
 
 
 def named_loss(name: str, task: str) -> nn.Module:
-    if task == "binary":
-        return nn.BCEWithLogitsLoss()
-    if task == "multiclass":
-        return nn.CrossEntropyLoss()
-    return {"l1": nn.L1Loss, "huber": nn.HuberLoss, "smooth_l1": nn.SmoothL1Loss}.get(name, nn.MSELoss)()
+    return getattr(nn, loss_class_name(name, task))()
 
 
 def balanced_weights(y_train: torch.Tensor, task: str, n_classes: int, key: str) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parameter import is_lazy
 
-from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
+from sweeplab.config import LOSSES, ConfigError, ExperimentConfig, logged_metrics, loss_class_name, own_metrics
 from sweeplab.train import batch
 from sweeplab.train.data import Dataset, make_dataset
 from sweeplab.train.epoch import (
@@ -284,9 +284,7 @@ def _loss_kind(config: ExperimentConfig) -> str:
     loss = config.train.loss
     if not isinstance(loss, str):
         return loss.class_path
-    if config.task != "regression":
-        return "BCEWithLogitsLoss" if config.task == "binary" else "CrossEntropyLoss"
-    return {"mse": "MSELoss", "l1": "L1Loss", "huber": "HuberLoss", "smooth_l1": "SmoothL1Loss"}[loss]
+    return loss_class_name(loss, config.task)
 
 
 def loss_problem(config: ExperimentConfig) -> str | None:
@@ -355,7 +353,7 @@ def _member_loss(out: torch.Tensor, target: torch.Tensor, task: str, loss) -> to
         raise ShapeError(
             f"the model's output {list(out.shape[1:])} does not fit the labels {list(target.shape[1:])} of this batch"
         )
-    kind = loss.kind if isinstance(loss, StackedLoss) else {"l1": "L1Loss", "huber": "HuberLoss"}.get(loss, loss)
+    kind = loss.kind if isinstance(loss, StackedLoss) else LOSSES.get(loss, (None, loss))[1]
     if task == "multiclass":
         k, b, c = out.shape
         smoothing = loss.smoothing if isinstance(loss, StackedLoss) else 0.0
