@@ -807,3 +807,28 @@ def test_a_sweep_from_python_prints_what_the_cli_prints_and_leaves_the_interpret
         assert line in out.splitlines()
     sweeplab.sweep(str(tmp_path / "s.yaml"), tracking_uri=f"sqlite:///{tmp_path}/py.db", n_trials=3, quiet=True)
     assert capsys.readouterr().out == ""
+
+
+def test_sweeplab_run_names_a_users_model_by_its_class_and_prints_its_objective_first(tmp_path):
+    """Before: `adam-hNone-lr0.003-n0.3` for a user's model on digits, and `best_val:` (the loss) first under an
+    accuracy objective."""
+    write(tmp_path, "rows.py", ROWS)
+    write(
+        tmp_path,
+        "exp.yaml",
+        "name: named\ntask: binary\ndata: {source: python, class_path: rows.Rows, val_size: 20}\n"
+        "model: {class_path: rows.Net}\ntrain: {epochs: 2, batch_size: 16, lr: 0.003}\n"
+        "objective: {metric: val_accuracy}\n",
+    )
+    proc = sweeplab("run", "exp.yaml", "--tracking-uri", "sqlite:///runs.db", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    best = next(line for line in lines if line.startswith("best_"))
+    assert (
+        best.startswith("best_val_accuracy: ")
+        and "(val_loss " in best
+        and not any(line.startswith("best_val:") for line in lines)
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("named").experiment_id])
+    assert run.info.run_name == "net-adam-lr0.003"

@@ -348,7 +348,11 @@ def test_a_trial_that_fails_in_stacked_training_gets_its_failed_run(tmp_path):
         timeout=300,
     )
     assert "Traceback" not in proc.stderr
-    assert len([line for line in proc.stderr.splitlines() if line.startswith("engine:")]) == 2  # header, fallback
+    engine_lines = [line for line in proc.stderr.splitlines() if line.startswith("engine:")]
+    assert len(engine_lines) == 2  # the header, then its update: not a second line that contradicts it
+    assert engine_lines[0].startswith("engine: vectorized (auto: the vectorized engine supports every trial")
+    assert engine_lines[1].startswith("engine: not stacked after all: snets.FailsLater cannot be stacked by torch.func")
+    assert engine_lines[1].endswith("(met in training, not in its probe); its trials train on the reference loop")
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id], "tags.`sweeplab.role` = 'trial'")
     assert proc.returncode == 1 and "trials in a row failed" in proc.stderr.splitlines()[-1]
