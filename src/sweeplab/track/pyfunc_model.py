@@ -78,7 +78,13 @@ class Champion(mlflow.pyfunc.PythonModel):
             names = self.meta["feature_names"]
             shape = self.meta.get("input_shape") or [len(names)]
             rows = input_rows(model_input, names, shape)
-            x = torch.from_numpy(rows.astype(np.float32)).reshape(-1, *shape)
+            try:
+                x = torch.from_numpy(rows.astype(np.float32)).reshape(-1, *shape)
+            except MemoryError:
+                raise MemoryError(
+                    f"input: {rows.shape[0]} rows of {rows.shape[1]} values ({rows.size * 4 / 2**30:.1f} GiB as "
+                    "float32) do not fit in this machine's memory; predict in parts"
+                ) from None
             with torch.no_grad():
                 out = self.program(x)
         bad = ~torch.isfinite(out).reshape(out.shape[0], -1).all(dim=1)
