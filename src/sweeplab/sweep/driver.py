@@ -437,6 +437,8 @@ def run_sweep(
             if side > 1:  # the conditions the helpers run side by side: their bars move beside ours
                 tick_theirs()
 
+        for index in shares[0]:  # the bars (and the engine's header line) before anything trains
+            ticks(parts[index])
         for index in shares[0]:
             part = parts[index]
             part.parent_run_id, part.pool_writers = parent, side == 1
