@@ -38,9 +38,9 @@ from sweeplab.sweep.writers import InlineWriter, WriterPool, WriterSetup
 from sweeplab.track.champion import ALIAS, Champion, register_champion
 from sweeplab.track.recorder import Recorder, finite
 from sweeplab.track.tracker import TAG_ROLE, TAG_STUDY, Tracker, condition_label
-from sweeplab.train.data import BatchError
 from sweeplab.train.engines import Engine, Job, engine_named
 from sweeplab.train.epoch import EpochRecord
+from sweeplab.train.items import BatchError
 from sweeplab.train.loop import ShapeError
 from sweeplab.train.plugins import REGISTERED, in_main, main_sources, source_of
 from sweeplab.train.sources import import_paths, source_hashes

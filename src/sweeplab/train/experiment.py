@@ -18,8 +18,9 @@ import torch
 
 from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
 from sweeplab.train import batch
-from sweeplab.train.data import CheckedCollate, Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
+from sweeplab.train.data import Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
 from sweeplab.train.epoch import Callback, History
+from sweeplab.train.items import CheckedCollate
 from sweeplab.train.loop import (
     LoaderBatches,
     ShapeError,

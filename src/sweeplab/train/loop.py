@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from sweeplab.config import DEFAULT_METRICS
 from sweeplab.train import batch
 from sweeplab.train.batch import Inputs
-from sweeplab.train.data import BatchError, InMemoryItems, target_for_task
 from sweeplab.train.epoch import (  # what an epoch means is epoch.py's; the loop holds it at K = 1
     MINIMIZE,
     RANKING,
@@ -37,6 +36,7 @@ from sweeplab.train.epoch import (  # what an epoch means is epoch.py's; the loo
     sample_average,
     stacked_regression_metrics,
 )
+from sweeplab.train.items import BatchError, InMemoryItems, target_for_task
 from sweeplab.train.model import state_to_cpu
 
 

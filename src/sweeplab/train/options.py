@@ -195,7 +195,7 @@ def fitted_constant_loss(
     best constant prediction fitted on the training labels: one output row, the same for every sample, found by
     LBFGS from the closed-form start (the mean; the log of each class's frequency). A run that does not get well
     below it learned nothing about x. None when the loss cannot be fitted so (it raises, or is not finite)."""
-    from sweeplab.train.data import target_for_task  # (data imports the options' neighbours)
+    from sweeplab.train.items import target_for_task
 
     y_train, y_val = y_train.detach().cpu(), y_val.detach().cpu()
     target, val_target = target_for_task(y_train, task), target_for_task(y_val, task)
