@@ -33,7 +33,14 @@ from sweeplab.config import ConfigError, ExperimentConfig
 from sweeplab.stop import stop_flag
 from sweeplab.train.epoch import EpochRecord
 from sweeplab.train.experiment import Trained, resolve_device, run_experiment
-from sweeplab.train.stacked.epochs import check_supported, data_problem, group_members, model_key, prepare_member
+from sweeplab.train.stacked.epochs import (
+    SUPPORTED,
+    check_supported,
+    data_problem,
+    group_members,
+    model_key,
+    prepare_member,
+)
 from sweeplab.train.stacked.func import stack_failure, stack_problem, train_func_group
 from sweeplab.train.stacked.mlp import train_group
 
@@ -136,6 +143,7 @@ class VectorizedEngine:
         """A new sweep: nothing said yet, no model probed (a class edited in a notebook is probed again)."""
         cls.said.clear()
         cls.problems.clear()
+        SUPPORTED.clear()
 
     @staticmethod
     def problem(member) -> str | None:

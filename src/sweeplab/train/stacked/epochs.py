@@ -49,10 +49,27 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
 
 
+SUPPORTED: dict = {}  # (config, code folder) -> None (stackable) or why not: each config judged once per sweep
+
+
 def check_supported(config: ExperimentConfig) -> None:
     """What the engine can stack, said of the config alone: a setting it cannot apply exactly sends the trial to the
     reference loop (engine: auto) or is refused (engine: vectorized), never ignored. A user's model (`class_path`)
-    is stacked by torch.func (func.py); whether vmap can run it exactly is found by func.stack_problem."""
+    is stacked by torch.func (func.py); whether vmap can run it exactly is found by func.stack_problem. Judged once
+    per config and sweep (the probes, `auto`'s choice and each member ask again; a schedule is stepped to judge it);
+    engines.VectorizedEngine.forget starts afresh."""
+    key = (config.model_dump_json(), config.code_dir)
+    if key not in SUPPORTED:
+        try:
+            _check_supported(config)
+            SUPPORTED[key] = None
+        except ConfigError as exc:
+            SUPPORTED[key] = str(exc)
+    if SUPPORTED[key] is not None:
+        raise ConfigError(SUPPORTED[key])
+
+
+def _check_supported(config: ExperimentConfig) -> None:
     train = config.train
     if config.data.collate_fn is not None:
         raise ConfigError(
