@@ -66,6 +66,7 @@ def best_by_hand(client, experiment_id):
     return best
 
 
+@pytest.mark.slow
 def test_each_condition_gets_its_own_study_and_an_equal_share(compared):
     tmp, _, _, _ = compared
     from optuna.storages.journal import JournalFileBackend

@@ -133,6 +133,7 @@ def notebook_user(tmp_path_factory):
     return folder, uri, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_sweep_of_a_class_defined_in_main_returns_its_trials_as_a_dataframe(notebook_user):
     folder, uri, out = notebook_user
     assert out["rows"] == 4 and {"trial", "state", "lr", "best_epoch", "best_val_accuracy", "run_id"} <= set(
@@ -243,6 +244,7 @@ def test_ctrl_c_in_a_sweep_raises_keyboard_interrupt_after_the_trial_in_flight_e
     assert out["handler_back"]
 
 
+@pytest.mark.slow
 def test_objects_with_a_remote_storage_say_that_workers_elsewhere_need_import_paths(tmp_path, capsys):
     def load():
         import numpy as np
@@ -263,6 +265,7 @@ def test_objects_with_a_remote_storage_say_that_workers_elsewhere_need_import_pa
     assert "need import paths" in err and "load_" in err
 
 
+@pytest.mark.slow
 def test_the_notebook_in_docs_runs_in_a_jupyter_kernel(tmp_path):
     sys.path.insert(0, str(ROOT / "docs"))
     import make_notebook
@@ -332,6 +335,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_trials_written_by_spawned_writer_processes_log_the_notebook_class_s_source(tmp_path, monkeypatch):
     """Vectorized sweeps of more than SWEEPLAB_WRITERS_FROM_TRIALS trials (100 by default; 1 here) write their runs
     in spawned writer processes, which cannot see the notebook's `__main__`: their runs had no code/ and no source

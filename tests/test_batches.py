@@ -97,6 +97,7 @@ def test_a_gru_with_its_collate_fn_trains_exactly_as_its_plain_pytorch_loop(tmp_
     assert curves["val_accuracy"][-1] > 0.5  # it learns: 9 speakers, chance is 0.15
 
 
+@pytest.mark.slow
 def test_a_sweep_of_the_gru_logs_what_its_checkpoints_score_and_its_champion_answers_by_name(tmp_path, monkeypatch):
     config_dir = tmp_path / "exp"
     config_dir.mkdir()
@@ -485,6 +486,7 @@ def refuse_sevens(items):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("kind", ["ragged", "refused"])
 def test_an_item_the_pre_flight_did_not_read_fails_the_run_in_one_line_naming_its_index(store, capsys, kind, workers):
@@ -521,6 +523,7 @@ def test_an_item_the_pre_flight_did_not_read_fails_the_run_in_one_line_naming_it
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+@pytest.mark.slow
 def test_a_two_input_champion_answers_by_name_without_sweeplab_or_the_users_module(tmp_path):
     folder = tmp_path / "exp"
     folder.mkdir()

@@ -454,6 +454,7 @@ def test_output_that_goes_away_does_not_cut_the_sweep(here, how):
     assert (here / "reports/faults/val_curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line(tmp_path):
     """#19.7: a disk that filled mid-sweep printed 337-954 lines (13 MLflow tracebacks) before the final line."""
     disk = tmp_path / "disk"

@@ -189,6 +189,7 @@ def with_train(folder: Path, lines: str) -> None:
     (folder / "exp.yaml").write_text(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, said",
     [
@@ -536,6 +537,7 @@ def test_a_checkpoint_with_pickled_code_is_refused_without_torchs_advice(tmp_pat
     assert "weights_only=False" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_report_that_cannot_be_written_is_one_line_and_leaves_no_cut_short_file(lab_run, tmp_path):
     folder, _, _ = lab_run
     write(folder, "sweep.yaml", "study: lab_report\nexperiment: lab.yaml\nspace:\n  lr: {choices: [0.01, 0.03]}\n")
@@ -574,6 +576,7 @@ def _until(predicate, timeout: float) -> bool:
     return predicate()
 
 
+@pytest.mark.slow
 def test_the_ui_over_a_store_in_a_folder_with_a_percent_leaves_no_stray_folder_even_when_killed(tmp_path):
     """Before: MLflow's server made `p%2541 x` (the store's folder, still URL-quoted) beside `p%41 x`, and it stayed."""
     import os
@@ -601,6 +604,7 @@ def test_the_ui_over_a_store_in_a_folder_with_a_percent_leaves_no_stray_folder_e
     assert _until(lambda: sorted(p.name for p in tmp_path.iterdir()) == ["p%41 x"], 30), list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_sweeplab_server_leaves_nothing_in_dev_shm(tmp_path):
     """Before: MLflow's GenAI job runner made a folder in /dev/shm that SIGTERM left behind."""
     import os
@@ -636,6 +640,7 @@ def test_sweeplab_server_leaves_nothing_in_dev_shm(tmp_path):
     assert set(os.listdir(shm)) - before == set()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_after_its_last_trial_has_its_parent_run_ended_by_the_survivors(tmp_path):
     """Before: its parent run (role worker) stayed RUNNING until the next `sweeplab sweep` in that folder: no trial
     of it was left to recover, only trial recovery ended a lost worker's parent, and a worker's start-up had
@@ -719,6 +724,7 @@ def test_a_loss_given_by_class_logs_the_baseline_of_its_own_constant_prediction(
     assert _logged_baseline(tmp_path, "base") == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sweeplab_serve_works_as_printed_without_the_venv_on_path(lab_run):
     """`mlflow models serve` as the README showed it failed unless the venv was on PATH (`exec: uvicorn: not found`,
     exit 127). The sweep now prints `serve:`, which runs it with this interpreter's scripts first on PATH."""

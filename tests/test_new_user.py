@@ -152,6 +152,7 @@ def test_the_printed_predict_command_works_pasted_where_the_sweep_ran(user_sweep
     ]
 
 
+@pytest.mark.slow
 def test_the_printed_ui_command_answers_when_it_says_so_and_links_the_runs_best_first(user_sweep):
     home, _, out, client = user_sweep
     command = printed(out, "browse")
@@ -248,6 +249,7 @@ def test_summaries_are_logged_at_one_step(user_sweep):
     assert run.data.metrics["best_epoch"] > 1  # a value, not the step it was logged at
 
 
+@pytest.mark.slow
 def test_mlflow_tracking_uri_from_the_environment(tmp_path):
     (tmp_path / "work").mkdir()
     sweep = write_sweep(tmp_path)
@@ -348,6 +350,7 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
 def test_the_ui_server_and_its_children_end_with_sweeplab_ui(user_sweep, how):
     """#19.7: SIGKILL and SIGHUP left the MLflow server answering, SIGTERM left its huey consumers for ~40 s."""
@@ -368,6 +371,7 @@ def test_the_ui_server_and_its_children_end_with_sweeplab_ui(user_sweep, how):
         assert set(os.listdir("/dev/shm")) - shm == set()
 
 
+@pytest.mark.slow
 def test_sweeplab_ui_on_a_port_another_ui_holds_is_one_line(user_sweep, tmp_path):
     """#19.7: it printed a link into the other server's store and exited 0."""
     home, uri, _, _ = user_sweep
@@ -425,6 +429,7 @@ def test_report_out_under_a_file_is_bad_input(user_sweep, tmp_path):
     assert proc.returncode == 2 and f"{tmp_path / 'afile'} is a file" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["a#b?c=1", "p%41"])
 def test_a_sweep_in_a_folder_with_an_odd_name_keeps_its_store_there(tmp_path, name):
     """#19.7: in /tmp/a#b?c=1 the runs went into a new file /tmp/a#b; in p%41 the sweep wrote mlflow.db and an

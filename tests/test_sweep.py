@@ -179,6 +179,7 @@ def test_champion_is_registered_and_predicts_without_sweeplab(small_sweep):
         assert out[str(n)] == pytest.approx(expected[:n], rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_reaches_exactly_n_trials(store):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sweep = write_sweep(store / "s.yaml", root, "resume", SPACE, 3)

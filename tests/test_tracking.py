@@ -141,6 +141,7 @@ for experiment in ids:
 """
 
 
+@pytest.mark.slow
 def test_sweeps_describing_one_experiment_at_once_both_succeed(tracker, tmp_path):
     """CI stop 34: two sweeps started together on one experiment; the slower one's insert of the same experiment
     tag failed with SQLite's UNIQUE constraint and the sweep died. Four processes describe forty experiments in

@@ -263,6 +263,7 @@ def test_the_champion_loads_without_sweeplab_or_the_users_module(cnn_sweep):
     assert "feature_names" not in out["metadata"] and "input_shape" in out["metadata"]
 
 
+@pytest.mark.slow
 def test_predict_rebuilds_the_users_class_where_its_module_is(cnn_sweep, capsys, monkeypatch):
     project, elsewhere, uri, _ = cnn_sweep
     images = sklearn.datasets.load_digits().images[:3].reshape(3, 1, 8, 8).tolist()
@@ -309,6 +310,7 @@ def test_predict_rebuilds_the_users_class_where_its_module_is(cnn_sweep, capsys,
     )
 
 
+@pytest.mark.slow
 def test_predict_imports_a_runs_module_only_when_its_source_is_the_logged_one(cnn_sweep, tmp_path):
     """Issue #27.4: a module of the same name whose source differs from what the run logged is not imported (its
     top-level code would run before any check of the weights); the printed predict line without input predicts
@@ -383,6 +385,7 @@ def test_predict_run_refuses_a_package_that_shadows_the_module_or_wraps_it_befor
     assert f"{wrapped}/evilpkg/__init__.py: the package evilpkg, which the run did not record" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_model_torch_export_cannot_trace_gets_a_champion_rebuilt_from_its_logged_source(tmp_path):
     """#30: it was registered as its checkpoint, which mlflow.pyfunc.load_model refused (no MLmodel file); now its
     champion is a pyfunc with the logged module in code_paths, which mlflow loads where the module is not found."""
