@@ -34,7 +34,7 @@ class Outcome(str, Enum):
             return cls.COMPLETED
         if history.status == "diverged":
             return cls.DIVERGED
-        if history.status == "failed":  # trained, but no epoch had a finite objective (History.settle)
+        if history.status == "failed":  # trained, but no epoch had a finite objective (epoch.Curves)
             return cls.FAILED
         return stopped or cls.PRUNED
 

@@ -3,9 +3,9 @@
 An engine takes a batch of jobs (a leased trial and its config) and trains them, checking the stop flag after every
 epoch, calling `on_epoch(job, record)` (when given) after every epoch of every job (a returned reason stops that
 job: its pruner's decision), and leaving a finished `RunResult` on each job. Both engines decide a History's best
-epoch and its end by the same rules (`History.record`/`History.stop` in loop.py; the stacked engine applies them
-to all members at once), so a History means the same whichever engine made it; the recorder (recorder.Recorder)
-writes it either way.
+epoch and its end by one set of rules (epoch.Curves: the stacked engine for K members, the reference loop at
+K = 1), so a History means the same whichever engine made it; the recorder (recorder.Recorder) writes it either
+way.
 
 `choose(configs)` is `engine: auto`'s decision (the vectorized engine when it supports every one of a sweep's probe
 configs, else the reference loop, and why, a user's model probed as training runs it); `check_runnable` checks a

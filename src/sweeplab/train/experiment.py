@@ -303,7 +303,7 @@ def check_objective(config: ExperimentConfig, dataset: Dataset) -> None:
     """An objective the validation split makes undefined at every epoch is bad input, not a sweep of trials that
     each fail: AUROC or average precision over one class (no ranking to judge), R2 of a constant target (its
     denominator is zero: 0 or 1 whatever the model). Lazy data without `targets` is not read here; its trials
-    fail with the reason (loop.History.settle)."""
+    fail with the reason (epoch.Curves.histories)."""
     metric, y = config.objective.metric, dataset.y_val
     if y is None or metric not in NEEDS_SPREAD:
         return
