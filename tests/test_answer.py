@@ -77,6 +77,7 @@ def test_each_condition_gets_its_own_study_and_an_equal_share(compared):
         assert len(study.trials) == 8 and set(study.trials[0].params) == {"optimizer", "lr"}
 
 
+@pytest.mark.slow
 def test_each_condition_has_a_champion_from_its_best_trials_own_run(compared):
     _, uri, out, _ = compared
     client = MlflowClient(uri)
@@ -89,6 +90,7 @@ def test_each_condition_has_a_champion_from_its_best_trials_own_run(compared):
         assert client.get_run(version.run_id).data.tags["sweeplab.role"] == "trial"
 
 
+@pytest.mark.slow
 def test_the_report_answers_per_condition_and_its_json_names_the_right_runs(compared):
     tmp, uri, out, env = compared
     client = MlflowClient(uri)

@@ -151,6 +151,7 @@ def test_a_sweep_of_a_class_defined_in_main_returns_its_trials_as_a_dataframe(no
     assert out["report"].startswith("best is lr ")
 
 
+@pytest.mark.slow
 def test_run_returns_the_history_the_users_own_loop_gives_and_the_interpreter_is_as_it_was(notebook_user):
     folder, uri, out = notebook_user
     assert (
@@ -233,6 +234,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_sweep_raises_keyboard_interrupt_after_the_trial_in_flight_ends_killed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     body = f"URI = {uri!r}\nSTORAGE = {'journal:' + str(tmp_path / 'o.journal')!r}\n" + CTRL_C

@@ -171,6 +171,7 @@ def test_a_sweep_of_the_gru_logs_what_its_checkpoints_score_and_its_champion_ans
     assert main(["predict", "models:/vowels_test@champion", str(tmp_path / "request.json"), "--tracking-uri", uri]) == 0
 
 
+@pytest.mark.slow
 def test_the_rebuilt_champion_is_served_by_mlflow_models_serve(tmp_path):
     config_dir = tmp_path / "exp"
     config_dir.mkdir()

@@ -89,6 +89,7 @@ def without_sweeplab(folder: Path, body: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("study, task", [("binary_lab", "binary"), ("multiclass_lab", "multiclass")])
 def test_a_classifier_champion_gives_labels_and_probabilities_on_request(champions, tmp_path, study, task):
     folder, uri, client = champions
@@ -115,6 +116,7 @@ def test_a_classifier_champion_gives_labels_and_probabilities_on_request(champio
     assert out["meta"]["feature_names"] == ["x1", "x2"]
 
 
+@pytest.mark.slow
 def test_named_columns_are_read_by_name_and_bad_input_is_refused(champions, tmp_path):
     folder, uri, client = champions
     out = without_sweeplab(
@@ -165,6 +167,7 @@ def test_named_columns_are_read_by_name_and_bad_input_is_refused(champions, tmp_
     assert all("\n" not in message for message in errors.values())
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_reads_csv_columns_by_name_and_refuses_nan(champions, tmp_path):
     folder, uri, client = champions
     port = free_port()
@@ -244,6 +247,7 @@ def test_mlflow_models_serve_reads_csv_columns_by_name_and_refuses_nan(champions
     assert nested[0] == 400 and "an array of shape [1, 1, 2]; the model takes rows of 2 values" in nested[1]["message"]
 
 
+@pytest.mark.slow
 def test_a_regression_champion_refuses_what_it_cannot_answer_in_json(champions):
     """#27.6: [[1e308, 1e308]] and [[1e39, 1]] were answered with NaN/Infinity (HTTP 200, not JSON), [[[1, 2]]] as
     [[1, 2]], and params={"output": ...} was ignored."""
@@ -301,6 +305,7 @@ def test_the_logged_model_names_its_registered_version(champions):
     assert logged.source_run_id == version.run_id
 
 
+@pytest.mark.slow
 def test_a_csv_of_twelve_thousand_columns_gets_its_champion(store, capsys):
     """#19.7: the version's spec tag held every feature name and went past MLflow's 100,000 characters, so a wide
     CSV never got a champion, on every re-run."""

@@ -231,6 +231,7 @@ def test_the_config_layer_imports_neither_torch_nor_optuna_nor_mlflow():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_the_training_layer_trains_without_mlflow_or_optuna():
     """#28: `import sweeplab.train` (and everything under it) loads neither MLflow nor Optuna, and trains a run."""
     code = (

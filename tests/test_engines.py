@@ -95,6 +95,7 @@ def test_completion(engine, store):
         assert trial.user_attrs["best_epoch"] == seed["best_epoch"]
 
 
+@pytest.mark.slow
 def test_pruning(engine, store):
     """lr from 1e-5 (val_loss stays ~35 for 12 epochs) to 0.05 (below 1): the median pruner stops the slow ones.
     (Issue #10: the pipelined vectorized engine told Optuna nothing before its last batch, so it pruned nothing.)
@@ -141,6 +142,7 @@ def test_divergence(engine, store):
         assert run.data.metrics["epochs_run"] < 30
 
 
+@pytest.mark.slow
 def test_resume(engine, store):
     """The same sweep again with a larger budget adds trials up to it: nothing redone, no setting drawn twice."""
     sweep_here(store, "more", LEARNING, 4, engine, "epochs=4")

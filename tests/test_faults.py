@@ -49,6 +49,7 @@ def run_cli(*args, cwd, env=None, timeout=300):
     return subprocess.run([SWEEPLAB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "setting",
     [
@@ -401,6 +402,7 @@ def test_sigterm_ends_a_tracked_run_as_killed(tmp_path):
 # --- secrets ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -429,6 +431,7 @@ def test_a_password_is_never_printed_or_passed_on(tmp_path, args):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.journal").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["head", "closed"])
 def test_output_that_goes_away_does_not_cut_the_sweep(here, how):
     """#19.7: `| head -n 2` exited 141 after the trials with one of two champions registered, no pictures, parent

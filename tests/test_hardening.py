@@ -82,6 +82,7 @@ def project(folder: Path, task: str, loader: str, objective: str, extra: str = "
 # --- 1. an objective that is undefined is bad input; one NaN at every epoch is a failed trial ---------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "task, loader, objective, expected",
     [
@@ -120,6 +121,7 @@ def test_a_validation_split_that_leaves_the_objective_undefined_is_one_line_befo
     assert run.returncode == 2 and expected.replace("sweep.yaml: ", "") in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric, direction", [("always_nan", "maximize"), ("always_inf", "maximize")])
 def test_a_trial_whose_objective_is_never_finite_fails_and_the_sweep_stops_after_three(tmp_path, metric, direction):
     """352 trials in 90 s for n_trials: 4 before the fix: Optuna failed each trial while its run said completed."""
@@ -307,6 +309,7 @@ RAISES_LINE = ROWS.splitlines().index('                raise RuntimeError(f"bad 
 WHERE = "sweeplab: error: data.class_path: rows.Rows() (training split)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, workers, extra, expected",
     [
@@ -405,6 +408,7 @@ def lab(folder: Path) -> Path:
     return write(folder, "lab.yaml", LAB.read_text().replace("  epochs: 80", "  epochs: 4"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, expected",
     [
@@ -436,6 +440,7 @@ def test_an_option_that_would_fail_in_training_is_one_line_before_anything_runs(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before
 
 
+@pytest.mark.slow
 def test_a_scheduler_that_raises_is_found_before_engine_auto_probes_it(tmp_path):
     """Before: `sweeplab: error: RuntimeError: scheduler boom at step 3`, exit 1 (the engine's probe stepped it)."""
     lab(tmp_path)
@@ -455,6 +460,7 @@ def test_a_scheduler_that_raises_is_found_before_engine_auto_probes_it(tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == "sweeplab: error: sweep.yaml: n_trials: true is not a number"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given", ["32", "32-true", "bf16", "bf16-mixed"])
 def test_precision_takes_numbers_and_lightnings_names(tmp_path, given):
     """`precision: 32` in YAML is a number, refused before (`Input should be '32', 'bf16' or '16' (got 32)`)."""
@@ -483,6 +489,7 @@ def lab_run(tmp_path_factory):
     return folder, "sqlite:///lab.db", run_id
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, stdin, expected",
     [
@@ -512,6 +519,7 @@ def test_predict_refuses_what_it_cannot_answer(lab_run, args, stdin, expected):
     assert proc.stderr.strip() == f"sweeplab: error: {expected}"
 
 
+@pytest.mark.slow
 def test_predict_names_a_run_once(lab_run):
     folder, uri, run_id = lab_run
     proc = sweeplab("predict", run_id, "--tracking-uri", uri, cwd=folder)
@@ -680,6 +688,7 @@ def _logged_baseline(folder: Path, experiment: str) -> float:
     return run.data.metrics["baseline_val_loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["label_smoothing", "pos_weight", "huber"])
 def test_a_loss_given_by_class_logs_the_baseline_of_its_own_constant_prediction(tmp_path, case):
     """Before: no baseline_val_loss for a loss by class, so the report's `learned` was blank. The expected values
@@ -815,6 +824,7 @@ def test_a_sweep_from_python_prints_what_the_cli_prints_and_leaves_the_interpret
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 def test_sweeplab_run_names_a_users_model_by_its_class_and_prints_its_objective_first(tmp_path):
     """Before: `adam-hNone-lr0.003-n0.3` for a user's model on digits, and `best_val:` (the loss) first under an
     accuracy objective."""

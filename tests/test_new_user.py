@@ -75,6 +75,7 @@ def trial_runs(client):
     return {float(run.data.params["train.lr"]): run for run in runs}
 
 
+@pytest.mark.slow
 def test_a_store_of_any_name_gets_its_champion_and_nothing_is_written_elsewhere(user_sweep):
     home, uri, out, client = user_sweep
     assert "champion: models:/sgd_lr@champion (version 1" in out
@@ -101,6 +102,7 @@ def test_the_champion_is_logged_from_the_best_trials_own_run(user_sweep):
     assert client.get_logged_model(output.model_id).artifact_location == version.source
 
 
+@pytest.mark.slow
 def test_the_champion_takes_the_inputs_people_try_first_without_sweeplab(user_sweep):
     home, uri, _, client = user_sweep
     script = textwrap.dedent(f"""\
@@ -137,6 +139,7 @@ def printed(out: str, label: str) -> str:
     return line.split(":", 1)[1].strip()
 
 
+@pytest.mark.slow
 def test_the_printed_predict_command_works_pasted_where_the_sweep_ran(user_sweep):
     home, _, out, _ = user_sweep
     command = printed(out, "predict")
@@ -397,6 +400,7 @@ def test_sweeplab_ui_on_a_port_another_ui_holds_is_one_line(user_sweep, tmp_path
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command",
     [
@@ -415,6 +419,7 @@ def test_read_only_commands_in_a_folder_without_a_store_write_nothing(tmp_path, 
     assert len(proc.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_report_out_under_a_file_is_bad_input(user_sweep, tmp_path):
     home, uri, _, _ = user_sweep
     (tmp_path / "afile").write_text("x")

@@ -105,6 +105,7 @@ def test_python_api(logged):
     assert [f"{v:.2f}" for v in values.tolist()] == ["12.05", "3.00", "4.98"]
 
 
+@pytest.mark.slow
 def test_champion_through_pyfunc_without_sweeplab_predicts_the_seeds_points(logged):
     tmp, _, _ = logged
     script = textwrap.dedent("""\

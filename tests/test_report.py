@@ -184,6 +184,7 @@ def test_runs_without_a_baseline_are_neither_counted_as_learned_nor_as_not(tmp_p
     assert adam.split()[1:7] == ["2", "2", "0", "0", "0", "1.3"]  # trials..failed, then bvl_q1 (0.9 + 1.6 / 4)
 
 
+@pytest.mark.slow
 def test_run_links_open_the_model_training_view_of_the_ui_asked_for(hand_made, tmp_path, monkeypatch, capsys):
     """#19.6: run links opened the GenAI view (no workflowType) and always assumed port 5000."""
     import re

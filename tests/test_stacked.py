@@ -107,6 +107,7 @@ def test_stacked_members_agree_with_the_reference_loop(tmp_path, model):
         assert torch.allclose(outputs[0], outputs[1], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_model_vmap_cannot_run_trains_on_the_reference_loop_with_one_line(tmp_path):
     (tmp_path / "nets.py").write_text(NETS)
     (tmp_path / "exp.yaml").write_text(
@@ -328,6 +329,7 @@ def test_auto_is_never_worse_than_the_reference_loop(tmp_path, model, stacks, re
                 assert torch.allclose(vec.result.history.best_state[name], value, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_trial_that_fails_in_stacked_training_gets_its_failed_run(tmp_path):
     """A model that passes the probe and fails later: the reference loop tries each trial (never worse), and each
     failed trial has its FAILED run with the reason, as the reference engine gives it."""

@@ -151,6 +151,7 @@ def test_logged_checkpoint_rebuilds_the_model_and_reproduces_best_val_loss(small
     assert len(inputs) == 1 and inputs[0].tags[0].value == "training"
 
 
+@pytest.mark.slow
 def test_champion_is_registered_and_predicts_without_sweeplab(small_sweep):
     tmp, client, _, study = small_sweep
     version = client.get_model_version_by_alias("small", "champion")
@@ -197,6 +198,7 @@ def test_resume_reaches_exactly_n_trials(store):
     assert len(children) == 5
 
 
+@pytest.mark.slow
 def test_two_workers_finish_the_budget_without_duplicates(store):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     sweep = write_sweep(store / "s.yaml", root, "pair", SPACE, 6, sampler="tpe")
@@ -211,6 +213,7 @@ def test_two_workers_finish_the_budget_without_duplicates(store):
     assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in finished)
 
 
+@pytest.mark.slow
 def test_independent_worker_processes_share_one_budget(store):
     """Two `sweeplab worker` processes (as on two machines) against one study: exactly n_trials, no trial twice."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -310,6 +313,7 @@ def test_resuming_with_a_changed_space_fails_before_running(store, capsys):
     assert len(runs_of(MlflowClient(f"sqlite:///{store}/mlflow.db"), "changed")) == runs_before
 
 
+@pytest.mark.slow
 def test_resuming_with_settings_that_change_results_is_refused_and_others_resume(store, capsys):
     """#19.1: a re-run with another task and epochs joined the old study and ranked BCE against MSE."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -478,6 +482,7 @@ def test_conditions_run_side_by_side_each_searching_as_it_would_alone(store, mon
     assert side_workers["0.3"] != side_workers["1.0"]  # at once, in two
 
 
+@pytest.mark.slow
 def test_a_worker_killed_between_its_finished_run_and_the_tell_is_told_from_the_run(store):
     """SIGKILL in the window between a trial's run being FINISHED and Optuna being told: the next sweep tells the
     trial what its run recorded instead of failing it and training it again, so every finished trial has exactly
@@ -548,6 +553,7 @@ def test_optunas_own_tools_see_each_trials_curve_and_the_objectives_name(store, 
     assert len(axes.get_lines()) == 3 and all(len(line.get_xdata()) == 6 for line in axes.get_lines())
 
 
+@pytest.mark.slow
 def test_two_sweeps_at_once_on_one_study_each_count_their_own_trials(store):
     """#19.7: both printed "16 run now" for the study's total."""
     import re

@@ -175,6 +175,7 @@ def test_a_run_is_named_by_what_the_sweep_varies():
     assert run_name_for(config, None, keys=("hidden",)) == "h16"
 
 
+@pytest.mark.slow
 def test_tracking_imports_no_optuna():
     code = "import sys, sweeplab.track.tracker, sweeplab.track.recorder; print('optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

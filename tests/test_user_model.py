@@ -160,6 +160,7 @@ def cnn_sweep(tmp_path_factory):
     return project, elsewhere, uri, proc
 
 
+@pytest.mark.slow
 def test_a_users_cnn_sweeps_with_its_objective(cnn_sweep):
     project, elsewhere, uri, proc = cnn_sweep
     assert "engine: vectorized (auto:" in proc.stdout + proc.stderr  # stacked by torch.func (#21)
@@ -207,6 +208,7 @@ def test_a_users_cnn_sweeps_with_its_objective(cnn_sweep):
     assert "hidden" not in spec and "activation" not in spec and spec["init_args"]["n_classes"] == 10
 
 
+@pytest.mark.slow
 def test_the_champion_loads_without_sweeplab_or_the_users_module(cnn_sweep):
     project, elsewhere, uri, _ = cnn_sweep
     client = MlflowClient(uri)
@@ -350,6 +352,7 @@ def _artifacts(run) -> Path:
     return Path(run.info.artifact_uri.removeprefix("file://"))
 
 
+@pytest.mark.slow
 def test_predict_run_refuses_a_package_that_shadows_the_module_or_wraps_it_before_running_it(cnn_sweep, tmp_path):
     """#36.2: a package folder `my_nets/` beside the genuine my_nets.py was imported (the file was hashed), and a
     checkpoint whose class_path was `evilpkg.my_nets.TinyCNN` ran `evilpkg/__init__.py` (the leaf was hashed)."""
@@ -781,6 +784,7 @@ MISBEHAVING = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module, said",
     [
@@ -808,6 +812,7 @@ def test_a_module_that_ends_the_process_is_bad_input(tmp_path, module, said):
     assert "exp.yaml: model.class_path" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_module_that_starts_a_thread_and_prints_neither_hangs_nor_corrupts_json(tmp_path):
     for name, text in MISBEHAVING.items():
         (tmp_path / name).write_text(text)
@@ -847,6 +852,7 @@ def test_a_study_resumed_after_its_model_source_changed_is_refused(tmp_path, cap
     assert "Start a new study (study=NAME)" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_slow_constructor_at_once(tmp_path):
     """#27.3: a model taking 60 s in __init__ held Ctrl-C for those 60 s and built another model after them (105 s
     to exit). A constructor writes to no store, so a stop raises there at once: exit 130 within seconds."""

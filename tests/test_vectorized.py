@@ -43,6 +43,7 @@ def mixed_configs(n: int, epochs: int, seed: int = 0):
     return configs
 
 
+@pytest.mark.slow
 def test_each_member_agrees_with_the_reference_loop():
     configs = mixed_configs(40, epochs=40)
     members = [prepare_member(i, c) for i, c in enumerate(configs)]
