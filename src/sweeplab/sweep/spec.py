@@ -85,17 +85,21 @@ class ParamSpec(_Frozen):
 
 
 class SamplerSpec(_Frozen):
-    type: Literal["tpe", "random", "grid"] = "tpe"
+    type: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="Optuna's sampler: TPE, random, or every combination of `choices` (grid)"
+    )
     seed: int | None = Field(0, ge=0, lt=2**32, description="numpy's RandomState takes 0 .. 2**32 - 1")
     n_startup_trials: int = Field(10, ge=0, description="tpe: random trials before the model kicks in")
 
 
 class PrunerSpec(_Frozen):
-    type: Literal["none", "median", "hyperband"] = "none"
+    type: Literal["none", "median", "hyperband"] = Field(
+        "none", description="Optuna's pruner, told the objective every `report_every` epochs"
+    )
     n_startup_trials: int = Field(5, ge=0, description="median: trials that are never pruned")
     n_warmup_steps: int = Field(10, ge=0, description="median: epochs before a trial can be pruned")
     min_resource: int = Field(5, ge=1, description="hyperband: epochs the shortest rung trains")
-    reduction_factor: int = Field(3, ge=2)
+    reduction_factor: int = Field(3, ge=2, description="hyperband: the share of trials each rung keeps is 1 / this")
     report_every: int | None = Field(None, gt=0, description="epochs between pruning checks (default: epochs // 20)")
 
 
@@ -103,16 +107,23 @@ class SweepSpec(_Frozen):
     """A search: a base experiment, fixed overrides, a search space, a sampler, a pruner and a budget."""
 
     # the study names an MLflow experiment, its artifact folder and a registered model: a plain, bounded name
-    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    study: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="the Optuna study, the MLflow experiment and the registered model's name; re-running resumes it",
+    )
     experiment: str | None = Field(None, description="base experiment file, relative to the sweep file")
     base: dict[str, Any] = Field(
         default_factory=dict, description="inline base experiment (or changes to `experiment`)"
     )
-    space: dict[str, ParamSpec] = Field(min_length=1)
+    space: dict[str, ParamSpec] = Field(
+        min_length=1, description="the searched keys (any experiment key, by its dotted path or short name)"
+    )
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     n_trials: int = Field(40, gt=0, description="finished trials in total, across runs and workers")
-    workers: int = Field(1, gt=0)
+    workers: int = Field(
+        1, gt=0, description="processes on this machine working on the study (more: `sweeplab worker`)"
+    )
     repeats: int = Field(1, gt=0, description="grid only: seeds per configuration (seed, seed+1, ...)")
     engine: Literal["auto", "reference", "vectorized"] = Field(
         "auto", description=("auto: vectorized when every trial of the sweep is one it supports, else reference")
