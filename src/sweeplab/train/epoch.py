@@ -122,6 +122,7 @@ class Curves:
         self.best_val = torch.full((k,), math.inf, dtype=torch.float64)
         self.best_epoch = torch.zeros(k, dtype=torch.int64)
         self.active = torch.ones(k, dtype=torch.bool)
+        self.all_active = True  # no member has ended (kept beside `active` to skip masking in the common case)
         self.epochs_run = torch.zeros(k, dtype=torch.int64)
         self.status = ["completed"] * k
         self.reasons: dict[int, str] = {}  # why each member that ended early ended
@@ -138,22 +139,29 @@ class Curves:
         """One epoch of the members still recording ([K] float64 losses, each metric [K], confusion [K, C, C] or
         None); returns which of them improved ([K] bool)."""
         column, active = epoch - 1, self.active
-        self.train[active, column] = train[active]
-        self.val[active, column] = val[active]
-        for name, values in metrics.items():
-            curve = self.metrics.setdefault(name, torch.full_like(self.train, math.nan))
-            curve[active, column] = values[active].double()
+        if self.all_active:  # the common case, without masked indexing (an epoch of the reference loop is K = 1)
+            self.train[:, column], self.val[:, column] = train, val
+            for name, values in metrics.items():
+                self.metrics.setdefault(name, torch.full_like(self.train, math.nan))[:, column] = values
+        else:
+            self.train[:, column] = torch.where(active, train, math.nan)
+            self.val[:, column] = torch.where(active, val, math.nan)
+            for name, values in metrics.items():
+                curve = self.metrics.setdefault(name, torch.full_like(self.train, math.nan))
+                curve[:, column] = torch.where(active, values.double(), math.nan)
         value = val if self.objective[0] == "val_loss" else metrics[self.objective[0]].double()
         score = self.sign * value
-        improved = active & torch.isfinite(score) & (score < self.best_score)  # a tie keeps the first
+        # finite and strictly better (NaN compares false; +inf is never below the best; -inf is refused): a tie
+        # keeps the first
+        improved = active & (score < self.best_score) & (score != -math.inf)
         self.best_score = torch.where(improved, score, self.best_score)
         self.best_value = torch.where(improved, value, self.best_value)
         self.best_val = torch.where(improved, val, self.best_val)
-        self.best_epoch[improved] = epoch
+        self.best_epoch.masked_fill_(improved, epoch)
         if confusion is not None:
             self.confusion = torch.zeros_like(confusion) if self.confusion is None else self.confusion
             self.confusion[improved] = confusion[improved]
-        self.epochs_run[active] = epoch
+        self.epochs_run.masked_fill_(active, epoch)
         if self.stopping is not None:
             minimize = self.objective[1] == "minimize"
             unset = math.inf if minimize else -math.inf
@@ -194,17 +202,18 @@ class Curves:
         """After `record`, each member still recording ends here, in this order of precedence: a non-finite
         training or validation loss ("diverged"), a hook's reason ("stopped"), `patience` epochs without an
         improvement by more than min_delta (early stopping: completed, its best epoch its result)."""
-        active = self.active.clone()
-        diverged = active & ~(torch.isfinite(train) & torch.isfinite(val))
-        for i in diverged.nonzero().flatten().tolist():
-            self.status[i] = "diverged"
-            self.reasons[i] = f"diverged at epoch {epoch} (train_loss={train[i].item()}, val_loss={val[i].item()})"
+        active = self.active
+        finite = (train.abs() < math.inf) & (val.abs() < math.inf)  # NaN compares false
+        diverged = active & ~finite
+        ended = diverged.clone()
+        if bool(diverged.any()):
+            for i in diverged.nonzero().flatten().tolist():
+                self.status[i] = "diverged"
+                self.reasons[i] = f"diverged at epoch {epoch} (train_loss={train[i].item()}, val_loss={val[i].item()})"
         for row, reason in reasons.items():
             if active[row] and not diverged[row]:
                 self.status[row], self.reasons[row] = "stopped", reason
-        ended = diverged.clone()
-        for row in reasons:
-            ended[row] = ended[row] | active[row]
+                ended[row] = True
         if self.stopping is not None:
             patient = active & ~ended & out_of_patience(self.epochs_without, self.patience)
             for i in patient.nonzero().flatten().tolist():
@@ -214,7 +223,9 @@ class Curves:
                     f"early stopping at epoch {epoch}: {self.objective[0]} did not improve{by} in {patience} epochs"
                 )
             ended |= patient
-        self.active &= ~ended
+        if bool(ended.any()):
+            self.active = active & ~ended
+            self.all_active = False
 
     def histories(self) -> list[History]:
         """Each member's History, once training is over. A member that trained without one finite objective has
@@ -282,12 +293,13 @@ def sample_average(batch_losses: list[torch.Tensor], sizes: list[int], n: int) -
     """Each member's per-sample average of a split's batch losses (batch means [K], or scalars for K = 1):
     sum(batch mean * batch size) / n, in float64, in batch order: the seed's sum of Python floats, bit for bit.
     Returns [K] float64 (CPU). One host transfer per epoch, not one per batch."""
-    stacked = torch.stack(batch_losses).detach().double().cpu()
-    if stacked.dim() == 1:  # K = 1: Python floats are faster than a tensor op per batch, and the same numbers
+    stacked = torch.stack(batch_losses).detach()
+    if stacked.dim() == 1:  # K = 1: Python floats (each float32 mean exactly) are faster than a tensor op a batch
         total = 0.0
         for value, size in zip(stacked.tolist(), sizes):
             total += value * size
         return torch.tensor([total / n], dtype=torch.float64)
+    stacked = stacked.double().cpu()
     total = torch.zeros(stacked.shape[1], dtype=torch.float64)
     for losses, size in zip(stacked, sizes):
         total += losses * size

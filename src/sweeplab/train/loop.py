@@ -380,10 +380,12 @@ def fit(
         improved = curves.record(epoch, train_t, val_t, values_t, confusion_t)
         if bool(improved[0]):
             best_state = state_to_cpu(model.state_dict())
-        record = curves.records(epoch, train_t, val_t, values_t, improved)[0]
-        reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
+        reasons = []
+        if callbacks:
+            record = curves.records(epoch, train_t, val_t, values_t, improved)[0]
+            reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
         curves.stop(epoch, train_t, val_t, {0: reasons[0]} if reasons else {})
-        if not bool(curves.active[0]):
+        if not curves.all_active:
             break
     (history,) = curves.histories()
     history.best_state = best_state
