@@ -38,7 +38,7 @@ from sweeplab.sweep.writers import InlineWriter, WriterPool, WriterSetup
 from sweeplab.track.champion import ALIAS, Champion, register_champion
 from sweeplab.track.recorder import Recorder, finite
 from sweeplab.track.tracker import TAG_ROLE, TAG_STUDY, Tracker, condition_label
-from sweeplab.train.engines import Engine, Job, engine_named
+from sweeplab.train.engines import Engine, Job, Routes, engine_named
 from sweeplab.train.epoch import EpochRecord
 from sweeplab.train.items import BatchError
 from sweeplab.train.loop import ShapeError
@@ -68,6 +68,7 @@ class Part:
     storage_url: str
     parent_run_id: str | None = None
     pool_writers: bool = True  # False when every core already runs a condition (conditions side by side)
+    routes: Routes = field(default_factory=Routes)  # the plan's: where each configuration trains, decided once
 
     @property
     def n_trials(self) -> int:
@@ -84,7 +85,7 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
     remaining place is held by a running trial the worker waits rather than leaves: that trial may yet fail and be
     queued again."""
     spec = part.sweep.spec
-    engine = engine_named(spec.engine)
+    engine = engine_named(spec.engine, part.routes)
     setup = WriterSetup(
         part.tracking_uri,
         part.storage_url,
@@ -234,7 +235,9 @@ def report_every(spec, epochs: int) -> int:
 # --- the stores, once for every condition ---------------------------------------------------------------------
 
 
-def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0) -> list[Part]:
+def prepare(
+    sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int = 0, routes: Routes | None = None
+) -> list[Part]:
     """Open the storage and the MLflow experiment once, then the study of each part of the sweep (one per
     condition, or the sweep itself): one Part each, without a parent run yet. Every study is checked against the
     sweep file before anything runs. `sweep` is settled (probes.settle): its engine is decided."""
@@ -268,6 +271,7 @@ def prepare(sweep: Sweep, tracking_uri: str, storage_url: str, worker_index: int
             experiment_id,
             tracking_uri,
             storage_url,
+            routes=routes if routes is not None else Routes(),
         )
         for part, study, _, _ in studies
     ]
@@ -404,7 +408,7 @@ def run_sweep(
     use_threads(1 if workers > 1 or side > 1 or sweep.spec.engine == "vectorized" else None)
     helpers = Helpers(workers - 1 if side == 1 else side - 1)  # forked now: before this process opens any store
     try:
-        parts = prepare(sweep, tracking_uri, storage_url)
+        parts = prepare(sweep, tracking_uri, storage_url, routes=plan.routes)
         tracker, experiment_id = parts[0].tracker, parts[0].experiment_id
         parent = start_parent_run(tracker, experiment_id, sweep, storage_url, workers)
         describe_study(tracker, experiment_id, sweep)
@@ -418,7 +422,7 @@ def run_sweep(
     # (conditions side by side: each is then the only worker on its parts, with worker 0's sampler seed)
     helpers.start(
         _helper_work,
-        lambda i: (sweep, tracking_uri, storage_url, 0 if side > 1 else i, parent, shares[i] if side > 1 else None),
+        lambda i: (plan, tracking_uri, storage_url, 0 if side > 1 else i, parent, shares[i] if side > 1 else None),
     )
     try:
 
@@ -591,11 +595,11 @@ def champion_alias(part: Sweep) -> str:
 
 
 def _helper_work(
-    sweep: Sweep, tracking_uri: str, storage_url: str, index: int, parent_run_id: str, share: list[int] | None = None
+    plan: Plan, tracking_uri: str, storage_url: str, index: int, parent_run_id: str, share: list[int] | None = None
 ) -> int:
     """A helper's whole work, in its forked process: every part, or (side by side) its share of them alone."""
     ran = 0
-    parts = prepare(sweep, tracking_uri, storage_url, worker_index=index)
+    parts = prepare(plan.sweep, tracking_uri, storage_url, worker_index=index, routes=plan.routes)
     for number, part in enumerate(parts):
         if share is None or number in share:
             part.parent_run_id, part.pool_writers = parent_run_id, share is None
@@ -610,7 +614,7 @@ def run_worker(plan: Plan, tracking_uri: str, storage_url: str, parent_run_id: s
     """`sweeplab worker`: join the study and work until the budget is reached. Without a parent run id (a
     worker on another machine), it opens a parent run of its own for this invocation."""
     sweep = plan.sweep
-    parts = prepare(sweep, tracking_uri, storage_url, worker_index)
+    parts = prepare(sweep, tracking_uri, storage_url, worker_index, plan.routes)
     tracker = parts[0].tracker
     own_parent = parent_run_id is None
     if own_parent:

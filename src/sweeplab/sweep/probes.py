@@ -15,31 +15,32 @@ from dataclasses import dataclass
 
 from sweeplab.config import ConfigError
 from sweeplab.sweep.spec import Sweep
-from sweeplab.train.engines import VectorizedEngine, check_runnable, choose
+from sweeplab.train.engines import Routes, check_runnable, choose
 from sweeplab.train.experiment import check_probes
 
 
 @dataclass(frozen=True)
 class Plan:
     """A sweep as it will run: its engine decided (`sweep.spec.engine` is `vectorized` or `reference`) and every
-    probe checked; `reason` says why `engine: auto` chose that engine ("" when the file named it)."""
+    probe checked; `reason` says why `engine: auto` chose that engine ("" when the file named it); `routes`, where
+    each configuration trains and why, decided once here and used by every engine the sweep builds."""
 
     sweep: Sweep
     reason: str = ""
+    routes: Routes = dataclasses.field(default_factory=Routes, compare=False)
 
 
 def settle(sweep: Sweep) -> Plan:
     """The plan for a loaded sweep (see the module's docstring); raises ConfigError."""
-    reason = ""
-    VectorizedEngine.forget()  # what an earlier sweep in this process found (a notebook's) is not this one's
+    reason, routes = "", Routes()
     check_probes(sweep.probes, sweep.source)  # bad data, a bad model or option: before `auto` probes them
     if sweep.spec.engine == "auto":
-        engine, reason = choose([config for _, config in sweep.probes])
+        engine, reason = choose([config for _, config in sweep.probes], routes)
         sweep = dataclasses.replace(sweep, spec=sweep.spec.model_copy(update={"engine": engine}))
     for field_name, config in sweep.probes:
         try:
-            check_runnable(config, sweep.spec.engine)
+            check_runnable(config, sweep.spec.engine, routes)
         except ConfigError as exc:  # `device: ...` or `engine: ...`, said of the field that led to it
             where = f"{field_name}: {str(exc).split(': ', 1)[1]}" if field_name else str(exc)
             raise ConfigError(f"{sweep.source}: {where}") from None
-    return Plan(sweep, reason)
+    return Plan(sweep, reason, routes)

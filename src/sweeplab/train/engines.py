@@ -34,7 +34,6 @@ from sweeplab.stop import stop_flag
 from sweeplab.train.epoch import EpochRecord
 from sweeplab.train.experiment import Trained, resolve_device, run_experiment
 from sweeplab.train.stacked.epochs import (
-    SUPPORTED,
     check_supported,
     data_problem,
     group_members,
@@ -91,10 +90,60 @@ class ReferenceEngine:
             job.result = run_experiment(job.config, callbacks=[lambda record, job=job: callback(job, record)])
 
 
+class Routes:
+    """One sweep's decisions on where its configurations train, each taken once: whether the stacked engine supports
+    a config (None, or why not), why a model cannot stack (by stacked.epochs.model_key: a probe's torch.func trial,
+    or a failure met in training), and the lines already said about them. `probes.settle` makes one per sweep and
+    the plan carries it to every engine the sweep builds (nothing per sweep lives on a class: two sweeps in one
+    notebook decide afresh)."""
+
+    def __init__(self) -> None:
+        self.configs: dict = {}  # (config, code folder) -> None or why the stacked engine cannot train it
+        self.models: dict = {}  # model_key -> None or why its trials cannot stack
+        self.said: set[str] = set()
+
+    def config_problem(self, config: ExperimentConfig) -> str | None:
+        key = (config.model_dump_json(), config.code_dir)
+        if key not in self.configs:
+            try:
+                check_supported(config)
+                self.configs[key] = None
+            except ConfigError as exc:
+                self.configs[key] = str(exc)
+        return self.configs[key]
+
+    def check(self, config: ExperimentConfig) -> None:
+        """Raises ConfigError when the stacked engine cannot train the config (check_supported's line)."""
+        problem = self.config_problem(config)
+        if problem is not None:
+            raise ConfigError(problem)
+
+    def model_problem(self, member) -> str | None:
+        key = model_key(member)
+        if key not in self.models:
+            self.models[key] = stack_problem(member)
+        return self.models[key]
+
+    def leaves(self, problem: str) -> str:
+        return f"engine: {problem}; its trials train on the reference loop"
+
+    def say(self, line: str) -> None:
+        """Once per sweep: why a model's trials left the stacked engine."""
+        if line not in self.said:
+            self.said.add(line)
+            print(line, file=sys.stderr, flush=True)
+
+
 class VectorizedEngine:
     name, live, stacks = "vectorized", False, True
 
+    def __init__(self, routes: Routes | None = None):
+        self.routes = routes if routes is not None else Routes()
+
     def train(self, jobs: list[Job], on_epoch: EpochHook | None) -> None:
+        routes = self.routes
+        for job in jobs:
+            routes.check(job.config)
         shared: dict = {}  # the batch's distinct data sets, initial weights and generators, each made once
         members = [prepare_member(job, job.config, shared) for job in jobs]
         hook = None if on_epoch is None else lambda member, record: on_epoch(member.key, record)
@@ -104,22 +153,22 @@ class VectorizedEngine:
             if problem is None and group[0].spec.class_path is None:
                 train_group(group, on_epoch=hook, each_epoch=stop_flag.check)
                 continue
-            problem = problem or self.problem(group[0])
+            problem = problem or routes.model_problem(group[0])
             if problem is None and len(group) > 1:
                 try:
                     train_func_group(group, on_epoch=hook, each_epoch=stop_flag.check)
                     continue
                 except Exception as exc:  # what the probe did not meet: the reference loop is never worse
                     problem = stack_failure(group[0], exc)
-                    VectorizedEngine.problems[model_key(group[0])] = problem
+                    routes.models[model_key(group[0])] = problem
                     # an update of the header's line (which the probe's success wrote), said as one
-                    self.say(
+                    routes.say(
                         f"engine: not stacked after all: {problem} (met in training, not in its probe); its "
                         "trials train on the reference loop"
                     )
-                    VectorizedEngine.said.add(f"engine: {problem}; its trials train on the reference loop")
+                    routes.said.add(routes.leaves(problem))
             if problem is not None:  # a member alone gains nothing from vmap (TPE's one-trial rounds)
-                self.say(f"engine: {problem}; its trials train on the reference loop")
+                routes.say(routes.leaves(problem))
             alone += group
         alone_ids = {id(m) for m in alone}  # by identity: Members hold tensors, which `==` cannot compare
         for member in members:
@@ -133,62 +182,38 @@ class VectorizedEngine:
             else:
                 job.result = Trained(member.config, member.dataset, member.spec, member.history)
 
-    # Per sweep (forget() at each settle): the lines said, and model_key -> why the stacked engine cannot train
-    # it (None: it can), found once per sweep. Class-level because `choose` fills them before any engine exists.
-    said: set = set()
-    problems: dict = {}
 
-    @classmethod
-    def forget(cls) -> None:
-        """A new sweep: nothing said yet, no model probed (a class edited in a notebook is probed again)."""
-        cls.said.clear()
-        cls.problems.clear()
-        SUPPORTED.clear()
-
-    @staticmethod
-    def problem(member) -> str | None:
-        key = model_key(member)
-        if key not in VectorizedEngine.problems:
-            VectorizedEngine.problems[key] = stack_problem(member)
-        return VectorizedEngine.problems[key]
-
-    @staticmethod
-    def say(line: str) -> None:
-        """Once per process: why a model's trials left the stacked engine."""
-        if line not in VectorizedEngine.said:
-            VectorizedEngine.said.add(line)
-            print(line, file=sys.stderr, flush=True)
+def engine_named(name: str, routes: Routes | None = None) -> Engine:
+    """The engine a settled sweep names (`auto` is resolved by sweep.probes.settle first), with the sweep's routes."""
+    if name == "vectorized":
+        return VectorizedEngine(routes)
+    if name == "reference":
+        return ReferenceEngine()
+    raise ValueError(f"engine {name!r}: the sweep must be settled first (sweep.probes.settle)")
 
 
-def engine_named(name: str) -> Engine:
-    """The engine a settled sweep names (`auto` is resolved by sweep.probes.settle first)."""
-    engines = {"vectorized": VectorizedEngine, "reference": ReferenceEngine}
-    if name not in engines:
-        raise ValueError(f"engine {name!r}: the sweep must be settled first (sweep.probes.settle)")
-    return engines[name]()
-
-
-def choose(configs: list[ExperimentConfig]) -> tuple[str, str]:
+def choose(configs: list[ExperimentConfig], routes: Routes | None = None) -> tuple[str, str]:
     """`engine: auto`: the vectorized engine when it supports every one of the sweep's probe configs, else the
     reference loop; and why, in a few words. A user's model is probed here as training would run it
-    (stacked.stack_problem), so the one `engine:` line the sweep prints already says which trials leave it."""
+    (stacked.stack_problem), so the one `engine:` line the sweep prints already says which trials leave it; what
+    was found stays on `routes` for the sweep's engines."""
+    routes = routes if routes is not None else Routes()
     for config in configs:
-        try:
-            check_supported(config)
-        except ConfigError as exc:
-            return "reference", f"auto: {str(exc).split(': ', 1)[-1]}"
-    problems = probe_user_models(configs)
+        problem = routes.config_problem(config)
+        if problem is not None:
+            return "reference", f"auto: {problem.split(': ', 1)[-1]}"
+    problems = probe_user_models(configs, routes)
     if not problems:
         return "vectorized", "auto: the vectorized engine supports every trial of this sweep"
     said = "; ".join(sorted(set(problems.values())))
     if len(problems) == len(configs):  # no probe stacks
         return "reference", f"auto: {said}"
     for problem in problems.values():  # said in the header: not again when its trials leave the stacked engine
-        VectorizedEngine.said.add(f"engine: {problem}; its trials train on the reference loop")
+        routes.said.add(routes.leaves(problem))
     return "vectorized", f"auto: {said}; those trials train on the reference loop"
 
 
-def probe_user_models(configs: list[ExperimentConfig]) -> dict:
+def probe_user_models(configs: list[ExperimentConfig], routes: Routes) -> dict:
     """{probe index: why the stacked engine cannot train it} for the probe configs with a user's model; torch's
     RNG is left as it was. A config that cannot even be prepared is left to experiment.check_probes to explain."""
     problems, shared, state = {}, {}, torch.get_rng_state()
@@ -202,7 +227,7 @@ def probe_user_models(configs: list[ExperimentConfig]) -> dict:
                 continue
             problem = data_problem(member.dataset)
             if problem is None and config.model.class_path is not None:
-                problem = VectorizedEngine.problem(member)
+                problem = routes.model_problem(member)
             if problem is not None:
                 problems[index] = problem
     finally:
@@ -210,10 +235,10 @@ def probe_user_models(configs: list[ExperimentConfig]) -> dict:
     return problems
 
 
-def check_runnable(config: ExperimentConfig, engine: str) -> None:
+def check_runnable(config: ExperimentConfig, engine: str, routes: Routes | None = None) -> None:
     """What a valid config still needs to run here: its device, and the engine's support for it (the engine
     says what it supports; config does not restate it)."""
     if config.device not in ("auto", "cpu"):
         resolve_device(config.device)
     if engine == "vectorized":
-        check_supported(config)
+        (routes if routes is not None else Routes()).check(config)

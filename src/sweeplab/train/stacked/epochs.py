@@ -49,24 +49,12 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
 
 
-SUPPORTED: dict = {}  # (config, code folder) -> None (stackable) or why not: each config judged once per sweep
-
-
 def check_supported(config: ExperimentConfig) -> None:
     """What the engine can stack, said of the config alone: a setting it cannot apply exactly sends the trial to the
     reference loop (engine: auto) or is refused (engine: vectorized), never ignored. A user's model (`class_path`)
-    is stacked by torch.func (func.py); whether vmap can run it exactly is found by func.stack_problem. Judged once
-    per config and sweep (the probes, `auto`'s choice and each member ask again; a schedule is stepped to judge it);
-    engines.VectorizedEngine.forget starts afresh."""
-    key = (config.model_dump_json(), config.code_dir)
-    if key not in SUPPORTED:
-        try:
-            _check_supported(config)
-            SUPPORTED[key] = None
-        except ConfigError as exc:
-            SUPPORTED[key] = str(exc)
-    if SUPPORTED[key] is not None:
-        raise ConfigError(SUPPORTED[key])
+    is stacked by torch.func (func.py); whether vmap can run it exactly is found by func.stack_problem. A sweep
+    judges each config once (engines.Routes, carried on its plan); a schedule is stepped to judge it."""
+    _check_supported(config)
 
 
 def _check_supported(config: ExperimentConfig) -> None:
@@ -207,8 +195,7 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
     state gives the same initial weights; and generators in the same state consume alike. So each distinct data
     set, initial weight set and pair of generators is made once, and `train_group` draws each distinct shuffle
     order once per epoch. In the default sweep (one seed) that is two data sets and five weight sets for any
-    number of members."""
-    check_supported(config)
+    number of members. The config is one the engine supports (engines.Routes judged it)."""
     shared = {} if shared is None else shared
     data_key = (config.seed, config.task, config.data.model_dump_json())
     if data_key not in shared:
