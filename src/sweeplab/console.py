@@ -164,11 +164,25 @@ def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> 
                     f"{trial.number:>5}  {cells}  {trial.value:>{len(column)}.4f} {value_text(trial.best_epoch):>10}  "
                     f"{trial.run_id or ''}"
                 )
+        confirmation = getattr(part, "confirmation", None)
+        if confirmation is not None and confirmation.ranking:
+            column = part.sweep.base_config.objective.column
+            print(f"confirmed over seeds (the search's seed and {sweep.spec.confirm.seeds} more), best mean first:")
+            print(f"{'trial':>5}  {'mean':>10} {'std':>9} {'min':>10} {'max':>10} {'seeds':>5}  run")
+            for trial, seeded in confirmation.ranking:
+                print(
+                    f"{trial.number:>5}  {seeded.mean:>10.4f} {seeded.std:>9.4f} {min(seeded.values):>10.4f} "
+                    f"{max(seeded.values):>10.4f} {seeded.n:>5}  {trial.run_id or ''}"
+                )
+            if confirmation.verdict is not None:
+                print(confirmation.verdict.sentence)
         if part.champion:
             champion = part.champion
             champions.append(champion)
             state = "registered" if champion.new else "unchanged"
-            print(f"champion: {champion.uri} (version {champion.version}, trial #{champion.trial}, {state})")
+            mean = champion.tags.get("sweeplab.objective_mean")
+            by = f", best mean over {champion.tags.get('sweeplab.seeds')} seeds" if mean is not None else ""
+            print(f"champion: {champion.uri} (version {champion.version}, trial #{champion.trial}{by}, {state})")
         print()
     commands = sweep_commands(outcome, sweep, tracking_uri)
     print(f"browse:   {commands['browse']}")

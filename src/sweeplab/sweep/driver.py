@@ -13,6 +13,7 @@ train/engines.py (the two engines), track/recorder.py and writers.py (MLflow), s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import threading
@@ -29,13 +30,21 @@ from sweeplab.process import use_threads
 from sweeplab.stop import stop_flag
 from sweeplab.stores import OutageError, check_separate_stores, env_number, redact, with_retries, worker_id
 from sweeplab.sweep.batching import batch_size, learns
+from sweeplab.sweep.confirm import Confirmation, confirm_sweep, confirmed, enqueue_repeats
 from sweeplab.sweep.helpers import Helpers
 from sweeplab.sweep.ledger import RUN_ID_ATTR, WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from sweeplab.sweep.probes import Plan
 from sweeplab.sweep.search import CODE_KEY, budget, check_compatible, label_study, open_storage, open_study
 from sweeplab.sweep.spec import Sweep, result_settings
 from sweeplab.sweep.writers import InlineWriter, WriterPool, WriterSetup
-from sweeplab.track.champion import ALIAS, Champion, register_champion
+from sweeplab.track.champion import (
+    ALIAS,
+    TAG_OBJECTIVE_MEAN,
+    TAG_OBJECTIVE_STD,
+    TAG_SEEDS,
+    Champion,
+    register_champion,
+)
 from sweeplab.track.recorder import Recorder, finite
 from sweeplab.track.tracker import TAG_ROLE, TAG_STUDY, Tracker, condition_label
 from sweeplab.train.engines import Engine, Job, Routes, engine_named
@@ -69,6 +78,7 @@ class Part:
     parent_run_id: str | None = None
     pool_writers: bool = True  # False when every core already runs a condition (conditions side by side)
     routes: Routes = field(default_factory=Routes)  # the plan's: where each configuration trains, decided once
+    confirm: optuna.Study | None = None  # the study of its confirmation's repeats (`confirm:`), opened and checked
 
     @property
     def n_trials(self) -> int:
@@ -250,7 +260,7 @@ def prepare(
     storage = open_storage(storage_url)
     tracker = remote or Tracker(tracking_uri)
     epochs = sweep.base_config.train.epochs
-    studies = []
+    studies, confirms = [], {}
     for part in sweep.parts():
         objective = part.base_config.objective
         study = open_study(part.spec, storage, worker_index, epochs, objective.direction)
@@ -258,8 +268,16 @@ def prepare(
         check_compatible(study, part.spec, part.source, settings)
         check_same_tracking_store(study, tracker, part.source, storage_url, tracking_uri)
         studies.append((part, study, settings, objective))
+        if part.spec.confirm is not None:  # its repeats' study, checked as the search's is
+            again = confirm_sweep(part)
+            repeats = open_study(again.spec, storage, worker_index, epochs, objective.direction)
+            repeat_settings = {**result_settings(again), **code_settings(again.base_config)}
+            check_compatible(repeats, again.spec, part.source, repeat_settings)
+            confirms[part.spec.optuna_study] = (repeats, repeat_settings)
     for _, study, settings, objective in studies:  # once every part is known to fit
         with_retries(label_study, study, settings, objective.column)
+    for repeats, repeat_settings in confirms.values():
+        with_retries(label_study, repeats, repeat_settings, objective.column)
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
     return [
@@ -272,6 +290,7 @@ def prepare(
             tracking_uri,
             storage_url,
             routes=routes if routes is not None else Routes(),
+            confirm=confirms.get(part.spec.optuna_study, (None,))[0],
         )
         for part, study, _, _ in studies
     ]
@@ -363,6 +382,7 @@ class PartOutcome:
     study: optuna.Study
     ran: int
     champion: Champion | None = None
+    confirmation: Confirmation | None = None  # its top trials over more seeds (`confirm:`), best mean first
 
 
 @dataclass
@@ -450,7 +470,9 @@ def run_sweep(
         stop_flag.check()  # a stop that arrived while the last trial was being recorded
         champions: dict[int, Champion | None] = {}
         report_started = None
-        if side > 1 and register:  # our champions now, while the helpers finish; the report starts when they do
+        confirming = sweep.spec.confirm is not None
+        if side > 1 and register and not confirming:  # our champions now, while the helpers finish; the report
+            # starts when they do
             report_started = _when_done(helpers.futures, trials_done)
             for index in shares[0]:
                 champions[index] = crown(tracker, parts[index], experiment_id)
@@ -459,11 +481,16 @@ def run_sweep(
             raise SweepError(f"{len(failed)} of {helpers.n} helper workers failed; the first: {failed[0]}")
         if side > 1:
             tick_theirs()
+        confirmations: dict[int, Confirmation] = {}
+        for index, part in enumerate(parts):  # every condition's search is over: its top trials over more seeds
+            if part.confirm is not None:
+                part.parent_run_id = parent
+                confirmations[index] = confirm(part, progress)
         if (report_started is None or not report_started.result()) and trials_done is not None:
             trials_done()
         for index, part in enumerate(parts):
             if index not in champions:
-                champions[index] = crown(tracker, part, experiment_id) if register else None
+                champions[index] = crown(tracker, part, experiment_id, confirmations.get(index)) if register else None
         ours = {worker_id(), *helpers.workers()}  # a second sweep on the same study at once runs trials too
         outcome = SweepOutcome(
             [
@@ -475,6 +502,7 @@ def run_sweep(
                         for t in finished_trials(part.study)
                     ),
                     champions[index],
+                    confirmations.get(index),
                 )
                 for index, (part, ran_before) in enumerate(zip(parts, before))
             ],
@@ -524,19 +552,52 @@ def _when_done(futures: list, then: Callable[[], None] | None):
     return started
 
 
-def crown(tracker: Tracker, part: Part, experiment_id: str) -> Champion | None:
-    """The condition's best trial's model, registered under its alias (None when no trial completed)."""
+def confirm(part: Part, progress: Callable | None = None) -> Confirmation:
+    """The condition's confirmation (sweep/confirm.py): its top trials' repeats queued (those a resume already
+    has are not), trained by the sweep's engine as trials of the repeats' study, then ranked by their mean."""
+    wanted = part.sweep.spec.confirm
+    again = confirm_sweep(part.sweep)
+    first_seed = part.sweep.base_config.seed
+    n = enqueue_repeats(part.study, part.confirm, wanted.top, wanted.seeds, first_seed)
+    ledger = Ledger(part.confirm, part.ledger.storage, n, again.spec.space, runs=part.tracker)
+    repeats = dataclasses.replace(part, sweep=again, study=part.confirm, ledger=ledger, confirm=None)
+    label = " ".join(filter(None, [condition_label(part.sweep.spec.condition), "confirm"]))
+
+    def tick(*_) -> None:
+        if progress:
+            progress(repeats.study, n, label)
+
+    tick()
+    work(repeats, on_trial_end=tick)
+    return confirmed(part.study, part.confirm, wanted.top, part.sweep.base_config.objective.column)
+
+
+def crown(
+    tracker: Tracker, part: Part, experiment_id: str, confirmation: Confirmation | None = None
+) -> Champion | None:
+    """The condition's best trial's model, registered under its alias (None when no trial completed); with a
+    confirmation, the configuration with the best mean over seeds (its search run's weights), its version tagged
+    with the mean, the std and the number of seeds."""
     top = best_trials(part.study, 1)
     if not top:
         return None
+    best, tags = top[0], {}
+    if confirmation is not None and confirmation.leader is not None:
+        best, seeded = confirmation.ranking[0]
+        tags = {
+            TAG_OBJECTIVE_MEAN: repr(seeded.mean),
+            TAG_OBJECTIVE_STD: repr(seeded.std),
+            TAG_SEEDS: str(seeded.n),
+        }
     return register_champion(
         tracker,
-        top[0],
+        best,
         part.sweep.spec.study,
         experiment_id,
         champion_alias(part.sweep),
         part.sweep.spec.condition,
         part.sweep.base_config.objective.column,
+        tags,
     )
 
 

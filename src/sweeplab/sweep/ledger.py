@@ -44,6 +44,8 @@ BEST_EPOCH_ATTR = "best_epoch"
 OUTCOME_ATTR = "outcome"  # pruned | diverged, for a trial Optuna holds as PRUNED
 REASON_ATTR = "reason"  # why it was stopped early
 FAIL_REASON_ATTR = "fail_reason"  # why it failed
+CONFIRMS_ATTR = "confirms"  # a confirmation's repeat (sweep/confirm.py): the run id of the search trial it repeats
+CONFIRMS_TRIAL_ATTR = "confirms_trial"  # ... and that trial's number in the search study
 ORPHAN_AFTER_S = env_number("SWEEPLAB_ORPHAN_AFTER", 60.0)
 
 
@@ -55,6 +57,7 @@ class Lease:
     number: int
     trial_id: int
     params: dict[str, Any] = field(default_factory=dict)  # {override key: value}, as the sweep file names them
+    confirms: str | None = None  # a confirmation's repeat: the run id of the search trial it repeats (CONFIRMS_ATTR)
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ class Ledger:
             return None
         params = with_retries(suggest, trial, self.space)  # a retry keeps the values already stored
         self._trials[trial.number] = trial
-        return Lease(trial.number, trial._trial_id, params)
+        return Lease(trial.number, trial._trial_id, params, trial.user_attrs.get(CONFIRMS_ATTR))
 
     def _is_surplus(self, number: int) -> bool:
         """True when `n_trials` trials numbered before this one already hold the budget. Trial numbers come from
@@ -340,7 +343,7 @@ class Ledger:
                 if not self._fail_trial(trial._trial_id, f"worker {worker} died during the trial"):
                     continue  # another worker got there first
                 with_retries(
-                    self.study.enqueue_trial, trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False
+                    self.study.enqueue_trial, trial.params, user_attrs=retry_attrs(trial), skip_if_exists=False
                 )
                 trials.append(with_retries(self.storage.get_trial, trial._trial_id))
         for trial in (t for t in trials if t.state == TrialState.FAIL):
@@ -433,6 +436,13 @@ class TrialSummary:
     run_id: str | None
     best_epoch: int | None
     params: dict[str, Any]  # Optuna's names (`lr_Adam`); search.values_of turns them into the sweep file's
+
+
+def retry_attrs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The user attributes a lost trial's retry is queued with: which trial it retries, and what it repeats (a
+    confirmation's repeat stays one)."""
+    kept = {k: v for k, v in trial.user_attrs.items() if k in (CONFIRMS_ATTR, CONFIRMS_TRIAL_ATTR)}
+    return {"retry_of": trial.number, **kept}
 
 
 def best_trials(study: optuna.Study, top: int = 5) -> list[TrialSummary]:

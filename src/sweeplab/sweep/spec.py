@@ -103,6 +103,13 @@ class PrunerSpec(_Frozen):
     report_every: int | None = Field(None, gt=0, description="epochs between pruning checks (default: epochs // 20)")
 
 
+class ConfirmSpec(_Frozen):
+    """After the search, each condition's `top` configurations trained again with `seeds` more seeds."""
+
+    top: int = Field(3, ge=1, description="the best configurations of each condition trained again")
+    seeds: int = Field(4, ge=1, description="more seeds for each: seed+1 ... seed+seeds (the data split keeps its own)")
+
+
 class SweepSpec(_Frozen):
     """A search: a base experiment, fixed overrides, a search space, a sampler, a pruner and a budget."""
 
@@ -139,14 +146,26 @@ class SweepSpec(_Frozen):
     condition: dict[str, Any] = Field(
         default_factory=dict, description="set by sweeplab: the one condition a part of the sweep runs"
     )
+    confirm: ConfirmSpec | None = Field(
+        None,
+        description=(
+            "after the search, the `top` configurations of each condition trained again with `seeds` more seeds "
+            "(stacked); the champion is the best mean over seeds, and the report says whether it beats seed noise"
+        ),
+    )
+    phase: Literal["search", "confirm"] = Field(
+        "search", description="set by sweeplab: the search, or the confirmation's repeats (their own Optuna study)"
+    )
     objective: ObjectiveConfig | None = Field(
         None, description="what trials are judged by, where W&B and Optuna users give it: wins over the experiment's"
     )
 
     @property
     def optuna_study(self) -> str:
-        """The Optuna study of this part: `study` itself, or `study[noise=0.3]` for one condition."""
-        return self.study + "".join(f"[{key}={value}]" for key, value in self.condition.items())
+        """The Optuna study of this part: `study` itself, or `study[noise=0.3]` for one condition; its confirmation's
+        repeats are `study:confirm` (a name no sweep file can give: `:` is not allowed in `study`)."""
+        name = self.study + "".join(f"[{key}={value}]" for key, value in self.condition.items())
+        return name + (":confirm" if self.phase == "confirm" else "")
 
     @model_validator(mode="after")
     def _conditions_exist(self) -> "SweepSpec":
@@ -177,6 +196,10 @@ class SweepSpec(_Frozen):
             )
         if self.repeats > 1 and "seed" in self.space:
             raise ValueError("repeats: seed is already in the space")
+        if self.confirm is not None and self.phase == "search" and ("seed" in self.space or self.repeats > 1):
+            raise ValueError(
+                "confirm: repeats the top configurations over seeds itself; take seed out of the space (and repeats)"
+            )
         if self.sampler.type == "grid":
             for name, param in self.space.items():
                 cases = param.cases.values() if param.cases else [param]
@@ -192,7 +215,7 @@ class SweepSpec(_Frozen):
 
 
 # sweep-level override keys; any other key=value given to `sweeplab sweep` changes the base experiment
-SWEEP_KEYS = {"study", "n_trials", "workers", "repeats", "engine", "batch_trials", "sampler", "pruner"}
+SWEEP_KEYS = {"study", "n_trials", "workers", "repeats", "engine", "batch_trials", "sampler", "pruner", "confirm"}
 
 
 def split_sweep_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

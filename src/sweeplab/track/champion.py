@@ -40,6 +40,10 @@ from sweeplab.train.batch import by_name
 from sweeplab.train.model import load_checkpoint, state_to_cpu
 
 ALIAS = "champion"
+# on a version chosen by its mean over seeds (`confirm:`): the mean and sample std of its objective, and how many runs
+TAG_OBJECTIVE_MEAN = "sweeplab.objective_mean"
+TAG_OBJECTIVE_STD = "sweeplab.objective_std"
+TAG_SEEDS = "sweeplab.seeds"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Champion:
     version: str
     new: bool  # registered now (False: it already was this alias's model)
     condition: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)  # its mean over seeds (TAG_OBJECTIVE_MEAN...), when confirmed
 
     @property
     def uri(self) -> str:
@@ -69,10 +74,13 @@ def register_champion(
     alias: str = ALIAS,
     condition: dict | None = None,
     column: str = "best_val_loss",
+    tags: dict[str, str] | None = None,
 ) -> Champion:
     """Log and register the best completed trial's model (`best`, a ledger.TrialSummary, whose value is the
     objective's `column`) under `alias` (one per condition of a sweep that has them), unless it already is that
-    alias's model."""
+    alias's model; `tags` go on its version (set again when it already was: a resume's confirmation has more
+    seeds)."""
+    tags = dict(tags or {})
     run_id = best.run_id
     found = dict(
         name=name,
@@ -82,12 +90,15 @@ def register_champion(
         column=column,
         value=best.value,
         condition=dict(condition or {}),
+        tags=tags,
     )
     # two sweeps of one study ending at once register it once (through a tracking server there is nothing to lock:
     # they may then register one run twice)
     with store_lock(tracker.tracking_uri, f"champion {name}"):
         current = _current_champion(tracker, name, alias)
         if current is not None and current.tags.get(TAG_CHAMPION_RUN) == run_id:
+            for key, value in tags.items():
+                tracker.client.set_model_version_tag(name, current.version, key, value)
             return Champion(**found, version=current.version, new=False)
         where = "".join(f", {key}={value}" for key, value in (condition or {}).items())
         version = register_run_model(
@@ -101,6 +112,7 @@ def register_champion(
                 "sweeplab.trial_number": str(best.number),
                 column: repr(best.value),
                 **{f"sweeplab.condition.{k}": str(v) for k, v in (condition or {}).items()},
+                **tags,
             },
         )
         tracker.client.set_registered_model_alias(name, alias, version.version)

@@ -30,6 +30,7 @@ from sweeplab.stores import display_uri, retry_lost_races
 from sweeplab.track.tracker import (
     CHECKPOINT_PATH,
     TAG_CONDITION,
+    TAG_CONFIRMS,
     TAG_ENGINE,
     TAG_MODEL_CLASS,
     TAG_NOTE,
@@ -374,9 +375,13 @@ class Recorder:
         )
         self.study, self.keys, self.condition, self.engine = study, keys, condition or {}, engine
 
-    def tags(self, number: int) -> dict[str, str]:
-        """What a trial run is: role, study, trial number, the engine and, in a sweep with conditions, which."""
-        tags = {TAG_ROLE: "trial", TAG_STUDY: self.study, TAG_TRIAL: str(number), TAG_ENGINE: self.engine}
+    def tags(self, lease) -> dict[str, str]:
+        """What a trial run is: role, study, trial number, the engine and, in a sweep with conditions, which. A
+        confirmation's repeat (the lease `confirms` a search trial's run) is role `confirm`, tagged with that run."""
+        role = "trial" if getattr(lease, "confirms", None) is None else "confirm"
+        tags = {TAG_ROLE: role, TAG_STUDY: self.study, TAG_TRIAL: str(lease.number), TAG_ENGINE: self.engine}
+        if role == "confirm":
+            tags[TAG_CONFIRMS] = lease.confirms
         if self.condition:
             tags[TAG_CONDITION] = condition_label(self.condition)
         return tags
@@ -389,7 +394,7 @@ class Recorder:
             self.experiment_id,
             name,
             config,
-            self.tags(lease.number),
+            self.tags(lease),
             self.parent_run_id,
             live=live,
             start_ms=start_ms,
@@ -404,7 +409,7 @@ class Recorder:
             result,
             outcome,
             history.stop_reason,
-            tags={TAG_STATE: outcome.trial_state, TAG_NOTE: self.note(lease.number, result.config, history)},
+            tags={TAG_STATE: outcome.trial_state, TAG_NOTE: self.note(lease, result.config, history)},
         )
         metric = history.objective[0]
         curve = history.val_loss if metric == "val_loss" else history.metrics.get(metric, [])
@@ -442,7 +447,7 @@ class Recorder:
                 pass  # recovery ends it once it sees the FAIL
         self.ledger.fail(lease, reason, interrupted, run_ended=ended)
 
-    def note(self, number: int, config: ExperimentConfig, history) -> str:
+    def note(self, lease, config: ExperimentConfig, history) -> str:
         """The trial run's description in the MLflow UI: its setting and how it ended."""
         setting = ", ".join(f"{key} {value_text(value_at(config, key))}" for key in self.keys)
         where = f" ({condition_label(self.condition)})" if self.condition else ""
@@ -457,7 +462,9 @@ class Recorder:
             result = f"completed: {best} at epoch {history.best_epoch} of {history.epochs_run}"
         else:
             result = f"{outcome}: {history.stop_reason}"
-        return f"Trial #{number}{where}: {setting}. {result}."
+        if getattr(lease, "confirms", None) is not None:
+            return f"Seed {config.seed} repeat of run {lease.confirms}{where}: {setting}. {result}."
+        return f"Trial #{lease.number}{where}: {setting}. {result}."
 
 
 class RunTracker:

@@ -48,6 +48,7 @@ TAG_STATE = "sweeplab.trial_state"
 TAG_OUTCOME = "sweeplab.outcome"  # completed | pruned | diverged | failed | killed
 TAG_REASON = "sweeplab.reason"
 TAG_CONDITION = "sweeplab.condition"  # noise=0.3: the condition a trial ran under, in a sweep that has them
+TAG_CONFIRMS = "sweeplab.confirms"  # on a confirmation's repeat (role confirm): the run id of the trial it repeats
 TAG_ENGINE = "sweeplab.engine"  # reference | vectorized: which engine trained the trial
 TAG_WORKER = "sweeplab.worker"  # host:pid of the process that owns the run
 TAG_VERSION = "sweeplab.version"
