@@ -15,7 +15,14 @@ from pathlib import Path
 from sweeplab.report.load import ReportError, SweepData, load_runs
 from sweeplab.report.pictures import draw, warm_up
 from sweeplab.report.render import answer_text, html_page, summary_markdown, terminal_tables
-from sweeplab.report.tables import Report, all_factor_tables, answers_of, factor_table, param_importances
+from sweeplab.report.tables import (
+    Report,
+    all_factor_tables,
+    answers_of,
+    confirmed_of,
+    factor_table,
+    param_importances,
+)
 from sweeplab.track.tracker import Tracker
 
 __all__ = [
@@ -43,6 +50,7 @@ def build_report(
     data = load_runs(study, tracking_uri)
     tables = all_factor_tables(data.trials, data.factors, data.conditions, data.continuous, data.goal)
     answers = answers_of(data)
+    confirmed = confirmed_of(data)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -51,9 +59,12 @@ def build_report(
     files.append(write_whole(out / "curves.csv", data.curves.to_csv(index=False)))
     for name, table in tables.items():
         files.append(write_whole(out / f"by_{name.replace(' x ', '_x_')}.csv", table.to_csv(index=False)))
-    report = Report(data, tables, files, answers)
+    for found in confirmed:
+        where = "_".join(f"{k}-{v}" for k, v in found.condition.items())
+        files.append(write_whole(out / f"confirmed{'_' + where if where else ''}.csv", found.table.to_csv(index=False)))
+    report = Report(data, tables, files, answers, confirmed)
     write_whole(out / "answer.json", json.dumps(report.to_json(), indent=2, default=str))
-    pictures = draw(data, answers)
+    pictures = draw(data, answers, confirmed)
     for name, png in pictures.items():
         files.append(write_whole(out / f"{name}.png", png))
     write_whole(out / "summary.md", summary_markdown(report, list(pictures)))

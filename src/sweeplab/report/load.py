@@ -13,7 +13,7 @@ import pandas as pd
 
 from sweeplab.config import ALIASES
 from sweeplab.report.answer import DEFAULT_GOAL, Goal
-from sweeplab.track.tracker import TAG_OBJECTIVE, TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker
+from sweeplab.track.tracker import TAG_CONFIRMS, TAG_OBJECTIVE, TAG_OUTCOME, TAG_ROLE, TAG_TRIAL, Tracker
 
 FACTORS = ["optimizer", "hidden", "noise"]  # the scientific parameters; lr is tuned per optimizer (a nuisance)
 PARAM_COLUMNS = {
@@ -53,6 +53,9 @@ class SweepData:
     continuous: set[str] = field(default_factory=set)  # factors searched over a range (lr): plotted, not tabled
     experiment_id: str = ""
     goal: Goal = DEFAULT_GOAL  # the objective: which summary column ranks trials, and which way
+    # a confirmation's repeats (`confirm:`): one row per repeat run: confirms (the trial run it repeats), run_id,
+    # seed, state and the objective's column
+    repeats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["confirms", "run_id", "seed"]))
 
 
 # --- reading MLflow -----------------------------------------------------------------------------------------------
@@ -88,6 +91,7 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
         factors = [f for f in FACTORS + ["lr"] if f in trials.columns and trials[f].nunique() > 1]
     curves = curves.merge(trials[["run_id", "trial"]], on="run_id")[["trial", "run_id", "epoch", "split", "loss"]]
     parent_id = next((r.info.run_id for r in reversed(parents) if r.data.tags.get(TAG_ROLE) == "sweep"), None)
+    repeats = _repeat_frame([r for r in runs if r.data.tags.get(TAG_ROLE) == "confirm"], goal)
     return SweepData(
         study,
         trials,
@@ -98,6 +102,7 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
         experiment_id=experiment.experiment_id,
         continuous=continuous,
         goal=goal,
+        repeats=repeats,
     )
 
 
@@ -213,6 +218,28 @@ def _trial_frame(
     if (frame["trial"] < 0).all():
         frame["trial"] = range(len(frame))
     return frame.sort_values("trial", ignore_index=True)
+
+
+def _repeat_frame(runs, goal: Goal) -> pd.DataFrame:
+    """One row per repeat run of a confirmation: the trial run it repeats, its own run, its seed, how it ended and
+    its objective (the logged summary metric, NaN unless it completed)."""
+    records = []
+    for run in runs:
+        tags, metrics = run.data.tags, run.data.metrics
+        state = tags.get(TAG_OUTCOME, run.info.status.lower())
+        value = metrics.get(goal.column, math.nan) if state == "completed" else math.nan
+        seed = _number(run.data.params.get("seed", "nan"))
+        records.append(
+            {
+                "confirms": tags.get(TAG_CONFIRMS),
+                "run_id": run.info.run_id,
+                "seed": seed,
+                "state": state,
+                goal.column: value,
+            }
+        )
+    frame = pd.DataFrame.from_records(records, columns=["confirms", "run_id", "seed", "state", goal.column])
+    return frame.sort_values(["confirms", "seed"], ignore_index=True)
 
 
 def _number(text: str):

@@ -18,7 +18,7 @@ from sweeplab.report.tables import is_continuous, level_factors, levels_of
 from sweeplab.track.tracker import condition_label
 
 
-def draw(data: SweepData, answers: list) -> dict[str, bytes]:
+def draw(data: SweepData, answers: list, confirmed: list = ()) -> dict[str, bytes]:
     """Drawn with matplotlib's Figure API (no global backend or pyplot state): loss against each continuous
     factor, the median validation curve with its quartile band per level of each factor, parallel coordinates
     over the searched factors, and the optimization history. One row of panels per condition."""
@@ -29,6 +29,7 @@ def draw(data: SweepData, answers: list) -> dict[str, bytes]:
         f"{data.goal.metric}_curves": None if data.goal.is_loss else _median_curves(data, groups, data.goal.metric),
         "parallel_coordinates": _parallel(data, groups),
         "optuna_history_importance": _history(data, groups, answers),
+        "confirmed_over_seeds": _seeds(data, confirmed) if confirmed else None,
     }
     return {name: png for name, png in pictures.items() if png is not None}
 
@@ -232,6 +233,32 @@ def _history(data: SweepData, groups, answers: list) -> bytes:
             right.barh(names, [value for _, value in answer.important][::-1])
         right.set_xlabel(f"share of {goal.column} variance explained (fANOVA)")
         right.set_title(_title(condition, "parameter importance"))
+    return _png(fig)
+
+
+def _seeds(data: SweepData, confirmed: list) -> bytes:
+    """Per condition: each repeated configuration (best mean first, left) with every seed's value as a dot, its
+    mean as a bar and ± one std as a line: whether the leader's lead is larger than the seeds' spread."""
+    fig, axes = _figure(1, len(confirmed), width=max(5.0, 1.2 * max(len(c.values) for c in confirmed) + 2))
+    for ax, found in zip(axes[0], confirmed):
+        for x, row in enumerate(found.table.itertuples(index=False)):
+            values = found.values[row.trial]
+            ax.scatter([x] * len(values), values, s=18, color="C0", alpha=0.7, label="one seed" if x == 0 else None)
+            ax.errorbar(
+                x,
+                row.mean,
+                yerr=row.std,
+                fmt="_",
+                markersize=22,
+                color="C1",
+                capsize=6,
+                label="mean ± std" if x == 0 else None,
+            )
+        ax.set_xticks(range(len(found.table)), [f"#{int(t)}" for t in found.table["trial"]])
+        ax.set_xlabel("configuration (search trial), best mean first")
+        ax.set_ylabel(_value_label(data, scale=False).replace("best ", "", 1) + " at the best epoch")
+        ax.set_title(_title(found.condition, "confirmed over seeds"))
+        ax.legend()
     return _png(fig)
 
 

@@ -15,7 +15,7 @@ from sweeplab.report.answer import DEFAULT_GOAL, Goal
 from sweeplab.report.load import LEARNED_BELOW, SweepData
 from sweeplab.report.pictures import loss_name
 from sweeplab.report.tables import Report
-from sweeplab.track.tracker import run_link
+from sweeplab.track.tracker import condition_label, run_link
 
 
 def shown_columns(goal: Goal = DEFAULT_GOAL) -> list[str]:
@@ -59,7 +59,9 @@ def _short(column: str, goal: Goal = DEFAULT_GOAL) -> str:
 def answer_text(report: Report) -> list[str]:
     """The answer, first: one paragraph per condition."""
     factors = report.data.factors
-    return [answer.sentence(factors, report.data.goal) for answer in report.answers]
+    searched = [answer.sentence(factors, report.data.goal) for answer in report.answers]
+    confirmed = [found.sentence(factors, report.data.goal.column) for found in report.confirmed]
+    return confirmed + searched  # the ranking over seeds first: it is the champion's
 
 
 def terminal_tables(report: Report) -> str:
@@ -146,6 +148,7 @@ def summary_markdown(report: Report, pictures: list[str] = ()) -> str:
         f"{len(data.trials)} trials: "
         + ", ".join(f"{n} {s}" for s, n in sorted(data.trials["state"].value_counts().items())),
         "",
+        *_confirmed_markdown(report),
         "## Best trials",
         "",
         _markdown_table(_top(data)),
@@ -158,6 +161,16 @@ def summary_markdown(report: Report, pictures: list[str] = ()) -> str:
             parts += ["", f"![{name.replace('_', ' ')}]({name}.png)"]
     parts += [""] + [f"Note: {note}" for note in data.notes]
     return "\n".join(parts) + "\n"
+
+
+def _confirmed_markdown(report: Report) -> list[str]:
+    parts = []
+    for found in report.confirmed:
+        where = f" ({condition_label(found.condition)})" if found.condition else ""
+        parts += [f"## Confirmed over seeds{where}", "", _markdown_table(found.table), ""]
+        if found.verdict:
+            parts += [found.verdict.sentence, ""]
+    return parts
 
 
 def html_page(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
@@ -185,6 +198,14 @@ def html_page(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
         tables=[
             (name, _shown(table, data.goal).to_html(index=False, float_format=number))
             for name, table in report.tables.items()
+        ],
+        confirmed=[
+            (
+                condition_label(found.condition),
+                found.table.to_html(index=False, float_format=number),
+                found.verdict.sentence if found.verdict else "",
+            )
+            for found in report.confirmed
         ],
         notes=data.notes,
         objective=data.goal.column,

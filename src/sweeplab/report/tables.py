@@ -1,6 +1,7 @@
 """What the runs say: per-factor convergence tables within each condition (`factor_table`), Optuna's fANOVA
 importances (`param_importances`), the answer per condition (answer.py's `answer_for`), and `Report`, which holds
-them. Read from load.py's SweepData; drawn by pictures.py, written by render.py."""
+them, and a confirmation's ranking over seeds (`confirmed_of`, by track/seeds' rule). Read from load.py's
+SweepData; drawn by pictures.py, written by render.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pandas as pd
 
 from sweeplab.report.answer import DEFAULT_GOAL, Goal, answer_for, conditions_of
 from sweeplab.report.load import FACTORS, SweepData
+from sweeplab.track.seeds import Verdict, rank, verdict
+from sweeplab.track.tracker import condition_label, value_text
 
 
 def factor_table(trials: pd.DataFrame, factors: list[str], goal: Goal = DEFAULT_GOAL) -> pd.DataFrame:
@@ -141,6 +144,7 @@ class Report:
     tables: dict[str, pd.DataFrame]
     files: list[Path]
     answers: list = field(default_factory=list)  # answer.ConditionAnswer, one per condition
+    confirmed: list = field(default_factory=list)  # Confirmed, one per condition whose top trials were repeated
 
     def to_json(self) -> dict:
         return {
@@ -149,7 +153,77 @@ class Report:
             "factors": self.data.factors,
             "conditions": self.data.conditions,
             "answers": [a.to_json() for a in self.answers],
+            "confirmed": [c.to_json() for c in self.confirmed],
         }
+
+
+@dataclass
+class Confirmed:
+    """A condition's confirmation as its runs say it: the repeated trials best mean first (`table`: trial, the
+    searched values, mean, std, min, max and seeds of the objective, the trial's run), each configuration's values
+    (`values`: trial -> [search run's, repeats' by seed]) and the verdict on the leader's lead (track/seeds)."""
+
+    condition: dict
+    table: pd.DataFrame
+    values: dict
+    verdict: Verdict | None
+
+    def to_json(self) -> dict:
+        return {
+            "condition": self.condition,
+            "ranking": self.table.to_dict(orient="records"),
+            "verdict": self.verdict.sentence if self.verdict else None,
+            "beyond_noise": self.verdict.beyond_noise if self.verdict else None,
+            "p_value": self.verdict.p if self.verdict else None,
+        }
+
+    def sentence(self, factors: list[str], column: str) -> str:
+        """What the summary says: the best configuration over seeds, and whether its lead is beyond seed noise."""
+        where = f"{condition_label(self.condition)}: " if self.condition else ""
+        if self.table.empty:
+            return f"{where}no repeated trial completed."
+        best = self.table.iloc[0]
+        setting = ", ".join(f"{f} {value_text(best[f])}" for f in factors if f in best.index)
+        head = (
+            f"{where}over seeds, the best is trial #{int(best['trial'])} ({setting}): mean {column} "
+            f"{best['mean']:.4g} ± {best['std']:.2g} (min {best['min']:.4g}, max {best['max']:.4g}, "
+            f"{int(best['seeds'])} seeds)."
+        )
+        return f"{head} {self.verdict.sentence}" if self.verdict else head
+
+
+def confirmed_of(data: SweepData) -> list[Confirmed]:
+    """Each condition's confirmed ranking, from the runs alone: a repeated trial's values are its own run's
+    objective and its repeats' (`data.repeats`), ranked by track/seeds.rank, as the sweep ranked them to choose
+    its champion."""
+    if data.repeats.empty:
+        return []
+    goal, out = data.goal, []
+    for condition, trials in conditions_of(data.trials, data.conditions):
+        repeated = trials[trials["run_id"].isin(set(data.repeats["confirms"]))]
+        values = {}
+        for row in repeated.itertuples(index=False):
+            own = data.repeats[data.repeats["confirms"] == row.run_id]
+            values[row.trial] = [getattr(row, goal.column)] + list(own[goal.column])
+        ranked = rank(values, maximize=not goal.minimize)
+        by_trial = repeated.set_index("trial")
+        rows = [
+            {
+                "trial": s.key,
+                **{f: by_trial.loc[s.key, f] for f in data.factors if f in by_trial.columns},
+                "mean": s.mean,
+                "std": s.std,
+                "min": min(s.values),
+                "max": max(s.values),
+                "seeds": s.n,
+                "run_id": by_trial.loc[s.key, "run_id"],
+            }
+            for s in ranked
+        ]
+        table = pd.DataFrame.from_records(rows)
+        judged = verdict(ranked[0], ranked[1], goal.column) if len(ranked) > 1 else None
+        out.append(Confirmed(condition, table, {s.key: list(s.values) for s in ranked}, judged))
+    return out
 
 
 def answers_of(data: SweepData) -> list:
