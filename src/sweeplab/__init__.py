@@ -55,13 +55,15 @@ def _quiet_notebook_tqdm() -> None:
 _quiet_notebook_tqdm()
 
 
-def run(experiment, *, tracking_uri=None, track=True, **overrides):
+def run(experiment=None, *, like=None, tracking_uri=None, track=True, **overrides):
     """Train one experiment (a file's path, or a dict of its form whose class_path may be the class itself);
     `overrides` as on the command line (`epochs=20`). Returns a RunResult: .history (a DataFrame per epoch),
-    .best_epoch, .best, .model (best state restored), .run_id. Bad input raises sweeplab.ConfigError."""
+    .best_epoch, .best, .model (best state restored), .run_id. Bad input raises sweeplab.ConfigError.
+    `like=RUN_ID`: a logged run's configuration trained again, its seed and engine included (`sweeplab rerun`);
+    .rerun then says how far its curves are from the original's."""
     from sweeplab.api import run as run_
 
-    return run_(experiment, tracking_uri=tracking_uri, track=track, **overrides)
+    return run_(experiment, like=like, tracking_uri=tracking_uri, track=track, **overrides)
 
 
 def __getattr__(name: str):

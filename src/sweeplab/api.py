@@ -253,6 +253,7 @@ class RunResult:
     run_id: str | None
     status: str = "completed"
     stop_reason: str | None = None
+    rerun: str | None = None  # run(like=...): how far the curves are from the original run's
 
     def __repr__(self) -> str:
         return (
@@ -261,19 +262,66 @@ class RunResult:
         )
 
 
-def run(experiment, *, tracking_uri: str | None = None, track: bool = True, **overrides) -> RunResult:
+def run(
+    experiment=None, *, like: str | None = None, tracking_uri: str | None = None, track: bool = True, **overrides
+) -> RunResult:
     """Train one experiment: a file's path or a dict of its form (objects where the file has import paths),
     `overrides` as on the command line (`epochs=20`). Returns a RunResult. Bad input raises sweeplab.ConfigError;
-    Ctrl-C ends the run KILLED and raises KeyboardInterrupt."""
+    Ctrl-C ends the run KILLED and raises KeyboardInterrupt.
+
+    `like=RUN_ID` instead trains a logged run's configuration again, as `sweeplab rerun RUN_ID` does: its
+    resolved settings and seed, by the engine that trained it, into a run tagged `sweeplab.rerun_of`; the result's
+    `rerun` says how far its curves are from the original's."""
     with borrowed():
         configure(with_optuna=False, library=True)
         try:
+            if like is not None:
+                if experiment is not None or overrides:
+                    raise ConfigError("like: trains the run's own configuration; give no experiment or overrides")
+                result, tracker, line = rerun(like, tracking_uri, track)
+                found = run_result(result, tracker)
+                found.rerun = line
+                return found
             config = load_run_config(experiment, dict(overrides))
             source = str(experiment) if isinstance(experiment, (str, Path)) else "experiment"
             result, tracker = train_run(config, source, tracking_uri, track, [])
         except SettingError as exc:
             raise _config_error(exc) from None
     return run_result(result, tracker)
+
+
+def rerun(run_id: str, tracking_uri: str | None, track: bool = True):
+    """A logged run's configuration trained again (track/rerun.py): (the result, its RunTracker or None, the line
+    comparing its curves with the original's). What `sweeplab rerun` and `sweeplab.run(like=...)` both do."""
+    from sweeplab.track.recorder import RunTracker
+    from sweeplab.track.rerun import TAG_RERUN_OF, compare, read_like, train_like
+
+    uri = resolve_tracking_uri(tracking_uri)
+    like = read_like(run_id, uri)
+    try:
+        tracker = None
+        if track:
+            tags = {TAG_RERUN_OF: run_id, "sweeplab.engine": like.engine}
+            tracker = RunTracker(uri, like.config, f"rerun of {run_id}", like.experiment_id, tags)
+        result = train_like(like)
+        if tracker is not None:
+            tracker.record(result)
+        _, line = compare(like, result.history)
+    finally:
+        like.folder.cleanup()
+    return result, tracker, line
+
+
+def _model_of(result):
+    """The trained model with its best state: the reference loop's own, or rebuilt for a stacked member."""
+    model = getattr(result, "model", None)
+    if model is None:
+        from sweeplab.train.model import build_model
+
+        model = build_model(result.spec, result.config.code_dir)
+        if result.history.best_state is not None:
+            model.load_state_dict(result.history.best_state)
+    return model
 
 
 def run_result(result, tracker) -> RunResult:
@@ -291,7 +339,7 @@ def run_result(result, tracker) -> RunResult:
         history.best_epoch,
         history.best_value if not math.isnan(history.best_value) else history.best_val_loss,
         metric,
-        result.model,
+        _model_of(result),
         tracker.run_id if tracker else None,
         history.status,
         history.stop_reason,

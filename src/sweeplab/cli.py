@@ -87,6 +87,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rerun(args: argparse.Namespace) -> int:
+    """`sweeplab rerun RUN_ID`: the run's configuration trained again (api.rerun), and how its curves compare."""
+    from sweeplab.api import rerun
+
+    configure(with_optuna=False)
+    result, tracker, line = rerun(args.run_id, args.tracking_uri, args.track)
+    history = result.history
+    metric = result.config.objective.metric
+    value = history.best_val_loss if metric == "val_loss" else history.best_value
+    print(f"best_{'val' if metric == 'val_loss' else metric}: {round(value, 4)}")
+    print(f"best_epoch: {history.best_epoch}")
+    print(line)
+    if tracker:
+        print(f"mlflow run: {tracker.run_id} ({tracker.tracking_uri_display})")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     background = None
@@ -498,6 +515,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
     run.set_defaults(func=_run)
+
+    again = sub.add_parser("rerun", help="train a logged run's configuration again (its seed, its engine) and compare")
+    again.add_argument("run_id", help="the MLflow run id of a trial, a repeat or a run")
+    again.add_argument(
+        "--track",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log the rerun to MLflow beside the original, tagged sweeplab.rerun_of (default: on)",
+    )
+    again.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    again.set_defaults(func=_rerun)
 
     def store_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(

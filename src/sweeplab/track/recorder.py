@@ -473,13 +473,33 @@ class RunTracker:
     The run is created when the first epoch has trained, so input the loop rejects up front (labels that do
     not fit the loss, an absent device) leaves nothing half-written in MLflow."""
 
-    def __init__(self, tracking_uri: str, config: ExperimentConfig, source: str):
+    def __init__(
+        self,
+        tracking_uri: str,
+        config: ExperimentConfig,
+        source: str,
+        experiment_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         self.tracker = Tracker(tracking_uri)
         self.tracker.check_reachable()  # a wrong URI fails in one line, before training
         self.tracking_uri = tracking_uri
         self.tracking_uri_display = display_uri(tracking_uri)
         self.config, self.source = config, source
         self.run: TrialRun | None = None
+        # where the run goes (default: the experiment named after the config) and what it is (a rerun's origin)
+        self.experiment_id = experiment_id
+        self.tags = {TAG_ROLE: "run", "sweeplab.experiment_file": str(source), **(tags or {})}
+
+    def record(self, result) -> None:
+        """A run trained elsewhere (the stacked engine): its whole run at once."""
+        self._begin(live=False)
+        self.finish(result)
+
+    def _begin(self, live: bool = True) -> None:
+        tracker = self.tracker
+        experiment_id = self.experiment_id or tracker.experiment_id(self.config.name)
+        self.run = begin_run(tracker, experiment_id, run_name_for(self.config), self.config, self.tags, live=live)
 
     @property
     def run_id(self) -> str | None:
@@ -487,15 +507,7 @@ class RunTracker:
 
     def epoch_callback(self, record: EpochRecord) -> None:
         if self.run is None:
-            tracker = self.tracker
-            experiment_id = tracker.experiment_id(self.config.name)
-            self.run = begin_run(
-                tracker,
-                experiment_id,
-                run_name_for(self.config),
-                self.config,
-                {TAG_ROLE: "run", "sweeplab.experiment_file": str(self.source)},
-            )
+            self._begin()
         return self.run.epoch_callback(record)
 
     def finish(self, result) -> None:

@@ -1,0 +1,152 @@
+"""`sweeplab rerun RUN_ID` and `sweeplab.run(like=RUN_ID)`: a logged run's configuration trained again.
+
+The run's resolved configuration (its checkpoint's config.json: every setting, its seed included) is trained by the
+engine that trained it (its `sweeplab.engine` tag: the reference loop, or the stacked engine, here as a group of
+one), into a new run of the same MLflow experiment tagged `sweeplab.rerun_of=<RUN_ID>`, and its curves are
+compared with the original's epoch by epoch (`compare`). A user's model is rebuilt from the run's own code/
+artifacts, each file checked against the hashes the run's tags recorded before anything is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sweeplab.config import ConfigError, ExperimentConfig
+from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_ENGINE, Tracker
+
+TAG_RERUN_OF = "sweeplab.rerun_of"  # on a rerun: the run whose configuration it trained again
+
+
+@dataclass
+class Like:
+    """A logged run to train again: its configuration, the engine that trained it, where it is, and its curves."""
+
+    run_id: str
+    config: ExperimentConfig
+    engine: str  # reference | vectorized
+    experiment_id: str
+    curves: dict[str, list[float]] = field(default_factory=dict)  # train_loss, val_loss: the original's per epoch
+    best_epoch: int = 0
+    folder: tempfile.TemporaryDirectory | None = None  # holds the logged code while the rerun imports it
+
+
+def read_like(run_id: str, tracking_uri: str) -> Like:
+    """The run's configuration and curves; one line (ConfigError) for a run that is not there or logged none."""
+    tracker = Tracker(tracking_uri)
+    tracker.check_reachable()
+    client = tracker.client
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"rerun: no run {run_id!r} in {tracking_uri}") from None
+    folder = tempfile.TemporaryDirectory(prefix="sweeplab-rerun-")
+    try:
+        path = client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/config.json", folder.name)
+        raw = json.loads(Path(path).read_text())
+    except Exception:
+        folder.cleanup()
+        raise ConfigError(f"rerun: run {run_id} logged no configuration (checkpoint/config.json)") from None
+    config = ExperimentConfig.model_validate(_given(raw))
+    if config.model.class_path or config.data.class_path:
+        config._code_dir = _checked_code(tracker, run_id, config, Path(folder.name))
+    curves = {
+        key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in ("train_loss", "val_loss")
+    }
+    best = run.data.metrics.get("best_epoch")
+    return Like(
+        run_id,
+        config,
+        run.data.tags.get(TAG_ENGINE, "reference"),
+        run.info.experiment_id,
+        curves,
+        int(best) if best is not None else 0,
+        folder,
+    )
+
+
+def _given(raw: dict) -> dict:
+    """A logged config (a whole model_dump) as a file would give it: a user's model's section without the built-in
+    MLP's fields left at their defaults (which the schema refuses beside a class_path)."""
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("class_path"):
+        from sweeplab.config import ModelConfig
+
+        defaults = ModelConfig.model_fields
+        raw = {
+            **raw,
+            "model": {
+                key: value
+                for key, value in model.items()
+                if key not in defaults or key in ("class_path", "init_args") or value != defaults[key].default
+            },
+        }
+    return raw
+
+
+def _checked_code(tracker: Tracker, run_id: str, config: ExperimentConfig, tmp: Path) -> str:
+    """The run's code/ artifacts, every file the model's import would run checked against the run's recorded
+    hashes before anything is imported (track/serve.check_source)."""
+    from sweeplab.track.serve import check_source
+
+    folder = tmp / "logged"
+    folder.mkdir()
+    try:
+        tracker.client.download_artifacts(run_id, "code", str(folder))
+    except Exception:
+        raise ConfigError(f"rerun: run {run_id} logged no source of its code (code/ artifacts)") from None
+    for class_path in filter(None, [config.model.class_path, config.data.class_path]):
+        try:
+            check_source(tracker, run_id, _ClassPath(class_path), str(folder / "code"), logged_copy=True)
+        except Exception as exc:
+            raise ConfigError(f"rerun: {exc}") from None
+    return str(folder / "code")
+
+
+@dataclass
+class _ClassPath:
+    class_path: str
+
+
+def train_like(like: Like):
+    """Train the configuration by the engine that trained the original: (Trained, whether it stacked)."""
+    if like.engine == "vectorized":
+        from sweeplab.train.engines import Job, Routes, VectorizedEngine
+
+        job = Job(None, like.config)
+        # a user's model stacks by torch.func only in a group of two or more: a twin makes it one, so the rerun
+        # runs the stacked arithmetic the original ran (the MLP's stacks alone)
+        twins = [job, Job(None, like.config)] if like.config.model.class_path else [job]
+        VectorizedEngine(Routes()).train(twins, None)
+        if job.error is not None:
+            raise job.error
+        return job.result
+    from sweeplab.train.experiment import run_experiment
+
+    return run_experiment(like.config)
+
+
+def compare(like: Like, history) -> tuple[float, str]:
+    """(the largest relative difference of the rerun's train and validation losses from the original's over
+    every epoch both have, one line saying so and whether the best epochs agree)."""
+    worst, n = 0.0, 0
+    for key, mine in (("train_loss", history.train_loss), ("val_loss", history.val_loss)):
+        theirs = like.curves.get(key, [])
+        for a, b in zip(mine, theirs):
+            n = max(n, len(theirs))
+            if math.isfinite(a) and math.isfinite(b):
+                worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
+            elif not (math.isnan(a) and math.isnan(b)) and a != b:
+                worst = math.inf
+    same_length = len(history.val_loss) == len(like.curves.get("val_loss", []))
+    best = "the same best epoch" if history.best_epoch == like.best_epoch else "another best epoch"
+    line = (
+        f"rerun of {like.run_id} ({like.engine}): curves within {worst:.2g} (relative) of the original's over "
+        f"{len(history.val_loss)} epochs{'' if same_length else ' (the original ran ' + str(n) + ')'}; {best} "
+        f"({history.best_epoch}; the original's {like.best_epoch})"
+    )
+    return worst, line
