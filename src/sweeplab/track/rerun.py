@@ -51,7 +51,10 @@ def read_like(run_id: str, tracking_uri: str) -> Like:
         folder.cleanup()
         raise ConfigError(f"rerun: run {run_id} logged no configuration (checkpoint/config.json)") from None
     config = ExperimentConfig.model_validate(_given(raw))
-    if config.model.class_path or config.data.class_path:
+    paths = [p for p in (config.model.class_path, config.data.class_path) if p]
+    if any(p.startswith("__main__.") for p in paths):  # a notebook's own objects, in this very process
+        _check_main(run, config, paths)
+    elif paths:
         config._code_dir = _checked_code(tracker, run_id, config, Path(folder.name))
     curves = {
         key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
@@ -86,6 +89,28 @@ def _given(raw: dict) -> dict:
             },
         }
     return raw
+
+
+def _check_main(run, config: ExperimentConfig, paths: list[str]) -> None:
+    """A run of a notebook's class (`__main__.Net`) is rerun from the class this process defines (nothing is
+    imported): it must be there, and the model's source must hash to what the run recorded, when it recorded one."""
+    import hashlib
+
+    from sweeplab.track.tracker import TAG_SOURCE_HASH
+    from sweeplab.train.plugins import REGISTERED, main_source
+
+    for path in paths:
+        if path not in REGISTERED:
+            raise ConfigError(f"rerun: the run trained {path}, which this process does not define (run its cell first)")
+    if config.model.class_path and config.model.class_path.startswith("__main__."):
+        text = main_source(config.model.class_path)
+        recorded = run.data.tags.get(TAG_SOURCE_HASH)
+        # a class whose source Python could not read (a class in a Jupyter cell) recorded no hash: this process's
+        # class is the one it has
+        if recorded is not None and (text is None or hashlib.sha256(text.encode()).hexdigest() != recorded):
+            raise ConfigError(
+                f"rerun: {config.model.class_path} is not the class run {run.info.run_id} trained (its source changed)"
+            )
 
 
 def _checked_code(tracker: Tracker, run_id: str, config: ExperimentConfig, tmp: Path) -> str:
