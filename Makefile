@@ -88,6 +88,7 @@ bench: install
 	$(PY) benchmarks/bench_stacked.py
 	$(PY) benchmarks/bench_cnn_members.py
 	$(PY) benchmarks/bench_lazy.py
+	$(PY) benchmarks/bench_confirm.py
 
 # docs/mlflow-ui.png and docs/report.png: the default sweep as headless Chromium shows it (Debian's chromium)
 screenshots: install
