@@ -84,13 +84,13 @@ ax.set_title(f"{result.study_name}: {len(result.trials)} trials, colour = channe
     (
         "code",
         """\
-best = result.best.iloc[0]
-run = sweeplab.run(experiment, tracking_uri="sqlite:///notebook-runs.db", lr=float(best["lr"]),
-                   channels=int(best["channels"]), epochs=8)
+best = result.best.iloc[0]  # the sweep's best trial, trained again alone: its seed, its engine (sweeplab rerun)
+run = sweeplab.run(like=best["run_id"], tracking_uri="sqlite:///notebook-runs.db")
+print(run.rerun)
 ax = run.history.plot(x="epoch", y=["train_loss", "val_loss"], marker="o")
 ax.set_xlabel("epoch")
 ax.set_ylabel("cross-entropy (per sample)")
-ax.set_title(f"the best setting retrained: best epoch {run.best_epoch}, val_accuracy {run.best:.3f}");""",
+ax.set_title(f"trial #{int(best['trial'])} trained again: best epoch {run.best_epoch}, val_accuracy {run.best:.3f}");""",
     ),
     (
         "code",
