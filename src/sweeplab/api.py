@@ -278,8 +278,8 @@ def run(
             if like is not None:
                 if experiment is not None or overrides:
                     raise ConfigError("like: trains the run's own configuration; give no experiment or overrides")
-                result, tracker, line = rerun(like, tracking_uri, track)
-                found = run_result(result, tracker)
+                result, tracker, line, model = rerun(like, tracking_uri, track)
+                found = run_result(result, tracker, model)
                 found.rerun = line
                 return found
             config = load_run_config(experiment, dict(overrides))
@@ -292,7 +292,8 @@ def run(
 
 def rerun(run_id: str, tracking_uri: str | None, track: bool = True):
     """A logged run's configuration trained again (track/rerun.py): (the result, its RunTracker or None, the line
-    comparing its curves with the original's). What `sweeplab rerun` and `sweeplab.run(like=...)` both do."""
+    comparing its curves with the original's, the model with its best state, built while the run's logged code is
+    still there). What `sweeplab rerun` and `sweeplab.run(like=...)` both do."""
     from sweeplab.track.recorder import RunTracker
     from sweeplab.track.rerun import TAG_RERUN_OF, compare, read_like, train_like
 
@@ -307,9 +308,10 @@ def rerun(run_id: str, tracking_uri: str | None, track: bool = True):
         if tracker is not None:
             tracker.record(result)
         _, line = compare(like, result.history)
+        model = _model_of(result)
     finally:
         like.folder.cleanup()
-    return result, tracker, line
+    return result, tracker, line, model
 
 
 def _model_of(result):
@@ -324,7 +326,7 @@ def _model_of(result):
     return model
 
 
-def run_result(result, tracker) -> RunResult:
+def run_result(result, tracker, model=None) -> RunResult:
     import pandas as pd
 
     history = result.history
@@ -339,7 +341,7 @@ def run_result(result, tracker) -> RunResult:
         history.best_epoch,
         history.best_value if not math.isnan(history.best_value) else history.best_val_loss,
         metric,
-        _model_of(result),
+        model if model is not None else _model_of(result),
         tracker.run_id if tracker else None,
         history.status,
         history.stop_reason,

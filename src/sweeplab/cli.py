@@ -92,7 +92,7 @@ def _rerun(args: argparse.Namespace) -> int:
     from sweeplab.api import rerun
 
     configure(with_optuna=False)
-    result, tracker, line = rerun(args.run_id, args.tracking_uri, args.track)
+    result, tracker, line, _ = rerun(args.run_id, args.tracking_uri, args.track)
     history = result.history
     metric = result.config.objective.metric
     value = history.best_val_loss if metric == "val_loss" else history.best_value

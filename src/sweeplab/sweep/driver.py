@@ -274,10 +274,10 @@ def prepare(
             repeat_settings = {**result_settings(again), **code_settings(again.base_config)}
             check_compatible(repeats, again.spec, part.source, repeat_settings)
             confirms[part.spec.optuna_study] = (repeats, repeat_settings)
-    for _, study, settings, objective in studies:  # once every part is known to fit
+    for part, study, settings, objective in studies:  # once every part is known to fit
         with_retries(label_study, study, settings, objective.column)
-    for repeats, repeat_settings in confirms.values():
-        with_retries(label_study, repeats, repeat_settings, objective.column)
+        if part.spec.optuna_study in confirms:
+            with_retries(label_study, *confirms[part.spec.optuna_study], objective.column)
     experiment_id = tracker.experiment_id(sweep.spec.study)
     with_retries(tracker.reap_dead_local_runs, experiment_id, what="the MLflow tracking store")
     return [

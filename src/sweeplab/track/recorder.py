@@ -38,6 +38,8 @@ from sweeplab.track.tracker import (
     TAG_ROLE,
     TAG_SOURCE_HASH,
     TAG_SOURCES,
+    TAG_STACKED_MEMBERS,
+    TAG_STACKED_WIDTH,
     TAG_STATE,
     TAG_STUDY,
     TAG_TRIAL,
@@ -165,6 +167,10 @@ class TrialRun:
         self.log_artifacts(result)
         self.log_dataset(result)
         curves = curve_metrics(result.history, now, after_epoch=self._epochs_seen)
+        history = result.history
+        if history.stacked_width is not None:
+            stacked = {TAG_STACKED_WIDTH: str(history.stacked_width), TAG_STACKED_MEMBERS: str(history.stacked_members)}
+            tags = {**(tags or {}), **stacked}
         self.end(outcome, reason, tags, metrics=curves + summary_metrics(result, now), end_ms=now)
 
     def end(

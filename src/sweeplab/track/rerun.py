@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweeplab.config import ConfigError, ExperimentConfig
-from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_ENGINE, Tracker
+from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_ENGINE, TAG_STACKED_MEMBERS, TAG_STACKED_WIDTH, Tracker
 
 TAG_RERUN_OF = "sweeplab.rerun_of"  # on a rerun: the run whose configuration it trained again
 
@@ -32,6 +32,8 @@ class Like:
     curves: dict[str, list[float]] = field(default_factory=dict)  # train_loss, val_loss: the original's per epoch
     best_epoch: int = 0
     folder: tempfile.TemporaryDirectory | None = None  # holds the logged code while the rerun imports it
+    width: int | None = None  # a stacked MLP's padded hidden width (TAG_STACKED_WIDTH) ...
+    members: int | None = None  # ... and its group's size (TAG_STACKED_MEMBERS)
 
 
 def read_like(run_id: str, tracking_uri: str) -> Like:
@@ -44,13 +46,26 @@ def read_like(run_id: str, tracking_uri: str) -> Like:
     except Exception:
         raise ConfigError(f"rerun: no run {run_id!r} in {tracking_uri}") from None
     folder = tempfile.TemporaryDirectory(prefix="sweeplab-rerun-")
+    try:  # the folder goes with any refusal: nothing is left behind outside the stores
+        return _read(tracker, run, folder)
+    except BaseException:
+        folder.cleanup()
+        raise
+
+
+def _read(tracker: Tracker, run, folder: tempfile.TemporaryDirectory) -> Like:
+    client, run_id = tracker.client, run.info.run_id
     try:
         path = client.download_artifacts(run_id, f"{CHECKPOINT_PATH}/config.json", folder.name)
         raw = json.loads(Path(path).read_text())
     except Exception:
-        folder.cleanup()
         raise ConfigError(f"rerun: run {run_id} logged no configuration (checkpoint/config.json)") from None
-    config = ExperimentConfig.model_validate(_given(raw))
+    try:
+        config = ExperimentConfig.model_validate(_given(raw))
+    except ValueError as exc:  # pydantic's ValidationError: a config this version cannot read
+        first = str(exc).splitlines()[1:3]
+        why = " ".join(line.strip() for line in first)
+        raise ConfigError(f"rerun: run {run_id}'s configuration is not one this sweeplab reads ({why})") from None
     paths = [p for p in (config.model.class_path, config.data.class_path) if p]
     if any(p.startswith("__main__.") for p in paths):  # a notebook's own objects, in this very process
         _check_main(run, config, paths)
@@ -69,6 +84,10 @@ def read_like(run_id: str, tracking_uri: str) -> Like:
         curves,
         int(best) if best is not None else 0,
         folder,
+        *(
+            int(run.data.tags[tag]) if tag in run.data.tags else None
+            for tag in (TAG_STACKED_WIDTH, TAG_STACKED_MEMBERS)
+        ),
     )
 
 
@@ -143,10 +162,7 @@ def train_like(like: Like):
         from sweeplab.train.engines import Job, Routes, VectorizedEngine
 
         job = Job(None, like.config)
-        # a user's model stacks by torch.func only in a group of two or more: a twin makes it one, so the rerun
-        # runs the stacked arithmetic the original ran (the MLP's stacks alone)
-        twins = [job, Job(None, like.config)] if like.config.model.class_path else [job]
-        VectorizedEngine(Routes()).train(twins, None)
+        VectorizedEngine(Routes()).train([job, *_companions(like)], None)
         if job.error is not None:
             raise job.error
         return job.result
@@ -155,23 +171,39 @@ def train_like(like: Like):
     return run_experiment(like.config)
 
 
+def _companions(like: Like) -> list:
+    """Who trains beside the rerun so it runs the arithmetic the original ran (their results are dropped). Measured on
+    the MLP: a member's numbers are the same in groups of 2, 3, 6 and 12, but not alone (a batched matmul of one
+    matrix takes another kernel: 6.4e-7 relative apart in 30 epochs), nor at another padded width (the matmul sums
+    over it: 9e-7). So an MLP trial of a group reruns beside one member of its group's padded width (its twin when
+    it was the widest); one that trained alone reruns alone. A user's model stacks by torch.func only in a group
+    of two or more: a twin."""
+    from sweeplab.train.engines import Job
+
+    config = like.config
+    if config.model.class_path:
+        return [Job(None, config)]
+    if like.width is None or like.members == 1:  # logged before these tags, or trained alone
+        return []
+    wider = config.model.model_copy(update={"hidden": like.width})
+    return [Job(None, config.model_copy(update={"model": wider}))]
+
+
 def compare(like: Like, history) -> tuple[float, str]:
     """(the largest relative difference of the rerun's train and validation losses from the original's over
     every epoch both have, one line saying so and whether the best epochs agree)."""
-    worst, n = 0.0, 0
+    worst = 0.0
     for key, mine in (("train_loss", history.train_loss), ("val_loss", history.val_loss)):
-        theirs = like.curves.get(key, [])
-        for a, b in zip(mine, theirs):
-            n = max(n, len(theirs))
+        for a, b in zip(mine, like.curves.get(key, [])):
             if math.isfinite(a) and math.isfinite(b):
                 worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
             elif not (math.isnan(a) and math.isnan(b)) and a != b:
                 worst = math.inf
-    same_length = len(history.val_loss) == len(like.curves.get("val_loss", []))
+    theirs = len(like.curves.get("val_loss", []))
+    length = "" if len(history.val_loss) == theirs else f" (the original ran {theirs})"
     best = "the same best epoch" if history.best_epoch == like.best_epoch else "another best epoch"
     line = (
         f"rerun of {like.run_id} ({like.engine}): curves within {worst:.2g} (relative) of the original's over "
-        f"{len(history.val_loss)} epochs{'' if same_length else ' (the original ran ' + str(n) + ')'}; {best} "
-        f"({history.best_epoch}; the original's {like.best_epoch})"
+        f"{len(history.val_loss)} epochs{length}; {best} ({history.best_epoch}; the original's {like.best_epoch})"
     )
     return worst, line

@@ -64,6 +64,10 @@ class History:
     status: str = "completed"
     stop_reason: str | None = None
     seconds: float = 0.0
+    # set by the stacked MLP, for a rerun to train as it did (track/rerun.py): the hidden width its group padded it
+    # to, and how many members the group had (a batched matmul of one matrix takes another kernel than of several)
+    stacked_width: int | None = None
+    stacked_members: int | None = None
     objective: tuple[str, str] = MINIMIZE
     best_value: float = math.nan  # the objective's metric at the best epoch (= best_val_loss by default)
     lr: list[float] = field(default_factory=list)  # per epoch, the rate its last optimizer step used (a schedule)

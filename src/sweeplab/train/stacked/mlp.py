@@ -60,6 +60,8 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch)
     w1, b1, w2, b2 = unpack(best.cpu())
     for i, m in enumerate(members):
+        # the padded width and a group of one change how a matmul sums (not what): a rerun replays both
+        m.history.stacked_width, m.history.stacked_members = width, k
         if m.history.best_epoch:
             h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
             m.history.best_state = {
