@@ -13,7 +13,6 @@ import argparse
 import atexit
 import json
 import os
-import platform
 import signal
 import socket
 import sys
@@ -24,7 +23,7 @@ from typing import Sequence
 
 from sweeplab.config import ConfigError, load_experiment, parse_overrides, read_yaml
 from sweeplab.console import SeedPrinter, prediction_texts, print_sweep_summary, run_summary
-from sweeplab.process import configure, use_threads
+from sweeplab.process import configure, same_kernels_everywhere, use_threads
 from sweeplab.stop import stop_flag
 from sweeplab.stores import (
     SettingError,
@@ -767,26 +766,6 @@ def one_line(exc: BaseException, with_type: bool = False) -> str:
     if with_type or not text:
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text
-
-
-# CPU kernels pinned to one instruction set, so that a sweep's numbers depend on its settings, not on which x86
-# machine ran it: torch's own kernels (ATen), oneDNN's convolutions and MKL's matrix products each pick the widest
-# instructions the CPU has (AVX-512 on some machines of a kind, AVX2 on others), and each sums in its own order, so
-# the same trial differs in its last bits, which TPE and a best epoch amplify into another answer. AVX2 is what every
-# x86 machine sweeplab runs on has; a user's own setting of any of these wins. Set before torch is imported.
-SAME_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
-
-
-def same_kernels_everywhere() -> None:
-    if "torch" in sys.modules or platform.machine().lower() not in ("x86_64", "amd64"):
-        return  # too late to choose; other CPUs have one kernel set
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return
-    if " avx2" in flags:
-        for name, value in SAME_KERNELS.items():
-            os.environ.setdefault(name, value)
 
 
 def entry_point() -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 from sweeplab._eager import skip_dynamo_wrappers
 from sweeplab.stop import stop_flag
@@ -171,3 +173,31 @@ class SayWhatWeWaitFor(logging.Filter):
             )
         self.last_said = time.monotonic()
         return False
+
+
+# CPU kernels pinned to one instruction set, so that a sweep's numbers depend on its settings, not on which x86
+# machine ran it: torch's own kernels (ATen), oneDNN's convolutions and MKL's matrix products each pick the widest
+# instructions the CPU has (AVX-512 on some machines of a kind, AVX2 on others), and each sums in its own order, so
+# the same trial differs in its last bits, which TPE and a best epoch amplify into another answer. AVX2 is what every
+# x86 machine sweeplab runs on has; a user's own setting of any of these wins. Set before torch is imported.
+SAME_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def same_kernels_everywhere() -> None:
+    if "torch" in sys.modules or platform.machine().lower() not in ("x86_64", "amd64"):
+        return  # too late to choose; other CPUs have one kernel set
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return
+    if " avx2" in flags:
+        for name, value in SAME_KERNELS.items():
+            os.environ.setdefault(name, value)
+
+
+def cpu_kernels() -> str:
+    """The instruction set torch's own CPU kernels use in this process (AVX2 under the sweeplab command, which pins
+    it; often AVX512 in a notebook on the same machine): a run records it, and a rerun in another says so."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()

@@ -26,12 +26,14 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from sweeplab.config import ExperimentConfig, value_at
 from sweeplab.outcome import Outcome, RunEnd
+from sweeplab.process import cpu_kernels
 from sweeplab.stores import display_uri, retry_lost_races
 from sweeplab.track.tracker import (
     CHECKPOINT_PATH,
     TAG_CONDITION,
     TAG_CONFIRMS,
     TAG_ENGINE,
+    TAG_KERNELS,
     TAG_MODEL_CLASS,
     TAG_NOTE,
     TAG_OBJECTIVE,
@@ -168,9 +170,11 @@ class TrialRun:
         self.log_dataset(result)
         curves = curve_metrics(result.history, now, after_epoch=self._epochs_seen)
         history = result.history
+        tags = {**(tags or {}), TAG_KERNELS: cpu_kernels()}
+        if history.stacked_members is not None:
+            tags[TAG_STACKED_MEMBERS] = str(history.stacked_members)
         if history.stacked_width is not None:
-            stacked = {TAG_STACKED_WIDTH: str(history.stacked_width), TAG_STACKED_MEMBERS: str(history.stacked_members)}
-            tags = {**(tags or {}), **stacked}
+            tags[TAG_STACKED_WIDTH] = str(history.stacked_width)
         self.end(outcome, reason, tags, metrics=curves + summary_metrics(result, now), end_ms=now)
 
     def end(

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweeplab.config import ConfigError, ExperimentConfig
-from sweeplab.track.tracker import CHECKPOINT_PATH, TAG_ENGINE, TAG_STACKED_MEMBERS, TAG_STACKED_WIDTH, Tracker
+from sweeplab.process import cpu_kernels
+from sweeplab.track.tracker import (
+    CHECKPOINT_PATH,
+    TAG_ENGINE,
+    TAG_KERNELS,
+    TAG_STACKED_MEMBERS,
+    TAG_STACKED_WIDTH,
+    Tracker,
+)
 
 TAG_RERUN_OF = "sweeplab.rerun_of"  # on a rerun: the run whose configuration it trained again
 
@@ -33,7 +41,8 @@ class Like:
     best_epoch: int = 0
     folder: tempfile.TemporaryDirectory | None = None  # holds the logged code while the rerun imports it
     width: int | None = None  # a stacked MLP's padded hidden width (TAG_STACKED_WIDTH) ...
-    members: int | None = None  # ... and its group's size (TAG_STACKED_MEMBERS)
+    members: int | None = None  # a stacked trial's group size (TAG_STACKED_MEMBERS)
+    kernels: str | None = None  # the CPU instruction set its kernels used (TAG_KERNELS)
 
 
 def read_like(run_id: str, tracking_uri: str) -> Like:
@@ -88,6 +97,7 @@ def _read(tracker: Tracker, run, folder: tempfile.TemporaryDirectory) -> Like:
             int(run.data.tags[tag]) if tag in run.data.tags else None
             for tag in (TAG_STACKED_WIDTH, TAG_STACKED_MEMBERS)
         ),
+        run.data.tags.get(TAG_KERNELS),
     )
 
 
@@ -136,6 +146,7 @@ def _checked_code(tracker: Tracker, run_id: str, config: ExperimentConfig, tmp: 
     """The run's code/ artifacts, every file the model's import would run checked against the run's recorded
     hashes before anything is imported (track/serve.check_source)."""
     from sweeplab.track.serve import check_source
+    from sweeplab.train.plugins import forget_if_elsewhere
 
     folder = tmp / "logged"
     folder.mkdir()
@@ -144,6 +155,8 @@ def _checked_code(tracker: Tracker, run_id: str, config: ExperimentConfig, tmp: 
     except Exception:
         raise ConfigError(f"rerun: run {run_id} logged no source of its code (code/ artifacts)") from None
     for class_path in filter(None, [config.model.class_path, config.data.class_path]):
+        # a module of that name imported earlier in this process (an earlier rerun's copy) is not this run's
+        forget_if_elsewhere(class_path.rpartition(".")[0], str(folder / "code"))
         try:
             check_source(tracker, run_id, _ClassPath(class_path), str(folder / "code"), logged_copy=True)
         except Exception as exc:
@@ -172,21 +185,21 @@ def train_like(like: Like):
 
 
 def _companions(like: Like) -> list:
-    """Who trains beside the rerun so it runs the arithmetic the original ran (their results are dropped). Measured on
-    the MLP: a member's numbers are the same in groups of 2, 3, 6 and 12, but not alone (a batched matmul of one
-    matrix takes another kernel: 6.4e-7 relative apart in 30 epochs), nor at another padded width (the matmul sums
-    over it: 9e-7). So an MLP trial of a group reruns beside one member of its group's padded width (its twin when
-    it was the widest); one that trained alone reruns alone. A user's model stacks by torch.func only in a group
-    of two or more: a twin."""
+    """Who trains beside the rerun so it runs the arithmetic the original ran (their results are dropped): as many
+    twins as its group had other members, the MLP's at its group's padded width. A member's numbers do not depend on
+    the other members' values, but on how the batched kernels block them: measured with torch's AVX2 kernels (the
+    command's), a BatchNorm CNN trial of a group of 12 reruns 5.8e-5 apart by epoch 30 in a group of 2 to 6 and
+    bit for bit in one of 8 or 12; the MLP alone against in a group, 6.4e-7; at another padded width (the matmul
+    sums over it), 9e-7. So the rerun trains in a group of the original's size: bit for bit, at that group's cost."""
     from sweeplab.train.engines import Job
 
     config = like.config
-    if config.model.class_path:
-        return [Job(None, config)]
-    if like.width is None or like.members == 1:  # logged before these tags, or trained alone
-        return []
-    wider = config.model.model_copy(update={"hidden": like.width})
-    return [Job(None, config.model_copy(update={"model": wider}))]
+    if like.members is None:  # logged before the tag: a user's model stacks in groups of two or more
+        return [Job(None, config)] if config.model.class_path else []
+    twin = config
+    if like.width is not None:
+        twin = config.model_copy(update={"model": config.model.model_copy(update={"hidden": like.width})})
+    return [Job(None, twin) for _ in range(like.members - 1)]
 
 
 def compare(like: Like, history) -> tuple[float, str]:
@@ -206,4 +219,14 @@ def compare(like: Like, history) -> tuple[float, str]:
         f"rerun of {like.run_id} ({like.engine}): curves within {worst:.2g} (relative) of the original's over "
         f"{len(history.val_loss)} epochs{length}; {best} ({history.best_epoch}; the original's {like.best_epoch})"
     )
+    here = cpu_kernels()
+    if like.kernels is not None and like.kernels != here:
+        how = (
+            f"`sweeplab rerun {like.run_id}` from a shell pins AVX2, as the sweeplab command does"
+            if like.kernels == "AVX2"
+            else "ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_CBWR set before torch is imported choose them"
+        )
+        line += (
+            f"; the original ran torch's {like.kernels} CPU kernels, this process {here}, which round otherwise ({how})"
+        )
     return worst, line

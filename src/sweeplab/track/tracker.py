@@ -50,7 +50,8 @@ TAG_REASON = "sweeplab.reason"
 TAG_CONDITION = "sweeplab.condition"  # noise=0.3: the condition a trial ran under, in a sweep that has them
 TAG_CONFIRMS = "sweeplab.confirms"  # on a confirmation's repeat (role confirm): the run id of the trial it repeats
 TAG_STACKED_WIDTH = "sweeplab.stacked_width"  # a stacked MLP's: the hidden width its group padded it to
-TAG_STACKED_MEMBERS = "sweeplab.stacked_members"  # ... and how many members its group had
+TAG_STACKED_MEMBERS = "sweeplab.stacked_members"  # a stacked trial's: how many members its group had
+TAG_KERNELS = "sweeplab.cpu_kernels"  # the instruction set torch's CPU kernels used (AVX2 under the command)
 TAG_ENGINE = "sweeplab.engine"  # reference | vectorized: which engine trained the trial
 TAG_WORKER = "sweeplab.worker"  # host:pid of the process that owns the run
 TAG_VERSION = "sweeplab.version"

@@ -64,8 +64,8 @@ class History:
     status: str = "completed"
     stop_reason: str | None = None
     seconds: float = 0.0
-    # set by the stacked MLP, for a rerun to train as it did (track/rerun.py): the hidden width its group padded it
-    # to, and how many members the group had (a batched matmul of one matrix takes another kernel than of several)
+    # set by the stacked engine, for a rerun to train as it did (track/rerun.py): the hidden width the MLP's group
+    # padded it to, and how many members the group had (batched kernels sum in blocks of members)
     stacked_width: int | None = None
     stacked_members: int | None = None
     objective: tuple[str, str] = MINIMIZE

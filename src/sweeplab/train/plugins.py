@@ -65,7 +65,7 @@ def import_object(path: str, code_dir: str | None, field: str, where: str = "bes
     module_name, _, attribute = path.rpartition(".")
     if code_dir and code_dir not in sys.path:
         sys.path.insert(0, code_dir)  # kept: the trials, and torch.export, need the module again
-    _forget_if_elsewhere(module_name, code_dir)
+    forget_if_elsewhere(module_name, code_dir)
     try:
         with user_code():
             module = importlib.import_module(module_name)
@@ -86,7 +86,7 @@ def import_object(path: str, code_dir: str | None, field: str, where: str = "bes
         raise ConfigError(f"{field}: module {module_name} ({_file_of(module)}) has no {attribute!r}") from None
 
 
-def _forget_if_elsewhere(module_name: str, code_dir: str | None) -> None:
+def forget_if_elsewhere(module_name: str, code_dir: str | None) -> None:
     """A module of that name imported earlier from another folder (another experiment in this process) is not the
     one beside this experiment file: forget it, so this one is imported."""
     top = module_name.split(".")[0]

@@ -159,5 +159,6 @@ def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
     stack = FuncStack(members, device)
     best, best_buffers = fit_stacked(members, data, stack.flat, stack.forward, stack.buffers, on_epoch, each_epoch)
     for m, state in zip(members, stack.states(members, best, best_buffers)):
+        m.history.stacked_members = len(members)  # a batched kernel sums in blocks of members: a rerun replays K
         if m.history.best_epoch:
             m.history.best_state = state
