@@ -82,7 +82,9 @@ def experiment_reference() -> str:
         "|---|---|---|---|---|---|",
     ]
     for key, field, _ in rows(ExperimentConfig):
-        searchable = "no" if key in NOT_RESULTS or key.split(".")[0] in NOT_RESULTS else "yes"
+        if key == "data.fold":
+            continue  # set by sweeplab itself
+        searchable = "no" if key in NOT_RESULTS or key.split(".")[0] in NOT_RESULTS or key == "data.folds" else "yes"
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
         alias = f"`{short[key]}`" if key in short else ""
         lines.append(

@@ -237,6 +237,17 @@ class DataConfig(_Frozen):
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers, where batches come from a DataLoader")
     pin_memory: bool = Field(False, description="DataLoader's pin_memory (CUDA only)")
     persistent_workers: bool = Field(False, description="DataLoader's persistent_workers (with num_workers)")
+    folds: Union[int, None] = Field(
+        None,
+        ge=2,
+        le=100,
+        description=(
+            "k-fold cross-validation on the training split (stratified for classification): each trial trains one "
+            "member per fold, validated on its held-out fold; its curves, best epoch and objective are the mean over "
+            "folds; a sweep's champion is refit on the whole training split for that many epochs"
+        ),
+    )
+    fold: Union[int, None] = Field(None, ge=0, description="set by sweeplab: the fold a fold member holds out")
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataConfig":
@@ -258,6 +269,8 @@ class DataConfig(_Frozen):
             raise ValueError(f"init_args: only for source python (source is {self.source})")
         if isinstance(self.val_size, float) and not self.val_size < 1:
             raise ValueError("val_size: a fraction must be below 1 (or give a whole number of samples)")
+        if self.fold is not None and (self.folds is None or self.fold >= self.folds):
+            raise ValueError(f"fold: {self.fold} is not one of the {self.folds or 0} folds (sweeplab sets it)")
         return self
 
 

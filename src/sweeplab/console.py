@@ -182,6 +182,8 @@ def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> 
             state = "registered" if champion.new else "unchanged"
             mean = champion.tags.get("sweeplab.objective_mean")
             by = f", best mean over {champion.tags.get('sweeplab.seeds')} seeds" if mean is not None else ""
+            if "sweeplab.refit_of" in champion.tags:  # data.folds: the winner trained again on the whole split
+                by += f", refit on the whole training split: run {champion.run_id}"
             print(f"champion: {champion.uri} (version {champion.version}, trial #{champion.trial}{by}, {state})")
         print()
     commands = sweep_commands(outcome, sweep, tracking_uri)

@@ -34,6 +34,7 @@ from sweeplab.sweep.confirm import Confirmation, confirm_sweep, confirmed, enque
 from sweeplab.sweep.helpers import Helpers
 from sweeplab.sweep.ledger import RUN_ID_ATTR, WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from sweeplab.sweep.probes import Plan
+from sweeplab.sweep.refit import refit
 from sweeplab.sweep.search import CODE_KEY, budget, check_compatible, label_study, open_storage, open_study
 from sweeplab.sweep.spec import Sweep, result_settings
 from sweeplab.sweep.writers import InlineWriter, WriterPool, WriterSetup
@@ -46,7 +47,8 @@ from sweeplab.track.champion import (
     register_champion,
 )
 from sweeplab.track.recorder import Recorder, finite
-from sweeplab.track.tracker import TAG_ROLE, TAG_STUDY, Tracker, condition_label
+from sweeplab.track.tracker import TAG_REFIT_OF, TAG_ROLE, TAG_STUDY, Tracker, condition_label
+from sweeplab.train.crossval import Folded
 from sweeplab.train.engines import Engine, Job, Routes, engine_named
 from sweeplab.train.epoch import EpochRecord
 from sweeplab.train.items import BatchError
@@ -95,7 +97,7 @@ def work(part: Part, on_trial_end: Callable[[int, str], None] | None = None) -> 
     remaining place is held by a running trial the worker waits rather than leaves: that trial may yet fail and be
     queued again."""
     spec = part.sweep.spec
-    engine = engine_named(spec.engine, part.routes)
+    engine = Folded(engine_named(spec.engine, part.routes))  # a data.folds trial as its fold members
     setup = WriterSetup(
         part.tracking_uri,
         part.storage_url,
@@ -589,6 +591,9 @@ def crown(
             TAG_OBJECTIVE_STD: repr(seeded.std),
             TAG_SEEDS: str(seeded.n),
         }
+    if part.sweep.base_config.data.folds is not None:  # fold trials keep no weights: the winner is refit
+        tags[TAG_REFIT_OF] = best.run_id
+        best = refit(tracker, part.sweep, best, experiment_id, part.parent_run_id)
     return register_champion(
         tracker,
         best,

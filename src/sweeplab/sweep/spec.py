@@ -349,6 +349,13 @@ def load_sweep(path: str | Path | dict, overrides: dict[str, Any] | None = None,
         spec = spec.model_copy(update={"space": {**spec.space, "seed": seeds}})
     sweep = Sweep(spec, base, str(path), base_dir)
     _check_loss_not_judged_by_itself(sweep, path)
+    for where, keys in (("space", spec.space), ("conditions", spec.conditions)):
+        for key in keys:
+            if sweep.field_of(key) in ("data.folds", "data.fold"):
+                raise ConfigError(
+                    f"{path}: {where}.{key}: the folds are how every trial is scored, not a setting to compare; "
+                    "give data.folds in the experiment"
+                )
     probes = []
     for field, point in probe_points(spec):  # every config is built (and so validated) once
         try:

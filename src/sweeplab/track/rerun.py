@@ -171,11 +171,13 @@ class _ClassPath:
 
 def train_like(like: Like):
     """Train the configuration by the engine that trained the original: (Trained, whether it stacked)."""
-    if like.engine == "vectorized":
-        from sweeplab.train.engines import Job, Routes, VectorizedEngine
+    from sweeplab.train.crossval import Folded, is_folded
+    from sweeplab.train.engines import Job, ReferenceEngine, Routes, VectorizedEngine
 
+    if like.engine == "vectorized" or is_folded(like.config):
         job = Job(None, like.config)
-        VectorizedEngine(Routes()).train([job, *_companions(like)], None)
+        engine = VectorizedEngine(Routes()) if like.engine == "vectorized" else ReferenceEngine()
+        Folded(engine).train([job, *_companions(like)], None)
         if job.error is not None:
             raise job.error
         return job.result
@@ -199,7 +201,9 @@ def _companions(like: Like) -> list:
     twin = config
     if like.width is not None:
         twin = config.model_copy(update={"model": config.model.model_copy(update={"hidden": like.width})})
-    return [Job(None, twin) for _ in range(like.members - 1)]
+    # a fold trial's members were its folds and other trials' (each twin brings its folds): about that many
+    trials = like.members // config.data.folds if config.data.folds and config.data.fold is None else like.members
+    return [Job(None, twin) for _ in range(max(trials, 1) - 1)]
 
 
 def compare(like: Like, history) -> tuple[float, str]:

@@ -24,6 +24,7 @@ from sweeplab.config import ConfigError, DataConfig, ExperimentConfig
 from sweeplab.stop import Stopped
 from sweeplab.train import batch
 from sweeplab.train.batch import Inputs
+from sweeplab.train.folds import hold_out
 from sweeplab.train.items import (  # how items become batches (and a bad one is named): items.py
     IndexedSubset,
     InMemoryItems,
@@ -151,6 +152,12 @@ def split_lengths(n: int, val_size: int | float) -> tuple[int, int]:
 
 
 def make_dataset(config: ExperimentConfig) -> Dataset:
+    """The run's data set: its training and validation splits, or a fold member's (`data.fold`: train/folds.py)."""
+    dataset = _make_dataset(config)
+    return hold_out(dataset, config.data) if config.data.fold is not None else dataset
+
+
+def _make_dataset(config: ExperimentConfig) -> Dataset:
     data = config.data
     split = None
     if data.source == "csv":
@@ -361,6 +368,8 @@ def check_data(config: ExperimentConfig) -> Dataset | None:
     """Read and check a CSV, scikit-learn or python data source once, before anything is written anywhere (a bad
     value is one line naming the file, column and row; a loader that fails, one line naming data.class_path); the
     seed's generator needs no check. Returns the data set when it built one (seeded as a run seeds it)."""
+    if config.data.folds is not None and config.data.fold is None:  # folds the training split cannot give: now
+        seeded_dataset(config.model_copy(update={"data": config.data.model_copy(update={"fold": 0})}))
     if config.data.source in ("sklearn", "python"):
         dataset = seeded_dataset(config)
         check_predict_x(config, dataset)

@@ -107,8 +107,11 @@ class Curves:
         epochs: int,
         objective: tuple[str, str] = MINIMIZE,
         stopping: list[tuple[int, float] | None] | None = None,
+        keep_last: bool = False,
     ):
         self.objective = tuple(objective)
+        # a refit's rule (sweep/refit.py): every epoch with a finite objective is kept, so the result is the last
+        self.keep_last = keep_last
         # early stopping per member (patience, min_delta; none: infinite patience)
         self.stopping = stopping if stopping and any(stopping) else None
         if self.stopping is not None:
@@ -158,6 +161,8 @@ class Curves:
         # finite and strictly better (NaN compares false; +inf is never below the best; -inf is refused): a tie
         # keeps the first
         improved = active & (score < self.best_score) & (score != -math.inf)
+        if self.keep_last:
+            improved = active & (score.abs() < math.inf)
         self.best_score = torch.where(improved, score, self.best_score)
         self.best_value = torch.where(improved, value, self.best_value)
         self.best_val = torch.where(improved, val, self.best_val)

@@ -203,7 +203,8 @@ def make_batches(
     return TensorBatches(x, y, batch_size, shuffle=shuffle, generator=generator, device=device)
 
 
-def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ()) -> RunResult:
+def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = (), keep_last: bool = False) -> RunResult:
+    """Train `config` on the reference loop: its best epoch's state (`keep_last`: its last epoch's, a refit's)."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
@@ -246,6 +247,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = ())
         monitor=monitor_of(config),
         metrics=logged_metrics(config),
         own_metrics=build_metrics(config),
+        keep_last=keep_last,
     )
     if config.predict_x and dataset.input_shape:
         x = torch.tensor(config.predict_x, dtype=torch.float32).reshape(-1, *dataset.input_shape)

@@ -349,6 +349,7 @@ def fit(
     monitor: str | None = None,
     metrics: Iterable[str] | None = None,
     own_metrics: dict[str, Callable] | None = None,
+    keep_last: bool = False,
 ) -> History:
     """Train for `epochs`, keep the best validation state (a CPU copy), and restore it at the end.
 
@@ -359,7 +360,8 @@ def fit(
     """
     callbacks = list(callbacks)
     step = step if step is not None else Step(optimizer)
-    curves = Curves(1, epochs, tuple(objective), [early_stopping])  # the decisions both engines take, at K = 1
+    # the decisions both engines take, at K = 1 (keep_last: the last epoch is the result, a refit's rule)
+    curves = Curves(1, epochs, tuple(objective), [early_stopping], keep_last)
     scheduler = step.scheduler
     best_state = None
     started = time.perf_counter()
