@@ -89,6 +89,7 @@ bench: install
 	$(PY) benchmarks/bench_cnn_members.py
 	$(PY) benchmarks/bench_lazy.py
 	$(PY) benchmarks/bench_confirm.py
+	$(PY) benchmarks/bench_folds.py
 
 # docs/mlflow-ui.png and docs/report.png: the default sweep as headless Chromium shows it (Debian's chromium)
 screenshots: install

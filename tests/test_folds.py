@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset, random_split
 
 from sweeplab.cli import main
 
+from reference import seed_run
+
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "experiments" / "training_loop_lab.yaml"
 FOLDS, EPOCHS = 4, 12
@@ -135,3 +137,25 @@ def test_a_fold_trial_without_enough_samples_of_a_class_is_one_line(store, capsy
     code = main(["sweep", str(store / "s.yaml"), "--tracking-uri", f"sqlite:///{store / 'f.db'}", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "data.folds: 60 stratified folds" in err
+
+
+def test_sweeplab_run_with_folds_scores_the_folds_and_refits_the_seed_loop(store, capsys):
+    """`sweeplab run` with data.folds: the run's curves are the plain folds' mean, and the refit is the seed's own
+    script on the whole training split for the mean curve's best epoch, bit for bit, its last epoch the model."""
+    uri = f"sqlite:///{store / 'r.db'}"
+    assert main(["run", str(LAB), f"data.folds={FOLDS}", f"epochs={EPOCHS}", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    expected = plain_folds(0.03, False)
+    mean_val = [math.fsum(f["val_loss"][e] for f in expected) / FOLDS for e in range(EPOCHS)]
+    best = min(range(EPOCHS), key=lambda e: mean_val[e]) + 1
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("training_loop_lab").experiment_id])
+    (folds,) = [r for r in runs if r.data.tags["sweeplab.role"] == "run"]
+    (refit,) = [r for r in runs if r.data.tags["sweeplab.role"] == "refit"]
+    assert _curve(client, folds.info.run_id, "val_loss") == pytest.approx(mean_val, rel=1e-15)
+    assert folds.data.metrics["best_epoch"] == best and refit.data.tags["sweeplab.refit_of"] == folds.info.run_id
+    seed = seed_run(epochs=best)
+    assert _curve(client, refit.info.run_id, "train_loss") == seed["train_loss"]
+    assert _curve(client, refit.info.run_id, "val_loss") == seed["val_loss"]
+    assert refit.data.metrics["best_epoch"] == best  # the last epoch, whatever the validation split says
+    assert f"refit: {FOLDS} folds' mean above" in out and f"for {best} epochs" in out

@@ -228,15 +228,69 @@ def train_run(config, source: str, tracking_uri: str | None, track: bool, callba
         tracker = RunTracker(resolve_tracking_uri(tracking_uri), config, source)
         callbacks = [*callbacks, tracker.epoch_callback]
     callbacks = [*callbacks, lambda record: stop_flag.check()]
+    from sweeplab.train.crossval import is_folded, refit_config
+
     try:
-        result = run_experiment(config, callbacks=callbacks)
+        if is_folded(config):  # data.folds: the folds' mean is the run; a refit gives the model
+            result = train_folds(config, callbacks)
+        else:
+            result = run_experiment(config, callbacks=callbacks)
     except BaseException as exc:
         if tracker:
             tracker.fail(exc)
         raise
     if tracker:
         tracker.finish(result)
+    if is_folded(config):
+        result = refit_run(refit_config(config, result.history.best_epoch or 1), result, source, tracking_uri, tracker)
     return result, tracker
+
+
+def train_folds(config, callbacks: list):
+    """`data.folds` in `sweeplab run`: the folds trained on the reference loop (train/crossval.py); the callbacks
+    see their mean curve, which is the run's."""
+    from sweeplab.train.crossval import Folded
+    from sweeplab.train.engines import Job, ReferenceEngine
+
+    def hook(job, record):
+        return next((reason for reason in (callback(record) for callback in callbacks) if reason), None)
+
+    job = Job(None, config)
+    Folded(ReferenceEngine()).train([job], hook)
+    if job.error is not None:
+        raise job.error
+    return job.result
+
+
+def refit_run(config, folds, source: str, tracking_uri: str | None, tracker):
+    """After the folds, as a sweep refits its champion: the configuration on the whole training split for the mean
+    curve's best epoch, its last epoch kept, tracked as a run tagged `sweeplab.role=refit` and
+    `sweeplab.refit_of=<the folds' run>`. Its model and predictions, with the folds' History (the score)."""
+    import dataclasses
+
+    from sweeplab.train.experiment import run_experiment
+
+    refit_tracker = None
+    if tracker is not None and tracker.run_id is not None:
+        from sweeplab.track.recorder import RunTracker
+
+        tags = {"sweeplab.role": "refit", "sweeplab.refit_of": tracker.run_id}
+        refit_tracker = RunTracker(resolve_tracking_uri(tracking_uri), config, source, tags=tags)
+    try:
+        refit = run_experiment(config, keep_last=True)
+    except BaseException as exc:
+        if refit_tracker:
+            refit_tracker.fail(exc)
+        raise
+    if refit_tracker:
+        refit_tracker.record(refit)
+    return dataclasses.replace(
+        refit,
+        config=folds.config,
+        history=folds.history,
+        refit=refit.history,
+        refit_run_id=refit_tracker.run_id if refit_tracker else None,
+    )
 
 
 @dataclass
@@ -254,6 +308,7 @@ class RunResult:
     status: str = "completed"
     stop_reason: str | None = None
     rerun: str | None = None  # run(like=...): how far the curves are from the original run's
+    refit_run_id: str | None = None  # data.folds: the history is the folds' mean; `model` is this refit run's
 
     def __repr__(self) -> str:
         return (
@@ -345,4 +400,5 @@ def run_result(result, tracker, model=None) -> RunResult:
         tracker.run_id if tracker else None,
         history.status,
         history.stop_reason,
+        refit_run_id=getattr(result, "refit_run_id", None),
     )

@@ -83,6 +83,14 @@ def _run(args: argparse.Namespace) -> int:
     print(f"best_epoch: {history.best_epoch}")
     if tracker:
         print(f"mlflow run: {tracker.run_id} ({tracker.tracking_uri_display})")
+    if getattr(result, "refit", None) is not None:  # data.folds: the scores above are the folds' mean
+        refit, metric = result.refit, config.objective.metric
+        run = f" (mlflow run {result.refit_run_id})" if result.refit_run_id else ""
+        print(
+            f"refit: {config.data.folds} folds' mean above; the model and its predictions are the refit on the whole "
+            f"training split for {refit.epochs_run} epochs: {metric} {round(refit.best_value, 4)} on the "
+            f"validation split{run}"
+        )
     return 0
 
 

@@ -56,6 +56,7 @@ class SweepData:
     # a confirmation's repeats (`confirm:`): one row per repeat run: confirms (the trial run it repeats), run_id,
     # seed, state and the objective's column
     repeats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["confirms", "run_id", "seed"]))
+    folds: int | None = None  # data.folds: each trial's scores are the mean over that many folds
 
 
 # --- reading MLflow -----------------------------------------------------------------------------------------------
@@ -103,7 +104,12 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
         continuous=continuous,
         goal=goal,
         repeats=repeats,
+        folds=int(_number(trial_runs[0].data.params.get("data.folds", "nan"))) if _folded(trial_runs[0]) else None,
     )
+
+
+def _folded(run) -> bool:
+    return run.data.params.get("data.folds") not in (None, "None")
 
 
 def _search_all(client, experiment_id: str):

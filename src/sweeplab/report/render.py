@@ -211,4 +211,5 @@ def html_page(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
         objective=data.goal.column,
         better="lower" if data.goal.minimize else "higher",
         loss=loss_name(data),
+        folds=data.folds,
     )

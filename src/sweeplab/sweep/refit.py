@@ -18,17 +18,8 @@ from sweeplab.sweep.search import values_of
 from sweeplab.sweep.spec import Sweep
 from sweeplab.track.recorder import RunTracker
 from sweeplab.track.tracker import TAG_REFIT_OF, TAG_ROLE, TAG_STUDY, TAG_TRIAL, Tracker
+from sweeplab.train.crossval import refit_config
 from sweeplab.train.experiment import run_experiment
-
-
-def refit_config(sweep: Sweep, best: TrialSummary):
-    """The trial's configuration on the whole training split, for its best epoch's number of epochs."""
-    config = sweep.config_for(values_of(best.params, sweep.spec.space))
-    data = config.data.model_copy(update={"folds": None, "fold": None})
-    train = config.train.model_copy(update={"epochs": max(1, int(best.best_epoch or 1)), "early_stopping": None})
-    refit = config.model_copy(update={"data": data, "train": train})
-    refit._code_dir = config.code_dir
-    return refit
 
 
 def refit(tracker: Tracker, sweep: Sweep, best: TrialSummary, experiment_id: str, parent_run_id: str | None):
@@ -40,7 +31,7 @@ def refit(tracker: Tracker, sweep: Sweep, best: TrialSummary, experiment_id: str
     )
     if found:
         return dataclasses.replace(best, run_id=found[0].info.run_id)
-    config = refit_config(sweep, best)
+    config = refit_config(sweep.config_for(values_of(best.params, sweep.spec.space)), best.best_epoch or 1)
     tags = {
         TAG_ROLE: "refit",
         TAG_REFIT_OF: best.run_id,

@@ -103,6 +103,14 @@ def load_logged_model(reference: str, tracking_uri: str | None = None, device: s
         try:
             path = tracker.download_checkpoint(run_id, Path(tmp))
         except Exception:
+            params = tracker.client.get_run(run_id).data.params
+            if params.get("data.folds") not in (None, "None"):  # a fold trial (train/crossval.py) keeps no weights
+                study = tracker.client.get_run(run_id).data.tags.get("sweeplab.study")
+                where = f"models:/{study}@champion" if study else "its refit run (sweeplab.refit_of)"
+                raise ModelNotFound(
+                    f"{reference}: run {run_id} was scored by {params['data.folds']}-fold cross-validation and keeps "
+                    f"no weights of its own; predict with the refit of the sweep's winner, {where}"
+                ) from None
             raise ModelNotFound(f"{reference}: run {run_id} has no best state ({CHECKPOINT_PATH}/best.pt)") from None
         _, spec = read_checkpoint(path)
         if spec.class_path is not None and reference.startswith("models:/"):

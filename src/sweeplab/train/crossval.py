@@ -36,6 +36,14 @@ def is_folded(config: ExperimentConfig) -> bool:
     return config.data.folds is not None and config.data.fold is None
 
 
+def refit_config(config: ExperimentConfig, epochs: int) -> ExperimentConfig:
+    """A fold trial's configuration refit on the whole training split for `epochs` (its mean curve's best epoch),
+    without early stopping: scikit-learn's GridSearchCV refit. Its last epoch is its result (`keep_last`)."""
+    data = config.data.model_copy(update={"folds": None, "fold": None})
+    train = config.train.model_copy(update={"epochs": max(1, int(epochs)), "early_stopping": None})
+    return config.model_copy(update={"data": data, "train": train})
+
+
 class _Trial:
     """One fold trial on its way: its members' epochs as they come, and its Curves over their mean."""
 

@@ -175,6 +175,8 @@ class RunResult(Trained):
     model: torch.nn.Module
     device: torch.device
     predictions: torch.Tensor  # model outputs for config.predict_x, best state restored
+    refit: History | None = None  # data.folds: the refit's History (its model is `model`; `history` the folds' mean)
+    refit_run_id: str | None = None
 
 
 def make_batches(
