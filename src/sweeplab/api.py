@@ -239,10 +239,17 @@ def train_run(config, source: str, tracking_uri: str | None, track: bool, callba
         if tracker:
             tracker.fail(exc)
         raise
-    if tracker:
-        tracker.finish(result)
-    if is_folded(config):
+    if is_folded(config):  # the folds' run is written first: the refit names it
+        if tracker:
+            tracker.finish(result)
         result = refit_run(refit_config(config, result.history.best_epoch or 1), result, source, tracking_uri, tracker)
+    else:
+        if result.dataset.has_test and result.history.best_epoch:  # data.test_size: the best state, scored once
+            from sweeplab.train.experiment import test_scores
+
+            result.test = test_scores(config, result.dataset, result.model)
+        if tracker:
+            tracker.finish(result)
     return result, tracker
 
 
@@ -278,6 +285,10 @@ def refit_run(config, folds, source: str, tracking_uri: str | None, tracker):
         refit_tracker = RunTracker(resolve_tracking_uri(tracking_uri), config, source, tags=tags)
     try:
         refit = run_experiment(config, keep_last=True)
+        if refit.dataset.has_test:  # data.test_size: the refit (the model) scored once
+            from sweeplab.train.experiment import test_scores
+
+            refit.test = test_scores(config, refit.dataset, refit.model)
     except BaseException as exc:
         if refit_tracker:
             refit_tracker.fail(exc)

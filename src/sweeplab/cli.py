@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sweeplab.config import ConfigError, load_experiment, parse_overrides, read_yaml
-from sweeplab.console import SeedPrinter, prediction_texts, print_sweep_summary, run_summary
+from sweeplab.console import SeedPrinter, prediction_texts, print_sweep_summary, run_summary, test_text
 from sweeplab.process import configure, same_kernels_everywhere, use_threads
 from sweeplab.stop import stop_flag
 from sweeplab.stores import (
@@ -81,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
         for row, line in zip(config.predict_x, prediction_texts(result)):
             print(f"x={row} -> {line}")
     print(f"best_epoch: {history.best_epoch}")
+    if getattr(result, "test", None):  # data.test_size: what the best state (or the refit) scores on the test split
+        print(f"test: {test_text(result.test, config.objective.metric)}")
     if tracker:
         print(f"mlflow run: {tracker.run_id} ({tracker.tracking_uri_display})")
     if getattr(result, "refit", None) is not None:  # data.folds: the scores above are the folds' mean

@@ -237,6 +237,18 @@ class DataConfig(_Frozen):
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers, where batches come from a DataLoader")
     pin_memory: bool = Field(False, description="DataLoader's pin_memory (CUDA only)")
     persistent_workers: bool = Field(False, description="DataLoader's persistent_workers (with num_workers)")
+    stratify: bool = Field(
+        False, description="keep the class proportions in every split (scikit-learn's stratified split); classification"
+    )
+    test_size: Union[int, float, None] = Field(
+        None,
+        gt=0,
+        description=(
+            "a test split, set aside first (a fraction < 1 or a count; or a loader's `test` entry): the search never "
+            "sees it; each champion, and a run's best state, is scored on it once (test_loss, test_<metric>)"
+        ),
+    )
+    test_seed: int = Field(0, **SEED, description="the test split's own generator seed")
     folds: Union[int, None] = Field(
         None,
         ge=2,
@@ -269,6 +281,8 @@ class DataConfig(_Frozen):
             raise ValueError(f"init_args: only for source python (source is {self.source})")
         if isinstance(self.val_size, float) and not self.val_size < 1:
             raise ValueError("val_size: a fraction must be below 1 (or give a whole number of samples)")
+        if isinstance(self.test_size, float) and not self.test_size < 1:
+            raise ValueError("test_size: a fraction must be below 1 (or give a whole number of samples)")
         if self.fold is not None and (self.folds is None or self.fold >= self.folds):
             raise ValueError(f"fold: {self.fold} is not one of the {self.folds or 0} folds (sweeplab sets it)")
         return self
@@ -529,6 +543,8 @@ class ExperimentConfig(_Frozen):
                 f"train.scheduler.monitor: {schedule.monitor!r} is not logged for task {self.task}; "
                 f"choose one of {', '.join(METRICS[self.task])}"
             )
+        if self.data.stratify and self.task == "regression":
+            raise ValueError("data.stratify: task regression has no classes to keep in proportion")
         if (
             self.data.source == "sklearn"
             and SKLEARN_TASKS[self.data.name] == "regression"

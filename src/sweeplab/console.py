@@ -185,6 +185,8 @@ def print_sweep_summary(outcome, sweep, tracking_uri: str, storage_url: str) -> 
             if "sweeplab.refit_of" in champion.tags:  # data.folds: the winner trained again on the whole split
                 by += f", refit on the whole training split: run {champion.run_id}"
             print(f"champion: {champion.uri} (version {champion.version}, trial #{champion.trial}{by}, {state})")
+            if champion.test:  # data.test_size: the champion's weights on the split the search never saw
+                print(f"  test: {test_text(champion.test, part.sweep.base_config.objective.metric)}")
         print()
     commands = sweep_commands(outcome, sweep, tracking_uri)
     print(f"browse:   {commands['browse']}")
@@ -219,3 +221,11 @@ def invocation() -> str:
             return "sweeplab"
         return shlex.quote(argv0)
     return f"{shlex.quote(sys.executable)} -m sweeplab"
+
+
+def test_text(scores: dict[str, float], metric: str) -> str:
+    """`test_accuracy 0.9583, test_loss 0.1234 (the held-out test split, scored once)`: the objective's first."""
+    first = "test_" + metric.removeprefix("val_")
+    names = sorted(scores, key=lambda name: (name != first, name != "test_loss", name))
+    shown = ", ".join(f"{name} {scores[name]:.4g}" for name in names[:4])
+    return f"{shown} (the held-out test split, scored once)"

@@ -35,7 +35,7 @@ from sweeplab.sweep.helpers import Helpers
 from sweeplab.sweep.ledger import RUN_ID_ATTR, WORKER_ATTR, Ledger, best_trials, finished_count, finished_trials
 from sweeplab.sweep.probes import Plan
 from sweeplab.sweep.refit import refit
-from sweeplab.sweep.search import CODE_KEY, budget, check_compatible, label_study, open_storage, open_study
+from sweeplab.sweep.search import CODE_KEY, budget, check_compatible, label_study, open_storage, open_study, values_of
 from sweeplab.sweep.spec import Sweep, result_settings
 from sweeplab.sweep.writers import InlineWriter, WriterPool, WriterSetup
 from sweeplab.track.champion import (
@@ -45,10 +45,11 @@ from sweeplab.track.champion import (
     TAG_SEEDS,
     Champion,
     register_champion,
+    score_on_test,
 )
 from sweeplab.track.recorder import Recorder, finite
 from sweeplab.track.tracker import TAG_REFIT_OF, TAG_ROLE, TAG_STUDY, Tracker, condition_label
-from sweeplab.train.crossval import Folded
+from sweeplab.train.crossval import Folded, refit_config
 from sweeplab.train.engines import Engine, Job, Routes, engine_named
 from sweeplab.train.epoch import EpochRecord
 from sweeplab.train.items import BatchError
@@ -591,10 +592,12 @@ def crown(
             TAG_OBJECTIVE_STD: repr(seeded.std),
             TAG_SEEDS: str(seeded.n),
         }
-    if part.sweep.base_config.data.folds is not None:  # fold trials keep no weights: the winner is refit
+    config = part.sweep.config_for(values_of(best.params, part.sweep.spec.space))  # the winner's run's config
+    if config.data.folds is not None:  # fold trials keep no weights: the winner is refit
         tags[TAG_REFIT_OF] = best.run_id
-        best = refit(tracker, part.sweep, best, experiment_id, part.parent_run_id)
-    return register_champion(
+        best = refit(tracker, config, best, experiment_id, part.parent_run_id, part.sweep.spec.study)
+        config = refit_config(config, best.best_epoch or 1)
+    champion = register_champion(
         tracker,
         best,
         part.sweep.spec.study,
@@ -604,6 +607,7 @@ def crown(
         part.sweep.base_config.objective.column,
         tags,
     )
+    return score_on_test(tracker, champion, config)  # data.test_size: once, now that the search is over
 
 
 def describe_study(tracker: Tracker, experiment_id: str, sweep: Sweep) -> None:

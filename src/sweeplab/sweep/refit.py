@@ -14,16 +14,15 @@ import dataclasses
 
 from sweeplab.outcome import Outcome
 from sweeplab.sweep.ledger import TrialSummary
-from sweeplab.sweep.search import values_of
-from sweeplab.sweep.spec import Sweep
 from sweeplab.track.recorder import RunTracker
 from sweeplab.track.tracker import TAG_REFIT_OF, TAG_ROLE, TAG_STUDY, TAG_TRIAL, Tracker
 from sweeplab.train.crossval import refit_config
 from sweeplab.train.experiment import run_experiment
 
 
-def refit(tracker: Tracker, sweep: Sweep, best: TrialSummary, experiment_id: str, parent_run_id: str | None):
-    """`best` with its run the refit's (trained now, or found finished from an earlier run of this sweep)."""
+def refit(tracker: Tracker, trial, best: TrialSummary, experiment_id: str, parent_run_id: str | None, study: str):
+    """`best` with its run the refit's (trained now, or found finished from an earlier run of this sweep); `trial`
+    is the winner's configuration (its folds included)."""
     found = tracker.client.search_runs(
         [experiment_id],
         f"tags.`{TAG_REFIT_OF}` = '{best.run_id}' and attributes.status = 'FINISHED'",
@@ -31,11 +30,11 @@ def refit(tracker: Tracker, sweep: Sweep, best: TrialSummary, experiment_id: str
     )
     if found:
         return dataclasses.replace(best, run_id=found[0].info.run_id)
-    config = refit_config(sweep.config_for(values_of(best.params, sweep.spec.space)), best.best_epoch or 1)
+    config = refit_config(trial, best.best_epoch or 1)
     tags = {
         TAG_ROLE: "refit",
         TAG_REFIT_OF: best.run_id,
-        TAG_STUDY: sweep.spec.study,
+        TAG_STUDY: study,
         TAG_TRIAL: str(best.number),
         "sweeplab.engine": "reference",
         **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),

@@ -14,6 +14,7 @@ store named anything but ./mlflow.db must not be looked up in ./mlflow.db.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -60,6 +62,7 @@ class Champion:
     new: bool  # registered now (False: it already was this alias's model)
     condition: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)  # its mean over seeds (TAG_OBJECTIVE_MEAN...), when confirmed
+    test: dict = field(default_factory=dict)  # data.test_size: its scores on the test split (score_on_test)
 
     @property
     def uri(self) -> str:
@@ -430,3 +433,29 @@ def _current_champion(tracker: Tracker, name: str, alias: str = ALIAS):
         return tracker.client.get_model_version_by_alias(name, alias)
     except Exception:  # no such model or alias yet
         return None
+
+
+def score_on_test(tracker: Tracker, champion: Champion, config) -> Champion:
+    """`data.test_size` (or a loader's test split): the champion's weights scored on the test split once, after the
+    sweep (train.experiment.test_scores), logged on its run (`test_loss`, `test_<metric>`) and tagged on its
+    registered version; a champion already scored (a resume) keeps its scores. `config` is its run's. Returns the
+    champion with its scores (`test`)."""
+    from sweeplab.train.data import seeded_dataset
+    from sweeplab.train.experiment import test_scores
+
+    dataset = seeded_dataset(config)
+    if not dataset.has_test:
+        return champion
+    client = tracker.client
+    logged = client.get_run(champion.run_id).data.metrics
+    scores = {name: value for name, value in logged.items() if name.startswith("test_")}
+    if "test_loss" not in scores:
+        with tempfile.TemporaryDirectory(prefix="sweeplab-test-") as tmp:
+            model, _ = load_checkpoint(
+                tracker.download_checkpoint(champion.run_id, Path(tmp)), code_dir=config.code_dir
+            )
+        scores = test_scores(config, dataset, model)
+        client.log_batch(champion.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in scores.items()])
+    for name, value in scores.items():
+        client.set_model_version_tag(champion.name, champion.version, name, repr(value))
+    return dataclasses.replace(champion, test=scores)

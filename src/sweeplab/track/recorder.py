@@ -307,6 +307,8 @@ def summary_metrics(result, now: int) -> list[Metric]:
     baseline = baseline_val_loss(result)
     if baseline is not None:
         summary.append(Metric("baseline_val_loss", baseline, now, SUMMARY_STEP))
+    for name, value in (getattr(result, "test", None) or {}).items():  # data.test_size: scored once, at the end
+        summary.append(Metric(name, value, now, SUMMARY_STEP))
     return summary
 
 

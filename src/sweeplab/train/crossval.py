@@ -1,7 +1,7 @@
 """k-fold cross-validation (`data.folds: F`) for any engine: a trial trained as F fold members, scored by their mean.
 
 `Folded` wraps the engine a sweep (or a rerun) trains with. Each job whose config asks for folds becomes F fold
-members (`data.fold = 0..F-1`: train/folds.py gives each its data), trained by the wrapped engine beside the batch's
+members (`data.fold = 0..F-1`: train/splits.py gives each its data), trained by the wrapped engine beside the batch's
 other jobs: the stacked engine stacks the folds of every trial of a batch as members of its groups. Once every fold
 has trained epoch e, the trial's epoch e is the mean over folds of the training and validation losses and of every
 metric, with each fold's own as `fold<i>_<metric>`; one `epoch.Curves` (K = 1) takes the trial's decisions on that

@@ -8,6 +8,7 @@ loop.py; the model that fits the data is in model.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -24,7 +25,6 @@ from sweeplab.config import ConfigError, DataConfig, ExperimentConfig
 from sweeplab.stop import Stopped
 from sweeplab.train import batch
 from sweeplab.train.batch import Inputs
-from sweeplab.train.folds import hold_out
 from sweeplab.train.items import (  # how items become batches (and a bad one is named): items.py
     IndexedSubset,
     InMemoryItems,
@@ -33,6 +33,7 @@ from sweeplab.train.items import (  # how items become batches (and a bad one is
     target_for_task,
 )
 from sweeplab.train.plugins import error_text, exit_text, import_object, user_code
+from sweeplab.train.splits import class_labels, hold_out, split_indices, split_lengths
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,18 @@ class Dataset:
     loader_args: dict = field(default_factory=dict)  # num_workers, pin_memory, persistent_workers
     where: str = "data"  # how errors name the data: `data.class_path: my_data.load()` for a user's loader
     collated_shape: tuple[int, ...] = ()  # one sample's shape where the collate_fn keeps it (_example); () if not
+    # the test split (data.test_size, or a loader's `test`): never trained or validated on; scored once at the end
+    x_test: Inputs | None = None
+    y_test: torch.Tensor | None = None
+    test_set: TorchDataset | None = None
+
+    @property
+    def has_test(self) -> bool:
+        return self.test_set is not None or self.y_test is not None
+
+    def test_view(self) -> "Dataset":
+        """This data set with its test split where the validation split is: what scoring on it evaluates."""
+        return dataclasses.replace(self, x_val=self.x_test, y_val=self.y_test, val_set=self.test_set)
 
     @property
     def lazy(self) -> bool:
@@ -136,23 +149,8 @@ def labels_for_task(y: torch.Tensor, task: str, n_classes: int) -> torch.Tensor:
     return torch.bucketize(y[:, 0], multiclass_edges(n_classes))
 
 
-def split_lengths(n: int, val_size: int | float) -> tuple[int, int]:
-    """(train, val) lengths; a fraction is floored for val, as `random_split` floors each part and hands the
-    remainder out from the first (train) part on."""
-    if isinstance(val_size, float):
-        n_val = math.floor(n * val_size)
-        n_train = math.floor(n * (1 - val_size))
-        remainder = n - n_val - n_train
-        n_train += (remainder + 1) // 2
-        n_val += remainder // 2
-    else:
-        n_val = val_size
-        n_train = n - n_val
-    return n_train, n_val
-
-
 def make_dataset(config: ExperimentConfig) -> Dataset:
-    """The run's data set: its training and validation splits, or a fold member's (`data.fold`: train/folds.py)."""
+    """The run's data set: its training and validation splits, or a fold member's (`data.fold`: train/splits.py)."""
     dataset = _make_dataset(config)
     return hold_out(dataset, config.data) if config.data.fold is not None else dataset
 
@@ -168,6 +166,7 @@ def _make_dataset(config: ExperimentConfig) -> Dataset:
         description = f"sklearn:{data.name}"
     elif data.source == "python":
         loaded = _from_loader(config)
+        _check_own_split(config, loaded)
         if loaded.lazy:
             return _lazy_dataset(config, loaded)
         x, y, split = loaded.x, loaded.y, loaded.split
@@ -178,10 +177,19 @@ def _make_dataset(config: ExperimentConfig) -> Dataset:
         y = labels_for_task(y, config.task, data.n_classes)
         names = ("x1", "x2")
         description = f"synthetic(n={data.n_samples}, noise={data.noise})"
-    if split is not None:  # the loader's own train/validation split
-        (x_train, y_train), (x_val, y_val) = ((part.x, part.y) for part in split)
+    x_test = y_test = None
+    if split is not None:  # the loader's own train/validation (and test) split
+        (x_train, y_train), (x_val, y_val) = ((part.x, part.y) for part in split[:2])
+        if len(split) > 2:
+            x_test, y_test = split[2].x, split[2].y
     else:
-        train_idx, val_idx = split_indices(y.shape[0], data)
+        labels = class_labels(y, config.task) if data.stratify else None
+        if data.test_size is not None:  # set aside first, by its own seed: the rest is split as without it
+            rest, test = split_indices(y.shape[0], data, labels, data.test_size, data.test_seed, "test")
+            x_test, y_test = batch.take(x, test), y[test]
+            x, y = batch.take(x, rest), y[rest]
+            labels = labels[rest] if labels is not None else None
+        train_idx, val_idx = split_indices(y.shape[0], data, labels)
         x_train, x_val = batch.take(x, train_idx), batch.take(x, val_idx)
         y_train, y_val = y[train_idx], y[val_idx]
     if data.train_fraction < 1:  # the first of the (shuffled) training split: smaller sets nest in larger ones
@@ -215,18 +223,9 @@ def _make_dataset(config: ExperimentConfig) -> Dataset:
         example=example,
         loader_args=loader_args(data),
         collated_shape=kept,
+        x_test=x_test,
+        y_test=y_test,
     )
-
-
-def split_indices(n: int, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) indices: `random_split`'s permutation of n samples by `data.split_seed`."""
-    n_train, n_val = split_lengths(n, data.val_size)
-    if n_train < 1 or n_val < 1:
-        raise ConfigError(
-            f"data.val_size: {data.val_size} leaves {n_train} train and {n_val} validation samples of {n}"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
-    return perm[:n_train], perm[n_train:]
 
 
 def loader_args(data: DataConfig) -> dict:
@@ -248,22 +247,46 @@ def collate_fn_of(config: ExperimentConfig) -> Callable | None:
     return function
 
 
+def _check_own_split(config: ExperimentConfig, loaded: "Loaded") -> None:
+    """A loader that gives its own split decides it: the settings that would make one are refused, not ignored."""
+    if loaded.split is None:
+        return
+    where = f"data.class_path: {config.data.class_path}() gives its own split"
+    if config.data.test_size is not None:
+        raise ConfigError(f"data.test_size: {where}; give its dict a 'test' entry instead")
+    if config.data.stratify:
+        raise ConfigError(f"data.stratify: {where}; stratify it there (scikit-learn's train_test_split)")
+
+
 def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
     """A map-style Dataset split by indices (Subsets: nothing is read here but the example batch)."""
     data = config.data
     description = f"python:{data.class_path} (lazy)"
+    test_set = y_test = None
     if loaded.split is not None:
-        train, val = loaded.split
         # each split's items by their index in its own Dataset (a range costs no memory)
-        train_set = IndexedSubset(train.dataset, range(len(train.dataset)))
-        val_set = IndexedSubset(val.dataset, range(len(val.dataset)))
-        y_train, y_val = train.y, val.y
+        train_set, val_set, *test = (IndexedSubset(p.dataset, range(len(p.dataset))) for p in loaded.split)
+        y_train, y_val = loaded.split[0].y, loaded.split[1].y
+        if test:
+            test_set, y_test = test[0], loaded.split[2].y
     else:
-        train_idx, val_idx = split_indices(len(loaded.dataset), data)
+        n, known = len(loaded.dataset), loaded.y is not None
+        indices = torch.arange(n)
+        if data.stratify and not known:
+            raise ConfigError(
+                f"data.stratify: data.class_path: {data.class_path}() gave a Dataset without labels to stratify by "
+                "(give it a `targets` attribute, as torchvision's datasets have)"
+            )
+        labels = class_labels(loaded.y, config.task) if data.stratify else None
+        if data.test_size is not None:
+            rest, test = split_indices(n, data, labels, data.test_size, data.test_seed, "test")
+            test_set = IndexedSubset(loaded.dataset, test.numpy())
+            y_test = loaded.y[test] if known else None
+            indices, labels = rest, (labels[rest] if labels is not None else None)
+        train_idx, val_idx = (indices[i] for i in split_indices(len(indices), data, labels))
         # the indices as int64 arrays (8 bytes each; a list of Python ints takes ~36, in every worker it is sent to)
         train_set = IndexedSubset(loaded.dataset, train_idx.numpy())
         val_set = IndexedSubset(loaded.dataset, val_idx.numpy())
-        known = loaded.y is not None
         y_train, y_val = (loaded.y[train_idx], loaded.y[val_idx]) if known else (None, None)
     if data.train_fraction < 1:
         keep = max(1, math.floor(len(train_set) * data.train_fraction))
@@ -306,6 +329,8 @@ def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
         loader_args=loader_args(data),
         where=where,
         collated_shape=kept if collate is not None else (),
+        test_set=test_set,
+        y_test=y_test,
     )
 
 
@@ -555,7 +580,7 @@ class Loaded:
     x: Inputs = None
     y: torch.Tensor | None = None
     dataset: TorchDataset | None = None
-    split: tuple["Loaded", "Loaded"] | None = None
+    split: tuple["Loaded", ...] | None = None  # train, val (and test)
 
     @property
     def lazy(self) -> bool:
@@ -600,8 +625,10 @@ def _from_loader(config: ExperimentConfig) -> Loaded:
             raise
         raise ConfigError(f"{field}: {data.class_path}() {exit_text(exc)}") from None
     where = f"{field}: {data.class_path}()"
-    if isinstance(got, dict) and set(got) == {"train", "val"}:
-        parts = tuple(_part(got[key], f"{where}[{key!r}]", config.task) for key in ("train", "val"))
+    if isinstance(got, dict) and {"train", "val"} <= set(got) <= {"train", "val", "test"}:
+        keys = ("train", "val", "test") if "test" in got else ("train", "val")
+        parts = tuple(_part(got[key], f"{where}[{key!r}]", config.task) for key in keys)
+
         if parts[0].lazy != parts[1].lazy:
             raise ConfigError(f"{where}: train and val must both be Datasets, or both (X, y)")
         if not parts[0].lazy and batch.structure(parts[0].x) != batch.structure(parts[1].x):
@@ -611,7 +638,7 @@ def _from_loader(config: ExperimentConfig) -> Loaded:
             )
         loaded = Loaded(split=parts)
     elif isinstance(got, dict) and set(got) & {"train", "val"}:
-        raise ConfigError(f"{where} returned a dict with keys {sorted(map(str, got))}; give train and val")
+        raise ConfigError(f"{where} returned a dict with keys {sorted(map(str, got))}; give train and val (and test)")
     else:
         loaded = _part(got, where, config.task)
     _LOADED[key] = (loaded, torch.get_rng_state())

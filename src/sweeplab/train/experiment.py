@@ -27,6 +27,7 @@ from sweeplab.train.loop import (
     Step,
     TensorBatches,
     check_batch,
+    evaluate,
     fit,
     predict,
 )
@@ -177,6 +178,7 @@ class RunResult(Trained):
     predictions: torch.Tensor  # model outputs for config.predict_x, best state restored
     refit: History | None = None  # data.folds: the refit's History (its model is `model`; `history` the folds' mean)
     refit_run_id: str | None = None
+    test: dict[str, float] | None = None  # data.test_size: the best state's scores on the test split (test_scores)
 
 
 def make_batches(
@@ -257,6 +259,22 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = (),
     else:  # a user's model need not take an empty batch
         predictions = torch.empty(0, dataset.n_outputs)
     return RunResult(config, dataset, spec, history, model, device, predictions)
+
+
+def test_scores(config: ExperimentConfig, dataset: Dataset, model: torch.nn.Module) -> dict[str, float]:
+    """The model's scores on the test split, evaluated as validation evaluates: `test_loss` and `test_<metric>` for
+    every metric the run logs (`val_accuracy` -> `test_accuracy`). Called once per champion and per `sweeplab run`,
+    never during the search."""
+    view = dataset.test_view()
+    device = next(model.parameters()).device
+    train = config.train
+    loss_fn = build_loss(config, dataset.y_train, dataset.n_classes).to(device)
+    size = train.val_batch_size or (train.batch_size if dataset.lazy else view.n_val)
+    batches = make_batches(view, "val", size, train.loader, device=device)
+    loss, values, _ = evaluate(
+        model, batches, loss_fn, config.task, None, logged_metrics(config), build_metrics(config)
+    )
+    return {"test_loss": loss, **{"test_" + name.removeprefix("val_"): value for name, value in values.items()}}
 
 
 # --- checks before any store exists (`sweeplab run`, `sweeplab sweep`) ---------------------------------------

@@ -1,4 +1,6 @@
-"""`data.folds: F`: which samples of the training split each fold holds out, and a fold member's data.
+"""Which samples each split holds: the test split (`data.test_size`, set aside first), the train/validation split
+(random_split's permutation, or scikit-learn's stratified split with `data.stratify`), and a fold member's
+(`data.folds: F`) part of the training split.
 
 A fold member (`data.fold = i`, set by sweeplab) trains on the training split less its fold i and validates on
 fold i; the validation split stays out of the search (a refit's held-out score). The folds are scikit-learn's:
@@ -9,6 +11,7 @@ Dataset without labels, both shuffled by `data.split_seed`, so a plain loop with
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -16,6 +19,47 @@ import torch
 from sweeplab.config import ConfigError, DataConfig
 from sweeplab.train import batch
 from sweeplab.train.items import IndexedSubset
+
+
+def split_lengths(n: int, val_size: int | float) -> tuple[int, int]:
+    """(train, val) lengths; a fraction is floored for val, as `random_split` floors each part and hands the
+    remainder out from the first (train) part on."""
+    if isinstance(val_size, float):
+        n_val = math.floor(n * val_size)
+        n_train = math.floor(n * (1 - val_size))
+        remainder = n - n_val - n_train
+        n_train += (remainder + 1) // 2
+        n_val += remainder // 2
+    else:
+        n_val = val_size
+        n_train = n - n_val
+    return n_train, n_val
+
+
+def split_indices(
+    n: int, data: DataConfig, labels: torch.Tensor | None = None, size=None, seed: int | None = None, name: str = "val"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, split off) indices of n samples: `random_split`'s permutation by `data.split_seed` (the validation
+    split; `size` and `seed` give the test split's), or with `data.stratify` and `labels`, scikit-learn's
+    `train_test_split(stratify=labels)` by the same seed."""
+    size = data.val_size if size is None else size
+    seed = data.split_seed if seed is None else seed
+    n_kept, n_off = split_lengths(n, size)
+    if n_kept < 1 or n_off < 1:
+        kept = "train" if name == "val" else "train and validation"
+        raise ConfigError(f"data.{name}_size: {size} leaves {n_kept} {kept} and {n_off} {name} samples of {n}")
+    if data.stratify and labels is not None:
+        from sklearn.model_selection import train_test_split
+
+        try:
+            kept, off = train_test_split(
+                np.arange(n), test_size=n_off, train_size=n_kept, stratify=labels.numpy(), random_state=seed % 2**32
+            )
+        except ValueError as exc:  # a class too rare to appear in both parts
+            raise ConfigError(f"data.stratify: {exc}") from None
+        return torch.from_numpy(kept), torch.from_numpy(off)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n_kept], perm[n_kept:]
 
 
 def fold_indices(n: int, labels: torch.Tensor | None, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
