@@ -80,6 +80,7 @@ def start_sweep(
 
     raw, objects = _raw_of(spec, "spec")
     tracking_uri = resolve_tracking_uri(tracking_uri)
+    weights_from(tracking_uri)  # model.init_from's runs:/ and models:/ come from this store
     # a bad spec fails here, before any study or run exists, and so does an engine or device it cannot use
     plan = settle(load_sweep(raw, overrides))  # and bad data, a bad model
     sweep = plan.sweep
@@ -219,6 +220,7 @@ def train_run(config, source: str, tracking_uri: str | None, track: bool, callba
     configured the process."""
     from sweeplab.train.experiment import check_config, run_experiment
 
+    weights_from(tracking_uri)
     if not checked:
         check_config(config, source)  # bad data or a bad model is one line before any store exists
     tracker = None
@@ -364,6 +366,7 @@ def rerun(run_id: str, tracking_uri: str | None, track: bool = True):
     from sweeplab.track.rerun import TAG_RERUN_OF, compare, read_like, train_like
 
     uri = resolve_tracking_uri(tracking_uri)
+    weights_from(uri)
     like = read_like(run_id, uri)
     try:
         tracker = None
@@ -413,3 +416,12 @@ def run_result(result, tracker, model=None) -> RunResult:
         history.stop_reason,
         refit_run_id=getattr(result, "refit_run_id", None),
     )
+
+
+def weights_from(tracking_uri: str | None) -> None:
+    """`model.init_from`'s runs:/ and models:/ URIs are read from this store (train/init.py), from now on."""
+    from sweeplab.track.serve import fetch_weights
+    from sweeplab.train.init import use_fetcher
+
+    uri = resolve_tracking_uri(tracking_uri)
+    use_fetcher(lambda source: fetch_weights(source, uri))

@@ -48,9 +48,10 @@ class UsageError(Exception):
 def _run(args: argparse.Namespace) -> int:
     # The config is checked before torch is even imported: a typo costs milliseconds, not seconds.
     config = load_experiment(args.experiment, parse_overrides(args.overrides))
-    from sweeplab.api import train_run  # what sweeplab.run calls too
+    from sweeplab.api import train_run, weights_from  # what sweeplab.run calls too
     from sweeplab.train.experiment import check_config
 
+    weights_from(args.tracking_uri)  # model.init_from's runs:/ and models:/
     check_config(config, args.experiment)  # before anything is printed or written
     configure(with_optuna=False)
     printer = None if args.json else SeedPrinter(config.name, config.print_every)
@@ -177,6 +178,9 @@ def _worker(args: argparse.Namespace) -> int:
 
     if args.worker_index < 0:
         raise UsageError(f"--worker-index {args.worker_index}: must be 0 or more")
+    from sweeplab.api import weights_from
+
+    weights_from(args.tracking_uri)
     plan = settle(load_sweep(args.sweep, parse_overrides(args.overrides)))
     from sweeplab.sweep.driver import run_worker
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -288,6 +289,13 @@ class DataConfig(_Frozen):
         return self
 
 
+class InitFromConfig(_Frozen):
+    """Weights to start from, and the names to keep fresh (a new head)."""
+
+    uri: str = Field(description="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION, or a .pt state_dict file")
+    exclude: Globs = Field(default_factory=list, description="glob(s) of state_dict keys left as initialised")
+
+
 class ModelConfig(_Frozen):
     """The built-in MLP (in_features -> hidden... -> out_features, out_features from the task), or the user's own
     nn.Module by import path: `class_path: my_nets.SmallCNN` + `init_args` (LightningCLI's convention). Constructor
@@ -299,6 +307,19 @@ class ModelConfig(_Frozen):
     dropout: float = Field(0.0, ge=0, lt=1, description="the built-in MLP's dropout after each hidden layer")
     class_path: ModelPath = Field(None, description="module.Class of the user's nn.Module")
     init_args: InitArgs = Field(default_factory=dict, description="keyword arguments of the class")
+    init_from: Union[str, InitFromConfig, None] = Field(
+        None,
+        description=(
+            "start from other weights: runs:/RUN_ID (its best state), models:/NAME@ALIAS or models:/NAME/VERSION, or "
+            "a local .pt state_dict; or {uri, exclude: [glob]} to keep fresh weights for some names (a new head)"
+        ),
+    )
+
+    @property
+    def init_source(self) -> InitFromConfig | None:
+        if self.init_from is None or isinstance(self.init_from, InitFromConfig):
+            return self.init_from
+        return InitFromConfig(uri=self.init_from)
 
     @model_validator(mode="after")
     def _one_model(self) -> "ModelConfig":
@@ -376,6 +397,28 @@ class MetricSpec(ClassSpec):
         return value
 
 
+Globs = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+
+
+class ParamGroupConfig(_Frozen):
+    """A parameter group of the optimizer (torch's param_groups): the parameters whose names (`named_parameters()`)
+    match one of the `params` globs (fnmatch: `features.*`), the first group that matches winning; the rest train
+    in the default group. Its lr is `train.lr * lr_scale`, and schedulers act on every group as torch's do."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="logged as lr_<name>")
+    params: Globs = Field(description="glob(s) over the model's parameter names")
+    lr_scale: float = Field(1.0, gt=0, description="the group's lr is train.lr times this")
+    weight_decay: float | None = Field(None, ge=0, description="default: train.weight_decay (or the optimizer's own)")
+
+
+class FreezeConfig(_Frozen):
+    """Parameters trained not at all for the first `epochs` (Lightning's BaseFinetuning): no gradient, no update, no
+    weight decay, no optimizer state; a BatchNorm whose parameters are all frozen keeps its running statistics."""
+
+    params: Globs = Field(description="glob(s) over the model's parameter names")
+    epochs: int = Field(gt=0, le=MAX_EPOCHS, description="frozen for epochs 1..N, trained from N + 1")
+
+
 class TrainConfig(_Frozen):
     optimizer: Union[OptimizerName, ClassSpec] = Field(
         "Adam", description="a name, or any torch.optim class (or yours) by class_path with init_args"
@@ -404,6 +447,13 @@ class TrainConfig(_Frozen):
     clip_grad_value: float | None = Field(None, gt=0, description="clamp every gradient to +-value")
     accumulate_grad_batches: int = Field(1, ge=1, le=MAX_SAMPLES, description="batches whose gradients one step takes")
     precision: Literal["32", "bf16", "16"] = Field("32", description="bf16: autocast; 16: CUDA only, with a GradScaler")
+    param_groups: list[ParamGroupConfig] = Field(
+        default_factory=list,
+        description="optimizer parameter groups by name globs, each its own lr_scale (lr_<name> logged per epoch)",
+    )
+    freeze: list[FreezeConfig] = Field(
+        default_factory=list, description="parameters by name globs kept frozen for their first epochs (fine-tuning)"
+    )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -436,6 +486,9 @@ class TrainConfig(_Frozen):
             raise ValueError("clip_grad_norm and clip_grad_value: give one of them, not both")
         if isinstance(self.optimizer, ClassSpec) and self.momentum:
             raise ValueError("momentum: with optimizer.class_path, give momentum in optimizer.init_args")
+        names = [group.name for group in self.param_groups]
+        if len(set(names)) < len(names) or "default" in names:
+            raise ValueError("param_groups: each group needs a name of its own (and `default` is the rest's)")
         return self
 
 
@@ -641,13 +694,29 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         path = resolve_key(key, result).split(".")
         node = result
         for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
+            child = _item(node, part) if isinstance(node, list) else node.get(part)
+            if not isinstance(child, (dict, list)):
+                if isinstance(node, list):
+                    raise ConfigError(f"{key}: no item {part!r} in the list it names")
                 child = {}
                 node[part] = child
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            index = node.index(_item(node, path[-1]))
+            node[index] = value
+        else:
+            node[path[-1]] = value
     return result
+
+
+def _item(items: list, part: str):
+    """A list's item by its index (`train.freeze.0.epochs`) or by its `name` (`train.param_groups.head.lr_scale`)."""
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == part:
+            return item
+    return None
 
 
 def merge(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -834,6 +903,9 @@ def flat_fields(config: ExperimentConfig) -> dict[str, Any]:
         if isinstance(value, dict):
             for key, item in value.items():
                 walk(f"{prefix}{key}.", item)
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for i, item in enumerate(value):  # param_groups by name, freeze by index (as apply_overrides finds them)
+                walk(f"{prefix}{item.get('name', i)}.", item)
         else:
             flat[prefix[:-1]] = value
 

@@ -33,6 +33,7 @@ from sweeplab.track.tracker import (
     TAG_CONDITION,
     TAG_CONFIRMS,
     TAG_ENGINE,
+    TAG_INIT_FROM,
     TAG_KERNELS,
     TAG_MODEL_CLASS,
     TAG_NOTE,
@@ -54,6 +55,7 @@ from sweeplab.track.tracker import (
 )
 from sweeplab.train import batch
 from sweeplab.train.epoch import EpochRecord
+from sweeplab.train.init import source_label
 from sweeplab.train.loop import baseline_loss
 from sweeplab.train.model import save_checkpoint, spec_json
 from sweeplab.train.options import build_loss, fitted_constant_loss
@@ -88,6 +90,8 @@ def begin_run(
 def run_tags(config: ExperimentConfig) -> dict[str, str]:
     """What the run's result follows (its objective) and, for a user's model, which class and which source."""
     tags = {TAG_OBJECTIVE: f"{config.objective.metric} {config.objective.direction}"}
+    if config.model.init_from is not None:  # lineage: the weights it started from, as they resolved
+        tags[TAG_INIT_FROM] = source_label(config)
     if config.model.class_path:
         tags[TAG_MODEL_CLASS] = config.model.class_path
         found = source_of(config.model.class_path, config.code_dir)
@@ -142,6 +146,8 @@ class TrialRun:
         values = {"train_loss": record.train_loss, "val_loss": record.val_loss, **record.metrics}
         if record.lr is not None:
             values["lr"] = record.lr
+        for name, rate in record.group_lr.items():  # train.param_groups: each named group's rate
+            values[f"lr_{name}"] = rate
         self._pending += [
             Metric(name, value, now, step) for name, value in values.items() if math.isfinite(value)
         ]  # as curve_metrics: a NaN would hide the whole curve
@@ -283,6 +289,9 @@ def curve_metrics(history, now: int, after_epoch: int = 0) -> list[Metric]:
         metrics += [Metric(name, values[epoch - 1], now, epoch) for name, values in history.metrics.items()]
         if len(history.lr) >= epoch:
             metrics.append(Metric("lr", history.lr[epoch - 1], now, epoch))
+        for name, rates in history.group_lr.items():
+            if len(rates) >= epoch:
+                metrics.append(Metric(f"lr_{name}", rates[epoch - 1], now, epoch))
     return [metric for metric in metrics if math.isfinite(metric.value)]
 
 

@@ -413,3 +413,36 @@ def predict_named(model, spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> l
     for i, item in enumerate(described):
         item["x"] = {name: value[i].tolist() for name, value in tensors.items()}
     return described
+
+
+def fetch_weights(uri: str, tracking_uri: str) -> tuple[dict, str]:
+    """`model.init_from`'s `runs:/RUN_ID`, `models:/NAME@ALIAS` or `models:/NAME/VERSION`: that run's best state
+    (read with weights_only), and what the URI resolved to (a run's `sweeplab.init_from` tag). One line (ConfigError)
+    for a run or model that is not there."""
+    from sweeplab.config import ConfigError
+    from sweeplab.track.tracker import Tracker
+    from sweeplab.train.model import read_checkpoint
+
+    if uri.startswith("runs:/"):
+        run_id = uri.removeprefix("runs:/").strip("/").split("/")[0]
+        label = f"run {run_id}"
+    else:
+        try:
+            run_id, _ = resolve_run_id(uri, tracking_uri)
+        except ModelNotFound as exc:
+            raise ConfigError(f"model.init_from: {exc}") from None
+        label = f"{uri} (run {run_id})"
+    tracker = Tracker(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as process.configure has it
+    with tempfile.TemporaryDirectory(prefix="sweeplab-init-") as tmp:
+        try:
+            path = tracker.download_checkpoint(run_id, Path(tmp))
+        except Exception:
+            raise ConfigError(
+                f"model.init_from: {uri}: no best state of run {run_id} in {_display(tracking_uri)}"
+            ) from None
+        try:
+            payload, _ = read_checkpoint(path)
+        except ValueError as exc:
+            raise ConfigError(f"model.init_from: {uri}: {exc}") from None
+    return payload, label

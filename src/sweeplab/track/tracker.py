@@ -51,6 +51,7 @@ TAG_CONDITION = "sweeplab.condition"  # noise=0.3: the condition a trial ran und
 TAG_CONFIRMS = "sweeplab.confirms"  # on a confirmation's repeat (role confirm): the run id of the trial it repeats
 TAG_STACKED_WIDTH = "sweeplab.stacked_width"  # a stacked MLP's: the hidden width its group padded it to
 TAG_STACKED_MEMBERS = "sweeplab.stacked_members"  # a stacked trial's: how many members its group had
+TAG_INIT_FROM = "sweeplab.init_from"  # model.init_from: the weights a run started from, as the URI resolved
 TAG_REFIT_OF = "sweeplab.refit_of"  # a refit run's (data.folds): the trial whose configuration it refit
 TAG_KERNELS = "sweeplab.cpu_kernels"  # the instruction set torch's CPU kernels used (AVX2 under the command)
 TAG_ENGINE = "sweeplab.engine"  # reference | vectorized: which engine trained the trial

@@ -34,6 +34,7 @@ class EpochRecord:
     value: float = math.nan  # the objective's metric this epoch (val_loss by default): what a pruner is told
     best_value: float = math.nan  # ... and at the best epoch
     lr: float | None = None  # the rate the epoch's last optimizer step used, when a schedule changes it
+    group_lr: dict[str, float] = field(default_factory=dict)  # train.param_groups: each named group's (lr_<name>)
 
 
 # A callback sees each epoch and may return a reason to stop (a pruner does); None carries on.
@@ -71,6 +72,7 @@ class History:
     objective: tuple[str, str] = MINIMIZE
     best_value: float = math.nan  # the objective's metric at the best epoch (= best_val_loss by default)
     lr: list[float] = field(default_factory=list)  # per epoch, the rate its last optimizer step used (a schedule)
+    group_lr: dict[str, list[float]] = field(default_factory=dict)  # per epoch, each named parameter group's rate
     early_stopping: tuple[int, float] | None = None  # (patience, min_delta) on the objective
     epochs_without: int = 0  # epochs in a row, at the end, without an improvement by more than min_delta
 

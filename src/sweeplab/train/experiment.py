@@ -20,6 +20,7 @@ from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_m
 from sweeplab.train import batch
 from sweeplab.train.data import Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
 from sweeplab.train.epoch import Callback, History
+from sweeplab.train.init import start_from
 from sweeplab.train.items import CheckedCollate
 from sweeplab.train.loop import (
     LoaderBatches,
@@ -32,7 +33,15 @@ from sweeplab.train.loop import (
     predict,
 )
 from sweeplab.train.model import ModelSpec, build_model
-from sweeplab.train.options import build_loss, build_metrics, build_optimizer, build_scheduler, monitor_of
+from sweeplab.train.options import (
+    build_loss,
+    build_metrics,
+    build_optimizer,
+    build_scheduler,
+    frozen_parameters,
+    monitor_of,
+    optimizer_params,
+)
 from sweeplab.train.plugins import call_users, data_args, error_text, model_class
 
 
@@ -214,8 +223,10 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = (),
     dataset = make_dataset(config)
     check_predict_x(config, dataset)
     spec = model_spec_for(config, dataset)
-    model = build_model(spec, config.code_dir).to(device)
-    optimizer = build_optimizer(config, model.parameters())
+    model = build_model(spec, config.code_dir)
+    start_from(config, model)  # model.init_from: another run's weights (fine-tuning)
+    model = model.to(device)
+    optimizer = build_optimizer(config, optimizer_params(config, model))
     train = config.train
     loss_fn = build_loss(config, dataset.y_train, dataset.n_classes).to(device)
     shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
@@ -234,6 +245,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = (),
         device.type,
         scheduler,
         train.scheduler.interval if train.scheduler else "epoch",
+        frozen_parameters(config, model),
     )
     stopping = train.early_stopping
     history = fit(
@@ -307,6 +319,21 @@ def _check(config, seen: dict) -> None:
         if dataset is None:
             dataset = seen[key] = seeded_dataset(config)
         check_objective(config, dataset)
+    train = config.train
+    if train.param_groups or train.freeze or config.model.init_from:  # names and shapes against the model's, now
+        groups_key = (key, config.model.model_dump_json(), train.model_dump_json(include={"param_groups", "freeze"}))
+        if groups_key not in seen:
+            seen[groups_key] = True
+            if dataset is None:
+                dataset = seen[key] = seeded_dataset(config)
+            state = torch.get_rng_state()
+            try:
+                model = build_model(model_spec_for(config, dataset), config.code_dir)
+                start_from(config, model)
+                build_optimizer(config, optimizer_params(config, model))
+                frozen_parameters(config, model)
+            finally:
+                torch.set_rng_state(state)
     user_model = config.model.class_path is not None
     if user_model or config.data.source == "python":
         model_key = (key, config.model.model_dump_json(), config.train.model_dump_json(include={"loss"}))

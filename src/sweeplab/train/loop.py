@@ -211,14 +211,37 @@ class Step:
         device_type: str = "cpu",
         scheduler=None,
         interval: str = "epoch",
+        freeze: list | None = None,
     ):
         self.optimizer, self.accumulate, self.scheduler, self.interval = optimizer, accumulate, scheduler, interval
+        self.freeze = freeze or []  # options.frozen_parameters: (parameters, BatchNorms, epochs) per entry
+        self.frozen_norms: list[nn.Module] = []
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
         self.device_type = device_type
         self.scaler = torch.amp.GradScaler(device_type) if precision == "16" else None
         self.lr = optimizer.param_groups[0]["lr"]  # the rate the last optimizer step used
         self.pending = 0  # batches backpropagated since the last optimizer step
+        self.group_lrs = self._group_lrs()  # each named group's rate (train.param_groups), as `lr` is taken
+
+    def _group_lrs(self) -> dict[str, float]:
+        """Each named parameter group's rate but the default's (train.param_groups: logged as lr_<name>)."""
+        groups = self.optimizer.param_groups
+        return {g["name"]: g["lr"] for g in groups if g.get("name") not in (None, "default")}
+
+    def begin_epoch(self, epoch: int) -> None:
+        """`train.freeze`: its parameters take no gradient (so no update, weight decay or optimizer state) through
+        their epochs; then they train. Their BatchNorms keep their statistics meanwhile (`hold_frozen`)."""
+        self.frozen_norms = []
+        for parameters, norms, epochs in self.freeze:
+            for parameter in parameters:
+                parameter.requires_grad_(epoch > epochs)
+            if epoch <= epochs:
+                self.frozen_norms += norms
+
+    def hold_frozen(self) -> None:
+        for module in self.frozen_norms:
+            module.eval()
 
     def autocast(self):
         if self.dtype is None:
@@ -249,6 +272,8 @@ class Step:
         if self.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
         self.lr = self.optimizer.param_groups[0]["lr"]
+        if self.group_lrs:
+            self.group_lrs = self._group_lrs()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -269,6 +294,7 @@ def train_epoch(
     """One pass over the training batches; returns the per-sample average loss (of the unscaled batch losses)."""
     model.train()
     step = step if step is not None else Step(optimizer)
+    step.hold_frozen()
     losses: list[torch.Tensor] = []
     sizes: list[int] = []
     same = _same_shape(loss_fn)
@@ -365,12 +391,17 @@ def fit(
     scheduler = step.scheduler
     best_state = None
     started = time.perf_counter()
+    group_lrs: dict[str, list[float]] = {}
     for epoch in range(1, epochs + 1):
+        step.begin_epoch(epoch)
         train_loss = train_epoch(model, train_batches, loss_fn, optimizer, check_shapes=epoch == 1, step=step)
         val_loss, values, confusion = evaluate(model, val_batches, loss_fn, task, step, metrics, own_metrics)
-        if scheduler is not None:
+        rates = step.group_lrs
+        if scheduler is not None or rates:
             curves.lr[0, epoch - 1] = step.lr
-            if step.interval == "epoch":
+            for name, rate in rates.items():
+                group_lrs.setdefault(name, []).append(rate)
+            if scheduler is not None and step.interval == "epoch":
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     scheduler.step(objective_value(val_loss, values, monitor or objective[0]))
                 else:
@@ -385,11 +416,13 @@ def fit(
         reasons = []
         if callbacks:
             record = curves.records(epoch, train_t, val_t, values_t, improved)[0]
+            record.group_lr = dict(rates)
             reasons = [reason for reason in (callback(record) for callback in callbacks) if reason]
         curves.stop(epoch, train_t, val_t, {0: reasons[0]} if reasons else {})
         if not curves.all_active:
             break
     (history,) = curves.histories()
+    history.group_lr = group_lrs
     history.best_state = best_state
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)

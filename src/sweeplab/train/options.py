@@ -6,11 +6,13 @@ so the reference loop (loop.py) and the checks before any store (experiment.py) 
 stacked engine applies the same options to K members at once (stacked/epochs.py) or, for what it cannot apply
 exactly, sends the trial to the reference loop (stacked/epochs.check_supported says which and why).
 
-The epoch decisions both engines share (`improves`, `out_of_patience`) are in loop.py.
+The epoch decisions both engines share (`improves`, `out_of_patience`) are in epoch.py. Parameter groups and
+frozen parameters (`train.param_groups`, `train.freeze`: fine-tuning) are chosen here by their names' globs.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import math
 from typing import Any, Callable
@@ -75,6 +77,61 @@ def build_optimizer(config: ExperimentConfig, params) -> torch.optim.Optimizer:
     cls = resolve(train.optimizer, (torch.optim,), "train.optimizer", config.code_dir)
     args = {"lr": train.lr, **decay, **train.optimizer.init_args}
     return _built(lambda: cls(params, **args), "train.optimizer", cls.__name__)
+
+
+def optimizer_params(config: ExperimentConfig, model: torch.nn.Module):
+    """What the optimizer is built over: the model's parameters, or with `train.param_groups` torch's param groups,
+    the default group (every parameter no group's globs match) first, then each named group with `lr * lr_scale`
+    (and its weight_decay); each group carries its `name`. A glob that matches no parameter is one line."""
+    groups = config.train.param_groups
+    if not groups:
+        return model.parameters()
+    named = list(model.named_parameters())
+    members: dict[str, list] = {group.name: [] for group in groups}
+    rest = []
+    for name, parameter in named:
+        owner = next((g.name for g in groups if any(fnmatch.fnmatchcase(name, glob) for glob in g.params)), None)
+        (members[owner] if owner else rest).append(parameter)
+    for group in groups:
+        if not members[group.name]:
+            raise ConfigError(
+                f"train.param_groups.{group.name}.params: {group.params} match no parameter of the model "
+                f"(its parameters: {_names(named)})"
+            )
+    out = [{"params": rest, "name": "default"}] if rest else []
+    for group in groups:
+        extra = {} if group.weight_decay is None else {"weight_decay": group.weight_decay}
+        out.append({"params": members[group.name], "name": group.name, "lr": config.train.lr * group.lr_scale, **extra})
+    return out
+
+
+def frozen_parameters(config: ExperimentConfig, model: torch.nn.Module) -> list[tuple[list, list, int]]:
+    """`train.freeze`: per entry, (its parameters, the BatchNorm modules all of whose parameters it holds, its
+    epochs). A glob that matches no parameter is one line."""
+    named = list(model.named_parameters())
+    plan = []
+    for i, entry in enumerate(config.train.freeze):
+        chosen = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, glob) for glob in entry.params)]
+        if not chosen:
+            raise ConfigError(
+                f"train.freeze.{i}.params: {entry.params} match no parameter of the model (its parameters: "
+                f"{_names(named)})"
+            )
+        ids = {id(p) for _, p in chosen}
+        norms = [
+            module
+            for module in model.modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            and any(True for _ in module.parameters(recurse=False))
+            and all(id(p) in ids for p in module.parameters(recurse=False))
+        ]
+        plan.append(([p for _, p in chosen], norms, entry.epochs))
+    return plan
+
+
+def _names(named: list) -> str:
+    names = [name for name, _ in named]
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
 # --- the schedule --------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from sweeplab.train.epoch import (
     stacked_regression_metrics,
 )
 from sweeplab.train.experiment import model_spec_for
+from sweeplab.train.init import start_from
 from sweeplab.train.loop import ShapeError
 from sweeplab.train.model import ModelSpec, architecture, build_model
 
@@ -71,6 +72,10 @@ def _check_supported(config: ExperimentConfig) -> None:
         raise ConfigError(f"engine: vectorized {problem}")
     if train.accumulate_grad_batches != 1:
         raise ConfigError("engine: vectorized does not support train.accumulate_grad_batches")
+    if train.param_groups or train.freeze:  # one learning rate per member and no mask on the update, yet
+        raise ConfigError(
+            "engine: vectorized applies one learning rate to all of a member; not train.param_groups or train.freeze"
+        )
     if own_metrics(config):
         raise ConfigError("engine: vectorized computes the built-in metrics; not metrics.class_path (yours)")
     if train.precision != "32":
@@ -209,6 +214,7 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
     draws_key = (
         data_key,
         repr(spec),
+        config.model.model_dump_json(include={"init_from"}),  # other first weights
         config.device,
         config.objective.model_dump_json(),  # in group_key: members of two groups must not share generators
         logged_metrics(config),
@@ -227,6 +233,7 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
     if draws_key not in shared:
         torch.set_rng_state(rng_after_data)
         model = build_model(spec, config.code_dir)
+        start_from(config, model)  # model.init_from: every member starts from the loaded weights
         global_gen = torch.Generator()
         global_gen.set_state(torch.get_rng_state())
         shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
