@@ -1,0 +1,162 @@
+"""#39: fine-tuning as practitioners write it: `model.init_from` (another run's weights, a new head left fresh),
+`train.param_groups` (the backbone at a fraction of the head's rate) and `train.freeze` (the backbone frozen for its
+first epochs), against a plain PyTorch loop written here (load_state_dict, optimizer(param_groups),
+requires_grad_(False)), and each group's learning rate as logged."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from sweeplab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+from digits_halves import digits  # noqa: E402
+from digits_nets import SmallCNN  # noqa: E402
+
+EPOCHS, VAL = 6, 180
+
+
+def finetune_config(init_from, **train) -> dict:
+    return {
+        "name": "ft",
+        "task": "multiclass",
+        "seed": 0,
+        "data": {
+            "source": "python",
+            "class_path": "digits_halves.digits",
+            "init_args": {"low": 5, "high": 9},
+            "val_size": VAL,
+        },
+        "model": {"class_path": "digits_nets.SmallCNN", "init_args": {"channels": 8}, "init_from": init_from},
+        "train": {"optimizer": "Adam", "lr": 0.003, "epochs": EPOCHS, "batch_size": 64, **train},
+        "objective": {"metric": "val_accuracy"},
+    }
+
+
+def plain_finetune(pretrained: dict, lr: float, lr_scale: float | None, frozen_epochs: int):
+    """The plain loop: the data split as random_split's permutation, the model seeded, the pretrained weights loaded
+    but the head's, Adam over (head, backbone * lr_scale), the backbone frozen by requires_grad_ for N epochs."""
+    x, y = digits(5, 9)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    torch.manual_seed(0)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(42))
+    train, val = perm[: len(y) - VAL], perm[len(y) - VAL :]
+    model = SmallCNN(in_channels=1, n_classes=5, channels=8)
+    state = model.state_dict()
+    state.update({k: v for k, v in pretrained.items() if not k.startswith("head.")})
+    model.load_state_dict(state)
+    backbone = list(model.features.parameters())
+    if lr_scale is None:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        opt = torch.optim.Adam(
+            [{"params": list(model.head.parameters())}, {"params": backbone, "lr": lr * lr_scale}], lr=lr
+        )
+    loader = DataLoader(
+        TensorDataset(x[train], y[train]), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    curves = {"train_loss": [], "val_loss": [], "lr": [], "lr_backbone": []}
+    for epoch in range(1, EPOCHS + 1):
+        for p in backbone:
+            p.requires_grad_(epoch > frozen_epochs)
+        model.train()
+        total = 0.0
+        for xb, yb in loader:
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(xb)
+        curves["train_loss"].append(total / len(train))
+        model.eval()
+        with torch.no_grad():
+            curves["val_loss"].append(loss_fn(model(x[val]), y[val]).item())
+        curves["lr"].append(opt.param_groups[0]["lr"])
+        curves["lr_backbone"].append(opt.param_groups[-1]["lr"])
+    return curves
+
+
+@pytest.fixture
+def pretrained(store):
+    """A pretrained SmallCNN's weights (a 10-class head: its shape is not the fine-tuned model's), as a .pt file."""
+    for name in ("digits_nets.py", "digits_halves.py"):
+        shutil.copy(ROOT / "experiments" / name, store / name)
+    torch.manual_seed(123)
+    state = SmallCNN(in_channels=1, n_classes=10, channels=8).state_dict()
+    torch.save(state, store / "pretrained.pt")
+    return state
+
+
+def _curve(client, run_id, key):
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_a_fine_tune_is_the_plain_loop_bit_for_bit(store, pretrained, capsys):
+    train = {"param_groups": [{"name": "backbone", "params": "features.*", "lr_scale": 0.1}]}
+    train["freeze"] = [{"params": ["features.*"], "epochs": 2}]
+    (store / "ft.yaml").write_text(
+        yaml.safe_dump(finetune_config({"uri": "pretrained.pt", "exclude": ["head.*"]}, **train))
+    )
+    uri = f"sqlite:///{store / 'f.db'}"
+    assert main(["run", str(store / "ft.yaml"), "--tracking-uri", uri]) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ft").experiment_id])
+    expected = plain_finetune(pretrained, 0.003, 0.1, 2)
+    for key in ("train_loss", "val_loss", "lr", "lr_backbone"):
+        assert _curve(client, run.info.run_id, key) == pytest.approx(expected[key], rel=0, abs=0), key
+    assert run.data.tags["sweeplab.init_from"] == "pretrained.pt"
+    assert _curve(client, run.info.run_id, "lr_backbone") == [pytest.approx(0.0003)] * EPOCHS
+
+
+def test_init_from_stacks(store, pretrained):
+    """Members of a stacked group start from the loaded weights: each trial within 1e-4 of the plain loop."""
+    (store / "ft.yaml").write_text(yaml.safe_dump(finetune_config({"uri": "pretrained.pt", "exclude": ["head.*"]})))
+    (store / "s.yaml").write_text(
+        "study: fts\nexperiment: ft.yaml\nengine: vectorized\nspace:\n  lr: {choices: [0.001, 0.003]}\n"
+        "sampler: {type: grid}\nn_trials: 2\n"
+    )
+    uri = f"sqlite:///{store / 's.db'}"
+    assert main(["sweep", str(store / "s.yaml"), "--tracking-uri", uri, "--quiet", "--no-report"]) == 0
+    client = MlflowClient(uri)
+    trials = client.search_runs([client.get_experiment_by_name("fts").experiment_id], "tags.`sweeplab.role` = 'trial'")
+    assert {t.data.tags["sweeplab.stacked_members"] for t in trials} == {"2"}
+    for trial in trials:
+        expected = plain_finetune(pretrained, float(trial.data.params["train.lr"]), None, 0)
+        got = _curve(client, trial.info.run_id, "val_loss")
+        assert np.max(np.abs(np.array(got) - expected["val_loss"]) / np.array(expected["val_loss"])) < 1e-4
+
+
+def test_a_head_of_another_shape_is_one_line_naming_the_key(store, pretrained, capsys):
+    (store / "ft.yaml").write_text(yaml.safe_dump(finetune_config("pretrained.pt")))
+    assert main(["run", str(store / "ft.yaml"), "--tracking-uri", f"sqlite:///{store / 'x.db'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    # the head: 2 x 8 channels x 2 x 2 features into 5 classes here, 10 in the file
+    assert "model.init_from: head.2.weight: the model's [5, 64] against [10, 64] in pretrained.pt" in err
+    assert not (store / "x.db").exists() and not (store / "mlruns").exists()
+
+
+def test_init_from_a_run_and_a_glob_that_matches_nothing(store, pretrained, capsys):
+    uri = f"sqlite:///{store / 'r.db'}"
+    (store / "pre.yaml").write_text(yaml.safe_dump({**finetune_config(None), "name": "pre"}))
+    assert main(["run", str(store / "pre.yaml"), "epochs=2", "--tracking-uri", uri]) == 0
+    client = MlflowClient(uri)
+    (pre,) = client.search_runs([client.get_experiment_by_name("pre").experiment_id])
+    (store / "ft.yaml").write_text(yaml.safe_dump(finetune_config(f"runs:/{pre.info.run_id}")))
+    assert main(["run", str(store / "ft.yaml"), "epochs=1", "--tracking-uri", uri]) == 0
+    (run,) = client.search_runs([client.get_experiment_by_name("ft").experiment_id])
+    assert run.data.tags["sweeplab.init_from"] == f"run {pre.info.run_id}"
+    capsys.readouterr()
+    bad = ["train.freeze=[{params: backbone.*, epochs: 1}]"]
+    assert main(["run", str(store / "ft.yaml"), *bad, "--tracking-uri", uri]) == 2
+    assert "train.freeze.0.params: ['backbone.*'] match no parameter of the model" in capsys.readouterr().err
