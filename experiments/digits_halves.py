@@ -1,6 +1,7 @@
 """Half of scikit-learn's digits at a time: the fine-tuning example's data (experiments/digits_pretrain.yaml, then
 experiments/digits_finetune.yaml). `digits(low, high)` gives the 8x8 images of the digits low..high as [N, 1, 8, 8]
-float32 and their labels as 0..high-low (a model for 5..9 answers 0..4: `data.classes` would name them)."""
+float32 and their labels as 0..high-low (a model for 5..9 answers 0..4; `data.classes` in the experiment names them
+"5".."9")."""
 
 import numpy as np
 from sklearn.datasets import load_digits

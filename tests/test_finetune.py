@@ -160,3 +160,30 @@ def test_init_from_a_run_and_a_glob_that_matches_nothing(store, pretrained, caps
     bad = ["train.freeze=[{params: backbone.*, epochs: 1}]"]
     assert main(["run", str(store / "ft.yaml"), *bad, "--tracking-uri", uri]) == 2
     assert "train.freeze.0.params: ['backbone.*'] match no parameter of the model" in capsys.readouterr().err
+
+
+def test_the_champion_answers_the_classes_names(store, pretrained, capsys):
+    """data.classes: the champion's labels are the names (its signature's label a string), its probabilities named
+    by them; a Dataset's `classes` names them too; a count that is not the classes' is one line."""
+    import mlflow
+
+    config = finetune_config({"uri": "pretrained.pt", "exclude": ["head.*"]})
+    config["data"]["classes"] = ["5", "6", "7", "8", "9"]
+    (store / "ft.yaml").write_text(yaml.safe_dump(config))
+    (store / "s.yaml").write_text("study: named\nexperiment: ft.yaml\nspace:\n  lr: {choices: [0.003]}\nn_trials: 1\n")
+    uri = f"sqlite:///{store / 'n.db'}"
+    assert main(["sweep", str(store / "s.yaml"), "--tracking-uri", uri, "--quiet", "--no-report"]) == 0
+    mlflow.set_tracking_uri(uri)
+    champion = mlflow.pyfunc.load_model("models:/named@champion")
+    x, y = digits(5, 9)
+    labels = champion.predict(x[:40])
+    assert set(labels) <= set(config["data"]["classes"])
+    assert (np.asarray(labels) == np.asarray([str(v + 5) for v in y[:40]])).mean() > 0.5  # it learned something
+    probabilities = champion.predict(x[:3], params={"output": "probabilities"})
+    assert list(probabilities.columns) == config["data"]["classes"]
+    assert [t.name for t in champion.metadata.get_output_schema().input_types()] == ["string"]
+    capsys.readouterr()
+    config["data"]["classes"] = ["5", "6", "7"]
+    (store / "bad.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(store / "bad.yaml"), "--no-track"]) == 2
+    assert "data.classes: 3 names (5, 6, 7) for 5 classes" in capsys.readouterr().err

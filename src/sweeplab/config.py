@@ -250,6 +250,13 @@ class DataConfig(_Frozen):
         ),
     )
     test_seed: int = Field(0, **SEED, description="the test split's own generator seed")
+    classes: Union[list[str], None] = Field(
+        None,
+        description=(
+            "the classes' names, in label order (default: a Dataset's `classes`, as torchvision's have): the champion "
+            "answers them, and its probabilities are named by them"
+        ),
+    )
     folds: Union[int, None] = Field(
         None,
         ge=2,
@@ -596,6 +603,8 @@ class ExperimentConfig(_Frozen):
                 f"train.scheduler.monitor: {schedule.monitor!r} is not logged for task {self.task}; "
                 f"choose one of {', '.join(METRICS[self.task])}"
             )
+        if self.data.classes is not None and self.task == "regression":
+            raise ValueError("data.classes: task regression has no classes to name")
         if self.data.stratify and self.task == "regression":
             raise ValueError("data.stratify: task regression has no classes to keep in proportion")
         if (

@@ -284,6 +284,7 @@ def save_pyfunc_model(
     shape = list(spec.sample_shape)
     names = list(spec.feature_names) or [f"x{i + 1}" for i in range(spec.in_features)]
     classes = [] if spec.task == "regression" else list(range(2 if spec.task == "binary" else spec.out_features))
+    classes = list(spec.classes) or classes  # data.classes: the champion answers the names
     with tempfile.TemporaryDirectory(prefix="sweeplab-export-") as tmp:
         artifacts = {"model": f"{tmp}/model.json"}
         meta = {
@@ -336,7 +337,7 @@ def save_pyfunc_model(
             outputs = Schema([ColSpec("double", name) for name in columns])
             params = ParamSchema([ParamSpec("output", "string", "values")])
         else:
-            outputs = Schema([ColSpec("long", "label")])
+            outputs = Schema([ColSpec("string" if spec.classes else "long", "label")])
             params = ParamSchema([ParamSpec("output", "string", "label")])
         signature = ModelSignature(inputs=inputs, outputs=outputs, params=params)
         requirements = [

@@ -35,12 +35,13 @@ def describe_outputs(outputs: torch.Tensor, spec: ModelSpec) -> list[dict[str, A
     rows = []
     for row in probs.tolist():  # `probability` and the printed p are the printed label's
         label = max(range(len(row)), key=row.__getitem__)
+        name = spec.classes[label] if spec.classes else label  # data.classes: the label's name
         rows.append(
             {
-                "prediction": label,
+                "prediction": name,
                 "probability": row[label],
                 "probabilities": row,
-                "text": f"label={label} p={row[label]:.2f}",
+                "text": f"label={name} p={row[label]:.2f}",
             }
         )
     return rows

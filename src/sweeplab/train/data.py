@@ -66,6 +66,7 @@ class Dataset:
     x_test: Inputs | None = None
     y_test: torch.Tensor | None = None
     test_set: TorchDataset | None = None
+    class_names: tuple[str, ...] = ()  # data.classes, or a Dataset's `classes`: the labels' names in order
 
     @property
     def has_test(self) -> bool:
@@ -151,8 +152,27 @@ def labels_for_task(y: torch.Tensor, task: str, n_classes: int) -> torch.Tensor:
 
 def make_dataset(config: ExperimentConfig) -> Dataset:
     """The run's data set: its training and validation splits, or a fold member's (`data.fold`: train/splits.py)."""
-    dataset = _make_dataset(config)
+    dataset = _named(_make_dataset(config), config)
     return hold_out(dataset, config.data) if config.data.fold is not None else dataset
+
+
+def _named(dataset: Dataset, config: ExperimentConfig) -> Dataset:
+    """The classes' names: `data.classes`, else the `classes` of the user's Dataset (torchvision's convention), as
+    many as the classes the labels count."""
+    names = config.data.classes
+    where = "data.classes"
+    if names is None and dataset.lazy:
+        source = dataset.train_set
+        while not hasattr(source, "classes") and hasattr(source, "dataset"):  # the Subsets down to the user's
+            source = source.dataset
+        found = getattr(source, "classes", None)
+        if isinstance(found, (list, tuple)) and found:
+            names, where = [str(name) for name in found], f"{dataset.where}: its Dataset's classes"
+    if not names or dataset.task == "regression":
+        return dataset
+    if len(names) != dataset.n_classes or len(set(names)) != len(names):
+        raise ConfigError(f"{where}: {len(names)} names ({', '.join(names[:6])}) for {dataset.n_classes} classes")
+    return dataclasses.replace(dataset, class_names=tuple(names))
 
 
 def _make_dataset(config: ExperimentConfig) -> Dataset:

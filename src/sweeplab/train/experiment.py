@@ -84,6 +84,7 @@ def model_spec_for(config: ExperimentConfig, dataset: Dataset) -> ModelSpec:
         init_args=init_args,
         input_shape=dataset.input_shape,
         inputs=inputs_spec(dataset, cls if model.class_path is not None else None),
+        classes=dataset.class_names,
     )
 
 

@@ -41,10 +41,12 @@ class ModelSpec:
     # several inputs (or one whose shape a collate_fn decides): {"kind": tensor|args|kwargs, "inputs": [{"name",
     # "dtype", "shape"}]}, a shape's -1s the batch and the sizes that vary; {} for one tensor of input_shape
     inputs: dict[str, Any] = field(default_factory=dict)
+    classes: tuple[str, ...] = ()  # the classes' names in label order (data.classes); () for indices
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["hidden"] = list(self.hidden)
+        out["classes"] = list(self.classes)
         out["feature_names"] = list(self.feature_names)
         out["input_shape"] = list(self.sample_shape)
         return out
@@ -57,6 +59,7 @@ class ModelSpec:
         known["input_shape"] = tuple(known.get("input_shape") or ())
         known["init_args"] = dict(known.get("init_args") or {})
         known["inputs"] = dict(known.get("inputs") or {})
+        known["classes"] = tuple(known.get("classes") or ())
         return cls(**known)
 
     @property
