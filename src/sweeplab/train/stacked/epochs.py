@@ -72,9 +72,9 @@ def _check_supported(config: ExperimentConfig) -> None:
         raise ConfigError(f"engine: vectorized {problem}")
     if train.accumulate_grad_batches != 1:
         raise ConfigError("engine: vectorized does not support train.accumulate_grad_batches")
-    if train.param_groups or train.freeze:  # one learning rate per member and no mask on the update, yet
+    if train.param_groups and train.scheduler is not None:  # a schedule over groups: torch's own, per group
         raise ConfigError(
-            "engine: vectorized applies one learning rate to all of a member; not train.param_groups or train.freeze"
+            "engine: vectorized schedules one learning rate per member; not train.param_groups with a scheduler"
         )
     if own_metrics(config):
         raise ConfigError("engine: vectorized computes the built-in metrics; not metrics.class_path (yours)")
@@ -409,7 +409,7 @@ class _StackedOptimizer:
     [K, P] tensor holding every member's parameters, with each member's own kind, lr, weight decay and momentum.
     Each kind present is computed for all rows and selected by mask: a handful of ops per step for any K."""
 
-    def __init__(self, flat: torch.Tensor, configs: list[ExperimentConfig]):
+    def __init__(self, flat: torch.Tensor, configs: list[ExperimentConfig], layout: list[tuple[str, int]] = ()):
         self.flat = flat
         device = flat.device
 
@@ -441,11 +441,51 @@ class _StackedOptimizer:
         self.rms_buf = zeros() if "RMSprop" in self.masks else None
         self.sgd_buf: torch.Tensor | None = None
         self.steps = 0
+        self._fine_tuning(configs, layout)
+
+    def _fine_tuning(self, configs: list[ExperimentConfig], layout) -> None:
+        """`train.param_groups` and `train.freeze` as per-column blocks of the [K, P] tensor (`layout`: each
+        parameter's name and its number of columns), by the rules the reference loop applies (options.group_of,
+        options.frozen_until): each block's lr scale and weight decay, and the epoch it trains from. A frozen
+        block takes no update, no weight decay and no optimizer state, and its Adam steps count from when it
+        trains, as torch's per-parameter state does."""
+        from sweeplab.train.options import frozen_until, group_of
+
+        self.scale = self.frozen = None
+        self.epoch = 1
+        if not any(c.train.param_groups or c.train.freeze for c in configs):
+            return
+        device, k, p = self.flat.device, *self.flat.shape
+        scale, decay = torch.ones(k, p, device=device), self.decay.expand(k, p).clone()
+        frozen = torch.zeros(k, p, device=device)
+        for row, config in enumerate(configs):
+            start = 0
+            for name, size in layout:
+                group = group_of(config, name)
+                if group is not None:
+                    scale[row, start : start + size] = group.lr_scale
+                    if group.weight_decay is not None:
+                        decay[row, start : start + size] = group.weight_decay
+                frozen[row, start : start + size] = frozen_until(config, name)
+                start += size
+        self.scale = scale if bool((scale != 1).any()) else None
+        self.decay = decay
+        self.coupled_decay = bool(
+            ((decay != 0) & ~self.masks.get("AdamW", torch.zeros(k, 1, dtype=torch.bool, device=device))).any()
+        )
+        if bool(frozen.any()):
+            self.frozen = frozen
+            self.block_steps = torch.zeros(k, p, dtype=torch.float64, device=device)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     @torch.no_grad()
     def step(self) -> None:
+        if self.frozen is not None:
+            return self._step_frozen()
         self.steps += 1
-        param, grad, lr = self.flat, self.flat.grad, self.lr
+        param, grad, lr = self.flat, self.flat.grad, self.lr if self.scale is None else self.lr * self.scale
         if self.clip_value is not None:  # clip_grad_value_
             grad.clamp_(-self.clip_value, self.clip_value)
         if self.clip_norm is not None:  # clip_grad_norm_: max_norm / (total_norm + 1e-6), at most 1
@@ -477,6 +517,52 @@ class _StackedOptimizer:
                 self.sgd_buf.mul_(self.momentum).add_(grad)  # momentum 0: the buffer is this step's grad
             delta = torch.where(self.masks["SGD"], lr * self.sgd_buf, delta)
         param.sub_(delta)
+
+    def _step_frozen(self) -> None:
+        """`step` with blocks frozen this epoch: they keep their values and their state, as a parameter without a
+        gradient keeps them in torch; the others step with their own step counts."""
+        active = self.frozen < self.epoch
+        param, lr = self.flat, self.lr if self.scale is None else self.lr * self.scale
+        grad = torch.where(active, self.flat.grad, 0.0)  # a frozen parameter has no gradient: none in the norm
+        if self.clip_value is not None:
+            grad.clamp_(-self.clip_value, self.clip_value)
+        if self.clip_norm is not None:
+            total = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
+            grad.mul_((self.clip_norm / (total + 1e-6)).clamp(max=1.0))
+        self.block_steps += active
+        steps = self.block_steps
+        new = param.detach().clone()
+        if "AdamW" in self.masks:
+            new.mul_(torch.where(self.masks["AdamW"], 1 - lr * self.decay, 1.0))
+        if self.coupled_decay:
+            grad = grad + torch.where(self.masks.get("AdamW", False), 0.0, self.decay) * param
+        delta = torch.zeros_like(param)
+        if self.adam is not None:
+            beta1, beta2 = ADAM_BETAS
+            exp_avg, exp_avg_sq = self.adam
+            exp_avg.copy_(torch.where(active, exp_avg.lerp(grad, 1 - beta1), exp_avg))
+            exp_avg_sq.copy_(
+                torch.where(active, exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2), exp_avg_sq)
+            )
+            correction1 = (1 - beta1**steps).float()
+            correction2 = ((1 - beta2**steps) ** 0.5).float()
+            denom = (exp_avg_sq.sqrt() / correction2).add_(ADAM_EPS)
+            adam_mask = self.masks.get("Adam", False) | self.masks.get("AdamW", False)
+            delta = torch.where(adam_mask, lr / correction1 * exp_avg / denom, delta)
+        if self.square_avg is not None:
+            square = self.square_avg.mul(RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - RMSPROP_ALPHA)
+            self.square_avg.copy_(torch.where(active, square, self.square_avg))
+            avg = self.square_avg.sqrt().add_(RMSPROP_EPS)
+            self.rms_buf.copy_(torch.where(active, self.rms_buf * self.momentum + grad / avg, self.rms_buf))
+            delta = torch.where(self.masks["RMSprop"], lr * self.rms_buf, delta)
+        if "SGD" in self.masks:
+            if self.sgd_buf is None:
+                self.sgd_buf = torch.zeros_like(param)
+            first = steps == 1  # torch's momentum buffer starts as the parameter's first gradient
+            buf = torch.where(first, grad, self.sgd_buf * self.momentum + grad)
+            self.sgd_buf.copy_(torch.where(active, buf, self.sgd_buf))
+            delta = torch.where(self.masks["SGD"], lr * self.sgd_buf, delta)
+        param.copy_(torch.where(active, new - delta, param))
 
 
 def _distinct(members: list[Member], key) -> tuple[list[Member], torch.Tensor]:
@@ -516,6 +602,7 @@ def fit_stacked(
     buffers: dict[str, torch.Tensor],
     on_epoch=None,
     each_epoch=None,
+    layout: list[tuple[str, int]] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The epoch loop both stacked paths share (fit's, for K members): each member's batch order as the reference
     draws it, `forward(x [K, B, ...], training)` -> outputs [K, B, C], one backward, each member's optimizer,
@@ -528,7 +615,7 @@ def fit_stacked(
     device = flat.device
     k = len(members)
     x_train, y_train, x_val, y_val, which = data
-    optimizer = _StackedOptimizer(flat, [m.config for m in members])
+    optimizer = _StackedOptimizer(flat, [m.config for m in members], layout)
     loss = StackedLoss(members).to(device)
     wanted = set(logged_metrics(config))  # the group's (group_key): the same for every member
     n_train, n_val = dataset.n_train, dataset.n_val
@@ -552,6 +639,7 @@ def fit_stacked(
     for epoch in range(1, train.epochs + 1):
         if each_epoch is not None:
             each_epoch()
+        optimizer.begin_epoch(epoch)
         drawn = [draw_order(n_train, train.shuffle, m.shuffle_gen, m.global_gen) for m in draw_from]
         if train.shuffle:
             index = torch.stack(drawn).to(device)[draw_row]
@@ -607,6 +695,10 @@ def fit_stacked(
     for m, history in zip(members, curves.histories()):
         m.history = history
         history.seconds = elapsed / k
+        if m.config.train.param_groups:  # each group's rate per epoch, as the reference loop logs them
+            n, lr = history.epochs_run, m.config.train.lr
+            history.lr = [lr] * n
+            history.group_lr = {g.name: [lr * g.lr_scale] * n for g in m.config.train.param_groups}
     return best, best_buffers
 
 

@@ -108,6 +108,10 @@ def _try_stacking(member, steps: int) -> str | None:
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()} - {"float32"})
     if dtypes:
         return f"{name} has {', '.join(dtypes)} parameters; the stacked engine trains float32 ones"
+    if member.config.train.freeze and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        return f"{name} has BatchNorm, whose statistics a freeze holds per member, which the stacked forward cannot"
     pair = [member, member]
     device = resolve_device(member.config.device)
     stack = FuncStack(pair, device, model)
@@ -157,7 +161,10 @@ def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
     device = resolve_device(members[0].config.device)
     data = stack_data(members, device)
     stack = FuncStack(members, device)
-    best, best_buffers = fit_stacked(members, data, stack.flat, stack.forward, stack.buffers, on_epoch, each_epoch)
+    layout = list(zip(stack.param_names, stack.sizes))
+    best, best_buffers = fit_stacked(
+        members, data, stack.flat, stack.forward, stack.buffers, on_epoch, each_epoch, layout
+    )
     for m, state in zip(members, stack.states(members, best, best_buffers)):
         m.history.stacked_members = len(members)  # a batched kernel sums in blocks of members: a rerun replays K
         if m.history.best_epoch:

@@ -57,7 +57,8 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
-    best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch)
+    layout = list(zip(("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"), sizes_p))
+    best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch, layout)
     w1, b1, w2, b2 = unpack(best.cpu())
     for i, m in enumerate(members):
         # the padded width and a group of one change how a matmul sums (not what): a rerun replays both
