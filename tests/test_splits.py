@@ -87,3 +87,8 @@ def test_the_champion_is_scored_on_the_test_split_once(store, capsys):
     assert metrics["test_loss"] == pytest.approx(log_loss(y[test], p), rel=1e-5)
     assert version.tags["test_auroc"] == repr(metrics["test_auroc"])
     assert f"test: test_auroc {metrics['test_auroc']:.4g}" in out
+    assert main(["report", "bc", "--tracking-uri", uri]) == 0
+    said = (
+        f"the champion (trial #{run.data.tags['sweeplab.trial_number']}) scores test_auroc {metrics['test_auroc']:.4g}"
+    )
+    assert said in capsys.readouterr().out

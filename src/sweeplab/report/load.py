@@ -57,6 +57,9 @@ class SweepData:
     # seed, state and the objective's column
     repeats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["confirms", "run_id", "seed"]))
     folds: int | None = None  # data.folds: each trial's scores are the mean over that many folds
+    # data.test_size: each champion's scores on the test split, as its run logged them once: (trial number, whether
+    # it is a refit, {test_loss: ..., test_<metric>: ...})
+    tested: list[tuple[int, bool, dict[str, float]]] = field(default_factory=list)
 
 
 # --- reading MLflow -----------------------------------------------------------------------------------------------
@@ -105,6 +108,15 @@ def load_runs(study: str, tracking_uri: str) -> SweepData:
         goal=goal,
         repeats=repeats,
         folds=int(_number(trial_runs[0].data.params.get("data.folds", "nan"))) if _folded(trial_runs[0]) else None,
+        tested=[
+            (
+                int(_number(r.data.tags.get("sweeplab.trial_number", "nan")) or 0),
+                r.data.tags.get(TAG_ROLE) == "refit",
+                {k: v for k, v in r.data.metrics.items() if k.startswith("test_")},
+            )
+            for r in runs
+            if "test_loss" in r.data.metrics and r.data.tags.get(TAG_ROLE) in ("trial", "refit", "run")
+        ],
     )
 
 

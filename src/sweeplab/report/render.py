@@ -61,7 +61,20 @@ def answer_text(report: Report) -> list[str]:
     factors = report.data.factors
     searched = [answer.sentence(factors, report.data.goal) for answer in report.answers]
     confirmed = [found.sentence(factors, report.data.goal.column) for found in report.confirmed]
-    return confirmed + searched  # the ranking over seeds first: it is the champion's
+    return confirmed + searched + test_sentences(report.data)  # the ranking over seeds first: it is the champion's
+
+
+def test_sentences(data) -> list[str]:
+    """data.test_size: what each champion scored on the held-out test split, once, after the search."""
+    first = "test_" + data.goal.metric.removeprefix("val_")
+    out = []
+    for trial, refit, scores in sorted(data.tested, key=lambda t: t[0]):
+        shown = ", ".join(
+            f"{name} {scores[name]:.4g}" for name in sorted(scores, key=lambda n: (n != first, n != "test_loss", n))[:3]
+        )
+        who = f"the refit of trial #{trial}" if refit else f"trial #{trial}"
+        out.append(f"On the held-out test split, which the search never saw, the champion ({who}) scores {shown}.")
+    return out
 
 
 def terminal_tables(report: Report) -> str:
