@@ -100,10 +100,15 @@ def run_tags(config: ExperimentConfig) -> dict[str, str]:
             tags[TAG_SOURCE_HASH] = found[1]
         elif text is not None:  # a notebook's class: the hash of its source, as inspect.getsource gives it
             tags[TAG_SOURCE_HASH] = hashlib.sha256(text.encode()).hexdigest()
-        path = config.model.class_path
+    # every module of the user's the run imported (its model's, its loader's, its collate_fn's...): what a rerun
+    # checks the logged code/ against before importing any of it
+    search = [config.code_dir] if config.code_dir else None
+    hashes: dict[str, str] = {}
+    for path in import_paths(config).values():
         if not (in_main(path) or path in REGISTERED):
-            search = [config.code_dir] if config.code_dir else None
-            tags[TAG_SOURCES] = json.dumps(source_hashes(path.rpartition(".")[0], search), separators=(",", ":"))
+            hashes.update(source_hashes(path.rpartition(".")[0], search))
+    if hashes:
+        tags[TAG_SOURCES] = json.dumps(hashes, separators=(",", ":"))
     return tags
 
 

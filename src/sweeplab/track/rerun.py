@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from sweeplab.process import cpu_kernels
 from sweeplab.track.tracker import (
     CHECKPOINT_PATH,
     TAG_ENGINE,
+    TAG_INIT_FROM,
     TAG_KERNELS,
     TAG_STACKED_MEMBERS,
     TAG_STACKED_WIDTH,
@@ -75,6 +77,7 @@ def _read(tracker: Tracker, run, folder: tempfile.TemporaryDirectory) -> Like:
         first = str(exc).splitlines()[1:3]
         why = " ".join(line.strip() for line in first)
         raise ConfigError(f"rerun: run {run_id}'s configuration is not one this sweeplab reads ({why})") from None
+    config = _same_weights(config, run.data.tags.get(TAG_INIT_FROM))
     paths = [p for p in (config.model.class_path, config.data.class_path) if p]
     if any(p.startswith("__main__.") for p in paths):  # a notebook's own objects, in this very process
         _check_main(run, config, paths)
@@ -99,6 +102,19 @@ def _read(tracker: Tracker, run, folder: tempfile.TemporaryDirectory) -> Like:
         ),
         run.data.tags.get(TAG_KERNELS),
     )
+
+
+def _same_weights(config: ExperimentConfig, resolved: str | None) -> ExperimentConfig:
+    """model.init_from as the original resolved it: `models:/NAME@ALIAS` may name another version by now, so the
+    rerun starts from the run the tag `sweeplab.init_from` recorded (`... (run RUN_ID)`, or `run RUN_ID`)."""
+    source = config.model.init_source
+    found = re.search(r"\brun ([0-9a-f]{32})\b", resolved or "")
+    if source is None or found is None:
+        return config
+    same = source.model_copy(update={"uri": f"runs:/{found.group(1)}"})
+    copy = config.model_copy(update={"model": config.model.model_copy(update={"init_from": same})})
+    copy._code_dir = config.code_dir
+    return copy
 
 
 def _given(raw: dict) -> dict:
