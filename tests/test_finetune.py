@@ -3,7 +3,10 @@
 first epochs), against a plain PyTorch loop written here (load_state_dict, optimizer(param_groups),
 requires_grad_(False)), and each group's learning rate as logged."""
 
+import json
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -164,23 +167,34 @@ def test_init_from_a_run_and_a_glob_that_matches_nothing(store, pretrained, caps
 def test_the_champion_answers_the_classes_names(store, pretrained, capsys):
     """data.classes: the champion's labels are the names (its signature's label a string), its probabilities named
     by them; a Dataset's `classes` names them too; a count that is not the classes' is one line."""
-    import mlflow
-
     config = finetune_config({"uri": "pretrained.pt", "exclude": ["head.*"]})
     config["data"]["classes"] = ["5", "6", "7", "8", "9"]
     (store / "ft.yaml").write_text(yaml.safe_dump(config))
     (store / "s.yaml").write_text("study: named\nexperiment: ft.yaml\nspace:\n  lr: {choices: [0.003]}\nn_trials: 1\n")
     uri = f"sqlite:///{store / 'n.db'}"
     assert main(["sweep", str(store / "s.yaml"), "--tracking-uri", uri, "--quiet", "--no-report"]) == 0
-    mlflow.set_tracking_uri(uri)
-    champion = mlflow.pyfunc.load_model("models:/named@champion")
+    # MLflow's own client, in a process that cannot import sweeplab
+    script = f"""
+import json, sys
+sys.modules["sweeplab"] = None
+import mlflow, numpy as np
+mlflow.set_tracking_uri({uri!r})
+champion = mlflow.pyfunc.load_model("models:/named@champion")
+x = np.load({str(store / "x.npy")!r})
+print(json.dumps({{
+    "labels": [str(v) for v in champion.predict(x)],
+    "columns": list(champion.predict(x[:3], params={{"output": "probabilities"}}).columns),
+    "types": [t.name for t in champion.metadata.get_output_schema().input_types()],
+}}))
+"""
     x, y = digits(5, 9)
-    labels = champion.predict(x[:40])
-    assert set(labels) <= set(config["data"]["classes"])
-    assert (np.asarray(labels) == np.asarray([str(v + 5) for v in y[:40]])).mean() > 0.5  # it learned something
-    probabilities = champion.predict(x[:3], params={"output": "probabilities"})
-    assert list(probabilities.columns) == config["data"]["classes"]
-    assert [t.name for t in champion.metadata.get_output_schema().input_types()] == ["string"]
+    np.save(store / "x.npy", x[:40])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(got["labels"]) <= set(config["data"]["classes"])
+    assert np.mean(np.asarray(got["labels"]) == np.asarray([str(v + 5) for v in y[:40]])) > 0.5  # it learned
+    assert got["columns"] == config["data"]["classes"] and got["types"] == ["string"]
     capsys.readouterr()
     config["data"]["classes"] = ["5", "6", "7"]
     (store / "bad.yaml").write_text(yaml.safe_dump(config))
@@ -214,3 +228,53 @@ def test_param_groups_and_freezing_stack(store, pretrained, optimizer):
             got = np.array(_curve(client, trial.info.run_id, key))
             assert np.max(np.abs(got - expected[key]) / np.abs(expected[key])) < 1e-4, key
         assert _curve(client, trial.info.run_id, "lr_backbone") == pytest.approx(expected["lr_backbone"])
+
+
+@pytest.mark.slow
+def test_the_shipped_fine_tuning_example_from_a_new_folder(store, capsys):
+    """As a user runs it: sweeps/digits_pretrain.yaml registers models:/digits_0_4@champion, then
+    sweeps/digits_finetune.yaml starts from it (the head fresh, the backbone slower and frozen first); its champion
+    is scored on the test split and answers the digits 5..9 by name."""
+    uri = f"sqlite:///{store / 'runs.db'}"
+    assert (
+        main(
+            [
+                "sweep",
+                str(ROOT / "sweeps/digits_pretrain.yaml"),
+                "n_trials=1",
+                "epochs=5",
+                "--tracking-uri",
+                uri,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "sweep",
+                str(ROOT / "sweeps/digits_finetune.yaml"),
+                "n_trials=2",
+                "epochs=4",
+                "--tracking-uri",
+                uri,
+                "--no-report",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "champion: models:/digits_5_9@champion" in out and "  test: test_accuracy" in out
+    client = MlflowClient(uri)
+    trials = client.search_runs(
+        [client.get_experiment_by_name("digits_5_9").experiment_id], "tags.`sweeplab.role` = 'trial'"
+    )
+    pretrained = client.get_model_version_by_alias("digits_0_4", "champion").run_id
+    assert {t.data.tags["sweeplab.init_from"] for t in trials} == {f"models:/digits_0_4@champion (run {pretrained})"}
+    x, y = digits(5, 9)
+    row = ",".join(str(float(v)) for v in x[list(y).index(2)].reshape(-1))  # a 7
+    assert main(["predict", "models:/digits_5_9@champion", "--tracking-uri", uri, "--x", row]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"row 0 -> label=([5-9]) p=", said), said  # a digit's name, not a label index 0..4
