@@ -485,12 +485,7 @@ class _StackedOptimizer:
         if self.frozen is not None:
             return self._step_frozen()
         self.steps += 1
-        param, grad, lr = self.flat, self.flat.grad, self.lr if self.scale is None else self.lr * self.scale
-        if self.clip_value is not None:  # clip_grad_value_
-            grad.clamp_(-self.clip_value, self.clip_value)
-        if self.clip_norm is not None:  # clip_grad_norm_: max_norm / (total_norm + 1e-6), at most 1
-            total = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
-            grad.mul_((self.clip_norm / (total + 1e-6)).clamp(max=1.0))
+        param, grad, lr = self.flat, self._clipped(self.flat.grad), self._rates()
         if "AdamW" in self.masks:  # decoupled decay, before the Adam update
             param.mul_(torch.where(self.masks["AdamW"], 1 - lr * self.decay, 1.0))
         if self.coupled_decay:
@@ -518,17 +513,25 @@ class _StackedOptimizer:
             delta = torch.where(self.masks["SGD"], lr * self.sgd_buf, delta)
         param.sub_(delta)
 
-    def _step_frozen(self) -> None:
-        """`step` with blocks frozen this epoch: they keep their values and their state, as a parameter without a
-        gradient keeps them in torch; the others step with their own step counts."""
-        active = self.frozen < self.epoch
-        param, lr = self.flat, self.lr if self.scale is None else self.lr * self.scale
-        grad = torch.where(active, self.flat.grad, 0.0)  # a frozen parameter has no gradient: none in the norm
+    def _rates(self) -> torch.Tensor:
+        """Each member's rate [K, 1], or with parameter groups each column's [K, P]."""
+        return self.lr if self.scale is None else self.lr * self.scale
+
+    def _clipped(self, grad: torch.Tensor) -> torch.Tensor:
+        """clip_grad_value_, then clip_grad_norm_ (max_norm / (total_norm + 1e-6), at most 1), per member row."""
         if self.clip_value is not None:
             grad.clamp_(-self.clip_value, self.clip_value)
         if self.clip_norm is not None:
             total = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
             grad.mul_((self.clip_norm / (total + 1e-6)).clamp(max=1.0))
+        return grad
+
+    def _step_frozen(self) -> None:
+        """`step` with blocks frozen this epoch: they keep their values and their state, as a parameter without a
+        gradient keeps them in torch; the others step with their own step counts."""
+        active = self.frozen < self.epoch
+        param, lr = self.flat, self._rates()
+        grad = self._clipped(torch.where(active, self.flat.grad, 0.0))  # frozen: no gradient, none in the norm
         self.block_steps += active
         steps = self.block_steps
         new = param.detach().clone()
