@@ -482,36 +482,55 @@ class _StackedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        if self.frozen is not None:
-            return self._step_frozen()
-        self.steps += 1
-        param, grad, lr = self.flat, self._clipped(self.flat.grad), self._rates()
+        """One step of every member: torch's formulas, each block of columns frozen this epoch (`train.freeze`)
+        keeping its value and its state, as a parameter without a gradient does in torch."""
+        active = None if self.frozen is None else self.frozen < self.epoch
+        param, lr = self.flat, self._rates()
+        grad = self.flat.grad if active is None else torch.where(active, self.flat.grad, 0.0)  # none in the norm
+        grad = self._clipped(grad)
+        if active is None:
+            self.steps += 1
+            steps = self.steps
+        else:  # each block's Adam steps count from when it trains
+            self.block_steps += active
+            steps = self.block_steps
+
+        def kept(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            return new if active is None else torch.where(active, new, old)
+
         if "AdamW" in self.masks:  # decoupled decay, before the Adam update
-            param.mul_(torch.where(self.masks["AdamW"], 1 - lr * self.decay, 1.0))
+            param.mul_(kept(torch.where(self.masks["AdamW"], 1 - lr * self.decay, 1.0), 1.0))
         if self.coupled_decay:
             grad = grad + torch.where(self.masks.get("AdamW", False), 0.0, self.decay) * param
         delta = torch.zeros_like(param)
         if self.adam is not None:
             beta1, beta2 = ADAM_BETAS
             exp_avg, exp_avg_sq = self.adam
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            correction1 = 1 - beta1**self.steps
-            denom = (exp_avg_sq.sqrt() / (1 - beta2**self.steps) ** 0.5).add_(ADAM_EPS)
+            exp_avg.copy_(kept(exp_avg.lerp(grad, 1 - beta1), exp_avg))
+            exp_avg_sq.copy_(kept(exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2), exp_avg_sq))
+            if active is None:
+                correction1, correction2 = 1 - beta1**steps, (1 - beta2**steps) ** 0.5
+            else:  # per column, in double as torch takes its step count, then float32 as a scalar would be
+                correction1, correction2 = (1 - beta1**steps).float(), ((1 - beta2**steps) ** 0.5).float()
+            denom = (exp_avg_sq.sqrt() / correction2).add_(ADAM_EPS)
             adam_mask = self.masks.get("Adam", False) | self.masks.get("AdamW", False)
             delta = torch.where(adam_mask, lr / correction1 * exp_avg / denom, delta)
         if self.square_avg is not None:
-            self.square_avg.mul_(RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - RMSPROP_ALPHA)
+            square = self.square_avg.mul(RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - RMSPROP_ALPHA)
+            self.square_avg.copy_(kept(square, self.square_avg))
             avg = self.square_avg.sqrt().add_(RMSPROP_EPS)
-            self.rms_buf.mul_(self.momentum).add_(grad / avg)  # momentum 0: the buffer is this step's grad/avg
+            # momentum 0: the buffer is this step's grad/avg
+            self.rms_buf.copy_(kept(self.rms_buf.mul(self.momentum).add_(grad / avg), self.rms_buf))
             delta = torch.where(self.masks["RMSprop"], lr * self.rms_buf, delta)
         if "SGD" in self.masks:
             if self.sgd_buf is None:
-                self.sgd_buf = grad.clone()
-            else:
-                self.sgd_buf.mul_(self.momentum).add_(grad)  # momentum 0: the buffer is this step's grad
+                self.sgd_buf = torch.zeros_like(param)
+            first = steps == 1  # torch's momentum buffer starts as the parameter's first gradient
+            moved = self.sgd_buf.mul(self.momentum).add_(grad)  # momentum 0: the buffer is this step's grad
+            buf = (grad if first else moved) if active is None else torch.where(first, grad, moved)
+            self.sgd_buf.copy_(kept(buf, self.sgd_buf))
             delta = torch.where(self.masks["SGD"], lr * self.sgd_buf, delta)
-        param.sub_(delta)
+        param.sub_(kept(delta, 0.0))
 
     def _rates(self) -> torch.Tensor:
         """Each member's rate [K, 1], or with parameter groups each column's [K, P]."""
@@ -525,47 +544,6 @@ class _StackedOptimizer:
             total = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
             grad.mul_((self.clip_norm / (total + 1e-6)).clamp(max=1.0))
         return grad
-
-    def _step_frozen(self) -> None:
-        """`step` with blocks frozen this epoch: they keep their values and their state, as a parameter without a
-        gradient keeps them in torch; the others step with their own step counts."""
-        active = self.frozen < self.epoch
-        param, lr = self.flat, self._rates()
-        grad = self._clipped(torch.where(active, self.flat.grad, 0.0))  # frozen: no gradient, none in the norm
-        self.block_steps += active
-        steps = self.block_steps
-        new = param.detach().clone()
-        if "AdamW" in self.masks:
-            new.mul_(torch.where(self.masks["AdamW"], 1 - lr * self.decay, 1.0))
-        if self.coupled_decay:
-            grad = grad + torch.where(self.masks.get("AdamW", False), 0.0, self.decay) * param
-        delta = torch.zeros_like(param)
-        if self.adam is not None:
-            beta1, beta2 = ADAM_BETAS
-            exp_avg, exp_avg_sq = self.adam
-            exp_avg.copy_(torch.where(active, exp_avg.lerp(grad, 1 - beta1), exp_avg))
-            exp_avg_sq.copy_(
-                torch.where(active, exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2), exp_avg_sq)
-            )
-            correction1 = (1 - beta1**steps).float()
-            correction2 = ((1 - beta2**steps) ** 0.5).float()
-            denom = (exp_avg_sq.sqrt() / correction2).add_(ADAM_EPS)
-            adam_mask = self.masks.get("Adam", False) | self.masks.get("AdamW", False)
-            delta = torch.where(adam_mask, lr / correction1 * exp_avg / denom, delta)
-        if self.square_avg is not None:
-            square = self.square_avg.mul(RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - RMSPROP_ALPHA)
-            self.square_avg.copy_(torch.where(active, square, self.square_avg))
-            avg = self.square_avg.sqrt().add_(RMSPROP_EPS)
-            self.rms_buf.copy_(torch.where(active, self.rms_buf * self.momentum + grad / avg, self.rms_buf))
-            delta = torch.where(self.masks["RMSprop"], lr * self.rms_buf, delta)
-        if "SGD" in self.masks:
-            if self.sgd_buf is None:
-                self.sgd_buf = torch.zeros_like(param)
-            first = steps == 1  # torch's momentum buffer starts as the parameter's first gradient
-            buf = torch.where(first, grad, self.sgd_buf * self.momentum + grad)
-            self.sgd_buf.copy_(torch.where(active, buf, self.sgd_buf))
-            delta = torch.where(self.masks["SGD"], lr * self.sgd_buf, delta)
-        param.copy_(torch.where(active, new - delta, param))
 
 
 def _distinct(members: list[Member], key) -> tuple[list[Member], torch.Tensor]:
