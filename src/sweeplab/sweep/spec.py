@@ -90,6 +90,15 @@ class SamplerSpec(_Frozen):
     )
     seed: int | None = Field(0, ge=0, lt=2**32, description="numpy's RandomState takes 0 .. 2**32 - 1")
     n_startup_trials: int = Field(10, ge=0, description="tpe: random trials before the model kicks in")
+    batch: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description=(
+            "tpe: trials asked at once in each round after the start-up (constant liar: the running ones count as "
+            "the worst), so they stack; default: sweep.batching.TPE_BATCH, measured by benchmarks/bench_tpe_batch.py"
+        ),
+    )
 
 
 class PrunerSpec(_Frozen):
