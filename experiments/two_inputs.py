@@ -29,3 +29,19 @@ class ImageAndProfile(nn.Module):
 
     def forward(self, image: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([self.conv(image), self.profile(profile)], dim=1))
+
+
+class TwoInputDigits(torch.utils.data.Dataset):
+    """The same data as a map-style Dataset of ({"image", "profile"}, label) items, as a PyTorch user writes it
+    (no `targets`, no class count): small, so sweeplab reads it into memory once and the stacked engine trains it;
+    the number of classes comes from its labels. `data.class_path: two_inputs.TwoInputDigits`."""
+
+    def __init__(self):
+        inputs, self.labels = digits_two_inputs()
+        self.images, self.profiles = torch.from_numpy(inputs["image"]), torch.from_numpy(inputs["profile"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return {"image": self.images[i], "profile": self.profiles[i]}, int(self.labels[i])

@@ -596,3 +596,32 @@ def test_a_two_input_champion_answers_by_name_without_sweeplab_or_the_users_modu
     assert out["float32"] == out["labels"] and out["schema"]
     assert out["refused"]["extra"] == "input: unknown extra (the model takes image, profile)"
     assert out["refused"]["bools"] == "input: profile holds booleans; the model takes numbers (float32)"
+
+
+def test_a_small_dataset_of_two_inputs_is_read_into_memory_and_stacks(store):
+    """#40: the two-input digits as a map-style Dataset (no targets, no class count) train exactly as the same data
+    given as arrays (the reference loop, bit for bit), and their trials stack."""
+    from mlflow import MlflowClient
+
+    from sweeplab.cli import main
+    from sweeplab.config import load_experiment
+    from sweeplab.train.engines import choose
+    from sweeplab.train.experiment import run_experiment
+
+    items = load_experiment(ROOT / "experiments" / "two_inputs_dataset.yaml", {"epochs": 3})
+    arrays = load_experiment(ROOT / "experiments" / "two_inputs.yaml", {"epochs": 3})
+    a, b = run_experiment(items), run_experiment(arrays)
+    assert not a.dataset.lazy and "read into memory" in a.dataset.description and a.dataset.n_outputs == 10
+    assert a.history.train_loss == b.history.train_loss and a.history.val_loss == b.history.val_loss
+    assert choose([items])[0] == "vectorized"
+    (store / "s.yaml").write_text(
+        f"study: items\nexperiment: {ROOT / 'experiments' / 'two_inputs_dataset.yaml'}\nbase: {{train: {{epochs: 2}}}}\n"
+        "space:\n  lr: {choices: [0.001, 0.003]}\nsampler: {type: grid}\nn_trials: 2\n"
+    )
+    uri = f"sqlite:///{store / 'i.db'}"
+    assert main(["sweep", str(store / "s.yaml"), "--tracking-uri", uri, "--quiet", "--no-report"]) == 0
+    client = MlflowClient(uri)
+    trials = client.search_runs(
+        [client.get_experiment_by_name("items").experiment_id], "tags.`sweeplab.role` = 'trial'"
+    )
+    assert {t.data.tags["sweeplab.stacked_members"] for t in trials} == {"2"}

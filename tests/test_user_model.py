@@ -6,6 +6,7 @@ user's class itself (the checkpoint put back into it), or from a plain computati
 import hashlib
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -648,8 +649,14 @@ def with_nan():
 """
 
 
-@pytest.mark.parametrize("loader", ["pair", "arrays", "Wine"])
-def test_a_users_loader_is_split_as_random_split_splits(tmp_path, loader):
+@pytest.mark.parametrize("loader", ["pair", "arrays", "Wine", "Wine-lazy"])
+def test_a_users_loader_is_split_as_random_split_splits(tmp_path, loader, monkeypatch):
+    """A small map-style Dataset is read into tensors once (#40: so it stacks); above the memory budget (here
+    SWEEPLAB_IN_MEMORY_MB=0) it is split by indices and read lazily."""
+    if loader == "Wine-lazy":
+        monkeypatch.setenv("SWEEPLAB_IN_MEMORY_MB", "0")
+        loader = "Wine"
+    lazy = os.environ.get("SWEEPLAB_IN_MEMORY_MB") == "0"
     write(tmp_path, "loaders.py", LOADERS)
     path = write(
         tmp_path,
@@ -666,13 +673,14 @@ def test_a_users_loader_is_split_as_random_split_splits(tmp_path, loader):
         torch.utils.data.TensorDataset(x, y), [0.75, 0.25], generator=torch.Generator().manual_seed(5)
     )
     train_idx, val_idx = (torch.tensor(s.indices) for s in subsets)
-    if loader == "Wine":  # a map-style Dataset is split by indices and read lazily, not read into tensors
+    if lazy:  # a map-style Dataset is split by indices and read lazily, not read into tensors
         assert dataset.lazy and dataset.x_train is None
         assert dataset.train_set.indices.tolist() == train_idx.tolist()
         assert dataset.val_set.indices.tolist() == val_idx.tolist()
         xs = torch.stack([dataset.train_set[i][0] for i in range(len(dataset.train_set))])
         assert torch.equal(xs, x[train_idx]) and torch.equal(dataset.y_train, y[train_idx])
     else:
+        assert not dataset.lazy
         assert torch.equal(dataset.x_train, x[train_idx]) and torch.equal(dataset.y_train, y[train_idx])
         assert torch.equal(dataset.x_val, x[val_idx]) and torch.equal(dataset.y_val, y[val_idx])
     assert dataset.n_outputs == 3 and dataset.input_shape == (13,)

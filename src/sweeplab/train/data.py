@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset, TensorDataset, default_collate
 
@@ -187,11 +188,15 @@ def _make_dataset(config: ExperimentConfig) -> Dataset:
     elif data.source == "python":
         loaded = _from_loader(config)
         _check_own_split(config, loaded)
+        description = f"python:{data.class_path}"
         if loaded.lazy:
-            return _lazy_dataset(config, loaded)
+            small = in_memory(config, loaded)
+            if small is None:
+                return _lazy_dataset(config, loaded)
+            loaded, size = small
+            description += f" (a Dataset read into memory: {size / 2**20:.1f} MB)"
         x, y, split = loaded.x, loaded.y, loaded.split
         names = ()
-        description = f"python:{data.class_path}"
     else:
         x, y = synthetic_xy(data.n_samples, data.noise)
         y = labels_for_task(y, config.task, data.n_classes)
@@ -265,6 +270,51 @@ def collate_fn_of(config: ExperimentConfig) -> Callable | None:
     if not callable(function):
         raise ConfigError(f"data.collate_fn: {path} is a {type(function).__name__}, not a function")
     return function
+
+
+# A map-style Dataset whose items are tensors this small in all is read once into tensors: batches by indexing,
+# and the stacked engine trains it; above it, it is read lazily through a DataLoader (SWEEPLAB_IN_MEMORY_MB).
+IN_MEMORY_MB = 256
+_IN_MEMORY: dict[tuple, tuple["Loaded", int] | None] = {}
+
+
+def in_memory(config: ExperimentConfig, loaded: "Loaded") -> tuple["Loaded", int] | None:
+    """The user's Dataset(s) read into tensors (the in-memory Loaded, and its size in bytes), or None where it stays
+    lazy: a collate_fn or DataLoader workers asked for, items that are not (tensor inputs, target) of one shape
+    (the lazy path names the odd item), or more than IN_MEMORY_MB, estimated from the first item and the length.
+    Read once per process and loader."""
+    from sweeplab.stores import env_number
+
+    data = config.data
+    if data.collate_fn is not None or data.num_workers > 0:
+        return None
+    budget = env_number("SWEEPLAB_IN_MEMORY_MB", IN_MEMORY_MB) * 2**20
+    key = (id(loaded), budget)
+    if key in _IN_MEMORY:
+        return _IN_MEMORY[key]
+    parts, found, size = loaded.split or (loaded,), [], 0
+    where = f"data.class_path: {data.class_path}()"
+    for part in parts:
+        dataset = part.dataset
+        try:
+            with user_code():
+                first = dataset[0]
+                pair = isinstance(first, (tuple, list)) and len(first) == 2
+                leaves = pytree.tree_leaves(first[0]) if pair else []
+                arrays = leaves and all(isinstance(leaf, (torch.Tensor, np.ndarray)) for leaf in leaves)
+                if not arrays or (sum(leaf.nbytes for leaf in leaves) + 8) * len(dataset) > budget:
+                    _IN_MEMORY[key] = None
+                    return None
+                inputs, target = default_collate([dataset[i] for i in range(len(dataset))])
+        except Exception:  # items of other shapes, or one that raises: the lazy path says which, in one line
+            _IN_MEMORY[key] = None
+            return None
+        x, y = _pair((inputs, target), where, config.task)
+        found.append(Loaded(x=x, y=y))
+        size += sum(t.nbytes for t in batch.tensors(x)) + y.nbytes
+    memory = Loaded(x=found[0].x, y=found[0].y) if len(found) == 1 else Loaded(split=tuple(found))
+    _IN_MEMORY[key] = (memory, size)
+    return _IN_MEMORY[key]
 
 
 def _check_own_split(config: ExperimentConfig, loaded: "Loaded") -> None:
