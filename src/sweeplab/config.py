@@ -5,7 +5,8 @@ written to MLflow or Optuna. Errors are ConfigError with one line that names the
 The override language (`key=value`) is here too; the sweep file's schema is sweep/spec.py. A user's own
 model or data loader is named here by import path (`class_path` + `init_args`) and only imported by train/plugins.py.
 Schema only: this module imports no torch, MLflow or Optuna; which engine a sweep runs on, and whether its device
-exists, is sweep.probes.settle's to decide.
+exists, is sweep.probes.settle's to decide. Why one module of ~900 lines: the schema is one document (the reference
+page is generated from it), and each section's cross-field rules sit beside its fields.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ budget in this process (and in N-1 forked helpers), and registers each condition
 
 until the study holds its budget of finished trials. Where to look next: ledger.py (everything Optuna, recovery),
 train/engines.py (the two engines), track/recorder.py and writers.py (MLflow), stop.py (Ctrl-C and SIGTERM).
+After the search: confirm.py (more seeds), refit.py (a data.folds winner), then the champions (track/champion.py).
 """
 
 from __future__ import annotations
