@@ -90,6 +90,8 @@ bench: install
 	$(PY) benchmarks/bench_lazy.py
 	$(PY) benchmarks/bench_confirm.py
 	$(PY) benchmarks/bench_folds.py
+	$(PY) benchmarks/bench_schedules.py
+	$(PY) benchmarks/bench_tpe_batch.py
 
 # docs/mlflow-ui.png and docs/report.png: the default sweep as headless Chromium shows it (Debian's chromium)
 screenshots: install

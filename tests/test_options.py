@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -423,3 +424,35 @@ def test_a_metric_of_the_users_is_logged_judges_the_trials_and_trains_on_the_ref
     )
     with pytest.raises(ConfigError, match=r"metrics.val_pinball: raised ValueError: could not convert"):
         check_config(bad)
+
+
+@pytest.mark.parametrize(
+    "cls, args",
+    [
+        (torch.optim.lr_scheduler.CosineAnnealingLR, {"T_max": 37, "eta_min": 1e-4}),
+        (torch.optim.lr_scheduler.CosineAnnealingLR, {"T_max": 500}),
+        (torch.optim.lr_scheduler.StepLR, {"step_size": 7, "gamma": 0.7}),
+        (torch.optim.lr_scheduler.ExponentialLR, {"gamma": 0.99}),
+    ],
+)
+def test_a_per_step_schedule_stepped_as_one_tensor_is_torchs_own(cls, args):
+    """#40: the stacked engine steps a per-step CosineAnnealingLR, StepLR or ExponentialLR for all its members as
+    one float64 tensor operation (no Python per member per batch); every rate over 300 steps equals the one torch's
+    own scheduler gives each member, exactly (T_max 37 wraps the cosine around several times)."""
+    from sweeplab.train.stacked.epochs import _Formula
+
+    rates = [0.1, 0.03, 0.007, 1e-5]
+    schedulers = []
+    for rate in rates:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=rate)
+        schedulers.append(cls(optimizer, **args))
+    formula = _Formula(
+        _Formula.settings(schedulers[0]), [(i, s.optimizer.param_groups[0]["lr"]) for i, s in enumerate(schedulers)]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(300):
+            for scheduler in schedulers:
+                scheduler.optimizer.step()
+                scheduler.step()
+            assert formula.step().tolist() == [s.optimizer.param_groups[0]["lr"] for s in schedulers]

@@ -127,35 +127,46 @@ def schedule_changes_more_than_lr(config: ExperimentConfig, steps: int = 40) -> 
 class _Schedules:
     """Each member's own torch scheduler, driven over a shadow optimizer of the member's own class and settings
     (one scalar parameter): torch's own learning rates, copied into the stacked optimizer's [K, 1] lr column after
-    every step that changes them, and the rate each member's last step used (History.lr)."""
+    every step that changes them, and the rate each member's last step used (History.lr). Members whose per-step
+    schedule is one torch computes by a recursive formula (CosineAnnealingLR, StepLR, ExponentialLR) share one
+    `_Formula` per setting, stepped as one tensor operation for all of them, in torch's double precision: no Python
+    per member per batch."""
 
     def __init__(self, members: list, optimizer, steps_per_epoch: int):
         from sweeplab.train.options import build_optimizer, build_scheduler, monitor_of
 
         self.optimizer = optimizer
-        self.rows = []  # (row, shadow, scheduler, interval, monitor or None)
+        self.rows = []  # (row, shadow, scheduler, interval, monitor or None): stepped live
+        formulas: dict[tuple, list] = {}  # (kind, settings) -> [(row, its first rate)]
         for row, member in enumerate(members):
             config = member.config
             if config.train.scheduler is None:
                 continue
             shadow = build_optimizer(config, [torch.zeros(1, requires_grad=True)])
             scheduler = build_scheduler(config, shadow, steps_per_epoch)
+            interval = config.train.scheduler.interval
+            settings = _Formula.settings(scheduler)
+            if interval == "step" and settings is not None:
+                formulas.setdefault(settings, []).append((row, shadow.param_groups[0]["lr"]))
+                continue
             plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            self.rows.append(
-                (row, shadow, scheduler, config.train.scheduler.interval, monitor_of(config) if plateau else None)
-            )
-        self.scheduled = torch.tensor([row for row, *_ in self.rows], dtype=torch.long)
-        self.values = optimizer.lr.flatten().tolist()
-        self.used = list(self.values)
+            self.rows.append((row, shadow, scheduler, interval, monitor_of(config) if plateau else None))
+        self.formulas = [_Formula(settings, rows) for settings, rows in formulas.items()]
+        scheduled = [row for row, *_ in self.rows] + [r for f in self.formulas for r in f.rows.tolist()]
+        self.scheduled = torch.tensor(sorted(scheduled), dtype=torch.long)
+        self.current = optimizer.lr.flatten().double().cpu()  # each member's rate now, as torch holds it (double)
+        for formula in self.formulas:
+            self.current[formula.rows] = formula.lr
+        self.used = self.current.clone()
         self.sync()
 
     def sync(self) -> None:
         for row, shadow, *_ in self.rows:
-            self.values[row] = shadow.param_groups[0]["lr"]
-        self.optimizer.lr.copy_(torch.tensor(self.values, dtype=self.optimizer.lr.dtype).unsqueeze(1))
+            self.current[row] = shadow.param_groups[0]["lr"]
+        self.optimizer.lr.copy_(self.current.unsqueeze(1))
 
     def after_step(self) -> None:
-        self.used = list(self.values)
+        self.used = self.current.clone()
         stepped = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the shadow optimizer never steps
@@ -163,6 +174,9 @@ class _Schedules:
                 if interval == "step":
                     scheduler.step()
                     stepped = True
+        for formula in self.formulas:
+            self.current[formula.rows] = formula.step()
+            stepped = True
         if stepped:
             self.sync()
 
@@ -177,6 +191,50 @@ class _Schedules:
                 else:
                     scheduler.step(float(val_loss[row] if monitor == "val_loss" else metrics[monitor][row]))
         self.sync()
+
+
+class _Formula:
+    """torch's recursive learning-rate formula for one scheduler setting, over the rows sharing it: the arithmetic
+    torch's `get_lr` does in Python doubles per member, as float64 tensor operations in the same order, so every
+    rate is torch's own (tests/test_options.py holds them equal over hundreds of steps)."""
+
+    def __init__(self, settings: tuple, rows: list[tuple[int, float]]):
+        self.kind, *self.args = settings
+        self.rows = torch.tensor([row for row, _ in rows], dtype=torch.long)
+        self.base = torch.tensor([rate for _, rate in rows], dtype=torch.float64)
+        self.lr = self.base.clone()
+        self.t = 0
+
+    @staticmethod
+    def settings(scheduler) -> tuple | None:
+        """(kind, its settings) for a scheduler `_Formula` steps; None for any other (stepped live)."""
+        lr_scheduler = torch.optim.lr_scheduler
+        kind = type(scheduler)
+        if kind is lr_scheduler.CosineAnnealingLR:
+            return ("cosine", scheduler.T_max, scheduler.eta_min)
+        if kind is lr_scheduler.StepLR:
+            return ("step", scheduler.step_size, scheduler.gamma)
+        if kind is lr_scheduler.ExponentialLR:
+            return ("exponential", scheduler.gamma)
+        return None
+
+    def step(self) -> torch.Tensor:
+        self.t += 1
+        t = self.t
+        if self.kind == "cosine":  # CosineAnnealingLR.get_lr, its two recursive branches
+            t_max, eta_min = self.args
+            if (t - 1 - t_max) % (2 * t_max) == 0:
+                self.lr = self.lr + (self.base - eta_min) * (1 - math.cos(math.pi / t_max)) / 2
+            else:
+                factor = (1 + math.cos(math.pi * t / t_max)) / (1 + math.cos(math.pi * (t - 1) / t_max))
+                self.lr = factor * (self.lr - eta_min) + eta_min
+        elif self.kind == "step":
+            step_size, gamma = self.args
+            if t % step_size == 0:
+                self.lr = self.lr * gamma
+        else:
+            self.lr = self.lr * self.args[0]
+        return self.lr
 
 
 @dataclass
@@ -658,9 +716,7 @@ def fit_stacked(
             )
         metrics = {name: values for name, values in metrics.items() if name in wanted}
         if schedules is not None:  # the rate each member's last step used, then its epoch-interval schedule
-            curves.lr[schedules.scheduled, epoch - 1] = torch.tensor(schedules.used, dtype=torch.float64)[
-                schedules.scheduled
-            ]
+            curves.lr[schedules.scheduled, epoch - 1] = schedules.used[schedules.scheduled]
             schedules.after_epoch(val_loss, metrics, curves.active)
         improved = curves.record(epoch, train_loss, val_loss, metrics, confusion)
         reasons = _hook_reasons(curves, members, epoch, train_loss, val_loss, metrics, improved, on_epoch)
