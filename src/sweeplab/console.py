@@ -63,6 +63,10 @@ def run_summary(result, tracker) -> dict:
         "device": str(result.device),
         "seconds": history.seconds,
     }
+    if getattr(result, "test", None):  # data.test_size: the best state's (or the refit's) scores, once
+        summary["test"] = result.test
+    if getattr(result, "refit", None) is not None:  # data.folds: the model is the refit's
+        summary["refit"] = {"epochs": result.refit.epochs_run, "mlflow_run_id": result.refit_run_id}
     if tracker:
         summary["mlflow_run_id"] = tracker.run_id
     return summary
