@@ -138,14 +138,14 @@ def test_engine_auto_chooses_vectorized_only_when_it_supports_every_trial(tmp_pa
 
 
 def test_tpe_is_asked_in_batches_it_can_learn_between(tmp_path):
-    """By hand: 10 random start-up trials in one batch, then the other 10 of 20 in rounds of the TPE batch (4, the
+    """By hand: 10 random start-up trials in one batch, then the other 10 of 20 in rounds of the TPE batch (8, the
     default; 2 when the file says so: a round is at least that, and ten rounds at most); of 1,000, the 990 after the
     start-up in batches of ceil(990 / 10) = 99. The driver leases no more than the places left."""
     from sweeplab.sweep.batching import batch_size
     from sweeplab.sweep.spec import SweepSpec
 
     spec = SweepSpec(study="b", space={"hidden": {"choices": [4]}}, n_trials=20, batch_trials=256)
-    assert [batch_size(spec, True, asked, 20) for asked in (0, 4, 10, 14, 18)] == [10, 6, 4, 4, 4]
+    assert [batch_size(spec, True, asked, 20) for asked in (0, 4, 10, 18)] == [10, 6, 8, 8]
     two = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"batch": 2})})
     assert [batch_size(two, True, asked, 20) for asked in (10, 12)] == [2, 2]
     assert batch_size(spec, True, 10, 1000) == batch_size(two, True, 10, 1000) == 99
