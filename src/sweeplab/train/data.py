@@ -312,7 +312,11 @@ def in_memory(config: ExperimentConfig, loaded: "Loaded") -> tuple["Loaded", int
         except Exception:  # items of other shapes, or one that raises: the lazy path says which, in one line
             _IN_MEMORY[key] = None
             return None
-        x, y = _pair((inputs, target), where, config.task)
+        try:
+            x, y = _pair((inputs, target), where, config.task)
+        except ConfigError:  # a NaN, a label that is not a class index: the lazy path names the item
+            _IN_MEMORY[key] = None
+            return None
         found.append(Loaded(x=x, y=y))
         size += sum(t.nbytes for t in batch.tensors(x)) + y.nbytes
     memory = Loaded(x=found[0].x, y=found[0].y) if len(found) == 1 else Loaded(split=tuple(found))
