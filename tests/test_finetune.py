@@ -103,6 +103,26 @@ def _curve(client, run_id, key):
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def _stacked_pair(store, rates: list[float], **train):
+    """Two fine-tunes from pretrained.pt (the head fresh), one per rate, swept on the stacked engine: (client, their
+    trial runs), asserted to have trained as one group of two."""
+    (store / "ft.yaml").write_text(
+        yaml.safe_dump(finetune_config({"uri": "pretrained.pt", "exclude": ["head.*"]}, **train))
+    )
+    (store / "s.yaml").write_text(
+        f"study: stacked\nexperiment: ft.yaml\nengine: vectorized\nspace:\n  lr: {{choices: {rates}}}\n"
+        "sampler: {type: grid}\nn_trials: 2\n"
+    )
+    uri = f"sqlite:///{store / 's.db'}"
+    assert main(["sweep", str(store / "s.yaml"), "--tracking-uri", uri, "--quiet", "--no-report"]) == 0
+    client = MlflowClient(uri)
+    trials = client.search_runs(
+        [client.get_experiment_by_name("stacked").experiment_id], "tags.`sweeplab.role` = 'trial'"
+    )
+    assert {t.data.tags["sweeplab.stacked_members"] for t in trials} == {"2"}
+    return client, trials
+
+
 def test_a_fine_tune_is_the_plain_loop_bit_for_bit(store, pretrained, capsys):
     train = {"param_groups": [{"name": "backbone", "params": "features.*", "lr_scale": 0.1}]}
     train["freeze"] = [{"params": ["features.*"], "epochs": 2}]
@@ -122,16 +142,7 @@ def test_a_fine_tune_is_the_plain_loop_bit_for_bit(store, pretrained, capsys):
 
 def test_init_from_stacks(store, pretrained):
     """Members of a stacked group start from the loaded weights: each trial within 1e-4 of the plain loop."""
-    (store / "ft.yaml").write_text(yaml.safe_dump(finetune_config({"uri": "pretrained.pt", "exclude": ["head.*"]})))
-    (store / "s.yaml").write_text(
-        "study: fts\nexperiment: ft.yaml\nengine: vectorized\nspace:\n  lr: {choices: [0.001, 0.003]}\n"
-        "sampler: {type: grid}\nn_trials: 2\n"
-    )
-    uri = f"sqlite:///{store / 's.db'}"
-    assert main(["sweep", str(store / "s.yaml"), "--tracking-uri", uri, "--quiet", "--no-report"]) == 0
-    client = MlflowClient(uri)
-    trials = client.search_runs([client.get_experiment_by_name("fts").experiment_id], "tags.`sweeplab.role` = 'trial'")
-    assert {t.data.tags["sweeplab.stacked_members"] for t in trials} == {"2"}
+    client, trials = _stacked_pair(store, [0.001, 0.003])
     for trial in trials:
         expected = plain_finetune(pretrained, float(trial.data.params["train.lr"]), None, 0)
         got = _curve(client, trial.info.run_id, "val_loss")
@@ -209,18 +220,7 @@ def test_param_groups_and_freezing_stack(store, pretrained, optimizer):
     over 6 epochs for the three optimizers), per-group lr as logged."""
     train = {"optimizer": optimizer, "param_groups": [{"name": "backbone", "params": "features.*", "lr_scale": 0.1}]}
     train["freeze"] = [{"params": ["features.*"], "epochs": 2}]
-    (store / "ft.yaml").write_text(
-        yaml.safe_dump(finetune_config({"uri": "pretrained.pt", "exclude": ["head.*"]}, **train))
-    )
-    (store / "s.yaml").write_text(
-        "study: fg\nexperiment: ft.yaml\nengine: vectorized\nspace:\n  lr: {choices: [0.002, 0.004]}\n"
-        "sampler: {type: grid}\nn_trials: 2\n"
-    )
-    uri = f"sqlite:///{store / 'g.db'}"
-    assert main(["sweep", str(store / "s.yaml"), "--tracking-uri", uri, "--quiet", "--no-report"]) == 0
-    client = MlflowClient(uri)
-    trials = client.search_runs([client.get_experiment_by_name("fg").experiment_id], "tags.`sweeplab.role` = 'trial'")
-    assert {t.data.tags["sweeplab.stacked_members"] for t in trials} == {"2"}
+    client, trials = _stacked_pair(store, [0.002, 0.004], **train)
     for trial in trials:
         lr = float(trial.data.params["train.lr"])
         expected = plain_finetune(pretrained, lr, 0.1, 2, optimizer)

@@ -1,0 +1,62 @@
+"""Does a stacked member's result depend on its group's size? The figures behind docs/trust.md ("5.8e-5 in groups
+of 2 to 6, bit for bit in 8 or 12" under AVX2; none under AVX-512).
+
+An ArrowHead-like task (36 noisy series of 3 shapes, a 1D CNN with BatchNorm, batches of 4, 30 epochs, as in
+tests/test_rerun.py) trains 12 trials of different learning rates stacked in one group; trial 0 is then trained
+again beside K - 1 copies of itself. Prints, per K, the largest relative difference of its validation curve from
+the group of 12, once with torch's AVX2 kernels pinned (as the sweeplab command pins them) and once with this
+machine's own. Usage: python benchmarks/measure_group_size.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+CHILD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_rerun import SERIES
+Path({folder!r}, "series.py").write_text(SERIES)
+from sweeplab.config import build_experiment
+from sweeplab.train.engines import Job, Routes, VectorizedEngine
+raw = {{"name": "arrow", "task": "multiclass", "seed": 0,
+        "data": {{"source": "python", "class_path": "series.arrowhead"}}, "model": {{"class_path": "series.BNConv"}},
+        "train": {{"optimizer": "Adam", "lr": 0.01, "epochs": 30, "batch_size": 4}}}}
+base = build_experiment(raw, "measure", Path({folder!r}))
+def config(lr):
+    c = base.model_copy(update={{"train": base.train.model_copy(update={{"lr": lr}})}})
+    c._code_dir = base.code_dir
+    return c
+def group(configs):
+    jobs = [Job(None, c) for c in configs]
+    VectorizedEngine(Routes()).train(jobs, None)
+    return [j.result.history.val_loss for j in jobs]
+rates = [0.001 * 1.4**i for i in range(12)]
+twelve = group([config(r) for r in rates])[0]
+for k in (2, 3, 4, 6, 8, 12):
+    alone = group([config(rates[0])] * k)[0]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(alone, twelve))
+    print(f"  {{torch.backends.cpu.get_cpu_capability():6s}} K={{k:2d}} copies vs the group of 12: {{worst:.2g}}")
+"""
+
+
+def main() -> None:
+    pinned = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+    for name, extra in (("AVX2 pinned (the sweeplab command)", pinned), ("this machine's own kernels", {})):
+        print(name)
+        env = {k: v for k, v in os.environ.items() if k not in pinned} | extra
+        with tempfile.TemporaryDirectory() as folder:
+            code = CHILD.format(tests=str(ROOT / "tests"), folder=folder)
+            subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()
