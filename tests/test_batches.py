@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sweeplab.cli import main
-from sweeplab.config import build_experiment, load_experiment
+from sweeplab.config import ConfigError, build_experiment, load_experiment
 from sweeplab.train.engines import Job, choose, engine_named
 from sweeplab.train.experiment import RunResult, run_experiment
 
@@ -625,3 +625,104 @@ def test_a_small_dataset_of_two_inputs_is_read_into_memory_and_stacks(store):
         [client.get_experiment_by_name("items").experiment_id], "tags.`sweeplab.role` = 'trial'"
     )
     assert {t.data.tags["sweeplab.stacked_members"] for t in trials} == {"2"}
+
+
+NO_TARGETS = """\
+import torch
+import vowels
+
+
+class Unlabelled(torch.utils.data.Dataset):
+    \"\"\"The archive's utterances as a plain PyTorch user writes a Dataset: no `targets`, no class count. Item
+    `bad` says speaker 12 (there are 9).\"\"\"
+
+    def __init__(self, utterances, bad=None):
+        self.utterances, self.bad = utterances, bad
+
+    def __len__(self):
+        return len(self.utterances)
+
+    def __getitem__(self, i):
+        frames, speaker = self.utterances[i]
+        return frames, (torch.tensor(12) if i == self.bad else speaker)
+
+
+def unlabelled(bad=None, bad_val=None):
+    parts = vowels.utterances()
+    return {"train": Unlabelled(parts["train"], bad), "val": Unlabelled(parts["val"], bad_val)}
+
+
+class Speakers(vowels.VowelGRU):
+    \"\"\"Its head says 9 speakers: what a plain PyTorch script hard-codes.\"\"\"
+
+    def __init__(self, hidden=32):
+        super().__init__(9, hidden=hidden)
+"""
+
+
+def unlabelled_config(folder: Path, **overrides) -> dict:
+    vowels_config(folder)
+    write(folder, "unlabelled.py", NO_TARGETS)
+    overrides = {"data.class_path": "unlabelled.unlabelled", "model.class_path": "unlabelled.Speakers", **overrides}
+    return load_experiment(folder / "jv.yaml", {"epochs": 3, "model.init_args.hidden": 16, **overrides})
+
+
+def test_a_dataset_without_labels_or_a_class_count_takes_it_from_the_models_output_width(tmp_path):
+    """#40: the GRU's Dataset with no `targets` and no data.n_classes trains on the number of classes its model's
+    head gives (9), exactly as the user's plain loop with the same head (test above's), and its run says 9."""
+    config = unlabelled_config(tmp_path)
+    result = run_experiment(config)
+    torch.manual_seed(0)
+    parts = vowels.utterances()
+    model = vowels.VowelGRU(n_classes=9, hidden=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    shuffle = torch.Generator().manual_seed(7)
+    train = DataLoader(parts["train"], batch_size=32, shuffle=True, collate_fn=vowels.pad_batch, generator=shuffle)
+    val = DataLoader(parts["val"], batch_size=32, collate_fn=vowels.pad_batch)
+    curves = plain_loop(model, train, val, optimizer, nn.CrossEntropyLoss(), 3)
+    assert result.dataset.lazy and result.dataset.y_train is None and result.dataset.n_classes == 9
+    assert result.history.train_loss == pytest.approx(curves["train_loss"], rel=1e-6)
+    assert result.history.val_loss == pytest.approx(curves["val_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (  # the constructor needs the count itself: nothing to read it from
+            {"model.class_path": "vowels.VowelGRU"},
+            "data.n_classes: model.class_path: vowels.VowelGRU() takes n_classes, and nothing says how many classes "
+            "there are (the Dataset has no `targets`): give data.n_classes, or model.init_args.n_classes",
+        ),
+        (  # validation item 3 (the pre-flight reads the first 8) says 12 against the model's 9
+            {"data.init_args": {"bad_val": 3}},
+            "data.class_path: unlabelled.unlabelled(): item 3's target 12 is outside the 9 classes (0..8)",
+        ),
+    ],
+)
+def test_a_class_count_nothing_gives_or_a_label_outside_it_is_one_line(tmp_path, overrides, expected):
+    config = unlabelled_config(tmp_path, **overrides)
+    with pytest.raises(ConfigError) as refused:
+        run_experiment(config)
+    assert str(refused.value) == expected
+
+
+def test_a_label_outside_the_models_classes_read_mid_run_is_named_by_its_item_and_nothing_written(store, capsys):
+    """Item 200 of the training split says speaker 12: the pre-flight reads 2 training items, so the loop meets
+    it, and says which item in one line (the loss's IndexError named none), exit 2, no run left."""
+    unlabelled_config(store, **{"data.init_args": {"bad": 200}})
+    write(
+        store,
+        "exp.yaml",
+        "task: multiclass\ndata: {source: python, class_path: unlabelled.unlabelled, init_args: {bad: 200}, "
+        "collate_fn: vowels.pad_batch}\nmodel: {class_path: unlabelled.Speakers, init_args: {hidden: 8}}\n"
+        "train: {epochs: 1, batch_size: 32}\n",
+    )
+    uri = f"sqlite:///{store}/runs.db"
+    assert main(["run", str(store / "exp.yaml"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "sweeplab: error: data.class_path: unlabelled.unlabelled() (training split): item 200's target 12 is "
+        "outside the 9 classes (0..8)"
+    ]
+    client = MlflowClient(uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

@@ -205,7 +205,9 @@ def make_batches(
     if dataset.lazy or dataset.collate_fn is not None or loader == "dataloader":
         items = dataset.train_set if split == "train" else dataset.val_set
         collate = CheckedCollate(
-            dataset.collate_fn, f"{dataset.where} ({'training' if split == 'train' else 'validation'} split)"
+            dataset.collate_fn,
+            f"{dataset.where} ({'training' if split == 'train' else 'validation'} split)",
+            dataset.n_classes if dataset.task != "regression" else None,
         )
         if items is None:
             x, y = (dataset.x_train, dataset.y_train) if split == "train" else (dataset.x_val, dataset.y_val)

@@ -78,8 +78,8 @@ class CheckedCollate:
     structure or shape), else the function's own error, with the batch's indices. A class, not a closure: a
     DataLoader worker started by `spawn` (macOS, Windows) receives it pickled."""
 
-    def __init__(self, collate: Callable | None, where: str = "data"):
-        self.collate, self.where = collate, where
+    def __init__(self, collate: Callable | None, where: str = "data", n_classes: int | None = None):
+        self.collate, self.where, self.n_classes = collate, where, n_classes
 
     def __call__(self, items):
         failure = getattr(items, "failure", None)
@@ -99,6 +99,8 @@ class CheckedCollate:
                 f"{field}: for {self.of(items)} it returned {_shown(out)}; a batch must be (inputs, target)"
             )
         self.check_finite(items, out)
+        if self.n_classes is not None:
+            self.check_classes(items, out[1])
         return out
 
     def of(self, items) -> str:
@@ -131,6 +133,24 @@ class CheckedCollate:
                     raise BatchError(f"{self.where}: {self.name(items, k)}'s {part} hold NaN or infinite values")
         field = "data.collate_fn" if self.collate is not None else self.where
         raise BatchError(f"{field}: the batch it made of {self.of(items)} holds NaN or infinite values")
+
+    def check_classes(self, items, target) -> None:
+        """A label outside 0..K-1 (K the Dataset's classes: its labels, data.n_classes or the model's width)
+        would end the run in the loss's IndexError: named here by its item. K = 2 is binary's 0/1."""
+        labels = torch.as_tensor(target)
+        labels = labels.reshape(-1) if labels.dim() == 2 and labels.shape[1] == 1 else labels
+        if labels.dim() != 1 or labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            return  # not class indices at all: the loss says so (checked on the example before the run)
+        outside = (labels < 0) | (labels >= self.n_classes)
+        if not bool(outside.any()):
+            return
+        classes = f"the {self.n_classes} classes (0..{self.n_classes - 1})"
+        for k, item in enumerate(items):  # the item itself (a collate_fn may reorder a batch)
+            own = torch.as_tensor(item[1]) if isinstance(item, (tuple, list)) and len(item) == 2 else None
+            if own is not None and own.numel() == 1 and not 0 <= own.item() < self.n_classes:
+                raise BatchError(f"{self.where}: {self.name(items, k)}'s target {own.item():g} is outside {classes}")
+        value = labels[outside.nonzero()[0]].item()
+        raise BatchError(f"{self.where}: the batch of {self.of(items)} holds the target {value:g}, outside {classes}")
 
     @staticmethod
     def name(items, k: int) -> str:
