@@ -461,7 +461,9 @@ def classes_from_model(config: ExperimentConfig, inputs, input_shape: tuple[int,
         net = instantiate(cls, args, model.class_path)
         net.eval()
         with torch.no_grad():
-            out = call_users(lambda: batch.call(net, inputs), f"{where}: forward", f" on a batch of {batch.describe(inputs)}")
+            out = call_users(
+                lambda: batch.call(net, inputs), f"{where}: forward", f" on a batch of {batch.describe(inputs)}"
+            )
     if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2):
         shown = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(

@@ -158,12 +158,14 @@ class _Schedules:
         for formula in self.formulas:
             self.current[formula.rows] = formula.lr
         self.used = self.current.clone()
+        self.live: torch.Tensor | None = None  # the stack's rows once compacted (fit_stacked): all members' before
         self.sync()
 
     def sync(self) -> None:
         for row, shadow, *_ in self.rows:
             self.current[row] = shadow.param_groups[0]["lr"]
-        self.optimizer.lr.copy_(self.current.unsqueeze(1))
+        current = self.current if self.live is None else self.current[self.live]
+        self.optimizer.lr.copy_(current.unsqueeze(1))
 
     def after_step(self) -> None:
         self.used = self.current.clone()
@@ -405,6 +407,13 @@ class StackedLoss:
         rows = [torch.ones(width) if value is None else value.reshape(-1).float().expand(width) for value in values]
         return torch.stack(rows).unsqueeze(1)
 
+    def take(self, rows: torch.Tensor) -> None:
+        """Keep only these members' rows (a compacted stack: fit_stacked)."""
+        for name in ("weight", "pos_weight", "delta", "beta", "smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[rows.to(value.device)])
+
     def to(self, device: torch.device) -> "StackedLoss":
         for name in ("weight", "pos_weight", "delta", "beta", "smoothing"):
             value = getattr(self, name)
@@ -540,6 +549,32 @@ class _StackedOptimizer:
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def take(self, rows: torch.Tensor, flat: torch.Tensor) -> None:
+        """Keep only these members' rows of every per-member setting and state, stepping `flat` (their rows) from
+        now on: each kept row then computes exactly what it computed in the whole stack (every update is per
+        element, every norm per row). The flags stay as they were, so the same operations run."""
+        self.flat = flat
+        rows = rows.to(flat.device)
+        self.masks = {kind: mask[rows] for kind, mask in self.masks.items()}
+        for name in (
+            "lr",
+            "decay",
+            "momentum",
+            "clip_norm",
+            "clip_value",
+            "square_avg",
+            "rms_buf",
+            "sgd_buf",
+            "scale",
+            "frozen",
+            "block_steps",
+        ):
+            value = getattr(self, name, None)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[rows])
+        if self.adam is not None:
+            self.adam = tuple(state[rows] for state in self.adam)
+
     @torch.no_grad()
     def step(self) -> None:
         """One step of every member: torch's formulas, each block of columns frozen this epoch (`train.freeze`)
@@ -628,7 +663,7 @@ def stack_data(members: list[Member], device: torch.device, flatten: bool = Fals
 
 def train_step(forward, flat: torch.Tensor, optimizer: _StackedOptimizer, xb, yb, task: str, loss):
     """The seed's six lines for K members at once: forward, loss, zero_grad, backward, step; the [K] losses."""
-    losses = _member_loss(forward(xb, True), yb, task, loss)
+    losses = _member_loss(forward(flat, xb, True), yb, task, loss)
     flat.grad = None
     losses.sum().backward()
     optimizer.step()
@@ -644,12 +679,20 @@ def fit_stacked(
     on_epoch=None,
     each_epoch=None,
     layout: list[tuple[str, int]] = (),
+    compact: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The epoch loop both stacked paths share (fit's, for K members): each member's batch order as the reference
-    draws it, `forward(x [K, B, ...], training)` -> outputs [K, B, C], one backward, each member's optimizer,
-    validation, the curves and decisions (epoch.Curves, as the reference loop takes them at K = 1), the hook. `flat` [K, P] holds every member's parameters;
-    `buffers` ({name: [K, ...]}, BatchNorm's statistics) are updated by the forward in training. Leaves each
-    member's History on it and returns the best parameters and buffers (each member's row at its best epoch)."""
+    draws it, `forward(flat, x [K, B, ...], training)` -> outputs [K, B, C], one backward, each member's
+    optimizer, validation, the curves and decisions (epoch.Curves, as the reference loop takes them at K = 1), the
+    hook. `flat` [K, P] holds every member's parameters; `buffers` ({name: [K, ...]}, BatchNorm's statistics) are
+    updated by the forward in training. Leaves each member's History on it and returns the best parameters and
+    buffers (each member's row at its best epoch).
+
+    `compact`: members that end (early stopping, divergence, a pruner) leave the stack at the end of their epoch:
+    the survivors' rows of the parameters, optimizer state, settings, loss weights, validation data and schedules
+    are gathered into a smaller stack, and only their generators draw. Each survivor computes what it computed in
+    the whole stack, bit for bit, where the forward's kernels do not depend on how many members they batch (the
+    MLP's batched matmuls for two members or more: at least two rows are kept; tests/test_compact.py)."""
     first = members[0]
     config, dataset = first.config, first.dataset
     train, task = config.train, config.task
@@ -672,6 +715,7 @@ def fit_stacked(
         (config.objective.metric, config.objective.direction),
         [(s.patience, s.min_delta) if s else None for s in stopping],
     )
+    live = torch.arange(k)  # each row of the stack: its member (fewer rows once compacted)
     started = time.perf_counter()
     # members that share their generators share their draws: one batch order per distinct pair per epoch, sent to
     # the device once and gathered there for every member
@@ -702,7 +746,7 @@ def fit_stacked(
         with torch.no_grad():
             val_losses, val_sizes, outputs = [], [], []
             for start in range(0, n_val, val_batch):
-                out = forward(batch.take(x_val, (slice(None), slice(start, start + val_batch))), False)
+                out = forward(flat, batch.take(x_val, (slice(None), slice(start, start + val_batch))), False)
                 val_losses.append(_member_loss(out, y_val[:, start : start + val_batch], task, loss))
                 val_sizes.append(out.shape[1])
                 outputs.append(out)
@@ -715,21 +759,48 @@ def fit_stacked(
                 torch.cat(outputs, dim=1), y_val, task, ranking=bool(wanted & RANKING)
             )
         metrics = {name: values for name, values in metrics.items() if name in wanted}
+        if len(live) < k:  # every member's row again: those that left the stack are NaN (they record nothing)
+            train_loss, val_loss = _widened(train_loss, live, k), _widened(val_loss, live, k)
+            metrics = {name: _widened(values, live, k) for name, values in metrics.items()}
+            confusion = _widened(confusion, live, k, 0) if confusion is not None else None
         if schedules is not None:  # the rate each member's last step used, then its epoch-interval schedule
             curves.lr[schedules.scheduled, epoch - 1] = schedules.used[schedules.scheduled]
             schedules.after_epoch(val_loss, metrics, curves.active)
         improved = curves.record(epoch, train_loss, val_loss, metrics, confusion)
         reasons = _hook_reasons(curves, members, epoch, train_loss, val_loss, metrics, improved, on_epoch)
         curves.stop(epoch, train_loss, val_loss, reasons)
-        if improved.any():  # each improved member's row, in one masked copy: its best_state, taken at the end
-            mask = improved.to(device)
-            best.copy_(torch.where(mask.unsqueeze(1), flat.detach(), best))
+        kept = improved[live]  # each improved member's row, in one masked copy: its best_state, taken at the end
+        if kept.any():
+            mask = kept.to(device)
+            if len(live) == k:
+                best.copy_(torch.where(mask.unsqueeze(1), flat.detach(), best))
+            else:
+                best[live[kept].to(device)] = flat.detach()[mask]
             for name, value in buffers.items():
                 best_buffers[name].copy_(
                     torch.where(mask.view(k, *(1,) * (value.dim() - 1)), value, best_buffers[name])
                 )
         if not curves.active.any():
             break
+        stays = curves.active[live]
+        if compact and len(live) > 2 and not bool(stays.all()):
+            if int(stays.sum()) < 2:  # one survivor keeps a companion: the MLP's kernels differ for one member
+                stays[(~stays).nonzero()[0]] = True
+            rows = stays.nonzero().flatten()
+            on_device = rows.to(device)
+            flat = flat.detach()[on_device].clone().requires_grad_()
+            optimizer.take(rows, flat)
+            loss.take(rows)
+            which = which[on_device]
+            x_val, y_val = batch.take(x_val, on_device), y_val[on_device]
+            live = live[rows]
+            draw_from, draw_row = _distinct(
+                [members[i] for i in live.tolist()], lambda m: (id(m.shuffle_gen), id(m.global_gen))
+            )
+            draw_row = draw_row.to(device)
+            if schedules is not None:
+                schedules.live = live
+                schedules.sync()
     elapsed = time.perf_counter() - started
     for m, history in zip(members, curves.histories()):
         m.history = history
@@ -739,6 +810,13 @@ def fit_stacked(
             history.lr = [lr] * n
             history.group_lr = {g.name: [lr * g.lr_scale] * n for g in m.config.train.param_groups}
     return best, best_buffers
+
+
+def _widened(values: torch.Tensor, live: torch.Tensor, k: int, fill: float = math.nan) -> torch.Tensor:
+    """[rows of the stack, ...] as [K, ...]: each member's value at its row, `fill` for the members not in it."""
+    out = torch.full((k, *values.shape[1:]), fill, dtype=values.dtype, device=values.device)
+    out[live.to(values.device)] = values
+    return out
 
 
 def _hook_reasons(curves: Curves, members, epoch: int, train_loss, val_loss, metrics, improved, on_epoch) -> dict:

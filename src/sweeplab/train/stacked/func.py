@@ -71,9 +71,9 @@ class FuncStack:
         parts = values.split(self.sizes, dim=1)
         return {name: part.view(self.k, *self.shapes[name]) for name, part in zip(self.param_names, parts)}
 
-    def forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def forward(self, flat: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
         self.base.train(training)  # dropout and BatchNorm as in train_epoch / evaluate
-        return self._stacked(self.params_of(self.flat), self.buffers, x)
+        return self._stacked(self.params_of(flat), self.buffers, x)
 
     def states(self, members: list, flat: torch.Tensor, buffers: dict[str, torch.Tensor]) -> list[dict]:
         """Each member's state_dict (CPU, its own dtypes) from stacked parameters and buffers."""
@@ -132,7 +132,7 @@ def _try_stacking(member, steps: int) -> str | None:
             train_step(stack.forward, stack.flat, optimizer, xb, yb, task, StackedLoss(pair).to(device))
     with torch.no_grad():
         n_val = train.val_batch_size or member.dataset.n_val
-        stack.forward(batch.take(x_val, (slice(None), slice(n_val))), False)
+        stack.forward(stack.flat, batch.take(x_val, (slice(None), slice(n_val))), False)
     return None
 
 
@@ -141,7 +141,7 @@ def draws_random_numbers(stack: FuncStack, x: torch.Tensor) -> bool:
     forward runs under vmap's `randomness="error"`, which refuses any op that draws."""
     try:
         with torch.no_grad():
-            stack.forward(x, True)
+            stack.forward(stack.flat, x, True)
     except RuntimeError as exc:
         if "randomness" in str(exc):
             return True

@@ -8,12 +8,17 @@ epochs.py; func.py stacks any other model by torch.func instead.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from sweeplab.train.experiment import resolve_device
 from sweeplab.train.model import ACTIVATIONS
 from sweeplab.train.stacked.epochs import Member, _distinct, fit_stacked, stack_data
+
+# members that end leave the stack (fit_stacked's `compact`); SWEEPLAB_COMPACT=0 keeps every row to the end, as
+# before (what tests/test_compact.py and benchmarks/bench_compact.py compare with)
+COMPACT = os.environ.get("SWEEPLAB_COMPACT", "1") != "0"
 
 
 def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
@@ -50,15 +55,16 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     activation = ACTIVATIONS[config.model.activation]()
 
     def unpack(values: torch.Tensor) -> list[torch.Tensor]:
-        return [part.view(k, *shape) for part, shape in zip(values.split(sizes_p, dim=1), shapes)]
+        rows = values.shape[0]  # fewer than k once members that ended have left the stack
+        return [part.view(rows, *shape) for part, shape in zip(values.split(sizes_p, dim=1), shapes)]
 
-    def forward(x: torch.Tensor, training: bool) -> torch.Tensor:
-        w1, b1, w2, b2 = unpack(flat)
+    def forward(values: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
+        w1, b1, w2, b2 = unpack(values)
         hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
     layout = list(zip(("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"), sizes_p))
-    best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch, layout)
+    best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch, layout, compact=COMPACT)
     w1, b1, w2, b2 = unpack(best.cpu())
     for i, m in enumerate(members):
         # the padded width and a group of one change how a matmul sums (not what): a rerun replays both
