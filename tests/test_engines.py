@@ -123,6 +123,53 @@ def test_pruning(engine, store):
         )
 
 
+@pytest.mark.slow
+def test_successive_halving_prunes_what_optunas_own_pruner_decides_for_the_same_values(engine, store):
+    """#40: `pruner: successive_halving` at rungs 3, 9 and 27 epochs (min_resource 3, reduction factor 3), reported
+    at its rungs only. Stacked, its members are pruned inside their group (4 a batch) and leave the stack. The
+    decisions are replayed on a fresh in-memory study with Optuna's SuccessiveHalvingPruner, fed the trials'
+    reported values in the order the engine asked (the reference loop: trial after trial; stacked: batch after
+    batch, each epoch's members in trial order): the same trials pruned at the same rungs."""
+    study, client = sweep_here(
+        store,
+        "halving",
+        "  lr: {low: 1.0e-4, high: 0.1, log: true}\n",
+        12,
+        engine,
+        "epochs=27",
+        extra="pruner: {type: successive_halving, min_resource: 3, reduction_factor: 3}\n",
+    )
+    trials = sorted(study.trials, key=lambda t: t.number)
+    # a trial's whole curve is written at its end (optuna-dashboard's plots): the pruner was asked at the rungs
+    rungs = {t.number: {s: v for s, v in t.intermediate_values.items() if s in (3, 9, 27)} for t in trials}
+    pruned_at = {t.number: max(t.intermediate_values) for t in trials if t.state == TrialState.PRUNED}
+    assert {3, 9} <= set(pruned_at.values()), pruned_at  # pruned at two rungs at least
+    order = (lambda n, step: (n, step)) if engine == "reference" else (lambda n, step: (n // 4, step, n))
+    replay = optuna.create_study(pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=3, reduction_factor=3))
+    asked = {t.number: replay.ask() for t in trials}
+    events = sorted((order(n, step), n, step, v) for n, values in rungs.items() for step, v in values.items())
+    decided: dict[int, int] = {}
+    for _, number, step, value in events:
+        if number not in decided:
+            asked[number].report(value, step)
+            if asked[number].should_prune():
+                decided[number] = step
+    assert decided == pruned_at
+    runs = {
+        int(r.data.tags["sweeplab.trial_number"]): r
+        for r in client.search_runs([study_experiment(client)])
+        if r.data.tags.get("sweeplab.role") == "trial"
+    }
+    for number, epoch in pruned_at.items():  # trained to its rung, then stopped: its curve ends there
+        assert runs[number].data.metrics["epochs_run"] == epoch and runs[number].info.status == "KILLED"
+    if engine == "vectorized":
+        assert {r.data.tags.get("sweeplab.stacked_members") for r in runs.values()} == {"4"}
+
+
+def study_experiment(client: MlflowClient) -> str:
+    return client.get_experiment_by_name("halving").experiment_id
+
+
 def test_divergence(engine, store):
     """SGD at lr 50 overflows within a few epochs: each trial ends "diverged" (PRUNED to Optuna, so it counts in
     the budget and is not retried), its run FAILED with the finite part of its curve and no best_*."""

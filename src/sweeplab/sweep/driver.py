@@ -186,13 +186,13 @@ def train_and_hand_over(
     if not jobs:
         return 0
     spec = part.sweep.spec
-    every = report_every(spec, jobs[0].config.train.epochs)
+    reports = report_epochs(spec, jobs[0].config.train.epochs)
     pruning = spec.pruner.type != "none"
 
     def on_epoch(job: Job, record: EpochRecord) -> str | None:
         if job.run is not None:
             job.run.epoch_callback(record)
-        if not pruning or record.epoch % every or not finite(record.value):
+        if not pruning or not reports(record.epoch) or not finite(record.value):
             return None  # a diverging run is stopped by the engine itself
         # Optuna's pruners compare with COMPLETE trials only: the batches before this one are told first, or a
         # pipelined sweep prunes nothing (its writers, starting up, would tell every trial after the last batch)
@@ -237,13 +237,23 @@ def train_and_hand_over(
     return failed
 
 
-def report_every(spec, epochs: int) -> int:
-    """Epochs between pruning checks: the sweep's `pruner.report_every`, else about 20 checks per trial.
+def report_epochs(spec, epochs: int):
+    """Whether an epoch is a pruning check: every `pruner.report_every` epochs; else, for successive halving, its
+    rungs (min_resource * reduction_factor ** i: the only epochs it decides at), and about 20 checks per trial
+    for the others.
 
     Each report is a storage write and each question reads every trial's values: on PostgreSQL ~6 ms together,
     a second per 80-epoch trial if done every epoch. All trials report at the same epochs, so the pruner still
     compares like with like; the curves themselves go to MLflow every epoch."""
-    return spec.pruner.report_every or max(1, epochs // 20)
+    pruner = spec.pruner
+    if pruner.report_every is None and pruner.type == "successive_halving":
+        rungs, rung = set(), min(pruner.min_resource, epochs)
+        while rung <= epochs:
+            rungs.add(rung)
+            rung *= pruner.reduction_factor
+        return rungs.__contains__
+    every = pruner.report_every or max(1, epochs // 20)
+    return lambda epoch: epoch % every == 0
 
 
 # --- the stores, once for every condition ---------------------------------------------------------------------

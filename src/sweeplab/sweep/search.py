@@ -128,6 +128,10 @@ def make_pruner(spec: SweepSpec, epochs: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(
             n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps
         )
+    if pruner.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min(pruner.min_resource, epochs), reduction_factor=pruner.reduction_factor
+        )
     if pruner.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=min(pruner.min_resource, epochs), max_resource=epochs, reduction_factor=pruner.reduction_factor

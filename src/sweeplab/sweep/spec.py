@@ -102,13 +102,19 @@ class SamplerSpec(_Frozen):
 
 
 class PrunerSpec(_Frozen):
-    type: Literal["none", "median", "hyperband"] = Field(
-        "none", description="Optuna's pruner, told the objective every `report_every` epochs"
+    type: Literal["none", "median", "successive_halving", "hyperband"] = Field(
+        "none",
+        description="Optuna's pruner, told the objective every `report_every` epochs; successive_halving and "
+        "hyperband also prune inside a stacked group (its members leave the stack)",
     )
     n_startup_trials: int = Field(5, ge=0, description="median: trials that are never pruned")
     n_warmup_steps: int = Field(10, ge=0, description="median: epochs before a trial can be pruned")
-    min_resource: int = Field(5, ge=1, description="hyperband: epochs the shortest rung trains")
-    reduction_factor: int = Field(3, ge=2, description="hyperband: the share of trials each rung keeps is 1 / this")
+    min_resource: int = Field(
+        5, ge=1, description="successive_halving, hyperband: epochs the shortest rung trains"
+    )
+    reduction_factor: int = Field(
+        3, ge=2, description="successive_halving, hyperband: the share of trials each rung keeps is 1 / this"
+    )
     report_every: int | None = Field(None, gt=0, description="epochs between pruning checks (default: epochs // 20)")
 
 
