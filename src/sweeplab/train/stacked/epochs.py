@@ -90,8 +90,6 @@ def _check_supported(config: ExperimentConfig) -> None:
         return
     if len(config.model.hidden_sizes) != 1:
         raise ConfigError("engine: vectorized trains one-hidden-layer MLPs; model.hidden must be one size")
-    if config.model.dropout:
-        raise ConfigError("engine: vectorized does not support model.dropout")
 
 
 def data_problem(dataset: Dataset) -> str | None:
@@ -312,8 +310,8 @@ def model_key(member: Member) -> tuple | str:
     shared module computes, not only the shapes they give) and its parameters' and buffers' names, shapes and
     dtypes (model.architecture)."""
     spec = member.spec
-    if spec.class_path is None:
-        return member.config.model.activation
+    if spec.class_path is None:  # with dropout the head is net.3, not net.2; the rate is each member's own
+        return member.config.model.activation, spec.dropout > 0
     return (spec.class_path, json.dumps(spec.init_args, sort_keys=True, default=repr), architecture(member.init_state))
 
 
@@ -680,6 +678,7 @@ def fit_stacked(
     each_epoch=None,
     layout: list[tuple[str, int]] = (),
     compact: bool = False,
+    dropout=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The epoch loop both stacked paths share (fit's, for K members): each member's batch order as the reference
     draws it, `forward(flat, x [K, B, ...], training)` -> outputs [K, B, C], one backward, each member's
@@ -692,7 +691,11 @@ def fit_stacked(
     the survivors' rows of the parameters, optimizer state, settings, loss weights, validation data and schedules
     are gathered into a smaller stack, and only their generators draw. Each survivor computes what it computed in
     the whole stack, bit for bit, where the forward's kernels do not depend on how many members they batch (the
-    MLP's batched matmuls for two members or more: at least two rows are kept; tests/test_compact.py)."""
+    MLP's batched matmuls for two members or more: at least two rows are kept; tests/test_compact.py).
+
+    `dropout(draw_from, draw_row, batch size)`: each row's dropout noise for a training batch, drawn from the
+    members' own generators where the reference loop's forward draws it (the MLP's; mlp.py), given to the
+    forward as `noise`."""
     first = members[0]
     config, dataset = first.config, first.dataset
     train, task = config.train, config.task
@@ -736,7 +739,11 @@ def fit_stacked(
         for start in range(0, n_train, train.batch_size):
             end = start + train.batch_size
             xb, yb = batch.take(xs, (slice(None), slice(start, end))), ys[:, start:end]
-            batch_losses.append(train_step(forward, flat, optimizer, xb, yb, task, loss))
+            step_forward = forward
+            if dropout is not None:  # drawn before the forward, as nn.Dropout draws in it
+                noise = dropout(draw_from, draw_row, yb.shape[1])
+                step_forward = lambda values, x, training, noise=noise: forward(values, x, training, noise)  # noqa: E731
+            batch_losses.append(train_step(step_forward, flat, optimizer, xb, yb, task, loss))
             sizes.append(yb.shape[1])
             if schedules is not None:
                 schedules.after_step()

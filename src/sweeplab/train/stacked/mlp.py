@@ -40,6 +40,7 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     n_in, n_out = dataset.n_features, dataset.n_outputs
     shapes = [(width, n_in), (width,), (n_out, width), (n_out,)]
     sizes_p = [math.prod(shape) for shape in shapes]
+    head = "net.3" if config.model.dropout > 0 else "net.2"  # nn.Dropout is net.2 (model_key: all or none)
     owners, init_row = _distinct(members, lambda m: id(m.init_state))
     padded_rows = []  # each distinct initial weight set padded once, then gathered for every member on the device
     for state in (m.init_state for m in owners):
@@ -47,8 +48,8 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         padded = [torch.zeros(shape) for shape in shapes]
         padded[0][:h] = state["net.0.weight"]
         padded[1][:h] = state["net.0.bias"]
-        padded[2][:, :h] = state["net.2.weight"]
-        padded[3][:] = state["net.2.bias"]
+        padded[2][:, :h] = state[f"{head}.weight"]
+        padded[3][:] = state[f"{head}.bias"]
         padded_rows.append(torch.cat([t.reshape(-1) for t in padded]))
     flat = torch.stack(padded_rows).to(device)[init_row.to(device)]
     flat.requires_grad_()
@@ -58,13 +59,39 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         rows = values.shape[0]  # fewer than k once members that ended have left the stack
         return [part.view(rows, *shape) for part, shape in zip(values.split(sizes_p, dim=1), shapes)]
 
-    def forward(values: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def forward(values: torch.Tensor, x: torch.Tensor, training: bool, noise: torch.Tensor | None = None):
         w1, b1, w2, b2 = unpack(values)
         hidden = activation(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
+        if noise is not None:  # nn.Dropout in training: input * (bernoulli(1 - p) / (1 - p)), each member's own
+            hidden = hidden * noise
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
-    layout = list(zip(("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"), sizes_p))
-    best, _ = fit_stacked(members, data, flat, forward, {}, on_epoch, each_epoch, layout, compact=COMPACT)
+    def dropout_noise(draw_from: list[Member], draw_row: torch.Tensor, size: int) -> torch.Tensor:
+        """Each member's dropout noise for one training batch [rows, size, width], drawn as the reference loop's
+        nn.Dropout draws it (torch's `_dropout_impl`: empty_like(hidden).bernoulli_(1 - p), then div_(1 - p)),
+        from the member's own global RNG at the same point of its sequence: once per distinct pair of generators
+        (its members draw alike), padded with zeros to the group's width (a padded unit's output is 0)."""
+        rows = []
+        for m in draw_from:
+            p, h = m.spec.dropout, m.spec.hidden[0]
+            noise = torch.zeros(size, width)
+            noise[:, :h] = torch.empty(size, h).bernoulli_(1 - p, generator=m.global_gen).div_(1 - p)
+            rows.append(noise)
+        return torch.stack(rows).to(device)[draw_row]
+
+    layout = list(zip(("net.0.weight", "net.0.bias", f"{head}.weight", f"{head}.bias"), sizes_p))
+    best, _ = fit_stacked(
+        members,
+        data,
+        flat,
+        forward,
+        {},
+        on_epoch,
+        each_epoch,
+        layout,
+        compact=COMPACT,
+        dropout=dropout_noise if config.model.dropout > 0 else None,
+    )
     w1, b1, w2, b2 = unpack(best.cpu())
     for i, m in enumerate(members):
         # the padded width and a group of one change how a matmul sums (not what): a rerun replays both
@@ -74,6 +101,6 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
             m.history.best_state = {
                 "net.0.weight": w1[i, :h].clone(),
                 "net.0.bias": b1[i, :h].clone(),
-                "net.2.weight": w2[i, :, :h].clone(),
-                "net.2.bias": b2[i].clone(),
+                f"{head}.weight": w2[i, :, :h].clone(),
+                f"{head}.bias": b2[i].clone(),
             }
