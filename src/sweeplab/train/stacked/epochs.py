@@ -12,7 +12,7 @@ shuffling generator consumed as a DataLoader consumes it), and keeps what the re
 train/val loss and task metrics, best_epoch, best state (CPU), divergence, pruning. Summation order inside the
 batched matmul differs, so curves agree to float rounding, not bit for bit (see tests/test_vectorized.py).
 
-Supported here: one hidden layer MLPs without dropout (the lab's family), Adam/AdamW/SGD/RMSprop, all three tasks;
+Supported here: one hidden layer MLPs, dropout too (the lab's family), Adam/AdamW/SGD/RMSprop, all three tasks;
 parameter groups and frozen parameters as per-column blocks. The MLP's forward is mlp.py; a user's own model is
 stacked by func.py, both through the same epoch loop (`fit_stacked`). Why ~700 lines: what a member is, what
 groups, the per-member loss, the per-member optimizer and schedules, and the epoch loop over them are one

@@ -5,8 +5,11 @@ parameters live in one [K, P] tensor (the same layout the built-in MLP's path us
 each member's own optimizer kind, lr, weight decay and momentum), viewed as [K, ...] tensors per parameter; one
 `vmap` over `functional_call` runs all K forwards, one backward gives every member its own gradients. Buffers
 (BatchNorm's running statistics) are stacked too and updated per member in train mode, used in eval mode.
-A model that draws random numbers in training (dropout with p > 0) is not stacked: its members would draw other
-numbers than the reference loop, and each one's result would depend on the trials stacked with it.
+Its `nn.Dropout` layers stack: each is swapped for `_NoiseDropout`, which multiplies by a noise tensor given per
+member like a buffer, drawn from the member's own generator where and as the reference loop's nn.Dropout draws it
+(FuncStack.noise). A model that draws random numbers otherwise in training (F.dropout in its forward, Dropout2d,
+noise layers) is not stacked: its members would draw other numbers than the reference loop, and each one's result
+would depend on the trials stacked with it.
 
 Members are set up exactly as the reference loop sets them up (epochs.prepare_member: seed, data, split,
 initial weights, batch order) and keep the same bookkeeping (epoch.Curves: the decisions the reference loop takes at K = 1).
@@ -35,6 +38,40 @@ from sweeplab.train.model import build_model
 from sweeplab.train.stacked.epochs import StackedLoss, _distinct, _StackedOptimizer, fit_stacked, stack_data, train_step
 
 
+class _NoiseDropout(torch.nn.Module):
+    """nn.Dropout(p) in a stacked forward: `input * noise` in training, the member's noise given as the buffer
+    `noise` (functional_call), which is what torch's `_dropout_impl` computes from the noise it draws. Without
+    noise (a probe) it records the input's sample shape and passes it through."""
+
+    def __init__(self, p: float, name: str, calls: list):
+        super().__init__()
+        self.p, self.name, self.calls = p, name, calls
+        self.shape: tuple[int, ...] = ()
+        self.register_buffer("noise", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if self.noise is None:
+            self.shape = tuple(x.shape[1:])
+            self.calls.append(self.name)
+            return x
+        return x * self.noise
+
+
+def _swap_dropouts(base: torch.nn.Module) -> tuple[dict[str, _NoiseDropout], list[str]]:
+    """Each nn.Dropout (exactly; p > 0) of the module replaced by a _NoiseDropout; with the list its calls go to."""
+    calls: list[str] = []
+    swapped = {}
+    for name, module in list(base.named_modules()):
+        if type(module) is torch.nn.Dropout and module.p > 0:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            swapped[name] = _NoiseDropout(module.p, name, calls)
+            setattr(parent, child, swapped[name])
+    return swapped, calls
+
+
 class FuncStack:
     """K members of one architecture as one functional model: every member's parameters in one [K, P] float32
     tensor (`flat`, the layout `_StackedOptimizer` steps), its buffers as [K, ...] tensors, and `forward(x [K, B,
@@ -46,6 +83,22 @@ class FuncStack:
         self.k = len(members)
         base = (base or build_model(first.spec, first.config.code_dir)).to(device)  # its weights are not used
         self.base = base
+        self.device = device
+        self.dropouts, calls = _swap_dropouts(base)
+        self.dropout_order: list[str] = []  # the order a training forward calls them in (each once)
+        self.problem: str | None = None
+        if self.dropouts:
+            x = batch.to(batch.take(first.dataset.x_train, slice(2)), device)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                base.train()
+                args, kwargs = batch.args_kwargs(x)
+                base(*args, **kwargs)
+            self.dropout_order = list(calls)
+            twice = sorted({name for name in calls if calls.count(name) > 1})
+            if twice or set(calls) != set(self.dropouts):
+                self.problem = f"{first.spec.name} calls its Dropout {(twice or sorted(self.dropouts))[0]} " + (
+                    "more than once per forward" if twice else "never in a training forward"
+                )
         self.param_names = [name for name, _ in base.named_parameters()]  # tied: the first name only
         self.buffer_names = [name for name, _ in base.named_buffers()]
         canonical = {id(t): name for name, t in [*base.named_parameters(), *base.named_buffers()]}
@@ -71,9 +124,22 @@ class FuncStack:
         parts = values.split(self.sizes, dim=1)
         return {name: part.view(self.k, *self.shapes[name]) for name, part in zip(self.param_names, parts)}
 
-    def forward(self, flat: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def forward(self, flat: torch.Tensor, x: torch.Tensor, training: bool, noise: dict | None = None) -> torch.Tensor:
         self.base.train(training)  # dropout and BatchNorm as in train_epoch / evaluate
-        return self._stacked(self.params_of(flat), self.buffers, x)
+        return self._stacked(self.params_of(flat), self.buffers if noise is None else {**self.buffers, **noise}, x)
+
+    def noise(self, draw_from: list, draw_row: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+        """Each Dropout's noise for one training batch of `size`, {name.noise: [rows, size, ...]}: per distinct
+        pair of generators (its members draw alike), in the order the forward calls them, each drawn as torch's
+        `_dropout_impl` draws it (empty_like(input).bernoulli_(1 - p), then div_(1 - p)) from the member's own
+        global RNG, which is where the reference loop's forward draws it."""
+        drawn: dict[str, list[torch.Tensor]] = {name: [] for name in self.dropout_order}
+        for m in draw_from:
+            for name in self.dropout_order:
+                module = self.dropouts[name]
+                noise = torch.empty(size, *module.shape).bernoulli_(1 - module.p, generator=m.global_gen)
+                drawn[name].append(noise.div_(1 - module.p))
+        return {f"{name}.noise": torch.stack(rows).to(self.device)[draw_row] for name, rows in drawn.items()}
 
     def states(self, members: list, flat: torch.Tensor, buffers: dict[str, torch.Tensor]) -> list[dict]:
         """Each member's state_dict (CPU, its own dtypes) from stacked parameters and buffers."""
@@ -115,13 +181,15 @@ def _try_stacking(member, steps: int) -> str | None:
     pair = [member, member]
     device = resolve_device(member.config.device)
     stack = FuncStack(pair, device, model)
+    if stack.problem:
+        return stack.problem
     x_train, y_train, x_val, _, which = stack_data(pair, device)
     x_train, y_train = batch.take(x_train, which), y_train[which]
     size = member.config.train.batch_size
     if draws_random_numbers(stack, batch.take(x_train, (slice(None), slice(size)))):
         return (
-            f"{name} draws random numbers in training (dropout > 0, say), which stacked members would draw "
-            "otherwise than the reference loop"
+            f"{name} draws random numbers in training (not by nn.Dropout: F.dropout, Dropout2d, noise), which "
+            "stacked members would draw otherwise than the reference loop"
         )
     train, task = member.config.train, member.config.task
     optimizer = _StackedOptimizer(stack.flat, [m.config for m in pair])
@@ -163,7 +231,15 @@ def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
     stack = FuncStack(members, device)
     layout = list(zip(stack.param_names, stack.sizes))
     best, best_buffers = fit_stacked(
-        members, data, stack.flat, stack.forward, stack.buffers, on_epoch, each_epoch, layout
+        members,
+        data,
+        stack.flat,
+        stack.forward,
+        stack.buffers,
+        on_epoch,
+        each_epoch,
+        layout,
+        dropout=stack.noise if stack.dropouts else None,
     )
     for m, state in zip(members, stack.states(members, best, best_buffers)):
         m.history.stacked_members = len(members)  # a batched kernel sums in blocks of members: a rerun replays K
