@@ -92,6 +92,8 @@ bench: install
 	$(PY) benchmarks/bench_folds.py
 	$(PY) benchmarks/bench_schedules.py
 	$(PY) benchmarks/bench_tpe_batch.py
+	$(PY) benchmarks/bench_compact.py
+	$(PY) benchmarks/bench_halving.py
 
 # docs/mlflow-ui.png and docs/report.png: the default sweep as headless Chromium shows it (Debian's chromium)
 screenshots: install

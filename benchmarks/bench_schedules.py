@@ -2,7 +2,7 @@
 at K = 16 / 256 / 1,024 members of the lab's MLP (P = 65 parameters each), side by side in one run.
 
 `tables` is the engine's way for CosineAnnealingLR (and StepLR, ExponentialLR): one float64 tensor formula for all
-members (stacked.epochs._Formula); `live` is one torch scheduler stepped per member (the way for any other
+members (stacked.optim.Formula); `live` is one torch scheduler stepped per member (the way for any other
 scheduler, and for these before #40). Prints milliseconds per step and the schedule's share of the optimizer step.
 Usage: python benchmarks/bench_schedules.py
 """
@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from sweeplab.config import load_experiment
-from sweeplab.train.stacked.epochs import _Formula, _StackedOptimizer
+from sweeplab.train.stacked.optim import Formula, StackedOptimizer
 
 LAB = "experiments/training_loop_lab.yaml"
 
@@ -38,14 +38,14 @@ def main() -> None:
         ]
         flat = torch.randn(k, 65, requires_grad=True)
         flat.grad = torch.randn(k, 65)
-        optimizer = _StackedOptimizer(flat, configs)
+        optimizer = StackedOptimizer(flat, configs)
         step_ms = per_step(optimizer.step)
         shadows = []
         for c in configs:
             shadow = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=c.train.lr)
             shadows.append(torch.optim.lr_scheduler.CosineAnnealingLR(shadow, T_max=10_000))
-        formula = _Formula(
-            _Formula.settings(shadows[0]), [(i, s.optimizer.param_groups[0]["lr"]) for i, s in enumerate(shadows)]
+        formula = Formula(
+            Formula.settings(shadows[0]), [(i, s.optimizer.param_groups[0]["lr"]) for i, s in enumerate(shadows)]
         )
         rows = formula.rows
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sweeplab.config import load_experiment
-from sweeplab.train.stacked import epochs, mlp
+from sweeplab.train.stacked import mlp, optim
 from sweeplab.train.stacked.epochs import group_members, prepare_member
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +54,9 @@ def ending_configs(task: str, n: int = 12, seed: int = 0):
 def trained(configs, compact: bool, monkeypatch, hook=None, sizes: list | None = None):
     monkeypatch.setattr(mlp, "COMPACT", compact)
     if sizes is not None:  # the stack's rows at each compaction
-        take = epochs._StackedOptimizer.take
+        take = optim.StackedOptimizer.take
         monkeypatch.setattr(
-            epochs._StackedOptimizer, "take", lambda self, rows, flat: (sizes.append(len(rows)), take(self, rows, flat))
+            optim.StackedOptimizer, "take", lambda self, rows, flat: (sizes.append(len(rows)), take(self, rows, flat))
         )
     members = [prepare_member(i, c) for i, c in enumerate(configs)]
     groups = group_members(members)

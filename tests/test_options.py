@@ -439,15 +439,15 @@ def test_a_per_step_schedule_stepped_as_one_tensor_is_torchs_own(cls, args):
     """#40: the stacked engine steps a per-step CosineAnnealingLR, StepLR or ExponentialLR for all its members as
     one float64 tensor operation (no Python per member per batch); every rate over 300 steps equals the one torch's
     own scheduler gives each member, exactly (T_max 37 wraps the cosine around several times)."""
-    from sweeplab.train.stacked.epochs import _Formula
+    from sweeplab.train.stacked.optim import Formula
 
     rates = [0.1, 0.03, 0.007, 1e-5]
     schedulers = []
     for rate in rates:
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=rate)
         schedulers.append(cls(optimizer, **args))
-    formula = _Formula(
-        _Formula.settings(schedulers[0]), [(i, s.optimizer.param_groups[0]["lr"]) for i, s in enumerate(schedulers)]
+    formula = Formula(
+        Formula.settings(schedulers[0]), [(i, s.optimizer.param_groups[0]["lr"]) for i, s in enumerate(schedulers)]
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -241,7 +241,7 @@ def test_the_stacked_optimizer_is_torch_optim_step_by_step(clip):
     """Every optimizer and option the stacked engine applies, as members of one stacked optimizer (each its own
     lr), held to torch.optim's own optimizer over 300 steps of the same gradients, and to torch.nn.utils' clipping:
     the members' parameters after every step. The expected values are torch's, computed here."""
-    from sweeplab.train.stacked.epochs import _StackedOptimizer
+    from sweeplab.train.stacked.optim import StackedOptimizer
 
     generator = torch.Generator().manual_seed(0)
     n_params, steps = 37, 300
@@ -250,7 +250,7 @@ def test_the_stacked_optimizer_is_torch_optim_step_by_step(clip):
     configs = [load_experiment(LAB, o) for o in overrides]
     start = torch.randn(len(cases), n_params, generator=generator)
     flat = start.clone().requires_grad_(True)
-    stacked = _StackedOptimizer(flat, configs)
+    stacked = StackedOptimizer(flat, configs)
     params = [start[i].clone().requires_grad_(True) for i in range(len(cases))]
     reference = [make(p, options["lr"]) for p, (options, make) in zip(params, cases)]
     worst = torch.zeros(len(cases))

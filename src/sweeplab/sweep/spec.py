@@ -109,9 +109,7 @@ class PrunerSpec(_Frozen):
     )
     n_startup_trials: int = Field(5, ge=0, description="median: trials that are never pruned")
     n_warmup_steps: int = Field(10, ge=0, description="median: epochs before a trial can be pruned")
-    min_resource: int = Field(
-        5, ge=1, description="successive_halving, hyperband: epochs the shortest rung trains"
-    )
+    min_resource: int = Field(5, ge=1, description="successive_halving, hyperband: epochs the shortest rung trains")
     reduction_factor: int = Field(
         3, ge=2, description="successive_halving, hyperband: the share of trials each rung keeps is 1 / this"
     )

@@ -1,7 +1,7 @@
 """The vectorized engine for any model: members of one architecture trained as one, by torch.func.
 
 PyTorch's "model ensembling" recipe (`functional_call` + `vmap`) applied to a batch of trials: every member's
-parameters live in one [K, P] tensor (the same layout the built-in MLP's path uses, so `_StackedOptimizer` applies
+parameters live in one [K, P] tensor (the same layout the built-in MLP's path uses, so `StackedOptimizer` applies
 each member's own optimizer kind, lr, weight decay and momentum), viewed as [K, ...] tensors per parameter; one
 `vmap` over `functional_call` runs all K forwards, one backward gives every member its own gradients. Buffers
 (BatchNorm's running statistics) are stacked too and updated per member in train mode, used in eval mode.
@@ -35,7 +35,9 @@ from torch.nn.parameter import UninitializedParameter
 from sweeplab.train import batch
 from sweeplab.train.experiment import resolve_device
 from sweeplab.train.model import build_model
-from sweeplab.train.stacked.epochs import StackedLoss, _distinct, _StackedOptimizer, fit_stacked, stack_data, train_step
+from sweeplab.train.stacked.epochs import _distinct, fit_stacked, stack_data, train_step
+from sweeplab.train.stacked.loss import StackedLoss
+from sweeplab.train.stacked.optim import StackedOptimizer
 
 
 class _NoiseDropout(torch.nn.Module):
@@ -74,7 +76,7 @@ def _swap_dropouts(base: torch.nn.Module) -> tuple[dict[str, _NoiseDropout], lis
 
 class FuncStack:
     """K members of one architecture as one functional model: every member's parameters in one [K, P] float32
-    tensor (`flat`, the layout `_StackedOptimizer` steps), its buffers as [K, ...] tensors, and `forward(x [K, B,
+    tensor (`flat`, the layout `StackedOptimizer` steps), its buffers as [K, ...] tensors, and `forward(x [K, B,
     ...], training)` by vmap over functional_call. A parameter registered under two names (tied weights) is one
     column block, as `named_parameters` lists it; `states` gives each member's whole state_dict back."""
 
@@ -192,7 +194,7 @@ def _try_stacking(member, steps: int) -> str | None:
             "stacked members would draw otherwise than the reference loop"
         )
     train, task = member.config.train, member.config.task
-    optimizer = _StackedOptimizer(stack.flat, [m.config for m in pair])
+    optimizer = StackedOptimizer(stack.flat, [m.config for m in pair])
     for step in range(steps):
         start, end = step * size, (step + 1) * size
         xb, yb = batch.take(x_train, (slice(None), slice(start, end))), y_train[:, start:end]
