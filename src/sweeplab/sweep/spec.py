@@ -113,7 +113,11 @@ class PrunerSpec(_Frozen):
     reduction_factor: int = Field(
         3, ge=2, description="successive_halving, hyperband: the share of trials each rung keeps is 1 / this"
     )
-    report_every: int | None = Field(None, gt=0, description="epochs between pruning checks (default: epochs // 20)")
+    report_every: int | None = Field(
+        None,
+        gt=0,
+        description="epochs between pruning checks (default: epochs // 20; successive_halving: at its rungs only)",
+    )
 
 
 class ConfirmSpec(_Frozen):
