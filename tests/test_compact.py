@@ -113,3 +113,30 @@ def test_a_last_survivor_keeps_a_companion_row_and_its_numbers(monkeypatch):
     for a, b in zip(whole, compacted):
         assert same(a.train_loss, b.train_loss) and same(a.val_loss, b.val_loss)
         assert a.best_epoch == b.best_epoch
+
+
+def test_a_compacted_group_with_dropout_draws_each_survivors_masks_as_before(monkeypatch):
+    """With dropout, each member's masks come from its own generator: members that leave stop drawing, and the
+    survivors' masks (hence curves) are the whole stack's, bit for bit."""
+    configs = [
+        load_experiment(
+            LAB,
+            {
+                "optimizer": optimizer,
+                "lr": 0.01,
+                "hidden": [8, 16][i % 2],
+                "dropout": [0.1, 0.3][i % 2],
+                "seed": 42 + i % 3,
+                "epochs": 20,
+                **({"train.early_stopping": {"patience": 1 + i, "min_delta": 0.05}} if i < 4 else {}),
+            },
+        )
+        for i, optimizer in enumerate(["Adam", "SGD", "AdamW", "RMSprop", "Adam", "SGD"])
+    ]
+    whole = trained(configs, False, monkeypatch)
+    sizes = []
+    compacted = trained(configs, True, monkeypatch, sizes=sizes)
+    assert sizes, "no member left the stack"
+    for a, b in zip(whole, compacted):
+        assert same(a.train_loss, b.train_loss) and same(a.val_loss, b.val_loss)
+        assert a.best_epoch == b.best_epoch
