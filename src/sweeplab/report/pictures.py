@@ -4,6 +4,7 @@ median curves per level, a parallel-coordinates view and Optuna-style history wi
 from __future__ import annotations
 
 import io
+import textwrap
 
 import numpy as np
 from matplotlib import colormaps
@@ -158,10 +159,9 @@ def _median_curves(data: SweepData, groups, split: str = "val") -> bytes | None:
             if loss:
                 ax.set_yscale("log")
             ax.set_xlabel("epoch")
-            ax.set_ylabel(
-                f"validation {loss_name(data)} (median, quartiles; log)" if loss else f"{what} (median, quartiles)"
-            )
-            ax.set_title(_title(condition, f"{what} by {factor}" if factor else what))
+            label = f"validation {loss_name(data)} (median, quartiles; log)" if loss else f"{what} (median, quartiles)"
+            ax.set_ylabel(textwrap.fill(label, 36))  # a long loss name (BCEWithLogitsLoss) on two lines, not cut
+            ax.set_title(textwrap.fill(_title(condition, f"{what} by {factor}" if factor else what), 48))
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(title=f"{factor} (trials)" if factor else None, fontsize=8)
     return _png(fig)
@@ -207,6 +207,9 @@ def _parallel(data: SweepData, groups) -> bytes | None:
             ys = [scaled[name].iloc[i] for name in axes_names]
             ax.plot(xs, ys, color=cmap(norm(losses.iloc[i])), alpha=0.7, linewidth=1.2)
         ax.set_xticks(xs, [f"{name}\n{ticks[name][0]} .. {ticks[name][1]}" for name in axes_names])
+        if max(map(len, axes_names)) * len(axes_names) > 48:  # long dotted keys would run into each other
+            for label in ax.get_xticklabels():
+                label.set(rotation=25, horizontalalignment="right", rotation_mode="anchor")
         ax.set_yticks([0, 1], ["low", "high"])
         ax.set_ylabel("scaled position (log for ranges)")
         ax.set_title(_title(condition, "parallel coordinates"))

@@ -206,16 +206,16 @@ def html_page(report: Report, pictures: dict[str, bytes], ui_url: str) -> str:
         n_trials=len(data.trials),
         counts=", ".join(f"{n} {s}" for s, n in sorted(data.trials["state"].value_counts().items())),
         ui_url=ui_url,
-        best_trials=links.to_html(index=False, escape=False, float_format=number),
+        best_trials=links.to_html(index=False, escape=False, float_format=number, na_rep=""),
         pictures=[(name, base64.b64encode(png).decode()) for name, png in pictures.items()],
         tables=[
-            (name, _shown(table, data.goal).to_html(index=False, float_format=number))
+            (name, _shown(table, data.goal).to_html(index=False, float_format=number, na_rep=""))
             for name, table in report.tables.items()
         ],
         confirmed=[
             (
                 condition_label(found.condition),
-                found.table.to_html(index=False, float_format=number),
+                found.table.to_html(index=False, float_format=number, na_rep=""),
                 found.verdict.sentence if found.verdict else "",
             )
             for found in report.confirmed
