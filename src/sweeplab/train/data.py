@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -37,16 +36,8 @@ from sweeplab.train.items import (  # how items become batches (and a bad one is
     index_in_dataset,
     target_for_task,
 )
-from sweeplab.train.plugins import (
-    call_users,
-    data_args,
-    error_text,
-    exit_text,
-    import_object,
-    instantiate,
-    model_class,
-    user_code,
-)
+from sweeplab.train.model import classes_from_model
+from sweeplab.train.plugins import error_text, exit_text, import_object, user_code
 from sweeplab.train.splits import class_labels, hold_out, split_indices, split_lengths
 
 
@@ -428,49 +419,6 @@ def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
 def example_shape(example: tuple) -> tuple[int, ...]:
     """One sample's shape in an example batch of one tensor (what Dataset.input_shape says); () for several."""
     return tuple(example[0].shape[1:]) if batch.is_tensor(example[0]) else ()
-
-
-def classes_from_model(config: ExperimentConfig, inputs, input_shape: tuple[int, ...]) -> int:
-    """The number of classes when neither the data (labels, `targets`) nor the file (data.n_classes) says it:
-    the width of the user's model's output on the example batch, as plain PyTorch and Lightning users never give
-    it (their head says it). Built and run as check_model does, leaving torch's RNG as it was; a constructor that
-    needs the count itself (n_classes, num_classes, out_features, n_outputs with no default, not in init_args) is
-    one line asking for it."""
-    model = config.model
-    where = f"model.class_path: {model.class_path}"
-    cls = model_class(model.class_path, config.code_dir)
-    try:
-        parameters = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    needs = [
-        name
-        for name in ("n_classes", "num_classes", "out_features", "n_outputs")
-        if name in parameters and parameters[name].default is inspect.Parameter.empty and name not in model.init_args
-    ]
-    if needs:
-        raise ConfigError(
-            f"data.n_classes: {where}() takes {needs[0]}, and nothing says how many classes there are (the Dataset "
-            f"has no `targets`): give data.n_classes, or model.init_args.{needs[0]}"
-        )
-    args = data_args(cls, model.init_args, input_shape, 0, None)
-    for name in ("out_features", "n_outputs"):  # the width is what is asked: the constructor's own default
-        if name not in model.init_args:
-            args.pop(name, None)
-    with torch.random.fork_rng(devices=[]):
-        net = instantiate(cls, args, model.class_path)
-        net.eval()
-        with torch.no_grad():
-            out = call_users(
-                lambda: batch.call(net, inputs), f"{where}: forward", f" on a batch of {batch.describe(inputs)}"
-            )
-    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2):
-        shown = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(
-            f"{where}: forward gave {shown} for a batch of {batch.describe(inputs)}; task multiclass needs [batch, "
-            "classes] (one logit per class), from which the number of classes is read"
-        )
-    return int(out.shape[1])
 
 
 def _within_classes(labels: torch.Tensor, n_classes: int, items, where: str) -> None:

@@ -1,5 +1,6 @@
-"""The models: the built-in MLP, or the user's own nn.Module named by `class_path` + `init_args`; and
-checkpoints that can rebuild either.
+"""The models: the built-in MLP, or the user's own nn.Module named by `class_path` + `init_args`; checkpoints
+that can rebuild either; and the number of classes a user's model gives when nothing else says it
+(`classes_from_model`, its output's width).
 
 A checkpoint is the state_dict (CPU tensors) plus the plain constructor arguments (`ModelSpec`: the MLP's sizes,
 or the user's class path and its init args as JSON), so a model is rebuilt with nothing else and loaded with
@@ -9,6 +10,7 @@ module the user can import; the checkpoint does not say where to look.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sweeplab.config import ConfigError
-from sweeplab.train.plugins import instantiate, model_class
+from sweeplab.config import ConfigError, ExperimentConfig
+from sweeplab.train import batch
+from sweeplab.train.plugins import call_users, data_args, instantiate, model_class
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -179,3 +182,46 @@ def architecture(state: dict[str, torch.Tensor]) -> tuple:
     """What decides whether members stack (stacked.epochs.group_members): every parameter's and buffer's name, shape
     and dtype, whatever init args made them."""
     return tuple((name, tuple(t.shape), str(t.dtype)) for name, t in state.items())
+
+
+def classes_from_model(config: ExperimentConfig, inputs, input_shape: tuple[int, ...]) -> int:
+    """The number of classes when neither the data (labels, `targets`) nor the file (data.n_classes) says it:
+    the width of the user's model's output on the example batch, as plain PyTorch and Lightning users never give
+    it (their head says it). Built and run as check_model does, leaving torch's RNG as it was; a constructor that
+    needs the count itself (n_classes, num_classes, out_features, n_outputs with no default, not in init_args) is
+    one line asking for it."""
+    model = config.model
+    where = f"model.class_path: {model.class_path}"
+    cls = model_class(model.class_path, config.code_dir)
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    needs = [
+        name
+        for name in ("n_classes", "num_classes", "out_features", "n_outputs")
+        if name in parameters and parameters[name].default is inspect.Parameter.empty and name not in model.init_args
+    ]
+    if needs:
+        raise ConfigError(
+            f"data.n_classes: {where}() takes {needs[0]}, and nothing says how many classes there are (the Dataset "
+            f"has no `targets`): give data.n_classes, or model.init_args.{needs[0]}"
+        )
+    args = data_args(cls, model.init_args, input_shape, 0, None)
+    for name in ("out_features", "n_outputs"):  # the width is what is asked: the constructor's own default
+        if name not in model.init_args:
+            args.pop(name, None)
+    with torch.random.fork_rng(devices=[]):
+        net = instantiate(cls, args, model.class_path)
+        net.eval()
+        with torch.no_grad():
+            out = call_users(
+                lambda: batch.call(net, inputs), f"{where}: forward", f" on a batch of {batch.describe(inputs)}"
+            )
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2):
+        shown = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"{where}: forward gave {shown} for a batch of {batch.describe(inputs)}; task multiclass needs [batch, "
+            "classes] (one logit per class), from which the number of classes is read"
+        )
+    return int(out.shape[1])
