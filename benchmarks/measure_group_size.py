@@ -5,7 +5,8 @@ An ArrowHead-like task (36 noisy series of 3 shapes, a 1D CNN with BatchNorm, ba
 tests/test_rerun.py) trains 12 trials of different learning rates stacked in one group; trial 0 is then trained
 again beside K - 1 copies of itself. Prints, per K, the largest relative difference of its validation curve from
 the group of 12, once with torch's AVX2 kernels pinned (as the sweeplab command pins them) and once with this
-machine's own. Usage: python benchmarks/measure_group_size.py
+machine's own; then the same for two members of the digits CNN (no BatchNorm) in groups of 2, 3, 6 and 8.
+Usage: python benchmarks/measure_group_size.py
 """
 
 from __future__ import annotations
@@ -48,6 +49,28 @@ for k in (2, 3, 4, 6, 8, 12):
 """
 
 
+# The digits CNN (no BatchNorm; experiments/digits_nets.py, 8 channels, 6 epochs): members 0 and 1 of groups of 2,
+# 3, 6 and 8 members of other rates, against the group of 2 (why a user model's group is not compacted)
+CNN = """
+import sys
+sys.path.insert(0, {experiments!r})
+from sweeplab.config import load_experiment
+from sweeplab.train.stacked.epochs import prepare_member
+from sweeplab.train.stacked.func import train_func_group
+rates = [0.003, 0.05, 0.001, 0.02, 0.002, 0.03, 0.004, 0.01]
+curves = {{}}
+for k in (2, 3, 6, 8):
+    configs = [load_experiment({experiment!r}, {{"optimizer": ["Adam", "SGD"][i % 2], "lr": rates[i],
+               "model.init_args.channels": 8, "epochs": 6}}) for i in range(k)]
+    members = [prepare_member(i, c) for i, c in enumerate(configs)]
+    train_func_group(members)
+    curves[k] = [m.history.val_loss for m in members[:2]]
+for k in (3, 6, 8):
+    worst = max(abs(a - b) / b for i in range(2) for a, b in zip(curves[2][i], curves[k][i]))
+    print(f"  digits CNN, members 0-1 in a group of {{k}} against a group of 2: {{worst:.2g}}")
+"""
+
+
 def main() -> None:
     pinned = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
     for name, extra in (("AVX2 pinned (the sweeplab command)", pinned), ("this machine's own kernels", {})):
@@ -56,6 +79,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             code = CHILD.format(tests=str(ROOT / "tests"), folder=folder)
             subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        cnn = CNN.format(experiments=str(ROOT / "experiments"), experiment=str(ROOT / "experiments/digits_cnn.yaml"))
+        subprocess.run([sys.executable, "-c", cnn], env=env, check=True)
 
 
 if __name__ == "__main__":
