@@ -1,11 +1,13 @@
 """Successive halving inside stacked groups (#40): a random sweep of the default space (sweeps/
 optimizer_hidden_noise.yaml: optimizer, lr by optimizer, hidden; noise 0.3 and 1.0 as conditions; 80 epochs)
-with `pruner=successive_halving` (rungs at 5, 15 and 45 epochs, a third kept at each) against the same sweep
+with `pruner: {type: successive_halving, min_resource: MIN_RESOURCE}` (rungs at MIN_RESOURCE x 3^i epochs: 5, 15
+and 45 by default; a third kept at each) against the same sweep
 with no pruner, whole process (`sweeplab sweep ... --quiet --no-report`), each in a fresh folder, alternating,
 ROUNDS times each. Prints the median seconds and their ratio, the member-epochs each trained (the sum of the
 trials' epochs), and each condition's best validation loss and its trial, for both.
 
-Usage: python benchmarks/bench_halving.py [N_TRIALS] [ROUNDS]   (goal: >= 1.5x at 1,000 trials, the same best)
+Usage: python benchmarks/bench_halving.py [N_TRIALS] [ROUNDS] [MIN_RESOURCE]   (goal: >= 1.5x at 1,000 trials, the
+same best; MIN_RESOURCE, the first rung, defaults to 5)
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ import time
 from pathlib import Path
 
 import optuna
+import yaml
 from optuna.storages.journal import JournalFileBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "optimizer_hidden_noise.yaml"
 
 
-def one(n_trials: int, pruner: str) -> tuple[float, int, dict[str, tuple[float, int]]]:
+def one(n_trials: int, pruner: str, min_resource: int) -> tuple[float, int, dict[str, tuple[float, int]]]:
     with tempfile.TemporaryDirectory(prefix="sweeplab-halving-") as folder:
+        spec = yaml.safe_load(SWEEP.read_text())
+        spec["experiment"] = str((SWEEP.parent / spec["experiment"]).resolve())
+        spec["pruner"] = {"type": pruner, "min_resource": min_resource}
+        (Path(folder) / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         started = time.perf_counter()
         subprocess.run(
             [
@@ -34,10 +41,9 @@ def one(n_trials: int, pruner: str) -> tuple[float, int, dict[str, tuple[float, 
                 "-m",
                 "sweeplab",
                 "sweep",
-                str(SWEEP),
+                "sweep.yaml",
                 f"n_trials={n_trials}",
                 "sampler=random",
-                f"pruner={pruner}",
                 "--quiet",
                 "--no-report",
             ],
@@ -61,11 +67,12 @@ def one(n_trials: int, pruner: str) -> tuple[float, int, dict[str, tuple[float, 
 def main() -> None:
     n_trials = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    min_resource = int(sys.argv[3]) if len(sys.argv) > 3 else 5
     times: dict[str, list[float]] = {"none": [], "successive_halving": []}
     found: dict[str, tuple] = {}
     for round_ in range(rounds):
         for pruner in ("none", "successive_halving") if round_ % 2 == 0 else ("successive_halving", "none"):
-            seconds, epochs, best = one(n_trials, pruner)
+            seconds, epochs, best = one(n_trials, pruner, min_resource)
             times[pruner].append(seconds)
             found[pruner] = (epochs, best)
     for pruner, values in times.items():
