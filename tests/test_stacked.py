@@ -280,7 +280,7 @@ def test_members_with_other_init_args_train_with_their_own(tmp_path):
 def test_nn_dropout_stacks_with_each_members_masks_and_other_random_draws_train_on_the_reference_loop(tmp_path):
     """#40: an nn.Dropout stacks: each member's noise is drawn from its own generator where the reference loop's
     forward draws it, so a dropout-0.6 member is its reference twin to float rounding (1e-5 over the first 2
-    epochs, where one mask drawn otherwise moves it by ~1e-1), and its dropout is applied (a higher training loss
+    epochs), and its dropout is applied (a higher training loss
     than its dropout-0 twin's). Before #27 members shared the first member's rate; before #40 they trained on the
     reference loop. A model drawing otherwise (F.dropout in its forward) is found by the probe (vmap's
     randomness="error") and trains on the reference loop, said once."""

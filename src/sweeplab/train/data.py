@@ -34,6 +34,8 @@ from sweeplab.train.items import (  # how items become batches (and a bad one is
     InMemoryItems,
     as_tensors,
     index_in_dataset,
+    outside_classes,
+    outside_text,
     target_for_task,
 )
 from sweeplab.train.model import classes_from_model
@@ -423,13 +425,9 @@ def example_shape(example: tuple) -> tuple[int, ...]:
 
 def _within_classes(labels: torch.Tensor, n_classes: int, items, where: str) -> None:
     """The example batch's labels against the number of classes: one outside 0..K-1 is named by its item."""
-    outside = (labels >= n_classes).nonzero()
-    if len(outside):
-        k = int(outside[0])
-        raise ConfigError(
-            f"{where}: item {index_in_dataset(items, k)}'s target {int(labels[k])} is outside the {n_classes} "
-            f"classes (0..{n_classes - 1})"
-        )
+    k = outside_classes(labels, n_classes)
+    if k is not None:
+        raise ConfigError(f"{where}: item {index_in_dataset(items, k)}'s {outside_text(labels[k].item(), n_classes)}")
 
 
 EXAMPLE_ITEMS = 8

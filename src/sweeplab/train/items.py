@@ -141,16 +141,16 @@ class CheckedCollate:
         labels = labels.reshape(-1) if labels.dim() == 2 and labels.shape[1] == 1 else labels
         if labels.dim() != 1 or labels.is_floating_point() and not bool((labels == labels.round()).all()):
             return  # not class indices at all: the loss says so (checked on the example before the run)
-        outside = (labels < 0) | (labels >= self.n_classes)
-        if not bool(outside.any()):
+        first = outside_classes(labels, self.n_classes)
+        if first is None:
             return
-        classes = f"the {self.n_classes} classes (0..{self.n_classes - 1})"
         for k, item in enumerate(items):  # the item itself (a collate_fn may reorder a batch)
             own = torch.as_tensor(item[1]) if isinstance(item, (tuple, list)) and len(item) == 2 else None
-            if own is not None and own.numel() == 1 and not 0 <= own.item() < self.n_classes:
-                raise BatchError(f"{self.where}: {self.name(items, k)}'s target {own.item():g} is outside {classes}")
-        value = labels[outside.nonzero()[0]].item()
-        raise BatchError(f"{self.where}: the batch of {self.of(items)} holds the target {value:g}, outside {classes}")
+            if own is not None and own.numel() == 1 and outside_classes(own.reshape(1), self.n_classes) is not None:
+                raise BatchError(f"{self.where}: {self.name(items, k)}'s {outside_text(own.item(), self.n_classes)}")
+        raise BatchError(
+            f"{self.where}: in the batch of {self.of(items)}, a {outside_text(labels[first].item(), self.n_classes)}"
+        )
 
     @staticmethod
     def name(items, k: int) -> str:
@@ -176,6 +176,17 @@ class CheckedCollate:
             )
         field = "data.collate_fn" if self.collate is not None else self.where
         return f"{field}: collating {self.of(items)} raised {error_text(exc)}"[:400]
+
+
+def outside_classes(labels: torch.Tensor, n_classes: int) -> int | None:
+    """The position of the first label outside 0..n_classes-1, or None: the rule the pre-flight applies to the
+    example batch (data.py) and CheckedCollate to every batch."""
+    outside = ((labels < 0) | (labels >= n_classes)).nonzero()
+    return int(outside[0]) if len(outside) else None
+
+
+def outside_text(label: float, n_classes: int) -> str:
+    return f"target {label:g} is outside the {n_classes} classes (0..{n_classes - 1})"
 
 
 def _listed(indices: list[int]) -> str:

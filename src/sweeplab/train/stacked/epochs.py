@@ -41,7 +41,7 @@ from sweeplab.train.epoch import (
     stacked_classification_metrics,
     stacked_regression_metrics,
 )
-from sweeplab.train.experiment import model_spec_for
+from sweeplab.train.experiment import model_spec_for, resolve_device
 from sweeplab.train.init import start_from
 from sweeplab.train.model import ModelSpec, architecture, build_model
 from sweeplab.train.stacked.loss import StackedLoss, loss_kind, loss_problem, member_loss
@@ -86,6 +86,11 @@ def _check_supported(config: ExperimentConfig) -> None:
         return
     if len(config.model.hidden_sizes) != 1:
         raise ConfigError("engine: vectorized trains one-hidden-layer MLPs; model.hidden must be one size")
+    if config.model.dropout and resolve_device(config.device).type != "cpu":
+        raise ConfigError(
+            "engine: vectorized draws model.dropout's masks as the reference loop does on the CPU; on "
+            f"{resolve_device(config.device).type} the reference loop draws them from that device's generator"
+        )
 
 
 def data_problem(dataset: Dataset) -> str | None:
@@ -239,9 +244,23 @@ def stack_data(members: list[Member], device: torch.device, flatten: bool = Fals
     return x_train, y_train, x_val, y_val, which
 
 
-def train_step(forward, flat: torch.Tensor, optimizer: StackedOptimizer, xb, yb, task: str, loss):
-    """The seed's six lines for K members at once: forward, loss, zero_grad, backward, step; the [K] losses."""
-    losses = member_loss(forward(flat, xb, True), yb, task, loss)
+def drawn_noise(generator: torch.Generator, p: float, shape: tuple[int, ...]) -> torch.Tensor:
+    """One member's nn.Dropout(p) noise for an input of `shape`, as torch's `_dropout_impl` makes it on the CPU
+    (empty_like(input).bernoulli_(1 - p), then div_(1 - p)) from the generator that stands for the member's global
+    RNG: the forward multiplies by it, as nn.Dropout does. The one rule for the MLP's path and func.py's."""
+    return torch.empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
+
+
+def _draw_pair(member: Member) -> tuple[int, int]:
+    """What a member's draws come from: members with the same pair of generators draw alike (prepare_member)."""
+    return id(member.shuffle_gen), id(member.global_gen)
+
+
+def train_step(forward, flat: torch.Tensor, optimizer: StackedOptimizer, xb, yb, task: str, loss, noise=None):
+    """The seed's six lines for K members at once: forward, loss, zero_grad, backward, step; the [K] losses.
+    `noise`: the batch's dropout noise, given to the forward as its `noise` (None: the forward takes none)."""
+    out = forward(flat, xb, True) if noise is None else forward(flat, xb, True, noise)
+    losses = member_loss(out, yb, task, loss)
     flat.grad = None
     losses.sum().backward()
     optimizer.step()
@@ -274,8 +293,9 @@ def fit_stacked(
     MLP's batched matmuls for two members or more: at least two rows are kept; tests/test_compact.py).
 
     `dropout(draw_from, draw_row, batch size)`: each row's dropout noise for a training batch, drawn from the
-    members' own generators where the reference loop's forward draws it (the MLP's; mlp.py), given to the
-    forward as `noise`."""
+    members' own generators where the reference loop's forward draws it (mlp.py's, or FuncStack.noise), given to
+    the forward as `noise`."""
+    compact = compact and not buffers  # compaction gathers no buffers: the MLP's path only (it has none)
     first = members[0]
     config, dataset = first.config, first.dataset
     train, task = config.train, config.task
@@ -302,7 +322,7 @@ def fit_stacked(
     started = time.perf_counter()
     # members that share their generators share their draws: one batch order per distinct pair per epoch, sent to
     # the device once and gathered there for every member
-    draw_from, draw_row = _distinct(members, lambda m: (id(m.shuffle_gen), id(m.global_gen)))
+    draw_from, draw_row = _distinct(members, _draw_pair)
     draw_row = draw_row.to(device)
     for epoch in range(1, train.epochs + 1):
         if each_epoch is not None:
@@ -319,11 +339,9 @@ def fit_stacked(
         for start in range(0, n_train, train.batch_size):
             end = start + train.batch_size
             xb, yb = batch.take(xs, (slice(None), slice(start, end))), ys[:, start:end]
-            step_forward = forward
-            if dropout is not None:  # drawn before the forward, as nn.Dropout draws in it
-                noise = dropout(draw_from, draw_row, yb.shape[1])
-                step_forward = lambda values, x, training, noise=noise: forward(values, x, training, noise)  # noqa: E731
-            batch_losses.append(train_step(step_forward, flat, optimizer, xb, yb, task, loss))
+            # dropout's noise drawn before the forward, as nn.Dropout draws it in the reference loop's forward
+            noise = dropout(draw_from, draw_row, yb.shape[1]) if dropout is not None else None
+            batch_losses.append(train_step(forward, flat, optimizer, xb, yb, task, loss, noise))
             sizes.append(yb.shape[1])
             if schedules is not None:
                 schedules.after_step()
@@ -381,9 +399,7 @@ def fit_stacked(
             which = which[on_device]
             x_val, y_val = batch.take(x_val, on_device), y_val[on_device]
             live = live[rows]
-            draw_from, draw_row = _distinct(
-                [members[i] for i in live.tolist()], lambda m: (id(m.shuffle_gen), id(m.global_gen))
-            )
+            draw_from, draw_row = _distinct([members[i] for i in live.tolist()], _draw_pair)
             draw_row = draw_row.to(device)
             if schedules is not None:
                 schedules.leave(live)

@@ -35,7 +35,7 @@ from torch.nn.parameter import UninitializedParameter
 from sweeplab.train import batch
 from sweeplab.train.experiment import resolve_device
 from sweeplab.train.model import build_model
-from sweeplab.train.stacked.epochs import _distinct, fit_stacked, stack_data, train_step
+from sweeplab.train.stacked.epochs import _distinct, drawn_noise, fit_stacked, stack_data, train_step
 from sweeplab.train.stacked.loss import StackedLoss
 from sweeplab.train.stacked.optim import StackedOptimizer
 
@@ -132,15 +132,13 @@ class FuncStack:
 
     def noise(self, draw_from: list, draw_row: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
         """Each Dropout's noise for one training batch of `size`, {name.noise: [rows, size, ...]}: per distinct
-        pair of generators (its members draw alike), in the order the forward calls them, each drawn as torch's
-        `_dropout_impl` draws it (empty_like(input).bernoulli_(1 - p), then div_(1 - p)) from the member's own
-        global RNG, which is where the reference loop's forward draws it."""
+        pair of generators (its members draw alike), in the order the forward calls them, each drawn by
+        epochs.drawn_noise from the member's own global RNG, which is where the reference loop's forward draws it."""
         drawn: dict[str, list[torch.Tensor]] = {name: [] for name in self.dropout_order}
         for m in draw_from:
             for name in self.dropout_order:
                 module = self.dropouts[name]
-                noise = torch.empty(size, *module.shape).bernoulli_(1 - module.p, generator=m.global_gen)
-                drawn[name].append(noise.div_(1 - module.p))
+                drawn[name].append(drawn_noise(m.global_gen, module.p, (size, *module.shape)))
         return {f"{name}.noise": torch.stack(rows).to(self.device)[draw_row] for name, rows in drawn.items()}
 
     def states(self, members: list, flat: torch.Tensor, buffers: dict[str, torch.Tensor]) -> list[dict]:
@@ -185,6 +183,8 @@ def _try_stacking(member, steps: int) -> str | None:
     stack = FuncStack(pair, device, model)
     if stack.problem:
         return stack.problem
+    if stack.dropouts and device.type != "cpu":  # the reference loop draws its masks from the device's generator
+        return f"{name} has nn.Dropout, whose masks the stacked engine draws as the reference loop does on the CPU only"
     x_train, y_train, x_val, _, which = stack_data(pair, device)
     x_train, y_train = batch.take(x_train, which), y_train[which]
     size = member.config.train.batch_size

@@ -14,7 +14,7 @@ import torch
 
 from sweeplab.train.experiment import resolve_device
 from sweeplab.train.model import ACTIVATIONS
-from sweeplab.train.stacked.epochs import Member, _distinct, fit_stacked, stack_data
+from sweeplab.train.stacked.epochs import Member, _distinct, drawn_noise, fit_stacked, stack_data
 
 # members that end leave the stack (fit_stacked's `compact`); SWEEPLAB_COMPACT=0 keeps every row to the end, as
 # before (what tests/test_compact.py and benchmarks/bench_compact.py compare with)
@@ -67,15 +67,13 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
     def dropout_noise(draw_from: list[Member], draw_row: torch.Tensor, size: int) -> torch.Tensor:
-        """Each member's dropout noise for one training batch [rows, size, width], drawn as the reference loop's
-        nn.Dropout draws it (torch's `_dropout_impl`: empty_like(hidden).bernoulli_(1 - p), then div_(1 - p)),
-        from the member's own global RNG at the same point of its sequence: once per distinct pair of generators
-        (its members draw alike), padded with zeros to the group's width (a padded unit's output is 0)."""
+        """Each member's dropout noise for one training batch [rows, size, width] (epochs.drawn_noise), from its
+        own global RNG at the same point of its sequence: once per distinct pair of generators (its members draw
+        alike), padded with zeros to the group's width (a padded unit's output is 0)."""
         rows = []
         for m in draw_from:
-            p, h = m.spec.dropout, m.spec.hidden[0]
             noise = torch.zeros(size, width)
-            noise[:, :h] = torch.empty(size, h).bernoulli_(1 - p, generator=m.global_gen).div_(1 - p)
+            noise[:, : m.spec.hidden[0]] = drawn_noise(m.global_gen, m.spec.dropout, (size, m.spec.hidden[0]))
             rows.append(noise)
         return torch.stack(rows).to(device)[draw_row]
 
