@@ -165,6 +165,18 @@ class Configurable(nn.Module):
         return self.head(self.drop(torch.max_pool2d(h, 2).flatten(1))) * self.scale
 
 
+class DropElsewhere(nn.Module):  # an init arg named like a dropout rate that also scales the output
+    def __init__(self, in_channels, n_classes, drop_rate=0.0, lam=None):
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.keep = 1 - drop_rate
+        self.head = nn.Linear(in_channels * 64, n_classes)
+        self.extra = (lambda t: t) if lam else None  # a function of its own: not a value behaviour compares
+
+    def forward(self, x):
+        return self.head(self.drop(x.flatten(1))) * self.keep
+
+
 class Noisy(nn.Module):  # draws random numbers in its forward, not by an nn.Dropout module
     def __init__(self, in_channels, n_classes):
         super().__init__()
@@ -281,16 +293,19 @@ def test_nn_dropout_stacks_with_each_members_masks_and_other_random_draws_train_
     """#40: an nn.Dropout stacks: each member's noise is drawn from its own generator where the reference loop's
     forward draws it, so a dropout-0.6 member is its reference twin to float rounding (1e-5 over the first 2
     epochs), and its dropout is applied (a higher training loss
-    than its dropout-0 twin's). Before #27 members shared the first member's rate; before #40 they trained on the
-    reference loop. A model drawing otherwise (F.dropout in its forward) is found by the probe (vmap's
+    than its dropout-0 twin's). Members whose rates differ (0, 0.3, 0.6, 1) stack in one group, each at its own
+    rate: the module they build differs in nothing else (model.behaviour). Before #27 members shared the first
+    member's rate; before #40 they trained on the reference loop, and until later in #40 each rate was a group of
+    its own. A model drawing otherwise (F.dropout in its forward) is found by the probe (vmap's
     randomness="error") and trains on the reference loop, said once."""
     from sweeplab.train.engines import choose
 
     settings = [
         {"optimizer": "Adam", "lr": 0.01, "init_args": {"dropout": 0.0}},
-        {"optimizer": "Adam", "lr": 0.02, "init_args": {"dropout": 0.0}},
+        {"optimizer": "Adam", "lr": 0.02, "init_args": {"dropout": 0.3}},
         {"optimizer": "Adam", "lr": 0.01, "init_args": {"dropout": 0.6}},
         {"optimizer": "SGD", "lr": 0.02, "init_args": {"dropout": 0.6}},
+        {"optimizer": "SGD", "lr": 0.02, "init_args": {"dropout": 1.0}},
     ]
     engine, why = choose(settings_configs(tmp_path, "Configurable", settings))
     assert engine == "vectorized" and "random numbers" not in why
@@ -300,7 +315,7 @@ def test_nn_dropout_stacks_with_each_members_masks_and_other_random_draws_train_
     engine_named("vectorized").train(stacked, None)
     for ref, vec in zip(reference, stacked):
         a, b = ref.result.history, vec.result.history
-        assert not isinstance(vec.result, RunResult)  # it stacked
+        assert not isinstance(vec.result, RunResult) and b.stacked_members == len(settings)  # all in one group
         assert b.train_loss[:2] == pytest.approx(a.train_loss[:2], rel=1e-5)
         assert b.val_loss[:2] == pytest.approx(a.val_loss[:2], rel=1e-5)
         assert b.val_loss == pytest.approx(a.val_loss, rel=1e-4) and b.best_epoch == a.best_epoch
@@ -311,6 +326,24 @@ def test_nn_dropout_stacks_with_each_members_masks_and_other_random_draws_train_
     jobs = [Job(None, c) for c in settings_configs(tmp_path, "Noisy", noisy)]
     engine_named(engine).train(jobs, None)
     assert all(isinstance(job.result, RunResult) for job in jobs)  # the reference loop's, model and all
+
+
+def test_a_rate_arg_groups_members_only_when_it_sets_nothing_but_dropout_rates(tmp_path):
+    """Members whose init args differ in a dropout rate share a group when the modules they build differ in
+    nothing else; an arg named like a rate that also sets an attribute (here `keep`, scaling the output) keeps
+    members apart, as every other init arg does; a module holding a function of its own is grouped by its init
+    args, as before."""
+    from sweeplab.train.stacked.epochs import group_members, prepare_member
+
+    def groups(model, args):
+        configs = settings_configs(tmp_path, model, [{"init_args": a} for a in args])
+        return sorted(len(g) for g in group_members([prepare_member(None, c) for c in configs]))
+
+    assert groups("Configurable", [{"dropout": r} for r in (0.0, 0.2, 0.5)]) == [3]
+    assert groups("Configurable", [{"dropout": 0.2}, {"dropout": 0.5, "activation": "tanh"}]) == [1, 1]
+    assert groups("DropElsewhere", [{"drop_rate": r} for r in (0.2, 0.5)]) == [1, 1]
+    assert groups("DropElsewhere", [{"drop_rate": 0.2}, {"drop_rate": 0.2}]) == [2]
+    assert groups("DropElsewhere", [{"drop_rate": 0.2, "lam": True}] * 2 + [{"drop_rate": 0.5, "lam": True}]) == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,9 @@ class Routes:
             raise ConfigError(problem)
 
     def model_problem(self, member) -> str | None:
-        key = (model_key(member), bool(member.config.train.freeze))  # a freeze holds BatchNorm: another answer
+        # a freeze holds BatchNorm, and a Dropout at a rate above 0 is swapped (stacked.func): each another answer
+        dropping = tuple(sorted(name for name, rate in member.dropout_rates.items() if rate > 0))
+        key = (model_key(member), bool(member.config.train.freeze), dropping)
         if key not in self.models:
             self.models[key] = stack_problem(member)
         return self.models[key]

@@ -10,6 +10,7 @@ module the user can import; the checkpoint does not say where to look.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import json
 import re
@@ -182,6 +183,58 @@ def architecture(state: dict[str, torch.Tensor]) -> tuple:
     """What decides whether members stack (stacked.epochs.group_members): every parameter's and buffer's name, shape
     and dtype, whatever init args made them."""
     return tuple((name, tuple(t.shape), str(t.dtype)) for name, t in state.items())
+
+
+# init args that may differ inside one stacked group when they only set nn.Dropout rates (stacked.epochs.model_key)
+DROPOUT_ARG = re.compile(r"drop", re.IGNORECASE)
+_NOT_BEHAVIOUR = {"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"}
+
+
+def dropout_rates(model: nn.Module) -> dict[str, float]:
+    """Each nn.Dropout's rate by module name (exactly nn.Dropout: the layers the stacked engine draws for)."""
+    return {name: float(m.p) for name, m in model.named_modules() if type(m) is nn.Dropout}
+
+
+def behaviour(model: nn.Module) -> tuple | None:
+    """What a built module computes besides its parameters and buffers (`architecture`): every submodule's type and
+    its own attributes (an activation chosen, a flag, a scale, a plain tensor by its values), nn.Dropout's rate
+    left out. Two members with equal behaviour and architecture compute alike but for their weights and dropout
+    rates, whatever init args built them. None when an attribute is not a value it can compare (a function, a
+    hook, another object): then nothing is known beyond the init args."""
+    try:
+        return tuple(
+            (name, f"{type(m).__module__}.{type(m).__qualname__}", _encoded(_own_attributes(m)))
+            for name, m in model.named_modules()
+        )
+    except _Opaque:
+        return None
+
+
+class _Opaque(Exception):
+    """An attribute `behaviour` cannot compare by value."""
+
+
+def _own_attributes(module: nn.Module) -> dict[str, Any]:
+    rate = type(module) is nn.Dropout
+    return {k: v for k, v in vars(module).items() if k not in _NOT_BEHAVIOUR and not (rate and k == "p")}
+
+
+def _encoded(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return repr(value)  # repr: 1 and 1.0 and True stay apart
+    if isinstance(value, (torch.dtype, torch.device, enum.Enum)):
+        return (type(value).__name__, str(value))
+    if isinstance(value, nn.Parameter):  # an alias of a registered one (an RNN's _flat_weights): its shape
+        return ("parameter", str(value.dtype), tuple(value.shape))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), value.detach().cpu().numpy().tobytes())
+    if isinstance(value, (list, tuple)) and depth < 4:
+        return (type(value).__name__, tuple(_encoded(v, depth + 1) for v in value))
+    if isinstance(value, dict) and depth < 4:
+        return ("dict", tuple(sorted((repr(k), _encoded(v, depth + 1)) for k, v in value.items())))
+    if isinstance(value, nn.Module):  # held twice (an alias): its own entry in named_modules says what it does
+        return ("module", type(value).__qualname__)
+    raise _Opaque
 
 
 def classes_from_model(config: ExperimentConfig, inputs, input_shape: tuple[int, ...]) -> int:

@@ -43,7 +43,7 @@ from sweeplab.train.epoch import (
 )
 from sweeplab.train.experiment import model_spec_for, resolve_device
 from sweeplab.train.init import start_from
-from sweeplab.train.model import ModelSpec, architecture, build_model
+from sweeplab.train.model import DROPOUT_ARG, ModelSpec, architecture, behaviour, build_model, dropout_rates
 from sweeplab.train.stacked.loss import StackedLoss, loss_kind, loss_problem, member_loss
 from sweeplab.train.stacked.optim import Schedules, StackedOptimizer
 
@@ -134,6 +134,8 @@ class Member:
     init_state: dict[str, torch.Tensor]
     shuffle_gen: torch.Generator | None
     global_gen: torch.Generator  # the global RNG as the reference loop would see it after building the model
+    dropout_rates: dict[str, float] = field(default_factory=dict)  # a user's model: each nn.Dropout's own rate
+    behaviour: tuple | None = None  # a user's model built with a dropout-rate init arg: model.behaviour
     history: History = field(default_factory=History)  # train_group's, once trained
     started: float = field(default_factory=time.time)
 
@@ -185,20 +187,38 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
         shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
         # a lazy module's parameters have no values before its first batch: stacked.stack_problem refuses it
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_lazy(v)}
-        shared[draws_key] = (state, shuffle_gen, global_gen)
-    init_state, shuffle_gen, global_gen = shared[draws_key]
-    return Member(key, config, dataset, spec, init_state, shuffle_gen, global_gen)
+        rates = dropout_rates(model) if spec.class_path is not None else {}
+        made = behaviour(model) if spec.class_path is not None and _rate_args(spec) else None
+        shared[draws_key] = (state, shuffle_gen, global_gen, rates, made)
+    init_state, shuffle_gen, global_gen, rates, made = shared[draws_key]
+    return Member(key, config, dataset, spec, init_state, shuffle_gen, global_gen, dropout_rates=rates, behaviour=made)
+
+
+def _rate_args(spec: ModelSpec) -> set[str]:
+    """The init args that may set a dropout rate (named like one, a number): model_key leaves them out when the
+    module they build behaves alike but for its nn.Dropout rates (model.behaviour)."""
+    return {
+        name
+        for name, value in spec.init_args.items()
+        if DROPOUT_ARG.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def model_key(member: Member) -> tuple | str:
     """What decides whether members can share one model. The MLP: its activation (hidden sizes are padded). A
-    user's model: its class, every init arg (a dropout rate, an activation's name and a flag change what the one
-    shared module computes, not only the shapes they give) and its parameters' and buffers' names, shapes and
-    dtypes (model.architecture)."""
+    user's model: its class, every init arg (an activation's name and a flag change what the one shared module
+    computes, not only the shapes they give) and its parameters' and buffers' names, shapes and dtypes
+    (model.architecture). Init args named like a dropout rate are left out when the module they built is told
+    apart by what it holds instead (model.behaviour, its nn.Dropout rates left out): those rates are each
+    member's own (func.FuncStack draws each member's noise at its own rate), so a sweep over dropout stacks."""
     spec = member.spec
     if spec.class_path is None:  # with dropout the head is net.3, not net.2; the rate is each member's own
         return member.config.model.activation, spec.dropout > 0
-    return (spec.class_path, json.dumps(spec.init_args, sort_keys=True, default=repr), architecture(member.init_state))
+    args = spec.init_args
+    if member.behaviour is not None:
+        args = {k: v for k, v in args.items() if k not in _rate_args(spec)}
+    key = (spec.class_path, json.dumps(args, sort_keys=True, default=repr), architecture(member.init_state))
+    return key if member.behaviour is None else (*key, member.behaviour)
 
 
 def group_key(member: Member) -> tuple:
@@ -248,6 +268,10 @@ def drawn_noise(generator: torch.Generator, p: float, shape: tuple[int, ...]) ->
     """One member's nn.Dropout(p) noise for an input of `shape`, as torch's `_dropout_impl` makes it on the CPU
     (empty_like(input).bernoulli_(1 - p), then div_(1 - p)) from the generator that stands for the member's global
     RNG: the forward multiplies by it, as nn.Dropout does. The one rule for the MLP's path and func.py's."""
+    if p == 0:  # torch returns the input as it is: no draw
+        return torch.ones(shape)
+    if p == 1:  # the input times zero: no draw
+        return torch.zeros(shape)
     return torch.empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
 
 

@@ -14,7 +14,8 @@ would depend on the trials stacked with it.
 Members are set up exactly as the reference loop sets them up (epochs.prepare_member: seed, data, split,
 initial weights, batch order) and keep the same bookkeeping (epoch.Curves: the decisions the reference loop takes at K = 1).
 Members share one module only when they were built alike: the group key (epochs.group_key) holds every init arg,
-not only the shapes they give, so a dropout rate, an activation's name or a flag is each member's own.
+not only the shapes they give, so an activation's name or a flag is each member's own; an init arg that only sets
+nn.Dropout rates (epochs.model_key) is not in it, since each member's noise is drawn at its own rate.
 
 What this engine cannot train exactly is found by `stack_problem` before a batch trains, by running what training
 runs (two members stacked as training stacks them, two optimizer steps of `train_step` and a validation forward):
@@ -61,12 +62,13 @@ class _NoiseDropout(torch.nn.Module):
         return x * self.noise
 
 
-def _swap_dropouts(base: torch.nn.Module) -> tuple[dict[str, _NoiseDropout], list[str]]:
-    """Each nn.Dropout (exactly; p > 0) of the module replaced by a _NoiseDropout; with the list its calls go to."""
+def _swap_dropouts(base: torch.nn.Module, members: list) -> tuple[dict[str, _NoiseDropout], list[str]]:
+    """Each nn.Dropout (exactly) of the module that any member runs at a rate above 0 replaced by a _NoiseDropout;
+    with the list its calls go to."""
     calls: list[str] = []
     swapped = {}
     for name, module in list(base.named_modules()):
-        if type(module) is torch.nn.Dropout and module.p > 0:
+        if type(module) is torch.nn.Dropout and any(m.dropout_rates.get(name, module.p) > 0 for m in members):
             parent_name, _, child = name.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
             swapped[name] = _NoiseDropout(module.p, name, calls)
@@ -86,7 +88,7 @@ class FuncStack:
         base = (base or build_model(first.spec, first.config.code_dir)).to(device)  # its weights are not used
         self.base = base
         self.device = device
-        self.dropouts, calls = _swap_dropouts(base)
+        self.dropouts, calls = _swap_dropouts(base, members)
         self.dropout_order: list[str] = []  # the order a training forward calls them in (each once)
         self.problem: str | None = None
         if self.dropouts:
@@ -133,12 +135,14 @@ class FuncStack:
     def noise(self, draw_from: list, draw_row: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
         """Each Dropout's noise for one training batch of `size`, {name.noise: [rows, size, ...]}: per distinct
         pair of generators (its members draw alike), in the order the forward calls them, each drawn by
-        epochs.drawn_noise from the member's own global RNG, which is where the reference loop's forward draws it."""
+        epochs.drawn_noise at the member's own rate from the member's own global RNG, which is where the reference
+        loop's forward draws it."""
         drawn: dict[str, list[torch.Tensor]] = {name: [] for name in self.dropout_order}
         for m in draw_from:
             for name in self.dropout_order:
                 module = self.dropouts[name]
-                drawn[name].append(drawn_noise(m.global_gen, module.p, (size, *module.shape)))
+                rate = m.dropout_rates.get(name, module.p)
+                drawn[name].append(drawn_noise(m.global_gen, rate, (size, *module.shape)))
         return {f"{name}.noise": torch.stack(rows).to(self.device)[draw_row] for name, rows in drawn.items()}
 
     def states(self, members: list, flat: torch.Tensor, buffers: dict[str, torch.Tensor]) -> list[dict]:
