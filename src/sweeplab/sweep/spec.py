@@ -116,7 +116,7 @@ class PrunerSpec(_Frozen):
     report_every: int | None = Field(
         None,
         gt=0,
-        description="epochs between pruning checks (default: epochs // 20; successive_halving: at its rungs only)",
+        description="epochs between pruning checks (default: epochs // 20; successive_halving, hyperband: at the rungs only)",
     )
 
 
