@@ -9,6 +9,9 @@ its source is logged with the run (`inspect.getsource`), and its champion loads 
 Both leave the interpreter as they found it (process.borrowed): signal handlers, sys.stdout, warning filters,
 torch's optimizers and thread counts. Bad input raises `sweeplab.ConfigError` with the line the CLI prints; Ctrl-C
 ends the trials in flight as the command line does and raises KeyboardInterrupt here.
+
+Why one module of ~430 lines: both entry points and what they share (objects given in place of import paths,
+stores resolved, weights fetched) are one surface, the one the CLI calls too.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ budget in this process (and in N-1 forked helpers), and registers each condition
 until the study holds its budget of finished trials. Where to look next: ledger.py (everything Optuna, recovery),
 train/engines.py (the two engines), track/recorder.py and writers.py (MLflow), stop.py (Ctrl-C and SIGTERM).
 After the search: confirm.py (more seeds), refit.py (a data.folds winner), then the champions (track/champion.py).
+
+Why one module of ~700 lines: `work` (one worker's batch loop) and the two ways into it, `run_sweep` and
+`run_worker`, share the Part a condition runs as and the order of its steps (lease, train, hand over, confirm,
+crown); split, that order would be read across files back and forth.
 """
 
 from __future__ import annotations

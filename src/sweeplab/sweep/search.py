@@ -1,7 +1,10 @@
 """Optuna's side of a sweep file: storage, study, sampler, pruner, and turning a trial into parameter values.
 
-The search space is data (SweepSpec.space in config.py); `suggest` is the only place that sees a `trial`, and only
+The search space is data (SweepSpec.space in spec.py); `suggest` is the only place that sees a `trial`, and only
 the ledger (ledger.py) calls it. The driver that ties this to training and MLflow is driver.py.
+
+Why one module of ~410 lines: everything of Optuna's a sweep sets up (storage with its retries, study,
+sampler, pruner, the suggest that turns a trial into values) is here, beside no training code.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ A sweep file names a base experiment (config.ExperimentConfig), a search space, 
 sampler, a pruner and a budget; `load_sweep` validates all of it, and builds the trials at the space's edges
 (`probes`) once, so a bad sweep fails before any study or run exists. What the probes are then checked against
 (the engine, the device, the data) is probes.py; Optuna's side of the space is search.py.
+
+Why one module of ~430 lines: the sweep file is one document (its reference page is generated from these
+classes), and `load_sweep` builds what every later step reads from it.
 """
 
 from __future__ import annotations

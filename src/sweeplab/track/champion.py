@@ -9,6 +9,9 @@ regression, labels (or `params={"output": "probabilities"}`) from a classifier.
 
 Every call goes through our `MlflowClient`, never MLflow's fluent API, whose tracking URI is process-global: a
 store named anything but ./mlflow.db must not be looked up in ./mlflow.db.
+
+Why one module of ~460 lines: registering and exporting are one step for the user (the model they load): the
+export's outcome (a torch.export program, or the logged source rebuilt) decides what is registered.
 """
 
 from __future__ import annotations

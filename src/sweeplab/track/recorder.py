@@ -4,6 +4,9 @@ One set of metric names, logged from one place (`TrialRun`): train_loss, val_los
 step=epoch; summaries (best_val_loss, best_epoch, ...) at step 0; the checkpoint, config and dataset. `Recorder`
 writes a sweep's trials for both engines (live while the reference engine trains, or once the vectorized engine
 has trained them, in sweep/writers.py); `RunTracker` is a tracked `sweeplab run`. Imports nothing of Optuna.
+
+Why one module of ~550 lines: it is the one owner of what a run holds (metric names, summaries, artifacts,
+the dataset, its code); split, the two writers of runs (a sweep's trials, `sweeplab run`) would drift apart.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 trial) or models:/ URI (its checkpoint, torch.load(weights_only=True)); input rows read from CSV (by column name)
 or JSON; and outputs turned into what people read: values, labels with their probability, class probabilities.
 MLflow is imported only where a logged model is looked up: `sweeplab run --no-track` uses the output helpers.
+
+Why one module of ~450 lines: every way a logged model is answered (rows, JSON, CSV, named inputs) goes through
+one loader and one input check, shared by predict, `sweeplab.load_model` and the served model.
 """
 
 from __future__ import annotations

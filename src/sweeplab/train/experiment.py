@@ -4,6 +4,9 @@ The order of random draws is the seed's (torch.manual_seed, data X and noise, th
 so the lab config reproduces the seed's numbers. cli.py (`sweeplab run`) and engines.ReferenceEngine (each trial
 of a sweep) call `run_experiment`; the loop itself is in loop.py. `check_config` / `check_probes` read the data and
 run the model on one batch before any store exists, so bad data or a bad plugin is one line, not a failed trial.
+
+Why one module of ~480 lines: the checks before any store are `run_experiment`'s first steps done ahead (the
+same data, model and options built the same way), kept beside it so they cannot drift from what a run does.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ tasks and per-epoch callbacks. It knows nothing of MLflow or Optuna: logging and
 Batching in-memory tensors goes through `TensorBatches`, which indexes instead of collating one sample at a time
 (~5x less work than a DataLoader here) and consumes the random generators exactly as `DataLoader` does, so a run
 is bit-identical to the seed's DataLoader loop for the same seeds.
+
+Why one module of ~440 lines: it is the seed's loop and the step around it (batching, the step with its
+options, validation); the epoch's decisions and metrics are epoch.py's.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Supported here: one hidden layer MLPs, dropout too (the lab's family), Adam/Adam
 parameter groups and frozen parameters as per-column blocks. The MLP's forward is mlp.py; a user's own model is
 stacked by func.py, both through the same epoch loop (`fit_stacked`). The per-member loss is loss.py, the
 per-member optimizer and schedules optim.py; members that end leave the stack (`fit_stacked`'s `compact`).
+
+Why one module of ~460 lines: members, grouping and the one stacked epoch loop (`fit_stacked`) that the MLP's
+and torch.func's paths share; the losses are loss.py's, the optimizers and schedules optim.py's.
 """
 
 from __future__ import annotations
