@@ -133,11 +133,11 @@ def _top(data: SweepData, n: int = 10) -> pd.DataFrame:
         if c in trials.columns
     ]
     done = trials[(trials["state"] == "completed") & np.isfinite(goal.values(trials))]
-    if data.conditions:  # the best of each condition, then the next best
+    if data.conditions:  # the best of each condition, then the next best: its rank in its condition says so
         done = done.assign(
-            _rank=done.groupby(data.conditions)[goal.column].rank(method="first", ascending=goal.minimize)
+            rank=done.groupby(data.conditions)[goal.column].rank(method="first", ascending=goal.minimize).astype(int)
         )
-        return done.sort_values(["_rank", goal.column], ascending=[True, goal.minimize])[columns].head(n)
+        return done.sort_values(["rank", goal.column], ascending=[True, goal.minimize])[["rank", *columns]].head(n)
     return done.sort_values(goal.column, ascending=goal.minimize)[columns].head(n)
 
 

@@ -11,6 +11,7 @@ module the user can import; the checkpoint does not say where to look.
 from __future__ import annotations
 
 import enum
+import hashlib
 import inspect
 import json
 import re
@@ -226,8 +227,12 @@ def _encoded(value: Any, depth: int = 0) -> Any:
         return (type(value).__name__, str(value))
     if isinstance(value, nn.Parameter):  # an alias of a registered one (an RNN's _flat_weights): its shape
         return ("parameter", str(value.dtype), tuple(value.shape))
-    if isinstance(value, torch.Tensor):
-        return ("tensor", str(value.dtype), tuple(value.shape), value.detach().cpu().numpy().tobytes())
+    if isinstance(value, torch.Tensor):  # by its values' digest (any dtype; a sparse or odd tensor: opaque)
+        try:
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        except Exception:
+            raise _Opaque from None
+        return ("tensor", str(value.dtype), tuple(value.shape), hashlib.sha256(data).hexdigest())
     if isinstance(value, (list, tuple)) and depth < 4:
         return (type(value).__name__, tuple(_encoded(v, depth + 1) for v in value))
     if isinstance(value, dict) and depth < 4:
