@@ -42,7 +42,7 @@ def main() -> None:
         inputs = [torch.relu(torch.randn(batch, 16, 8, 8)).requires_grad_() for _ in range(16)]
         cycle = itertools.cycle(inputs)
         same = per_call(lambda x=inputs[0]: pool(x)) / batch * 1000
-        new = per_call(lambda: pool(next(cycle))) / batch * 1000
+        new = per_call(lambda c=cycle: pool(next(c))) / batch * 1000
         last = inputs[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
         channels_last = per_call(lambda t=last: pool(t)) / batch * 1000
         print(
