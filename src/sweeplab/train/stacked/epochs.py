@@ -215,8 +215,8 @@ def model_key(member: Member) -> tuple | str:
     apart by what it holds instead (model.behaviour, its nn.Dropout rates left out): those rates are each
     member's own (func.FuncStack draws each member's noise at its own rate), so a sweep over dropout stacks."""
     spec = member.spec
-    if spec.class_path is None:  # with dropout the head is net.3, not net.2; the rate is each member's own
-        return member.config.model.activation, spec.dropout > 0
+    if spec.class_path is None:  # the dropout rate is each member's own (0: noise of ones; mlp.head_of names)
+        return (member.config.model.activation,)
     args = spec.init_args
     if member.behaviour is not None:
         args = {k: v for k, v in args.items() if k not in _rate_args(spec)}
@@ -302,7 +302,7 @@ def fit_stacked(
     buffers: dict[str, torch.Tensor],
     on_epoch=None,
     each_epoch=None,
-    layout: list[tuple[str, int]] = (),
+    layout=(),  # each parameter's (name, columns), or a callable giving them for a row (StackedOptimizer)
     compact: bool = False,
     dropout=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -40,10 +40,10 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     n_in, n_out = dataset.n_features, dataset.n_outputs
     shapes = [(width, n_in), (width,), (n_out, width), (n_out,)]
     sizes_p = [math.prod(shape) for shape in shapes]
-    head = "net.3" if config.model.dropout > 0 else "net.2"  # nn.Dropout is net.2 (model_key: all or none)
     owners, init_row = _distinct(members, lambda m: id(m.init_state))
     padded_rows = []  # each distinct initial weight set padded once, then gathered for every member on the device
-    for state in (m.init_state for m in owners):
+    for owner in owners:
+        state, head = owner.init_state, head_of(owner)
         h = state["net.0.weight"].shape[0]
         padded = [torch.zeros(shape) for shape in shapes]
         padded[0][:h] = state["net.0.weight"]
@@ -67,9 +67,10 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
     def dropout_noise(draw_from: list[Member], draw_row: torch.Tensor, size: int) -> torch.Tensor:
-        """Each member's dropout noise for one training batch [rows, size, width] (epochs.drawn_noise), from its
-        own global RNG at the same point of its sequence: once per distinct pair of generators (its members draw
-        alike), padded with zeros to the group's width (a padded unit's output is 0)."""
+        """Each member's dropout noise for one training batch [rows, size, width] (epochs.drawn_noise) at its own
+        rate (0: ones, drawing nothing, as its reference twin has no Dropout), from its own global RNG at the same
+        point of its sequence: once per distinct pair of generators (its members draw alike), padded with zeros to
+        the group's width (a padded unit's output is 0)."""
         rows = []
         for m in draw_from:
             noise = torch.zeros(size, width)
@@ -77,7 +78,11 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
             rows.append(noise)
         return torch.stack(rows).to(device)[draw_row]
 
-    layout = list(zip(("net.0.weight", "net.0.bias", f"{head}.weight", f"{head}.bias"), sizes_p))
+    def layout(row: int) -> list[tuple[str, int]]:  # each member's parameter names (its head's after a Dropout)
+        head = head_of(members[row])
+        return list(zip(("net.0.weight", "net.0.bias", f"{head}.weight", f"{head}.bias"), sizes_p))
+
+    dropping = any(m.spec.dropout > 0 for m in members)
     best, _ = fit_stacked(
         members,
         data,
@@ -88,17 +93,22 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         each_epoch,
         layout,
         compact=COMPACT,
-        dropout=dropout_noise if config.model.dropout > 0 else None,
+        dropout=dropout_noise if dropping else None,
     )
     w1, b1, w2, b2 = unpack(best.cpu())
     for i, m in enumerate(members):
         # the padded width and a group of one change how a matmul sums (not what): a rerun replays both
         m.history.stacked_width, m.history.stacked_members = width, k
         if m.history.best_epoch:
-            h = m.spec.hidden[0]  # drop the padding: the state_dict of the member's own model
+            h, head = m.spec.hidden[0], head_of(m)  # drop the padding: the state_dict of the member's own model
             m.history.best_state = {
                 "net.0.weight": w1[i, :h].clone(),
                 "net.0.bias": b1[i, :h].clone(),
                 f"{head}.weight": w2[i, :, :h].clone(),
                 f"{head}.bias": b2[i].clone(),
             }
+
+
+def head_of(member: Member) -> str:
+    """The MLP's output layer's name: net.3 after a Dropout (net.2), net.2 without one."""
+    return "net.3" if member.spec.dropout > 0 else "net.2"

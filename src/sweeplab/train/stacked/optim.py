@@ -23,7 +23,7 @@ class StackedOptimizer:
     [K, P] tensor holding every member's parameters, with each member's own kind, lr, weight decay and momentum.
     Each kind present is computed for all rows and selected by mask: a handful of ops per step for any K."""
 
-    def __init__(self, flat: torch.Tensor, configs: list[ExperimentConfig], layout: list[tuple[str, int]] = ()):
+    def __init__(self, flat: torch.Tensor, configs: list[ExperimentConfig], layout=()):
         self.flat = flat
         device = flat.device
 
@@ -59,7 +59,8 @@ class StackedOptimizer:
 
     def _fine_tuning(self, configs: list[ExperimentConfig], layout) -> None:
         """`train.param_groups` and `train.freeze` as per-column blocks of the [K, P] tensor (`layout`: each
-        parameter's name and its number of columns), by the rules the reference loop applies (options.group_of,
+        parameter's name and its number of columns, or a callable giving it for a row: the MLP's head is named
+        after its member's dropout), by the rules the reference loop applies (options.group_of,
         options.frozen_until): each block's lr scale and weight decay, and the epoch it trains from. A frozen
         block takes no update, no weight decay and no optimizer state, and its Adam steps count from when it
         trains, as torch's per-parameter state does."""
@@ -74,7 +75,7 @@ class StackedOptimizer:
         frozen = torch.zeros(k, p, device=device)
         for row, config in enumerate(configs):
             start = 0
-            for name, size in layout:
+            for name, size in layout(row) if callable(layout) else layout:
                 group = group_of(config, name)
                 if group is not None:
                     scale[row, start : start + size] = group.lr_scale
