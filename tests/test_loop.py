@@ -18,6 +18,7 @@ from sweeplab.train.loop import (
     fit,
     train_epoch,
 )
+from sweeplab.train.model import MLP, ModelSpec
 
 from reference import SEED_EXPECTED_OUTPUT, seed_run
 
@@ -145,6 +146,17 @@ def test_best_epoch_and_restore(lab_path):
     # the restored model is the best one: it reproduces best_val_loss, not the last epoch's loss
     restored, _, _ = evaluate(result.model, TensorBatches(result.dataset.x_val, result.dataset.y_val, 48), nn.MSELoss())
     assert restored == history.best_val_loss
+
+
+@pytest.mark.parametrize(
+    "hidden,dropout,head", [((4,), 0.0, "net.2"), ((4,), 0.3, "net.3"), ((8, 4), 0.0, "net.4"), ((8, 4), 0.5, "net.6")]
+)
+def test_the_mlps_head_is_named_as_its_layers_are_laid_out(hidden, dropout, head):
+    """MLP.head, which the stacked engine names each member's head by, is the last Linear of the model built."""
+    model = MLP(ModelSpec(in_features=3, hidden=hidden, out_features=2, dropout=dropout))
+    last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+    assert last == head == MLP.head(model.spec)
+    assert model.state_dict()[f"{head}.weight"].shape == (2, hidden[-1])
 
 
 def test_validation_is_in_eval_mode_without_gradients():

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.numpy_dataset import from_numpy
@@ -84,7 +83,7 @@ def begin_run(
     the UI); otherwise (a trial already trained) everything goes in the one batch that ends it."""
     tags = {**tags, **run_tags(config)}
     run_id = tracker.start_run(experiment_id, run_name, tags, parent_run_id, start_ms)
-    run = TrialRun(tracker.client, run_id, config)
+    run = TrialRun(tracker, run_id, config)
     if live:
         run.flush()
     return run
@@ -138,8 +137,8 @@ class TrialRun:
     one call per value); `finish` logs the curves not yet logged, the summary, the checkpoint and the data, and
     ends the run."""
 
-    def __init__(self, client: MlflowClient, run_id: str, config: ExperimentConfig):
-        self.client = client
+    def __init__(self, tracker: Tracker, run_id: str, config: ExperimentConfig):
+        self.tracker, self.client = tracker, tracker.client
         self.run_id = run_id
         self.config = config
         self._params = [Param(k, v[:6000]) for k, v in flatten(config).items()]  # until the first flush
@@ -220,7 +219,7 @@ class TrialRun:
             (folder / "config.json").write_text(json.dumps(result.config.model_dump(), indent=2))
             if result.history.confusion_matrix is not None:
                 (folder / "confusion_matrix.json").write_text(json.dumps(result.history.confusion_matrix))
-            self.client.log_artifacts(self.run_id, str(folder), CHECKPOINT_PATH)
+            self.tracker.log_artifacts(self.run_id, folder, CHECKPOINT_PATH)
             sources = code_sources(result.config)
             if sources:  # what code the run trained: the user's module(s), hashed in the run's tags
                 code = Path(tmp) / "code"
@@ -228,7 +227,7 @@ class TrialRun:
                 for name, text in sources:
                     (code / name).parent.mkdir(parents=True, exist_ok=True)
                     (code / name).write_bytes(text)
-                self.client.log_artifacts(self.run_id, str(code), "code")
+                self.tracker.log_artifacts(self.run_id, code, "code")
 
     def log_dataset(self, result) -> None:
         """The training split, described with MLflow's dataset entity (name, digest, schema, source). A lazy

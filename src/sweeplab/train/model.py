@@ -104,6 +104,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1) if x.dim() > 2 else x)  # images: their pixels as features
 
+    @staticmethod
+    def head(spec: ModelSpec) -> str:
+        """The head's name in the state_dict, as __init__ lays the layers out: after each hidden layer's Linear,
+        activation and (dropout > 0) Dropout. `net.2` for the seed's model, `net.3` with dropout."""
+        return f"net.{len(spec.hidden) * (3 if spec.dropout > 0 else 2)}"
+
 
 def build_model(spec: ModelSpec, code_dir: str | None = None, where: str = "beside the experiment file") -> nn.Module:
     """The MLP of the spec, or the user's class with its init args (imported from `code_dir`, which is `where`,

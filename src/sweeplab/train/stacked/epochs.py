@@ -215,7 +215,7 @@ def model_key(member: Member) -> tuple | str:
     apart by what it holds instead (model.behaviour, its nn.Dropout rates left out): those rates are each
     member's own (func.FuncStack draws each member's noise at its own rate), so a sweep over dropout stacks."""
     spec = member.spec
-    if spec.class_path is None:  # the dropout rate is each member's own (0: noise of ones; mlp.head_of names)
+    if spec.class_path is None:  # the dropout rate is each member's own (0: noise of ones; MLP.head names)
         return (member.config.model.activation,)
     args = spec.init_args
     if member.behaviour is not None:

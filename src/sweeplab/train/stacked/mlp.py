@@ -13,7 +13,7 @@ import os
 import torch
 
 from sweeplab.train.experiment import resolve_device
-from sweeplab.train.model import ACTIVATIONS
+from sweeplab.train.model import ACTIVATIONS, MLP
 from sweeplab.train.stacked.epochs import Member, _distinct, drawn_noise, fit_stacked, stack_data
 
 # members that end leave the stack (fit_stacked's `compact`); SWEEPLAB_COMPACT=0 keeps every row to the end, as
@@ -43,7 +43,7 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
     owners, init_row = _distinct(members, lambda m: id(m.init_state))
     padded_rows = []  # each distinct initial weight set padded once, then gathered for every member on the device
     for owner in owners:
-        state, head = owner.init_state, head_of(owner)
+        state, head = owner.init_state, MLP.head(owner.spec)
         h = state["net.0.weight"].shape[0]
         padded = [torch.zeros(shape) for shape in shapes]
         padded[0][:h] = state["net.0.weight"]
@@ -79,7 +79,7 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         return torch.stack(rows).to(device)[draw_row]
 
     def layout(row: int) -> list[tuple[str, int]]:  # each member's parameter names (its head's after a Dropout)
-        head = head_of(members[row])
+        head = MLP.head(members[row].spec)
         return list(zip(("net.0.weight", "net.0.bias", f"{head}.weight", f"{head}.bias"), sizes_p))
 
     dropping = any(m.spec.dropout > 0 for m in members)
@@ -100,15 +100,10 @@ def train_group(members: list[Member], on_epoch=None, each_epoch=None) -> None:
         # the padded width and a group of one change how a matmul sums (not what): a rerun replays both
         m.history.stacked_width, m.history.stacked_members = width, k
         if m.history.best_epoch:
-            h, head = m.spec.hidden[0], head_of(m)  # drop the padding: the state_dict of the member's own model
+            h, head = m.spec.hidden[0], MLP.head(m.spec)  # drop the padding: the state_dict of the member's own model
             m.history.best_state = {
                 "net.0.weight": w1[i, :h].clone(),
                 "net.0.bias": b1[i, :h].clone(),
                 f"{head}.weight": w2[i, :, :h].clone(),
                 f"{head}.bias": b2[i].clone(),
             }
-
-
-def head_of(member: Member) -> str:
-    """The MLP's output layer's name: net.3 after a Dropout (net.2), net.2 without one."""
-    return "net.3" if member.spec.dropout > 0 else "net.2"
