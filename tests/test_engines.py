@@ -258,6 +258,8 @@ def test_a_stop_or_a_kill_loses_nothing_and_the_rerun_ends_at_the_budget(engine,
     flight FAIL, their runs (where they exist) KILLED. Killed outright, the next sweep finds the dead process's
     trials and runs and ends them. Either way the rerun ends with exactly the budget, each finished trial with
     its one FINISHED run of full length."""
+    if (engine, how) in (("reference", signal.SIGTERM), ("vectorized", signal.SIGINT)):
+        pytest.skip("SIGINT and SIGTERM set the one stop flag (stop.py): each engine is stopped by one of them")
     proc = background_sweep(tmp_path, engine, "epochs=400")
     wait_until_training(tmp_path, proc)
     stopped_at = time.monotonic()
