@@ -204,7 +204,7 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
     SIGKILL leaves them RUNNING for ever (Optuna skips trials that never beat) and the budget is never reached."""
     postgres, server = cluster
     storage = postgres.url("optuna", password=True)
-    sweep = sweep_file(tmp_path, "vkill", 24)
+    sweep = sweep_file(tmp_path, "vkill", 16)
     env = worker_env(postgres, server, SWEEPLAB_WRITERS_FROM_TRIALS="0")  # writer processes, whatever the size
     args = [
         sys.executable,
@@ -243,7 +243,7 @@ def test_a_killed_vectorized_worker_loses_no_trial(cluster, tmp_path):
     _, err = finish(survivor, 300, storage, "vkill", server)
     assert survivor.returncode == 0, err
     study = load("vkill", storage)
-    check_records(study, MlflowClient(server.url), 24, 300)
+    check_records(study, MlflowClient(server.url), 16, 300)
     retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in study.trials}
     for trial in lost:
         state = study.trials[trial.number].state
