@@ -50,6 +50,24 @@ def test_a_store_that_is_not_mlflow_is_one_line(tmp_path):
         Tracker(f"sqlite:///{tmp_path}/notes.db")
 
 
+def test_artifacts_land_where_mlflow_lists_them_for_a_run_started_here_or_elsewhere(tracker, tmp_path):
+    """Tracker.log_artifacts writes straight to the repository of a run it started (its create_run said where)
+    and through MlflowClient for any other run: MLflow's own client lists and downloads the same files."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "best.pt").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    experiment = tracker.experiment_id("e")
+    mine = tracker.start_run(experiment, "here")
+    theirs = MlflowClient(tracker.tracking_uri).create_run(experiment).info.run_id
+    for run_id in (mine, theirs):
+        tracker.log_artifacts(run_id, folder, "checkpoint")
+        listed = [f.path for f in tracker.client.list_artifacts(run_id, "checkpoint")]
+        assert listed == ["checkpoint/best.pt", "checkpoint/config.json"]
+        got = Path(tracker.client.download_artifacts(run_id, "checkpoint/best.pt", str(tmp_path / run_id)))
+        assert got.read_bytes() == b"weights"
+
+
 @pytest.mark.parametrize(
     "outcome, status",
     [

@@ -431,7 +431,7 @@ class Tracker:
         its artifact repository: MlflowClient.log_artifacts reads the whole run back first to learn where its
         artifacts go (5-7 ms a run on SQLite, a request to a tracking server), which create_run already said."""
         uri = self._artifact_uris.get(run_id)
-        if uri is None:
+        if uri is None or self.tracking_uri.startswith("databricks"):  # (MLflow adds a Databricks profile there)
             self.client.log_artifacts(run_id, str(folder), path)
             return
         get_artifact_repository(uri, tracking_uri=self.tracking_uri).log_artifacts(str(folder), path)
