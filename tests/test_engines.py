@@ -3,7 +3,8 @@ them (`sweeplab sweep` against a fresh SQLite MLflow store and Optuna journal). 
 Optuna is checked against values worked out apart from sweeplab: minima of the logged curves, a plain-torch
 forward of the logged checkpoint, the seed's own loop (tests/reference.py), and counts by hand.
 
-Cases: completion, pruning, divergence, resume, an interrupt (SIGINT and SIGTERM), a killed worker (SIGKILL)."""
+Cases: completion, pruning, divergence, resume, an interrupt (Ctrl-C's SIGINT on the reference engine, SIGTERM on the
+vectorized one: one handler sets the one stop flag for both), a killed worker (SIGKILL)."""
 
 import os
 import signal
