@@ -28,6 +28,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.nn.parameter import is_lazy
@@ -302,7 +303,7 @@ def fit_stacked(
     buffers: dict[str, torch.Tensor],
     on_epoch=None,
     each_epoch=None,
-    layout=(),  # each parameter's (name, columns), or a callable giving them for a row (StackedOptimizer)
+    layout: Callable[[int], list[tuple[str, int]]] | None = None,  # a row's (parameter name, columns)
     compact: bool = False,
     dropout=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

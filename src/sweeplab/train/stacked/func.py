@@ -235,7 +235,7 @@ def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
     device = resolve_device(members[0].config.device)
     data = stack_data(members, device)
     stack = FuncStack(members, device)
-    layout = list(zip(stack.param_names, stack.sizes))
+    names = list(zip(stack.param_names, stack.sizes))  # every member's: one architecture
     best, best_buffers = fit_stacked(
         members,
         data,
@@ -244,7 +244,7 @@ def train_func_group(members: list, on_epoch=None, each_epoch=None) -> None:
         stack.buffers,
         on_epoch,
         each_epoch,
-        layout,
+        lambda row: names,
         dropout=stack.noise if stack.dropouts else None,
     )
     for m, state in zip(members, stack.states(members, best, best_buffers)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import torch
 
@@ -23,7 +24,12 @@ class StackedOptimizer:
     [K, P] tensor holding every member's parameters, with each member's own kind, lr, weight decay and momentum.
     Each kind present is computed for all rows and selected by mask: a handful of ops per step for any K."""
 
-    def __init__(self, flat: torch.Tensor, configs: list[ExperimentConfig], layout=()):
+    def __init__(
+        self,
+        flat: torch.Tensor,
+        configs: list[ExperimentConfig],
+        layout: Callable[[int], list[tuple[str, int]]] | None = None,
+    ):
         self.flat = flat
         device = flat.device
 
@@ -58,9 +64,9 @@ class StackedOptimizer:
         self._fine_tuning(configs, layout)
 
     def _fine_tuning(self, configs: list[ExperimentConfig], layout) -> None:
-        """`train.param_groups` and `train.freeze` as per-column blocks of the [K, P] tensor (`layout`: each
-        parameter's name and its number of columns, or a callable giving it for a row: the MLP's head is named
-        after its member's dropout), by the rules the reference loop applies (options.group_of,
+        """`train.param_groups` and `train.freeze` as per-column blocks of the [K, P] tensor (`layout(row)`:
+        each parameter's name and its number of columns in that member, whose MLP head is named after its own
+        dropout), by the rules the reference loop applies (options.group_of,
         options.frozen_until): each block's lr scale and weight decay, and the epoch it trains from. A frozen
         block takes no update, no weight decay and no optimizer state, and its Adam steps count from when it
         trains, as torch's per-parameter state does."""
@@ -75,7 +81,7 @@ class StackedOptimizer:
         frozen = torch.zeros(k, p, device=device)
         for row, config in enumerate(configs):
             start = 0
-            for name, size in layout(row) if callable(layout) else layout:
+            for name, size in layout(row) if layout else ():
                 group = group_of(config, name)
                 if group is not None:
                     scale[row, start : start + size] = group.lr_scale
