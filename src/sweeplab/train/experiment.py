@@ -23,7 +23,7 @@ from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_m
 from sweeplab.train import batch
 from sweeplab.train.data import Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
 from sweeplab.train.epoch import Callback, History
-from sweeplab.train.init import start_from
+from sweeplab.train.init import initial_model
 from sweeplab.train.items import CheckedCollate
 from sweeplab.train.loop import (
     LoaderBatches,
@@ -229,9 +229,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = (),
     dataset = make_dataset(config)
     check_predict_x(config, dataset)
     spec = model_spec_for(config, dataset)
-    model = build_model(spec, config.code_dir)
-    start_from(config, model)  # model.init_from: another run's weights (fine-tuning)
-    model = model.to(device)
+    model = initial_model(config, spec).to(device)
     optimizer = build_optimizer(config, optimizer_params(config, model))
     train = config.train
     loss_fn = build_loss(config, dataset.y_train, dataset.n_classes).to(device)
@@ -312,30 +310,28 @@ def _check(config, seen: dict) -> None:
     key = (config.data.model_dump_json(), config.task, config.seed if config.data.source == "python" else None)
     if key not in seen:
         seen[key] = check_data(config)
-    dataset = seen[key]
+
+    def dataset() -> Dataset:  # built once, when a check needs it (check_data reads CSV and the seed's without)
+        if seen[key] is None:
+            seen[key] = seeded_dataset(config)
+        return seen[key]
+
     options_key = (key, config.train.model_dump_json(), config.objective.model_dump_json())
     if options_key not in seen and _has_options(config):
         seen[options_key] = True
-        if dataset is None:
-            dataset = seen[key] = seeded_dataset(config)
-        check_options(config, dataset)
+        check_options(config, dataset())
     objective_key = (key, config.objective.metric)
     if config.objective.metric in NEEDS_SPREAD and objective_key not in seen:
         seen[objective_key] = True
-        if dataset is None:
-            dataset = seen[key] = seeded_dataset(config)
-        check_objective(config, dataset)
+        check_objective(config, dataset())
     train = config.train
     if train.param_groups or train.freeze or config.model.init_from:  # names and shapes against the model's, now
         groups_key = (key, config.model.model_dump_json(), train.model_dump_json(include={"param_groups", "freeze"}))
         if groups_key not in seen:
             seen[groups_key] = True
-            if dataset is None:
-                dataset = seen[key] = seeded_dataset(config)
             state = torch.get_rng_state()
             try:
-                model = build_model(model_spec_for(config, dataset), config.code_dir)
-                start_from(config, model)
+                model = initial_model(config, model_spec_for(config, dataset()))
                 build_optimizer(config, optimizer_params(config, model))
                 frozen_parameters(config, model)
             finally:
@@ -345,9 +341,7 @@ def _check(config, seen: dict) -> None:
         model_key = (key, config.model.model_dump_json(), config.train.model_dump_json(include={"loss"}))
         if model_key not in seen:
             seen[model_key] = True
-            if dataset is None:  # CSV or the seed's data, which check_data reads without building
-                dataset = seen[key] = seeded_dataset(config)
-            check_model(config, dataset)
+            check_model(config, dataset())
 
 
 # Objectives that the validation targets alone can leave undefined, whatever the model predicts

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from sweeplab.config import ConfigError, ExperimentConfig
+from sweeplab.train.model import ModelSpec, build_model
 
 # uri -> (its run's best state, what it resolved to: "models:/digits@champion (version 2, run 3f2c...)")
 Fetcher = Callable[[str], tuple[dict, str]]
@@ -59,6 +60,14 @@ def source_label(config: ExperimentConfig) -> str | None:
     """What `model.init_from` resolved to (the run's `sweeplab.init_from` tag), or None."""
     source = config.model.init_source
     return None if source is None else _load(source.uri, config.code_dir)[1]
+
+
+def initial_model(config: ExperimentConfig, spec: ModelSpec) -> torch.nn.Module:
+    """A trial's model as it starts training: built from its spec (drawing its initial weights from torch's RNG),
+    then `model.init_from`'s weights loaded. Every engine, and the checks before any store, start here."""
+    model = build_model(spec, config.code_dir)
+    start_from(config, model)
+    return model
 
 
 def start_from(config: ExperimentConfig, model: torch.nn.Module) -> None:

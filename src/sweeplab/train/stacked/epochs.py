@@ -46,8 +46,8 @@ from sweeplab.train.epoch import (
     stacked_regression_metrics,
 )
 from sweeplab.train.experiment import model_spec_for, resolve_device
-from sweeplab.train.init import start_from
-from sweeplab.train.model import DROPOUT_ARG, ModelSpec, architecture, behaviour, build_model, dropout_rates
+from sweeplab.train.init import initial_model
+from sweeplab.train.model import DROPOUT_ARG, ModelSpec, architecture, behaviour, dropout_rates
 from sweeplab.train.stacked.loss import StackedLoss, loss_kind, loss_problem, member_loss
 from sweeplab.train.stacked.optim import Schedules, StackedOptimizer
 
@@ -184,8 +184,7 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
     )
     if draws_key not in shared:
         torch.set_rng_state(rng_after_data)
-        model = build_model(spec, config.code_dir)
-        start_from(config, model)  # model.init_from: every member starts from the loaded weights
+        model = initial_model(config, spec)  # model.init_from: every member starts from the loaded weights
         global_gen = torch.Generator()
         global_gen.set_state(torch.get_rng_state())
         shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
