@@ -40,7 +40,7 @@ from sweeplab.train.items import (  # how items become batches (and a bad one is
 )
 from sweeplab.train.model import classes_from_model
 from sweeplab.train.plugins import error_text, exit_text, import_object, user_code
-from sweeplab.train.splits import class_labels, hold_out, split_indices, split_lengths
+from sweeplab.train.splits import hold_out, partition, split_lengths, train_kept
 
 
 @dataclass(frozen=True)
@@ -214,17 +214,13 @@ def _make_dataset(config: ExperimentConfig) -> Dataset:
         if len(split) > 2:
             x_test, y_test = split[2].x, split[2].y
     else:
-        labels = class_labels(y, config.task) if data.stratify else None
-        if data.test_size is not None:  # set aside first, by its own seed: the rest is split as without it
-            rest, test = split_indices(y.shape[0], data, labels, data.test_size, data.test_seed, "test")
+        train_idx, val_idx, test = partition(y.shape[0], y, data, config.task)
+        if test is not None:
             x_test, y_test = batch.take(x, test), y[test]
-            x, y = batch.take(x, rest), y[rest]
-            labels = labels[rest] if labels is not None else None
-        train_idx, val_idx = split_indices(y.shape[0], data, labels)
         x_train, x_val = batch.take(x, train_idx), batch.take(x, val_idx)
         y_train, y_val = y[train_idx], y[val_idx]
-    if data.train_fraction < 1:  # the first of the (shuffled) training split: smaller sets nest in larger ones
-        keep = max(1, math.floor(y_train.shape[0] * data.train_fraction))
+    if data.train_fraction < 1:
+        keep = train_kept(y_train.shape[0], data)
         x_train, y_train = batch.take(x_train, slice(keep)), y_train[:keep]
         description += f", train_fraction={data.train_fraction:g}"
     if not names and batch.is_tensor(x_train):
@@ -351,25 +347,21 @@ def _lazy_dataset(config: ExperimentConfig, loaded: "Loaded") -> Dataset:
             test_set, y_test = test[0], loaded.split[2].y
     else:
         n, known = len(loaded.dataset), loaded.y is not None
-        indices = torch.arange(n)
         if data.stratify and not known:
             raise ConfigError(
                 f"data.stratify: data.class_path: {data.class_path}() gave a Dataset without labels to stratify by "
                 "(give it a `targets` attribute, as torchvision's datasets have)"
             )
-        labels = class_labels(loaded.y, config.task) if data.stratify else None
-        if data.test_size is not None:
-            rest, test = split_indices(n, data, labels, data.test_size, data.test_seed, "test")
+        train_idx, val_idx, test = partition(n, loaded.y, data, config.task)
+        if test is not None:
             test_set = IndexedSubset(loaded.dataset, test.numpy())
             y_test = loaded.y[test] if known else None
-            indices, labels = rest, (labels[rest] if labels is not None else None)
-        train_idx, val_idx = (indices[i] for i in split_indices(len(indices), data, labels))
         # the indices as int64 arrays (8 bytes each; a list of Python ints takes ~36, in every worker it is sent to)
         train_set = IndexedSubset(loaded.dataset, train_idx.numpy())
         val_set = IndexedSubset(loaded.dataset, val_idx.numpy())
         y_train, y_val = (loaded.y[train_idx], loaded.y[val_idx]) if known else (None, None)
     if data.train_fraction < 1:
-        keep = max(1, math.floor(len(train_set) * data.train_fraction))
+        keep = train_kept(len(train_set), data)
         train_set = IndexedSubset(train_set, np.arange(keep))
         y_train = y_train[:keep] if y_train is not None else None
         description += f", train_fraction={data.train_fraction:g}"

@@ -62,6 +62,26 @@ def split_indices(
     return perm[:n_kept], perm[n_kept:]
 
 
+def partition(n: int, y: torch.Tensor | None, data: DataConfig, task: str):
+    """(train, validation, test) positions of n samples, the one way every data set is split: the test split set
+    aside first by its own seed (`data.test_size`, `data.test_seed`; None without it), so the rest splits as it
+    would without one, then the rest into training and validation (`split_indices`). `y` (or None: a lazy Dataset
+    without labels) stratifies both with `data.stratify`."""
+    labels = class_labels(y, task) if data.stratify else None
+    rest, test = torch.arange(n), None
+    if data.test_size is not None:
+        rest, test = split_indices(n, data, labels, data.test_size, data.test_seed, "test")
+        labels = labels[rest] if labels is not None else None
+    train, val = (rest[i] for i in split_indices(len(rest), data, labels))
+    return train, val, test
+
+
+def train_kept(n_train: int, data: DataConfig) -> int:
+    """How many of the (shuffled) training split `data.train_fraction` keeps: its first ones, so smaller sets nest
+    in larger ones."""
+    return max(1, math.floor(n_train * data.train_fraction))
+
+
 def fold_indices(n: int, labels: torch.Tensor | None, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) positions in the training split for fold `data.fold` of `data.folds`; `labels` ([n] class
     indices, or None) stratify them. One line for folds the data cannot give."""
