@@ -285,17 +285,13 @@ def prepare(
     studies, confirms = [], {}
     for part in sweep.parts():
         objective = part.base_config.objective
-        study = open_study(part.spec, storage, worker_index, epochs, objective.direction)
-        settings = {**result_settings(part), **code_settings(part.base_config)}
-        check_compatible(study, part.spec, part.source, settings)
+        study, settings = open_checked(part, part.source, storage, worker_index, epochs)
         check_same_tracking_store(study, tracker, part.source, storage_url, tracking_uri)
         studies.append((part, study, settings, objective))
         if part.spec.confirm is not None:  # its repeats' study, checked as the search's is
-            again = confirm_sweep(part)
-            repeats = open_study(again.spec, storage, worker_index, epochs, objective.direction)
-            repeat_settings = {**result_settings(again), **code_settings(again.base_config)}
-            check_compatible(repeats, again.spec, part.source, repeat_settings)
-            confirms[part.spec.optuna_study] = (repeats, repeat_settings)
+            confirms[part.spec.optuna_study] = open_checked(
+                confirm_sweep(part), part.source, storage, worker_index, epochs
+            )
     for part, study, settings, objective in studies:  # once every part is known to fit
         with_retries(label_study, study, settings, objective.column)
         if part.spec.optuna_study in confirms:
@@ -316,6 +312,14 @@ def prepare(
         )
         for part, study, _, _ in studies
     ]
+
+
+def open_checked(part: Sweep, source: str, storage, worker_index: int, epochs: int):
+    """A part's study and its result settings, the study checked against what the sweep file says it holds."""
+    study = open_study(part.spec, storage, worker_index, epochs, part.base_config.objective.direction)
+    settings = {**result_settings(part), **code_settings(part.base_config)}
+    check_compatible(study, part.spec, source, settings)
+    return study, settings
 
 
 def check_same_tracking_store(study, tracker: Tracker, source: str, storage_url: str, tracking_uri: str) -> None:

@@ -222,6 +222,12 @@ def make_batches(
     return TensorBatches(x, y, batch_size, shuffle=shuffle, generator=generator, device=device)
 
 
+def val_batch_size(train, dataset: Dataset) -> int:
+    """A validation batch's size, whichever engine: `train.val_batch_size`, else the whole split as one batch (the
+    seed's), except from a lazy Dataset: batch_size there, or the batch alone would hold the split in memory."""
+    return train.val_batch_size or (train.batch_size if dataset.lazy else dataset.n_val)
+
+
 def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = (), keep_last: bool = False) -> RunResult:
     """Train `config` on the reference loop: its best epoch's state (`keep_last`: its last epoch's, a refit's)."""
     device = resolve_device(config.device)
@@ -235,10 +241,7 @@ def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = (),
     loss_fn = build_loss(config, dataset.y_train, dataset.n_classes).to(device)
     shuffle_gen = torch.Generator().manual_seed(train.shuffle_seed) if train.shuffle_seed is not None else None
     train_batches = make_batches(dataset, "train", train.batch_size, train.loader, train.shuffle, shuffle_gen, device)
-    # the whole validation split as one batch (the seed's), except from a lazy Dataset: batches of batch_size there,
-    # or the batch alone would hold the split in memory
-    val_batch = train.val_batch_size or (train.batch_size if dataset.lazy else dataset.n_val)
-    val_batches = make_batches(dataset, "val", val_batch, train.loader, device=device)
+    val_batches = make_batches(dataset, "val", val_batch_size(train, dataset), train.loader, device=device)
     scheduler = build_scheduler(config, optimizer, math.ceil(dataset.n_train / train.batch_size))
     step = Step(
         optimizer,
@@ -285,8 +288,7 @@ def test_scores(config: ExperimentConfig, dataset: Dataset, model: torch.nn.Modu
     device = next(model.parameters()).device
     train = config.train
     loss_fn = build_loss(config, dataset.y_train, dataset.n_classes).to(device)
-    size = train.val_batch_size or (train.batch_size if dataset.lazy else view.n_val)
-    batches = make_batches(view, "val", size, train.loader, device=device)
+    batches = make_batches(view, "val", val_batch_size(train, view), train.loader, device=device)
     loss, values, _ = evaluate(
         model, batches, loss_fn, config.task, None, logged_metrics(config), build_metrics(config)
     )

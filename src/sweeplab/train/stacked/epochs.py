@@ -45,7 +45,7 @@ from sweeplab.train.epoch import (
     stacked_classification_metrics,
     stacked_regression_metrics,
 )
-from sweeplab.train.experiment import model_spec_for, resolve_device
+from sweeplab.train.experiment import model_spec_for, resolve_device, val_batch_size
 from sweeplab.train.init import initial_model
 from sweeplab.train.model import DROPOUT_ARG, ModelSpec, architecture, behaviour, dropout_rates
 from sweeplab.train.stacked.loss import StackedLoss, loss_kind, loss_problem, member_loss
@@ -231,7 +231,7 @@ def group_key(member: Member) -> tuple:
     return (
         model_key(member),
         c.train.batch_size,
-        c.train.val_batch_size or d.n_val,
+        val_batch_size(c.train, d),
         c.train.epochs,
         c.train.shuffle,
         c.task,
@@ -335,7 +335,7 @@ def fit_stacked(
     n_train, n_val = dataset.n_train, dataset.n_val
     scheduled = any(m.config.train.scheduler is not None for m in members)
     schedules = Schedules(members, optimizer, math.ceil(n_train / train.batch_size)) if scheduled else None
-    val_batch = train.val_batch_size or n_val
+    val_batch = val_batch_size(train, dataset)
     best = flat.detach().clone()
     best_buffers = {name: value.clone() for name, value in buffers.items()}
     stopping = [m.config.train.early_stopping for m in members]

@@ -34,7 +34,7 @@ from torch.func import functional_call, vmap
 from torch.nn.parameter import UninitializedParameter
 
 from sweeplab.train import batch
-from sweeplab.train.experiment import resolve_device
+from sweeplab.train.experiment import resolve_device, val_batch_size
 from sweeplab.train.model import build_model
 from sweeplab.train.stacked.epochs import _distinct, drawn_noise, fit_stacked, stack_data, train_step
 from sweeplab.train.stacked.loss import StackedLoss
@@ -205,7 +205,7 @@ def _try_stacking(member, steps: int) -> str | None:
         if yb.shape[1]:
             train_step(stack.forward, stack.flat, optimizer, xb, yb, task, StackedLoss(pair).to(device))
     with torch.no_grad():
-        n_val = train.val_batch_size or member.dataset.n_val
+        n_val = val_batch_size(train, member.dataset)
         stack.forward(stack.flat, batch.take(x_val, (slice(None), slice(n_val))), False)
     return None
 
