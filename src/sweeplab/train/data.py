@@ -514,12 +514,24 @@ def check_predict_x(config: ExperimentConfig, dataset: Dataset) -> None:
 
 def seeded_dataset(config: ExperimentConfig) -> Dataset:
     """The data set a run of `config` trains on (seeded as the run seeds it), leaving torch's RNG as it was."""
-    state = torch.get_rng_state()
-    try:
-        torch.manual_seed(config.seed)
-        return make_dataset(config)
-    finally:
-        torch.set_rng_state(state)
+    return drawn(config, {})[0]
+
+
+def drawn(config: ExperimentConfig, made: dict) -> tuple[Dataset, torch.Tensor]:
+    """The data set a run of `config` trains on, and torch's RNG state after it (what the model's initial weights
+    draw from), as `run_experiment` draws them: torch's RNG seeded by `config.seed`, then the data. Made once per
+    seed, task and data settings in `made` (a stacked batch's members share one); torch's RNG is left as it was.
+    (The user's loader itself is called once per process: `_from_loader`.)"""
+    key = ("data", config.seed, config.task, config.data.model_dump_json(), config.code_dir)
+    if key not in made:
+        state = torch.get_rng_state()
+        try:
+            torch.manual_seed(config.seed)
+            dataset = make_dataset(config)
+            made[key] = (dataset, torch.get_rng_state())
+        finally:
+            torch.set_rng_state(state)
+    return made[key]
 
 
 def _n_outputs(task: str, n_classes: int) -> int:

@@ -35,7 +35,7 @@ from torch.nn.parameter import is_lazy
 
 from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
 from sweeplab.train import batch
-from sweeplab.train.data import Dataset, make_dataset
+from sweeplab.train.data import Dataset, drawn
 from sweeplab.train.epoch import (
     RANKING,
     Curves,
@@ -155,11 +155,7 @@ def prepare_member(key: object, config: ExperimentConfig, shared: dict | None = 
     number of members. The config is one the engine supports (engines.Routes judged it)."""
     shared = {} if shared is None else shared
     data_key = (config.seed, config.task, config.data.model_dump_json())
-    if data_key not in shared:
-        torch.manual_seed(config.seed)
-        dataset = make_dataset(config)
-        shared[data_key] = (dataset, torch.get_rng_state())
-    dataset, rng_after_data = shared[data_key]
+    dataset, rng_after_data = drawn(config, shared)
     spec = model_spec_for(config, dataset)
     train = config.train
     # everything that decides what the generators draw, and how often: the batches' shape, not the optimizer
