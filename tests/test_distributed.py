@@ -187,15 +187,21 @@ def test_three_workers_share_a_study_and_survive_a_sigkill(cluster, tmp_path):
     study = load("kill3", storage)
     client = MlflowClient(server.url)
     check_records(study, client, 12, epochs)
-    # the killed trial failed after the grace period, was retried by a survivor, and its run ended KILLED
-    assert study.trials[lost.number].state == TrialState.FAIL
     retries = [
         t
         for t in study.trials
         if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == lost.number
     ]
-    assert len(retries) == 1 and retries[0].state in FINISHED
     lost_run = client.get_run(lost.user_attrs["mlflow_run_id"])
+    if lost_run.info.status == "FINISHED":
+        # killed after its run was finished, before the tell (a busy machine can land the signal there): the
+        # trial is told what its run recorded, not failed and trained twice (ledger._tell_stale_from_runs)
+        assert study.trials[lost.number].state == TrialState.COMPLETE and not retries
+        assert study.trials[lost.number].value == pytest.approx(lost_run.data.metrics["best_val_loss"], rel=1e-9)
+        return
+    # the killed trial failed after the grace period, was retried by a survivor, and its run ended KILLED
+    assert study.trials[lost.number].state == TrialState.FAIL
+    assert len(retries) == 1 and retries[0].state in FINISHED
     assert lost_run.info.status == "KILLED" and lost_run.data.tags["sweeplab.outcome"] == "killed"
 
 

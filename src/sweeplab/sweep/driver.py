@@ -285,13 +285,11 @@ def prepare(
     studies, confirms = [], {}
     for part in sweep.parts():
         objective = part.base_config.objective
-        study, settings = open_checked(part, part.source, storage, worker_index, epochs)
+        study, settings = open_checked(part, storage, worker_index, epochs)
         check_same_tracking_store(study, tracker, part.source, storage_url, tracking_uri)
         studies.append((part, study, settings, objective))
         if part.spec.confirm is not None:  # its repeats' study, checked as the search's is
-            confirms[part.spec.optuna_study] = open_checked(
-                confirm_sweep(part), part.source, storage, worker_index, epochs
-            )
+            confirms[part.spec.optuna_study] = open_checked(confirm_sweep(part), storage, worker_index, epochs)
     for part, study, settings, objective in studies:  # once every part is known to fit
         with_retries(label_study, study, settings, objective.column)
         if part.spec.optuna_study in confirms:
@@ -314,11 +312,11 @@ def prepare(
     ]
 
 
-def open_checked(part: Sweep, source: str, storage, worker_index: int, epochs: int):
+def open_checked(part: Sweep, storage, worker_index: int, epochs: int):
     """A part's study and its result settings, the study checked against what the sweep file says it holds."""
     study = open_study(part.spec, storage, worker_index, epochs, part.base_config.objective.direction)
     settings = {**result_settings(part), **code_settings(part.base_config)}
-    check_compatible(study, part.spec, source, settings)
+    check_compatible(study, part.spec, part.source, settings)
     return study, settings
 
 

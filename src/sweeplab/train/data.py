@@ -519,7 +519,7 @@ def seeded_dataset(config: ExperimentConfig) -> Dataset:
 
 def drawn(config: ExperimentConfig, made: dict) -> tuple[Dataset, torch.Tensor]:
     """The data set a run of `config` trains on, and torch's RNG state after it (what the model's initial weights
-    draw from), as `run_experiment` draws them: torch's RNG seeded by `config.seed`, then the data. Made once per
+    draw from), as every engine draws them: torch's RNG seeded by `config.seed`, then the data. Made once per
     seed, task and data settings in `made` (a stacked batch's members share one); torch's RNG is left as it was.
     (The user's loader itself is called once per process: `_from_loader`.)"""
     key = ("data", config.seed, config.task, config.data.model_dump_json(), config.code_dir)

@@ -21,7 +21,7 @@ import torch
 
 from sweeplab.config import ConfigError, ExperimentConfig, logged_metrics, own_metrics
 from sweeplab.train import batch
-from sweeplab.train.data import Dataset, check_data, check_predict_x, make_dataset, seeded_dataset
+from sweeplab.train.data import Dataset, check_data, check_predict_x, drawn, seeded_dataset
 from sweeplab.train.epoch import Callback, History
 from sweeplab.train.init import initial_model
 from sweeplab.train.items import CheckedCollate
@@ -231,8 +231,8 @@ def val_batch_size(train, dataset: Dataset) -> int:
 def run_experiment(config: ExperimentConfig, callbacks: Iterable[Callback] = (), keep_last: bool = False) -> RunResult:
     """Train `config` on the reference loop: its best epoch's state (`keep_last`: its last epoch's, a refit's)."""
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    dataset = make_dataset(config)
+    dataset, after_data = drawn(config, {})  # torch's RNG seeded by config.seed, then the data (the seed's order)
+    torch.set_rng_state(after_data)  # the model's initial weights draw from here
     check_predict_x(config, dataset)
     spec = model_spec_for(config, dataset)
     model = initial_model(config, spec).to(device)
